@@ -1,0 +1,161 @@
+"""Reading PyTorch checkpoints and writing them strictly into NNX modules (shared by every converter).
+
+A converter describes its checkpoint as a mapping `{torch_name: (our_path, transform)}`. `assign_strict`
+checks that every name the module needs is present, that no name of the converted part is left over (other
+parts, e.g. Whisper's decoder or CLIP's vision tower, are filtered out by the converter first), and that
+every shape fits; each failure is one error listing all offending keys. Nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Transform = Callable[[np.ndarray], np.ndarray]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as asked: the message names the file and the keys."""
+
+
+def identity(x: np.ndarray) -> np.ndarray:
+    return x
+
+
+def transpose(x: np.ndarray) -> np.ndarray:
+    """PyTorch Linear weight (out, in) → our kernel (in, out)."""
+    return np.ascontiguousarray(x.T)
+
+
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local file or directory as is; otherwise a Hugging Face hub id, downloaded when online."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    text = str(source)
+    if text.count("/") > 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"{text}: no such file or directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(
+            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
+        )
+    except Exception as err:  # offline, unknown id, gated repo: all end here with the reason
+        raise CheckpointError(
+            f"{text!r} is neither a local path nor a reachable Hugging Face hub id "
+            f"({type(err).__name__}: {err}). Offline, download the checkpoint elsewhere and pass its directory."
+        ) from err
+
+
+def _to_numpy(tensor) -> np.ndarray:
+    """torch tensor (any float dtype) → numpy, floating point upcast to float32."""
+    import torch
+
+    if tensor.is_floating_point():
+        tensor = tensor.to(torch.float32)
+    return tensor.detach().cpu().numpy()
+
+
+def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as handle:
+        return {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys()}
+
+
+def _read_torch(file: Path) -> dict:
+    import torch
+
+    try:
+        return torch.load(str(file), map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _tensors_only(obj: Mapping, file: Path) -> dict[str, np.ndarray]:
+    import torch
+
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"{file}: expected a state dict (a mapping of names to tensors)")
+    return {key: _to_numpy(value) for key, value in obj.items() if isinstance(value, torch.Tensor)}
+
+
+def read_weight_file(file: Path) -> dict[str, np.ndarray]:
+    """One `.safetensors` or PyTorch pickle (`.bin`/`.pt`/`.pth`) file → name → float32 numpy array."""
+    if file.suffix == ".safetensors":
+        try:
+            return _read_safetensors(file)
+        except Exception as err:
+            raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
+    return _tensors_only(_read_torch(file), file)
+
+
+def read_hf_directory(directory: Path) -> dict[str, np.ndarray]:
+    """A Hugging Face model directory: single or index-sharded safetensors, else pytorch_model.bin."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_file = directory / index_name
+        if index_file.exists():
+            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            weights: dict[str, np.ndarray] = {}
+            for shard in shards:
+                weights.update(read_weight_file(directory / shard))
+            return weights
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).exists():
+            return read_weight_file(directory / name)
+    raise CheckpointError(
+        f"{directory}: no model.safetensors, pytorch_model.bin or sharded index found; "
+        "expected a Hugging Face model directory"
+    )
+
+
+def read_hf_config(directory: Path) -> dict:
+    config_file = directory / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
+    return json.loads(config_file.read_text())
+
+
+def assign_strict(
+    module: nnx.Module,
+    weights: Mapping[str, np.ndarray],
+    mapping: Mapping[str, tuple[tuple, Transform]],
+    *,
+    source: str,
+) -> None:
+    """Write `weights[torch_name]` (transformed) into the module's parameter at `our_path`, strictly.
+
+    `mapping` must cover exactly the module's parameters that come from the checkpoint; `weights` must hold
+    exactly the keys of `mapping`. Raises CheckpointError listing missing, unexpected and mis-shaped keys.
+    """
+    missing = sorted(set(mapping) - set(weights))
+    unexpected = sorted(set(weights) - set(mapping))
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
+
+    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    mismatched = []
+    for torch_name, (path, transform) in mapping.items():
+        if path not in params:
+            raise KeyError(f"converter bug: {path} is not a parameter of {type(module).__name__}")
+        value = transform(weights[torch_name])
+        target = params[path]
+        current = target.get_value()
+        if value.shape != current.shape:
+            mismatched.append(f"{torch_name}: checkpoint {value.shape} vs model {current.shape}")
+            continue
+        target.set_value(jnp.asarray(value, dtype=current.dtype))
+    if mismatched:
+        raise CheckpointError(f"{source}: shapes do not match the model: {mismatched}")

@@ -1,0 +1,212 @@
+"""Transformer building blocks shared by the Whisper audio tower and the CLIP text tower.
+
+Both towers are pre-LayerNorm encoders with the same block (self-attention with q/k/v/out projections,
+a two-layer MLP); they differ only in the activation, whether `k_proj` has a bias, the LayerNorm epsilon and
+causality. One implementation serves both; each converter maps its PyTorch names onto these.
+
+Every parameter carries logical axis names (`embed`, `heads`, `mlp`, `vocab`, ...) that
+`wavlink_jax.sharding` maps to mesh axes. Parameters are kept in `param_dtype` (fp32); matmuls run in the
+compute `dtype` (e.g. bf16); LayerNorm statistics are always reduced in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Parameters are created unsharded with their logical names as metadata; the trainer turns the names into
+# shardings and creates the parameters already sharded (jit with out_shardings).
+nnx.use_eager_sharding(False)
+
+Dtype = jnp.dtype | type
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", None)
+
+# Rematerialisation policies a config may name. "none" keeps every activation; "full" recomputes the block.
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+}
+
+DEFAULT_KERNEL_INIT = nnx.initializers.normal(0.02)
+
+
+def resolve_dtype(name: str | Dtype) -> jnp.dtype:
+    """`"bfloat16"` / `"float32"` / a dtype → a jnp dtype (configs store dtypes as strings)."""
+    return jnp.dtype(name)
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init: Callable = DEFAULT_KERNEL_INIT,
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+    """A Linear whose kernel is named `axes` (in, out) and whose bias is named by the output axis."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nnx.with_partitioning(kernel_init, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
+        rngs=rngs,
+    )
+
+
+def layer_norm(
+    features: int, *, epsilon: float, dtype: Dtype, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
+) -> nnx.LayerNorm:
+    """LayerNorm over `embed` (statistics in fp32, output in the compute dtype)."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=epsilon,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention)."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        *,
+        key_bias: bool,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        implementation: str | None,
+        rngs: nnx.Rngs,
+    ):
+        if width % num_heads:
+            raise ValueError(f"width {width} is not divisible by num_heads {num_heads}")
+        if implementation not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(
+                f"unknown attention implementation {implementation!r}; expected one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        self.num_heads = num_heads
+        self.implementation = implementation
+        proj = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = dense(width, width, ("embed", "heads"), **proj)
+        self.key = dense(width, width, ("embed", "heads"), use_bias=key_bias, **proj)
+        self.value = dense(width, width, ("embed", "heads"), **proj)
+        self.out = dense(width, width, ("heads", "embed"), **proj)
+
+    def __call__(
+        self, x: jax.Array, *, kv_lengths: jax.Array | None = None, causal: bool = False
+    ) -> jax.Array:
+        """x `(B, T, width)`; `kv_lengths` `(B,)` int32 = number of valid (leading) positions per row."""
+        batch, length, width = x.shape
+        heads = (batch, length, self.num_heads, width // self.num_heads)
+        q = self.query(x).reshape(heads)
+        k = self.key(x).reshape(heads)
+        v = self.value(x).reshape(heads)
+        attended = jax.nn.dot_product_attention(
+            q,
+            k,
+            v,
+            is_causal=causal,
+            key_value_seq_lengths=kv_lengths,
+            implementation=self.implementation,
+        )
+        return self.out(attended.reshape(batch, length, width))
+
+
+class EncoderBlock(nnx.Module):
+    """Pre-LN transformer block: x + attn(ln(x)); x + fc2(act(fc1(ln(x))))."""
+
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        mlp_dim: int,
+        *,
+        activation: str,
+        key_bias: bool,
+        layer_norm_eps: float,
+        dtype: Dtype,
+        param_dtype: Dtype,
+        attention_implementation: str | None,
+        rngs: nnx.Rngs,
+    ):
+        self.activation = activation
+        activation_fn(activation)  # validate early
+        norm = dict(epsilon=layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = layer_norm(width, **norm)
+        self.attn = Attention(
+            width,
+            num_heads,
+            key_bias=key_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            implementation=attention_implementation,
+            rngs=rngs,
+        )
+        self.mlp_norm = layer_norm(width, **norm)
+        self.fc1 = dense(width, mlp_dim, ("embed", "mlp"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc2 = dense(mlp_dim, width, ("mlp", "embed"), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(
+        self, x: jax.Array, *, kv_lengths: jax.Array | None = None, causal: bool = False
+    ) -> jax.Array:
+        x = x + self.attn(self.attn_norm(x), kv_lengths=kv_lengths, causal=causal)
+        return x + self.fc2(activation_fn(self.activation)(self.fc1(self.mlp_norm(x))))
+
+
+class EncoderStack(nnx.Module):
+    """`num_layers` EncoderBlocks applied in order, each optionally rematerialised in the backward pass."""
+
+    def __init__(self, num_layers: int, *, remat: str = "none", rngs: nnx.Rngs, **block_kwargs):
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; expected 'none' or one of {sorted(REMAT_POLICIES)}")
+        self.remat = remat
+        self.layers = nnx.List([EncoderBlock(rngs=rngs, **block_kwargs) for _ in range(num_layers)])
+
+    def __call__(
+        self, x: jax.Array, *, kv_lengths: jax.Array | None = None, causal: bool = False
+    ) -> jax.Array:
+        def apply(block: EncoderBlock, h: jax.Array) -> jax.Array:
+            return block(h, kv_lengths=kv_lengths, causal=causal)
+
+        if self.remat != "none":
+            apply = nnx.remat(apply, policy=REMAT_POLICIES[self.remat])
+        for block in self.layers:
+            x = apply(block, x)
+        return x
+
+
+def logical_axes(module: nnx.Module) -> dict[tuple[str, ...], Sequence[str | None]]:
+    """Flat map from each parameter's path to its logical axis names (for tests and sharding checks)."""
+    specs = nnx.get_partition_spec(nnx.state(module, nnx.Param))
+    return {path: tuple(leaf.get_value()) for path, leaf in nnx.to_flat_state(specs)}
