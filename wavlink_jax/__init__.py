@@ -1,0 +1,1 @@
+"""wavlink-jax: WavLink audio–text embeddings in JAX/Flax NNX."""
