@@ -1,0 +1,71 @@
+"""Manifest parsing: paths, defaults, errors that name the file and line, pickling for grain workers."""
+
+import json
+import pickle
+
+import pytest
+
+from wavlink_jax.data.sources import ManifestError, ManifestSource, open_source, write_manifest
+
+
+def test_manifest_records_resolve_paths(tmp_path):
+    absolute = tmp_path / "elsewhere" / "b.wav"
+    lines = [
+        {"audio": "clips/a.flac", "captions": ["a dog barks", "barking"], "label": "dog"},
+        {"audio": str(absolute), "captions": ["rain"], "id": "clip-b"},
+        {"audio": "c.ogg"},
+    ]
+    manifest = tmp_path / "data" / "train.jsonl"
+    manifest.parent.mkdir()
+    manifest.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n")
+    source = ManifestSource(manifest)
+    assert len(source) == 3
+    assert source[0] == {
+        "id": "clips/a.flac",
+        "audio": str(tmp_path / "data" / "clips" / "a.flac"),
+        "sample_rate": 0,
+        "captions": ["a dog barks", "barking"],
+        "label": "dog",
+    }
+    assert source[1]["audio"] == str(absolute) and source[1]["id"] == "clip-b" and source[1]["label"] == ""
+    assert source[2]["captions"] == [] and source[2]["audio"] == str(tmp_path / "data" / "c.ogg")
+    with pytest.raises(IndexError):
+        source[3]
+    clone = pickle.loads(pickle.dumps(source))
+    assert [clone[i] for i in range(3)] == [source[i] for i in range(3)]
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"audio": "a.wav", "captions": ["x"]', "not valid JSON"),
+        ('{"captions": ["x"]}', 'missing the "audio" key'),
+        ('["a.wav"]', "expected a JSON object"),
+        ('{"audio": "a.wav", "captions": "one string"}', '"captions" must be a list of strings'),
+        ('{"audio": "a.wav", "label": 3}', '"label" must be a string'),
+    ],
+)
+def test_manifest_errors_name_file_and_line(tmp_path, bad_line, message):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "ok.wav", "captions": ["fine"]}\n\n' + bad_line + "\n")
+    with pytest.raises(ManifestError) as err:
+        ManifestSource(manifest)
+    assert f"{manifest}:3" in str(err.value) and message in str(err.value)
+
+
+def test_manifest_missing_or_empty(tmp_path):
+    with pytest.raises(ManifestError, match="manifest not found"):
+        ManifestSource(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ManifestError, match="no entries"):
+        ManifestSource(tmp_path / "empty.jsonl")
+
+
+def test_open_source_specs(tmp_path):
+    path = write_manifest(tmp_path / "m.jsonl", [{"audio": "a.wav", "captions": ["x"]}])
+    assert len(open_source(path)) == 1
+    assert len(open_source({"kind": "manifest", "path": str(path), "weight": 2.0})) == 1
+    with pytest.raises(ValueError, match="unknown source kind"):
+        open_source({"kind": "csv", "path": str(path)})
+    with pytest.raises(ValueError, match="needs 'name'"):
+        open_source({"kind": "tfds", "split": "train"})

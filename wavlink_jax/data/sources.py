@@ -1,0 +1,165 @@
+"""Data sources: random-access collections of captioned clips, and the record format every source yields.
+
+The record contract (shared by the manifest source here, the TFDS builders in `tfds_builders.py`, the
+pipeline and the evaluator). A *source* is a grain-compatible random-access data source: `len(source)` and
+`source[i]` for `0 <= i < len(source)`, picklable (it travels to grain worker processes), and `source[i]`
+is a plain dict:
+
+    {"id": str,            # unique within the source (manifest: the "id" key, else the audio path as written)
+     "audio": str | np.ndarray,
+                           # a file path (any format libsndfile reads: wav, flac, ogg, mp3, ...), or the
+                           # decoded samples as a 1-D int16 (full scale 32768) or float32 (full scale 1.0) array
+     "sample_rate": int,   # Hz of an array; 0 for a file path (the file's header is authoritative)
+     "captions": list[str],  # possibly empty (classification sets); training needs at least one
+     "label": str}         # class name for zero-shot evaluation, "" if none
+
+`Record` below is that dict as a TypedDict. Records are not validated for audio content here: decoding and
+the bad-input policy (missing/empty/truncated/... files are skipped and counted) live in `audio_io.py` and
+`pipeline.py`, so a source stays cheap to index.
+
+A manifest (JSONL, one clip a line) is
+    {"audio": "clips/a.flac", "captions": ["a dog barks", ...], "label": "dog", "id": "optional"}
+with `audio` relative to the manifest's folder or absolute. `ManifestSource` validates every line when it
+opens the file (a line that is not a JSON object, or lacks "audio", is an error naming the file and line)
+and keeps only the byte offsets of the lines, so an 8M-line manifest costs 64 MB of memory, not gigabytes;
+`source[i]` re-reads line i.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
+
+import numpy as np
+
+
+class Record(TypedDict):
+    """One clip, as every source yields it (see the module docstring)."""
+
+    id: str
+    audio: str | np.ndarray
+    sample_rate: int
+    captions: list[str]
+    label: str
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A grain random-access data source of `Record`s."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> Record: ...
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be read: the message names the file, the line and what is wrong."""
+
+
+def _check_entry(entry: Any, where: str) -> None:
+    """Raise ManifestError unless `entry` is a manifest object with the right key types."""
+    if not isinstance(entry, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(entry).__name__}")
+    if "audio" not in entry:
+        raise ManifestError(f'{where}: missing the "audio" key (the path of the clip)')
+    if not isinstance(entry["audio"], str) or not entry["audio"]:
+        raise ManifestError(f'{where}: "audio" must be a non-empty path string, got {entry["audio"]!r}')
+    captions = entry.get("captions", [])
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise ManifestError(f'{where}: "captions" must be a list of strings, got {captions!r}')
+    for key in ("label", "id"):
+        if key in entry and not isinstance(entry[key], str):
+            raise ManifestError(f'{where}: "{key}" must be a string, got {entry[key]!r}')
+
+
+class ManifestSource:
+    """The clips of a JSONL manifest, as `Record`s with absolute audio paths."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.is_file():
+            raise ManifestError(f"{self.path}: manifest not found")
+        self.root = self.path.parent
+        offsets = []
+        with open(self.path, "rb") as file:
+            offset = 0
+            for line_number, line in enumerate(file, start=1):
+                if line.strip():
+                    where = f"{self.path}:{line_number}"
+                    try:
+                        entry = json.loads(line)
+                    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                        raise ManifestError(f"{where}: not valid JSON ({err})") from err
+                    _check_entry(entry, where)
+                    offsets.append(offset)
+                offset += len(line)
+        if not offsets:
+            raise ManifestError(f"{self.path}: the manifest has no entries")
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._file = None  # opened lazily, once per process
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __getitem__(self, index: int) -> Record:
+        if not 0 <= index < len(self._offsets):
+            raise IndexError(f"{self.path}: index {index} out of range for {len(self)} entries")
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        self._file.seek(int(self._offsets[index]))
+        entry = json.loads(self._file.readline())
+        audio = entry["audio"]
+        return Record(
+            id=entry.get("id", audio),
+            audio=str(self.root / audio),  # an absolute `audio` stays as it is
+            sample_rate=0,
+            captions=list(entry.get("captions", [])),
+            label=entry.get("label", ""),
+        )
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "_file"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._file = None
+
+    def __repr__(self) -> str:
+        return f"ManifestSource({str(self.path)!r}, {len(self)} clips)"
+
+
+def write_manifest(path: str | os.PathLike, entries: Sequence[Mapping[str, Any]]) -> Path:
+    """Write `entries` (dicts with "audio", "captions", optional "label"/"id") as a JSONL manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as file:
+        for line_number, entry in enumerate(entries, start=1):
+            _check_entry(dict(entry), f"{path}: entry {line_number}")
+            file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+    return path
+
+
+def open_source(spec: Mapping[str, Any] | str | os.PathLike) -> Source:
+    """The source a config entry describes.
+
+    `spec` is a manifest path, or a dict with `kind`: `{"kind": "manifest", "path": ...}` or
+    `{"kind": "tfds", "name": ..., "data_dir": ..., "split": ...}` (array_record data prepared by
+    `wavlink_jax.data.tfds_builders`). Other keys (e.g. `weight`) are ignored here.
+    """
+    if isinstance(spec, (str, os.PathLike)):
+        return ManifestSource(spec)
+    kind = spec.get("kind", "manifest")
+    if kind == "manifest":
+        if "path" not in spec:
+            raise ValueError(f'manifest source {dict(spec)!r} needs a "path"')
+        return ManifestSource(spec["path"])
+    if kind == "tfds":
+        missing = [key for key in ("name", "split") if key not in spec]
+        if missing:
+            raise ValueError(f"tfds source {dict(spec)!r} needs {', '.join(map(repr, missing))}")
+        from wavlink_jax.data import tfds_builders  # lazy: pulls in tensorflow_datasets
+
+        return tfds_builders.load_source(spec["name"], spec.get("data_dir"), spec["split"])
+    raise ValueError(f"unknown source kind {kind!r} in {dict(spec)!r}; expected 'manifest' or 'tfds'")
