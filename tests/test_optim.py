@@ -1,0 +1,147 @@
+"""Optimiser rules: schedules, weight-decay mask, freezing, lr multipliers, the training-mode presets, LoRA."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from wavlink_jax import optim
+from wavlink_jax.models import lora
+
+PARAMS = {
+    "audio": {
+        "global_token": {"embedding": jnp.ones((1, 4))},
+        "projector": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))},
+        "encoder": {
+            "conv1": {"kernel": jnp.ones((3, 2, 4))},
+            "layers": {"0": {"attn": {"query": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}},
+                             "fc1": {"kernel": jnp.ones((4, 8))}, "attn_norm": {"scale": jnp.ones((4,))}}},
+        },
+    },
+    "text": {"encoder": {"layers": {"0": {"fc2": {"kernel": jnp.ones((8, 4))}}}}},
+    "text_projector": {"kernel": jnp.ones((4, 3))},
+    "logit_scale_clip": jnp.zeros(()),
+}
+
+
+def optim_config(**overrides):
+    config = ml_collections.ConfigDict(
+        dict(learning_rate=1e-2, schedule="cosine", warmup_fraction=0.1, end_lr_fraction=0.0, b1=0.9, b2=0.98,
+             eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0, lr_rules=[], no_decay=[r"global_token"])
+    )
+    config.update(overrides)
+    return config
+
+
+def test_schedule_warmup_then_cosine_to_end():
+    schedule = optim.learning_rate_schedule(optim_config(), total_steps=100)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(10)), 1e-2, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(55)), 0.5e-2, rtol=1e-5)  # half-way through the cosine
+    assert float(schedule(100)) < 1e-8
+    with pytest.raises(ValueError, match="schedule"):
+        optim.learning_rate_schedule(optim_config(schedule="exp"), 10)
+
+
+def test_weight_decay_mask_skips_vectors_scalars_and_named():
+    mask = optim.flatten(optim.weight_decay_mask(PARAMS, [r"global_token"]))
+    assert mask["audio/projector/kernel"] and mask["audio/encoder/conv1/kernel"]
+    assert not mask["audio/projector/bias"]
+    assert not mask["audio/encoder/layers/0/attn_norm/scale"]
+    assert not mask["logit_scale_clip"]
+    assert not mask["audio/global_token/embedding"]
+
+
+def test_freeze_and_partition_roundtrip():
+    mask = optim.trainable_mask(PARAMS, [r"^text/", r"conv1"])
+    trainable, frozen = optim.partition(PARAMS, mask)
+    assert set(optim.flatten(frozen)) == {"text/encoder/layers/0/fc2/kernel", "audio/encoder/conv1/kernel"}
+    assert jax.tree.structure(optim.combine(trainable, frozen)) == jax.tree.structure(PARAMS)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        optim.trainable_mask(PARAMS, [r"^txt/"])
+
+
+def test_lr_multipliers_first_match_wins_and_scale_updates():
+    rules = [(r"^audio/encoder/", 0.1), (r"^audio/", 2.0)]
+    mults = optim.flatten(optim.lr_multipliers(PARAMS, rules))
+    assert mults["audio/encoder/layers/0/fc1/kernel"] == 0.1
+    assert mults["audio/projector/kernel"] == 2.0 and mults["text_projector/kernel"] == 1.0
+    # The update of a multiplied parameter is exactly the multiple of the plain update (no clipping/decay).
+    config = optim_config(schedule="constant", warmup_fraction=0.0, weight_decay=0.0, grad_clip_norm=0.0)
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
+    plain_tx, _ = optim.make_optimizer(config, PARAMS, 10)
+    config.lr_rules = rules
+    scaled_tx, _ = optim.make_optimizer(config, PARAMS, 10)
+    plain = optim.flatten(plain_tx.update(grads, plain_tx.init(PARAMS), PARAMS)[0])
+    scaled = optim.flatten(scaled_tx.update(grads, scaled_tx.init(PARAMS), PARAMS)[0])
+    for path, mult in mults.items():
+        np.testing.assert_allclose(scaled[path], mult * plain[path], rtol=1e-6)
+
+
+def test_adamw_matches_optax_adamw_with_mask_and_clipping():
+    config = optim_config(schedule="constant", warmup_fraction=0.0)
+    tx, _ = optim.make_optimizer(config, PARAMS, 10)
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(1e-2, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                    mask=optim.weight_decay_mask(PARAMS, config.no_decay)),
+    )
+    grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape) + 1.0, PARAMS)
+    ours, ref = tx.init(PARAMS), reference.init(PARAMS)
+    params_ours = params_ref = PARAMS
+    for _ in range(3):
+        update, ours = tx.update(grads, ours, params_ours)
+        params_ours = optax.apply_updates(params_ours, update)
+        update, ref = reference.update(grads, ref, params_ref)
+        params_ref = optax.apply_updates(params_ref, update)
+    for a, b in zip(jax.tree.leaves(params_ours), jax.tree.leaves(params_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "mode,towers,trains,frozen,lora_on",
+    [
+        ("full", "both", ["audio/encoder/conv1/kernel", "text/encoder/layers/0/fc2/kernel"], [], []),
+        ("full", "audio", ["audio/encoder/conv1/kernel", "text_projector/kernel"],
+         ["text/encoder/layers/0/fc2/kernel"], []),
+        ("projector", "both", ["audio/projector/kernel", "audio/global_token/embedding", "text_projector/kernel"],
+         ["audio/encoder/conv1/kernel", "text/encoder/layers/0/fc2/kernel"], []),
+        ("lora", "audio", ["audio/projector/kernel", "logit_scale_clip"],
+         ["audio/encoder/layers/0/fc1/kernel", "text/encoder/layers/0/fc2/kernel"],
+         ["audio/encoder/layers/0/attn/query/kernel", "audio/encoder/layers/0/fc1/kernel"]),
+        ("lora", "both", ["text_projector/kernel"], ["audio/encoder/conv1/kernel"],
+         ["audio/encoder/layers/0/attn/query/kernel", "audio/encoder/layers/0/fc1/kernel",
+          "text/encoder/layers/0/fc2/kernel"]),
+    ],
+)
+def test_training_mode_presets(mode, towers, trains, frozen, lora_on):
+    preset = optim.training_mode(mode, towers)
+    mask = optim.flatten(optim.trainable_mask(PARAMS, preset.freeze))
+    assert all(mask[p] for p in trains), {p: mask[p] for p in trains}
+    assert not any(mask[p] for p in frozen), {p: mask[p] for p in frozen}
+    targets = lora.targets(PARAMS, preset.lora) if preset.lora else []
+    assert targets == sorted(lora_on)
+
+
+def test_lora_merge_starts_at_base_and_adds_scaled_product():
+    targets = lora.targets(PARAMS, optim.training_mode("lora", "both").lora)
+    adapters = lora.init(jax.random.key(0), PARAMS, targets, rank=2)
+    flat = optim.flatten(adapters)
+    assert flat["audio/encoder/layers/0/attn/query/lora_a"].shape == (4, 2)
+    assert flat["audio/encoder/layers/0/attn/query/lora_b"].shape == (2, 4)
+    merged = lora.merge(PARAMS, adapters, scale=2.0)
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(PARAMS)):
+        np.testing.assert_array_equal(a, b)  # B = 0 at init
+    flat["audio/encoder/layers/0/attn/query/lora_b"] = jnp.ones((2, 4))
+    merged = optim.flatten(lora.merge(PARAMS, optim.unflatten(flat), scale=2.0))
+    expected = 1.0 + 2.0 * flat["audio/encoder/layers/0/attn/query/lora_a"].sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(merged["audio/encoder/layers/0/attn/query/kernel"], np.broadcast_to(expected, (4, 4)),
+                               rtol=1e-6)
+    axes = optim.flatten(lora.logical_axes({"audio": {"encoder": {"layers": {"0": {"attn": {"query": {
+        "kernel": ("embed", "heads")}}}}}}}, optim.unflatten({k: v for k, v in flat.items() if "query" in k})))
+    assert axes["audio/encoder/layers/0/attn/query/lora_a"] == ("embed", None)
+    assert axes["audio/encoder/layers/0/attn/query/lora_b"] == (None, "heads")
+    with pytest.raises(ValueError, match="2-D Linear kernels"):
+        lora.targets(PARAMS, [r"conv1/kernel"])

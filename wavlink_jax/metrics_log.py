@@ -1,0 +1,70 @@
+"""Training metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files and a progress bar with rate and ETA.
+
+Only process 0 writes. On resume the JSONL keeps the records up to the restored step and drops the ones a
+killed run logged after its last checkpoint, so the file reads as if the run had never stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Mapping
+
+import jax
+import tqdm
+
+
+class MetricsLogger:
+    """Writes one JSON object per logged step (`{"step": s, "loss": ..., ...}`) and the same scalars to TensorBoard."""
+
+    def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int, progress: bool = True):
+        self.enabled = jax.process_index() == 0
+        self.path = Path(workdir) / "metrics.jsonl"
+        self._writer = None
+        self._bar = None
+        if not self.enabled:
+            return
+        self._truncate_after(start_step)
+        from tensorboardX import SummaryWriter
+
+        self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal)."""
+        if not self.enabled:
+            return
+        record = {"step": int(step)}
+        for key, value in metrics.items():
+            value = float(value)
+            record[key] = value if math.isfinite(value) else str(value)
+            self._writer.add_scalar(key, value, int(step))
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        if self._bar is not None and "loss" in metrics:
+            self._bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        """Move the progress bar (rate and ETA come from tqdm)."""
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def message(self, text: str) -> None:
+        """Print a line without breaking the progress bar."""
+        if self.enabled:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,197 @@
+"""Optimiser, learning-rate schedule and the regex rules that decide which parameters train, and how fast.
+
+Parameters are addressed by their path string, e.g. `audio/encoder/layers/3/attn/query/kernel`. Rules are
+Python regular expressions matched with `re.search` against that string:
+
+* `optim.freeze`: parameters matching any pattern get no gradient and no optimizer state.
+* `optim.lr_rules`: `(pattern, multiplier)` pairs; the first match scales that parameter's learning rate.
+* `optim.no_decay`: parameters matching any pattern, and all parameters with fewer than two dimensions
+  (biases, LayerNorm scales, scalar loss temperatures), get no weight decay.
+
+The paper's training modes (`optim.mode` projector | lora | full, `optim.towers` audio | both) are presets
+that add freeze patterns and choose where LoRA adapters go; see `training_mode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import traverse_util
+
+Tree = dict
+
+SCHEDULES = ("cosine", "linear", "constant")
+MODES = ("full", "lora", "projector")
+TOWERS = ("both", "audio")
+
+# Parameter-path patterns of the WavLink model (wavlink_jax.models.wavlink) the presets are written in.
+AUDIO_TOWER = r"^audio/"
+TEXT_TOWER = r"^text/"
+AUDIO_HEAD = r"^audio/(global_token|projector)/"
+TEXT_HEAD = r"^text_projector/"
+LORA_PROJECTIONS = r"layers/\d+/(attn/(query|key|value|out)|fc1|fc2)/kernel$"
+
+
+def path_string(path: Sequence[Any]) -> str:
+    """A key path (tuple of keys or jax path entries) → `"a/b/0/kernel"`."""
+    return "/".join(str(getattr(part, "key", getattr(part, "idx", part))) for part in path)
+
+
+def flatten(tree: Tree) -> dict[str, Any]:
+    """Nested dict → `{"a/b/kernel": leaf}`."""
+    return {"/".join(map(str, key)): leaf for key, leaf in traverse_util.flatten_dict(tree).items()}
+
+
+def unflatten(flat: Mapping[str, Any]) -> Tree:
+    return traverse_util.unflatten_dict({tuple(key.split("/")): leaf for key, leaf in flat.items()})
+
+
+def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as err:
+            raise ValueError(f"{what}: invalid regular expression {pattern!r}: {err}") from err
+    return compiled
+
+
+def matching(paths: Sequence[str], patterns: Sequence[str], what: str) -> set[str]:
+    """The paths that match at least one pattern; a pattern that matches nothing is an error (likely a typo)."""
+    compiled = _compile(patterns, what)
+    matched = set()
+    for pattern in compiled:
+        hits = {path for path in paths if pattern.search(path)}
+        if not hits:
+            raise ValueError(f"{what}: pattern {pattern.pattern!r} matches no parameter (e.g. {sorted(paths)[:3]})")
+        matched |= hits
+    return matched
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingMode:
+    """What a preset freezes and where it puts LoRA adapters (both as regex patterns on parameter paths)."""
+
+    freeze: tuple[str, ...]
+    lora: tuple[str, ...]
+
+
+def training_mode(mode: str, towers: str) -> TrainingMode:
+    """The paper's presets.
+
+    full: every parameter of the adapted towers trains. lora: the adapted towers' weights are frozen and
+    rank-r adapters on their attention/MLP projections train. projector: the adapted towers' transformer
+    weights are frozen. In every mode the heads (projectors, the audio global token) and the loss
+    temperature/bias train. towers="audio" additionally freezes the whole text tower (LiT-style locked text;
+    its projector still trains); towers="both" adapts the text tower the same way as the audio tower.
+    """
+    if mode not in MODES:
+        raise ValueError(f"config.optim.mode must be one of {MODES}, got {mode!r}")
+    if towers not in TOWERS:
+        raise ValueError(f"config.optim.towers must be one of {TOWERS}, got {towers!r}")
+    adapted = [AUDIO_TOWER] + ([TEXT_TOWER] if towers == "both" else [])
+    # A tower body = everything under the tower prefix except its head parameters.
+    audio_body = r"^audio/(?!global_token/|projector/)"
+    text_body = TEXT_TOWER
+    freeze = [] if towers == "both" else [text_body]
+    if mode != "full":
+        freeze += [audio_body] + ([text_body] if towers == "both" else [])
+    lora = [prefix + ".*" + LORA_PROJECTIONS for prefix in adapted] if mode == "lora" else []
+    return TrainingMode(freeze=tuple(dict.fromkeys(freeze)), lora=tuple(lora))
+
+
+def trainable_mask(params: Tree, freeze: Sequence[str]) -> Tree:
+    """Same-structured tree of bools: True = the parameter trains."""
+    flat = flatten(params)
+    frozen = matching(list(flat), freeze, "config.optim.freeze")
+    return unflatten({path: path not in frozen for path in flat})
+
+
+def partition(params: Tree, mask: Tree) -> tuple[Tree, Tree]:
+    """Split into (trainable, frozen) nested dicts with disjoint keys; `combine` undoes it."""
+    flat, flat_mask = flatten(params), flatten(mask)
+    trainable = {k: v for k, v in flat.items() if flat_mask[k]}
+    frozen = {k: v for k, v in flat.items() if not flat_mask[k]}
+    return unflatten(trainable), unflatten(frozen)
+
+
+def combine(trainable: Tree, frozen: Tree) -> Tree:
+    return unflatten({**flatten(frozen), **flatten(trainable)})
+
+
+def weight_decay_mask(params: Tree, no_decay: Sequence[str]) -> Tree:
+    """True where weight decay applies: parameters with ≥ 2 dimensions not matched by `no_decay`."""
+    flat = flatten(params)
+    compiled = _compile(no_decay, "config.optim.no_decay")
+    return unflatten(
+        {path: jnp.ndim(leaf) >= 2 and not any(p.search(path) for p in compiled) for path, leaf in flat.items()}
+    )
+
+
+def lr_multipliers(params: Tree, rules: Sequence[Sequence[Any]]) -> Tree:
+    """Per-parameter learning-rate multiplier: the first matching `(pattern, multiplier)` rule, else 1."""
+    for rule in rules:
+        if len(rule) != 2:
+            raise ValueError(f"config.optim.lr_rules: each rule is (pattern, multiplier), got {rule!r}")
+    compiled = list(zip(_compile([pattern for pattern, _ in rules], "config.optim.lr_rules"), [float(m) for _, m in rules]))
+    flat = flatten(params)
+
+    def multiplier(path: str) -> float:
+        return next((mult for pattern, mult in compiled if pattern.search(path)), 1.0)
+
+    return unflatten({path: multiplier(path) for path in flat})
+
+
+def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
+    """Warm-up (linear from 0) for `warmup_fraction` of the steps, then cosine / linear decay or constant."""
+    if optim.schedule not in SCHEDULES:
+        raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
+    peak = float(optim.learning_rate)
+    warmup = int(round(optim.warmup_fraction * total_steps))
+    end = peak * float(optim.end_lr_fraction)
+    decay_steps = max(total_steps - warmup, 1)
+    if optim.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=optim.end_lr_fraction)
+    elif optim.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def make_optimizer(
+    optim: Any, trainable: Tree, total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW over the trainable parameters: clip → Adam → decoupled weight decay (masked) → −lr·multiplier.
+
+    Returns the transformation and the learning-rate schedule (for logging).
+    """
+    schedule = learning_rate_schedule(optim, total_steps)
+    multipliers = lr_multipliers(trainable, optim.lr_rules)
+    parts = []
+    if optim.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
+    parts += [
+        optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
+        optax.add_decayed_weights(float(optim.weight_decay), mask=weight_decay_mask(trainable, optim.no_decay)),
+        optax.scale_by_learning_rate(schedule),
+    ]
+    if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
+        parts.append(_scale_by_tree(multipliers))
+    return optax.chain(*parts), schedule
+
+
+def _scale_by_tree(multipliers: Tree) -> optax.GradientTransformation:
+    def scale(updates: Tree, params: Tree | None) -> Tree:
+        del params
+        return jax.tree.map(lambda update, mult: update * mult, updates, multipliers)
+
+    return optax.stateless(scale)
+
