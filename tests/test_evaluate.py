@@ -1,0 +1,242 @@
+"""Evaluation metrics against brute-force references (explicit loops over small sets) and constructed cases."""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+
+import numpy as np
+import pytest
+
+from wavlink_jax import evaluate as ev
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Brute-force reference: explicit loops, each query sorts its items by (score desc, wrong before correct).
+
+
+def _ranked_correct_positions(scores: list[float], correct: list[bool]) -> list[int]:
+    """1-based positions of the correct items in the pessimistic ranked list."""
+    order = sorted(range(len(scores)), key=lambda j: (-scores[j], correct[j]))
+    return [position + 1 for position, j in enumerate(order) if correct[j]]
+
+
+def _dot(u: np.ndarray, v: np.ndarray) -> float:
+    return sum(float(x) * float(y) for x, y in zip(u, v))
+
+
+def brute_force_retrieval(audio: np.ndarray, text: np.ndarray, text_to_audio: list[int]) -> dict[str, float]:
+    t2a_ranks = []
+    for i in range(len(text)):
+        scores = [_dot(text[i], audio[j]) for j in range(len(audio))]
+        correct = [j == text_to_audio[i] for j in range(len(audio))]
+        (rank,) = _ranked_correct_positions(scores, correct)
+        t2a_ranks.append(rank)
+    best_ranks, average_precisions = [], []
+    for a in range(len(audio)):
+        scores = [_dot(audio[a], text[i]) for i in range(len(text))]
+        correct = [text_to_audio[i] == a for i in range(len(text))]
+        positions = _ranked_correct_positions(scores, correct)
+        best_ranks.append(positions[0])
+        hits = [(k + 1) / position for k, position in enumerate(positions) if position <= 10]
+        average_precisions.append(sum(hits) / min(len(positions), 10))
+    out = {}
+    for k in (1, 5, 10):
+        out[f"t2a_R@{k}"] = 100.0 * sum(rank <= k for rank in t2a_ranks) / len(t2a_ranks)
+        out[f"a2t_R@{k}"] = 100.0 * sum(rank <= k for rank in best_ranks) / len(best_ranks)
+    out["t2a_mAP@10"] = 100.0 * sum(1.0 / rank if rank <= 10 else 0.0 for rank in t2a_ranks) / len(t2a_ranks)
+    out["a2t_mAP@10"] = 100.0 * sum(average_precisions) / len(average_precisions)
+    out["t2a_medR"] = float(statistics.median(t2a_ranks))
+    out["a2t_medR"] = float(statistics.median(best_ranks))
+    return out
+
+
+def _quantized(rng: np.random.Generator, shape: tuple[int, ...], levels: int) -> np.ndarray:
+    """Small-integer embeddings: every dot product is exact in float32, so ties are real ties."""
+    return rng.integers(-levels, levels + 1, size=shape).astype(np.float32)
+
+
+def _assert_metrics_equal(actual: dict[str, float], expected: dict[str, float]) -> None:
+    assert set(actual) == set(expected)
+    for key in expected:
+        assert actual[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+@pytest.mark.parametrize(
+    "captions_per_clip, levels",
+    [(1, 50), (5, 50), ("variable", 50), (1, 1), (5, 1), ("variable", 1)],
+    ids=["1cap", "5cap", "varcap", "1cap-ties", "5cap-ties", "varcap-ties"],
+)
+def test_retrieval_matches_brute_force(captions_per_clip, levels):
+    rng = np.random.default_rng(hash((str(captions_per_clip), levels)) % 2**32)
+    num_clips, dim = 23, 6 if levels > 1 else 3  # levels=1, dim 3: only 27 distinct vectors, ties everywhere
+    counts = rng.integers(1, 14, num_clips) if captions_per_clip == "variable" else np.full(num_clips, captions_per_clip)
+    text_to_audio = rng.permutation(np.repeat(np.arange(num_clips), counts))
+    audio = _quantized(rng, (num_clips, dim), levels)
+    text = audio[text_to_audio] + _quantized(rng, (len(text_to_audio), dim), levels)
+    expected = brute_force_retrieval(audio, text, text_to_audio.tolist())
+    _assert_metrics_equal(ev.retrieval_metrics(audio, text, text_to_audio), expected)
+    # Small work chunks (several clips/captions per chunk, uneven last chunk) give identical results.
+    _assert_metrics_equal(ev.retrieval_metrics(audio, text, text_to_audio, chunk_elements=200), expected)
+
+
+def test_retrieval_planted_ties_are_pessimistic():
+    # Clip 1 duplicates clip 0; caption 0 (of clip 0) and caption 2 (of clip 1) tie across both clips.
+    audio = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    text = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]], np.float32)
+    text_to_audio = [0, 2, 1, 2]
+    metrics = ev.retrieval_metrics(audio, text, text_to_audio)
+    # T2A: captions 0 and 2 rank their clip 2nd (tied with the duplicate); captions 1 and 3 rank 1st.
+    assert metrics["t2a_R@1"] == 50.0
+    assert metrics["t2a_medR"] == 1.5
+    assert metrics["t2a_mAP@10"] == pytest.approx(100 * (0.5 + 1 + 0.5 + 1) / 4)
+    # A2T: clip 0 ties captions 0 (its own) and 2 → its caption ranks 2nd; clip 1 likewise; clip 2 has captions
+    # 1 and 3 tied with each other and above everything else → ranks 1 and 2, AP = 1.
+    assert metrics["a2t_R@1"] == pytest.approx(100 / 3)
+    assert metrics["a2t_mAP@10"] == pytest.approx(100 * (0.5 + 0.5 + 1.0) / 3)
+    _assert_metrics_equal(metrics, brute_force_retrieval(audio, text, text_to_audio))
+
+
+@pytest.mark.parametrize("captions_per_clip", [1, 5])
+def test_retrieval_perfect_embeddings(captions_per_clip):
+    num_clips = 12
+    audio = np.eye(num_clips, dtype=np.float32)
+    text_to_audio = np.repeat(np.arange(num_clips), captions_per_clip)[::-1].copy()
+    metrics = ev.retrieval_metrics(audio, audio[text_to_audio], text_to_audio)
+    for key, value in metrics.items():
+        assert value == (1.0 if key.endswith("medR") else 100.0), key
+
+
+def test_retrieval_constant_embeddings_rank_last():
+    audio = np.ones((8, 4), np.float32)
+    text_to_audio = np.repeat(np.arange(8), 5)
+    metrics = ev.retrieval_metrics(audio, np.ones((40, 4), np.float32), text_to_audio)
+    assert metrics["t2a_R@1"] == 0.0 and metrics["t2a_medR"] == 8.0
+    # Each clip's 5 captions sit behind the 35 wrong ones: best rank 36.
+    assert metrics["a2t_R@10"] == 0.0 and metrics["a2t_medR"] == 36.0
+
+
+def test_retrieval_rejects_bad_input():
+    audio = np.eye(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="1 clips have no caption.*\\[2\\]"):
+        ev.retrieval_metrics(audio, audio[:2], [0, 1])
+    with pytest.raises(ValueError, match="outside \\[0, 3\\)"):
+        ev.retrieval_metrics(audio, audio, [0, 1, 3])
+    with pytest.raises(ValueError, match="non-finite"):
+        ev.retrieval_metrics(np.full((3, 3), np.nan, np.float32), audio, [0, 1, 2])
+    with pytest.raises(ValueError, match="dim"):
+        ev.retrieval_metrics(audio, np.eye(3, 4, dtype=np.float32), [0, 1, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+
+def test_zero_shot_classifier_averages_normalised_templates():
+    rng = np.random.default_rng(0)
+    table = {}
+
+    def embed_text(texts):
+        for text in texts:
+            table.setdefault(text, rng.normal(size=4) * rng.uniform(0.1, 10))
+        return np.stack([table[text] for text in texts])
+
+    templates = ("a {}", "the sound of {}")
+    classes = ["dog bark", "siren", "rain"]
+    class_emb = ev.zero_shot_classifier(embed_text, classes, templates)
+    for index, name in enumerate(classes):
+        vectors = [table[t.format(name)] / np.linalg.norm(table[t.format(name)]) for t in templates]
+        mean = np.mean(vectors, axis=0)
+        np.testing.assert_allclose(class_emb[index], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="exactly one"):
+        ev.zero_shot_classifier(embed_text, classes, ("no slot",))
+
+
+def test_zero_shot_metrics_constructed():
+    class_emb = np.eye(6, dtype=np.float32)
+    # Scores per clip are the rows themselves: the label's place among the 6 classes is chosen by construction.
+    audio = np.array(
+        [
+            [6, 5, 4, 3, 2, 1],  # label 0: rank 1
+            [6, 5, 4, 3, 2, 1],  # label 4: rank 5
+            [6, 5, 4, 3, 2, 1],  # label 5: rank 6
+            [1, 3, 3, 0, 0, 0],  # label 1: tied with class 2 → rank 2 (pessimistic)
+        ],
+        np.float32,
+    )
+    metrics = ev.zero_shot_metrics(audio, [0, 4, 5, 1], class_emb)
+    assert metrics == {"top1": 25.0, "top5": 75.0}
+
+
+def test_fold_average_and_zero_shot_by_fold():
+    assert ev.fold_average([{"top1": 50.0, "top5": 100.0}, {"top1": 100.0, "top5": 100.0}]) == {
+        "top1": 75.0,
+        "top5": 100.0,
+    }
+    with pytest.raises(ValueError, match="fold 1 reports"):
+        ev.fold_average([{"top1": 1.0}, {"top5": 1.0}])
+    class_emb = np.eye(2, dtype=np.float32)
+    audio = np.array([[1, 0], [1, 0], [1, 0], [1, 0], [0, 1]], np.float32)
+    labels = np.array([0, 1, 1, 1, 1])
+    folds = np.array([1, 1, 1, 1, 2])  # fold 1: 1/4 right; fold 2: 1/1 right
+    metrics = ev.zero_shot_by_fold(audio, labels, class_emb, folds)
+    assert metrics["top1"] == pytest.approx((25.0 + 100.0) / 2)  # per-fold mean, not the pooled 40%
+    assert ev.zero_shot_metrics(audio, labels, class_emb)["top1"] == pytest.approx(40.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+def test_multiple_choice_metrics():
+    audio = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], np.float32)
+    choices = np.zeros((4, 4, 3), np.float32)
+    choices[0, :2] = [[0, 1, 0], [1, 0, 0]]  # 2 choices, answer 1 nearest → hit
+    choices[1] = [[1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0.5, 0]]  # answer 3 is second → miss
+    choices[2, :3] = [[0, 0, 1], [0, 0, 1], [1, 0, 0]]  # answer 0 tied with choice 1 → miss
+    choices[3, :3] = [[1, 0, 0], [0, 1, 0], [0, 0, 1]]  # answer 0 → hit; masked slot 3 (zeros) ignored
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]], bool)
+    metrics = ev.multiple_choice_metrics(audio, choices, mask, [1, 3, 0, 0], ["a", "a", "b", "b"])
+    assert metrics == {"acc/a": 50.0, "acc/b": 50.0, "average": 50.0, "overall": 50.0}
+    metrics = ev.multiple_choice_metrics(audio, choices, mask, [1, 3, 0, 0], ["a", "b", "b", "b"])
+    assert metrics["average"] == pytest.approx((100 + 100 / 3) / 2) and metrics["overall"] == 50.0
+    with pytest.raises(ValueError, match="masked-out"):
+        ev.multiple_choice_metrics(audio, choices, mask, [2, 3, 0, 0], ["a"] * 4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matryoshka
+
+
+def test_matryoshka_uses_truncated_renormalised_prefixes(tmp_path):
+    # In 2-D prefixes clip 1 points exactly along caption 0, clip 0 only at 45°; at full size (and with
+    # un-normalised prefixes) clip 1's large 3rd coordinate keeps it far from caption 0.
+    audio = np.array([[1, 1, 0, 0], [0.5, 0, 3, 0]], np.float32)
+    audio /= np.linalg.norm(audio, axis=1, keepdims=True)
+    text = np.array([[1, 0, 0, 0], [0.1, -0.1, 1, 0]], np.float32)
+    text_to_audio = [0, 1]
+    metric_fn = functools.partial(ev.retrieval_metrics, text_to_audio=text_to_audio)
+    plot = tmp_path / "matryoshka.png"
+    table = ev.matryoshka_table(metric_fn, {"audio_emb": audio, "text_emb": text}, [2, 4], plot_path=str(plot))
+    assert list(table) == [4, 2]
+    assert table[4]["t2a_R@1"] == 100.0
+    assert metric_fn(audio_emb=audio[:, :2], text_emb=text[:, :2])["t2a_R@1"] == 100.0  # raw prefixes
+    assert table[2]["t2a_R@1"] == 50.0
+    assert table[2] == metric_fn(audio_emb=ev.truncate_normalize(audio, 2), text_emb=ev.truncate_normalize(text, 2))
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="outside"):
+        ev.truncate_normalize(audio, 5)
+
+
+def test_plot_matryoshka_default_keys(tmp_path):
+    table = {64: {"clotho/t2a_R@1": 10.0, "esc50/top1": 50.0, "esc50/top5": 80.0}, 512: {"clotho/t2a_R@1": 20.0, "esc50/top1": 60.0, "esc50/top5": 90.0}}
+    assert [key for key in table[64] if ev.is_headline_metric(key)] == ["clotho/t2a_R@1", "esc50/top1"]
+    ev.plot_matryoshka(table, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="missing"):
+        ev.plot_matryoshka(table, str(tmp_path / "q.png"), keys=["nope"])

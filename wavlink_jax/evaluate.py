@@ -1,0 +1,393 @@
+"""Evaluation metrics with the standard protocols: retrieval, zero-shot classification, multiple choice, Matryoshka.
+
+Every metric here is computed from embeddings (numpy, on the host) so that it can be checked against a
+brute-force reference and reused by the standalone CLI and by the trainer's periodic evaluation.
+
+Scores are dot products of the given embeddings: pass L2-normalised embeddings to rank by cosine similarity
+(the model's `embed_audio` / `embed_text` already are; `truncate_normalize` re-normalises Matryoshka prefixes).
+
+**Ties are broken pessimistically.** A query's ranked list orders items by descending score and, among
+items with equal scores, puts every wrong item before every correct one. So the rank of a single correct item is
+`1 + #(wrong items with score >= its score)`. With several correct items (audio→text, one clip and its
+captions), the k-th best correct item (k = 1, 2, ...; correct items tied with each other take consecutive
+places, and their order among themselves changes no metric) has rank `k + #(wrong items with score >= its
+score)`. Ranks are 1-based. A model that outputs a constant embedding therefore scores at the bottom, never
+at the top.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+
+# Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
+# 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
+DEFAULT_CHUNK_ELEMENTS = 1 << 25
+
+RECALL_AT = (1, 5, 10)
+MAP_AT = 10
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input checks
+
+
+def _as_embeddings(x: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(x)
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D (items, dim) array; got shape {array.shape}")
+    if not np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+    elif array.dtype != np.float64:
+        array = array.astype(np.float32)  # bf16/fp16 model outputs: rank in fp32
+    if not np.all(np.isfinite(array)):
+        bad = np.flatnonzero(~np.all(np.isfinite(array), axis=1))
+        raise ValueError(f"{name} has non-finite values in rows {bad[:10].tolist()} ({bad.size} rows in all)")
+    return array
+
+
+def _as_indices(x: Sequence[int] | np.ndarray, name: str, length: int, upper: int, upper_name: str) -> np.ndarray:
+    array = np.asarray(x)
+    if array.ndim != 1 or array.shape[0] != length:
+        raise ValueError(f"{name} must be 1-D with {length} entries; got shape {array.shape}")
+    if length and not np.issubdtype(array.dtype, np.integer):
+        raise ValueError(f"{name} must hold integer indices; got dtype {array.dtype}")
+    array = array.astype(np.int64)
+    if length and (array.min() < 0 or array.max() >= upper):
+        bad = np.flatnonzero((array < 0) | (array >= upper))
+        raise ValueError(
+            f"{name} has entries outside [0, {upper}) ({upper_name}) at positions {bad[:10].tolist()}"
+        )
+    return array
+
+
+def _rows_per_chunk(row_elements: int, chunk_elements: int) -> int:
+    return max(1, chunk_elements // max(1, row_elements))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ranks
+
+
+def single_target_ranks(
+    queries: np.ndarray, gallery: np.ndarray, targets: np.ndarray, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> np.ndarray:
+    """1-based pessimistic rank of `gallery[targets[i]]` when query i ranks the whole gallery by dot product.
+
+    Serves text→audio retrieval (query = caption, target = its clip) and classification (query = clip,
+    gallery = class embeddings, target = label).
+    """
+    ranks = np.empty(queries.shape[0], np.int64)
+    step = _rows_per_chunk(gallery.shape[0], chunk_elements)
+    for start in range(0, queries.shape[0], step):
+        scores = queries[start : start + step] @ gallery.T
+        rows = np.arange(scores.shape[0])
+        correct = scores[rows, targets[start : start + step]]
+        # Counts the target itself once, plus every other item scoring at least as high.
+        ranks[start : start + step] = np.count_nonzero(scores >= correct[:, None], axis=1)
+    return ranks
+
+
+def _group_by_owner(owner: np.ndarray, num_owners: int) -> tuple[np.ndarray, np.ndarray]:
+    """(num_owners, max_count) item indices per owner, padded with 0, and the matching validity mask."""
+    counts = np.bincount(owner, minlength=num_owners)
+    order = np.argsort(owner, kind="stable")
+    width = max(1, int(counts.max(initial=0)))
+    slot = np.arange(owner.shape[0]) - np.repeat(np.cumsum(counts) - counts, counts)
+    items = np.zeros((num_owners, width), np.int64)
+    items[owner[order], slot] = order
+    mask = np.arange(width)[None, :] < counts[:, None]
+    return items, mask
+
+
+def multi_target_ranks(
+    queries: np.ndarray,
+    gallery: np.ndarray,
+    targets: np.ndarray,
+    target_mask: np.ndarray,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> np.ndarray:
+    """Pessimistic 1-based ranks of each query's correct gallery items, best first.
+
+    `targets[q, j]` is the j-th correct gallery index of query q where `target_mask[q, j]`; the result has the
+    same shape, sorted ascending along the last axis per query, with `np.iinfo(int64).max` in unused slots.
+    """
+    num_queries, width = targets.shape
+    ranks = np.full((num_queries, width), np.iinfo(np.int64).max, np.int64)
+    step = _rows_per_chunk(gallery.shape[0] * width, chunk_elements)
+    for start in range(0, num_queries, step):
+        stop = min(start + step, num_queries)
+        scores = queries[start:stop] @ gallery.T
+        mask = target_mask[start:stop]
+        correct = np.take_along_axis(scores, targets[start:stop], axis=1)
+        correct = np.where(mask, correct, -np.inf)
+        order = np.argsort(-correct, axis=1, kind="stable")
+        correct = np.take_along_axis(correct, order, axis=1)  # descending; unused slots (-inf) last
+        mask = np.take_along_axis(mask, order, axis=1)
+        at_least_all = np.count_nonzero(scores[:, None, :] >= correct[:, :, None], axis=2)
+        at_least_correct = np.count_nonzero(correct[:, None, :] >= correct[:, :, None], axis=2)
+        place = np.arange(1, width + 1)[None, :]
+        ranks[start:stop] = np.where(mask, place + at_least_all - at_least_correct, ranks[start:stop])
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Retrieval
+
+
+def retrieval_metrics(
+    audio_emb: np.ndarray,
+    text_emb: np.ndarray,
+    text_to_audio: Sequence[int] | np.ndarray,
+    *,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+) -> dict[str, float]:
+    """Text→audio and audio→text retrieval metrics (AudioCaps / Clotho protocol), R and mAP in percent.
+
+    `audio_emb` (num_clips, dim), `text_emb` (num_captions, dim), `text_to_audio[i]` = clip index of caption i.
+    Text→audio: each caption ranks all clips; `t2a_mAP@10` = mean of 1/rank (0 beyond rank 10).
+    Audio→text: each clip ranks all captions; R@k is a hit when any of its captions is in the top k; medR is
+    the median rank of its best caption; mAP@10 averages over clips
+    `sum(precision at each of its captions ranked <= 10) / min(#its captions, 10)`.
+    Every clip must have at least one caption (an uncaptioned clip has no defined audio→text rank).
+    """
+    audio = _as_embeddings(audio_emb, "audio_emb")
+    text = _as_embeddings(text_emb, "text_emb")
+    if audio.shape[1] != text.shape[1]:
+        raise ValueError(f"audio_emb dim {audio.shape[1]} != text_emb dim {text.shape[1]}")
+    if audio.shape[0] == 0 or text.shape[0] == 0:
+        raise ValueError(f"empty evaluation set: {audio.shape[0]} clips, {text.shape[0]} captions")
+    owner = _as_indices(text_to_audio, "text_to_audio", text.shape[0], audio.shape[0], "number of clips")
+    counts = np.bincount(owner, minlength=audio.shape[0])
+    if np.any(counts == 0):
+        empty = np.flatnonzero(counts == 0)
+        raise ValueError(
+            f"{empty.size} clips have no caption (first: {empty[:10].tolist()}); audio→text retrieval needs "
+            "at least one caption per clip: drop those clips from audio_emb and re-index text_to_audio"
+        )
+
+    t2a = single_target_ranks(text, audio, owner, chunk_elements=chunk_elements)
+    captions, mask = _group_by_owner(owner, audio.shape[0])
+    a2t = multi_target_ranks(audio, text, captions, mask, chunk_elements=chunk_elements)
+
+    metrics: dict[str, float] = {}
+    for k in RECALL_AT:
+        metrics[f"t2a_R@{k}"] = 100.0 * float(np.mean(t2a <= k))
+    metrics[f"t2a_mAP@{MAP_AT}"] = 100.0 * float(np.mean(np.where(t2a <= MAP_AT, 1.0 / t2a, 0.0)))
+    metrics["t2a_medR"] = float(np.median(t2a))
+
+    best = a2t[:, 0]
+    for k in RECALL_AT:
+        metrics[f"a2t_R@{k}"] = 100.0 * float(np.mean(best <= k))
+    place = np.arange(1, a2t.shape[1] + 1)[None, :]
+    precision = np.where(a2t <= MAP_AT, place / a2t, 0.0)
+    metrics[f"a2t_mAP@{MAP_AT}"] = 100.0 * float(np.mean(precision.sum(axis=1) / np.minimum(counts, MAP_AT)))
+    metrics["a2t_medR"] = float(np.median(best))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Zero-shot classification
+
+# Prompt templates averaged in embedding space (CLIP's prompt ensembling). "the sound of a {}" is the paper's
+# example; "this is a sound of {}" is LAION-CLAP's zero-shot prompt and "this is the sound of {}" MS-CLAP's; the
+# bare class name keeps labels that read badly inside a sentence usable.
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "the sound of a {}",
+    "this is a sound of {}",
+    "this is the sound of {}",
+    "a sound of {}",
+    "{}",
+)
+
+
+def _normalize(x: np.ndarray, name: str) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    if np.any(norms == 0):
+        raise ValueError(f"{name} has all-zero vectors, which cannot be L2-normalised")
+    return x / norms
+
+
+def class_embeddings(template_emb: np.ndarray) -> np.ndarray:
+    """(classes, templates, dim) prompt embeddings → (classes, dim): normalise each, average, re-normalise."""
+    template_emb = np.asarray(template_emb, np.float32)
+    if template_emb.ndim != 3:
+        raise ValueError(f"template embeddings must be (classes, templates, dim); got shape {template_emb.shape}")
+    return _normalize(_normalize(template_emb, "template embeddings").mean(axis=1), "class embeddings")
+
+
+def zero_shot_classifier(
+    embed_text_fn: Callable[[list[str]], np.ndarray],
+    class_names: Sequence[str],
+    templates: Sequence[str] = DEFAULT_TEMPLATES,
+) -> np.ndarray:
+    """(classes, dim) L2-normalised class embeddings: every class name in every template, averaged per class.
+
+    `embed_text_fn` maps a list of strings to their (n, dim) embeddings (it does its own batching).
+    """
+    if not class_names or not templates:
+        raise ValueError(f"need at least one class name and one template; got {len(class_names)} and {len(templates)}")
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
+    texts = [template.format(name) for name in class_names for template in templates]
+    embedded = np.asarray(embed_text_fn(texts))
+    if embedded.ndim != 2 or embedded.shape[0] != len(texts):
+        raise ValueError(f"embed_text_fn returned shape {embedded.shape} for {len(texts)} texts; expected (n, dim)")
+    return class_embeddings(embedded.reshape(len(class_names), len(templates), -1))
+
+
+def zero_shot_metrics(
+    audio_emb: np.ndarray, labels: Sequence[int] | np.ndarray, class_emb: np.ndarray
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) of nearest-class prediction; ties with a wrong class count as misses."""
+    audio = _as_embeddings(audio_emb, "audio_emb")
+    classes = _as_embeddings(class_emb, "class_emb")
+    if audio.shape[1] != classes.shape[1]:
+        raise ValueError(f"audio_emb dim {audio.shape[1]} != class_emb dim {classes.shape[1]}")
+    if audio.shape[0] == 0:
+        raise ValueError("zero-shot evaluation got no clips")
+    targets = _as_indices(labels, "labels", audio.shape[0], classes.shape[0], "number of classes")
+    ranks = single_target_ranks(audio, classes, targets)
+    return {"top1": 100.0 * float(np.mean(ranks <= 1)), "top5": 100.0 * float(np.mean(ranks <= 5))}
+
+
+def fold_average(per_fold_results: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Mean over folds of each metric (ESC-50: 5 folds, UrbanSound8K: 10): every fold must report the same keys."""
+    if not per_fold_results:
+        raise ValueError("fold_average needs at least one fold's results")
+    keys = set(per_fold_results[0])
+    for index, result in enumerate(per_fold_results):
+        if set(result) != keys:
+            raise ValueError(f"fold {index} reports metrics {sorted(result)}, fold 0 reports {sorted(keys)}")
+    return {key: float(np.mean([result[key] for result in per_fold_results])) for key in per_fold_results[0]}
+
+
+def zero_shot_by_fold(
+    audio_emb: np.ndarray, labels: Sequence[int] | np.ndarray, class_emb: np.ndarray, folds: Sequence | np.ndarray
+) -> dict[str, float]:
+    """Zero-shot accuracy computed on each fold's clips separately, then averaged over folds (ESC-50, US8K)."""
+    folds = np.asarray(folds)
+    audio = np.asarray(audio_emb)
+    labels = np.asarray(labels)
+    if folds.shape != (audio.shape[0],):
+        raise ValueError(f"folds must give one fold per clip ({audio.shape[0]}); got shape {folds.shape}")
+    return fold_average(
+        [zero_shot_metrics(audio[folds == fold], labels[folds == fold], class_emb) for fold in np.unique(folds)]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multiple choice (AIR-Bench foundation)
+
+
+def multiple_choice_metrics(
+    audio_emb: np.ndarray,
+    choice_emb: np.ndarray,
+    choice_mask: np.ndarray,
+    answers: Sequence[int] | np.ndarray,
+    tasks: Sequence[str],
+) -> dict[str, float]:
+    """Accuracy (percent) of picking the choice embedding nearest to the question's audio embedding.
+
+    `choice_emb` (questions, max_choices, dim) with `choice_mask` marking real choices; `answers[q]` indexes
+    the correct choice; `tasks[q]` names the question's task. A tie between the answer and a wrong choice is a
+    miss. Returns `acc/<task>` per task, `average` (mean over tasks, the benchmark's headline) and `overall`
+    (over all questions).
+    """
+    audio = _as_embeddings(audio_emb, "audio_emb")
+    choices = np.asarray(choice_emb, np.float32)
+    mask = np.asarray(choice_mask, bool)
+    num_questions = audio.shape[0]
+    if choices.ndim != 3 or choices.shape[0] != num_questions or choices.shape[2] != audio.shape[1]:
+        raise ValueError(f"choice_emb must be ({num_questions}, choices, {audio.shape[1]}); got {choices.shape}")
+    if mask.shape != choices.shape[:2]:
+        raise ValueError(f"choice_mask shape {mask.shape} != choice_emb leading shape {choices.shape[:2]}")
+    if not np.all(np.isfinite(choices[mask])):
+        raise ValueError("choice_emb has non-finite values in real (masked-in) choices")
+    if len(tasks) != num_questions or num_questions == 0:
+        raise ValueError(f"need one task name per question ({num_questions} questions, {len(tasks)} tasks)")
+    answer = _as_indices(answers, "answers", num_questions, choices.shape[1], "number of choice slots")
+    if not np.all(mask[np.arange(num_questions), answer]):
+        bad = np.flatnonzero(~mask[np.arange(num_questions), answer])
+        raise ValueError(f"answers point at masked-out choices for questions {bad[:10].tolist()}")
+
+    scores = np.einsum("qd,qcd->qc", audio, choices)
+    correct_score = scores[np.arange(num_questions), answer]
+    wrong = mask.copy()
+    wrong[np.arange(num_questions), answer] = False
+    hit = ~np.any(wrong & (scores >= correct_score[:, None]), axis=1)
+
+    tasks = np.asarray(tasks)
+    metrics = {f"acc/{task}": 100.0 * float(np.mean(hit[tasks == task])) for task in sorted(set(tasks.tolist()))}
+    metrics["average"] = float(np.mean(list(metrics.values())))
+    metrics["overall"] = 100.0 * float(np.mean(hit))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Matryoshka
+
+
+def truncate_normalize(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    """The first `dim` coordinates of each embedding (last axis), L2-normalised again: a Matryoshka level."""
+    embeddings = np.asarray(embeddings, np.float32)
+    if not 1 <= dim <= embeddings.shape[-1]:
+        raise ValueError(f"Matryoshka dim {dim} is outside [1, {embeddings.shape[-1]}] (the embedding size)")
+    return _normalize(embeddings[..., :dim], f"the {dim}-dim prefix")
+
+
+def matryoshka_table(
+    metric_fn: Callable[..., Mapping[str, float]],
+    embeddings: Mapping[str, np.ndarray],
+    dims: Sequence[int],
+    *,
+    plot_path: str | None = None,
+    plot_keys: Sequence[str] | None = None,
+) -> dict[int, dict[str, float]]:
+    """`{dim: metric_fn(**prefixes)}` where each embedding array is cut to `dim` and re-normalised.
+
+    `embeddings` holds full-size embeddings (any leading shape, the embedding on the last axis), e.g.
+    `{"audio_emb": a, "text_emb": t}` for `functools.partial(retrieval_metrics, text_to_audio=...)`.
+    With `plot_path`, also writes a PNG of the headline metrics (see `plot_matryoshka`) against dimension.
+    """
+    if not dims:
+        raise ValueError("matryoshka_table needs at least one dimension")
+    table = {
+        int(dim): dict(metric_fn(**{name: truncate_normalize(value, dim) for name, value in embeddings.items()}))
+        for dim in sorted(dims, reverse=True)
+    }
+    if plot_path is not None:
+        plot_matryoshka(table, plot_path, keys=plot_keys)
+    return table
+
+
+def is_headline_metric(key: str) -> bool:
+    """R@1 of either direction, top-1 accuracy and multiple-choice average: the metrics plotted by default."""
+    name = key.rsplit("/", 1)[-1]
+    return name.endswith("R@1") or name in ("top1", "average")
+
+
+def plot_matryoshka(table: Mapping[int, Mapping[str, float]], path: str, keys: Sequence[str] | None = None) -> None:
+    """PNG line plot of `keys` (default: the headline metrics) against the Matryoshka dimension."""
+    from matplotlib.figure import Figure  # object API: no global pyplot backend, safe in headless jobs
+
+    dims = sorted(table)
+    available = list(table[dims[0]])
+    keys = [key for key in available if is_headline_metric(key)] if keys is None else list(keys)
+    missing = [key for key in keys if any(key not in table[dim] for dim in dims)]
+    if not keys or missing:
+        raise ValueError(f"nothing to plot: keys {keys} (missing {missing}); available metrics: {available}")
+    figure = Figure(figsize=(6.4, 4.0), layout="constrained")
+    axes = figure.add_subplot()
+    for key in keys:
+        axes.plot(dims, [table[dim][key] for dim in dims], marker="o", label=key)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(dims, [str(dim) for dim in dims])
+    axes.set_xlabel("embedding dimension (Matryoshka prefix)")
+    axes.set_ylabel("percent")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
