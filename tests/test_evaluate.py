@@ -240,3 +240,85 @@ def test_plot_matryoshka_default_keys(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     with pytest.raises(ValueError, match="missing"):
         ev.plot_matryoshka(table, str(tmp_path / "q.png"), keys=["nope"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AIR-Bench foundation metadata
+
+
+def _airbench_item(uid, task, dataset, path, question, choices, answer):
+    item = {"path": path, "question": question, "answer_gt": answer, "task_name": task, "dataset_name": dataset}
+    item.update({f"choice_{letter}": choice for letter, choice in zip("abcd", choices)})
+    item["uniq_id"] = uid
+    return item
+
+
+def _write_airbench(root, items, audio=True):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "Foundation_meta.json").write_text(json.dumps(items))
+    if audio:
+        for item in items:
+            path = item["path"][:-3] + "flac" if item["task_name"] == "Audio_Grounding" else item["path"]
+            target = root / f"{item['task_name']}_{item['dataset_name']}" / path
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(b"")
+    return root
+
+
+AIRBENCH_ITEMS = [
+    _airbench_item(1, "Sound_AQA", "clotho", "a.wav", "What is heard?", ["a dog", "a car", "rain", "a bell"], "rain"),
+    _airbench_item(2, "Speaker_Gender_Recognition", "common_voice", "s/b.wav", "Who speaks?", ["man", "woman"], "woman"),
+    _airbench_item(3, "Audio_Grounding", "audiogrounding", "g.wav", "When?", ["0-1s", "2-3s", "4-5s"], "0-1s"),
+]
+
+
+def test_airbench_parsing(tmp_path):
+    from wavlink_jax import eval_tasks
+
+    root = _write_airbench(tmp_path / "Foundation", AIRBENCH_ITEMS)
+    questions = eval_tasks.load_airbench_foundation(root)
+    assert [q.task for q in questions] == [
+        "Sound_AQA_clotho",
+        "Speaker_Gender_Recognition_common_voice",
+        "Audio_Grounding_audiogrounding",
+    ]
+    assert [q.answer for q in questions] == [2, 1, 0]
+    assert [len(q.choices) for q in questions] == [4, 2, 3]
+    assert questions[0].audio == str(root / "Sound_AQA_clotho" / "a.wav")
+    assert questions[2].audio == str(root / "Audio_Grounding_audiogrounding" / "g.flac")
+    assert questions[1].choice_texts() == ["Who speaks? man", "Who speaks? woman"]
+    assert [q.id for q in eval_tasks.load_airbench_foundation(root, tasks=["Sound_AQA", "Audio_Grounding_audiogrounding"])] == ["1", "3"]
+    with pytest.raises(ValueError, match="unknown AIR-Bench tasks \\['Nope'\\]"):
+        eval_tasks.load_airbench_foundation(root, tasks=["Nope"])
+
+    # The embedded choices line up with the questions; padded slots are never scored.
+    table = {}
+    rng = np.random.default_rng(0)
+
+    def embed_text(texts):
+        for text in texts:
+            table.setdefault(text, rng.normal(size=5).astype(np.float32))
+        return np.stack([table[text] for text in texts])
+
+    choices, mask = eval_tasks.choice_embeddings(questions, embed_text)
+    assert choices.shape == (3, 4, 5) and mask.sum(axis=1).tolist() == [4, 2, 3]
+    np.testing.assert_array_equal(choices[1, 1], table["Who speaks? woman"])
+    np.testing.assert_array_equal(choices[1, 3], table["Who speaks? man"])
+    audio = np.stack([choices[0, 2], choices[1, 0], choices[2, 0]])  # right, wrong, right
+    metrics = ev.multiple_choice_metrics(audio, choices, mask, [q.answer for q in questions], [q.task for q in questions])
+    assert metrics["overall"] == pytest.approx(200 / 3) and metrics["acc/Speaker_Gender_Recognition_common_voice"] == 0.0
+
+
+def test_airbench_bad_metadata(tmp_path):
+    from wavlink_jax import eval_tasks
+
+    bad_answer = [dict(AIRBENCH_ITEMS[0], answer_gt="a cat")]
+    with pytest.raises(ValueError, match=r"Foundation_meta.json\[0\].*answer_gt 'a cat' is none of the choices"):
+        eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "a", bad_answer))
+    no_question = [{k: v for k, v in AIRBENCH_ITEMS[1].items() if k != "question"}]
+    with pytest.raises(ValueError, match=r"uniq_id 2.*\['question'\]"):
+        eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "b", no_question))
+    with pytest.raises(FileNotFoundError, match="3 of 3 AIR-Bench audio files are missing"):
+        eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "c", AIRBENCH_ITEMS, audio=False))
+    with pytest.raises(FileNotFoundError, match="Foundation_meta.json not found"):
+        eval_tasks.load_airbench_foundation(tmp_path / "nothing")

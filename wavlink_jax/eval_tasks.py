@@ -1,0 +1,128 @@
+"""Benchmark-specific inputs for evaluation: AIR-Bench's foundation multiple-choice metadata.
+
+AIR-Bench (Yang et al., ACL 2024, github.com/OFA-Sys/AIR-Bench) releases its foundation benchmark as a folder
+
+    ROOT/Foundation_meta.json                        a JSON list of questions
+    ROOT/{task_name}_{dataset_name}/{path}           the audio of each question
+
+where each question is an object with `path`, `question`, `choice_a`, `choice_b`, optional `choice_c`,
+`choice_d` (some tasks have two or three choices), `answer_gt` (the text of the correct choice),
+`task_name`, `dataset_name` and `uniq_id`. As in AIR-Bench's own inference script, the audio of the
+`Audio_Grounding` task is the `.flac` file named like `path` (whose metadata says `.wav`). Questions are scored
+per `{task_name}_{dataset_name}` (AIR-Bench's `score_foundation.py` key).
+
+An embedding model answers by embedding, for each choice, the text `"{question} {choice}"` and picking the
+choice nearest to the clip's audio embedding (`evaluate.multiple_choice_metrics`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+AIRBENCH_METADATA = "Foundation_meta.json"
+_CHOICE_FIELDS = ("choice_a", "choice_b", "choice_c", "choice_d")
+_REQUIRED_FIELDS = ("path", "question", "choice_a", "choice_b", "answer_gt", "task_name", "dataset_name", "uniq_id")
+
+
+@dataclasses.dataclass(frozen=True)
+class MultipleChoiceQuestion:
+    """One AIR-Bench foundation question; `answer` indexes `choices`."""
+
+    id: str
+    task: str
+    audio: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+    def choice_texts(self) -> list[str]:
+        """The texts embedded for the choices: question and choice joined by a space."""
+        return [f"{self.question} {choice}" for choice in self.choices]
+
+
+def _parse_question(item: Any, root: Path, where: str) -> MultipleChoiceQuestion:
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(item).__name__}")
+    missing = [field for field in _REQUIRED_FIELDS if item.get(field) in (None, "")]
+    if missing:
+        raise ValueError(f"{where} (uniq_id {item.get('uniq_id')!r}): missing or empty fields {missing}")
+    choices = tuple(str(item[field]) for field in _CHOICE_FIELDS if item.get(field) not in (None, ""))
+    answer = str(item["answer_gt"])
+    if answer not in choices:
+        raise ValueError(f"{where} (uniq_id {item['uniq_id']!r}): answer_gt {answer!r} is none of the choices {choices}")
+    path = str(item["path"])
+    if item["task_name"] == "Audio_Grounding":
+        path = str(Path(path).with_suffix(".flac"))
+    task = f"{item['task_name']}_{item['dataset_name']}"
+    return MultipleChoiceQuestion(
+        id=str(item["uniq_id"]),
+        task=task,
+        audio=str(root / task / path),
+        question=str(item["question"]),
+        choices=choices,
+        answer=choices.index(answer),
+    )
+
+
+def load_airbench_foundation(
+    root: str | os.PathLike, *, tasks: Sequence[str] | None = None, check_audio: bool = True
+) -> list[MultipleChoiceQuestion]:
+    """The questions of AIR-Bench's foundation benchmark in `root` (the folder holding `Foundation_meta.json`).
+
+    `tasks` keeps only questions whose `task_name` or `{task_name}_{dataset_name}` is listed (an unknown name
+    is an error listing the available ones). With `check_audio`, a question whose audio file is absent is an
+    error (listing the first missing files) rather than a silently smaller benchmark.
+    """
+    root = Path(root).expanduser()
+    metadata = root / AIRBENCH_METADATA
+    if not metadata.is_file():
+        raise FileNotFoundError(f"{metadata} not found: point --airbench-dir at AIR-Bench's Foundation folder")
+    try:
+        items = json.loads(metadata.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{metadata}: not valid JSON ({err})") from err
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{metadata}: expected a non-empty JSON list of questions")
+    questions = [_parse_question(item, root, f"{metadata}[{index}]") for index, item in enumerate(items)]
+    if tasks is not None:
+        names = {q.task for q in questions} | {str(item["task_name"]) for item in items}
+        unknown = sorted(set(tasks) - names)
+        if unknown:
+            raise ValueError(f"{metadata}: unknown AIR-Bench tasks {unknown}; available: {sorted(names)}")
+        keep = set(tasks)
+        questions = [q for q, item in zip(questions, items) if q.task in keep or str(item["task_name"]) in keep]
+    if check_audio:
+        absent = [q.audio for q in questions if not os.path.isfile(q.audio)]
+        if absent:
+            raise FileNotFoundError(
+                f"{len(absent)} of {len(questions)} AIR-Bench audio files are missing under {root}, e.g. "
+                f"{absent[:3]}; download the Foundation audio folders or restrict the tasks"
+            )
+    return questions
+
+
+def choice_embeddings(
+    questions: Sequence[MultipleChoiceQuestion], embed_text_fn: Callable[[list[str]], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embed every choice text once: `(questions, max_choices, dim)` embeddings and the `(questions,
+    max_choices)` mask of real choices. Unused slots repeat the question's first choice (never scored), so
+    every slot stays a unit vector that Matryoshka truncation can re-normalise."""
+    if not questions:
+        raise ValueError("no multiple-choice questions to embed")
+    texts = [text for q in questions for text in q.choice_texts()]
+    flat = np.asarray(embed_text_fn(texts), np.float32)
+    if flat.ndim != 2 or flat.shape[0] != len(texts):
+        raise ValueError(f"embed_text_fn returned shape {flat.shape} for {len(texts)} texts; expected (n, dim)")
+    counts = np.array([len(q.choices) for q in questions])
+    width = int(counts.max())
+    mask = np.arange(width)[None, :] < counts[:, None]
+    starts = np.cumsum(counts) - counts
+    # Unused slot j of question q points back at that question's first choice.
+    index = np.where(mask, starts[:, None] + np.arange(width)[None, :], starts[:, None])
+    return flat[index], mask
