@@ -6,9 +6,12 @@ import functools
 import json
 import statistics
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from wavlink_jax import eval_tasks, sharding
 from wavlink_jax import evaluate as ev
 
 
@@ -273,8 +276,6 @@ AIRBENCH_ITEMS = [
 
 
 def test_airbench_parsing(tmp_path):
-    from wavlink_jax import eval_tasks
-
     root = _write_airbench(tmp_path / "Foundation", AIRBENCH_ITEMS)
     questions = eval_tasks.load_airbench_foundation(root)
     assert [q.task for q in questions] == [
@@ -310,8 +311,6 @@ def test_airbench_parsing(tmp_path):
 
 
 def test_airbench_bad_metadata(tmp_path):
-    from wavlink_jax import eval_tasks
-
     bad_answer = [dict(AIRBENCH_ITEMS[0], answer_gt="a cat")]
     with pytest.raises(ValueError, match=r"Foundation_meta.json\[0\].*answer_gt 'a cat' is none of the choices"):
         eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "a", bad_answer))
@@ -322,3 +321,32 @@ def test_airbench_bad_metadata(tmp_path):
         eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "c", AIRBENCH_ITEMS, audio=False))
     with pytest.raises(FileNotFoundError, match="Foundation_meta.json not found"):
         eval_tasks.load_airbench_foundation(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batched embedding on the mesh
+
+
+def test_embed_in_batches_pads_and_drops_the_last_batch():
+    mesh = sharding.create_mesh({"data": 4, "fsdp": 2})
+    rng = np.random.default_rng(0)
+    inputs = {"x": rng.normal(size=(37, 3)).astype(np.float32), "n": np.arange(37, dtype=np.int32)}
+    seen = []
+
+    @jax.jit
+    def embed(batch):
+        return jnp.concatenate([batch["x"] * 2.0, batch["n"][:, None].astype(jnp.float32)], axis=1)
+
+    def fn(batch):
+        assert batch["x"].shape == (16, 3) and batch["x"].sharding == sharding.batch_sharding(mesh)
+        seen.append(np.asarray(batch["n"]).tolist())
+        return embed(batch)
+
+    out = ev.embed_in_batches(fn, inputs, 16, mesh, progress=False)
+    np.testing.assert_array_equal(out[:, :3], inputs["x"] * 2.0)
+    np.testing.assert_array_equal(out[:, 3], np.arange(37))  # each example once, in order
+    assert seen[-1] == list(range(32, 37)) + [36] * 11  # 37 = 16 + 16 + 5: the last batch padded with copies
+    with pytest.raises(ValueError, match="multiple of 8"):
+        ev.embed_in_batches(fn, inputs, 12, mesh, progress=False)
+    with pytest.raises(ValueError, match="different leading sizes"):
+        ev.embed_in_batches(fn, {"x": inputs["x"], "n": inputs["n"][:5]}, 16, mesh, progress=False)

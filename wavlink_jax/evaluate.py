@@ -17,9 +17,14 @@ at the top.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from wavlink_jax import sharding
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
 # 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -391,3 +396,71 @@ def plot_matryoshka(table: Mapping[int, Mapping[str, float]], path: str, keys: S
     axes.grid(True, alpha=0.3)
     axes.legend(fontsize="small")
     figure.savefig(path, dpi=120)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embedding an evaluation set on the mesh
+
+
+def _to_host(array: jax.Array) -> np.ndarray:
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def embed_in_batches(
+    fn: Callable[[Any], Any],
+    inputs: Any,
+    batch_size: int,
+    mesh: jax.sharding.Mesh,
+    *,
+    desc: str = "embedding",
+    progress: bool = True,
+) -> np.ndarray:
+    """`fn` applied to `inputs` in global batches split over the mesh's batch axes; (N, ...) numpy result.
+
+    `inputs` is a pytree whose leaves have the same leading size N and support slicing along it (numpy arrays,
+    memmaps, or lazy array-likes that load on `leaf[start:stop]`); every process passes the same inputs.
+    `fn` maps a batch (the same pytree of `(batch_size, ...)` global arrays) to per-example outputs, and must
+    treat rows independently (a jitted `embed_audio` / `embed_text`). The last partial batch is padded by
+    repeating its last example and the padded rows are dropped, so every example is embedded exactly once and
+    one compiled shape serves the whole set. `batch_size` must be a multiple of the batch-axis device count.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(inputs)
+    if not leaves:
+        raise ValueError("embed_in_batches got no input arrays")
+    sizes = {len(leaf) for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"embed_in_batches: inputs have different leading sizes {sorted(sizes)}")
+    (total,) = sizes
+    if total == 0:
+        raise ValueError("embed_in_batches: the evaluation set is empty")
+    divisor = sharding.batch_divisor(mesh)
+    if batch_size <= 0 or batch_size % divisor:
+        raise ValueError(
+            f"eval batch size {batch_size} must be a positive multiple of {divisor} (the devices on the mesh's "
+            f"batch axes {sharding.BATCH_AXES})"
+        )
+    placement = sharding.batch_sharding(mesh)
+
+    def place(start: int) -> Any:
+        arrays = []
+        for leaf in leaves:
+            chunk = np.asarray(leaf[start : start + batch_size])
+            if len(chunk) < batch_size:  # last batch: repeat the final example; its outputs are dropped below
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), axis=0)])
+            arrays.append(jax.make_array_from_callback(chunk.shape, placement, lambda index, c=chunk: c[index]))
+        return jax.tree_util.tree_unflatten(treedef, arrays)
+
+    outputs: list[np.ndarray] = []
+    with tqdm(total=total, desc=desc, unit="ex", disable=not progress or jax.process_index() != 0) as bar:
+        pending = None  # one batch in flight: the next batch is read and placed while the device computes
+        for start in range(0, total, batch_size):
+            result = fn(place(start))
+            if pending is not None:
+                outputs.append(_to_host(pending[1])[: pending[0]])
+                bar.update(pending[0])
+            pending = (min(batch_size, total - start), result)
+        outputs.append(_to_host(pending[1])[: pending[0]])
+        bar.update(pending[0])
+    return np.concatenate(outputs)
