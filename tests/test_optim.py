@@ -126,21 +126,28 @@ def test_training_mode_presets(mode, towers, trains, frozen, lora_on):
 
 
 def test_lora_merge_starts_at_base_and_adds_scaled_product():
-    targets = lora.targets(PARAMS, optim.training_mode("lora", "both").lora)
+    preset = optim.training_mode("lora", "both")
+    targets = lora.targets(PARAMS, preset.lora)
     adapters = lora.init(jax.random.key(0), PARAMS, targets, rank=2)
-    flat = optim.flatten(adapters)
+    flat = {**optim.flatten(PARAMS), **optim.flatten(adapters)}
     assert flat["audio/encoder/layers/0/attn/query/lora_a"].shape == (4, 2)
     assert flat["audio/encoder/layers/0/attn/query/lora_b"].shape == (2, 4)
-    merged = lora.merge(PARAMS, adapters, scale=2.0)
+    # Adapters train even though the preset freezes the tower bodies.
+    mask = optim.flatten(optim.trainable_mask(optim.unflatten(flat), preset.freeze))
+    assert all(mask[path] for path in flat if lora.is_adapter(path))
+    merged = lora.merge(optim.unflatten(flat), scale=2.0)
+    assert jax.tree.structure(merged) == jax.tree.structure(PARAMS)
     for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(PARAMS)):
         np.testing.assert_array_equal(a, b)  # B = 0 at init
     flat["audio/encoder/layers/0/attn/query/lora_b"] = jnp.ones((2, 4))
-    merged = optim.flatten(lora.merge(PARAMS, optim.unflatten(flat), scale=2.0))
+    merged = optim.flatten(lora.merge(optim.unflatten(flat), scale=2.0))
     expected = 1.0 + 2.0 * flat["audio/encoder/layers/0/attn/query/lora_a"].sum(axis=1, keepdims=True)
-    np.testing.assert_allclose(merged["audio/encoder/layers/0/attn/query/kernel"], np.broadcast_to(expected, (4, 4)),
-                               rtol=1e-6)
-    axes = optim.flatten(lora.logical_axes({"audio": {"encoder": {"layers": {"0": {"attn": {"query": {
-        "kernel": ("embed", "heads")}}}}}}}, optim.unflatten({k: v for k, v in flat.items() if "query" in k})))
+    np.testing.assert_allclose(
+        merged["audio/encoder/layers/0/attn/query/kernel"], np.broadcast_to(expected, (4, 4)), rtol=1e-6
+    )
+    kernel_axes = {"audio": {"encoder": {"layers": {"0": {"attn": {"query": {"kernel": ("embed", "heads")}}}}}}}
+    query = optim.unflatten({k: v for k, v in optim.flatten(adapters).items() if "query" in k})
+    axes = optim.flatten(lora.logical_axes(kernel_axes, query))
     assert axes["audio/encoder/layers/0/attn/query/lora_a"] == ("embed", None)
     assert axes["audio/encoder/layers/0/attn/query/lora_b"] == (None, "heads")
     with pytest.raises(ValueError, match="2-D Linear kernels"):

@@ -95,9 +95,9 @@ def training_mode(mode: str, towers: str) -> TrainingMode:
     if towers not in TOWERS:
         raise ValueError(f"config.optim.towers must be one of {TOWERS}, got {towers!r}")
     adapted = [AUDIO_TOWER] + ([TEXT_TOWER] if towers == "both" else [])
-    # A tower body = everything under the tower prefix except its head parameters.
-    audio_body = r"^audio/(?!global_token/|projector/)"
-    text_body = TEXT_TOWER
+    # A tower body = everything under the tower prefix except its head parameters and LoRA adapters.
+    audio_body = r"^audio/(?!global_token/|projector/)(?!.*/lora_[ab]$)"
+    text_body = r"^text/(?!.*/lora_[ab]$)"
     freeze = [] if towers == "both" else [text_body]
     if mode != "full":
         freeze += [audio_body] + ([text_body] if towers == "both" else [])

@@ -1,10 +1,11 @@
 """LoRA adapters for the towers' Linear projections, kept apart from the base weights.
 
-An adapted kernel W (in, out) gets two small matrices A (in, r) and B (r, out); the model runs with
-W + (alpha / r) · A @ B. The adapters live in their own parameter tree next to the model's (same paths, one
-level up from `kernel`), so the base weights stay exactly as loaded and any checkpoint of the plain model
-still loads; `merge` folds the adapters into the kernels (used in every forward pass and at export).
-B starts at zero, so an adapted model starts as the base model.
+An adapted kernel W (in, out) at `.../attn/query/kernel` gets two extra parameters beside it,
+`.../attn/query/lora_a` (in, r) and `.../attn/query/lora_b` (r, out); the model runs with
+W + (alpha / r) · A @ B. The NNX modules are not changed: the adapters live only in the trainer's parameter
+tree, the base weights stay exactly as loaded (a converted tower or a stage-1 checkpoint loads as is), and
+`merge` folds the adapters into the kernels (in every forward pass, and at export, which therefore sees a
+plain model). B starts at zero, so an adapted model starts as the base model.
 
 The trees are nested dicts with string keys, as `wavlink_jax.train_step` keeps parameters.
 """
@@ -57,18 +58,29 @@ def logical_axes(kernel_axes: Tree, adapters: Tree) -> Tree:
     return unflatten(names)
 
 
-def merge(params: Tree, adapters: Tree, scale: float) -> Tree:
-    """Parameters with every adapted kernel replaced by W + scale · A @ B (A @ B in fp32)."""
+ADAPTER_NAMES = ("lora_a", "lora_b")
+
+
+def is_adapter(path: str) -> bool:
+    return path.rsplit("/", 1)[-1] in ADAPTER_NAMES
+
+
+def merge(params: Tree, scale: float) -> Tree:
+    """The plain model parameters: adapters removed, each adapted kernel replaced by W + scale · A @ B.
+
+    `params` holds the model's parameters with adapters beside their kernels (as the train state keeps
+    them); without adapters it is returned unchanged. A @ B is computed in fp32.
+    """
+    flat = flatten(params)
+    adapters = {path: flat.pop(path) for path in [p for p in flat if is_adapter(p)]}
     if not adapters:
         return params
-    flat = flatten(params)
-    pairs: dict[str, dict[str, Any]] = {}
-    for path, value in flatten(adapters).items():
+    for path in adapters:
         module, which = path.rsplit("/", 1)
-        pairs.setdefault(module, {})[which] = value
-    for module, pair in pairs.items():
+        if which != "lora_a":
+            continue
         kernel = flat[f"{module}/kernel"]
-        delta = jnp.matmul(pair["lora_a"], pair["lora_b"], precision=jax.lax.Precision.HIGHEST)
+        delta = jnp.matmul(adapters[path], adapters[f"{module}/lora_b"], precision=jax.lax.Precision.HIGHEST)
         flat[f"{module}/kernel"] = (kernel + scale * delta).astype(kernel.dtype)
     return unflatten(flat)
 

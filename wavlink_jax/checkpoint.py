@@ -1,0 +1,160 @@
+"""Training checkpoints (orbax): asynchronous saves, keep-last-K, exact resume, re-sharding, `init_from`.
+
+`WORKDIR/checkpoints/<step>/` holds two items:
+* `state`: the train state pytree (`step`, `params`, `opt_state`, `rng`), each array written by its own
+  shards (no gather to one host), and restored onto whatever mesh the restoring run builds;
+* `data`: the data iterator's position (grain's checkpoint handler; one file per process), so a resumed
+  run sees exactly the batches the uninterrupted run would have seen.
+
+Kill-safety comes from orbax's atomic commit: a step is written into a temporary directory and renamed to
+`<step>` only once every item is complete, so a run killed at any moment (also in the middle of a save)
+leaves either a finished checkpoint or a temporary directory that the next run deletes and ignores.
+
+Every restore first compares the checkpoint's tree with the one the config builds and refuses a mismatch with
+the full list of missing, unexpected and mis-shaped keys (`CheckpointError`), instead of orbax's first error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.optim import flatten
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+    return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+
+
+class Checkpoints:
+    """The checkpoints of one workdir. `save` is asynchronous: the call returns once the arrays are copied off
+    the devices, the write continues in the background; `wait` blocks until it is committed."""
+
+    def __init__(self, workdir: str | os.PathLike, *, keep: int, every: int, async_save: bool = True):
+        if keep < 1 or every < 1:
+            raise ValueError(f"keep_checkpoints ({keep}) and checkpoint_every_steps ({every}) must be ≥ 1")
+        self.directory = checkpoint_dir(workdir)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            item_names=("state", "data"),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep,
+                save_interval_steps=every,
+                cleanup_tmp_directories=True,  # leftovers of a save that was killed
+                enable_async_checkpointing=async_save,
+                create=True,
+            ),
+        )
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
+        """Save if `step` is on the interval (or `force`); returns whether a save started."""
+        return self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+            ),
+            force=force,
+        )
+
+    def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
+        """The state of `step` (default: the latest), placed as `abstract_state`'s shardings say; the data
+        iterator is moved to the saved position in place."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no checkpoint to restore")
+        where = os.path.join(self.directory, str(step))
+        check_compatible(self.manager.item_metadata(step)["state"].tree, abstract_state, source=where)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
+            ),
+        )
+        return restored["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """Path → shape of every array leaf (orbax stores an empty optimizer state as None: skipped)."""
+    return {path: tuple(leaf.shape) for path, leaf in flatten(_as_dict(tree)).items() if leaf is not None}
+
+
+def _as_dict(tree: Any) -> Any:
+    """Orbax metadata trees and train states as nested plain dicts keyed as orbax keys them (NamedTuples,
+    e.g. optax states, by field name; lists and tuples by index)."""
+    if hasattr(tree, "_asdict"):
+        return _as_dict(tree._asdict())
+    if isinstance(tree, Mapping):
+        return {str(key): _as_dict(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return {str(index): _as_dict(value) for index, value in enumerate(tree)}
+    return tree
+
+
+def check_compatible(saved: Any, expected: Any, *, source: str) -> None:
+    """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key."""
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    missing = sorted(set(expected_shapes) - set(saved_shapes))
+    unexpected = sorted(set(saved_shapes) - set(expected_shapes))
+    mismatched = sorted(
+        f"{key}: checkpoint {saved_shapes[key]} vs model {expected_shapes[key]}"
+        for key in set(saved_shapes) & set(expected_shapes)
+        if saved_shapes[key] != expected_shapes[key]
+    )
+    problems = [
+        f"{name} ({len(keys)}): {keys}"
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(
+            f"{source}: the checkpoint does not fit the model of this config; " + "; ".join(problems)
+        )
+
+
+def read_workdir_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
+    """Parameters of a training workdir's latest checkpoint as host numpy arrays, and its config.json.
+
+    Used for `init_from` (stage 2 starts from stage 1) and by tools that need the weights without a mesh.
+    """
+    workdir = Path(workdir)
+    config_file = workdir / "config.json"
+    if not config_file.exists():
+        raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")
+    directory = checkpoint_dir(workdir)
+    steps = sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit())
+    if not steps:
+        raise CheckpointError(f"{directory}: no finished checkpoint in this workdir")
+    state_dir = Path(directory) / str(steps[-1]) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = _as_dict(checkpointer.metadata(state_dir).item_metadata.tree)
+    if "params" not in metadata:
+        raise CheckpointError(f"{state_dir}: not a train state (no 'params')")
+    item = {"params": metadata["params"]}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = checkpointer.restore(
+        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
+    logging.info("read parameters of step %d from %s", steps[-1], state_dir)
+    return restored["params"], json.loads(config_file.read_text())
