@@ -350,3 +350,88 @@ def test_embed_in_batches_pads_and_drops_the_last_batch():
         ev.embed_in_batches(fn, inputs, 12, mesh, progress=False)
     with pytest.raises(ValueError, match="different leading sizes"):
         ev.embed_in_batches(fn, {"x": inputs["x"], "n": inputs["n"][:5]}, 16, mesh, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring an evaluation set with a model
+
+
+class _KeywordEmbedder:
+    """A fake model: clip i's waveform holds i; a text 'clip i ...' embeds like clip i, a text naming a class
+    like the mean of that class's clips; anything else is random. Optionally noisy."""
+
+    def __init__(self, classes: dict[str, list[int]], dim: int = 8, noise: float = 0.0):
+        self.classes, self.dim, self.noise = classes, dim, noise
+        self.rng = np.random.default_rng(0)
+        self.calls = []
+
+    def _clip(self, i: int) -> np.ndarray:
+        return np.eye(self.dim, dtype=np.float32)[i] + self.noise * self.rng.normal(size=self.dim).astype(np.float32)
+
+    def embed_audio(self, waveforms):
+        self.calls.append(("audio", len(waveforms)))
+        out = np.stack([self._clip(int(w[0])) for w in waveforms])
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+    def embed_text(self, texts):
+        self.calls.append(("text", len(texts)))
+        rows = []
+        for text in texts:
+            words = text.split()
+            if words[0] == "clip":
+                rows.append(self._clip(int(words[1])))
+            else:
+                (name,) = [c for c in self.classes if c in text]
+                rows.append(np.mean([self._clip(i) for i in self.classes[name]], axis=0))
+        out = np.stack(rows)
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def _toy_data() -> eval_tasks.EvalData:
+    text_to_audio = np.array([0, 0, 1, 2, 2, 2, 3, 4, 5, 5])
+    questions = [
+        eval_tasks.MultipleChoiceQuestion("q0", "t1", "x", "what is it?", ("a siren", "a dog"), 1),
+        eval_tasks.MultipleChoiceQuestion("q1", "t1", "y", "what is it?", ("a dog", "a siren", "rain"), 1),
+        eval_tasks.MultipleChoiceQuestion("q2", "t2", "z", "what is it?", ("rain", "a dog"), 0),
+    ]
+    return eval_tasks.EvalData(
+        name="toy",
+        waveforms=np.repeat(np.arange(6, dtype=np.float32)[:, None], 4, axis=1),
+        captions=[f"clip {i} caption {k}" for k, i in enumerate(text_to_audio)],
+        text_to_audio=text_to_audio,
+        labels=["dog", "dog", "siren", "siren", "rain", "rain"],
+        folds=np.array([1, 2, 1, 2, 1, 2]),
+        questions=questions,
+        question_audio=np.array([0, 3, 5]),
+    )
+
+
+def test_evaluate_data_perfect_model():
+    data = _toy_data()
+    embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]})
+    table = eval_tasks.evaluate_data(embedder, data, [8], templates=("the sound of a {}", "{}"))
+    metrics = table[8]
+    for key in ("t2a_R@1", "a2t_R@1", "a2t_mAP@10", "top1", "top5", "acc/t1", "acc/t2", "average", "overall"):
+        assert metrics[key] == 100.0, key
+    # Each text embedded in one call per kind: audio once, captions once, 3 classes × 2 templates, 7 choices.
+    assert embedder.calls == [("audio", 6), ("text", 10), ("text", 6), ("text", 7)]
+
+
+def test_evaluate_data_matches_metrics_on_prefixes():
+    data = _toy_data()
+    embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.6)
+    table = eval_tasks.evaluate_data(embedder, data, [8, 4], templates=("the sound of a {}", "{}"))
+    # Same embeddings again (the fake's noise is seeded), scored by hand at 4 dims.
+    embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.6)
+    audio = ev.truncate_normalize(embedder.embed_audio(data.waveforms), 4)
+    text = ev.truncate_normalize(embedder.embed_text(data.captions), 4)
+    prompts = embedder.embed_text(ev.prompt_texts(["dog", "rain", "siren"], ("the sound of a {}", "{}")))
+    class_emb = ev.class_embeddings(ev.truncate_normalize(prompts.reshape(3, 2, -1), 4))
+    choices, mask = eval_tasks.choice_embeddings(data.questions, embedder.embed_text)
+    expected = ev.retrieval_metrics(audio, text, data.text_to_audio)
+    expected.update(ev.zero_shot_by_fold(audio, [0, 0, 2, 2, 1, 1], class_emb, data.folds))
+    expected.update(
+        ev.multiple_choice_metrics(audio[[0, 3, 5]], ev.truncate_normalize(choices, 4), mask, [1, 1, 0], ["t1", "t1", "t2"])
+    )
+    assert table[4] == expected
+    assert table[4] != table[8]

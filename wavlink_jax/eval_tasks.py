@@ -1,4 +1,8 @@
-"""Benchmark-specific inputs for evaluation: AIR-Bench's foundation multiple-choice metadata.
+"""Evaluation data sets: the paper's benchmarks, AIR-Bench's multiple-choice metadata, and scoring a model on them.
+
+`EvalData` is one decoded evaluation set (waveforms plus captions / labels / questions); `evaluate_data`
+embeds it with any `Embedder` (full-size embeddings, computed once) and scores every protocol the set
+supports at every Matryoshka size, with the metrics of `wavlink_jax.evaluate`.
 
 AIR-Bench (Yang et al., ACL 2024, github.com/OFA-Sys/AIR-Bench) releases its foundation benchmark as a folder
 
@@ -18,12 +22,15 @@ choice nearest to the clip's audio embedding (`evaluate.multiple_choice_metrics`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
+
+from wavlink_jax import evaluate
 
 AIRBENCH_METADATA = "Foundation_meta.json"
 _CHOICE_FIELDS = ("choice_a", "choice_b", "choice_c", "choice_d")
@@ -126,3 +133,120 @@ def choice_embeddings(
     # Unused slot j of question q points back at that question's first choice.
     index = np.where(mask, starts[:, None] + np.arange(width)[None, :], starts[:, None])
     return flat[index], mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation data sets: decoded once, embedded by any model, scored with the protocols of `evaluate`
+
+# The paper's benchmarks as prepared by `wavlink_jax.data.tfds_builders`: name → (prepared data set, split).
+PAPER_SETS: dict[str, tuple[str, str]] = {
+    "audiocaps": ("audiocaps", "test"),  # AudioCaps test: ~4.9k clips × 5 captions
+    "clotho": ("clotho", "test"),  # Clotho v2.1 evaluation split: 1045 clips × 5 captions
+    "esc50": ("esc50", "train"),  # all 2000 clips; accuracy per fold (1-5), then averaged
+    "us8k": ("us8k", "train"),  # all 8732 clips; accuracy per fold (1-10), then averaged
+    "vggsound": ("vggsound", "test"),  # VGGSound test split, 309 classes
+}
+
+
+class Embedder(Protocol):
+    """What evaluation needs from a model: full-size, L2-normalised numpy embeddings."""
+
+    def embed_audio(self, waveforms: np.ndarray) -> np.ndarray:
+        """(N, samples) float32 16 kHz waveforms → (N, E)."""
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        """N strings → (N, E)."""
+
+
+@dataclasses.dataclass
+class EvalData:
+    """One evaluation set decoded in memory, scored by every protocol its content allows.
+
+    Retrieval when it has captions (`text_to_audio[i]` = clip of caption i), zero-shot classification when
+    its clips have labels (classes = its distinct labels; per-fold accuracy averaged when `folds` is given),
+    multiple choice when it has `questions` (question i is about clip `question_audio[i]`).
+    """
+
+    name: str
+    waveforms: np.ndarray
+    captions: list[str] = dataclasses.field(default_factory=list)
+    text_to_audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    labels: list[str] = dataclasses.field(default_factory=list)
+    folds: np.ndarray | None = None
+    questions: list[MultipleChoiceQuestion] = dataclasses.field(default_factory=list)
+    question_audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return sorted(set(self.labels))
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and skipped inputs, for the results file."""
+        out: dict[str, Any] = {"clips": int(len(self.waveforms))}
+        if self.captions:
+            out["captions"] = len(self.captions)
+        if any(self.labels):
+            out["classes"] = len(self.class_names)
+        if self.questions:
+            out["questions"] = len(self.questions)
+        out["skipped"] = {reason: n for reason, n in self.skipped.items() if n}
+        return out
+
+
+def _score(
+    audio_emb: np.ndarray,
+    text_emb: np.ndarray | None = None,
+    template_emb: np.ndarray | None = None,
+    choice_emb: np.ndarray | None = None,
+    *,
+    data: EvalData,
+    choice_mask: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Every protocol `data` supports, at the size of the given embeddings."""
+    metrics: dict[str, float] = {}
+    if text_emb is not None:
+        metrics.update(evaluate.retrieval_metrics(audio_emb, text_emb, data.text_to_audio))
+    if template_emb is not None:
+        class_emb = evaluate.class_embeddings(template_emb)
+        index = {name: i for i, name in enumerate(data.class_names)}
+        labels = np.array([index[label] for label in data.labels])
+        if data.folds is None:
+            metrics.update(evaluate.zero_shot_metrics(audio_emb, labels, class_emb))
+        else:
+            metrics.update(evaluate.zero_shot_by_fold(audio_emb, labels, class_emb, data.folds))
+    if choice_emb is not None:
+        metrics.update(
+            evaluate.multiple_choice_metrics(
+                audio_emb[data.question_audio],
+                choice_emb,
+                choice_mask,
+                [q.answer for q in data.questions],
+                [q.task for q in data.questions],
+            )
+        )
+    return metrics
+
+
+def evaluate_data(
+    embedder: Embedder,
+    data: EvalData,
+    dims: Sequence[int],
+    *,
+    templates: Sequence[str] = evaluate.DEFAULT_TEMPLATES,
+) -> dict[int, dict[str, float]]:
+    """Embed `data` once at full size and score it at every Matryoshka size in `dims` ({dim: metrics})."""
+    embeddings = {"audio_emb": np.asarray(embedder.embed_audio(data.waveforms))}
+    if data.captions:
+        embeddings["text_emb"] = np.asarray(embedder.embed_text(data.captions))
+    if data.labels:
+        prompts = evaluate.prompt_texts(data.class_names, templates)
+        template_emb = np.asarray(embedder.embed_text(prompts))
+        embeddings["template_emb"] = template_emb.reshape(len(data.class_names), len(templates), -1)
+    choice_mask = None
+    if data.questions:
+        embeddings["choice_emb"], choice_mask = choice_embeddings(data.questions, embedder.embed_text)
+    if len(embeddings) == 1:
+        raise ValueError(f"evaluation set {data.name!r} has no captions, labels or questions: nothing to score")
+    metric_fn = functools.partial(_score, data=data, choice_mask=choice_mask)
+    return evaluate.matryoshka_table(metric_fn, embeddings, dims)

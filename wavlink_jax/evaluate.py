@@ -223,6 +223,14 @@ def class_embeddings(template_emb: np.ndarray) -> np.ndarray:
     return _normalize(_normalize(template_emb, "template embeddings").mean(axis=1), "class embeddings")
 
 
+def prompt_texts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+    """Every class name in every template, class-major: `(classes × templates)` texts."""
+    for template in templates:
+        if template.count("{}") != 1:
+            raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
+    return [template.format(name) for name in class_names for template in templates]
+
+
 def zero_shot_classifier(
     embed_text_fn: Callable[[list[str]], np.ndarray],
     class_names: Sequence[str],
@@ -234,10 +242,7 @@ def zero_shot_classifier(
     """
     if not class_names or not templates:
         raise ValueError(f"need at least one class name and one template; got {len(class_names)} and {len(templates)}")
-    for template in templates:
-        if template.count("{}") != 1:
-            raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
-    texts = [template.format(name) for name in class_names for template in templates]
+    texts = prompt_texts(class_names, templates)
     embedded = np.asarray(embed_text_fn(texts))
     if embedded.ndim != 2 or embedded.shape[0] != len(texts):
         raise ValueError(f"embed_text_fn returned shape {embedded.shape} for {len(texts)} texts; expected (n, dim)")
