@@ -1,0 +1,81 @@
+"""Clip loading: resampling keeps frequencies, crops read the right samples, every bad-input reason is raised."""
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from wavlink_jax.data.audio_io import BadAudio, load_audio
+
+
+def _tone(freq, seconds, rate, amplitude=0.5):
+    return amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)
+
+
+def test_resampled_tone_keeps_its_frequency(tmp_path):
+    path = tmp_path / "tone.flac"
+    sf.write(path, _tone(1000.0, 1.0, 44100), 44100, subtype="PCM_24")
+    y = load_audio(path)
+    assert y.dtype == np.float32 and len(y) == 16000
+    expected = _tone(1000.0, 1.0, 16000)
+    assert np.abs(y - expected)[200:-200].max() < 2e-3  # soxr HQ: tiny passband error away from the edges
+    spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
+    assert np.argmax(spectrum) == 1000  # 1 Hz bins
+
+
+def test_random_crop_matches_the_full_decode(tmp_path):
+    rate = 22050
+    x = _tone(440.0, 3.0, rate) + 0.2 * _tone(3100.0, 3.0, rate) * np.linspace(0, 1, 3 * rate)
+    path = tmp_path / "clip.wav"
+    sf.write(path, np.stack([x, 0.5 * x], axis=1), rate, subtype="FLOAT")  # stereo → mean = 0.75 x
+    full = load_audio(path)
+    assert len(full) == 3 * 16000
+    for seed in range(3):
+        crop = load_audio(path, window_samples=16000, rng=np.random.default_rng(seed))
+        start = int(np.random.default_rng(seed).integers(0, len(full) - 16000 + 1))
+        assert len(crop) == 16000
+        np.testing.assert_allclose(crop, full[start : start + 16000], atol=1e-5)  # sample-aligned
+    head = load_audio(path, window_samples=8000)
+    np.testing.assert_allclose(head, full[:8000], atol=1e-5)
+    np.testing.assert_allclose(full[300:-300], 0.75 * _tone(440.0, 3.0, 16000)[300:-300] + 0.15 * (_tone(3100.0, 3.0, 16000) * np.linspace(0, 1, 48000))[300:-300], atol=2e-3)
+
+
+def test_short_clips_are_zero_padded_and_arrays_accepted():
+    samples = (np.arange(8000) % 100 * 300).astype(np.int16)
+    y = load_audio(samples, 16000, window_samples=16000, rng=np.random.default_rng(0))
+    assert len(y) == 16000 and not y[8000:].any()
+    np.testing.assert_array_equal(y[:8000], samples / 32768.0)
+    with pytest.raises(ValueError, match="sample_rate"):
+        load_audio(samples, 0)
+
+
+def test_every_bad_input_reason(tmp_path):
+    good = _tone(500.0, 2.0, 44100)
+    sf.write(tmp_path / "good.flac", good, 44100)
+    sf.write(tmp_path / "good.wav", good, 44100, subtype="PCM_16")
+    cases = {
+        "missing": tmp_path / "nope.flac",
+        "empty": tmp_path / "empty.wav",
+        "not_audio": tmp_path / "page.mp3",
+        "truncated": tmp_path / "cut.flac",
+        "too_short": tmp_path / "short.flac",
+    }
+    cases["empty"].write_bytes(b"")
+    cases["not_audio"].write_text("<html>404 Not Found</html>" * 20)
+    flac = (tmp_path / "good.flac").read_bytes()
+    cases["truncated"].write_bytes(flac[: len(flac) // 2])
+    sf.write(cases["too_short"], good[:4410], 44100)  # 0.1 s
+    for reason, path in cases.items():
+        with pytest.raises(BadAudio) as err:
+            load_audio(path, min_samples=8000)
+        assert err.value.reason == reason and str(path) in str(err.value)
+
+    wav = (tmp_path / "good.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(wav[: len(wav) // 2])
+    sf.write(tmp_path / "zero.wav", np.zeros(0), 16000)
+    for path, reason in ((tmp_path / "cut.wav", "truncated"), (tmp_path / "zero.wav", "empty")):
+        with pytest.raises(BadAudio) as err:
+            load_audio(path)
+        assert err.value.reason == reason
+    with pytest.raises(BadAudio, match="no samples"):
+        load_audio(np.zeros(0, np.int16), 16000)
+    assert len(load_audio(tmp_path / "good.flac", min_samples=8000)) == 32000

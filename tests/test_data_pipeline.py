@@ -1,0 +1,205 @@
+"""The grain pipeline: batches, epochs, exact resume, host split, mixture, bad-input counting, sharding, eval."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+import soundfile as sf
+from jax.sharding import PartitionSpec
+
+from wavlink_jax.data import pipeline
+from wavlink_jax.data.audio_io import SKIP_REASONS
+from wavlink_jax.data.sources import write_manifest
+from wavlink_jax.tokenizer import train_tokenizer
+
+RATE = 16000
+WINDOW = 0.25  # seconds; the clips last 0.5 s
+
+
+def _clip(clip_id: int) -> np.ndarray:
+    """0.5 s whose every sample tells its clip (floor(100 x) = id) and its position (a ramp)."""
+    return (clip_id * 0.01 + 0.002 + 0.005 * np.arange(RATE // 2) / (RATE // 2)).astype(np.float32)
+
+
+def _ids(waveforms: np.ndarray) -> list[int]:
+    return [int(np.floor(w[0] * 100)) for w in waveforms]
+
+
+def _manifest(folder, clip_ids, name="m.jsonl", extra=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i in clip_ids:
+        sf.write(folder / f"{i}.wav", _clip(i), RATE, subtype="FLOAT")
+        entries.append({"audio": f"{i}.wav", "captions": [f"clip {i} {w}" for w in ("alpha", "beta", "gamma")], "label": f"c{i % 3}"})
+    return write_manifest(folder / name, entries + list(extra))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [f"clip {i} {w}" for i in range(100) for w in ("alpha", "beta", "gamma")]
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=600, max_length=8)
+
+
+def _config(*manifests, weights=None, **overrides):
+    weights = weights or [1.0] * len(manifests)
+    sources = [{"kind": "manifest", "path": str(m), "weight": w} for m, w in zip(manifests, weights)]
+    return pipeline.DataConfig(sources=sources, window_seconds=WINDOW, min_seconds=0.1, **overrides)
+
+
+def _iterator(config, tokenizer, batch, seed=0, **kwargs):
+    kwargs.setdefault("process_index", 0)
+    kwargs.setdefault("process_count", 1)
+    return pipeline.make_train_iterator(config, global_batch_size=batch, seed=seed, tokenizer=tokenizer, **kwargs)
+
+
+def test_batches_pair_each_crop_with_its_own_caption(tmp_path, tokenizer):
+    batch = next(_iterator(_config(_manifest(tmp_path, range(1, 11))), tokenizer, batch=6))
+    assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
+        "waveform": (np.float32, (6, 4000)),
+        "input_ids": (np.int32, (6, 8)),
+        "attention_mask": (np.int32, (6, 8)),
+    }
+    for waveform, ids, clip_id in zip(batch["waveform"], batch["input_ids"], _ids(batch["waveform"])):
+        full = _clip(clip_id)
+        start = int(np.argmin(np.abs(full - waveform[0])))
+        np.testing.assert_array_equal(waveform, full[start : start + 4000])  # a window of its own clip
+        words = tokenizer.decode(ids).split()  # CLIP splits numbers into digits: "clip 1 0 beta"
+        assert words[0] == "clip" and int("".join(words[1:-1])) == clip_id
+
+
+def test_epochs_shuffle_and_cover_every_clip(tmp_path, tokenizer):
+    config = _config(_manifest(tmp_path, range(1, 11)))
+    seen = [_ids(b["waveform"]) for b in _iterator(config, tokenizer, batch=5, num_epochs=3)]
+    epochs = [sum(seen[2 * e : 2 * e + 2], []) for e in range(3)]
+    assert len(seen) == 6 and all(sorted(e) == list(range(1, 11)) for e in epochs)
+    assert epochs[0] != epochs[1] != epochs[2]  # a new permutation every epoch
+    captions = {tokenizer.decode(b["input_ids"][0]) for b in _iterator(_config(_manifest(tmp_path / "one", [7])), tokenizer, batch=1, num_epochs=12)}
+    assert len(captions) > 1  # one random caption per clip per epoch
+
+
+def test_resume_sees_exactly_the_same_batches(tmp_path, tokenizer):
+    config = _config(_manifest(tmp_path, range(1, 14)))
+    original = _iterator(config, tokenizer, batch=4, seed=3)
+    for _ in range(5):  # crosses an epoch boundary
+        next(original)
+    state = json.loads(json.dumps(original.get_state()))
+    expected = [next(original) for _ in range(6)]
+    resumed = _iterator(config, tokenizer, batch=4, seed=3)
+    resumed.set_state(state)
+    for want, got in zip(expected, (next(resumed) for _ in range(6))):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+    fresh, other = _iterator(config, tokenizer, batch=4, seed=3), _iterator(config, tokenizer, batch=4, seed=4)
+    first = next(fresh)["waveform"]
+    assert np.array_equal(first, next(_iterator(config, tokenizer, batch=4, seed=3))["waveform"])
+    assert not np.array_equal(first, next(other)["waveform"])
+
+
+def test_hosts_split_every_global_batch(tmp_path, tokenizer):
+    config = _config(_manifest(tmp_path, range(1, 21)))
+    single = _iterator(config, tokenizer, batch=8)
+    hosts = [_iterator(config, tokenizer, batch=8, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(4):
+        whole = next(single)
+        parts = [next(h) for h in hosts]
+        assert all(len(p["waveform"]) == 4 for p in parts)
+        rows = lambda b: sorted(map(tuple, np.concatenate([b["waveform"], b["input_ids"]], axis=1).tolist()))
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in whole}
+        assert rows(merged) == rows(whole)  # same examples, same crops, same captions
+    with pytest.raises(ValueError, match="not divisible"):
+        _iterator(config, tokenizer, batch=9, process_index=0, process_count=2)
+
+
+def test_mixture_weights_are_honoured(tmp_path, tokenizer):
+    config = _config(_manifest(tmp_path / "a", range(1, 11)), _manifest(tmp_path / "b", range(50, 55)), weights=[3.0, 1.0])
+    iterator = _iterator(config, tokenizer, batch=10)
+    ids = sum((_ids(next(iterator)["waveform"]) for _ in range(20)), [])
+    share_a = np.mean([i < 50 for i in ids])
+    assert abs(share_a - 0.75) < 0.03, share_a
+    assert set(ids) == set(range(1, 11)) | set(range(50, 55))
+
+
+def _bad_manifest(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.wav").write_bytes(b"")
+    (folder / "page.wav").write_text("<html>not audio</html>" * 10)
+    sf.write(folder / "long.flac", np.random.default_rng(0).uniform(-0.5, 0.5, RATE), RATE)
+    flac = (folder / "long.flac").read_bytes()
+    (folder / "cut.flac").write_bytes(flac[: len(flac) // 2])
+    sf.write(folder / "short.wav", _clip(1)[:800], RATE)  # 0.05 s < min_seconds
+    caption = {"captions": ["clip 0 alpha"]}
+    bad = [
+        {"audio": "nope.wav", **caption},
+        {"audio": "empty.wav", **caption},
+        {"audio": "page.wav", **caption},
+        {"audio": "cut.flac", **caption},
+        {"audio": "short.wav", **caption},
+        {"audio": "long.flac", "captions": []},
+        {"audio": "gone.flac", **caption},
+    ]
+    return _manifest(folder, range(1, 9), extra=bad)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, num_workers):
+    config = _config(_bad_manifest(tmp_path), num_workers=num_workers)
+    dataset = pipeline.build_train_dataset(config, tokenizer=tokenizer, batch_size=3, seed=0, num_epochs=2, drop_remainder=False)
+    iterator = iter(dataset)
+    ids = sum((_ids(b["waveform"]) for b in iterator), [])
+    iterator.close()
+    assert sorted(ids) == sorted(list(range(1, 9)) * 2)  # every good clip, twice; nothing substituted
+    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "too_short": 1, "no_captions": 1}
+    assert iterator.skip_counts == {reason: 2 * expected[reason] for reason in SKIP_REASONS}
+
+
+def test_skip_counts_survive_a_resume(tmp_path, tokenizer):
+    config = _config(_bad_manifest(tmp_path))
+    iterator = _iterator(config, tokenizer, batch=4)
+    per_batch = [next(iterator) and iterator.last_skip_counts for _ in range(10)]
+    totals = {r: sum(c[r] for c in per_batch) for r in SKIP_REASONS}
+    assert iterator.skip_counts == totals and sum(totals.values()) > 0
+    resumed = _iterator(config, tokenizer, batch=4)
+    resumed.set_state(json.loads(json.dumps(iterator.get_state())))
+    assert resumed.skip_counts == totals
+    next(iterator), next(resumed)
+    assert resumed.skip_counts == iterator.skip_counts
+
+
+@pytest.mark.parametrize("batch_axes, shard_rows", [("data", 2), (("data", "model"), 1)])
+def test_global_batch_is_sharded_over_the_batch_axes(batch_axes, shard_rows):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    local = {"waveform": np.arange(8 * 5, dtype=np.float32).reshape(8, 5), "input_ids": np.arange(8 * 3, dtype=np.int32).reshape(8, 3)}
+    global_batch = pipeline.to_global_batch(local, mesh, batch_axes)
+    for key, array in global_batch.items():
+        assert array.shape == local[key].shape and array.dtype == local[key].dtype
+        assert array.sharding.spec == PartitionSpec(batch_axes)
+        assert {shard.data.shape[0] for shard in array.addressable_shards} == {shard_rows}
+        np.testing.assert_array_equal(np.asarray(array), local[key])
+
+
+def test_eval_set_keeps_order_captions_and_labels(tmp_path):
+    labelled_only = {"audio": "5.wav", "captions": [], "label": "c2"}
+    manifest = _manifest(tmp_path, range(1, 5), extra=[labelled_only, {"audio": "nope.wav", "captions": ["x"]}])
+    eval_set = pipeline.make_eval_set(manifest, window_seconds=0.4)
+    assert eval_set.ids == ["1.wav", "2.wav", "3.wav", "4.wav"] and eval_set.labels == ["c1", "c2", "c0", "c1"]
+    assert eval_set.captions[:4] == ["clip 1 alpha", "clip 1 beta", "clip 1 gamma", "clip 2 alpha"]
+    np.testing.assert_array_equal(eval_set.text_to_audio, np.repeat(np.arange(4), 3))
+    np.testing.assert_array_equal(eval_set.waveforms[2], _clip(3)[:6400])  # head crop
+    assert eval_set.skip_counts["no_captions"] == 1 and eval_set.skip_counts["missing"] == 1
+    sf.write(tmp_path / "5.wav", _clip(5), RATE, subtype="FLOAT")
+    zero_shot = pipeline.make_eval_set(manifest, window_seconds=0.6, require_captions=False)
+    assert zero_shot.labels[-1] == "c2" and len(zero_shot.captions) == 12 and zero_shot.waveforms.shape == (5, 9600)
+    assert not zero_shot.waveforms[:, 8000:].any()  # padded
+
+
+def test_config_schema(tmp_path):
+    config = pipeline.default_data_config()
+    config.sources = [{"kind": "manifest", "path": "x.jsonl", "weight": 2.0}]
+    config.window_seconds = 5.0
+    coerced = pipeline.DataConfig.coerce(config)
+    assert coerced.window_samples == 80000 and coerced.sources[0]["weight"] == 2.0
+    with pytest.raises(ValueError, match="unknown data config keys \\['window'\\]"):
+        pipeline.DataConfig.coerce({"window": 3})
+    with pytest.raises(ValueError, match="no sources"):
+        pipeline.make_train_iterator({}, global_batch_size=2, seed=0, tokenizer=object(), process_index=0, process_count=1)

@@ -1,0 +1,145 @@
+"""Clip loading: decode (libsndfile) → mono → resample to 16 kHz (soxr) → crop → zero-pad, and bad-input reasons.
+
+`load_audio` reads only the part of a file it needs (the crop window plus a 10 ms margin for the resampler),
+so the cost of a training example does not grow with the length of the file. Anything wrong with a clip raises
+`BadAudio` with one of `SKIP_REASONS`; the pipeline skips and counts it:
+
+    missing      the file does not exist
+    empty        a zero-byte file, or an audio file / array with no samples
+    truncated    the file ends before its header says it should (libsndfile fails or returns fewer frames
+                 while reading, or a WAV's data chunk is shorter than declared)
+    not_audio    libsndfile cannot open it (text, HTML error pages, unknown formats)
+    too_short    shorter than the configured minimum length
+    no_captions  a training record without captions (checked by the pipeline, not here)
+
+Limits: a truncated Ogg/Vorbis file ends where its data ends (its header states no length), so it is read as
+a shorter, valid clip; a truncated file is only noticed when the damaged part falls inside the read window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Callable
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SAMPLE_RATE = 16000
+SKIP_REASONS = ("missing", "empty", "truncated", "not_audio", "too_short", "no_captions")
+_RESAMPLER_MARGIN_SECONDS = 0.01
+# libsndfile's WAV header log says "data : 264600 (should be 132278)" when the data chunk was cut short.
+_WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+
+
+class BadAudio(Exception):
+    """A clip that cannot be used; `reason` is one of SKIP_REASONS, the message names the file."""
+
+    def __init__(self, reason: str, message: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(message)
+        self.reason = reason
+
+
+def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """Resample float32 samples (time on axis 0) with soxr's high-quality filter."""
+    if from_rate == to_rate:
+        return x.astype(np.float32, copy=False)
+    return soxr.resample(x.astype(np.float32, copy=False), from_rate, to_rate, quality="HQ")
+
+
+def _as_float(samples: np.ndarray) -> np.ndarray:
+    """int16/int32 full scale or float samples → float32 in [-1, 1]."""
+    if samples.dtype == np.int16:
+        return samples.astype(np.float32) / 32768.0
+    if samples.dtype == np.int32:
+        return samples.astype(np.float32) / 2147483648.0
+    if np.issubdtype(samples.dtype, np.floating):
+        return samples.astype(np.float32, copy=False)
+    raise TypeError(f"audio arrays must be int16, int32 or float, got {samples.dtype}")
+
+
+def _open_file(path: str) -> tuple[sf.SoundFile, int, int]:
+    """Open `path` for reading; (file, frames, sample rate). Raises BadAudio."""
+    if not os.path.exists(path):
+        raise BadAudio("missing", f"{path}: file not found")
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise BadAudio("empty", f"{path}: zero-byte file")
+    try:
+        file = sf.SoundFile(path)
+    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+        raise BadAudio("not_audio", f"{path}: libsndfile cannot read it as audio ({err})") from err
+    if file.format in ("WAV", "WAVEX", "RF64"):
+        match = _WAV_SHORT_DATA.search(file.extra_info)
+        if match and int(match.group(2)) < int(match.group(1)):
+            file.close()
+            raise BadAudio("truncated", f"{path}: WAV data chunk holds {match.group(2)} of {match.group(1)} bytes")
+    return file, file.frames, file.samplerate
+
+
+def load_audio(
+    audio: str | os.PathLike | np.ndarray,
+    sample_rate: int = 0,
+    *,
+    window_samples: int | None = None,
+    min_samples: int = 0,
+    rng: np.random.Generator | None = None,
+    target_rate: int = SAMPLE_RATE,
+) -> np.ndarray:
+    """A clip as float32 mono samples at `target_rate`.
+
+    `audio` is a file path (`sample_rate` ignored: the header says) or a 1-D (or (samples, channels)) int16 /
+    float array at `sample_rate`. With `window_samples`, the result has exactly that length: a random window
+    when `rng` is given (training), else the head (evaluation); a shorter clip is zero-padded at the end.
+    Without it, the whole clip. Raises BadAudio (missing/empty/truncated/not_audio/too_short).
+    """
+    if isinstance(audio, np.ndarray):
+        if sample_rate <= 0:
+            raise ValueError(f"an audio array needs its sample_rate, got {sample_rate}")
+        samples = audio if audio.ndim == 2 else audio.reshape(len(audio), 1)
+        name, frames, rate, file = "<array>", len(samples), sample_rate, None
+        read: Callable[[int, int], np.ndarray] = lambda start, stop: _as_float(samples[start:stop])
+    else:
+        name = os.fspath(audio)
+        file, frames, rate = _open_file(name)
+
+        def read(start: int, stop: int) -> np.ndarray:
+            try:
+                file.seek(start)
+                data = file.read(stop - start, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as err:
+                raise BadAudio("truncated", f"{name}: decoding failed after frame {start} ({err})") from err
+            if len(data) < stop - start:
+                raise BadAudio("truncated", f"{name}: ends at frame {start + len(data)}, header says {frames}")
+            return data
+
+    try:
+        if frames <= 0:
+            raise BadAudio("empty", f"{name}: no samples")
+        total = frames * target_rate // rate  # length at the target rate
+        if total < min_samples:
+            raise BadAudio("too_short", f"{name}: {frames / rate:.3f} s, shorter than {min_samples / target_rate:.3f} s")
+        length = total if window_samples is None else min(window_samples, total)
+        start = int(rng.integers(0, total - length + 1)) if rng is not None else 0
+        # The source frames covering [start, start + length) at the target rate, plus a margin for the filter.
+        # The read starts on a frame that falls exactly on a target-rate sample (a multiple of
+        # rate / gcd), so the crop is sample-aligned with a decode of the whole file.
+        step_in, step_out = rate // math.gcd(rate, target_rate), target_rate // math.gcd(rate, target_rate)
+        margin = 0 if rate == target_rate else math.ceil(_RESAMPLER_MARGIN_SECONDS * target_rate)
+        block = max(0, start - margin) // step_out
+        read_from = block * step_in
+        read_to = min(frames, math.ceil((start + length + margin) * rate / target_rate))
+        data = read(read_from, read_to)
+    finally:
+        if file is not None:
+            file.close()
+    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    offset = start - block * step_out
+    clip = resample(mono, rate, target_rate)[offset : offset + length]
+    size = length if window_samples is None else window_samples
+    if len(clip) < size:  # short clip, or one sample lost to rounding at the end of the file
+        clip = np.pad(clip, (0, size - len(clip)))
+    return clip

@@ -1,0 +1,425 @@
+"""The grain input pipeline: training batches (checkpointable iterator) and evaluation sets.
+
+Training (`make_train_iterator`), built on grain's `MapDataset`/`IterDataset` API, whose iterators have
+`get_state()` / `set_state()` (JSON-serialisable dicts; grain's orbax `CheckpointHandler` saves them):
+
+    per source: records → shuffle (a fresh permutation every epoch) → repeat (num_epochs, None = forever)
+    → weighted mixture of the sources (grain mix: deterministic interleaving by weight)
+    → per example, seeded by its position in that global stream: decode → mono → resample to 16 kHz (soxr)
+      → random crop to `window_seconds` → zero-pad short clips → one random caption
+    → this host's share: every `process_count`-th example, starting at `process_index`
+    → [worker processes: each takes every `num_workers`-th example of the host's share]
+    → fill batches of `global_batch_size // process_count` good examples → tokenize
+    → `TrainIterator` (sums the skip counts, drops a last partial batch)
+
+Bad input: a record whose audio is missing/empty/truncated/not audio/too short, or that has no captions,
+becomes a "skipped" marker instead of an example. Batches are filled with the next good examples, and
+every batch carries the number of records skipped, by reason, while it was filled. Those per-batch counts
+are exact whichever process filled the batch (each record is seen by exactly one worker), so the main
+process only has to add them up: `TrainIterator.skip_counts` is the running total (part of the iterator
+state, so it survives a resume) and `TrainIterator.last_skip_counts` the counts of the latest batch; the
+trainer logs them as `data/skipped/<reason>`. Each skip is also logged (the first 20 per process and
+reason at WARNING, with the file name and the problem; the rest at DEBUG).
+
+A resumed iterator (`set_state`) yields exactly the batches the original would have; the same holds for a
+fresh iterator with the same config, seed and process layout. The random crop and caption of an example
+depend only on (seed, its position in the global stream), never on `process_count`; with `num_workers=0`,
+the union of the hosts' batches n is the single-host batch n, unless a skip shifted the filling.
+Changing `num_workers` changes which examples share a batch (deterministically), so resume with the same
+`num_workers`.
+
+Batches are dicts of numpy arrays: `waveform` float32 (b, window_samples), `input_ids` int32 (b, L),
+`attention_mask` int32 (b, L). `to_global_batch` turns a host's batch into global `jax.Array`s sharded over
+the mesh's batch axes.
+
+Evaluation (`make_eval_set`): every clip of one source in order, head-cropped to the window, all captions
+kept, labels, and `text_to_audio` (caption i → its clip), with the skips counted.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import zlib
+from typing import Any, Mapping, Sequence
+
+import grain
+import numpy as np
+
+from wavlink_jax.data.audio_io import SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio
+from wavlink_jax.data.sources import Source, open_source
+
+logger = logging.getLogger(__name__)
+_LOGGED_PER_REASON = 20
+_logged = collections.Counter()
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """The `config.data` schema (see `default_data_config`).
+
+    sources          list of source specs, each a dict with "kind" and a mixture "weight" (default 1.0):
+                     {"kind": "manifest", "path": "train.jsonl", "weight": 1.0} or
+                     {"kind": "tfds", "name": "clotho", "data_dir": "...", "split": "train", "weight": 1.0}
+    window_seconds   training crop (random) / evaluation crop (head) length; shorter clips are zero-padded
+    min_seconds      clips shorter than this are skipped as "too_short"
+    sample_rate      the rate everything is resampled to (Whisper: 16000)
+    tokenizer        directory of the tokenizer (see wavlink_jax.tokenizer.load_tokenizer)
+    max_text_length  token sequence length L (captions are cut / padded to it)
+    num_workers      grain worker processes per host (0 = decode in the training process)
+    read_threads     threads per process that read and decode examples ahead
+    prefetch_buffer  examples each process decodes ahead (memory: prefetch_buffer × window × 4 bytes)
+    worker_buffer    batches each worker process keeps ready
+    """
+
+    sources: list = dataclasses.field(default_factory=list)
+    window_seconds: float = 10.0
+    min_seconds: float = 0.5
+    sample_rate: int = SAMPLE_RATE
+    tokenizer: str = ""
+    max_text_length: int = 77
+    num_workers: int = 0
+    read_threads: int = 4
+    prefetch_buffer: int = 64
+    worker_buffer: int = 2
+
+    @classmethod
+    def coerce(cls, config: Any) -> "DataConfig":
+        """A DataConfig from a DataConfig, an ml_collections.ConfigDict or a plain mapping; unknown keys are errors."""
+        if isinstance(config, cls):
+            return config
+        values = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown data config keys {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        values["sources"] = [dict(s) if isinstance(s, Mapping) else s for s in values.get("sources", [])]
+        return cls(**values)
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_seconds * self.sample_rate))
+
+    @property
+    def min_samples(self) -> int:
+        return int(round(self.min_seconds * self.sample_rate))
+
+
+def default_data_config():
+    """`DataConfig`'s defaults as an `ml_collections.ConfigDict`, for `configs/*.py` (`config.data = ...`)."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
+
+
+def _derive_seed(seed: int, *names: object) -> int:
+    """A 32-bit seed for one random stage, from the run seed and the stage's name."""
+    return zlib.crc32(repr((seed,) + names).encode())
+
+
+def _skip(reason: str, message: str) -> dict:
+    _logged[reason] += 1
+    level = logging.WARNING if _logged[reason] <= _LOGGED_PER_REASON else logging.DEBUG
+    logger.log(level, "skipped (%s): %s", reason, message)
+    return {"skip": reason}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PrepareExample:
+    """record → {"waveform", "caption"} (training) / {"id", "waveform", "captions", "label"} (evaluation),
+    or {"skip": reason}. Picklable, for grain workers."""
+
+    window_samples: int
+    min_samples: int
+    sample_rate: int
+    train: bool
+    require_captions: bool = True
+
+    def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
+        captions = record["captions"]
+        if self.require_captions and not captions:
+            return _skip("no_captions", f"{record['id']}: no captions")
+        try:
+            waveform = load_audio(
+                record["audio"],
+                record["sample_rate"],
+                window_samples=self.window_samples,
+                min_samples=self.min_samples,
+                rng=rng if self.train else None,
+                target_rate=self.sample_rate,
+            )
+        except BadAudio as err:
+            return _skip(err.reason, str(err))
+        if self.train:
+            return {"waveform": waveform, "caption": captions[int(rng.integers(len(captions)))]}
+        return {"id": record["id"], "waveform": waveform, "captions": list(captions), "label": record["label"]}
+
+
+def _skip_vector(elements: Sequence[dict]) -> np.ndarray:
+    counts = collections.Counter(e["skip"] for e in elements)
+    return np.array([counts[reason] for reason in SKIP_REASONS], dtype=np.int64)
+
+
+class _FillBatchesIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, window_samples: int, tokenizer):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._window_samples = window_samples
+        self._tokenizer = tokenizer
+
+    def __next__(self) -> dict:
+        good, skipped = [], []
+        while len(good) < self._batch_size:
+            try:
+                element = next(self._parent)
+            except StopIteration:
+                if not good and not skipped:
+                    raise
+                break  # the end of a finite stream: a partial (possibly empty) batch that carries the counts
+            (skipped if "skip" in element else good).append(element)
+        batch = {
+            "waveform": np.stack([e["waveform"] for e in good]) if good else np.zeros((0, self._window_samples), np.float32),
+            "skipped": _skip_vector(skipped),
+        }
+        if self._tokenizer is not None:
+            batch["input_ids"], batch["attention_mask"] = self._tokenizer([e["caption"] for e in good])
+        return batch
+
+    def get_state(self) -> dict:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state)
+
+
+class _FillBatches(grain.IterDataset):
+    """Batches of `batch_size` good examples (skips do not take a slot), tokenized, with per-batch skip counts."""
+
+    def __init__(self, parent: grain.IterDataset, batch_size: int, window_samples: int, tokenizer):
+        super().__init__(parent)
+        self._args = (batch_size, window_samples, tokenizer)
+
+    def __iter__(self) -> _FillBatchesIterator:
+        return _FillBatchesIterator(self._parent.__iter__(), *self._args)
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Training batches; `skip_counts` / `last_skip_counts` report bad input; `get_state`/`set_state` resume."""
+
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool):
+        super().__init__(parent)
+        self._batch_size = batch_size
+        self._drop_remainder = drop_remainder
+        self._total = np.zeros(len(SKIP_REASONS), np.int64)
+        self._last = np.zeros(len(SKIP_REASONS), np.int64)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._last = np.zeros(len(SKIP_REASONS), np.int64)
+        while True:
+            batch = next(self._parent)  # StopIteration ends a finite stream; counts so far are kept
+            counts = batch.pop("skipped")
+            self._last += counts
+            self._total += counts
+            if len(batch["waveform"]) == self._batch_size or (batch["waveform"].size and not self._drop_remainder):
+                return batch
+
+    @property
+    def skip_counts(self) -> dict[str, int]:
+        """Records skipped so far (since the start of the run, across resumes), by reason."""
+        return dict(zip(SKIP_REASONS, map(int, self._total)))
+
+    @property
+    def last_skip_counts(self) -> dict[str, int]:
+        """Records skipped while filling the latest batch, by reason."""
+        return dict(zip(SKIP_REASONS, map(int, self._last)))
+
+    def get_state(self) -> dict:
+        return {"pipeline": self._parent.get_state(), "skip_counts": self.skip_counts}
+
+    def set_state(self, state: dict) -> None:
+        self._parent.set_state(state["pipeline"])
+        self._total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
+        self._last = np.zeros(len(SKIP_REASONS), np.int64)
+
+    def close(self) -> None:
+        self._parent.close()
+        super().close()
+
+
+class _Train(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool):
+        super().__init__(parent)
+        self._args = (batch_size, drop_remainder)
+
+    def __iter__(self) -> TrainIterator:
+        return TrainIterator(self._parent.__iter__(), *self._args)
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain worker processes read absl flags; outside `absl.app.run` they must be marked parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def _open_sources(specs: Sequence[Any]) -> list[tuple[Source, float]]:
+    if not specs:
+        raise ValueError("data config has no sources; set config.data.sources = [{'kind': 'manifest', 'path': ...}]")
+    opened = []
+    for spec in specs:
+        weight = float(spec.get("weight", 1.0)) if isinstance(spec, Mapping) else 1.0
+        if weight <= 0:
+            raise ValueError(f"source {spec!r}: weight must be positive, got {weight}")
+        opened.append((open_source(spec), weight))
+    return opened
+
+
+def build_train_dataset(
+    config: DataConfig | Any,
+    *,
+    tokenizer,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+    drop_remainder: bool = True,
+) -> grain.IterDataset:
+    """The training pipeline of one host as a grain IterDataset (see the module docstring).
+
+    `batch_size` is this host's batch. `tokenizer=None` leaves out `input_ids`/`attention_mask` (for `check`).
+    """
+    config = DataConfig.coerce(config)
+    parts = []
+    for index, (source, weight) in enumerate(_open_sources(config.sources)):
+        ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, "shuffle", index))
+        parts.append((ds.repeat(num_epochs), weight))
+    ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix([p for p, _ in parts], [w for _, w in parts])
+    prepare = _PrepareExample(config.window_samples, config.min_samples, config.sample_rate, train=True)
+    ds = ds.random_map(prepare, seed=_derive_seed(seed, "examples"))
+    ds = ds[process_index::process_count]
+    read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
+    batches = _FillBatches(ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer)
+    if config.num_workers > 0:
+        _mark_absl_flags_parsed()
+        options = grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer)
+        batches = batches.mp_prefetch(options)
+    return _Train(batches, batch_size, drop_remainder)
+
+
+def make_train_iterator(
+    data_config: DataConfig | Any,
+    *,
+    global_batch_size: int,
+    seed: int,
+    tokenizer=None,
+    num_epochs: int | None = None,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> TrainIterator:
+    """This host's training batches (`global_batch_size // process_count` rows each), as a TrainIterator.
+
+    `tokenizer` defaults to `load_tokenizer(data_config.tokenizer, max_text_length)`. `process_index` /
+    `process_count` default to jax's. `num_epochs=None` repeats forever. Close it (`it.close()`) when done
+    if it uses worker processes.
+    """
+    config = DataConfig.coerce(data_config)
+    process_index, process_count = _process_layout(process_index, process_count)
+    if global_batch_size % process_count:
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by the {process_count} processes")
+    if tokenizer is None:
+        if not config.tokenizer:
+            raise ValueError("no tokenizer: pass tokenizer=... or set config.data.tokenizer to a tokenizer directory")
+        from wavlink_jax.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(config.tokenizer, max_length=config.max_text_length)
+    dataset = build_train_dataset(
+        config,
+        tokenizer=tokenizer,
+        batch_size=global_batch_size // process_count,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    return iter(dataset)
+
+
+def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh, batch_axes: str | Sequence[str] = "data") -> dict:
+    """This host's batch → global `jax.Array`s, dimension 0 sharded over the mesh's `batch_axes`.
+
+    Every host passes its own rows (in process order, they form the global batch).
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    axes = batch_axes if isinstance(batch_axes, str) else tuple(batch_axes)
+    sharding = NamedSharding(mesh, PartitionSpec(axes))
+    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+
+
+@dataclasses.dataclass
+class EvalSet:
+    """A retrieval / zero-shot evaluation set, in source order (skipped clips left out).
+
+    waveforms (num_clips, window_samples) float32 head crops; captions flat over the clips, with
+    text_to_audio[i] = index of caption i's clip; labels per clip ("" if none).
+    """
+
+    ids: list[str]
+    waveforms: np.ndarray
+    captions: list[str]
+    text_to_audio: np.ndarray
+    labels: list[str]
+    skip_counts: dict[str, int]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def make_eval_set(
+    source: Mapping[str, Any] | str | os.PathLike,
+    *,
+    window_seconds: float,
+    min_seconds: float = 0.0,
+    sample_rate: int = SAMPLE_RATE,
+    require_captions: bool = True,
+    max_clips: int | None = None,
+    read_threads: int = 4,
+) -> EvalSet:
+    """Decode every clip of `source` (a spec as in DataConfig.sources, or a manifest path) for evaluation.
+
+    `require_captions=False` keeps clips without captions (zero-shot classification sets such as ESC-50).
+    Memory: num_clips × window_seconds × sample_rate × 4 bytes.
+    """
+    data = grain.MapDataset.source(open_source(source))
+    if max_clips is not None:
+        data = data[:max_clips]
+    window = int(round(window_seconds * sample_rate))
+    prepare = _PrepareExample(window, int(round(min_seconds * sample_rate)), sample_rate, train=False, require_captions=require_captions)
+    elements = list(data.map(prepare).to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)))
+    good = [e for e in elements if "skip" not in e]
+    skip_counts = dict(zip(SKIP_REASONS, map(int, _skip_vector([e for e in elements if "skip" in e]))))
+    if not good:
+        raise ValueError(f"evaluation source {source!r}: no usable clips (skipped: {skip_counts})")
+    return EvalSet(
+        ids=[e["id"] for e in good],
+        waveforms=np.stack([e["waveform"] for e in good]),
+        captions=[c for e in good for c in e["captions"]],
+        text_to_audio=np.array([i for i, e in enumerate(good) for _ in e["captions"]], dtype=np.int32),
+        labels=[e["label"] for e in good],
+        skip_counts=skip_counts,
+    )
