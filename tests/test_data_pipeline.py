@@ -191,6 +191,18 @@ def test_eval_set_keeps_order_captions_and_labels(tmp_path):
     zero_shot = pipeline.make_eval_set(manifest, window_seconds=0.6, require_captions=False)
     assert zero_shot.labels[-1] == "c2" and len(zero_shot.captions) == 12 and zero_shot.waveforms.shape == (5, 9600)
     assert not zero_shot.waveforms[:, 8000:].any()  # padded
+    assert eval_set.folds is None
+
+
+def test_eval_set_from_int16_records_with_folds():
+    records = [
+        {"id": f"r{i}", "audio": (_clip(i) * 32768).astype(np.int16), "sample_rate": RATE, "captions": [], "label": f"c{i}", "fold": 1 + i % 2}
+        for i in range(1, 5)
+    ]
+    eval_set = pipeline.make_eval_set({"kind": "source", "source": records}, window_seconds=0.25, require_captions=False)
+    np.testing.assert_array_equal(eval_set.folds, [2, 1, 2, 1])
+    np.testing.assert_allclose(eval_set.waveforms[0], _clip(1)[:4000], atol=1 / 32768)
+    assert eval_set.captions == [] and eval_set.labels == ["c1", "c2", "c3", "c4"]
 
 
 def test_config_schema(tmp_path):
@@ -203,3 +215,19 @@ def test_config_schema(tmp_path):
         pipeline.DataConfig.coerce({"window": 3})
     with pytest.raises(ValueError, match="no sources"):
         pipeline.make_train_iterator({}, global_batch_size=2, seed=0, tokenizer=object(), process_index=0, process_count=1)
+
+
+def test_check_command_reports_one_epoch(tmp_path, tokenizer):
+    import subprocess
+    import sys
+
+    manifest = _bad_manifest(tmp_path)
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(["clip 1 alpha", "clip 2 beta"] * 3, tokenizer_dir, vocab_size=600)
+    command = [sys.executable, "-m", "wavlink_jax.data", "check", str(manifest), "--window-seconds", "0.25", "--min-seconds", "0.1"]
+    result = subprocess.run(command + ["--batch-size", "3", "--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["examples"] == 15 and report["ok"] == 8 and report["clips_per_s"] > 0
+    assert report["skipped"] == {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "too_short": 1, "no_captions": 1}
+    assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log

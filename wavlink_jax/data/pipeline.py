@@ -127,8 +127,8 @@ def _skip(reason: str, message: str) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class _PrepareExample:
-    """record → {"waveform", "caption"} (training) / {"id", "waveform", "captions", "label"} (evaluation),
-    or {"skip": reason}. Picklable, for grain workers."""
+    """record → {"waveform", "caption"} (training) / {"id", "waveform", "captions", "label", "fold"}
+    (evaluation), or {"skip": reason}. Picklable, for grain workers."""
 
     window_samples: int
     min_samples: int
@@ -153,7 +153,13 @@ class _PrepareExample:
             return _skip(err.reason, str(err))
         if self.train:
             return {"waveform": waveform, "caption": captions[int(rng.integers(len(captions)))]}
-        return {"id": record["id"], "waveform": waveform, "captions": list(captions), "label": record["label"]}
+        return {
+            "id": record["id"],
+            "waveform": waveform,
+            "captions": list(captions),
+            "label": record["label"],
+            "fold": int(record.get("fold", 0)),
+        }
 
 
 def _skip_vector(elements: Sequence[dict]) -> np.ndarray:
@@ -376,7 +382,8 @@ class EvalSet:
     """A retrieval / zero-shot evaluation set, in source order (skipped clips left out).
 
     waveforms (num_clips, window_samples) float32 head crops; captions flat over the clips, with
-    text_to_audio[i] = index of caption i's clip; labels per clip ("" if none).
+    text_to_audio[i] = index of caption i's clip; labels per clip ("" if none); folds per clip when the
+    source has them (ESC-50, US8K: records with a non-zero "fold"), else None.
     """
 
     ids: list[str]
@@ -384,6 +391,7 @@ class EvalSet:
     captions: list[str]
     text_to_audio: np.ndarray
     labels: list[str]
+    folds: np.ndarray | None
     skip_counts: dict[str, int]
 
     def __len__(self) -> int:
@@ -421,5 +429,6 @@ def make_eval_set(
         captions=[c for e in good for c in e["captions"]],
         text_to_audio=np.array([i for i, e in enumerate(good) for _ in e["captions"]], dtype=np.int32),
         labels=[e["label"] for e in good],
+        folds=np.array([e["fold"] for e in good], dtype=np.int32) if any(e["fold"] for e in good) else None,
         skip_counts=skip_counts,
     )

@@ -149,10 +149,15 @@ def open_source(spec: Mapping[str, Any] | str | os.PathLike) -> Source:
 
     `spec` is a manifest path, or a dict with `kind`: `{"kind": "manifest", "path": ...}` or
     `{"kind": "tfds", "name": ..., "data_dir": ..., "split": ...}` (array_record data prepared by
-    `wavlink_jax.data.tfds_builders`). Other keys (e.g. `weight`) are ignored here.
+    `wavlink_jax.data.tfds_builders`), or `{"kind": "source", "source": obj}` for any `Source` object built
+    in Python. Other keys (e.g. `weight`) are ignored here.
     """
     if isinstance(spec, (str, os.PathLike)):
         return ManifestSource(spec)
+    if spec.get("kind") == "source":
+        if not isinstance(spec.get("source"), Source):
+            raise ValueError(f'a "source" spec needs a "source" object with __len__ and __getitem__, got {spec!r}')
+        return spec["source"]
     kind = spec.get("kind", "manifest")
     if kind == "manifest":
         if "path" not in spec:
@@ -165,4 +170,4 @@ def open_source(spec: Mapping[str, Any] | str | os.PathLike) -> Source:
         from wavlink_jax.data import tfds_builders  # lazy: pulls in tensorflow_datasets
 
         return tfds_builders.load_source(spec["name"], spec.get("data_dir"), spec["split"])
-    raise ValueError(f"unknown source kind {kind!r} in {dict(spec)!r}; expected 'manifest' or 'tfds'")
+    raise ValueError(f"unknown source kind {kind!r} in {dict(spec)!r}; expected 'manifest', 'tfds' or 'source'")
