@@ -45,13 +45,13 @@ class Checkpoints:
         if keep < 1 or every < 1:
             raise ValueError(f"keep_checkpoints ({keep}) and checkpoint_every_steps ({every}) must be ≥ 1")
         self.directory = checkpoint_dir(workdir)
+        self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data"),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
-                save_interval_steps=every,
                 cleanup_tmp_directories=True,  # leftovers of a save that was killed
                 enable_async_checkpointing=async_save,
                 create=True,
@@ -62,13 +62,18 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, *, force: bool = False) -> bool:
-        """Save if `step` is on the interval (or `force`); returns whether a save started."""
+        """Save if `step` is a multiple of `every` (or `force`); returns whether a save started.
+
+        (The interval is decided here, not by orbax, whose first save of a process happens at any step.)
+        """
+        if step % self.every and not force:
+            return False
         return self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
             ),
-            force=force,
+            force=True,
         )
 
     def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:

@@ -1,0 +1,119 @@
+"""Checkpoints: round trip with the data position, restore onto another mesh, strict refusal, leftovers."""
+
+import json
+import os
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from wavlink_jax import checkpoint, sharding
+from wavlink_jax.convert.common import CheckpointError
+
+
+def make_state(mesh):
+    params = {"layer": {"kernel": jnp.arange(64.0).reshape(8, 8), "bias": jnp.arange(8.0)}, "scale": jnp.float32(2.5)}
+    tx = optax.adamw(1e-3)
+    state = {"step": jnp.int32(7), "params": params, "opt_state": tx.init(params), "rng": jax.random.PRNGKey(3)}
+    spec = {"layer": {"kernel": P("fsdp", "tensor"), "bias": P("tensor")}, "scale": P()}
+
+    def place(x, path_spec=None):
+        return jax.device_put(x, NamedSharding(mesh, path_spec if path_spec is not None else P()))
+
+    state["params"] = jax.tree.map(place, params, spec)
+    return state
+
+
+def abstract_on(state, mesh, spec_fn):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec_fn(x))), state)
+
+
+def data_iterator():
+    return iter(grain.MapDataset.range(100).shuffle(seed=1).to_iter_dataset())
+
+
+def test_round_trip_onto_another_mesh_with_data_position(tmp_path):
+    mesh_a = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    mesh_b = sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+    state = make_state(mesh_a)
+    iterator = data_iterator()
+    seen = [next(iterator) for _ in range(5)]
+    manager = checkpoint.Checkpoints(tmp_path, keep=2, every=1)
+    assert manager.save(7, state, iterator)
+    expected_next = [next(iterator) for _ in range(3)]
+    manager.close()
+
+    manager = checkpoint.Checkpoints(tmp_path, keep=2, every=1)
+    assert manager.latest_step() == 7
+    fresh = data_iterator()
+    abstract = abstract_on(state, mesh_b, lambda x: P("tensor") if x.ndim == 2 and x.shape[0] == 8 else P())
+    restored = manager.restore(abstract, fresh)
+    assert [next(fresh) for _ in range(3)] == expected_next and len(seen) == 5
+    kernel = restored["params"]["layer"]["kernel"]
+    assert kernel.sharding.mesh.shape == mesh_b.shape and kernel.sharding.spec == P("tensor")
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    manager.close()
+
+
+def test_keeps_last_k_and_interval(tmp_path):
+    mesh = sharding.create_mesh({"data": -1})
+    state, iterator = make_state(mesh), data_iterator()
+    manager = checkpoint.Checkpoints(tmp_path, keep=2, every=2)
+    saved = [step for step in range(1, 8) if manager.save(step, state, iterator)]
+    assert manager.save(9, state, iterator, force=True)
+    manager.close()
+    assert saved == [2, 4, 6]
+    assert sorted(int(p) for p in os.listdir(checkpoint.checkpoint_dir(tmp_path)) if p.isdigit()) == [6, 9]
+
+
+def test_refuses_mismatched_tree_listing_every_key(tmp_path):
+    mesh = sharding.create_mesh({"data": -1})
+    state = make_state(mesh)
+    manager = checkpoint.Checkpoints(tmp_path, keep=1, every=1)
+    manager.save(1, state, data_iterator())
+    manager.wait()
+    other = jax.eval_shape(lambda: state)
+    other["params"] = {"layer": {"kernel": jax.ShapeDtypeStruct((8, 4), jnp.float32)},
+                       "scale": other["params"]["scale"], "new": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    with pytest.raises(CheckpointError) as err:
+        manager.restore(other, data_iterator())
+    message = str(err.value)
+    assert "params/new" in message and "params/layer/bias" in message
+    assert "params/layer/kernel: checkpoint (8, 8) vs model (8, 4)" in message
+    manager.close()
+
+
+def test_unfinished_save_is_ignored_and_cleaned(tmp_path):
+    mesh = sharding.create_mesh({"data": -1})
+    state = make_state(mesh)
+    manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1)
+    manager.save(1, state, data_iterator())
+    manager.close()
+    # What a save killed half-way leaves: orbax's temporary directory, never renamed to its step.
+    leftover = os.path.join(checkpoint.checkpoint_dir(tmp_path), "2.orbax-checkpoint-tmp")
+    os.makedirs(os.path.join(leftover, "state"))
+    manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1)
+    assert manager.latest_step() == 1
+    manager.save(2, state, data_iterator())  # the leftover is deleted before the next save starts
+    manager.close()
+    assert not os.path.exists(leftover) and manager.latest_step() == 2
+
+
+def test_read_workdir_params(tmp_path):
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    state = make_state(mesh)
+    manager = checkpoint.Checkpoints(tmp_path, keep=1, every=1)
+    manager.save(3, state, data_iterator())
+    manager.close()
+    with pytest.raises(CheckpointError, match="config.json"):
+        checkpoint.read_workdir_params(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
+    params, config = checkpoint.read_workdir_params(tmp_path)
+    assert config == {"seed": 1}
+    np.testing.assert_array_equal(params["layer"]["kernel"], np.arange(64.0).reshape(8, 8))
+    assert isinstance(params["layer"]["kernel"], np.ndarray)
