@@ -72,6 +72,8 @@ class DataConfig:
     read_threads     threads per process that read and decode examples ahead
     prefetch_buffer  examples each process decodes ahead (memory: prefetch_buffer × window × 4 bytes)
     worker_buffer    batches each worker process keeps ready
+
+    There is no shuffle buffer: grain shuffles a random-access source with a full permutation per epoch.
     """
 
     sources: list = dataclasses.field(default_factory=list)
@@ -247,10 +249,6 @@ class TrainIterator(grain.DatasetIterator):
         self._parent.set_state(state["pipeline"])
         self._total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
         self._last = np.zeros(len(SKIP_REASONS), np.int64)
-
-    def close(self) -> None:
-        self._parent.close()
-        super().close()
 
 
 class _Train(grain.IterDataset):
