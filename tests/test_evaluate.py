@@ -435,3 +435,64 @@ def test_evaluate_data_matches_metrics_on_prefixes():
     )
     assert table[4] == expected
     assert table[4] != table[8]
+
+
+def test_evaluate_during_training_keys():
+    data = _toy_data()
+    embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.05)
+    records = ev.evaluate_during_training(embedder, [data], [8, 4])
+    assert records["eval/toy/t2a_R@1"] == 100.0 and "eval/toy/4/t2a_R@1" in records
+    assert records["eval/toy/acc/t1"] == 100.0 and "eval/toy/4/top5" in records
+    assert len(records) == 2 * len(eval_tasks.evaluate_data(embedder, data, [8])[8])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading evaluation sets from files
+
+
+def _write_clip(path, seconds, rate=22050, value=0.1):
+    import soundfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, np.full(int(seconds * rate), value, np.float32), rate)
+
+
+def test_load_eval_data_from_manifest(tmp_path):
+    from wavlink_jax.data.sources import write_manifest
+
+    for i in range(3):
+        _write_clip(tmp_path / f"clip{i}.wav", 0.5 + i, value=0.1 * (i + 1))
+    entries = [
+        {"audio": "clip0.wav", "captions": ["a", "b"], "label": "dog"},
+        {"audio": "missing.wav", "captions": ["c"], "label": "dog"},
+        {"audio": "clip1.wav", "captions": ["d"], "label": "rain"},
+        {"audio": "clip2.wav", "captions": ["e", "f", "g"], "label": "dog"},
+    ]
+    data = eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "eval.jsonl", entries), window_seconds=1.0)
+    assert data.waveforms.shape == (3, 16000)
+    assert data.captions == ["a", "b", "d", "e", "f", "g"] and data.text_to_audio.tolist() == [0, 0, 1, 2, 2, 2]
+    assert data.labels == ["dog", "rain", "dog"] and data.folds is None
+    assert data.summary() == {"clips": 3, "captions": 6, "classes": 2, "skipped": {"missing": 1}}
+    np.testing.assert_allclose(data.waveforms[0, 8000:], 0.0)  # 0.5 s clip zero-padded to the window
+
+    partly = entries[:1] + [{"audio": "clip1.wav", "captions": ["d"]}]
+    with pytest.raises(ValueError, match="1 of 2 clips have no label"):
+        eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "partly.jsonl", partly), window_seconds=1.0)
+
+
+def test_load_airbench_data_decodes_each_file_once(tmp_path):
+    items = [
+        _airbench_item(1, "Sound_AQA", "clotho", "a.wav", "What?", ["x", "y"], "x"),
+        _airbench_item(2, "Sound_AQA", "clotho", "a.wav", "Which?", ["x", "y"], "y"),
+        _airbench_item(3, "Sound_AQA", "clotho", "b.wav", "What?", ["x", "y"], "y"),
+        _airbench_item(4, "Audio_Grounding", "audiogrounding", "g.wav", "When?", ["0-1s", "2-3s"], "0-1s"),
+    ]
+    root = _write_airbench(tmp_path / "Foundation", items)
+    _write_clip(root / "Sound_AQA_clotho" / "a.wav", 1.0)
+    (root / "Sound_AQA_clotho" / "b.wav").write_text("not audio")
+    _write_clip(root / "Audio_Grounding_audiogrounding" / "g.flac", 2.0)
+    data = eval_tasks.load_airbench_data(root, window_seconds=1.0)
+    assert data.waveforms.shape == (2, 16000)
+    assert [q.id for q in data.questions] == ["1", "2", "4"]
+    assert data.question_audio.tolist() == [1, 1, 0]  # files in sorted path order: Audio_Grounding first
+    assert data.summary()["skipped"] == {"not_audio": 1, "questions_dropped": 1}

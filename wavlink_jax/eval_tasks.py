@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from wavlink_jax import evaluate
+from wavlink_jax.data import pipeline
 
 AIRBENCH_METADATA = "Foundation_meta.json"
 _CHOICE_FIELDS = ("choice_a", "choice_b", "choice_c", "choice_d")
@@ -192,6 +193,73 @@ class EvalData:
             out["questions"] = len(self.questions)
         out["skipped"] = {reason: n for reason, n in self.skipped.items() if n}
         return out
+
+
+def _check_labels(name: str, labels: Sequence[str]) -> list[str]:
+    """All clips labelled, or none (an unlabelled clip among labelled ones has no zero-shot target)."""
+    unlabelled = [i for i, label in enumerate(labels) if not label]
+    if unlabelled and len(unlabelled) < len(labels):
+        raise ValueError(
+            f"evaluation set {name!r}: {len(unlabelled)} of {len(labels)} clips have no label (first: clip "
+            f"{unlabelled[0]}); zero-shot classification needs a label on every clip"
+        )
+    return list(labels) if not unlabelled else []
+
+
+def load_eval_data(
+    name: str,
+    source: Mapping[str, Any] | str | os.PathLike,
+    *,
+    window_seconds: float,
+    max_clips: int | None = None,
+    read_threads: int = 4,
+) -> EvalData:
+    """Decode a source (a `DataConfig.sources` spec: manifest, prepared TFDS data set, ...) for evaluation.
+
+    Clips are head-cropped to `window_seconds` (shorter ones zero-padded); unreadable clips are skipped and
+    counted in `skipped` (by reason), never silently. `max_clips` keeps the first clips only (quick checks
+    during training; never for reported numbers).
+    """
+    data = pipeline.make_eval_set(
+        source, window_seconds=window_seconds, require_captions=False, max_clips=max_clips, read_threads=read_threads
+    )
+    return EvalData(
+        name=name,
+        waveforms=data.waveforms,
+        captions=list(data.captions),
+        text_to_audio=np.asarray(data.text_to_audio, np.int64),
+        labels=_check_labels(name, data.labels),
+        folds=data.folds,
+        skipped=dict(data.skip_counts),
+    )
+
+
+def load_airbench_data(
+    root: str | os.PathLike, *, window_seconds: float, tasks: Sequence[str] | None = None, read_threads: int = 4
+) -> EvalData:
+    """AIR-Bench foundation questions with their audio decoded (each distinct file once).
+
+    A question whose audio cannot be decoded is dropped and counted in `skipped["questions_dropped"]` (its
+    clip's reason is counted too).
+    """
+    questions = load_airbench_foundation(root, tasks=tasks)
+    paths = sorted({q.audio for q in questions})
+    records = [{"id": path, "audio": path, "sample_rate": 0, "captions": [], "label": ""} for path in paths]
+    data = pipeline.make_eval_set(
+        {"kind": "source", "source": records},
+        window_seconds=window_seconds,
+        require_captions=False,
+        read_threads=read_threads,
+    )
+    row = {clip_id: index for index, clip_id in enumerate(data.ids)}
+    kept = [q for q in questions if q.audio in row]
+    return EvalData(
+        name="airbench",
+        waveforms=data.waveforms,
+        questions=kept,
+        question_audio=np.array([row[q.audio] for q in kept], np.int64),
+        skipped={**data.skip_counts, "questions_dropped": len(questions) - len(kept)},
+    )
 
 
 def _score(

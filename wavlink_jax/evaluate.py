@@ -469,3 +469,34 @@ def embed_in_batches(
         outputs.append(_to_host(pending[1])[: pending[0]])
         bar.update(pending[0])
     return np.concatenate(outputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation inside training
+
+
+def metric_records(name: str, table: Mapping[int, Mapping[str, float]]) -> dict[str, float]:
+    """`{dim: metrics}` of one data set → flat log keys: `eval/<name>/<metric>` at the full (largest) size,
+    `eval/<name>/<dim>/<metric>` at each smaller Matryoshka size."""
+    full = max(table)
+    records = {}
+    for dim, metrics in table.items():
+        prefix = f"eval/{name}/" if dim == full else f"eval/{name}/{dim}/"
+        records.update({prefix + key: float(value) for key, value in metrics.items()})
+    return records
+
+
+def evaluate_during_training(
+    embedder: Any, eval_sets: Sequence[Any], dims: Sequence[int], *, templates: Sequence[str] = DEFAULT_TEMPLATES
+) -> dict[str, float]:
+    """Score every `eval_tasks.EvalData` (decoded once, before training) with the current model.
+
+    `embedder` is an `eval_tasks.Embedder` over the current parameters; `dims` the model's Matryoshka sizes.
+    Returns the flat records of `metric_records` for `metrics.jsonl`, e.g. `eval/clotho/t2a_R@1`.
+    """
+    from wavlink_jax import eval_tasks  # eval_tasks builds on this module's metrics
+
+    records: dict[str, float] = {}
+    for data in eval_sets:
+        records.update(metric_records(data.name, eval_tasks.evaluate_data(embedder, data, dims, templates=templates)))
+    return records
