@@ -9,8 +9,9 @@ clips as 16 kHz int16 array_record. Then, each the best of `--repeats` passes ov
   stage rows (one thread, plain function calls):
     flac: decode only · resample only (44.1 → 16 kHz, soxr HQ) · decode + resample + random crop
     array_record: read a record · read + random crop
-  pipeline rows (grain `build_train_dataset`, no tokenizer, one read thread, batches of 8, two epochs):
-    in-process (num_workers=0), and with `--workers` worker processes (four epochs)
+  pipeline rows (grain `build_train_dataset`, no tokenizer, one read thread, batches of 8, the clips cycled
+    into a 1M-record source so the shuffle costs what it costs on a real data set):
+    in-process (num_workers=0), and with `--workers` worker processes
 
 "Clips per CPU-second" is clips / CPU time of this process: the per-core rate, and robust when other jobs
 share the machine. "Clips per wall-second" is what a user sees; for the worker rows it is total / workers,
@@ -40,7 +41,7 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wavlink_jax.data import pipeline  # noqa: E402
 from wavlink_jax.data.audio_io import SAMPLE_RATE, load_audio, resample  # noqa: E402
-from wavlink_jax.data.sources import write_manifest  # noqa: E402
+from wavlink_jax.data.sources import open_source, write_manifest  # noqa: E402
 
 TARGETS = {"flac": 100.0, "array_record": 1000.0}
 
@@ -72,21 +73,36 @@ def _best_rate(fn, items, repeats: int) -> tuple[float, float]:
     return len(items) / best_cpu, len(items) / best_wall
 
 
-def _pipeline_rate(spec: dict, seconds: float, workers: int, repeats: int, epochs: int = 2) -> tuple[float, float]:
+class _Cycled:
+    """The clips of `source` repeated up to `length` records: a data set of realistic size for the shuffle
+    (grain's index shuffle costs milliseconds per index below ~1000 records, microseconds at 100k+)."""
+
+    def __init__(self, source, length: int):
+        self.source, self.length = source, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        return self.source[index % len(self.source)]
+
+
+def _pipeline_rate(source, seconds: float, workers: int, batches: int, repeats: int) -> tuple[float, float]:
     """(clips per CPU second of this process, clips per wall second) through the training pipeline.
 
     The CPU figure covers this process only: with workers, their CPU time is not in it (use the wall figure).
     """
+    spec = {"kind": "source", "source": _Cycled(source, 1_000_000)}
     config = pipeline.DataConfig(sources=[spec], window_seconds=seconds, min_seconds=0.0, num_workers=workers, read_threads=1, prefetch_buffer=8)
     best_cpu = best_wall = float("inf")
     for _ in range(repeats):
-        dataset = pipeline.build_train_dataset(config, tokenizer=None, batch_size=8, seed=0, num_epochs=epochs, drop_remainder=False)
-        iterator = iter(dataset)
+        iterator = iter(pipeline.build_train_dataset(config, tokenizer=None, batch_size=8, seed=0))
         next(iterator)  # worker start-up is not throughput
         cpu, wall = time.process_time(), time.perf_counter()
-        rows = sum(len(batch["waveform"]) for batch in iterator)
-        best_cpu = min(best_cpu, (time.process_time() - cpu) / rows)
-        best_wall = min(best_wall, (time.perf_counter() - wall) / rows)
+        for _ in range(batches):
+            next(iterator)
+        best_cpu = min(best_cpu, (time.process_time() - cpu) / (8 * batches))
+        best_wall = min(best_wall, (time.perf_counter() - wall) / (8 * batches))
         iterator.close()
     return 1.0 / best_cpu, 1.0 / best_wall
 
@@ -114,17 +130,19 @@ def main(argv: list[str] | None = None) -> dict:
     flac_bytes = sum((root / "flac" / f"{i:04d}.flac").stat().st_size for i in range(args.clips))
     compression = args.clips * args.seconds * rate * 2 / flac_bytes
     window = int(args.seconds * SAMPLE_RATE)
-    paths = [e["audio"] for e in entries]
+    paths = [e["audio"] for e in np.random.default_rng(2).permutation(entries)]  # shuffled reading order
     decoded = [sf.read(p, dtype="float32")[0] for p in paths[:8]]
+    batches = max(1, 2 * args.clips // 8)
+    flac_source = open_source(manifest)
 
     crop_rng = np.random.default_rng(1)
     rows = [
         ("flac", "decode only (libsndfile)", _best_rate(lambda p: sf.read(p, dtype="float32"), paths, args.repeats)),
         ("flac", "resample only (soxr HQ 44.1→16 kHz)", _best_rate(lambda x: resample(x, rate, SAMPLE_RATE), decoded, args.repeats)),
         ("flac", "decode + resample + crop (load_audio)", _best_rate(lambda p: load_audio(p, window_samples=window, rng=crop_rng), paths, args.repeats)),
-        ("flac", "pipeline, in-process (1 read thread)", _pipeline_rate({"kind": "manifest", "path": str(manifest)}, args.seconds, 0, args.repeats)),
+        ("flac", "pipeline, in-process (1 read thread)", _pipeline_rate(flac_source, args.seconds, 0, batches, args.repeats)),
     ]
-    per_worker_specs = [("flac", {"kind": "manifest", "path": str(manifest)})]
+    per_worker_sources = [("flac", flac_source)]
 
     try:
         from wavlink_jax.data import tfds_builders
@@ -133,21 +151,20 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         tfds_builders.build_manifest("bench_data_16k", {"train": manifest}, root / "tfds", num_workers=0)
         source = tfds_builders.load_source("bench_data_16k", root / "tfds", "train")
-        indices = list(range(len(source)))
+        indices = [int(i) for i in np.random.default_rng(3).permutation(len(source))]
         rows += [
-            ("array_record", "read a record", _best_rate(lambda i: source[i], indices, args.repeats)),
+            ("array_record", "read a record (random order)", _best_rate(lambda i: source[i], indices, args.repeats)),
             (
                 "array_record",
                 "read + crop (load_audio)",
                 _best_rate(lambda i: load_audio(source[i]["audio"], SAMPLE_RATE, window_samples=window, rng=crop_rng), indices, args.repeats),
             ),
         ]
-        spec = {"kind": "tfds", "name": "bench_data_16k", "data_dir": str(root / "tfds"), "split": "train"}
-        rows.append(("array_record", "pipeline, in-process (1 read thread)", _pipeline_rate(spec, args.seconds, 0, args.repeats)))
-        per_worker_specs.append(("array_record", spec))
+        rows.append(("array_record", "pipeline, in-process (1 read thread)", _pipeline_rate(source, args.seconds, 0, 4 * batches, args.repeats)))
+        per_worker_sources.append(("array_record", source))
 
-    for kind, spec in per_worker_specs:
-        total = _pipeline_rate(spec, args.seconds, args.workers, 1, epochs=4)[1]
+    for kind, source in per_worker_sources:
+        total = _pipeline_rate(source, args.seconds, args.workers, 4 * batches * args.workers, 1)[1]
         rows.append((kind, f"pipeline, {args.workers} worker processes (wall: total / workers)", (float("nan"), total / args.workers)))
 
     machine = {
