@@ -45,7 +45,8 @@ def test_trained_tokenizer_layout_and_round_trip(trained_dir):
     tok = load_tokenizer(trained_dir)
     assert tok.max_length == 77
     # CLIP layout: 512 byte symbols, merges, then start/end as the two last ids; pad = end-of-text.
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (tok.vocab_size - 2, tok.vocab_size - 1, tok.vocab_size - 1)
+    last = tok.vocab_size - 1
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (last - 1, last, last)
     assert 514 < tok.vocab_size <= 600
     ids, mask = tok(PROBES)
     assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == mask.shape == (len(PROBES), 77)

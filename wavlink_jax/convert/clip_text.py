@@ -1,0 +1,141 @@
+"""Hugging Face CLIP text weights → `CLIPTextEncoder`, strictly.
+
+Accepted: a `CLIPModel` directory (its `text_model.*` and `text_projection`; the vision tower,
+`visual_projection` and `logit_scale` are ignored by design), a `CLIPTextModelWithProjection` directory, or a
+`CLIPTextModel` directory (names with or without the `text_model.` prefix). Weights may be safetensors
+(single or sharded) or `pytorch_model.bin`; a hub id is downloaded when online. The non-learned
+`position_ids` buffer that old checkpoints store is dropped. Anything else missing or left over is an error
+listing the keys.
+
+A `CLIPTextModel` has no `text_projection`, which WavLink reuses. Loading one is an error unless the caller
+asks for `new_projection=True`: then `text_projection` starts from CLIP's random initialisation (seed 0,
+`projection_dim` from the checkpoint's config unless overridden).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from flax import nnx
+
+from wavlink_jax.convert.common import (
+    CheckpointError,
+    Transform,
+    assign_strict,
+    identity,
+    read_hf_config,
+    read_hf_directory,
+    resolve_source,
+    transpose,
+)
+from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+
+TEXT_PREFIX = "text_model."
+PROJECTION_KEY = "text_projection.weight"
+# Parts of a CLIPModel checkpoint that are not the text tower.
+IGNORED_CLIP_MODEL_PREFIXES = ("vision_model.", "visual_projection.", "logit_scale")
+# Bare CLIPTextModel names (transformers >= 5 saves them without the text_model. prefix).
+BARE_TEXT_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
+
+_LAYER_PARTS = {
+    "self_attn.q_proj": ("attn", "query"),
+    "self_attn.k_proj": ("attn", "key"),
+    "self_attn.v_proj": ("attn", "value"),
+    "self_attn.out_proj": ("attn", "out"),
+    "mlp.fc1": ("fc1",),
+    "mlp.fc2": ("fc2",),
+}
+_LAYER_NORMS = {"layer_norm1": ("attn_norm",), "layer_norm2": ("mlp_norm",)}
+
+
+def hf_text_name_map(config: CLIPTextConfig, *, projection: bool = True) -> dict[str, tuple[tuple, Transform]]:
+    """`{hf_name: (our_parameter_path, transform)}` in `CLIPTextModelWithProjection` naming.
+
+    `transform` turns the PyTorch tensor into our parameter (Linear weights are transposed; it is its own
+    inverse, so the exporter applies the same transform the other way).
+    """
+    mapping: dict[str, tuple[tuple, Transform]] = {
+        f"{TEXT_PREFIX}embeddings.token_embedding.weight": (("token_embedding", "embedding"), identity),
+        f"{TEXT_PREFIX}embeddings.position_embedding.weight": (("position_embedding",), identity),
+        f"{TEXT_PREFIX}final_layer_norm.weight": (("final_norm", "scale"), identity),
+        f"{TEXT_PREFIX}final_layer_norm.bias": (("final_norm", "bias"), identity),
+    }
+    for index in range(config.num_layers):
+        hf_layer = f"{TEXT_PREFIX}encoder.layers.{index}"
+        our_layer = ("encoder", "layers", index)
+        for hf_part, our_part in _LAYER_PARTS.items():
+            mapping[f"{hf_layer}.{hf_part}.weight"] = ((*our_layer, *our_part, "kernel"), transpose)
+            mapping[f"{hf_layer}.{hf_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
+        for hf_norm, our_norm in _LAYER_NORMS.items():
+            mapping[f"{hf_layer}.{hf_norm}.weight"] = ((*our_layer, *our_norm, "scale"), identity)
+            mapping[f"{hf_layer}.{hf_norm}.bias"] = ((*our_layer, *our_norm, "bias"), identity)
+    if projection:
+        mapping[PROJECTION_KEY] = (("text_projection", "kernel"), transpose)
+    return mapping
+
+
+def _text_config(hf_config: dict, source: str) -> tuple[dict, int | None]:
+    """(text config dict, projection_dim) of a `CLIPModel` or CLIP text model config."""
+    model_type = hf_config.get("model_type")
+    if model_type == "clip":
+        text_config = hf_config.get("text_config") or hf_config.get("text_config_dict") or {}
+        return text_config, hf_config.get("projection_dim", 512)
+    if model_type == "clip_text_model":
+        return hf_config, None
+    raise CheckpointError(
+        f"{source}: model_type {model_type!r} is not a CLIP model; expected 'clip' (CLIPModel) or "
+        "'clip_text_model' (CLIPTextModel / CLIPTextModelWithProjection)"
+    )
+
+
+def _text_weights(weights: dict, model_type: str) -> dict:
+    """The text tower's tensors in `CLIPTextModelWithProjection` naming."""
+    text = {}
+    for name, value in weights.items():
+        if model_type == "clip" and name.startswith(IGNORED_CLIP_MODEL_PREFIXES):
+            continue
+        if name.endswith("embeddings.position_ids"):  # a non-learned arange buffer in old checkpoints
+            continue
+        if name.startswith(BARE_TEXT_PREFIXES):
+            name = TEXT_PREFIX + name
+        text[name] = value
+    return text
+
+
+def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **config_overrides) -> CLIPTextEncoder:
+    """A `CLIPTextEncoder` holding the text tower of the Hugging Face CLIP checkpoint at `path`.
+
+    `path`: a model directory or a hub id. `config_overrides` replace `CLIPTextConfig` fields (e.g.
+    `dtype="bfloat16"`, `remat="full"`, `attention_implementation="cudnn"`); shape fields must still match
+    the checkpoint. `new_projection=True` is only for `CLIPTextModel` checkpoints (see the module doc).
+    """
+    directory = resolve_source(path)
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"{directory}: expected a Hugging Face CLIP model directory (config.json + weights), not a file"
+        )
+    source = str(directory)
+    hf_config = read_hf_config(directory)
+    text_config, projection_dim = _text_config(hf_config, f"{directory / 'config.json'}")
+    config = CLIPTextConfig.from_hf(text_config, projection_dim, **config_overrides)
+    weights = _text_weights(read_hf_directory(directory), hf_config["model_type"])
+
+    if not new_projection and PROJECTION_KEY not in weights and any(k.startswith(TEXT_PREFIX) for k in weights):
+        raise CheckpointError(
+            f"{source}: no {PROJECTION_KEY} (a CLIPTextModel checkpoint). WavLink reuses CLIP's pretrained text "
+            "projection: load the CLIPModel or CLIPTextModelWithProjection checkpoint of the same model, or pass "
+            "new_projection=True to start the projection from random initialisation"
+        )
+    def build() -> CLIPTextEncoder:
+        return CLIPTextEncoder(config, rngs=nnx.Rngs(0))
+
+    # Only a new projection needs initial values; otherwise every parameter is overwritten, so the module is
+    # built abstractly (no random init of ~100M parameters) and filled from the checkpoint.
+    module = build() if new_projection else nnx.eval_shape(build)
+    assign_strict(module, weights, hf_text_name_map(config, projection=not new_projection), source=source)
+    params = nnx.to_flat_state(nnx.state(module, nnx.Param))
+    unfilled = [path for path, param in params if isinstance(param.get_value(), jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise KeyError(f"converter bug: hf_text_name_map does not cover the parameters {unfilled}")
+    return module

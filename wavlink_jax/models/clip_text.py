@@ -1,0 +1,158 @@
+"""CLIP's text transformer in Flax NNX: WavLink's text tower.
+
+token + learned position embeddings → pre-LN causal transformer blocks (`layers.EncoderStack`) → final
+LayerNorm → the hidden state at the end-of-text token (`pooled`) → bias-free `text_projection` (`embedding`).
+It computes what Hugging Face's `CLIPTextModelWithProjection` computes, including its two rules for finding
+the end-of-text token (see `CLIPTextEncoder.__call__`).
+
+Padding must be on the right (what the tokenizer produces): `attention_mask.sum(-1)` is each row's number
+of valid tokens, the attention's key/value lengths. Valid positions never see padded ones, so a caption's
+outputs do not depend on how long its batch is padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from wavlink_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """Sizes and options of the text tower.
+
+    `eos_token_id == 2` selects Hugging Face's legacy pooling (position of the largest token id, which is
+    end-of-text in OpenAI's vocabulary); any other value pools at the first position holding that id.
+    `dtype` is the compute dtype (parameters stay fp32); `remat` is a `layers.REMAT_POLICIES` name or "none".
+    """
+
+    vocab_size: int
+    width: int
+    num_layers: int
+    num_heads: int
+    mlp_dim: int
+    max_positions: int = 77
+    activation: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+    eos_token_id: int = 2
+    dtype: str = "float32"
+    attention_implementation: str | None = None
+    remat: str = "none"
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> CLIPTextConfig:
+        """The text tower of OpenAI CLIP `vit-b-32` (Base, Small) or `vit-l-14` (Large), with overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown CLIP text preset {name!r}; expected one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def from_hf(cls, text_config: dict, projection_dim: int | None = None, **overrides) -> CLIPTextConfig:
+        """From a Hugging Face `CLIPTextConfig` dict (`text_config` of a `CLIPModel`, or a text model's config).
+
+        `projection_dim` defaults to the dict's own (present in `CLIPTextModelWithProjection` configs);
+        missing fields take Hugging Face's defaults, as `transformers` would.
+        """
+        get = text_config.get
+        fields = dict(
+            vocab_size=get("vocab_size", 49408),
+            width=get("hidden_size", 512),
+            num_layers=get("num_hidden_layers", 12),
+            num_heads=get("num_attention_heads", 8),
+            mlp_dim=get("intermediate_size", 2048),
+            max_positions=get("max_position_embeddings", 77),
+            activation=get("hidden_act", "quick_gelu"),
+            layer_norm_eps=get("layer_norm_eps", 1e-5),
+            projection_dim=projection_dim if projection_dim is not None else get("projection_dim", 512),
+            eos_token_id=get("eos_token_id", 49407),
+        )
+        return cls(**{**fields, **overrides})
+
+
+PRESETS = {
+    # OpenAI's checkpoints on the hub still carry the legacy eos_token_id 2 (pool at the largest id).
+    "vit-b-32": CLIPTextConfig(
+        vocab_size=49408, width=512, num_layers=12, num_heads=8, mlp_dim=2048, projection_dim=512
+    ),
+    "vit-l-14": CLIPTextConfig(
+        vocab_size=49408, width=768, num_layers=12, num_heads=12, mlp_dim=3072, projection_dim=768
+    ),
+}
+
+
+class CLIPTextOutput(NamedTuple):
+    hidden_states: jax.Array  # (B, L, width): final-LayerNorm output at every position
+    pooled: jax.Array  # (B, width): hidden state at the end-of-text token
+    embedding: jax.Array  # (B, projection_dim): pooled @ text_projection (not normalised)
+
+
+class CLIPTextEncoder(nnx.Module):
+    """The CLIP text transformer with its text projection."""
+
+    def __init__(self, config: CLIPTextConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = layers.resolve_dtype(config.dtype)
+        # CLIP's own initialisation (token 0.02, position 0.01, projection width^-0.5): used when trained
+        # from scratch, e.g. with the quickstart's small tokenizer.
+        self.token_embedding = nnx.Embed(
+            config.vocab_size,
+            config.width,
+            dtype=dtype,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
+            rngs=rngs,
+        )
+        self.position_embedding = nnx.Param(
+            nnx.initializers.normal(0.01)(rngs.params(), (config.max_positions, config.width), jnp.float32),
+            out_sharding=(None, "embed"),
+        )
+        self.encoder = layers.EncoderStack(
+            config.num_layers,
+            remat=config.remat,
+            width=config.width,
+            num_heads=config.num_heads,
+            mlp_dim=config.mlp_dim,
+            activation=config.activation,
+            key_bias=True,
+            layer_norm_eps=config.layer_norm_eps,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            attention_implementation=config.attention_implementation,
+            rngs=rngs,
+        )
+        self.final_norm = layers.layer_norm(config.width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
+        self.text_projection = layers.dense(
+            config.width,
+            config.projection_dim,
+            ("embed", None),
+            use_bias=False,
+            dtype=dtype,
+            kernel_init=nnx.initializers.normal(config.width**-0.5),
+            rngs=rngs,
+        )
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> CLIPTextOutput:
+        """`input_ids` `(B, L)` int, `attention_mask` `(B, L)` 1 = token, 0 = right padding (None: all valid).
+
+        Pooling follows Hugging Face: with `eos_token_id == 2` the position of the largest id in the row,
+        otherwise the first position equal to `eos_token_id` (so a pad token equal to end-of-text is fine).
+        """
+        length = input_ids.shape[-1]
+        if length > self.config.max_positions:
+            raise ValueError(f"sequence length {length} exceeds the model's max_positions {self.config.max_positions}")
+        dtype = layers.resolve_dtype(self.config.dtype)
+        x = self.token_embedding(input_ids) + self.position_embedding[:length].astype(dtype)
+        kv_lengths = None if attention_mask is None else jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)
+        x = self.final_norm(self.encoder(x, kv_lengths=kv_lengths, causal=True))
+
+        if self.config.eos_token_id == 2:
+            eos_index = jnp.argmax(input_ids, axis=-1)
+        else:
+            eos_index = jnp.argmax(input_ids == self.config.eos_token_id, axis=-1)
+        pooled = jnp.take_along_axis(x, eos_index[:, None, None], axis=1)[:, 0]
+        return CLIPTextOutput(hidden_states=x, pooled=pooled, embedding=self.text_projection(pooled))
