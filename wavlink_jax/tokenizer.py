@@ -67,7 +67,9 @@ class Tokenizer:
         # Our own copy, so that padding/truncation settings stored in the file cannot leak in or out.
         self._backend = tokenizers.Tokenizer.from_str(backend.to_str())
         self._backend.enable_truncation(max_length, strategy="longest_first", direction="right")
-        self._backend.enable_padding(direction="right", pad_id=self.pad_token_id, pad_token=pad_token, length=max_length)
+        self._backend.enable_padding(
+            direction="right", pad_id=self.pad_token_id, pad_token=pad_token, length=max_length
+        )
         self._check_special_tokens(source)
 
     def _check_special_tokens(self, source: str) -> None:
@@ -138,7 +140,9 @@ def load_tokenizer(path: str | os.PathLike, max_length: int | None = None) -> To
     """
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise TokenizerError(f"{directory}: not a directory; expected one holding tokenizer.json or vocab.json + merges.txt")
+        raise TokenizerError(
+            f"{directory}: not a directory; expected one holding tokenizer.json or vocab.json + merges.txt"
+        )
     settings = _read_settings(directory)
     tokens = {
         "bos_token": _token_content(settings.get("bos_token")) or BOS_TOKEN,
@@ -172,7 +176,7 @@ def load_tokenizer(path: str | os.PathLike, max_length: int | None = None) -> To
 
 def _bytes_alphabet() -> list[str]:
     """The 256 printable stand-ins byte-level BPE uses for bytes, in CLIP's (GPT-2's) byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping = {b: b for b in printable}
     extra = 0
     for b in range(256):
@@ -195,7 +199,9 @@ def train_tokenizer(
     base_vocab = base + [symbol + END_OF_WORD for symbol in base]
     num_merges = vocab_size - len(base_vocab) - 2
     if num_merges < 1:
-        raise ValueError(f"vocab_size must exceed {len(base_vocab) + 2} (512 byte symbols + 2 special tokens), got {vocab_size}")
+        raise ValueError(
+            f"vocab_size must exceed {len(base_vocab) + 2} (512 byte symbols + 2 special tokens), got {vocab_size}"
+        )
 
     from transformers import CLIPTokenizer
 
