@@ -120,6 +120,10 @@ def test_config_pad_token_and_max_length(tmp_path):
 
 
 def test_bad_directories(tmp_path):
+    with pytest.raises(TokenizerError, match="no such file or directory"):
+        load_tokenizer(tmp_path / "absent")
+    with pytest.raises(TokenizerError, match="not a directory"):
+        load_tokenizer(__file__)
     with pytest.raises(TokenizerError, match="neither tokenizer.json"):
         load_tokenizer(tmp_path)
     (tmp_path / "tokenizer.json").write_text("not json")

@@ -134,11 +134,17 @@ def _clip_backend(vocab: dict[str, int], merges: list[tuple[str, str]], tokens: 
 
 
 def load_tokenizer(path: str | os.PathLike, max_length: int | None = None) -> Tokenizer:
-    """The tokenizer in `path` (a directory with `tokenizer.json`, or with CLIP's `vocab.json` + `merges.txt`).
+    """The tokenizer in `path` (a directory with `tokenizer.json`, or with CLIP's `vocab.json` + `merges.txt`;
+    or a Hugging Face hub id, downloaded when online, like the checkpoint loaders).
 
     `max_length` defaults to `model_max_length` of `tokenizer_config.json`, else 77 (CLIP's context).
     """
-    directory = Path(path).expanduser()
+    from wavlink_jax.convert.common import CheckpointError, resolve_source
+
+    try:
+        directory = resolve_source(path)
+    except CheckpointError as err:
+        raise TokenizerError(str(err)) from err
     if not directory.is_dir():
         raise TokenizerError(
             f"{directory}: not a directory; expected one holding tokenizer.json or vocab.json + merges.txt"
