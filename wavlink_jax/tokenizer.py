@@ -74,12 +74,14 @@ class Tokenizer:
 
     def _check_special_tokens(self, source: str) -> None:
         # The text tower pools at end-of-text: a tokenizer that does not add it would pool at a random word.
-        ids, mask = self(["a"])
-        last = int(mask[0].sum()) - 1
-        if ids[0, 0] != self.bos_token_id or ids[0, last] != self.eos_token_id:
+        # A single `encode` (not `encode_batch`) so loading does not start the tokenizers thread pool, which
+        # would make every forked data worker warn and fall back to one thread.
+        encoding = self._backend.encode("a")
+        ids = encoding.ids[: sum(encoding.attention_mask)]
+        if ids[0] != self.bos_token_id or ids[-1] != self.eos_token_id:
             raise TokenizerError(
                 f"{source}: the tokenizer does not wrap text in start/end tokens "
-                f"(ids {self.bos_token_id} … {self.eos_token_id}); got {ids[0, : last + 1].tolist()} for 'a'. "
+                f"(ids {self.bos_token_id} … {self.eos_token_id}); got {ids} for 'a'. "
                 "Its post-processor must add them, as CLIP's does."
             )
 
