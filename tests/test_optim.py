@@ -10,26 +10,34 @@ import pytest
 from wavlink_jax import optim
 from wavlink_jax.models import lora
 
+# The layout of WavLink's parameter tree (wavlink_jax.models.wavlink), in miniature.
 PARAMS = {
     "audio": {
-        "global_token": {"embedding": jnp.ones((1, 4))},
-        "projector": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))},
+        "global_token": jnp.ones((4,)),
+        "conv1": {"kernel": jnp.ones((3, 2, 4))},
         "encoder": {
-            "conv1": {"kernel": jnp.ones((3, 2, 4))},
             "layers": {"0": {"attn": {"query": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}},
                              "fc1": {"kernel": jnp.ones((4, 8))}, "attn_norm": {"scale": jnp.ones((4,))}}},
         },
     },
-    "text": {"encoder": {"layers": {"0": {"fc2": {"kernel": jnp.ones((8, 4))}}}}},
-    "text_projector": {"kernel": jnp.ones((4, 3))},
-    "logit_scale_clip": jnp.zeros(()),
+    "text": {"encoder": {"layers": {"0": {"fc2": {"kernel": jnp.ones((8, 4))}}}},
+             "text_projection": {"kernel": jnp.ones((4, 4))}},
+    "audio_projection": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones((3,))},
+    "text_projection": {"kernel": jnp.ones((4, 3))},
+    "clip_logit_scale": jnp.zeros(()),
 }
+
+
+HEADS = ["audio/global_token", "audio_projection/kernel", "text_projection/kernel", "clip_logit_scale"]
+AUDIO_BODY = ["audio/conv1/kernel", "audio/encoder/layers/0/fc1/kernel"]
+TEXT_BODY = ["text/encoder/layers/0/fc2/kernel", "text/text_projection/kernel"]
+AUDIO_LORA = ["audio/encoder/layers/0/attn/query/kernel", "audio/encoder/layers/0/fc1/kernel"]
 
 
 def optim_config(**overrides):
     config = ml_collections.ConfigDict(
         dict(learning_rate=1e-2, schedule="cosine", warmup_fraction=0.1, end_lr_fraction=0.0, b1=0.9, b2=0.98,
-             eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0, lr_rules=[], no_decay=[r"global_token"])
+             eps=1e-6, weight_decay=0.1, grad_clip_norm=1.0, lr_rules=[], no_decay=[r"position"])
     )
     config.update(overrides)
     return config
@@ -46,28 +54,29 @@ def test_schedule_warmup_then_cosine_to_end():
 
 
 def test_weight_decay_mask_skips_vectors_scalars_and_named():
-    mask = optim.flatten(optim.weight_decay_mask(PARAMS, [r"global_token"]))
-    assert mask["audio/projector/kernel"] and mask["audio/encoder/conv1/kernel"]
-    assert not mask["audio/projector/bias"]
+    mask = optim.flatten(optim.weight_decay_mask(PARAMS, [r"conv1"]))
+    assert mask["audio_projection/kernel"] and mask["text/text_projection/kernel"]
+    assert not mask["audio_projection/bias"]
     assert not mask["audio/encoder/layers/0/attn_norm/scale"]
-    assert not mask["logit_scale_clip"]
-    assert not mask["audio/global_token/embedding"]
+    assert not mask["clip_logit_scale"]
+    assert not mask["audio/global_token"]
+    assert not mask["audio/conv1/kernel"]  # named by a no_decay pattern
 
 
 def test_freeze_and_partition_roundtrip():
     mask = optim.trainable_mask(PARAMS, [r"^text/", r"conv1"])
     trainable, frozen = optim.partition(PARAMS, mask)
-    assert set(optim.flatten(frozen)) == {"text/encoder/layers/0/fc2/kernel", "audio/encoder/conv1/kernel"}
+    assert set(optim.flatten(frozen)) == {"audio/conv1/kernel", *TEXT_BODY}
     assert jax.tree.structure(optim.combine(trainable, frozen)) == jax.tree.structure(PARAMS)
     with pytest.raises(ValueError, match="matches no parameter"):
         optim.trainable_mask(PARAMS, [r"^txt/"])
 
 
 def test_lr_multipliers_first_match_wins_and_scale_updates():
-    rules = [(r"^audio/encoder/", 0.1), (r"^audio/", 2.0)]
+    rules = [(r"^audio/encoder/", 0.1), (r"^audio", 2.0)]
     mults = optim.flatten(optim.lr_multipliers(PARAMS, rules))
     assert mults["audio/encoder/layers/0/fc1/kernel"] == 0.1
-    assert mults["audio/projector/kernel"] == 2.0 and mults["text_projector/kernel"] == 1.0
+    assert mults["audio_projection/kernel"] == 2.0 and mults["text_projection/kernel"] == 1.0
     # The update of a multiplied parameter is exactly the multiple of the plain update (no clipping/decay).
     config = optim_config(schedule="constant", warmup_fraction=0.0, weight_decay=0.0, grad_clip_norm=0.0)
     grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
@@ -103,17 +112,12 @@ def test_adamw_matches_optax_adamw_with_mask_and_clipping():
 @pytest.mark.parametrize(
     "mode,towers,trains,frozen,lora_on",
     [
-        ("full", "both", ["audio/encoder/conv1/kernel", "text/encoder/layers/0/fc2/kernel"], [], []),
-        ("full", "audio", ["audio/encoder/conv1/kernel", "text_projector/kernel"],
-         ["text/encoder/layers/0/fc2/kernel"], []),
-        ("projector", "both", ["audio/projector/kernel", "audio/global_token/embedding", "text_projector/kernel"],
-         ["audio/encoder/conv1/kernel", "text/encoder/layers/0/fc2/kernel"], []),
-        ("lora", "audio", ["audio/projector/kernel", "logit_scale_clip"],
-         ["audio/encoder/layers/0/fc1/kernel", "text/encoder/layers/0/fc2/kernel"],
-         ["audio/encoder/layers/0/attn/query/kernel", "audio/encoder/layers/0/fc1/kernel"]),
-        ("lora", "both", ["text_projector/kernel"], ["audio/encoder/conv1/kernel"],
-         ["audio/encoder/layers/0/attn/query/kernel", "audio/encoder/layers/0/fc1/kernel",
-          "text/encoder/layers/0/fc2/kernel"]),
+        ("full", "both", HEADS + AUDIO_BODY + TEXT_BODY, [], []),
+        ("full", "audio", HEADS + AUDIO_BODY, TEXT_BODY, []),
+        ("projector", "both", HEADS, AUDIO_BODY + TEXT_BODY, []),
+        ("projector", "audio", HEADS, AUDIO_BODY + TEXT_BODY, []),
+        ("lora", "audio", HEADS, AUDIO_BODY + TEXT_BODY, AUDIO_LORA),
+        ("lora", "both", HEADS, AUDIO_BODY + TEXT_BODY, AUDIO_LORA + ["text/encoder/layers/0/fc2/kernel"]),
     ],
 )
 def test_training_mode_presets(mode, towers, trains, frozen, lora_on):

@@ -26,11 +26,15 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from wavlink_jax.convert.common import CheckpointError
-from wavlink_jax.optim import flatten
+from wavlink_jax.models import lora
+from wavlink_jax.optim import flatten, unflatten
+from wavlink_jax.train_step import to_tree
 
 CHECKPOINT_SUBDIR = "checkpoints"
+GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -163,3 +167,63 @@ def read_workdir_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
     )
     logging.info("read parameters of step %d from %s", steps[-1], state_dir)
     return restored["params"], json.loads(config_file.read_text())
+
+
+def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """A host array → a global array in `sharding` (every process holds the same full array)."""
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def _replace_subtree(
+    state: dict, kind: str, prefix: str, loaded: dict, shardings: dict, *, source: str, keep: tuple[str, ...] = ()
+) -> None:
+    """Overwrite the entries of `state[kind]` under `prefix` ("" = all) with `loaded`, strictly: the trees
+    must match exactly, except LoRA adapters and the paths in `keep`, which keep their fresh values."""
+    flat_state, flat_shardings = flatten(state[kind]), flatten(shardings[kind])
+    target = {
+        path: value
+        for path, value in flat_state.items()
+        if path.startswith(prefix) and not lora.is_adapter(path) and path not in keep
+    }
+    incoming = {prefix + path: np.asarray(value) for path, value in flatten(loaded).items()}
+    check_compatible(unflatten(incoming), unflatten(target), source=source)
+    for path, value in incoming.items():
+        flat_state[path] = _place(value.astype(target[path].dtype), flat_shardings[path])
+    state[kind] = unflatten(flat_state)
+
+
+def apply_init_from(state: dict, setup: Any) -> dict:
+    """Start from pretrained weights as `config.init_from` says (only for a fresh run, never on resume).
+
+    * `workdir`: a previous training run (stage 1 → stage 2): all model parameters and buffers of its latest
+      checkpoint (its LoRA adapters merged into the kernels first). Optimizer state and step start fresh.
+    * `audio`: a Whisper checkpoint (Hugging Face directory, OpenAI `.pt` or hub id) for the audio tower; the
+      global token keeps its fresh initialisation (no checkpoint has it).
+    * `text`: a Hugging Face CLIP checkpoint for the text tower (with CLIP's pretrained text projection).
+    Every tree must fit the config's model exactly; mismatches are listed in one CheckpointError.
+    """
+    init = setup.config.init_from
+    if init.workdir and (init.audio or init.text):
+        raise ValueError("config.init_from: set either workdir, or audio/text, not both")
+    state = dict(state)
+    if init.workdir:
+        params, source_config = read_workdir_params(init.workdir)
+        source_lora = source_config.get("lora", {"rank": 1, "alpha": 1.0})
+        params = lora.merge(params, lora.scale(source_lora["rank"], source_lora["alpha"]))
+        where = f"init_from.workdir={init.workdir}"
+        _replace_subtree(state, "params", "", params, setup.shardings, source=where)
+    if init.audio:
+        from wavlink_jax.convert import load_whisper
+
+        tower = load_whisper(init.audio, global_token=False)
+        where = f"init_from.audio={init.audio}"
+        params, buffers = (to_tree(nnx.state(tower, kind)) for kind in (nnx.Param, nnx.Not(nnx.Param)))
+        _replace_subtree(state, "params", "audio/", params, setup.shardings, source=where, keep=(GLOBAL_TOKEN,))
+        _replace_subtree(state, "buffers", "audio/", buffers, setup.shardings, source=where)
+    if init.text:
+        from wavlink_jax.convert import load_clip_text
+
+        tower = load_clip_text(init.text)
+        params = to_tree(nnx.state(tower, nnx.Param))
+        _replace_subtree(state, "params", "text/", params, setup.shardings, source=f"init_from.text={init.text}")
+    return state

@@ -29,11 +29,13 @@ SCHEDULES = ("cosine", "linear", "constant")
 MODES = ("full", "lora", "projector")
 TOWERS = ("both", "audio")
 
-# Parameter-path patterns of the WavLink model (wavlink_jax.models.wavlink) the presets are written in.
-AUDIO_TOWER = r"^audio/"
-TEXT_TOWER = r"^text/"
-AUDIO_HEAD = r"^audio/(global_token|projector)/"
-TEXT_HEAD = r"^text_projector/"
+# Parameter paths of the WavLink model (wavlink_jax.models.wavlink) the presets are written in: the towers
+# live under `audio/` and `text/`; the heads (`audio_projection`, `text_projection`), the loss scalars and the
+# audio tower's new `audio/global_token` always train.
+TOWER_BODY = {
+    "audio": r"^audio/(?!global_token$)(?!.*/lora_[ab]$)",
+    "text": r"^text/(?!.*/lora_[ab]$)",
+}
 LORA_PROJECTIONS = r"layers/\d+/(attn/(query|key|value|out)|fc1|fc2)/kernel$"
 
 
@@ -94,15 +96,13 @@ def training_mode(mode: str, towers: str) -> TrainingMode:
         raise ValueError(f"config.optim.mode must be one of {MODES}, got {mode!r}")
     if towers not in TOWERS:
         raise ValueError(f"config.optim.towers must be one of {TOWERS}, got {towers!r}")
-    adapted = [AUDIO_TOWER] + ([TEXT_TOWER] if towers == "both" else [])
-    # A tower body = everything under the tower prefix except its head parameters and LoRA adapters.
-    audio_body = r"^audio/(?!global_token/|projector/)(?!.*/lora_[ab]$)"
-    text_body = r"^text/(?!.*/lora_[ab]$)"
-    freeze = [] if towers == "both" else [text_body]
+    adapted = ["audio", "text"] if towers == "both" else ["audio"]
+    frozen_towers = ["text"] if towers == "audio" else []
     if mode != "full":
-        freeze += [audio_body] + ([text_body] if towers == "both" else [])
-    lora = [prefix + ".*" + LORA_PROJECTIONS for prefix in adapted] if mode == "lora" else []
-    return TrainingMode(freeze=tuple(dict.fromkeys(freeze)), lora=tuple(lora))
+        frozen_towers += adapted
+    freeze = [TOWER_BODY[tower] for tower in ("audio", "text") if tower in frozen_towers]
+    lora = [f"^{tower}/.*{LORA_PROJECTIONS}" for tower in adapted] if mode == "lora" else []
+    return TrainingMode(freeze=tuple(freeze), lora=tuple(lora))
 
 
 def trainable_mask(params: Tree, freeze: Sequence[str]) -> Tree:

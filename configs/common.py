@@ -1,0 +1,108 @@
+"""What every config file shares: the full set of keys the trainer reads, with defaults, and argument parsing.
+
+A config file's `get_config(arg)` calls `base_config(...)` and changes what differs. Every key is listed here,
+so `--config.some.key=value` on the command line can only change a key that exists (ml_collections refuses
+unknown keys). Keys (see the README section "Configs" for more):
+
+    seed, batch_size (global), total_steps (0 = from epochs), epochs, accum_steps
+    log_every_steps, checkpoint_every_steps, eval_every_steps (0 = only at the end), keep_checkpoints
+    distributed ("auto" | True | False), mesh {data, fsdp, tensor}, sharding_rules ((logical, mesh axes), ...)
+    dtype (compute), remat, attention_implementation  -- applied to both towers
+    model          wavlink_jax.models.wavlink.WavLinkConfig fields (audio / text tower sizes, embed_dim, ...)
+    loss           clip_weight, sigmoid_weight, impl ("dense" | "ring")
+    optim          AdamW, schedule, freeze / lr_rules / no_decay regexes, mode + towers (training-mode preset)
+    lora           rank, alpha (used when optim.mode = "lora")
+    data           wavlink_jax.data.pipeline.DataConfig fields (sources, window_seconds, tokenizer, ...)
+    init_from      workdir (a stage-1 run) | audio, text (converted or Hugging Face tower checkpoints)
+    eval           sets evaluated every eval_every_steps (see wavlink_jax.evaluate)
+"""
+
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+from wavlink_jax.data.pipeline import default_data_config
+from wavlink_jax.models.wavlink import WavLinkConfig
+from wavlink_jax.train_step import TOWER_RUNTIME_FIELDS
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """`"stage=2,size=base"` → ConfigDict of `defaults` updated from `arg` (values parsed as Python literals,
+    falling back to strings). A name not in `defaults` is an error."""
+    result = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        name, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"config argument {item!r} is not name=value (full argument: {arg!r})")
+        if name not in defaults:
+            raise ValueError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        result[name] = type(defaults[name])(value) if defaults[name] is not None else value
+    return result
+
+
+def model_config(model: WavLinkConfig) -> ml_collections.ConfigDict:
+    """A WavLinkConfig as the `config.model` section (tower runtime fields left to the top-level keys)."""
+    fields = model.to_dict()
+    for tower in ("audio", "text"):
+        for name in TOWER_RUNTIME_FIELDS:
+            fields[tower].pop(name)
+    return ml_collections.ConfigDict(fields)
+
+
+def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
+    """Every key with the paper's recipe as defaults (AdamW lr 1e-4, cosine with 5% warm-up, bf16, global
+    batch 768, 3 epochs, CLIP + sigmoid losses, full fine-tuning of both towers)."""
+    if stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    config = ml_collections.ConfigDict()
+    config.stage = stage
+    config.seed = 0
+    config.batch_size = 768
+    config.total_steps = 0
+    config.epochs = 3.0
+    config.accum_steps = 1
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.eval_every_steps = 2000
+    config.keep_checkpoints = 3
+    config.progress_bar = True
+
+    config.distributed = "auto"
+    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    config.sharding_rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+
+    config.dtype = "bfloat16"
+    config.remat = "none"
+    config.attention_implementation = None
+    config.model = model_config(model)
+
+    config.loss = ml_collections.ConfigDict({"clip_weight": 1.0, "sigmoid_weight": 1.0, "impl": "dense"})
+    config.optim = ml_collections.ConfigDict(
+        {
+            "learning_rate": 1e-4,
+            "schedule": "cosine",
+            "warmup_fraction": 0.05,
+            "end_lr_fraction": 0.0,
+            "b1": 0.9,
+            "b2": 0.98,
+            "eps": 1e-6,
+            "weight_decay": 0.1,
+            "grad_clip_norm": 1.0,
+            "mode": "full",
+            "towers": "both",
+            "freeze": (),
+            "lr_rules": (),
+            "no_decay": (),
+        }
+    )
+    config.lora = ml_collections.ConfigDict({"rank": 8, "alpha": 16.0})
+    config.data = default_data_config()
+    config.init_from = ml_collections.ConfigDict({"workdir": "", "audio": "", "text": ""})
+    config.eval = ml_collections.ConfigDict({"sets": (), "batch_size": 64, "max_clips": 0})
+    return config

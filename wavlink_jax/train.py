@@ -1,0 +1,203 @@
+"""The trainer: `python -m wavlink_jax.train --config configs/F.py[:arg] --workdir W [--config.key=value ...]`.
+
+The story of a run (`train`): join the other hosts → write the resolved config → build the mesh → open the
+data → build the model, its shardings and the optimizer → resume from the workdir's latest checkpoint, or
+initialise (from `init_from` if set) → loop: step, log, evaluate, checkpoint → final checkpoint and
+evaluation. Re-running the same command after a crash or preemption continues where the last checkpoint
+left off; the data iterator resumes at the same position, so the run's metrics are those of an uninterrupted
+run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from wavlink_jax import checkpoint, eval_tasks, metrics_log, sharding, train_step
+from wavlink_jax.data import pipeline
+from wavlink_jax.data.sources import open_source
+from wavlink_jax.tokenizer import load_tokenizer
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/wavlink_base.py:stage=1")
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, metrics.jsonl, checkpoints/")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient became NaN/Inf: the run stops without saving the broken state."""
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """WORKDIR/config.json: the resolved config of this run (every key, after overrides)."""
+    if jax.process_index() == 0:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        (Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
+    """`total_steps` if set, else `epochs` × (clips in all training sources) / `batch_size`."""
+    if config.total_steps > 0:
+        return int(config.total_steps)
+    clips = sum(len(open_source(spec)) for spec in config.data.sources)
+    steps = int(math.ceil(config.epochs * clips / config.batch_size))
+    if steps < 1:
+        raise ValueError(f"config.epochs={config.epochs} over {clips} clips gives no steps; set total_steps")
+    return steps
+
+
+def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+    text = config.model.text
+    if tokenizer.vocab_size > text.vocab_size:
+        raise ValueError(
+            f"the tokenizer in {config.data.tokenizer} has {tokenizer.vocab_size} tokens but the text tower "
+            f"config.model.text.vocab_size is {text.vocab_size}"
+        )
+    if tokenizer.max_length > text.max_positions:
+        raise ValueError(
+            f"config.data.max_text_length {tokenizer.max_length} exceeds config.model.text.max_positions "
+            f"{text.max_positions}"
+        )
+
+
+class Evaluator:
+    """Scores the configured `config.eval.sets` (decoded once, at start) with the current train state."""
+
+    def __init__(self, config: ml_collections.ConfigDict, setup: train_step.TrainSetup, tokenizer):
+        self.dims = setup.model_config.matryoshka_dims
+        self.embedder = train_step.StateEmbedder(setup, tokenizer, config.eval.batch_size)
+        self.sets = []
+        for spec in config.eval.sets:
+            spec = dict(spec)
+            name = spec.pop("name")
+            decoded = pipeline.make_eval_set(
+                spec,
+                window_seconds=config.data.window_seconds,
+                max_clips=config.eval.max_clips or None,
+                require_captions=False,
+            )
+            self.sets.append(
+                eval_tasks.EvalData(
+                    name=name,
+                    waveforms=decoded.waveforms,
+                    captions=decoded.captions,
+                    text_to_audio=decoded.text_to_audio,
+                    labels=decoded.labels if any(decoded.labels) else [],
+                    folds=decoded.folds,
+                    skipped=decoded.skip_counts,
+                )
+            )
+
+    def __call__(self, state: dict) -> dict[str, float]:
+        """`{"eval/<set>/<dim>/<metric>": value}` for every set, Matryoshka size and metric."""
+        self.embedder.use(state)
+        results = {}
+        for data in self.sets:
+            table = eval_tasks.evaluate_data(self.embedder, data, self.dims)
+            for dim, metrics in table.items():
+                results.update({f"eval/{data.name}/{dim}/{key}": float(v) for key, v in metrics.items()})
+        return results
+
+
+def initial_state(
+    setup: train_step.TrainSetup, checkpoints: checkpoint.Checkpoints, data: pipeline.TrainIterator
+) -> dict:
+    """The latest checkpoint of the workdir (data iterator moved to its position), else a fresh state."""
+    if checkpoints.latest_step() is not None:
+        logging.info("resuming from %s/%d", checkpoints.directory, checkpoints.latest_step())
+        return checkpoints.restore(setup.abstract_state, data)
+    state = train_step.init_state(setup, setup.config.seed)
+    return checkpoint.apply_init_from(state, setup)
+
+
+def _finite_or_stop(step: int, metrics: dict[str, float], checkpoints: checkpoint.Checkpoints) -> None:
+    bad = {key: metrics[key] for key in ("loss", "grad_norm") if not math.isfinite(metrics[key])}
+    if bad:
+        checkpoints.wait()
+        raise NonFiniteLoss(
+            f"{bad} at step {step}: training stopped. The last good checkpoint is step "
+            f"{checkpoints.latest_step()} in {checkpoints.directory} (kept; nothing later was saved). "
+            "Lower config.optim.learning_rate, keep config.optim.grad_clip_norm on, or look for bad input."
+        )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Run (or resume) training; returns the last logged metrics (with the final evaluation)."""
+    sharding.initialize_distributed(config.distributed)
+    write_config(config, workdir)
+
+    mesh = sharding.create_mesh(config.mesh)
+    train_step.check_batch_size(config, mesh)
+    tokenizer = load_tokenizer(config.data.tokenizer, max_length=config.data.max_text_length)
+    check_tokenizer(config, tokenizer)
+    data = pipeline.make_train_iterator(
+        config.data, global_batch_size=config.batch_size, seed=config.seed, tokenizer=tokenizer
+    )
+    total_steps = resolve_total_steps(config)
+
+    setup = train_step.build(config, mesh, total_steps)
+    checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
+    state = initial_state(setup, checkpoints, data)
+    start_step = int(jax.device_get(state["step"]))
+    step_fn = train_step.make_train_step(setup)
+    evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
+    log = metrics_log.MetricsLogger(
+        workdir, total_steps=total_steps, start_step=start_step, progress=config.progress_bar
+    )
+
+    last: dict[str, float] = {}
+    pending = None  # (step, metrics) of the previous step: checked for NaN/Inf while the next step runs
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step + 1, total_steps + 1):
+        local_batch = next(data)
+        batch = pipeline.to_global_batch(
+            {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
+        )
+        state, metrics = step_fn(state, batch)
+        if pending is not None:
+            _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
+        pending = (step, metrics)
+        window_steps += 1
+        log.advance()
+
+        is_last = step == total_steps
+        record: dict[str, float] = {}
+        if step % config.log_every_steps == 0 or is_last:
+            record = {key: float(value) for key, value in jax.device_get(metrics).items()}
+            _finite_or_stop(step, record, checkpoints)
+            elapsed = time.perf_counter() - window_start
+            record["samples_per_second"] = window_steps * config.batch_size / elapsed
+            record.update({f"data/skipped/{reason}": n for reason, n in data.skip_counts.items()})
+        if evaluator is not None and (is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
+            record.update(evaluator(state))
+        if record:
+            log.write(step, record)
+            last = record
+            window_start, window_steps = time.perf_counter(), 0
+        if step % config.checkpoint_every_steps == 0 or is_last:
+            _finite_or_stop(step, jax.device_get(metrics), checkpoints)
+            checkpoints.save(step, state, data, force=is_last)
+
+    checkpoints.close()
+    log.close()
+    data.close()
+    return last
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.KEY=VALUE")
+    if _WORKDIR.value is None or _CONFIG.value is None:
+        raise app.UsageError("--config and --workdir are required")
+    train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,352 @@
+"""The train state, born sharded, and the one jitted train step (importable: benchmarks time this exact step).
+
+    setup = train_step.build(config, mesh, total_steps)      # shapes, shardings, optimizer; allocates nothing
+    state = train_step.init_state(setup, seed)                # parameters + optimizer state, created sharded
+    step = train_step.make_train_step(setup)                  # jit, donated state
+    state, metrics = step(state, batch)                       # batch: global arrays (see `batch_arrays`)
+
+The state is a pytree of plain nested dicts (string keys, as orbax stores them):
+
+    {"step": int32, "params": {...}, "buffers": {...}, "opt_state": optax state, "rng": uint32[2]}
+
+`params` are the model's `nnx.Param`s, plus LoRA adapters beside their kernels in LoRA mode
+(`wavlink_jax.models.lora`); `buffers` the other variables (Whisper's fixed position table); `opt_state`
+covers only the trainable parameters (frozen ones get neither gradients nor optimizer memory); `rng` is the
+run's base key (the model is deterministic; a stochastic layer would draw `fold_in(rng, step)`).
+
+The step computes the log-mel spectrogram from the waveform batch on the accelerator, both towers, and the
+Matryoshka CLIP + sigmoid losses over the global batch. With `accum_steps = k > 1` the loss is still taken
+over the whole global batch (every negative kept) while only one micro-batch of activations is alive at a
+time: embed all micro-batches without gradients, differentiate the loss with respect to the embeddings, then
+re-run each micro-batch and pull its embedding gradient back through the towers (a VJP), summing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from wavlink_jax import audio, losses, optim, sharding
+from wavlink_jax.models import lora
+from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
+
+Tree = dict
+BATCH_KEYS = ("waveform", "input_ids", "attention_mask")
+# Tower fields set from the config's top-level `dtype`, `remat` and `attention_implementation` keys.
+TOWER_RUNTIME_FIELDS = ("dtype", "remat", "attention_implementation")
+
+
+def model_config(config: ml_collections.ConfigDict) -> WavLinkConfig:
+    """`config.model` with the top-level compute dtype / remat policy / attention implementation in both towers."""
+    fields = config.model.to_dict()
+    for tower in ("audio", "text"):
+        fields[tower] = {**fields[tower], **{name: config[name] for name in TOWER_RUNTIME_FIELDS}}
+    return WavLinkConfig.from_dict(fields)
+
+
+def to_tree(state: nnx.State) -> Tree:
+    """An nnx.State → nested dict with string keys (layer indices become "0", "1", ...)."""
+    flat = {tuple(str(key) for key in path): variable.get_value() for path, variable in nnx.to_flat_state(state)}
+    return optim.unflatten({"/".join(path): value for path, value in flat.items()})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The static half of the model: turns parameter trees back into a `WavLink` module (inside jit)."""
+
+    graphdef: Any
+    param_template: nnx.State
+    buffer_template: nnx.State
+    lora_scale: float
+
+    def module(self, params: Tree, buffers: Tree) -> WavLink:
+        """The WavLink module running with `params` (LoRA adapters merged into their kernels) and `buffers`."""
+        param_state = jax.tree.map(lambda x: x, self.param_template)
+        nnx.replace_by_pure_dict(param_state, lora.merge(params, self.lora_scale))
+        buffer_state = jax.tree.map(lambda x: x, self.buffer_template)
+        if buffers:
+            nnx.replace_by_pure_dict(buffer_state, buffers)
+        return nnx.merge(self.graphdef, param_state, buffer_state)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSetup:
+    """Everything static the train step needs, derived from the config (nothing allocated on devices)."""
+
+    config: ml_collections.ConfigDict
+    mesh: Mesh
+    model_config: WavLinkConfig
+    spec: ModelSpec
+    trainable: Tree  # bools over state["params"]
+    lora_targets: tuple[str, ...]
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    total_steps: int
+    abstract_state: Any  # ShapeDtypeStructs carrying their shardings: orbax restores onto these
+    shardings: Any  # NamedShardings, same tree as the state
+
+
+def _init_fn(config, mconfig: WavLinkConfig, targets, trainable: Tree | None, tx) -> Callable[[jax.Array], dict]:
+    def init(rng: jax.Array) -> dict:
+        model_rng, lora_rng, state_rng = jax.random.split(rng, 3)
+        _, params, buffers = nnx.split(WavLink(mconfig, rngs=nnx.Rngs(params=model_rng)), nnx.Param, ...)
+        params = to_tree(params)
+        if targets:
+            params = optim.combine(lora.init(lora_rng, params, targets, config.lora.rank), params)
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": to_tree(buffers), "rng": state_rng}
+        if tx is not None:
+            state["opt_state"] = tx.init(optim.partition(params, trainable)[0])
+        return state
+
+    return init
+
+
+def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> TrainSetup:
+    """Shapes, logical-axis shardings, trainable mask and optimizer of the config's model on `mesh`."""
+    mconfig = model_config(config)
+    abstract_model = nnx.eval_shape(lambda: WavLink(mconfig, rngs=nnx.Rngs(0)))
+    graphdef, param_template, buffer_template = nnx.split(abstract_model, nnx.Param, ...)
+    param_shapes = to_tree(param_template)
+
+    preset = optim.training_mode(config.optim.mode, config.optim.towers)
+    targets = tuple(lora.targets(param_shapes, preset.lora)) if preset.lora else ()
+    abstract_no_tx = jax.eval_shape(_init_fn(config, mconfig, targets, None, None), jax.random.PRNGKey(0))
+    all_params = abstract_no_tx["params"]
+    trainable = optim.trainable_mask(all_params, tuple(preset.freeze) + tuple(config.optim.freeze))
+    optim.matching(list(optim.flatten(all_params)), [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules")
+    trainable_shapes = optim.partition(all_params, trainable)[0]
+    if not trainable_shapes:
+        raise ValueError("nothing to train: config.optim.freeze and the training mode freeze every parameter")
+    tx, schedule = optim.make_optimizer(config.optim, trainable_shapes, total_steps)
+    abstract = jax.eval_shape(_init_fn(config, mconfig, targets, trainable, tx), jax.random.PRNGKey(0))
+
+    rules = sharding.rules_dict(config.sharding_rules)
+    axes = sharding.logical_axes_tree(param_template)
+    if targets:
+        adapters = {k: v for k, v in optim.flatten(all_params).items() if lora.is_adapter(k)}
+        axes = optim.combine(lora.logical_axes(axes, optim.unflatten(adapters)), axes)
+    param_shardings = sharding.tree_shardings(axes, all_params, rules, mesh)
+    buffer_shardings = sharding.tree_shardings(
+        sharding.logical_axes_tree(buffer_template), abstract["buffers"], rules, mesh
+    )
+    trainable_shardings = optim.partition(param_shardings, trainable)[0]
+    replicated = sharding.replicated(mesh)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract["opt_state"], trainable_shardings, transform_non_params=lambda _: replicated
+    )
+    shardings = {
+        "step": replicated,
+        "params": param_shardings,
+        "buffers": buffer_shardings,
+        "opt_state": opt_shardings,
+        "rng": replicated,
+    }
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return TrainSetup(
+        config=config,
+        mesh=mesh,
+        model_config=mconfig,
+        spec=ModelSpec(graphdef, param_template, buffer_template, lora.scale(config.lora.rank, config.lora.alpha)),
+        trainable=trainable,
+        lora_targets=targets,
+        tx=tx,
+        schedule=schedule,
+        total_steps=total_steps,
+        abstract_state=abstract,
+        shardings=shardings,
+    )
+
+
+def init_state(setup: TrainSetup, seed: int) -> dict:
+    """Fresh parameters and optimizer state, each array created directly in its sharding."""
+    init = _init_fn(setup.config, setup.model_config, setup.lora_targets, setup.trainable, setup.tx)
+    return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(seed))
+
+
+def embed_fn(setup: TrainSetup) -> Callable[[Tree, Tree, dict], tuple[jax.Array, jax.Array]]:
+    """(params, buffers, batch) → full-size L2-normalised (audio, text) embeddings; log-mel computed here."""
+    n_mels = setup.model_config.audio.n_mels
+
+    def embed(params: Tree, buffers: Tree, batch: dict) -> tuple[jax.Array, jax.Array]:
+        model = setup.spec.module(params, buffers)
+        mel = audio.log_mel_spectrogram(batch["waveform"], n_mels)
+        return model(mel, batch["input_ids"], batch["attention_mask"])
+
+    return embed
+
+
+def loss_fn(setup: TrainSetup) -> Callable[[Tree, jax.Array, jax.Array], tuple[jax.Array, dict]]:
+    """(params, za, zt) → (Matryoshka CLIP + sigmoid loss over the global batch, per-level/kind parts)."""
+    loss_config = setup.config.loss
+
+    def loss(params: Tree, za: jax.Array, zt: jax.Array) -> tuple[jax.Array, dict]:
+        return losses.matryoshka_loss(
+            za,
+            zt,
+            dims=setup.model_config.matryoshka_dims,
+            logit_scale_clip=params["clip_logit_scale"],
+            logit_scale_sigmoid=params["sigmoid_logit_scale"],
+            logit_bias=params["sigmoid_logit_bias"],
+            clip_weight=loss_config.clip_weight,
+            sigmoid_weight=loss_config.sigmoid_weight,
+            mesh=setup.mesh,
+            impl=loss_config.impl,
+            batch_axes=sharding.BATCH_AXES,
+        )
+
+    return loss
+
+
+def _micro_batches(tree: Any, k: int, mesh: Mesh) -> Any:
+    """(N, ...) → (k, N/k, ...) where micro-batch i holds rows i, i+k, i+2k, ...: each device's rows stay on
+    it (every device owns N/k/devices rows of every micro-batch)."""
+    spec = NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding.BATCH_AXES))
+
+    def split(x):
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, spec)
+
+    return jax.tree.map(split, tree)
+
+
+def _unmicro(x: jax.Array) -> jax.Array:
+    """Inverse of `_micro_batches` for one array: (k, N/k, ...) → (N, ...) in the original row order."""
+    return x.swapaxes(0, 1).reshape((-1,) + x.shape[2:])
+
+
+def gradients(setup: TrainSetup) -> Callable:
+    """(trainable, frozen, buffers, batch) → ((loss, parts), grads wrt trainable), full batch or accumulated."""
+    embed, loss = embed_fn(setup), loss_fn(setup)
+    k = int(setup.config.accum_steps)
+
+    def full_batch(trainable, frozen, buffers, batch):
+        def objective(trainable):
+            params = optim.combine(trainable, frozen)
+            za, zt = embed(params, buffers, batch)
+            value, parts = loss(params, za, zt)
+            return value, (parts, za, zt)
+
+        (value, (parts, za, zt)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        return value, parts, za, zt, grads
+
+    def accumulated(trainable, frozen, buffers, batch):
+        params = optim.combine(trainable, frozen)
+        micro = _micro_batches(batch, k, setup.mesh)
+        za_micro, zt_micro = jax.lax.map(lambda mb: embed(params, buffers, mb), micro)
+        za, zt = _unmicro(za_micro), _unmicro(zt_micro)
+
+        def head(trainable, za, zt):
+            return loss(optim.combine(trainable, frozen), za, zt)
+
+        (value, parts), (grads, d_za, d_zt) = jax.value_and_grad(head, argnums=(0, 1, 2), has_aux=True)(
+            trainable, za, zt
+        )
+        cotangents = _micro_batches((d_za, d_zt), k, setup.mesh)
+
+        def pull_back(total, inputs):
+            mb, (d_za_mb, d_zt_mb) = inputs
+            _, vjp = jax.vjp(lambda t: embed(optim.combine(t, frozen), buffers, mb), trainable)
+            return jax.tree.map(jnp.add, total, vjp((d_za_mb, d_zt_mb))[0]), None
+
+        grads, _ = jax.lax.scan(pull_back, grads, (micro, cotangents))
+        return value, parts, za, zt, grads
+
+    if k < 1:
+        raise ValueError(f"config.accum_steps must be ≥ 1, got {k}")
+    return full_batch if k == 1 else accumulated
+
+
+def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
+    """The global batch must split evenly into micro-batches and each of those over the batch devices."""
+    unit = sharding.batch_divisor(mesh) * int(config.accum_steps)
+    if config.batch_size % unit:
+        raise ValueError(
+            f"config.batch_size {config.batch_size} must be a multiple of accum_steps ({config.accum_steps}) × "
+            f"the {sharding.batch_divisor(mesh)} devices on the batch axes {sharding.BATCH_AXES} = {unit}"
+        )
+
+
+def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dict]]:
+    """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated, metrics are scalars."""
+    check_batch_size(setup.config, setup.mesh)
+    compute_gradients = gradients(setup)
+    tx, schedule = setup.tx, setup.schedule
+
+    def step(state: dict, batch: dict) -> tuple[dict, dict]:
+        trainable, frozen = optim.partition(state["params"], setup.trainable)
+        value, parts, za, zt, grads = compute_gradients(trainable, frozen, state["buffers"], batch)
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+        params = optim.combine(optax.apply_updates(trainable, updates), frozen)
+        new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        metrics = {
+            "loss": value,
+            **parts,
+            **{f"{kind}/mean": jnp.mean(jnp.stack([v for k, v in parts.items() if k.startswith(kind + "/")]))
+               for kind in ("clip", "sigmoid") if any(k.startswith(kind + "/") for k in parts)},
+            "learning_rate": schedule(state["step"]),
+            "grad_norm": optax.global_norm(grads),
+            "param_norm": optax.global_norm(trainable),
+            "clip/temperature": 1.0 / jnp.exp(params["clip_logit_scale"]),
+            "sigmoid/temperature": 1.0 / jnp.exp(params["sigmoid_logit_scale"]),
+            "sigmoid/bias": params["sigmoid_logit_bias"],
+            # Alignment of the pairs and spread of the batch (embeddings are unit length).
+            "embed/positive_cosine": jnp.mean(jnp.sum(za * zt, axis=-1)),
+            "embed/audio_mean_norm": jnp.linalg.norm(jnp.mean(za, axis=0)),
+            "embed/text_mean_norm": jnp.linalg.norm(jnp.mean(zt, axis=0)),
+        }
+        return new_state, metrics
+
+    batch_sharding = sharding.batch_sharding(setup.mesh)
+    return jax.jit(
+        step,
+        in_shardings=(setup.shardings, batch_sharding),
+        out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
+        donate_argnums=0,
+    )
+
+
+class StateEmbedder:
+    """Full-size L2-normalised numpy embeddings from a train state (for evaluation during training).
+
+    Satisfies `wavlink_jax.eval_tasks.Embedder`. Waveforms and captions are embedded in batches of
+    `batch_size` over the mesh; `use(state)` points it at the current parameters (no copy).
+    """
+
+    def __init__(self, setup: TrainSetup, tokenizer: Callable, batch_size: int, progress: bool = False):
+        spec, n_mels = setup.spec, setup.model_config.audio.n_mels
+        self._mesh, self._tokenizer, self._batch_size, self._progress = setup.mesh, tokenizer, batch_size, progress
+        self._params = self._buffers = None
+
+        def audio_fn(params, buffers, waveform):
+            return spec.module(params, buffers).embed_audio(audio.log_mel_spectrogram(waveform, n_mels))
+
+        def text_fn(params, buffers, tokens):
+            return spec.module(params, buffers).embed_text(tokens["input_ids"], tokens["attention_mask"])
+
+        self._audio_fn, self._text_fn = jax.jit(audio_fn), jax.jit(text_fn)
+
+    def use(self, state: dict) -> StateEmbedder:
+        self._params, self._buffers = state["params"], state["buffers"]
+        return self
+
+    def embed_audio(self, waveforms: np.ndarray) -> np.ndarray:
+        from wavlink_jax.evaluate import embed_in_batches
+
+        fn = lambda batch: self._audio_fn(self._params, self._buffers, batch)  # noqa: E731
+        return embed_in_batches(fn, waveforms, self._batch_size, self._mesh, desc="audio", progress=self._progress)
+
+    def embed_text(self, texts) -> np.ndarray:
+        from wavlink_jax.evaluate import embed_in_batches
+
+        input_ids, attention_mask = self._tokenizer(list(texts))
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        fn = lambda batch: self._text_fn(self._params, self._buffers, batch)  # noqa: E731
+        return embed_in_batches(fn, tokens, self._batch_size, self._mesh, desc="text", progress=self._progress)
