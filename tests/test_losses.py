@@ -129,9 +129,9 @@ def test_explicit_batch_axes_and_single_device_fallback():
     za, zt = embeddings(seed=2)
     expected = numpy_loss_and_grads("clip", za, zt, SCALES["clip"])
     mesh = make_mesh((2, 4), ("data", "tensor"))
-    # Ring over `tensor` only (4 devices), replicated over `data`.
-    loss = lambda a, t: losses.clip_loss(a, t, SCALES["clip"], mesh=mesh, impl="ring", batch_axes=("tensor",))
-    assert_close(jax.jit(loss)(za.astype(np.float32), zt.astype(np.float32)), expected[0], what="value")
+    for batch_axes in (("data",), ("tensor",)):  # rings of 2 and 4 devices, replicated over the other axis
+        loss = lambda a, t: losses.clip_loss(a, t, SCALES["clip"], mesh=mesh, impl="ring", batch_axes=batch_axes)
+        assert_close(jax.jit(loss)(za.astype(np.float32), zt.astype(np.float32)), expected[0], what="value")
     # One device on the batch axes → the dense form; no shard_map needed.
     single = make_mesh((1, 8), ("data", "tensor"))
     value = losses.clip_loss(za.astype(np.float32), zt.astype(np.float32), SCALES["clip"], mesh=single, impl="ring")

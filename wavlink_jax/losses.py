@@ -183,8 +183,10 @@ def _contrastive_loss(
         raise ValueError(
             f"the batch size {za.shape[0]} must be divisible by the {size} devices of the batch axes {axes}"
         )
-    per_device = _dense_shard if impl == "dense" else _ring_shard
-    body = partial(per_device, kind=kind, axes=axes, size=size, num_rows=za.shape[0])
+    if impl == "dense":
+        body = partial(_dense_shard, kind=kind, axes=axes, num_rows=za.shape[0])
+    else:
+        body = partial(_ring_shard, kind=kind, axes=axes, size=size, num_rows=za.shape[0])
     rows = P(axes, None)
     return jax.shard_map(body, mesh=mesh, in_specs=(rows, rows, P(), P()), out_specs=P())(za, zt, scale, bias)
 
@@ -209,7 +211,7 @@ def _local_sum(kind: str, pairs: jax.Array, za: jax.Array, zt: jax.Array, scale:
 # Dense sharded form: own rows against the gathered text embeddings.
 
 
-def _dense_shard(za, zt, scale, bias, *, kind: str, axes: tuple[str, ...], size: int, num_rows: int) -> jax.Array:
+def _dense_shard(za, zt, scale, bias, *, kind: str, axes: tuple[str, ...], num_rows: int) -> jax.Array:
     logits = scale * (za @ lax.all_gather(zt, axes, tiled=True).T) + bias  # (N/P, N)
     if kind == "clip":
         local = za.shape[0]
