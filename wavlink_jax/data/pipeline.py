@@ -1,7 +1,8 @@
 """The grain input pipeline: training batches (checkpointable iterator) and evaluation sets.
 
 Training (`make_train_iterator`), built on grain's `MapDataset`/`IterDataset` API, whose iterators have
-`get_state()` / `set_state()` (JSON-serialisable dicts; grain's orbax `CheckpointHandler` saves them):
+`get_state()` / `set_state()` (JSON-serialisable dicts). `TrainIterator` is a `grain.DatasetIterator`, so
+orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`:
 
     per source: records → shuffle (a fresh permutation every epoch) → repeat (num_epochs, None = forever)
     → weighted mixture of the sources (grain mix: deterministic interleaving by weight)
@@ -11,6 +12,8 @@ Training (`make_train_iterator`), built on grain's `MapDataset`/`IterDataset` AP
     → [worker processes: each takes every `num_workers`-th example of the host's share]
     → fill batches of `global_batch_size // process_count` good examples → tokenize
     → `TrainIterator` (sums the skip counts, drops a last partial batch)
+
+With a finite `num_epochs`, a mixture ends when its first source runs out (grain mix).
 
 Bad input: a record whose audio is missing/empty/truncated/not audio/too short, or that has no captions,
 becomes a "skipped" marker instead of an example. Batches are filled with the next good examples, and
