@@ -1,0 +1,307 @@
+"""TFDS builders: each official layout, faked with generated tones, built to array_record and read back.
+
+Every fake layout mirrors the official download (file names, CSV columns, folders), uses 44.1 / 22.05 /
+48 kHz audio (some stereo), and references one file that does not exist (US8K also a non-audio and a cut-off
+file), which must be skipped and counted.
+Each clip is a tone of its own frequency, so reading it back checks that the right audio reached the right
+id, resampled to 16 kHz int16.
+"""
+
+import csv
+import dataclasses
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+from array_record.python import array_record_module
+
+from wavlink_jax.data import sources
+from wavlink_jax.data import tfds_builders as tb
+
+SECONDS = 0.5
+_next_frequency = iter(range(300, 8000, 170))
+
+
+@dataclasses.dataclass
+class Expected:
+    frequency: float
+    captions: list
+    label: str = ""
+    fold: int = 0
+
+
+def write_tone(path, rate, channels=1):
+    """A 0.5 s tone at `rate` Hz sampling; returns its frequency (distinct per call)."""
+    frequency = float(next(_next_frequency))
+    t = np.arange(int(rate * SECONDS)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * frequency * t)
+    if channels == 2:  # mono mix = the tone at amplitude 0.5
+        wave = np.stack([1.6 * wave, 0.4 * wave], axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, wave, rate)
+    return frequency
+
+
+def write_csv(path, rows, header=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        if header:
+            writer.writerow(header)
+        writer.writerows(rows)
+
+
+def dominant_frequency(samples):
+    spectrum = np.abs(np.fft.rfft(samples.astype(np.float64) * np.hanning(len(samples))))
+    return np.argmax(spectrum) * tb.SAMPLE_RATE / len(samples)
+
+
+# --- fake manual directories, one per data set: return ({split: {id: Expected}}, {split: {reason: n}}) ----
+
+
+def fake_audiocaps(m):
+    header = ["audiocap_id", "youtube_id", "start_time", "caption"]
+    f1 = write_tone(m / "audio" / "train" / "abcdefghijk.wav", 44100)
+    f2 = write_tone(m / "audio" / "train" / "Y-_bcdefghij.flac", 48000)  # AudioSet-style "Y" prefix
+    write_csv(m / "train.csv", [[1, "abcdefghijk", 30, "a dog barks"], [2, "-_bcdefghij", 0, "rain falls"],
+                                [3, "missing0000", 10, "never downloaded"]], header)
+    f3 = write_tone(m / "audio" / "val" / "vvvvvvvvvvv.wav", 22050)
+    val_caps = [f"val caption {i}" for i in range(5)]
+    write_csv(m / "val.csv", [[10 + i, "vvvvvvvvvvv", 20, c] for i, c in enumerate(val_caps)], header)
+    f4 = write_tone(m / "audio" / "test" / "ttttttttttt.wav", 44100, channels=2)
+    write_csv(m / "test.csv", [[20, "ttttttttttt", 0, "first"], [21, "ttttttttttt", 0, "second"]], header)
+    expected = {
+        "train": {"abcdefghijk": Expected(f1, ["a dog barks"]), "-_bcdefghij": Expected(f2, ["rain falls"])},
+        "validation": {"vvvvvvvvvvv": Expected(f3, val_caps)},
+        "test": {"ttttttttttt": Expected(f4, ["first", "second"])},
+    }
+    return expected, {"train": {"missing": 1}, "validation": {}, "test": {}}
+
+
+def fake_clotho(m):
+    header = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+    expected = {}
+    layout = {  # audio folders in the forms the builder accepts
+        "train": ("development", "clotho_audio_development"),
+        "validation": ("validation", "validation"),
+        "test": ("evaluation", "clotho_audio_files/evaluation"),
+    }
+    for split, (part, folder) in layout.items():
+        names = [f"{part} one.wav", f"Bird, song \u00e9 {part}.wav"]  # commas and accents, as in Clotho
+        expected[split] = {}
+        rows = []
+        for name in names:
+            captions = [f"{name} caption {i}" for i in range(1, 6)]
+            expected[split][name] = Expected(write_tone(m / folder / name, 44100), captions)
+            rows.append([name, *captions])
+        if split == "train":
+            rows.append(["gone.wav"] + [f"gone {i}" for i in range(5)])
+        write_csv(m / f"clotho_captions_{part}.csv", rows, header)
+    return expected, {"train": {"missing": 1}, "validation": {}, "test": {}}
+
+
+def fake_esc50(m):
+    header = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+    f1 = write_tone(m / "audio" / "1-100032-A-0.wav", 44100)
+    f2 = write_tone(m / "audio" / "5-9032-A-14.wav", 44100)
+    write_csv(m / "meta" / "esc50.csv", [
+        ["1-100032-A-0.wav", 1, 0, "dog", True, 100032, "A"],
+        ["5-9032-A-14.wav", 5, 14, "chirping_birds", False, 9032, "A"],
+        ["2-0000-A-1.wav", 2, 1, "rooster", False, 0, "A"],
+    ], header)
+    expected = {"train": {"1-100032-A-0.wav": Expected(f1, [], "dog", 1),
+                          "5-9032-A-14.wav": Expected(f2, [], "chirping birds", 5)}}
+    return expected, {"train": {"missing": 1}}
+
+
+def fake_us8k(m):
+    header = ["slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"]
+    f1 = write_tone(m / "audio" / "fold1" / "100032-3-0-0.wav", 22050)
+    f2 = write_tone(m / "audio" / "fold10" / "99812-1-2-0.wav", 48000, channels=2)
+    (m / "audio" / "fold3").mkdir(parents=True)
+    (m / "audio" / "fold3" / "7383-3-0-0.wav").write_bytes(b"not audio at all")
+    write_tone(m / "audio" / "fold4" / "7064-6-0-0.wav", 44100)
+    cut = (m / "audio" / "fold4" / "7064-6-0-0.wav").read_bytes()
+    (m / "audio" / "fold4" / "7064-6-0-0.wav").write_bytes(cut[: len(cut) // 2])  # a download cut short
+    write_csv(m / "metadata" / "UrbanSound8K.csv", [
+        ["100032-3-0-0.wav", 100032, 0.0, 0.3, 1, 1, 3, "dog_bark"],
+        ["99812-1-2-0.wav", 99812, 1.0, 1.5, 2, 10, 1, "car_horn"],
+        ["7383-3-0-0.wav", 7383, 0.0, 0.5, 1, 3, 3, "dog_bark"],
+        ["7064-6-0-0.wav", 7064, 0.0, 0.5, 1, 4, 6, "gun_shot"],
+        ["1-1-1-1.wav", 1, 0.0, 0.5, 1, 2, 9, "street_music"],
+    ], header)
+    expected = {"train": {"100032-3-0-0.wav": Expected(f1, [], "dog bark", 1),
+                          "99812-1-2-0.wav": Expected(f2, [], "car horn", 10)}}
+    return expected, {"train": {"missing": 1, "not_audio": 1, "truncated": 1}}
+
+
+def fake_vggsound(m):
+    f1 = write_tone(m / "audio" / "---g-f_I2yQ_000001.wav", 44100)
+    f2 = write_tone(m / "audio" / "sub" / "aaaaaaaaaaa_30.flac", 48000)  # unpadded start also accepted
+    f3 = write_tone(m / "audio" / "bbbbbbbbbbb_000120.wav", 22050)
+    write_csv(m / "vggsound.csv", [
+        ["---g-f_I2yQ", 1, "people marching, drums", "test"],
+        ["aaaaaaaaaaa", 30, "dog barking", "train"],
+        ["bbbbbbbbbbb", 120, "rain", "train"],
+        ["ccccccccccc", 5, "rain", "train"],
+    ])  # the official file has no header
+    expected = {
+        "train": {"aaaaaaaaaaa_000030": Expected(f2, [], "dog barking"),
+                  "bbbbbbbbbbb_000120": Expected(f3, [], "rain")},
+        "test": {"---g-f_I2yQ_000001": Expected(f1, [], "people marching, drums")},
+    }
+    return expected, {"train": {"missing": 1}, "test": {}}
+
+
+def fake_audiosetcaps(m):
+    f1 = write_tone(m / "audio" / "audioset" / "Yabcdefghijk.wav", 44100)
+    f2 = write_tone(m / "audio" / "vggsound" / "OxPnZzn1_L8_000883.flac", 48000)
+    f3 = write_tone(m / "audio" / "yt8m" / "9eUrEyAR3xk_84_10.wav", 22050)
+    write_csv(m / "Dataset" / "AudioSetCaps_caption.csv",
+              [["Yabcdefghijk", "A solemn cello piece."], ["Ymissingmiss", "Lost."]], ["id", "caption"])
+    write_csv(m / "VGGSound_AudioSetCaps_caption.csv", [["OxPnZzn1_L8_000883", "An engine idles."]], ["id", "caption"])
+    write_csv(m / "Dataset" / "YouTube-8M_AudioSetCaps_caption.csv",
+              [["9eUrEyAR3xk_84_10", "A woman speaks."]], ["id", "caption"])
+    expected = {"train": {"Yabcdefghijk": Expected(f1, ["A solemn cello piece."]),
+                          "OxPnZzn1_L8_000883": Expected(f2, ["An engine idles."]),
+                          "9eUrEyAR3xk_84_10": Expected(f3, ["A woman speaks."])}}
+    return expected, {"train": {"missing": 1}}
+
+
+def fake_autoacd(m):
+    f1 = write_tone(m / "audio" / "oPRC3zComfA_000117.wav", 44100)
+    f2 = write_tone(m / "audio" / "mAJAqzo-Y_Y.flac", 48000)  # listed as "YmAJAqzo-Y_Y", file without "Y"
+    f3 = write_tone(m / "audio" / "test" / "Tdxa6DYIo-Y_000469.wav", 22050)
+    write_csv(m / "train.csv", [["oPRC3zComfA_000117", "Electronic music plays."],
+                                ["YmAJAqzo-Y_Y", "A woman talks quietly."],
+                                ["zzzzzzzzzzz_000001", "Missing."]], ["youtube_id", "caption"])
+    write_csv(m / "test.csv", [["Tdxa6DYIo-Y_000469", "A clarinet plays."]], ["youtube_id", "caption"])
+    expected = {"train": {"oPRC3zComfA_000117": Expected(f1, ["Electronic music plays."]),
+                          "YmAJAqzo-Y_Y": Expected(f2, ["A woman talks quietly."])},
+                "test": {"Tdxa6DYIo-Y_000469": Expected(f3, ["A clarinet plays."])}}
+    return expected, {"train": {"missing": 1}, "test": {}}
+
+
+FAKES = {
+    "audiocaps": fake_audiocaps,
+    "clotho": fake_clotho,
+    "esc50": fake_esc50,
+    "us8k": fake_us8k,
+    "vggsound": fake_vggsound,
+    "audiosetcaps": fake_audiosetcaps,
+    "autoacd": fake_autoacd,
+}
+
+
+def check_prepared(name, data_dir, expected, skipped):
+    for split, clips in expected.items():
+        source = tb.load_source(name, data_dir, split)
+        records = [source[i] for i in range(len(source))]
+        assert sorted(r["id"] for r in records) == sorted(clips), split
+        for record in records:
+            want = clips[record["id"]]
+            assert record["captions"] == want.captions
+            assert record["label"] == want.label and record["fold"] == want.fold
+            assert record["sample_rate"] == 16000
+            audio = record["audio"]
+            assert audio.dtype == np.int16 and audio.shape == (int(16000 * SECONDS),)
+            assert abs(dominant_frequency(audio) - want.frequency) <= 4.0, (record["id"], want.frequency)
+            # amplitude 0.5 of full scale survives mono mixing, resampling and int16 conversion
+            assert 0.47 * 32768 < np.abs(audio[100:-100]).max() < 0.53 * 32768
+        assert source.build_skipped == skipped[split]
+    summary = tb.summary(name, data_dir)
+    assert summary["splits"] == {split: len(clips) for split, clips in expected.items()}
+    assert summary["skipped"] == skipped
+
+
+@pytest.mark.parametrize("name", sorted(FAKES))
+def test_builder_reads_official_layout(tmp_path, name):
+    assert sorted(FAKES) == sorted(tb.BUILDERS)
+    manual = tmp_path / "manual"
+    expected, skipped = FAKES[name](manual)
+    result = tb.build(name, manual, tmp_path / "data")
+    assert result["skipped"] == skipped
+    check_prepared(name, tmp_path / "data", expected, skipped)
+    meta = json.loads((tb.prepared_path(name, tmp_path / "data") / "metadata.json").read_text())
+    for split, reasons in skipped.items():  # the skipped clips are named, with where they were looked for
+        assert sum(len(v) for v in meta["skipped_examples"][split].values()) == sum(reasons.values())
+
+
+def test_decoding_in_worker_processes(tmp_path):
+    expected, skipped = fake_esc50(tmp_path / "manual")
+    tb.build("esc50", tmp_path / "manual", tmp_path / "data", num_workers=2)
+    check_prepared("esc50", tmp_path / "data", expected, skipped)
+
+
+def test_manifest_command(tmp_path):
+    clips = tmp_path / "clips"
+    f1, f2, f3 = (write_tone(clips / f"{i}.flac", rate) for i, rate in enumerate((44100, 22050, 48000)))
+    train = sources.write_manifest(tmp_path / "train.jsonl", [
+        {"audio": "clips/0.flac", "captions": ["low tone"], "label": "low"},
+        {"audio": "clips/0.flac", "captions": ["a second caption"]},  # same id: merged
+        {"audio": str(clips / "1.flac"), "captions": ["high tone"], "id": "high"},
+        {"audio": "clips/nowhere.flac", "captions": ["gone"]},
+    ])
+    test = sources.write_manifest(tmp_path / "eval" / "test.jsonl", [{"audio": "../clips/2.flac", "captions": []}])
+    result = tb.main(["manifest", "--manifest", str(train), "--manifest", f"test={test}",
+                      "--name", "my_clips", "--data-dir", str(tmp_path / "data"), "--num-workers", "0"])
+    expected = {
+        "train": {"clips/0.flac": Expected(f1, ["low tone", "a second caption"], "low"),
+                  "high": Expected(f2, ["high tone"])},
+        "test": {"../clips/2.flac": Expected(f3, [])},
+    }
+    check_prepared("my_clips", tmp_path / "data", expected, {"train": {"missing": 1}, "test": {}})
+    assert result["splits"] == {"train": 2, "test": 1}
+    source = sources.open_source({"kind": "tfds", "name": "my_clips", "data_dir": str(tmp_path / "data"),
+                                  "split": "train"})
+    clone = pickle.loads(pickle.dumps(source))  # grain workers receive the source pickled
+    assert [clone[i]["id"] for i in range(len(clone))] == [source[i]["id"] for i in range(len(source))]
+    assert np.array_equal(clone[1]["audio"], source[1]["audio"])
+    assert "tensorflow" not in sys.modules
+    # Shards are rewritten uncompressed unless asked to keep TFDS's zstd; the records are the same.
+    tb.build_manifest("my_clips", {"train": train}, tmp_path / "zstd", compress=True)
+    compressed = tb.load_source("my_clips", tmp_path / "zstd", "train")
+    assert [compressed[i]["id"] for i in range(2)] == [source[i]["id"] for i in range(2)]
+    assert all(np.array_equal(compressed[i]["audio"], source[i]["audio"]) for i in range(2))
+    for folder, option in ((tmp_path / "data", "uncompressed"), (tmp_path / "zstd", "zstd:3")):
+        (shard,) = tb.prepared_path("my_clips", folder).glob("*-train.array_record-*")
+        assert option in array_record_module.ArrayRecordReader(str(shard)).writer_options_string().split(",")
+
+
+def test_build_command_and_errors(tmp_path, capsys):
+    fake_esc50(tmp_path / "manual")
+    data = str(tmp_path / "data")
+    tb.main(["build", "esc50", "--manual-dir", str(tmp_path / "manual"), "--data-dir", data, "--num-workers", "0"])
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["splits"] == {"train": 2} and printed["skipped"] == {"train": {"missing": 1}}
+    with pytest.raises(ValueError, match="no split 'test'.*prepared splits: train"):
+        tb.load_source("esc50", data, "test")
+    assert len(tb.load_source("esc50", data, "train[:1]")) == 1
+    with pytest.raises(FileNotFoundError, match="no prepared data set 'clotho'.*tfds_builders build clotho"):
+        tb.load_source("clotho", data, "train")
+    with pytest.raises(ValueError, match="unknown data set 'esc"):
+        tb.build("esc", tmp_path / "manual", data)
+    with pytest.raises(AssertionError, match="meta/esc50.csv"):  # TFDS shows the layout when M is absent
+        tb.build("esc50", tmp_path / "nowhere", tmp_path / "other")
+    with pytest.raises(ValueError, match="data set name"):
+        tb.build_manifest("My-Clips", tmp_path / "m.jsonl", data)
+
+
+def test_csv_errors_name_file_and_line(tmp_path):
+    manual = tmp_path / "manual"
+    (manual / "audio").mkdir(parents=True)
+    write_csv(manual / "meta" / "esc50.csv", [["a.wav", 1, 0, "dog"]], ["filename", "fold", "target", "kategorie"])
+    with pytest.raises(ValueError, match=r"esc50\.csv: missing column\(s\) \['category'\]"):
+        tb.build("esc50", manual, tmp_path / "data")
+    write_csv(manual / "vggsound.csv", [["aaaaaaaaaaa", 1, "rain", "train"], ["bbbbbbbbbbb", 2, "rain", "valid"]])
+    with pytest.raises(ValueError, match=r"vggsound\.csv:2: split 'valid'"):
+        tb.build("vggsound", manual, tmp_path / "data")
+    write_csv(manual / "vggsound.csv", [["aaaaaaaaaaa", "1.5", "rain", "train"]] * 2)
+    with pytest.raises(ValueError, match=r"vggsound\.csv:2: column 'start_seconds' should be an integer"):
+        tb.build("vggsound", manual, tmp_path / "data")
+    write_csv(manual / "train.csv", [["oPRC3zComfA_000117"]], ["youtube_id", "caption"])
+    with pytest.raises(ValueError, match=r"train\.csv:2: no value for column\(s\) \['caption'\]"):
+        tb.build("autoacd", manual, tmp_path / "data")
