@@ -740,7 +740,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         command.add_argument("--data-dir", required=True, help="where the array_record files go")
         command.add_argument("--num-workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
         command.add_argument("--compress", action="store_true",
-                             help="keep zstd-compressed records (smaller on disk, ~4x slower random reads)")
+                             help="keep zstd-compressed records (smaller on disk, ~3x slower reads)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "build":
