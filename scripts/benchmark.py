@@ -1,0 +1,438 @@
+"""Time WavLink's real training step on one device, optionally against the same step written in PyTorch.
+
+    python scripts/benchmark.py --model base --batch 128 --window 30                   # ours only
+    python scripts/benchmark.py --model small --baseline torch --compile --json        # + torch.compile baseline
+    python scripts/benchmark.py --tiny --steps 2 --json --baseline torch               # seconds on a CPU
+
+What is timed: `wavlink_jax.train_step.make_train_step` — the trainer's own jitted step with donated state —
+built from `configs/common.base_config` (the paper's recipe: AdamW, grad clipping, CLIP + sigmoid losses at
+every Matryoshka level, full fine-tuning of both towers, bf16 compute over fp32 weights). Each step computes
+the log-mel spectrogram from the raw waveform on the device. Batches are random, placed on the device before
+timing (two of them, alternated); the loop dispatches `--steps` steps after `--warmup` untimed ones and
+synchronises once at the end (`block_until_ready` on the state and metrics).
+
+Figures:
+* step time, samples/s;
+* model TFLOP/s: the analytic count of `model_flops` (matmuls and convolutions of both towers, heads and
+  losses, attention included; backward = 2× forward; rematerialised recomputation NOT counted) per step ÷
+  step time — the same count for ours and the baseline, so the two are comparable;
+* cost-analysis TFLOP/s: `compiled.cost_analysis()["flops"]` of our compiled step ÷ step time. XLA counts what
+  it executes (element-wise work and remat recomputation included) but not inside custom calls, so with
+  cuDNN attention the attention matmuls are missing from it;
+* both as a fraction of the bf16 matmul peak measured in the same process (an N×N×N bf16 product in JAX,
+  mean of 10 after warm-up; N = 8192 by default);
+* peak device memory (`memory_stats()["peak_bytes_in_use"]`; the baseline: `torch.cuda.max_memory_allocated`).
+
+With `--baseline torch` the PyTorch step (`wavlink_jax.torch_baseline`) runs first in the same process, on the
+same device, with the same shapes, loss, optimizer settings and clipping, then frees its memory before JAX
+allocates; the report gives ours/theirs throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from configs import common  # noqa: E402
+from wavlink_jax.models.clip_text import CLIPTextConfig  # noqa: E402
+from wavlink_jax.models.wavlink import WavLinkConfig  # noqa: E402
+from wavlink_jax.models.whisper import WhisperConfig  # noqa: E402
+
+MODELS = ("base", "small", "medium", "large")
+# The batch sizes of the performance issue's PyTorch table (30 s windows, one H100/H200).
+DEFAULT_BATCH = {"base": 128, "small": 64, "medium": 32, "large": 16}
+SAMPLE_RATE = 16_000
+FRAMES_PER_SECOND = 100  # Whisper's hop of 160 samples
+TEXT_LENGTH = 77
+TINY = dict(window=1.0, text_length=16, batch=4, steps=2, warmup=1, matmul_size=256)
+
+
+def wavlink_config(name: str, tiny: bool) -> WavLinkConfig:
+    """The model of a benchmark size: the paper's presets, plus `medium` (Whisper medium + CLIP B/32 text)."""
+    if tiny:
+        return WavLinkConfig(
+            audio=WhisperConfig(n_mels=80, width=64, num_layers=2, num_heads=4, mlp_dim=256, max_positions=50),
+            text=CLIPTextConfig(
+                vocab_size=1000, width=64, num_layers=2, num_heads=4, mlp_dim=256,
+                max_positions=TINY["text_length"], projection_dim=64,
+            ),
+            embed_dim=64,
+        )
+    if name == "medium":
+        return WavLinkConfig(
+            audio=WhisperConfig.preset("medium.en"), text=CLIPTextConfig.preset("vit-b-32"), embed_dim=512
+        )
+    return WavLinkConfig.preset(name)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# FLOP accounting
+
+
+def encoder_layer_flops(tokens: int, width: int, mlp_dim: int) -> int:
+    """One pre-LN transformer block, forward, one sequence: q/k/v/out and MLP matmuls, QKᵀ and AV.
+
+    Causal attention is counted in full (what the XLA path computes)."""
+    projections = 2 * tokens * (4 * width * width + 2 * width * mlp_dim)
+    attention = 2 * 2 * tokens * tokens * width
+    return projections + attention
+
+
+def model_flops(model: WavLinkConfig, batch: int, frames: int, text_length: int) -> int:
+    """Analytic FLOPs of one training step (forward + backward, 2 per multiply-add) over the whole batch.
+
+    Counted: conv stem, transformer blocks (attention included), CLIP text projection, both heads, the
+    similarity matmuls of each Matryoshka level and loss kind. Backward is 2× forward except for the first
+    convolution, whose input (the log-mel) needs no gradient. Not counted: the log-mel (FFT, mel matmul),
+    embeddings, LayerNorms, element-wise work, the optimizer, remat recomputation.
+    """
+    a, t = model.audio, model.text
+    positions = frames // 2 + 1  # + the global token
+    conv1 = 2 * frames * a.n_mels * 3 * a.width
+    audio = (
+        2 * (frames // 2) * 3 * a.width * a.width
+        + a.num_layers * encoder_layer_flops(positions, a.width, a.mlp_dim)
+        + 2 * a.width * model.embed_dim
+    )
+    text = (
+        t.num_layers * encoder_layer_flops(text_length, t.width, t.mlp_dim)
+        + 2 * t.width * t.projection_dim
+        + 2 * t.projection_dim * model.embed_dim
+    )
+    per_sample_forward = conv1 + audio + text
+    losses = 2 * sum(2 * batch * batch * dim for dim in model.matryoshka_dims)  # clip + sigmoid logits
+    return 3 * (batch * per_sample_forward + losses) - batch * conv1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The two steps
+
+
+def random_batch(rng, batch: int, samples: int, text_length: int, vocab_size: int) -> dict[str, Any]:
+    """Waveform noise and captions of random length (≥ 8 tokens) ending in the end-of-text id (vocab − 1)."""
+    import numpy as np
+
+    lengths = rng.integers(8, text_length + 1, size=batch)
+    positions = np.arange(text_length)[None, :]
+    ids = rng.integers(1, vocab_size - 1, size=(batch, text_length))
+    ids = np.where(positions == lengths[:, None] - 1, vocab_size - 1, ids)
+    ids = np.where(positions < lengths[:, None], ids, 0)
+    return {
+        "waveform": (0.1 * rng.standard_normal((batch, samples))).astype(np.float32),
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": (positions < lengths[:, None]).astype(np.int32),
+    }
+
+
+def bench_config(args: argparse.Namespace, model: WavLinkConfig):
+    """The trainer's config for this run: the paper's recipe with the benchmark's batch and runtime knobs."""
+    config = common.base_config(model, stage=1)
+    config.batch_size = args.batch
+    config.total_steps = 1000
+    config.dtype = args.dtype
+    config.remat = args.remat
+    config.attention_implementation = args.attention
+    config.mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    return config
+
+
+def run_torch(args: argparse.Namespace, model: WavLinkConfig, config, host_batches) -> dict[str, Any]:
+    """Build and time the PyTorch twin of our step; frees every CUDA buffer it used before returning."""
+    import torch
+
+    from wavlink_jax import torch_baseline as tb
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    a, t = model.audio, model.text
+    net = tb.TorchWavLink(
+        tb.torch_whisper_config(
+            tb.TowerShape(a.width, a.num_layers, a.num_heads, a.mlp_dim), n_mels=a.n_mels, frames=args.frames
+        ),
+        tb.torch_clip_text_config(
+            tb.TowerShape(t.width, t.num_layers, t.num_heads, t.mlp_dim),
+            vocab_size=t.vocab_size, context=args.text_length, projection_dim=t.projection_dim,
+        ),
+        embed_dim=model.embed_dim,
+        levels=model.matryoshka_dims,
+        clip_weight=config.loss.clip_weight,
+        sigmoid_weight=config.loss.sigmoid_weight,
+    ).to(device)
+    batches = [
+        tuple(torch.from_numpy(b[key]).to(device) for key in ("waveform", "input_ids", "attention_mask"))
+        for b in host_batches
+    ]
+    batches = [(w, ids.long(), mask.long()) for w, ids, mask in batches]
+    optim = config.optim
+    timing = tb.time_torch_step(
+        net,
+        batches,
+        steps=args.steps,
+        warmup=args.warmup,
+        bf16=args.dtype == "bfloat16",
+        compile=args.compile,
+        optimizer=tb.OptimizerSettings(
+            lr=optim.learning_rate, betas=(optim.b1, optim.b2), eps=optim.eps,
+            weight_decay=optim.weight_decay, grad_clip_norm=optim.grad_clip_norm,
+        ),
+    )
+    result = {
+        "name": "torch",
+        "compile": args.compile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        **dataclasses.asdict(timing),
+    }
+    del net, batches
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return result
+
+
+def measure_matmul_peak(size: int, repeats: int = 10) -> float:
+    """TFLOP/s of a size³ bf16 matmul in JAX on the default device: mean over `repeats` after warm-up."""
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.PRNGKey(1))
+    a = jax.random.normal(ka, (size, size), jnp.bfloat16)
+    b = jax.random.normal(kb, (size, size), jnp.bfloat16)
+    matmul = jax.jit(jnp.matmul)
+    for _ in range(3):
+        matmul(a, b).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = matmul(a, b)
+    out.block_until_ready()
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def cost_analysis_flops(compiled) -> float | None:
+    """`flops` of a compiled executable's cost analysis (a dict, or a one-element list in older jax)."""
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    flops = (cost or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
+
+
+def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
+    """Build the trainer's state and step on one device, compile, warm up and time it."""
+    import jax
+
+    from wavlink_jax import sharding, train_step
+
+    device = jax.devices()[0]
+    mesh = sharding.create_mesh(dict(config.mesh), devices=[device])
+    setup = train_step.build(config, mesh, config.total_steps)
+    state = train_step.init_state(setup, config.seed)
+    step = train_step.make_train_step(setup)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batches = [jax.device_put(b, batch_sharding) for b in host_batches]
+
+    start = time.perf_counter()
+    compiled = step.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    if args.dump_hlo:
+        Path(args.dump_hlo).write_text(compiled.as_text())
+    flops = cost_analysis_flops(compiled)
+
+    for i in range(args.warmup):
+        state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    start = time.perf_counter()
+    for i in range(args.steps):
+        state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    step_time = (time.perf_counter() - start) / args.steps
+    final_loss = float(metrics["loss"])
+    if not math.isfinite(final_loss):
+        raise FloatingPointError(f"our loss is {final_loss} after {args.warmup + args.steps} steps")
+
+    stats = device.memory_stats() or {}
+    del state, batches
+    return {
+        "compile_s": compile_s,
+        "step_time_s": step_time,
+        "flops_per_step_cost_analysis": flops,
+        "peak_memory_bytes": stats.get("peak_bytes_in_use"),
+        "final_loss": final_loss,
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="base", help="audio tower size (text: CLIP B/32, L/14 for large)")
+    parser.add_argument("--batch", type=int, help="global batch (default: base 128, small 64, medium 32, large 16)")
+    parser.add_argument("--window", type=float, choices=(30.0, 10.0), default=30.0, help="audio window in seconds")
+    parser.add_argument("--baseline", choices=("torch",), help="also time the equivalent PyTorch step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the baseline's model")
+    parser.add_argument("--steps", type=int, help="timed steps (default 20; --tiny 2)")
+    parser.add_argument("--warmup", type=int, help="untimed steps after compilation (default 3; --tiny 1)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
+    parser.add_argument("--tiny", action="store_true", help="2-layer, 64-wide towers on 1 s windows: seconds on a CPU")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
+    parser.add_argument(
+        "--attention", choices=("auto", "cudnn", "xla"), default="auto",
+        help="attention implementation (auto: cudnn on GPU, xla elsewhere)",
+    )
+    parser.add_argument(
+        "--remat", default="none",
+        choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"),
+        help="rematerialisation policy of every transformer block",
+    )
+    parser.add_argument("--matmul-size", type=int, help="N of the N³ bf16 peak matmul (default 8192; --tiny 256)")
+    parser.add_argument("--dump-hlo", metavar="FILE", help="write our compiled step's optimised HLO here")
+    parser.add_argument("--jsonl", metavar="FILE", help="also append the JSON object as one line to FILE")
+    parser.add_argument("--label", default="", help="a name for this run, kept in the JSON")
+    args = parser.parse_args(argv)
+
+    defaults = TINY if args.tiny else dict(
+        window=args.window, text_length=TEXT_LENGTH, batch=DEFAULT_BATCH[args.model], steps=20, warmup=3,
+        matmul_size=8192,
+    )
+    args.window = defaults["window"] if args.tiny else args.window
+    args.text_length = defaults["text_length"]
+    args.frames = int(args.window * FRAMES_PER_SECOND)
+    for name in ("batch", "steps", "warmup", "matmul_size"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.batch < 1 or args.steps < 1 or args.warmup < 1:
+        parser.error("--batch, --steps and --warmup must be ≥ 1")
+    if args.compile and not args.baseline:
+        parser.error("--compile applies to the baseline: add --baseline torch")
+    return args
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    found = {}
+    for package in ("jax", "jaxlib", "flax", "optax", "torch", "transformers"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import numpy as np
+
+    model = wavlink_config(args.model, args.tiny)
+    # `auto` is resolved once jax is up (below); the torch baseline does not depend on it.
+    config = bench_config(args, model)
+    rng = np.random.default_rng(0)
+    host_batches = [
+        random_batch(rng, args.batch, int(args.window * SAMPLE_RATE), args.text_length, model.text.vocab_size)
+        for _ in range(2)
+    ]
+    # The baseline runs before JAX touches the device: JAX reserves most of the GPU's memory when it starts.
+    baseline = run_torch(args, model, config, host_batches) if args.baseline else None
+
+    import jax
+
+    device = jax.devices()[0]
+    if args.attention == "auto":
+        args.attention = "cudnn" if device.platform == "gpu" else "xla"
+    config.attention_implementation = args.attention
+    peak_tflops = measure_matmul_peak(args.matmul_size)
+    ours = run_ours(args, config, host_batches)
+
+    flops_model = model_flops(model, args.batch, args.frames, args.text_length)
+    result: dict[str, Any] = {
+        "label": args.label,
+        "model": "tiny" if args.tiny else args.model,
+        "batch": args.batch,
+        "window_s": args.window,
+        "frames": args.frames,
+        "text_length": args.text_length,
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "remat": args.remat,
+        "platform": device.platform,
+        "device": device.device_kind,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "matmul_size": args.matmul_size,
+        "matmul_peak_tflops": peak_tflops,
+        "flops_per_step_model": flops_model,
+        **ours,
+    }
+    step_time = ours["step_time_s"]
+    result["samples_per_s"] = args.batch / step_time
+    result["tflops_model"] = flops_model / step_time / 1e12
+    result["fraction_of_peak_model"] = result["tflops_model"] / peak_tflops
+    cost_flops = ours["flops_per_step_cost_analysis"]
+    result["tflops_cost_analysis"] = cost_flops / step_time / 1e12 if cost_flops else None
+    result["fraction_of_peak_cost_analysis"] = (
+        result["tflops_cost_analysis"] / peak_tflops if cost_flops else None
+    )
+    if baseline is not None:
+        baseline["samples_per_s"] = args.batch / baseline["step_time_s"]
+        baseline["tflops_model"] = flops_model / baseline["step_time_s"] / 1e12
+        baseline["fraction_of_peak_model"] = baseline["tflops_model"] / peak_tflops
+        result["ratio"] = result["samples_per_s"] / baseline["samples_per_s"]
+    result["baseline"] = baseline
+    if baseline is None:
+        result["ratio"] = None
+
+    print(json.dumps(result) if args.json else report(result))
+    if args.jsonl:
+        with open(args.jsonl, "a") as file:
+            file.write(json.dumps(result) + "\n")
+    return result
+
+
+def _gib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**30:.1f} GiB"
+
+
+def report(r: dict[str, Any]) -> str:
+    """The human-readable summary of `main`'s result."""
+    cost = (
+        f"{r['tflops_cost_analysis']:.1f} TFLOP/s ({100 * r['fraction_of_peak_cost_analysis']:.0f}%)"
+        if r["tflops_cost_analysis"] is not None
+        else "n/a"
+    )
+    lines = [
+        f"WavLink {r['model']}, batch {r['batch']}, {r['window_s']:g} s window, {r['dtype']}, attention "
+        f"{r['attention']}, remat {r['remat']} on {r['device']} ({r['platform']}), {r['date']}",
+        f"  versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
+        f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.1f} TFLOP/s",
+        f"  ours:  {1e3 * r['step_time_s']:.2f} ms/step, {r['samples_per_s']:.1f} samples/s, model "
+        f"{r['tflops_model']:.1f} TFLOP/s ({100 * r['fraction_of_peak_model']:.0f}% of peak), cost analysis {cost}, "
+        f"peak memory {_gib(r['peak_memory_bytes'])}, compile {r['compile_s']:.1f} s",
+    ]
+    b = r["baseline"]
+    if b is not None:
+        kind = "torch.compile" if b["compile"] else "eager"
+        lines += [
+            f"  torch ({kind}): {1e3 * b['step_time_s']:.2f} ms/step, {b['samples_per_s']:.1f} samples/s, model "
+            f"{b['tflops_model']:.1f} TFLOP/s ({100 * b['fraction_of_peak_model']:.0f}% of peak), peak memory "
+            f"{_gib(b['peak_memory_bytes'])}, first step {b['compile_s']:.1f} s",
+            f"  ours / torch throughput: {r['ratio']:.2f}×",
+        ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+#!/usr/bin/env bash
+# The one device check of the performance issue: every size, ours vs PyTorch, on one H100/H200, in < 9 minutes.
+#
+#   bash scripts/gpu_check.sh            # from the repository root, on the GPU machine
+#
+# Writes $OUT/bench.jsonl (one JSON object per benchmark run, or {"label", "error"} for one that failed or
+# was skipped) and $OUT/log.txt (everything printed), and ends with a Markdown table of the runs.
+# Order = importance, so that a run cut short still leaves the most useful figures:
+#   1. versions, nvidia-smi; cuDNN vs XLA attention parity (values and gradients, bf16) — chooses the
+#      attention implementation for the rest (cudnn unless it fails)
+#   2. base/small/large/medium at batch 128/64/16/32, 30 s windows: ours vs torch.compile
+#   3. base at 10 s (ours; the 10 s vs 30 s speed-up), large at batch 64 with full remat (ours),
+#      base vs eager PyTorch
+# Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
+# would not fit is skipped and recorded as such.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+LOG=$OUT/log.txt
+JSONL=$OUT/bench.jsonl
+: >"$JSONL"
+START=$(date +%s)
+BUDGET_S=${BUDGET_S:-510}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# Same compiled step again (the eager-baseline run re-times base) → cache hit instead of a second compile.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+# The PyTorch baseline runs first in each process and empties its cache; then JAX may take most of the card.
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
+
+log() { echo "$*" | tee -a "$LOG"; }
+left() { echo $((BUDGET_S - ($(date +%s) - START))); }
+
+# --- carried wheels: install one only where the machine's package is missing or older than ours ------------
+if ls .whl/*.whl >/dev/null 2>&1; then
+    NEEDED=$(python3 - <<'EOF'
+import glob, os
+from importlib import metadata
+def key(v):
+    return tuple(int(p) if p.isdigit() else 0 for p in v.split(".")[:3])
+for wheel in sorted(glob.glob(".whl/*.whl")):
+    name, version = os.path.basename(wheel).split("-")[:2]
+    try:
+        have = metadata.version(name.replace("_", "-"))
+    except metadata.PackageNotFoundError:
+        have = None
+    if have is None or key(have) < key(version):
+        print(wheel)
+EOF
+)
+    if [ -n "$NEEDED" ]; then
+        log "installing carried wheels: $NEEDED"
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $NEEDED 2>&1 | tee -a "$LOG"
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+fi
+
+# --- the machine ---------------------------------------------------------------------------------------------
+{
+    date -u
+    nvidia-smi
+    python3 -c "import sys; print('python', sys.version.split()[0])"
+    python3 -m pip list 2>/dev/null | grep -i -E '^(jax|jaxlib|jax-cuda|flax|optax|orbax|ml.collections|torch |transformers|triton|nvidia-cudnn|nvidia-cublas|numpy) '
+} 2>&1 | tee -a "$LOG"
+
+# --- cuDNN vs XLA attention, values and gradients, bf16 -----------------------------------------------------
+ATTENTION=cudnn
+if ! timeout 120 python3 - <<'EOF' 2>&1 | tee -a "$LOG"; then
+import jax, jax.numpy as jnp, numpy as np
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+print("jax", jax.__version__, jax.devices())
+worst = 0.0
+# The audio tower's shape (odd length: 1500 frames + the global token) and the text tower's (causal, padded).
+for name, (batch, length, heads, causal, lengths) in {
+    "whisper-base 30 s": (4, 1501, 8, False, None),
+    "clip-text causal+padding": (4, 77, 8, True, [77, 20, 9, 50]),
+}.items():
+    keys = jax.random.split(jax.random.PRNGKey(0), 4)
+    q, k, v, g = (jax.random.normal(key, (batch, length, heads, 64), jnp.bfloat16) for key in keys)
+    kv = None if lengths is None else jnp.asarray(lengths, jnp.int32)
+
+    def loss(q, k, v, impl):
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, key_value_seq_lengths=kv, implementation=impl)
+        if kv is not None:  # rows past a caption's length are never read (pooling is at end-of-text)
+            out = out * (jnp.arange(length)[None, :, None, None] < kv[:, None, None, None])
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
+
+    results = {}
+    for impl in ("xla", "cudnn"):
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)(q, k, v, impl)
+        results[impl] = (out, *grads)
+    errors = [rel(c, x) for c, x in zip(results["cudnn"], results["xla"])]
+    worst = max(worst, *errors)
+    print(f"{name}: cudnn vs xla relative error out {errors[0]:.2e}, dq {errors[1]:.2e}, dk {errors[2]:.2e}, dv {errors[3]:.2e}")
+assert worst < 2e-2, f"cuDNN attention differs from XLA's by {worst:.2e} (bf16 rounding is < 1e-2)"
+print("attention parity OK")
+EOF
+    ATTENTION=xla
+    log "cuDNN attention failed or disagreed: the benchmark runs use --attention xla"
+fi
+
+# --- benchmark runs ------------------------------------------------------------------------------------------
+bench() {  # bench LABEL MIN_SECONDS ARGS...
+    local label=$1 need=$2
+    shift 2
+    local remaining
+    remaining=$(left)
+    if [ "$remaining" -lt "$need" ]; then
+        log "== $label: skipped ($remaining s left, needs ~$need s)"
+        echo "{\"label\": \"$label\", \"error\": \"skipped: ${remaining} s of the budget left\"}" >>"$JSONL"
+        return
+    fi
+    log "== $label: benchmark.py $* (limit $remaining s)"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$remaining" python3 scripts/benchmark.py --attention "$ATTENTION" --label "$label" \
+        --jsonl "$JSONL" "$@" 2>&1 | grep -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    log "== $label: exit $rc after $(($(date +%s) - t0)) s"
+    if [ "$rc" -ne 0 ]; then
+        echo "{\"label\": \"$label\", \"error\": \"exit $rc after $(($(date +%s) - t0)) s (124: out of time)\"}" >>"$JSONL"
+    fi
+}
+
+bench base-30s-b128-vs-compile 90 --model base --batch 128 --window 30 --baseline torch --compile --steps 10
+bench small-30s-b64-vs-compile 100 --model small --batch 64 --window 30 --baseline torch --compile --steps 10
+bench large-30s-b16-vs-compile 150 --model large --batch 16 --window 30 --baseline torch --compile --steps 8
+bench medium-30s-b32-vs-compile 120 --model medium --batch 32 --window 30 --baseline torch --compile --steps 8
+bench base-10s-b128 40 --model base --batch 128 --window 10 --steps 10
+bench large-30s-b64-remat 90 --model large --batch 64 --window 30 --remat full --steps 4 --warmup 1
+bench base-30s-b128-vs-eager 45 --model base --batch 128 --window 30 --baseline torch --steps 10
+
+# --- summary -------------------------------------------------------------------------------------------------
+python3 - "$JSONL" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+print(f"\n{len(rows)} runs on {next((r['device'] for r in rows if 'device' in r), '?')}, "
+      f"matmul peak {next((round(r['matmul_peak_tflops']) for r in rows if 'device' in r), '?')} TFLOP/s")
+print("| run | samples/s | ms/step | model TFLOP/s (% peak) | XLA TFLOP/s | peak GiB | compile s | torch samples/s (TFLOP/s) | torch GiB | ours/torch |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in rows:
+    if "error" in r:
+        print(f"| {r['label']} | {r['error']} |||||||||")
+        continue
+    b = r["baseline"]
+    gib = lambda x: "n/a" if x is None else f"{x / 2**30:.1f}"
+    xla = "n/a" if r["tflops_cost_analysis"] is None else f"{r['tflops_cost_analysis']:.0f}"
+    torch = "" if b is None else f"{b['samples_per_s']:.1f} ({b['tflops_model']:.0f}) {'compile' if b['compile'] else 'eager'}"
+    print(f"| {r['label']} | {r['samples_per_s']:.1f} | {1e3 * r['step_time_s']:.1f} | {r['tflops_model']:.0f} "
+          f"({100 * r['fraction_of_peak_model']:.0f}%) | {xla} | {gib(r['peak_memory_bytes'])} | {r['compile_s']:.0f} | "
+          f"{torch} | {'' if b is None else gib(b['peak_memory_bytes'])} | {'' if b is None else format(r['ratio'], '.2f')} |")
+EOF
+log "total $(($(date +%s) - START)) s"
