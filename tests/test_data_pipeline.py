@@ -243,3 +243,20 @@ def test_check_command_reports_one_epoch(tmp_path, tokenizer):
     assert report["examples"] == 15 and report["ok"] == 8 and report["clips_per_s"] > 0
     assert report["skipped"] == {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "too_short": 1, "no_captions": 1}
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log
+
+
+def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokenizer):
+    from wavlink_jax.data import tfds_builders
+    from wavlink_jax.data.__main__ import check
+
+    tfds_builders.build_manifest("tiny_clips", {"train": _manifest(tmp_path / "clips", range(1, 7))}, tmp_path / "tfds")
+    report = check("tiny_clips", data_dir=str(tmp_path / "tfds"), window_seconds=WINDOW, min_seconds=0.1, batch_size=4, progress=False)
+    assert report["examples"] == 6 and report["ok"] == 6 and report["skipped"] == {}
+    spec = {"kind": "tfds", "name": "tiny_clips", "data_dir": str(tmp_path / "tfds"), "split": "train"}
+    batch = next(_iterator(pipeline.DataConfig(sources=[spec], window_seconds=WINDOW, min_seconds=0.1), tokenizer, batch=6))
+    for waveform, ids, clip_id in zip(batch["waveform"], batch["input_ids"], _ids(batch["waveform"])):
+        full = _clip(clip_id)
+        start = int(np.argmin(np.abs(full - waveform[0])))
+        np.testing.assert_allclose(waveform, full[start : start + 4000], atol=1 / 32768)  # stored as int16
+        words = tokenizer.decode(ids).split()
+        assert int("".join(words[1:-1])) == clip_id
