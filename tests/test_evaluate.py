@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import statistics
@@ -496,3 +497,81 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
     assert [q.id for q in data.questions] == ["1", "2", "4"]
     assert data.question_audio.tolist() == [1, 1, 0]  # files in sorted path order: Audio_Grounding first
     assert data.summary()["skipped"] == {"not_audio": 1, "questions_dropped": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_dataset_errors(tmp_path):
+    args = argparse.Namespace(data_dir=None, airbench_dir=None, airbench_tasks=None, synthetic_dir=str(tmp_path), max_clips=None)
+    with pytest.raises(SystemExit, match="unknown data set 'nope'.*NAME=path/to/manifest.jsonl"):
+        ev._load_dataset("nope", args, 1.0)
+    with pytest.raises(SystemExit, match="clotho needs --data-dir"):
+        ev._load_dataset("clotho", args, 1.0)
+    with pytest.raises(SystemExit, match="airbench needs --airbench-dir"):
+        ev._load_dataset("airbench", args, 1.0)
+
+
+def test_format_table():
+    text = ev.format_table("clotho", {512: {"t2a_R@1": 17.6, "t2a_medR": 7.0}, 64: {"t2a_R@1": 16.95, "t2a_medR": 8.0}})
+    assert text.splitlines() == [
+        "clotho          512       64",
+        "t2a_R@1       17.60    16.95",
+        "t2a_medR       7.00     8.00",
+    ]
+
+
+def _write_tone(path, seconds, value, rate=16000):
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    soundfile.write(path, (value * np.sin(2 * np.pi * 300 * (1 + value) * t)).astype(np.float32), rate)
+
+
+@pytest.mark.slow
+def test_cli_evaluates_a_workdir(tmp_path):
+    from tests.train_fixtures import tiny_config
+    from wavlink_jax import checkpoint, train, train_step
+    from wavlink_jax.data import pipeline
+    from wavlink_jax.data.sources import write_manifest
+    from wavlink_jax.tokenizer import load_tokenizer, train_tokenizer
+
+    labels = ["hum", "beep", "hum", "click", "beep", "click", "hum"]
+    entries = []
+    for i, label in enumerate(labels):
+        _write_tone(tmp_path / f"c{i}.wav", 0.6 + 0.1 * i, 0.1 * (i + 1))
+        entries.append({"audio": f"c{i}.wav", "captions": [f"a {label} number {i}", f"{label} {i}"][: 1 + i % 2], "label": label})
+    manifest = write_manifest(tmp_path / "eval.jsonl", entries)
+    train_tokenizer([c for e in entries for c in e["captions"]], tmp_path / "tok", vocab_size=600)
+
+    config = tiny_config(str(tmp_path))
+    config.data.sources = ({"kind": "manifest", "path": str(manifest)},)
+    config.data.tokenizer = str(tmp_path / "tok")
+    workdir = tmp_path / "wd"
+    train.write_config(config, str(workdir))
+    mesh = sharding.create_mesh({"data": -1})
+    setup = train_step.build(config, mesh, 1)
+    state = train_step.init_state(setup, seed=3)
+    data = pipeline.make_train_iterator(config.data, global_batch_size=8, seed=0)
+    saver = checkpoint.Checkpoints(workdir, keep=1, every=1, async_save=False)
+    saver.save(7, state, data, force=True)
+    saver.close()
+
+    out = tmp_path / "res" / "results.json"
+    ev.main(["--workdir", str(workdir), "--datasets", f"toy={manifest}", "--batch-size", "8", "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["step"] == 7 and results["dims"] == [32, 16]
+    toy = results["datasets"]["toy"]
+    assert toy["clips"] == 7 and toy["captions"] == 10 and toy["classes"] == 3
+    assert (tmp_path / "res" / "results.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The same numbers from the in-memory state: the restore and the batched embedding lose nothing.
+    tokenizer = load_tokenizer(config.data.tokenizer, max_length=config.data.max_text_length)
+    embedder = train_step.StateEmbedder(setup, tokenizer, 8).use(state)
+    loaded = eval_tasks.load_eval_data("toy", manifest, window_seconds=config.data.window_seconds)
+    expected = eval_tasks.evaluate_data(embedder, loaded, [32, 16])
+    assert {int(d): m for d, m in toy["metrics"].items()} == expected
+
+    with pytest.raises(ValueError, match=r"no checkpoint for step 5; available steps: \[7\]"):
+        ev.main(["--workdir", str(workdir), "--step", "5", "--datasets", f"toy={manifest}", "--out", str(out)])

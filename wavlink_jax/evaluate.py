@@ -17,6 +17,10 @@ at the top.
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -500,3 +504,154 @@ def evaluate_during_training(
     for data in eval_sets:
         records.update(metric_records(data.name, eval_tasks.evaluate_data(embedder, data, dims, templates=templates)))
     return records
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line: python -m wavlink_jax.evaluate --workdir W --datasets ... --out results.json
+
+
+def load_workdir(
+    workdir: str | os.PathLike, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> tuple[Any, dict, int]:
+    """(train setup, `{"params", "buffers"}` of checkpoint `step` (default: latest) placed on `mesh`, step).
+
+    Only the model is read (no optimizer state, no data iterator), so a run evaluates on any machine; the
+    default mesh is every local device on the data axis.
+    """
+    import ml_collections
+    import orbax.checkpoint as ocp
+
+    from wavlink_jax import checkpoint, train_step
+
+    config_file = Path(workdir) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: --workdir must be a training run directory")
+    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
+    mesh = sharding.create_mesh({"data": -1}) if mesh is None else mesh
+    setup = train_step.build(config, mesh, total_steps=1)  # the schedule length does not matter here
+    directory = Path(checkpoint.checkpoint_dir(workdir))
+    available = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())  # finished saves only
+    if not available:
+        raise FileNotFoundError(f"{directory}: no finished checkpoint")
+    step = available[-1] if step is None else step
+    if step not in available:
+        raise ValueError(f"{workdir}: no checkpoint for step {step}; available steps: {available}")
+    state_dir = directory / str(step) / "state"
+    checkpointer = ocp.PyTreeCheckpointer()
+    abstract = {kind: setup.abstract_state[kind] for kind in ("params", "buffers")}
+    saved = checkpointer.metadata(state_dir).item_metadata.tree
+    checkpoint.check_compatible({kind: saved[kind] for kind in abstract}, abstract, source=str(state_dir))
+    restore = ocp.args.PyTreeRestore(
+        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
+    )
+    return setup, checkpointer.restore(state_dir, args=restore), step
+
+
+def _load_dataset(entry: str, args: argparse.Namespace, window_seconds: float) -> Any:
+    """One `--datasets` entry → decoded `eval_tasks.EvalData`."""
+    from wavlink_jax import eval_tasks
+
+    name, _, manifest = entry.partition("=")
+    if manifest:
+        return eval_tasks.load_eval_data(name, manifest, window_seconds=window_seconds, max_clips=args.max_clips)
+    if name == "airbench":
+        if not args.airbench_dir:
+            raise SystemExit("--datasets airbench needs --airbench-dir (the folder holding Foundation_meta.json)")
+        tasks = args.airbench_tasks.split(",") if args.airbench_tasks else None
+        return eval_tasks.load_airbench_data(args.airbench_dir, window_seconds=window_seconds, tasks=tasks)
+    if name == "synthetic":
+        return eval_tasks.load_eval_data(
+            name, Path(args.synthetic_dir) / "eval.jsonl", window_seconds=window_seconds, max_clips=args.max_clips
+        )
+    if name in eval_tasks.PAPER_SETS:
+        if not args.data_dir:
+            raise SystemExit(f"--datasets {name} needs --data-dir (where wavlink_jax.data.tfds_builders prepared it)")
+        prepared, split = eval_tasks.PAPER_SETS[name]
+        spec = {"kind": "tfds", "name": prepared, "data_dir": args.data_dir, "split": split}
+        return eval_tasks.load_eval_data(name, spec, window_seconds=window_seconds, max_clips=args.max_clips)
+    known = sorted([*eval_tasks.PAPER_SETS, "airbench", "synthetic"])
+    raise SystemExit(f"unknown data set {name!r}: use one of {known} or NAME=path/to/manifest.jsonl")
+
+
+def format_table(name: str, table: Mapping[int, Mapping[str, float]]) -> str:
+    """A plain-text table of one data set's metrics: one row per metric, one column per dimension."""
+    dims = sorted(table, reverse=True)
+    keys = list(table[dims[0]])
+    width = max(len(key) for key in keys) + 2
+    lines = [f"{name:<{width}}" + "".join(f"{dim:>9}" for dim in dims)]
+    lines += [f"{key:<{width}}" + "".join(f"{table[dim][key]:>9.2f}" for dim in dims) for key in keys]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Evaluate a workdir's checkpoint on the requested data sets; returns what is written to `--out`."""
+    from wavlink_jax import eval_tasks, train_step
+    from wavlink_jax.tokenizer import load_tokenizer
+
+    setup, state, step = load_workdir(args.workdir, args.step)
+    config = setup.config
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else list(setup.model_config.matryoshka_dims)
+    window_seconds = args.window_seconds or float(config.data.window_seconds)
+    templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
+    tokenizer = load_tokenizer(args.tokenizer or config.data.tokenizer, max_length=config.data.max_text_length)
+    embedder = train_step.StateEmbedder(setup, tokenizer, args.batch_size, progress=True).use(state)
+
+    results: dict[str, Any] = {
+        "workdir": str(args.workdir),
+        "step": step,
+        "dims": sorted(dims, reverse=True),
+        "window_seconds": window_seconds,
+        "templates": list(templates),
+        "datasets": {},
+    }
+    combined: dict[int, dict[str, float]] = {dim: {} for dim in dims}
+    for entry in args.datasets.split(","):
+        data = _load_dataset(entry, args, window_seconds)
+        table = eval_tasks.evaluate_data(embedder, data, dims, templates=templates)
+        if jax.process_index() == 0:
+            print(format_table(data.name, table), flush=True)
+        results["datasets"][data.name] = {**data.summary(), "metrics": {str(d): m for d, m in table.items()}}
+        for dim, metrics in table.items():
+            combined[dim].update({f"{data.name}/{key}": value for key, value in metrics.items()})
+
+    if jax.process_index() == 0:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if len(dims) > 1:
+            plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+            plot_matryoshka(combined, str(plot))
+            results["plot"] = str(plot)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m wavlink_jax.evaluate",
+        description="Retrieval, zero-shot and AIR-Bench evaluation of a training workdir at every Matryoshka size.",
+    )
+    parser.add_argument("--workdir", required=True, help="training run directory (config.json, checkpoints/)")
+    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--datasets",
+        required=True,
+        help="comma-separated: clotho, audiocaps, esc50, us8k, vggsound (prepared in --data-dir), airbench "
+        "(--airbench-dir), synthetic (--synthetic-dir), or NAME=path/to/manifest.jsonl",
+    )
+    parser.add_argument("--out", required=True, help="results JSON file (the Matryoshka plot goes beside it)")
+    parser.add_argument("--data-dir", help="TFDS data dir of the data sets prepared by wavlink_jax.data.tfds_builders")
+    parser.add_argument("--synthetic-dir", default="data/synthetic", help="the generated data set (eval.jsonl)")
+    parser.add_argument("--airbench-dir", help="AIR-Bench's Foundation folder (Foundation_meta.json + audio)")
+    parser.add_argument("--airbench-tasks", help="comma-separated AIR-Bench task names to keep (default: all)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch per forward pass (multiple of devices)")
+    parser.add_argument("--window-seconds", type=float, help="head crop (default: the run's data.window_seconds)")
+    parser.add_argument("--dims", help="comma-separated embedding sizes (default: the model's Matryoshka sizes)")
+    parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
+    parser.add_argument("--tokenizer", help="tokenizer directory (default: the run's data.tokenizer)")
+    parser.add_argument("--max-clips", type=int, help="evaluate the first N clips only (smoke tests)")
+    parser.add_argument("--plot", help="PNG of the headline metrics against dimension (default: OUT with .png)")
+    run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
