@@ -14,7 +14,8 @@ unknown keys). Keys (see the README section "Configs" for more):
     lora           rank, alpha (used when optim.mode = "lora")
     data           wavlink_jax.data.pipeline.DataConfig fields (sources, window_seconds, tokenizer, ...)
     init_from      workdir (a stage-1 run) | audio, text (converted or Hugging Face tower checkpoints)
-    eval           sets evaluated every eval_every_steps (see wavlink_jax.evaluate)
+    eval           sets ({"name": ..., "source": <a data source spec>}, ...) scored every eval_every_steps,
+                   batch_size, max_clips (0 = all)
 """
 
 from __future__ import annotations
@@ -106,3 +107,48 @@ def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
     config.init_from = ml_collections.ConfigDict({"workdir": "", "audio": "", "text": ""})
     config.eval = ml_collections.ConfigDict({"sets": (), "batch_size": 64, "max_clips": 0})
     return config
+
+
+# The paper's sizes: pretrained tower checkpoints (Hugging Face hub ids, or local directories) and defaults.
+PAPER_TOWERS = {
+    "base": ("openai/whisper-base.en", "openai/clip-vit-base-patch32"),
+    "small": ("openai/whisper-small.en", "openai/clip-vit-base-patch32"),
+    "large": ("openai/whisper-large-v3", "openai/clip-vit-large-patch14"),
+}
+
+
+def paper_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
+    """The paper's two-stage recipe for one model size.
+
+    Arguments (`configs/wavlink_SIZE.py:name=value,...`):
+      stage           1: Auto-ACD + AudioSetCaps, towers from the pretrained Whisper / CLIP checkpoints;
+                      2: AudioCaps + Clotho training splits, initialised from the stage-1 workdir
+      data_dir        where `python -m wavlink_jax.data.tfds_builders build ...` prepared the data sets
+      stage1_workdir  the stage-1 run (stage 2 only)
+      audio_init, text_init   tower checkpoints for stage 1 (hub id or local directory)
+    """
+    audio_init, text_init = PAPER_TOWERS[size]
+    args = parse_arg(
+        arg, stage=1, data_dir="~/tensorflow_datasets", stage1_workdir="", audio_init=audio_init, text_init=text_init
+    )
+    config = base_config(WavLinkConfig.preset(size), stage=args.stage)
+
+    def tfds(name: str, split: str) -> dict:
+        return {"kind": "tfds", "name": name, "split": split, "data_dir": args.data_dir}
+
+    if args.stage == 1:
+        # Equal mixing weights; set them to the prepared sets' sizes to mix in proportion.
+        config.data.sources = (tfds("autoacd", "train"), tfds("audiosetcaps", "train"))
+        config.init_from.audio, config.init_from.text = args.audio_init, args.text_init
+    else:
+        if not args.stage1_workdir:
+            raise ValueError(f"configs/wavlink_{size}.py:stage=2 needs stage1_workdir=<the stage-1 run's workdir>")
+        config.data.sources = (tfds("audiocaps", "train"), tfds("clotho", "train"))
+        config.init_from.workdir = args.stage1_workdir
+    config.data.tokenizer = args.text_init  # CLIP checkpoints ship their tokenizer
+    config.data.window_seconds = 10.0
+    config.data.num_workers = 8
+    config.eval.sets = tuple({"name": name, "source": tfds(name, "test")} for name in ("audiocaps", "clotho"))
+    config.eval.batch_size = 256
+    return config
+

@@ -51,6 +51,6 @@ def get_config(arg: str | None = None):
     config.data.read_threads = 2
     config.data.prefetch_buffer = 128
 
-    config.eval.sets = ({"name": "synthetic", "kind": "manifest", "path": f"{args.data_dir}/eval.jsonl"},)
+    config.eval.sets = ({"name": "synthetic", "source": {"kind": "manifest", "path": f"{args.data_dir}/eval.jsonl"}},)
     config.eval.batch_size = 100
     return config

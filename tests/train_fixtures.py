@@ -1,13 +1,21 @@
-"""Tiny trainer configs and batches shared by the trainer tests (1-layer towers of width 32, 1 s windows)."""
+"""Tiny trainer configs and batches shared by the trainer tests (1-layer towers of width 32, 1 s windows).
+
+Also a config file for the CLI: `python -m wavlink_jax.train --config tests/train_fixtures.py:data_dir=D,steps=N`.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from configs import quickstart
+from configs import common, quickstart
 
 TEXT_LENGTH = 16
 WINDOW_SAMPLES = 16000
+
+
+def get_config(arg: str | None = None):
+    args = common.parse_arg(arg, data_dir="unused", steps=4)
+    return tiny_config(args.data_dir, total_steps=args.steps)
 
 
 def tiny_config(data_dir: str = "unused", **overrides):

@@ -10,8 +10,8 @@ run.
 
 from __future__ import annotations
 
-import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from wavlink_jax import checkpoint, eval_tasks, metrics_log, sharding, train_step
@@ -75,10 +76,9 @@ class Evaluator:
         self.embedder = train_step.StateEmbedder(setup, tokenizer, config.eval.batch_size)
         self.sets = []
         for spec in config.eval.sets:
-            spec = dict(spec)
-            name = spec.pop("name")
+            name, source = spec["name"], dict(spec["source"])
             decoded = pipeline.make_eval_set(
-                spec,
+                source,
                 window_seconds=config.data.window_seconds,
                 max_clips=config.eval.max_clips or None,
                 require_captions=False,
@@ -106,12 +106,18 @@ class Evaluator:
         return results
 
 
+def _say(text: str) -> None:
+    """A line for the user (process 0 only; absl INFO logs are off by default)."""
+    if jax.process_index() == 0:
+        print(text, flush=True)
+
+
 def initial_state(
     setup: train_step.TrainSetup, checkpoints: checkpoint.Checkpoints, data: pipeline.TrainIterator
 ) -> dict:
     """The latest checkpoint of the workdir (data iterator moved to its position), else a fresh state."""
     if checkpoints.latest_step() is not None:
-        logging.info("resuming from %s/%d", checkpoints.directory, checkpoints.latest_step())
+        _say(f"resuming from {checkpoints.directory}/{checkpoints.latest_step()}")
         return checkpoints.restore(setup.abstract_state, data)
     state = train_step.init_state(setup, setup.config.seed)
     return checkpoint.apply_init_from(state, setup)
@@ -196,7 +202,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --config, --workdir, --config.KEY=VALUE")
     if _WORKDIR.value is None or _CONFIG.value is None:
         raise app.UsageError("--config and --workdir are required")
-    train(_CONFIG.value, _WORKDIR.value)
+    if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        train(_CONFIG.value, _WORKDIR.value)
+    except NonFiniteLoss as err:
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

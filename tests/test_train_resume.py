@@ -1,0 +1,97 @@
+"""Kill-and-resume: a run killed by SIGKILL (between saves, and in the middle of a save) resumes from its
+last complete checkpoint and ends with exactly the metrics of a run that was never stopped."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from wavlink_jax.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 8
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+
+# Runs the trainer, but SIGKILLs the process inside its first checkpoint save: after orbax has started
+# writing the state (asynchronously) into the step's temporary directory, while the data item is written.
+KILL_IN_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import grain
+    from absl import app
+    from wavlink_jax import train
+
+    def killed_save(self, directory, item=None, args=None):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    grain.checkpoint.CheckpointHandler.save = killed_save
+    app.run(train.main)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_train=48, num_eval=1, max_seconds=1.5, captions_per_clip=2)
+    return root
+
+
+def command(workdir, data_dir, program=("-m", "wavlink_jax.train")):
+    return [sys.executable, *program, "--config", f"tests/train_fixtures.py:data_dir={data_dir},steps={STEPS}",
+            "--workdir", str(workdir), "--config.checkpoint_every_steps=2"]
+
+
+def losses(workdir):
+    records = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records}, [r["step"] for r in records]
+
+
+def finished_steps(workdir):
+    directory = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def test_killed_runs_resume_exactly(tmp_path, data_dir):
+    reference = tmp_path / "reference"
+    subprocess.run(command(reference, data_dir), cwd=REPO, env=ENV, check=True, capture_output=True)
+    expected, steps = losses(reference)
+    assert steps == list(range(1, STEPS + 1))
+
+    workdir = tmp_path / "killed"
+    # 1. SIGKILL from outside as soon as the first checkpoint is committed (the run is mid-training).
+    process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while not finished_steps(workdir) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = finished_steps(workdir)[-1]
+    assert killed_at < STEPS
+
+    # 2. Resume, and get killed again inside the next save: that checkpoint must not count.
+    script = tmp_path / "kill_in_save.py"
+    script.write_text(KILL_IN_SAVE)
+    result = subprocess.run(command(workdir, data_dir, program=(str(script),)), cwd=REPO, env=ENV,
+                            capture_output=True, text=True)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert "resuming from" in result.stdout
+    assert finished_steps(workdir)[-1] == killed_at  # the half-written checkpoint is not a checkpoint
+    leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+    assert leftovers, "the kill did not happen during a save"
+
+    # 3. Resume again and finish: every step's loss equals the uninterrupted run's.
+    result = subprocess.run(command(workdir, data_dir), cwd=REPO, env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed, steps = losses(workdir)
+    assert steps == list(range(1, STEPS + 1))  # records logged after the last checkpoint were dropped
+    for step in range(1, STEPS + 1):
+        assert abs(resumed[step] - expected[step]) <= 1e-6, (step, resumed[step], expected[step])
+    assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
