@@ -119,6 +119,11 @@ def model_flops(model: WavLinkConfig, batch: int, frames: int, text_length: int)
 # The two steps
 
 
+def progress(message: str) -> None:
+    """A time-stamped line on stderr, so a log cut short still shows where the time went."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def random_batch(rng, batch: int, samples: int, text_length: int, vocab_size: int) -> dict[str, Any]:
     """Waveform noise and captions of random length (≥ 8 tokens) ending in the end-of-text id (vocab − 1)."""
     import numpy as np
@@ -154,20 +159,24 @@ def run_torch(args: argparse.Namespace, model: WavLinkConfig, config, host_batch
     from wavlink_jax import torch_baseline as tb
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls, as XLA's default on GPU
+    progress(f"torch {torch.__version__}: building the baseline on {device}")
     a, t = model.audio, model.text
-    net = tb.TorchWavLink(
-        tb.torch_whisper_config(
-            tb.TowerShape(a.width, a.num_layers, a.num_heads, a.mlp_dim), n_mels=a.n_mels, frames=args.frames
-        ),
-        tb.torch_clip_text_config(
-            tb.TowerShape(t.width, t.num_layers, t.num_heads, t.mlp_dim),
-            vocab_size=t.vocab_size, context=args.text_length, projection_dim=t.projection_dim,
-        ),
-        embed_dim=model.embed_dim,
-        levels=model.matryoshka_dims,
-        clip_weight=config.loss.clip_weight,
-        sigmoid_weight=config.loss.sigmoid_weight,
-    ).to(device)
+    with device:  # parameters are created (and randomly initialised) directly on the device
+        net = tb.TorchWavLink(
+            tb.torch_whisper_config(
+                tb.TowerShape(a.width, a.num_layers, a.num_heads, a.mlp_dim), n_mels=a.n_mels, frames=args.frames
+            ),
+            tb.torch_clip_text_config(
+                tb.TowerShape(t.width, t.num_layers, t.num_heads, t.mlp_dim),
+                vocab_size=t.vocab_size, context=args.text_length, projection_dim=t.projection_dim,
+            ),
+            embed_dim=model.embed_dim,
+            levels=model.matryoshka_dims,
+            clip_weight=config.loss.clip_weight,
+            sigmoid_weight=config.loss.sigmoid_weight,
+        )
+    net = net.to(device)
     batches = [
         tuple(torch.from_numpy(b[key]).to(device) for key in ("waveform", "input_ids", "attention_mask"))
         for b in host_batches
@@ -235,15 +244,20 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
 
     device = jax.devices()[0]
     mesh = sharding.create_mesh(dict(config.mesh), devices=[device])
+    start = time.perf_counter()
     setup = train_step.build(config, mesh, config.total_steps)
-    state = train_step.init_state(setup, config.seed)
+    state = jax.block_until_ready(train_step.init_state(setup, config.seed))
+    init_s = time.perf_counter() - start
+    progress(f"ours: state initialised in {init_s:.1f} s")
     step = train_step.make_train_step(setup)
     batch_sharding = sharding.batch_sharding(mesh)
     batches = [jax.device_put(b, batch_sharding) for b in host_batches]
 
+    progress(f"ours: compiling on {device.device_kind}")
     start = time.perf_counter()
     compiled = step.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
+    progress(f"ours: compiled in {compile_s:.1f} s")
     if args.dump_hlo:
         Path(args.dump_hlo).write_text(compiled.as_text())
     flops = cost_analysis_flops(compiled)
@@ -260,9 +274,11 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
     if not math.isfinite(final_loss):
         raise FloatingPointError(f"our loss is {final_loss} after {args.warmup + args.steps} steps")
 
+    progress(f"ours: {1e3 * step_time:.1f} ms/step")
     stats = device.memory_stats() or {}
     del state, batches
     return {
+        "init_s": init_s,
         "compile_s": compile_s,
         "step_time_s": step_time,
         "flops_per_step_cost_analysis": flops,
@@ -344,7 +360,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for _ in range(2)
     ]
     # The baseline runs before JAX touches the device: JAX reserves most of the GPU's memory when it starts.
-    baseline = run_torch(args, model, config, host_batches) if args.baseline else None
+    # A failing baseline (e.g. a torch.compile error) is reported in the result; ours is still measured.
+    baseline = None
+    if args.baseline:
+        try:
+            baseline = run_torch(args, model, config, host_batches)
+        except Exception as error:  # noqa: BLE001 - reported, not hidden
+            progress(f"torch baseline failed: {error!r}")
+            baseline = {"name": "torch", "compile": args.compile, "error": repr(error)[:2000]}
 
     import jax
 
@@ -386,14 +409,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["fraction_of_peak_cost_analysis"] = (
         result["tflops_cost_analysis"] / peak_tflops if cost_flops else None
     )
-    if baseline is not None:
+    if baseline is not None and "error" not in baseline:
         baseline["samples_per_s"] = args.batch / baseline["step_time_s"]
         baseline["tflops_model"] = flops_model / baseline["step_time_s"] / 1e12
         baseline["fraction_of_peak_model"] = baseline["tflops_model"] / peak_tflops
         result["ratio"] = result["samples_per_s"] / baseline["samples_per_s"]
     result["baseline"] = baseline
-    if baseline is None:
-        result["ratio"] = None
+    result.setdefault("ratio", None)
 
     print(json.dumps(result) if args.json else report(result))
     if args.jsonl:
@@ -409,7 +431,7 @@ def _gib(value: int | None) -> str:
 def report(r: dict[str, Any]) -> str:
     """The human-readable summary of `main`'s result."""
     cost = (
-        f"{r['tflops_cost_analysis']:.1f} TFLOP/s ({100 * r['fraction_of_peak_cost_analysis']:.0f}%)"
+        f"{r['tflops_cost_analysis']:.3g} TFLOP/s ({100 * r['fraction_of_peak_cost_analysis']:.0f}%)"
         if r["tflops_cost_analysis"] is not None
         else "n/a"
     )
@@ -417,17 +439,19 @@ def report(r: dict[str, Any]) -> str:
         f"WavLink {r['model']}, batch {r['batch']}, {r['window_s']:g} s window, {r['dtype']}, attention "
         f"{r['attention']}, remat {r['remat']} on {r['device']} ({r['platform']}), {r['date']}",
         f"  versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
-        f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.1f} TFLOP/s",
+        f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.3g} TFLOP/s",
         f"  ours:  {1e3 * r['step_time_s']:.2f} ms/step, {r['samples_per_s']:.1f} samples/s, model "
-        f"{r['tflops_model']:.1f} TFLOP/s ({100 * r['fraction_of_peak_model']:.0f}% of peak), cost analysis {cost}, "
+        f"{r['tflops_model']:.3g} TFLOP/s ({100 * r['fraction_of_peak_model']:.0f}% of peak), cost analysis {cost}, "
         f"peak memory {_gib(r['peak_memory_bytes'])}, compile {r['compile_s']:.1f} s",
     ]
     b = r["baseline"]
-    if b is not None:
+    if b is not None and "error" in b:
+        lines.append(f"  torch baseline failed: {b['error']}")
+    elif b is not None:
         kind = "torch.compile" if b["compile"] else "eager"
         lines += [
             f"  torch ({kind}): {1e3 * b['step_time_s']:.2f} ms/step, {b['samples_per_s']:.1f} samples/s, model "
-            f"{b['tflops_model']:.1f} TFLOP/s ({100 * b['fraction_of_peak_model']:.0f}% of peak), peak memory "
+            f"{b['tflops_model']:.3g} TFLOP/s ({100 * b['fraction_of_peak_model']:.0f}% of peak), peak memory "
             f"{_gib(b['peak_memory_bytes'])}, first step {b['compile_s']:.1f} s",
             f"  ours / torch throughput: {r['ratio']:.2f}×",
         ]

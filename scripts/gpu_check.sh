@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one device check of the performance issue: every size, ours vs PyTorch, on one H100/H200, in < 9 minutes.
 #
-#   bash scripts/gpu_check.sh            # from the repository root, on the GPU machine
+#   bash scripts/gpu_check.sh                     # from the repository root, on the GPU machine
+#   bash scripts/gpu_check.sh base-10s-b128 ...   # only the runs with these labels (see the list below)
 #
 # Writes $OUT/bench.jsonl (one JSON object per benchmark run, or {"label", "error"} for one that failed or
 # was skipped) and $OUT/log.txt (everything printed), and ends with a Markdown table of the runs.
@@ -104,9 +105,13 @@ EOF
 fi
 
 # --- benchmark runs ------------------------------------------------------------------------------------------
-bench() {  # bench LABEL MIN_SECONDS ARGS...
+SELECTED=" $* "
+bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on the command line, if any)
     local label=$1 need=$2
     shift 2
+    if [ -n "${SELECTED// /}" ] && [[ "$SELECTED" != *" $label "* ]]; then
+        return
+    fi
     local remaining
     remaining=$(left)
     if [ "$remaining" -lt "$need" ]; then
@@ -148,7 +153,10 @@ for r in rows:
     b = r["baseline"]
     gib = lambda x: "n/a" if x is None else f"{x / 2**30:.1f}"
     xla = "n/a" if r["tflops_cost_analysis"] is None else f"{r['tflops_cost_analysis']:.0f}"
-    torch = "" if b is None else f"{b['samples_per_s']:.1f} ({b['tflops_model']:.0f}) {'compile' if b['compile'] else 'eager'}"
+    if b is not None and "error" in b:
+        torch, b = f"failed: {b['error'][:80]}", None
+    else:
+        torch = "" if b is None else f"{b['samples_per_s']:.1f} ({b['tflops_model']:.0f}) {'compile' if b['compile'] else 'eager'}"
     print(f"| {r['label']} | {r['samples_per_s']:.1f} | {1e3 * r['step_time_s']:.1f} | {r['tflops_model']:.0f} "
           f"({100 * r['fraction_of_peak_model']:.0f}%) | {xla} | {gib(r['peak_memory_bytes'])} | {r['compile_s']:.0f} | "
           f"{torch} | {'' if b is None else gib(b['peak_memory_bytes'])} | {'' if b is None else format(r['ratio'], '.2f')} |")

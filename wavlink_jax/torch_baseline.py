@@ -14,6 +14,7 @@ below uses the encoder's own submodules, so shorter windows run with no padding 
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -64,7 +65,7 @@ def torch_whisper_config(audio: TowerShape, *, n_mels: int, frames: int) -> Whis
 
 
 def torch_clip_text_config(text: TowerShape, *, vocab_size: int, context: int, projection_dim: int) -> CLIPTextConfig:
-    """A CLIP text config of the given size; the end-of-text token is the last id (pooled by first occurrence)."""
+    """A CLIP text config of the given size; end-of-text is the last id (pooled at its first occurrence)."""
     return CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=text.width,
@@ -74,7 +75,9 @@ def torch_clip_text_config(text: TowerShape, *, vocab_size: int, context: int, p
         max_position_embeddings=context,
         projection_dim=projection_dim,
         hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2,
         eos_token_id=vocab_size - 1,
+        pad_token_id=0,
         attn_implementation="sdpa",
     )
 
@@ -267,6 +270,7 @@ def time_torch_step(
     loss = step(batches[0])
     sync()
     compile_s = time.perf_counter() - start
+    print(f"torch: first step (compilation) {compile_s:.1f} s", file=sys.stderr, flush=True)
     for i in range(1, warmup):
         loss = step(batches[i % len(batches)])
     sync()
