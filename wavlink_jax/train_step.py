@@ -94,17 +94,21 @@ class TrainSetup:
     shardings: Any  # NamedShardings, same tree as the state
 
 
-def _init_fn(config, mconfig: WavLinkConfig, targets, trainable: Tree | None, tx) -> Callable[[jax.Array], dict]:
+def _init_fn(setup: TrainSetup) -> Callable[[jax.Array], dict]:
     def init(rng: jax.Array) -> dict:
         model_rng, lora_rng, state_rng = jax.random.split(rng, 3)
-        _, params, buffers = nnx.split(WavLink(mconfig, rngs=nnx.Rngs(params=model_rng)), nnx.Param, ...)
+        model = WavLink(setup.model_config, rngs=nnx.Rngs(params=model_rng))
+        _, params, buffers = nnx.split(model, nnx.Param, ...)
         params = to_tree(params)
-        if targets:
-            params = optim.combine(lora.init(lora_rng, params, targets, config.lora.rank), params)
-        state = {"step": jnp.zeros((), jnp.int32), "params": params, "buffers": to_tree(buffers), "rng": state_rng}
-        if tx is not None:
-            state["opt_state"] = tx.init(optim.partition(params, trainable)[0])
-        return state
+        if setup.lora_targets:
+            params = optim.combine(lora.init(lora_rng, params, setup.lora_targets, setup.config.lora.rank), params)
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "params": params,
+            "buffers": to_tree(buffers),
+            "opt_state": setup.tx.init(optim.partition(params, setup.trainable)[0]),
+            "rng": state_rng,
+        }
 
     return init
 
@@ -118,21 +122,26 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
 
     preset = optim.training_mode(config.optim.mode, config.optim.towers)
     targets = tuple(lora.targets(param_shapes, preset.lora)) if preset.lora else ()
-    abstract_no_tx = jax.eval_shape(_init_fn(config, mconfig, targets, None, None), jax.random.PRNGKey(0))
-    all_params = abstract_no_tx["params"]
+    adapters = jax.eval_shape(lambda key: lora.init(key, param_shapes, targets, config.lora.rank), jax.random.key(0))
+    all_params = optim.combine(adapters, param_shapes)
     trainable = optim.trainable_mask(all_params, tuple(preset.freeze) + tuple(config.optim.freeze))
     optim.matching(list(optim.flatten(all_params)), [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules")
     trainable_shapes = optim.partition(all_params, trainable)[0]
     if not trainable_shapes:
         raise ValueError("nothing to train: config.optim.freeze and the training mode freeze every parameter")
     tx, schedule = optim.make_optimizer(config.optim, trainable_shapes, total_steps)
-    abstract = jax.eval_shape(_init_fn(config, mconfig, targets, trainable, tx), jax.random.PRNGKey(0))
+    abstract = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "params": all_params,
+        "buffers": to_tree(buffer_template),
+        "opt_state": jax.eval_shape(tx.init, trainable_shapes),
+        "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+    }
 
     rules = sharding.rules_dict(config.sharding_rules)
     axes = sharding.logical_axes_tree(param_template)
     if targets:
-        adapters = {k: v for k, v in optim.flatten(all_params).items() if lora.is_adapter(k)}
-        axes = optim.combine(lora.logical_axes(axes, optim.unflatten(adapters)), axes)
+        axes = optim.combine(lora.logical_axes(axes, adapters), axes)
     param_shardings = sharding.tree_shardings(axes, all_params, rules, mesh)
     buffer_shardings = sharding.tree_shardings(
         sharding.logical_axes_tree(buffer_template), abstract["buffers"], rules, mesh
@@ -167,8 +176,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
 
 def init_state(setup: TrainSetup, seed: int) -> dict:
     """Fresh parameters and optimizer state, each array created directly in its sharding."""
-    init = _init_fn(setup.config, setup.model_config, setup.lora_targets, setup.trainable, setup.tx)
-    return jax.jit(init, out_shardings=setup.shardings)(jax.random.PRNGKey(seed))
+    return jax.jit(_init_fn(setup), out_shardings=setup.shardings)(jax.random.PRNGKey(seed))
 
 
 def embed_fn(setup: TrainSetup) -> Callable[[Tree, Tree, dict], tuple[jax.Array, jax.Array]]:

@@ -1,0 +1,142 @@
+"""The trainer around the step: CLI config handling, NaN stop, init_from (towers and stage-1 workdirs), configs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from train_fixtures import tiny_config
+
+from wavlink_jax import checkpoint, optim, sharding, train, train_step
+from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data import synthetic
+from wavlink_jax.models import lora
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_train=24, num_eval=1, max_seconds=1.5, captions_per_clip=2)
+    return root
+
+
+def one_device_mesh():
+    return sharding.create_mesh({"data": 1}, devices=jax.devices()[:1])
+
+
+def test_cli_refuses_unknown_override(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "wavlink_jax.train", "--config", "configs/quickstart.py", "--workdir", str(tmp_path),
+         "--config.optim.learning_rat=0.1"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert result.returncode != 0
+    assert "learning_rat" in result.stderr
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
+    config = tiny_config(str(data_dir), total_steps=5, checkpoint_every_steps=1, **{"optim.learning_rate": 1e6})
+    with pytest.raises(train.NonFiniteLoss, match=r"at step 2: training stopped.*last good checkpoint is step 1"):
+        train.train(config, str(tmp_path))
+    assert checkpoint.Checkpoints(tmp_path, keep=1, every=1).latest_step() == 1
+    resolved = json.loads((tmp_path / "config.json").read_text())
+    assert resolved["optim"]["learning_rate"] == 1e6 and resolved["total_steps"] == 5
+
+
+def hf_towers(tmp_path, config):
+    """Random Hugging Face Whisper and CLIP checkpoints with the tiny config's tower shapes, saved to disk."""
+    audio, text = config.model.audio, config.model.text
+    torch.manual_seed(0)
+    whisper = transformers.WhisperModel(transformers.WhisperConfig(
+        num_mel_bins=audio.n_mels, d_model=audio.width, encoder_layers=audio.num_layers,
+        encoder_attention_heads=audio.num_heads, encoder_ffn_dim=audio.mlp_dim,
+        max_source_positions=audio.max_positions, decoder_layers=1, decoder_attention_heads=audio.num_heads,
+        decoder_ffn_dim=8, vocab_size=64, max_target_positions=8, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        decoder_start_token_id=0,
+    ))
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width, num_hidden_layers=text.num_layers,
+                         num_attention_heads=text.num_heads, intermediate_size=text.mlp_dim,
+                         max_position_embeddings=text.max_positions, eos_token_id=2),
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                           image_size=32, patch_size=16),
+        projection_dim=text.projection_dim,
+    ))
+    whisper.save_pretrained(tmp_path / "whisper")
+    clip.save_pretrained(tmp_path / "clip")
+    return whisper, clip
+
+
+def test_init_from_towers_loads_both_and_keeps_global_token(tmp_path):
+    config = tiny_config()
+    whisper, clip = hf_towers(tmp_path, config)
+    config.init_from.audio, config.init_from.text = str(tmp_path / "whisper"), str(tmp_path / "clip")
+    setup = train_step.build(config, one_device_mesh(), total_steps=10)
+    fresh = train_step.init_state(setup, seed=0)
+    fresh_token = np.asarray(fresh["params"]["audio"]["global_token"])
+    state = optim.flatten(jax.device_get(checkpoint.apply_init_from(fresh, setup)["params"]))
+    torch_whisper = {k: v.numpy() for k, v in whisper.state_dict().items()}
+    torch_clip = {k: v.numpy() for k, v in clip.state_dict().items()}
+    np.testing.assert_array_equal(
+        state["audio/encoder/layers/0/attn/query/kernel"], torch_whisper["encoder.layers.0.self_attn.q_proj.weight"].T
+    )
+    np.testing.assert_array_equal(state["text/token_embedding/embedding"],
+                                  torch_clip["text_model.embeddings.token_embedding.weight"])
+    np.testing.assert_array_equal(state["text/text_projection/kernel"], torch_clip["text_projection.weight"].T)
+    np.testing.assert_array_equal(state["audio/global_token"], fresh_token)  # no checkpoint has it
+
+
+def test_init_from_tower_with_wrong_shape_lists_keys(tmp_path):
+    config = tiny_config()
+    hf_towers(tmp_path, config)
+    config.model.audio.mlp_dim = 96  # the checkpoint has 64
+    config.init_from.audio = str(tmp_path / "whisper")
+    setup = train_step.build(config, one_device_mesh(), total_steps=10)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.apply_init_from(train_step.init_state(setup, seed=0), setup)
+    assert "audio/encoder/layers/0/fc1/kernel" in str(err.value)
+
+
+def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):
+    stage1 = tiny_config(str(data_dir), total_steps=2, **{"optim.mode": "lora"})
+    train.train(stage1, str(tmp_path / "stage1"))
+    saved, _ = checkpoint.read_workdir_params(tmp_path / "stage1")
+    stage2 = tiny_config(str(data_dir), **{"init_from.workdir": str(tmp_path / "stage1")})
+    setup = train_step.build(stage2, one_device_mesh(), total_steps=10)
+    state = checkpoint.apply_init_from(train_step.init_state(setup, seed=1), setup)
+    loaded = optim.flatten(jax.device_get(state["params"]))
+    expected = optim.flatten(lora.merge(saved, lora.scale(stage1.lora.rank, stage1.lora.alpha)))
+    assert loaded.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(loaded[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
+    assert int(state["step"]) == 0  # a new stage starts its own schedule
+
+
+@pytest.mark.parametrize("name", ["wavlink_base", "wavlink_small", "wavlink_large"])
+def test_paper_configs_build_sharded_states(name):
+    import importlib
+
+    module = importlib.import_module(f"configs.{name}")
+    stage1 = module.get_config("stage=1")
+    assert (stage1.batch_size, stage1.optim.learning_rate, stage1.optim.warmup_fraction) == (768, 1e-4, 0.05)
+    assert stage1.dtype == "bfloat16" and stage1.epochs == 3 and stage1.init_from.audio.startswith("openai/whisper")
+    with pytest.raises(ValueError, match="stage1_workdir"):
+        module.get_config("stage=2")
+    stage2 = module.get_config("stage=2,stage1_workdir=/runs/stage1")
+    assert stage2.init_from.workdir == "/runs/stage1" and not stage2.init_from.audio
+    # Shapes and shardings only (jax.eval_shape): nothing is allocated.
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
+    setup = train_step.build(stage1, mesh, total_steps=100)
+    count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state["params"]))
+    paper = {"wavlink_base": 84e6, "wavlink_small": 152e6, "wavlink_large": 761e6}[name]
+    assert abs(count - paper) / paper < 0.05, count  # the paper's parameter counts (audio + text)
+    kernel = setup.shardings["params"]["audio"]["encoder"]["layers"]["0"]["fc1"]["kernel"]
+    assert tuple(kernel.spec) == ("fsdp", None)
