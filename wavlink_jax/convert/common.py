@@ -130,7 +130,10 @@ def assign_strict(
     *,
     source: str,
 ) -> None:
-    """Write `weights[torch_name]` (transformed) into the module's parameter at `our_path`, strictly.
+    """Write `weights[torch_name]` (transformed) into the module's variable at `our_path`, strictly.
+
+    Targets are usually `nnx.Param`s; fixed tables a checkpoint carries (e.g. Whisper's sinusoid position
+    table, a non-trainable variable) are written the same way.
 
     `mapping` must cover exactly the module's parameters that come from the checkpoint; `weights` must hold
     exactly the keys of `mapping`. Raises CheckpointError listing missing, unexpected and mis-shaped keys.
@@ -145,11 +148,11 @@ def assign_strict(
     if problems:
         raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
 
-    params = dict(nnx.to_flat_state(nnx.state(module, nnx.Param)))
+    params = dict(nnx.to_flat_state(nnx.state(module)))
     mismatched = []
     for torch_name, (path, transform) in mapping.items():
         if path not in params:
-            raise KeyError(f"converter bug: {path} is not a parameter of {type(module).__name__}")
+            raise KeyError(f"converter bug: {path} is not a variable of {type(module).__name__}")
         value = transform(weights[torch_name])
         target = params[path]
         current = target.get_value()
