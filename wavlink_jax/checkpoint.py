@@ -147,6 +147,18 @@ def read_workdir_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
 
     Used for `init_from` (stage 2 starts from stage 1) and by tools that need the weights without a mesh.
     """
+    items, config, _ = read_workdir_state(workdir, items=("params",))
+    return items["params"], config
+
+
+def read_workdir_state(
+    workdir: str | os.PathLike, step: int | None = None, items: tuple[str, ...] = ("params", "buffers")
+) -> tuple[dict, dict, int]:
+    """`items` of a workdir's checkpoint at `step` (default: the latest) as host numpy arrays, its config.json,
+    and the step read. An item the state does not hold (e.g. `buffers` of a model without any) comes back `{}`.
+
+    For the exporter and `wavlink_jax.inference`, which need the parameters and fixed tables without a mesh.
+    """
     workdir = Path(workdir)
     config_file = workdir / "config.json"
     if not config_file.exists():
@@ -155,18 +167,22 @@ def read_workdir_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
     steps = sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit())
     if not steps:
         raise CheckpointError(f"{directory}: no finished checkpoint in this workdir")
-    state_dir = Path(directory) / str(steps[-1]) / "state"
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise CheckpointError(f"{directory}: no finished checkpoint of step {step}; steps available: {steps}")
+    state_dir = Path(directory) / str(step) / "state"
     checkpointer = ocp.PyTreeCheckpointer()
     metadata = _as_dict(checkpointer.metadata(state_dir).item_metadata.tree)
     if "params" not in metadata:
         raise CheckpointError(f"{state_dir}: not a train state (no 'params')")
-    item = {"params": metadata["params"]}
+    item = {name: metadata[name] for name in items if metadata.get(name)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = checkpointer.restore(
         state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
     )
-    logging.info("read parameters of step %d from %s", steps[-1], state_dir)
-    return restored["params"], json.loads(config_file.read_text())
+    logging.info("read %s of step %d from %s", "/".join(items), step, state_dir)
+    return {name: restored.get(name, {}) for name in items}, json.loads(config_file.read_text()), step
 
 
 def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:

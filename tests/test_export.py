@@ -1,0 +1,190 @@
+"""Export to PyTorch: a tiny model trained 3 steps is exported; transformers loads it (AutoModel, remote code);
+PyTorch and JAX embeddings agree; the towers round-trip through the importers and transformers' own classes.
+
+fp32 throughout (conftest sets `highest` matmul precision). Tolerance 1e-4 max abs on unit-norm embeddings
+(DESIGN.md's parity bar); measured ~1e-7. Weight round trips are exact.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+from wavlink_jax import audio, export, inference, torch_model
+from wavlink_jax.convert import load_clip_text, load_whisper
+from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-4
+
+
+def train_workdir(root: Path, *overrides: str, steps: int = 3) -> tuple[Path, Path]:
+    """A workdir of `tests/train_fixtures.py`'s tiny model trained `steps` steps by the trainer's CLI (one CPU
+    device) on a small generated data set, checkpoints every 2 steps and at the end; (workdir, data dir)."""
+    data = synthetic.generate(root / "data", num_train=8, num_eval=0, max_seconds=1.5, captions_per_clip=1)
+    workdir = root / "workdir"
+    command = [
+        sys.executable, "-m", "wavlink_jax.train",
+        "--config", f"tests/train_fixtures.py:data_dir={data.root},steps={steps}",
+        "--workdir", str(workdir), "--config.checkpoint_every_steps=2", *overrides,
+    ]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return workdir, data.root
+
+
+def sample_inputs(seed: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Waveforms shorter than, as long as and longer than the 1 s window; a caption longer than 16 tokens."""
+    rng = np.random.default_rng(seed)
+    waves = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in (16000, 7000, 23000, 16000, 1200)]
+    waves[3] = np.sin(np.arange(16000) * 0.05).astype(np.float32) * np.linspace(0, 1, 16000, dtype=np.float32)
+    texts = ["a dog barks twice", "bell", "", "rain falls on a tin roof while thunder rumbles far away and a car "
+             "passes by slowly"]
+    return waves, texts
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return train_workdir(tmp_path_factory.mktemp("run"))[0]
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "wavlink"
+    export.main(["--workdir", str(trained), "--out", str(out)])
+    return out
+
+
+@pytest.fixture(scope="module")
+def torch_wavlink(exported):
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(exported), trust_remote_code=True).eval()
+
+
+@pytest.fixture(scope="module")
+def jax_embedder(trained):
+    return inference.load(trained, batch_size=8)
+
+
+def test_directory_layout_and_exact_transformers_names(exported):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    files = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_wavlink.py", "tokenizer.json", "tokenizer_config.json"} <= files
+    assert (exported / "modeling_wavlink.py").read_text() == Path(torch_model.__file__).read_text()
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "wavlink" and config["auto_map"] == export.AUTO_MAP
+    assert config["embed_dim"] == 32 and config["matryoshka_dims"] == [32, 16]
+    assert config["window_seconds"] == 1.0 and config["max_text_length"] == 16
+    assert config["audio_config"]["model_type"] == "whisper" and config["text_config"]["model_type"] == "clip_text_model"
+    assert json.loads((exported / "tokenizer_config.json").read_text())["model_max_length"] == 16
+
+    # The towers' tensors are exactly transformers' own modules' state dicts (names and shapes), nothing else.
+    weights = load_file(str(exported / "model.safetensors"))
+    expected = {}
+    for prefix, module in (
+        ("audio.", WhisperEncoder(WhisperConfig(**config["audio_config"]))),
+        ("text.", CLIPTextModelWithProjection(CLIPTextConfig(**config["text_config"]))),
+    ):
+        expected.update({prefix + name: tuple(t.shape) for name, t in module.state_dict().items()})
+    extra = {"audio_global_token": (32,), "audio_projection.weight": (32, 32), "audio_projection.bias": (32,),
+             "text_projection.weight": (32, 32), "text_projection.bias": (32,), "clip_logit_scale": (),
+             "sigmoid_logit_scale": (), "sigmoid_logit_bias": ()}
+    expected.update(extra)
+    assert {name: tuple(w.shape) for name, w in weights.items()} == expected
+    assert all(w.dtype == np.float32 for w in weights.values())
+
+
+def test_automodel_loads_every_tensor(exported, torch_wavlink):
+    assert type(torch_wavlink).__name__ == "WavLinkModel"
+    weights = load_file(str(exported / "model.safetensors"))
+    state = torch_wavlink.state_dict()
+    assert set(state) == set(weights)
+    for name, value in weights.items():
+        np.testing.assert_array_equal(state[name].numpy(), value, err_msg=name)
+
+
+@pytest.mark.parametrize("dim", [None, 16])
+def test_pytorch_matches_jax(torch_wavlink, jax_embedder, dim):
+    waves, texts = sample_inputs()
+    jax_audio, jax_text = jax_embedder.embed_audio(waves, dim=dim), jax_embedder.embed_text(texts, dim=dim)
+    torch_audio = torch_wavlink.embed_audio(waves, dim=dim, batch_size=2).numpy()
+    torch_text = torch_wavlink.embed_text(texts, dim=dim).numpy()
+    size = dim or 32
+    assert torch_audio.shape == (len(waves), size) and torch_text.shape == (len(texts), size)
+    assert np.abs(torch_audio - jax_audio).max() <= TOLERANCE
+    assert np.abs(torch_text - jax_text).max() <= TOLERANCE
+    np.testing.assert_allclose(np.linalg.norm(torch_audio, axis=1), 1.0, atol=1e-6)
+    # The embeddings are not degenerate: distinct inputs give distinct vectors.
+    assert np.abs(jax_audio[0] - jax_audio[1]).max() > 1e-3 and np.abs(jax_text[0] - jax_text[1]).max() > 1e-3
+
+
+def test_pytorch_tokenizer_and_log_mel_match_ours(torch_wavlink, jax_embedder):
+    _, texts = sample_inputs()
+    ours = jax_embedder.tokenizer(texts)
+    theirs = torch_wavlink.tokenize(texts)
+    np.testing.assert_array_equal(theirs["input_ids"].numpy(), ours[0])
+    np.testing.assert_array_equal(theirs["attention_mask"].numpy(), ours[1])
+    waves = torch_wavlink.prepare_waveforms(sample_inputs()[0])
+    mel_torch = torch_model.log_mel_spectrogram(waves, 80).numpy()
+    mel_jax = np.asarray(audio.log_mel_spectrogram(waves.numpy(), 80))
+    assert np.abs(mel_torch - mel_jax).max() < 1e-4
+
+
+def test_pytorch_rejects_untrained_dim(torch_wavlink):
+    with pytest.raises(ValueError, match="not a trained size"):
+        torch_wavlink.embed_text(["a dog"], dim=8)
+
+
+def test_towers_round_trip_through_importers_and_transformers(exported, jax_embedder, tmp_path):
+    from transformers import CLIPTextModelWithProjection
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    model = jax_embedder.loaded.model
+    mel = audio.log_mel_spectrogram(jax_embedder.prepare_waveforms(sample_inputs()[0]), 80)
+    audio_dir = export.export_tower(exported, "audio", tmp_path / "whisper")
+
+    # load_whisper reads the exported Whisper encoder; with the exported token the tower is identical.
+    encoder = load_whisper(audio_dir)
+    encoder.global_token.set_value(model.audio.global_token.get_value())
+    ours, loaded = model.audio(mel), encoder(mel)
+    np.testing.assert_array_equal(np.asarray(loaded.hidden_states), np.asarray(ours.hidden_states))
+    np.testing.assert_array_equal(np.asarray(loaded.global_state), np.asarray(ours.global_state))
+
+    # transformers' WhisperEncoder runs the exported weights (plain Whisper: no token) like our encoder.
+    plain = load_whisper(audio_dir, global_token=False)
+    hf_encoder = WhisperEncoder.from_pretrained(str(audio_dir)).eval()
+    with torch.no_grad():
+        hf_states = hf_encoder(torch.from_numpy(np.array(mel))).last_hidden_state.numpy()
+    assert np.abs(hf_states - np.asarray(plain(mel).hidden_states)).max() <= TOLERANCE
+
+    text_dir = export.export_tower(exported, "text", tmp_path / "clip")
+    ids, mask = jax_embedder.tokenizer(sample_inputs()[1])
+    text = load_clip_text(text_dir)
+    np.testing.assert_array_equal(np.asarray(text(ids, mask).embedding), np.asarray(model.text(ids, mask).embedding))
+    hf_text = CLIPTextModelWithProjection.from_pretrained(str(text_dir)).eval()
+    with torch.no_grad():
+        hf_embeds = hf_text(torch.from_numpy(ids).long(), torch.from_numpy(mask).long()).text_embeds.numpy()
+    assert np.abs(hf_embeds - np.asarray(model.text(ids, mask).embedding)).max() <= TOLERANCE
+
+
+def test_step_selection_and_refusals(trained, exported, tmp_path):
+    earlier = export.export(trained, tmp_path / "step2", step=2)
+    weights, latest = load_file(str(earlier / "model.safetensors")), load_file(str(exported / "model.safetensors"))
+    assert np.abs(weights["audio_global_token"] - latest["audio_global_token"]).max() > 0  # step 3 trained on
+    with pytest.raises(CheckpointError, match=r"no finished checkpoint of step 7; steps available: \[2, 3\]"):
+        export.export(trained, tmp_path / "step7", step=7)
+    with pytest.raises(FileExistsError, match="not empty"):
+        export.export(trained, exported)
+    with pytest.raises(SystemExit, match="export failed: .*no config.json"):
+        export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "nothing")])

@@ -1,0 +1,258 @@
+"""JAX → PyTorch export: `python -m wavlink_jax.export --workdir W [--step S] --out DIR`.
+
+DIR becomes a Hugging Face model directory that `transformers` loads with the remote-code mechanism:
+
+    config.json            model_type "wavlink", auto_map → modeling_wavlink; `audio_config` (a Whisper config),
+                           `text_config` (a CLIP text config), embed_dim, matryoshka_dims, window_seconds,
+                           max_text_length
+    model.safetensors      fp32 weights: `audio.*` under transformers' exact `WhisperEncoder` names,
+                           `text.*` under exact `CLIPTextModelWithProjection` names, `audio_global_token`,
+                           `audio_projection.*`, `text_projection.*` (the heads), and the losses' scalars
+                           `clip_logit_scale`, `sigmoid_logit_scale`, `sigmoid_logit_bias`
+    modeling_wavlink.py    a copy of `wavlink_jax/torch_model.py` (torch + transformers only)
+    tokenizer files        the run's tokenizer (tokenizer.json / vocab.json + merges.txt, tokenizer_config.json
+                           with model_max_length = the training text length)
+
+LoRA adapters are merged into their kernels first, so the export is a plain model. The name map
+(`name_map`) reuses the tower converters' maps (`convert.whisper.hf_encoder_name_map`,
+`convert.clip_text.hf_text_name_map`), whose transforms are their own inverses: the same table imports
+(`wavlink_jax.inference` reads exported directories back into JAX) and exports. `export_tower` writes one
+tower alone as a plain `transformers` checkpoint (a Whisper encoder that `load_whisper` and
+`WhisperEncoder.from_pretrained` read; a `CLIPTextModelWithProjection`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+from flax import nnx
+
+from wavlink_jax.convert.clip_text import hf_text_name_map
+from wavlink_jax.convert.common import CheckpointError, Transform, identity, read_hf_config, transpose
+from wavlink_jax.convert.whisper import hf_encoder_name_map
+from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
+
+WEIGHTS_FILE = "model.safetensors"
+MODELING_FILE = "modeling_wavlink.py"
+MODEL_TYPE = "wavlink"
+AUTO_MAP = {"AutoConfig": "modeling_wavlink.WavLinkConfig", "AutoModel": "modeling_wavlink.WavLinkModel"}
+TOWER_PREFIXES = {"audio": "audio.", "text": "text."}
+GLOBAL_TOKEN = "audio_global_token"
+SCALARS = ("clip_logit_scale", "sigmoid_logit_scale", "sigmoid_logit_bias")
+HEADS = ("audio_projection", "text_projection")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+)
+
+logger = logging.getLogger(__name__)
+
+
+def name_map(config: WavLinkConfig) -> dict[str, tuple[tuple, Transform]]:
+    """`{exported_name: (WavLink variable path, transform)}` for every tensor of an exported directory.
+
+    Each transform is its own inverse: applied to our variable it gives the PyTorch tensor, and back.
+    """
+    mapping: dict[str, tuple[tuple, Transform]] = {}
+    for name, (path, transform) in hf_encoder_name_map(config.audio, prefix="").items():
+        mapping[TOWER_PREFIXES["audio"] + name] = (("audio", *path), transform)
+    mapping[GLOBAL_TOKEN] = (("audio", "global_token"), identity)
+    for name, (path, transform) in hf_text_name_map(config.text, projection=True).items():
+        mapping[TOWER_PREFIXES["text"] + name] = (("text", *path), transform)
+    for head in HEADS:
+        mapping[f"{head}.weight"] = ((head, "kernel"), transpose)
+        mapping[f"{head}.bias"] = ((head, "bias"), identity)
+    for scalar in SCALARS:
+        mapping[scalar] = ((scalar,), identity)
+    return mapping
+
+
+def export_weights(model: WavLink) -> dict[str, np.ndarray]:
+    """The model's variables as fp32 numpy tensors under the exported names (every variable, or an error)."""
+    variables = {path: var.get_value() for path, var in nnx.to_flat_state(nnx.state(model))}
+    mapping = name_map(model.config)
+    uncovered = sorted(set(variables) - {path for path, _ in mapping.values()})
+    if uncovered:
+        raise KeyError(f"exporter bug: the name map does not cover the model variables {uncovered}")
+    return {
+        # np.array, not np.ascontiguousarray: that turns the 0-d scalars into shape (1,).
+        name: np.array(transform(np.asarray(variables[path], dtype=np.float32)), order="C")
+        for name, (path, transform) in mapping.items()
+    }
+
+
+def hf_tower_configs(config: WavLinkConfig, *, bos_token_id: int, pad_token_id: int) -> tuple[dict, dict]:
+    """(`WhisperConfig`, `CLIPTextConfig`) dicts of `transformers` describing the two towers."""
+    from transformers import CLIPTextConfig as HFCLIPTextConfig
+    from transformers import WhisperConfig as HFWhisperConfig
+
+    audio, text = config.audio, config.text
+    if audio.layer_norm_eps != 1e-5:
+        raise ValueError(
+            f"audio tower layer_norm_eps {audio.layer_norm_eps}: transformers' Whisper encoder fixes it at 1e-5, "
+            "so this model cannot be exported as a Whisper encoder"
+        )
+    whisper = HFWhisperConfig(
+        num_mel_bins=audio.n_mels,
+        d_model=audio.width,
+        encoder_layers=audio.num_layers,
+        encoder_attention_heads=audio.num_heads,
+        encoder_ffn_dim=audio.mlp_dim,
+        max_source_positions=audio.max_positions,
+        activation_function=audio.activation,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        encoder_layerdrop=0.0,
+    )
+    clip_text = HFCLIPTextConfig(
+        vocab_size=text.vocab_size,
+        hidden_size=text.width,
+        num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads,
+        intermediate_size=text.mlp_dim,
+        max_position_embeddings=text.max_positions,
+        hidden_act=text.activation,
+        layer_norm_eps=text.layer_norm_eps,
+        projection_dim=text.projection_dim,
+        eos_token_id=text.eos_token_id,
+        bos_token_id=bos_token_id,
+        pad_token_id=pad_token_id,
+        attention_dropout=0.0,
+    )
+    return whisper.to_dict(), clip_text.to_dict()
+
+
+def _write_tokenizer(tokenizer_dir: Path, out: Path, max_text_length: int) -> tuple[int, int]:
+    """Copy the tokenizer files; `tokenizer_config.json` gets the training text length and the special tokens
+    `load_tokenizer` falls back to when the directory names none. Returns the (bos, pad) token ids."""
+    from wavlink_jax.tokenizer import BOS_TOKEN, CONFIG_FILE, EOS_TOKEN, load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir, max_length=max_text_length)  # refuses an unusable directory
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).exists():
+            shutil.copyfile(tokenizer_dir / name, out / name)
+    config_file, special_file = out / CONFIG_FILE, out / "special_tokens_map.json"
+    settings = json.loads(config_file.read_text()) if config_file.exists() else {"tokenizer_class": "CLIPTokenizer"}
+    special = json.loads(special_file.read_text()) if special_file.exists() else {}
+    eos = settings.get("eos_token") or special.get("eos_token") or EOS_TOKEN
+    for role, token in (("bos_token", BOS_TOKEN), ("eos_token", eos), ("pad_token", eos)):
+        if not (settings.get(role) or special.get(role)):
+            settings[role] = token
+    settings["model_max_length"] = max_text_length
+    config_file.write_text(json.dumps(settings, indent=2) + "\n")
+    return tokenizer.bos_token_id, tokenizer.pad_token_id
+
+
+def export_model(
+    model: WavLink, out: str | os.PathLike, *, tokenizer_dir: str | os.PathLike, window_seconds: float,
+    max_text_length: int, overwrite: bool = False,
+) -> Path:
+    """Write `model` (a plain WavLink, LoRA merged) as a `transformers` remote-code directory at `out`."""
+    from safetensors.numpy import save_file
+
+    from wavlink_jax import torch_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    bos_token_id, pad_token_id = _write_tokenizer(Path(tokenizer_dir), out, max_text_length)
+    audio_config, text_config = hf_tower_configs(model.config, bos_token_id=bos_token_id, pad_token_id=pad_token_id)
+    config = torch_model.WavLinkConfig(
+        audio_config=audio_config,
+        text_config=text_config,
+        embed_dim=model.config.embed_dim,
+        matryoshka_dims=list(model.config.matryoshka_dims),
+        window_seconds=float(window_seconds),
+        max_text_length=int(max_text_length),
+        architectures=["WavLinkModel"],
+        dtype="float32",
+    ).to_dict()
+    config["auto_map"] = AUTO_MAP
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(export_weights(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    shutil.copyfile(torch_model.__file__, out / MODELING_FILE)
+    return out
+
+
+def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+           overwrite: bool = False) -> Path:
+    """Export a training workdir's checkpoint (`step`, default the latest) to `out`."""
+    from wavlink_jax import inference
+
+    loaded = inference.read_workdir(workdir, step)
+    export_model(
+        loaded.model,
+        out,
+        tokenizer_dir=loaded.tokenizer_dir,
+        window_seconds=loaded.window_seconds,
+        max_text_length=loaded.max_text_length,
+        overwrite=overwrite,
+    )
+    logger.info("exported %s (step %s) to %s", workdir, loaded.step, out)
+    return Path(out)
+
+
+def export_tower(export_dir: str | os.PathLike, tower: str, out: str | os.PathLike) -> Path:
+    """One tower of an exported directory as a plain `transformers` checkpoint in `out`.
+
+    `audio`: a bare Whisper encoder (config.json of model_type "whisper", `conv1.weight`, `layers.N...`) that
+    `wavlink_jax.convert.load_whisper` and `transformers`' `WhisperEncoder.from_pretrained` load (the global
+    token is not part of Whisper; it stays in the WavLink directory). `text`: a `CLIPTextModelWithProjection`.
+    """
+    from safetensors.numpy import load_file, save_file
+
+    if tower not in TOWER_PREFIXES:
+        raise ValueError(f"tower must be one of {sorted(TOWER_PREFIXES)}, got {tower!r}")
+    export_dir, out = Path(export_dir), Path(out)
+    config = read_hf_config(export_dir)
+    if config.get("model_type") != MODEL_TYPE:
+        raise CheckpointError(f"{export_dir}: config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+    prefix = TOWER_PREFIXES[tower]
+    weights = load_file(str(export_dir / WEIGHTS_FILE))
+    tower_weights = {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
+    out.mkdir(parents=True, exist_ok=True)
+    tower_config = dict(config[f"{tower}_config"])
+    tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]
+    (out / "config.json").write_text(json.dumps(tower_config, indent=2, sort_keys=True) + "\n")
+    save_file(tower_weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    if tower == "text":
+        for name in TOKENIZER_FILES:
+            if (export_dir / name).exists():
+                shutil.copyfile(export_dir / name, out / name)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m wavlink_jax.export",
+        description="Export a training workdir to a Hugging Face directory that transformers.AutoModel "
+        "loads with trust_remote_code=True.",
+    )
+    parser.add_argument("--workdir", required=True, help="training run directory (config.json, checkpoints/)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = export(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
+    except (CheckpointError, FileExistsError, ValueError) as err:
+        sys.exit(f"export failed: {err}")
+    print(f"exported to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Embeddings from a trained model: `load(path)` → `.embed_audio(waveforms_16k, dim=None)`, `.embed_text(texts, dim=None)`.
+
+`path` is either a training workdir (`config.json` + `checkpoints/`; the latest checkpoint, or `step=`) or a
+directory written by `python -m wavlink_jax.export`. Both give the same model: LoRA adapters are merged,
+the tokenizer is the run's (a workdir's `config.data.tokenizer`, an export's own copy).
+
+Audio: 16 kHz float waveforms, one 1-D array, a list of 1-D arrays of any lengths, or a `(B, samples)`
+array. Each is brought to the model's window as evaluation does during training: cut to the head of the
+window (`config.data.window_seconds`; an export's `window_seconds`) or zero-padded at the end. The log-mel
+spectrogram is computed inside the jitted function. Decode files with `wavlink_jax.data.audio_io.load_audio`.
+
+Text: captions are tokenized as in training (cut / padded to the training text length).
+
+Both are embedded in fixed-size batches (`batch_size`, rounded up to a multiple of the device count and
+split over all local devices; the last batch is padded and its padding dropped), so one compiled function
+serves every call. Results are L2-normalised float32 numpy arrays; `dim` picks a Matryoshka size (the
+prefix of the embedding, re-normalised). Computation is float32 unless `dtype=` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from wavlink_jax import audio, checkpoint, export, sharding, train_step
+from wavlink_jax.convert.common import CheckpointError, assign_strict, read_hf_config, read_hf_directory
+from wavlink_jax.evaluate import embed_in_batches
+from wavlink_jax.models import lora
+from wavlink_jax.models.clip_text import CLIPTextConfig
+from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
+from wavlink_jax.models.whisper import WhisperConfig
+from wavlink_jax.tokenizer import load_tokenizer
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A concrete WavLink module with what inference needs beside its weights."""
+
+    model: WavLink
+    tokenizer_dir: Path
+    window_seconds: float
+    max_text_length: int
+    path: Path  # the workdir or exported directory it was read from
+    step: int | None  # the checkpoint step of a workdir; None for an exported directory
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_seconds * audio.SAMPLE_RATE))
+
+    @property
+    def source(self) -> str:
+        return str(self.path) if self.step is None else f"{self.path} (step {self.step})"
+
+
+def _runtime_overrides(dtype: str) -> dict:
+    """Tower runtime fields for inference: the compute dtype, no remat, jax's default attention."""
+    return {"dtype": dtype, "remat": "none", "attention_implementation": None}
+
+
+def _unfilled(model: nnx.Module) -> list:
+    return [path for path, var in nnx.to_flat_state(nnx.state(model)) if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+
+
+def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: str = "float32") -> LoadedModel:
+    """The model of a training workdir at `step` (default: the latest checkpoint), LoRA merged."""
+    items, raw_config, step = checkpoint.read_workdir_state(workdir, step, items=("params", "buffers"))
+    config = ml_collections.ConfigDict({**raw_config, **_runtime_overrides(dtype)})
+    model_config = train_step.model_config(config)
+    params = lora.merge(items["params"], lora.scale(config.lora.rank, config.lora.alpha))
+
+    abstract = nnx.eval_shape(lambda: WavLink(model_config, rngs=nnx.Rngs(0)))
+    graphdef, param_state, buffer_state = nnx.split(abstract, nnx.Param, ...)
+    source = f"{workdir} (step {step})"
+    for kind, saved, template in (("params", params, param_state), ("buffers", items["buffers"], buffer_state)):
+        checkpoint.check_compatible(saved, train_step.to_tree(template), source=f"{source} {kind}")
+        nnx.replace_by_pure_dict(template, jax.tree.map(jnp.asarray, saved))
+    model = nnx.merge(graphdef, param_state, buffer_state)
+
+    tokenizer_dir = Path(config.data.tokenizer)
+    if not tokenizer_dir.is_dir():
+        raise CheckpointError(
+            f"{workdir}: the run's tokenizer directory {config.data.tokenizer!r} (config.data.tokenizer in "
+            "config.json) is not found from here; run from the directory the run was started in, or export the "
+            "run (python -m wavlink_jax.export), which copies the tokenizer"
+        )
+    return LoadedModel(
+        model=model,
+        tokenizer_dir=tokenizer_dir,
+        window_seconds=float(config.data.window_seconds),
+        max_text_length=int(config.data.max_text_length),
+        path=Path(workdir),
+        step=step,
+    )
+
+
+def exported_model_config(hf_config: dict, *, dtype: str = "float32") -> WavLinkConfig:
+    """The `WavLinkConfig` described by an exported `config.json`."""
+    try:
+        return WavLinkConfig(
+            audio=WhisperConfig.from_hf(hf_config["audio_config"], **_runtime_overrides(dtype)),
+            text=CLIPTextConfig.from_hf(hf_config["text_config"], **_runtime_overrides(dtype)),
+            embed_dim=int(hf_config["embed_dim"]),
+            matryoshka_dims=tuple(hf_config["matryoshka_dims"]),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"exported config.json lacks {err.args[0]!r}") from err
+
+
+def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+    """The model of a directory written by `wavlink_jax.export` (strict: every tensor used, none missing)."""
+    directory = Path(directory)
+    hf_config = read_hf_config(directory)
+    if hf_config.get("model_type") != export.MODEL_TYPE:
+        raise CheckpointError(
+            f"{directory}: config.json has model_type {hf_config.get('model_type')!r}, not {export.MODEL_TYPE!r}; "
+            "expected a directory written by python -m wavlink_jax.export"
+        )
+    config = exported_model_config(hf_config, dtype=dtype)
+    model = nnx.eval_shape(lambda: WavLink(config, rngs=nnx.Rngs(0)))
+    assign_strict(model, read_hf_directory(directory), export.name_map(config), source=str(directory))
+    if _unfilled(model):
+        raise KeyError(f"exporter bug: {_unfilled(model)} are not in export.name_map")
+    return LoadedModel(
+        model=model,
+        tokenizer_dir=directory,
+        window_seconds=float(hf_config["window_seconds"]),
+        max_text_length=int(hf_config["max_text_length"]),
+        path=directory,
+        step=None,
+    )
+
+
+def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str = "float32") -> LoadedModel:
+    """A workdir (has `checkpoints/`) or an exported directory (config.json of model_type "wavlink")."""
+    path = Path(path)
+    if (path / checkpoint.CHECKPOINT_SUBDIR).is_dir():
+        return read_workdir(path, step, dtype=dtype)
+    if step is not None:
+        raise ValueError(f"{path}: step={step} applies to training workdirs only; this is not one (no checkpoints/)")
+    config_file = path / "config.json"
+    if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == export.MODEL_TYPE:
+        return read_exported(path, dtype=dtype)
+    raise CheckpointError(
+        f"{path}: neither a training workdir (config.json + checkpoints/) nor an exported WavLink directory "
+        "(config.json with model_type 'wavlink')"
+    )
+
+
+class Embedder:
+    """Jitted, batched embedding of waveforms and texts with one loaded model (see the module docstring)."""
+
+    def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, progress: bool = False):
+        self.loaded = loaded
+        self.config: WavLinkConfig = loaded.model.config
+        self.tokenizer = load_tokenizer(loaded.tokenizer_dir, max_length=loaded.max_text_length)
+        self.mesh = sharding.create_mesh({"data": -1}, devices=jax.local_devices())
+        divisor = sharding.batch_divisor(self.mesh)
+        self.batch_size = -(-max(1, batch_size) // divisor) * divisor
+        self.progress = progress
+        graphdef, state = nnx.split(loaded.model)
+        self._state = jax.device_put(state, sharding.replicated(self.mesh))
+        n_mels = self.config.audio.n_mels
+
+        def audio_fn(state, waveform, dim):
+            return nnx.merge(graphdef, state).embed_audio(audio.log_mel_spectrogram(waveform, n_mels), dim)
+
+        def text_fn(state, tokens, dim):
+            return nnx.merge(graphdef, state).embed_text(tokens["input_ids"], tokens["attention_mask"], dim)
+
+        self._audio_fn = jax.jit(audio_fn, static_argnames="dim")
+        self._text_fn = jax.jit(text_fn, static_argnames="dim")
+
+    @property
+    def window_samples(self) -> int:
+        return self.loaded.window_samples
+
+    def _check_dim(self, dim: int | None) -> int | None:
+        if dim is None or dim == self.config.embed_dim:
+            return None
+        if dim not in self.config.matryoshka_dims:
+            raise ValueError(
+                f"embedding dim {dim} is not a trained size of this model; choose one of "
+                f"{self.config.matryoshka_dims} or None for the full {self.config.embed_dim}"
+            )
+        return dim
+
+    def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """`(B, window_samples)` float32: each waveform cut to the head of the window or zero-padded."""
+        if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
+            waveforms = [waveforms]
+        rows = []
+        for index, waveform in enumerate(waveforms):
+            waveform = np.asarray(waveform, dtype=np.float32)
+            if waveform.ndim != 1:
+                raise ValueError(f"waveform {index} has shape {waveform.shape}; expected 1-D mono 16 kHz samples")
+            rows.append(audio.pad_or_trim(waveform, self.window_samples))
+        if not rows:
+            raise ValueError("embed_audio got no waveforms")
+        return np.stack(rows)
+
+    def embed_audio(self, waveforms: np.ndarray | Sequence[np.ndarray], dim: int | None = None) -> np.ndarray:
+        """16 kHz waveforms → L2-normalised float32 `(B, dim or embed_dim)`."""
+        fn = functools.partial(self._audio_fn, self._state, dim=self._check_dim(dim))
+        batch = self.prepare_waveforms(waveforms)
+        return embed_in_batches(fn, batch, self.batch_size, self.mesh, desc="audio", progress=self.progress)
+
+    def embed_text(self, texts: Sequence[str], dim: int | None = None) -> np.ndarray:
+        """Texts → L2-normalised float32 `(len(texts), dim or embed_dim)`."""
+        if isinstance(texts, str):
+            raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
+        if not texts:
+            raise ValueError("embed_text got no texts")
+        fn = functools.partial(self._text_fn, self._state, dim=self._check_dim(dim))
+        input_ids, attention_mask = self.tokenizer(list(texts))
+        tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return embed_in_batches(fn, tokens, self.batch_size, self.mesh, desc="text", progress=self.progress)
+
+
+def load(
+    path: str | os.PathLike,
+    step: int | None = None,
+    *,
+    batch_size: int = 32,
+    dtype: str = "float32",
+    progress: bool = False,
+) -> Embedder:
+    """An `Embedder` for a training workdir (latest checkpoint, or `step`) or an exported directory."""
+    return Embedder(read_model(path, step, dtype=dtype), batch_size=batch_size, progress=progress)

@@ -1,0 +1,265 @@
+"""WavLink in PyTorch: the model a `python -m wavlink_jax.export` directory loads into, with `transformers` only.
+
+This file imports torch and transformers, never jax: the exporter copies it into the exported directory as
+`modeling_wavlink.py`, and `config.json`'s `auto_map` points there, so
+
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained("exported/", trust_remote_code=True)
+    audio = model.embed_audio([waveform_16k])            # (1, E) L2-normalised torch.float32
+    text = model.embed_text(["a dog barks"], dim=128)    # (1, 128): a Matryoshka prefix, re-normalised
+
+The towers are `transformers`' own modules, so the weights sit under their exact names:
+
+* `audio.*`: a `WhisperEncoder` (`audio.conv1.weight`, `audio.layers.0.self_attn.k_proj.weight`,
+  `audio.embed_positions.weight`, `audio.layer_norm.weight`, ...);
+* `text.*`: a `CLIPTextModelWithProjection` (`text.text_model.…`, `text.text_projection.weight`);
+* `audio_global_token` `(D,)`: WavLink's learned token, appended after the positional add; it gets no
+  position of its own. A window shorter than 30 s uses the first rows of the position table.
+* `audio_projection`, `text_projection`: the heads into the shared space of size `embed_dim`;
+* `clip_logit_scale`, `sigmoid_logit_scale`, `sigmoid_logit_bias`: the losses' learned scalars.
+
+audio: waveform → Whisper log-mel (computed here, in torch) → conv stem → + positions → [append token] →
+encoder layers → final LayerNorm → last position → `audio_projection` → L2 normalise.
+text: tokenizer (the one saved beside the weights) → CLIP text model → pooled end-of-text state →
+CLIP's `text_projection` → `text_projection` head → L2 normalise.
+
+It computes what the JAX model (`wavlink_jax.models.wavlink.WavLink`) computes; `tests/test_export.py`
+checks the two agree to 1e-4.
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, CLIPTextConfig, PreTrainedConfig, PreTrainedModel, WhisperConfig
+from transformers.audio_utils import mel_filter_bank
+from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+SAMPLE_RATE = 16000
+N_FFT = 400
+HOP_LENGTH = 160
+
+
+class WavLinkConfig(PreTrainedConfig):
+    r"""
+    audio_config (`dict` or `WhisperConfig`): the Whisper encoder (only its encoder fields are used).
+    text_config (`dict` or `CLIPTextConfig`): the CLIP text tower, with `projection_dim` and `eos_token_id`.
+    embed_dim (`int`): size of the shared embedding space.
+    matryoshka_dims (`list[int]`): the trained embedding sizes, largest first (`dim=` accepts these).
+    window_seconds (`float`): the audio window: longer waveforms are cut to its head, shorter ones zero-padded.
+    max_text_length (`int`): token sequence length (captions are cut / padded to it, as in training).
+    """
+
+    model_type = "wavlink"
+    sub_configs_defaults = {"audio_config": WhisperConfig, "text_config": CLIPTextConfig}
+
+    audio_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    embed_dim: int = 512
+    matryoshka_dims: list[int] | None = None
+    window_seconds: float = 30.0
+    max_text_length: int = 77
+
+    @property
+    def window_samples(self) -> int:
+        return int(round(self.window_seconds * SAMPLE_RATE))
+
+
+@functools.lru_cache(maxsize=None)
+def _mel_filters(n_mels: int) -> torch.Tensor:
+    """Whisper's Slaney mel filter bank `(n_mels, N_FFT // 2 + 1)`, 0–8 kHz (WhisperFeatureExtractor's)."""
+    bank = mel_filter_bank(
+        num_frequency_bins=N_FFT // 2 + 1,
+        num_mel_filters=n_mels,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=SAMPLE_RATE,
+        norm="slaney",
+        mel_scale="slaney",
+    )
+    return torch.from_numpy(bank.T.copy()).to(torch.float32)
+
+
+def log_mel_spectrogram(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """16 kHz waveform `(B, samples)` → Whisper's normalised log-mel `(B, n_mels, samples // 160)`, float32.
+
+    Centred STFT (reflect padding, periodic Hann window of 400, hop 160) without its last frame, power
+    spectrum, Slaney mel filters, then log10(max(·, 1e-10)) → max(x, x.max() − 8) → (x + 4) / 4 with the
+    max per example over the whole window.
+    """
+    waveform = waveform.to(torch.float32)
+    window = torch.hann_window(N_FFT, device=waveform.device, dtype=torch.float32)
+    spectrum = torch.stft(
+        waveform, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
+    )[..., :-1]
+    power = spectrum.real**2 + spectrum.imag**2
+    mel = _mel_filters(n_mels).to(waveform.device) @ power
+    log_mel = torch.clamp(mel, min=1e-10).log10()
+    peak = log_mel.amax(dim=(-2, -1), keepdim=True)
+    return (torch.maximum(log_mel, peak - 8.0) + 4.0) / 4.0
+
+
+def l2_normalize(z: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (as the JAX model: rows of norm < 1e-6 are scaled by 1e6, not NaN)."""
+    return z * torch.rsqrt(torch.clamp((z * z).sum(dim=-1, keepdim=True), min=1e-12))
+
+
+class WavLinkModel(PreTrainedModel):
+    """WavLink's audio and text towers with their heads; `embed_audio` / `embed_text` are the entry points."""
+
+    config_class = WavLinkConfig
+    base_model_prefix = "wavlink"
+    main_input_name = "input_features"
+    _no_split_modules = ["WhisperEncoderLayer", "CLIPEncoderLayer"]
+
+    def __init__(self, config: WavLinkConfig):
+        super().__init__(config)
+        width = config.audio_config.d_model
+        self.audio = WhisperEncoder(config.audio_config)
+        self.audio_global_token = nn.Parameter(torch.zeros(width))
+        self.text = CLIPTextModelWithProjection(config.text_config)
+        self.audio_projection = nn.Linear(width, config.embed_dim)
+        self.text_projection = nn.Linear(config.text_config.projection_dim, config.embed_dim)
+        self.clip_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.sigmoid_logit_scale = nn.Parameter(torch.tensor(math.log(10.0)))
+        self.sigmoid_logit_bias = nn.Parameter(torch.tensor(-10.0))
+        self._tokenizer = None
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if module is self:  # the JAX model's initialisation of the new parameters
+            with torch.no_grad():
+                self.audio_global_token.normal_(0.0, 0.02)
+                self.clip_logit_scale.fill_(math.log(1 / 0.07))
+                self.sigmoid_logit_scale.fill_(math.log(10.0))
+                self.sigmoid_logit_bias.fill_(-10.0)
+
+    # ----------------------------------------------------------------------------------------------- audio
+    def encode_audio(self, input_features: torch.Tensor) -> torch.Tensor:
+        """log-mel `(B, n_mels, frames)` → the final-LayerNorm state at the global token `(B, D)`."""
+        encoder = self.audio
+        hidden = nn.functional.gelu(encoder.conv1(input_features.to(self.audio_global_token.dtype)))
+        hidden = nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+        positions = hidden.shape[1]
+        if positions > encoder.embed_positions.num_embeddings:
+            raise ValueError(
+                f"{input_features.shape[-1]} mel frames need {positions} positions but the encoder holds "
+                f"{encoder.embed_positions.num_embeddings}; cut the waveform to {self.config.window_seconds} s"
+            )
+        hidden = hidden + encoder.embed_positions.weight[:positions]
+        token = self.audio_global_token.expand(hidden.shape[0], 1, -1)
+        hidden = torch.cat([hidden, token], dim=1)
+        for layer in encoder.layers:
+            hidden = layer(hidden, None)
+        return encoder.layer_norm(hidden)[:, -1]
+
+    def audio_embeds(self, input_features: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+        """log-mel `(B, n_mels, frames)` → L2-normalised `(B, dim or embed_dim)` audio embeddings."""
+        return self._finish(self.audio_projection(self.encode_audio(input_features)), dim)
+
+    def prepare_waveforms(self, waveforms) -> torch.Tensor:
+        """One waveform or a sequence / batch of them (16 kHz float; numpy or torch) → `(B, window_samples)`:
+        each cut to the head of the model's window or zero-padded at the end, as in evaluation."""
+        window = self.config.window_samples
+        if isinstance(waveforms, torch.Tensor) and waveforms.dim() == 2:
+            waveforms = list(waveforms)
+        elif not isinstance(waveforms, (list, tuple)):
+            tensor = torch.as_tensor(waveforms)
+            waveforms = [tensor] if tensor.dim() == 1 else list(tensor)
+        rows = []
+        for index, waveform in enumerate(waveforms):
+            waveform = torch.as_tensor(waveform, dtype=torch.float32)
+            if waveform.dim() != 1:
+                raise ValueError(
+                    f"waveform {index} has shape {tuple(waveform.shape)}; expected 1-D mono 16 kHz samples"
+                )
+            waveform = waveform[:window]
+            rows.append(nn.functional.pad(waveform, (0, window - waveform.shape[0])))
+        if not rows:
+            raise ValueError("embed_audio got no waveforms")
+        return torch.stack(rows)
+
+    @torch.no_grad()
+    def embed_audio(self, waveforms, dim: int | None = None, batch_size: int = 32) -> torch.Tensor:
+        """16 kHz waveforms (one 1-D array, a list of them of any lengths, or a `(B, samples)` batch) →
+        L2-normalised float32 `(B, dim or embed_dim)`; `dim` is a Matryoshka size of the model."""
+        batch = self.prepare_waveforms(waveforms)
+        n_mels = self.config.audio_config.num_mel_bins
+        outputs = []
+        for start in range(0, batch.shape[0], batch_size):
+            chunk = batch[start : start + batch_size].to(self.device)
+            outputs.append(self.audio_embeds(log_mel_spectrogram(chunk, n_mels), dim).float())
+        return torch.cat(outputs)
+
+    # ------------------------------------------------------------------------------------------------ text
+    @property
+    def tokenizer(self):
+        """The tokenizer saved beside the weights (loaded on first use from the model's directory)."""
+        if self._tokenizer is None:
+            # The directory is trusted already: its code is running. Without the flag, transformers asks on stdin.
+            self._tokenizer = AutoTokenizer.from_pretrained(self.config.name_or_path, trust_remote_code=True)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Texts → `input_ids` / `attention_mask` `(B, max_text_length)`, right-padded, cut as in training."""
+        if isinstance(texts, str):
+            raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
+        return self.tokenizer(
+            list(texts),
+            padding="max_length",
+            truncation=True,
+            max_length=self.config.max_text_length,
+            return_tensors="pt",
+        )
+
+    def text_embeds(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, dim: int | None = None
+    ) -> torch.Tensor:
+        """Token ids `(B, L)` (+ mask, right padding) → L2-normalised `(B, dim or embed_dim)` text embeddings."""
+        clip_embeds = self.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+        return self._finish(self.text_projection(clip_embeds), dim)
+
+    @torch.no_grad()
+    def embed_text(self, texts: Sequence[str], dim: int | None = None, batch_size: int = 256) -> torch.Tensor:
+        """Texts → L2-normalised float32 `(len(texts), dim or embed_dim)`; `dim` is a Matryoshka size."""
+        tokens = self.tokenize(texts)
+        outputs = []
+        for start in range(0, tokens["input_ids"].shape[0], batch_size):
+            ids = tokens["input_ids"][start : start + batch_size].to(self.device)
+            mask = tokens["attention_mask"][start : start + batch_size].to(self.device)
+            outputs.append(self.text_embeds(ids, mask, dim).float())
+        return torch.cat(outputs)
+
+    # ------------------------------------------------------------------------------------------------ both
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        dim: int | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`{"audio_embeds", "text_embeds"}` for whichever inputs are given (log-mel and/or token ids)."""
+        outputs = {}
+        if input_features is not None:
+            outputs["audio_embeds"] = self.audio_embeds(input_features, dim)
+        if input_ids is not None:
+            outputs["text_embeds"] = self.text_embeds(input_ids, attention_mask, dim)
+        return outputs
+
+    def _finish(self, projected: torch.Tensor, dim: int | None) -> torch.Tensor:
+        if dim is not None and dim != self.config.embed_dim:
+            if dim not in (self.config.matryoshka_dims or ()):
+                raise ValueError(
+                    f"embedding dim {dim} is not a trained size of this model; choose one of "
+                    f"{self.config.matryoshka_dims} or None for the full {self.config.embed_dim}"
+                )
+            projected = projected[..., :dim]
+        return l2_normalize(projected)
