@@ -14,7 +14,7 @@
 #      base vs eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
 # would not fit is skipped and recorded as such.
-set -u
+set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -32,25 +32,25 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 log() { echo "$*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
-# --- carried wheels: install one only where the machine's package is missing or older than ours ------------
+# --- carried wheels: the versions our tests ran with, where the machine's differ or are missing ---------------
+# (flax / optax / ml_collections as pinned in requirements.txt; grain, soundfile, soxr and their needs because
+# importing configs/common.py imports the data pipeline)
 if ls .whl/*.whl >/dev/null 2>&1; then
     NEEDED=$(python3 - <<'EOF'
 import glob, os
 from importlib import metadata
-def key(v):
-    return tuple(int(p) if p.isdigit() else 0 for p in v.split(".")[:3])
 for wheel in sorted(glob.glob(".whl/*.whl")):
     name, version = os.path.basename(wheel).split("-")[:2]
     try:
         have = metadata.version(name.replace("_", "-"))
     except metadata.PackageNotFoundError:
         have = None
-    if have is None or key(have) < key(version):
+    if have != version:
         print(wheel)
 EOF
 )
     if [ -n "$NEEDED" ]; then
-        log "installing carried wheels: $NEEDED"
+        log "installing carried wheels into /tmp/site: $NEEDED"
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $NEEDED 2>&1 | tee -a "$LOG"
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
@@ -126,7 +126,9 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     local rc=${PIPESTATUS[0]}
     log "== $label: exit $rc after $(($(date +%s) - t0)) s"
     if [ "$rc" -ne 0 ]; then
-        echo "{\"label\": \"$label\", \"error\": \"exit $rc after $(($(date +%s) - t0)) s (124: out of time)\"}" >>"$JSONL"
+        local why="exit $rc"
+        [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why="out of time"
+        echo "{\"label\": \"$label\", \"error\": \"$why after $(($(date +%s) - t0)) s\"}" >>"$JSONL"
     fi
 }
 
