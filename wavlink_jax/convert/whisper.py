@@ -6,11 +6,12 @@ Accepted sources:
   `WhisperForConditionalGeneration` (`model.encoder.*`) or a bare `WhisperEncoder` (no prefix);
 * an OpenAI checkpoint file (`.pt`: a dict with `dims` and `model_state_dict`, names like
   `encoder.blocks.N.attn.query.weight`; the encoder's `positional_embedding` buffer is part of it);
-* a hub id such as `openai/whisper-base.en` (downloaded when online; offline a clear error).
+* a hub id such as `openai/whisper-base.en` (downloaded when online; offline a clear error);
+* a tower directory written by `python -m wavlink_jax.convert whisper` (`wavlink_jax.convert.save`).
 
 Only the encoder is read: decoder (and classifier) weights are ignored by design. Within the encoder,
 every missing, unexpected or mis-shaped key is an error listing the keys. fp16/bf16 weights are upcast to
-fp32. The global token is not in any checkpoint: it keeps its documented initialisation
+fp32. The global token is in no PyTorch checkpoint: it gets its documented initialisation
 (`wavlink_jax.models.whisper.init_global_token`: normal(0.02) from `jax.random.key(seed)`).
 """
 
@@ -21,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -36,6 +38,7 @@ from wavlink_jax.convert.common import (
     resolve_source,
     transpose,
 )
+from wavlink_jax.convert.save import assign_tower_state, is_tower_dir, load_tower
 from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder, init_global_token
 
 # Encoder prefixes, most specific first: WhisperForConditionalGeneration, WhisperModel, bare WhisperEncoder.
@@ -170,17 +173,15 @@ def _read_openai(file: Path, overrides: dict) -> tuple[WhisperConfig, dict, dict
     return config, weights, openai_encoder_name_map(config), str(file)
 
 
-def load_whisper(
-    path: str | os.PathLike, *, global_token: bool = True, seed: int = 0, **config_overrides
-) -> WhisperEncoder:
-    """A `WhisperEncoder` with the pretrained encoder weights of `path` (HF directory, OpenAI `.pt`, hub id).
-
-    `global_token=False` gives plain Whisper. `seed` initialises the global token. `config_overrides` set
-    non-shape options of `WhisperConfig` (e.g. `dtype="bfloat16"`, `remat="full"`,
-    `attention_implementation="cudnn"`); shape overrides that disagree with the checkpoint are an error.
-    """
-    source = resolve_source(path)
-    overrides = dict(config_overrides, global_token=global_token)
+def _read_source(source: Path, overrides: dict, seed: int) -> tuple[WhisperEncoder, np.ndarray | None]:
+    """The encoder with every checkpoint variable filled (built abstract: nothing is randomly initialised
+    only to be overwritten), and the global token the source holds (only a converted tower holds one)."""
+    if source.is_dir() and is_tower_dir(source):
+        _, config_dict, state = load_tower(source, kind="whisper")
+        config = WhisperConfig(**{**config_dict, **overrides})
+        model = nnx.eval_shape(lambda: WhisperEncoder(config, rngs=nnx.Rngs(seed)))
+        assign_tower_state(model, state, source=str(source), skip=(("global_token",),))
+        return model, state.get("global_token")
     if source.is_dir():
         config, weights, mapping, name = _read_hf(source, overrides)
     elif source.suffix in (".safetensors", ".json"):
@@ -190,11 +191,28 @@ def load_whisper(
         )
     else:
         config, weights, mapping, name = _read_openai(source, overrides)
-    # Built abstract (no random init of weights that are overwritten anyway); the checkpoint fills it.
     model = nnx.eval_shape(lambda: WhisperEncoder(config, rngs=nnx.Rngs(seed)))
     assign_strict(model, weights, mapping, source=name)
-    if config.global_token:
-        model.global_token = init_global_token(jax.random.key(seed), config.width)
+    return model, None
+
+
+def load_whisper(
+    path: str | os.PathLike, *, global_token: bool = True, seed: int = 0, **config_overrides
+) -> WhisperEncoder:
+    """A `WhisperEncoder` with the pretrained encoder weights of `path`: a Hugging Face directory, an OpenAI
+    `.pt`, a hub id, or a tower converted by `python -m wavlink_jax.convert whisper` (its global token, if it
+    has one, is kept when `global_token=True`).
+
+    `global_token=False` gives plain Whisper. `seed` initialises a new global token. `config_overrides` set
+    non-shape options of `WhisperConfig` (e.g. `dtype="bfloat16"`, `remat="full"`,
+    `attention_implementation="cudnn"`); shape overrides that disagree with the checkpoint are an error.
+    """
+    overrides = dict(config_overrides, global_token=global_token)
+    model, saved_token = _read_source(resolve_source(path), overrides, seed)
+    if model.config.global_token:
+        model.global_token = init_global_token(jax.random.key(seed), model.config.width)
+        if saved_token is not None:
+            model.global_token.set_value(jnp.asarray(saved_token, jnp.float32))
     state = nnx.to_flat_state(nnx.state(model))
     unfilled = [where for where, var in state if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
     if unfilled:
