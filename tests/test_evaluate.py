@@ -541,7 +541,8 @@ def test_cli_evaluates_a_workdir(tmp_path):
     entries = []
     for i, label in enumerate(labels):
         _write_tone(tmp_path / f"c{i}.wav", 0.6 + 0.1 * i, 0.1 * (i + 1))
-        entries.append({"audio": f"c{i}.wav", "captions": [f"a {label} number {i}", f"{label} {i}"][: 1 + i % 2], "label": label})
+        captions = [f"a {label} number {i}", f"{label} {i}"][: 1 + i % 2]
+        entries.append({"audio": f"c{i}.wav", "captions": captions, "label": label})
     manifest = write_manifest(tmp_path / "eval.jsonl", entries)
     train_tokenizer([c for e in entries for c in e["captions"]], tmp_path / "tok", vocab_size=600)
 
@@ -573,5 +574,15 @@ def test_cli_evaluates_a_workdir(tmp_path):
     expected = eval_tasks.evaluate_data(embedder, loaded, [32, 16])
     assert {int(d): m for d, m in toy["metrics"].items()} == expected
 
-    with pytest.raises(ValueError, match=r"no checkpoint for step 5; available steps: \[7\]"):
+    from wavlink_jax import export
+    from wavlink_jax.convert.common import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"no finished checkpoint of step 5; steps available: \[7\]"):
         ev.main(["--workdir", str(workdir), "--step", "5", "--datasets", f"toy={manifest}", "--out", str(out)])
+
+    # An exported model gives the same results as its workdir.
+    export.export(workdir, tmp_path / "exported")
+    exported_out = tmp_path / "res" / "exported.json"
+    ev.main(["--model", str(tmp_path / "exported"), "--datasets", f"toy={manifest}", "--out", str(exported_out)])
+    exported = json.loads(exported_out.read_text())
+    assert exported["step"] is None and exported["datasets"]["toy"]["metrics"] == toy["metrics"]

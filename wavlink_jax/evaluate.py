@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -510,43 +509,6 @@ def evaluate_during_training(
 # Command line: python -m wavlink_jax.evaluate --workdir W --datasets ... --out results.json
 
 
-def load_workdir(
-    workdir: str | os.PathLike, step: int | None = None, mesh: jax.sharding.Mesh | None = None
-) -> tuple[Any, dict, int]:
-    """(train setup, `{"params", "buffers"}` of checkpoint `step` (default: latest) placed on `mesh`, step).
-
-    Only the model is read (no optimizer state, no data iterator), so a run evaluates on any machine; the
-    default mesh is every local device on the data axis.
-    """
-    import ml_collections
-    import orbax.checkpoint as ocp
-
-    from wavlink_jax import checkpoint, train_step
-
-    config_file = Path(workdir) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: --workdir must be a training run directory")
-    config = ml_collections.ConfigDict(json.loads(config_file.read_text()))
-    mesh = sharding.create_mesh({"data": -1}) if mesh is None else mesh
-    setup = train_step.build(config, mesh, total_steps=1)  # the schedule length does not matter here
-    directory = Path(checkpoint.checkpoint_dir(workdir))
-    available = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit())  # finished saves only
-    if not available:
-        raise FileNotFoundError(f"{directory}: no finished checkpoint")
-    step = available[-1] if step is None else step
-    if step not in available:
-        raise ValueError(f"{workdir}: no checkpoint for step {step}; available steps: {available}")
-    state_dir = directory / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    abstract = {kind: setup.abstract_state[kind] for kind in ("params", "buffers")}
-    saved = checkpointer.metadata(state_dir).item_metadata.tree
-    checkpoint.check_compatible({kind: saved[kind] for kind in abstract}, abstract, source=str(state_dir))
-    restore = ocp.args.PyTreeRestore(
-        item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True
-    )
-    return setup, checkpointer.restore(state_dir, args=restore), step
-
-
 def _load_dataset(entry: str, args: argparse.Namespace, window_seconds: float) -> Any:
     """One `--datasets` entry → decoded `eval_tasks.EvalData`."""
     from wavlink_jax import eval_tasks
@@ -584,21 +546,18 @@ def format_table(name: str, table: Mapping[int, Mapping[str, float]]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Evaluate a workdir's checkpoint on the requested data sets; returns what is written to `--out`."""
-    from wavlink_jax import eval_tasks, train_step
-    from wavlink_jax.tokenizer import load_tokenizer
+    """Evaluate a workdir's checkpoint (or an exported model) on the requested data sets; returns what is
+    written to `--out`."""
+    from wavlink_jax import eval_tasks, inference
 
-    setup, state, step = load_workdir(args.workdir, args.step)
-    config = setup.config
-    dims = [int(d) for d in args.dims.split(",")] if args.dims else list(setup.model_config.matryoshka_dims)
-    window_seconds = args.window_seconds or float(config.data.window_seconds)
+    embedder = inference.load(args.model, args.step, batch_size=args.batch_size, dtype=args.dtype, progress=True)
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else list(embedder.config.matryoshka_dims)
+    window_seconds = embedder.loaded.window_seconds  # the model's: inference crops to it anyway
     templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
-    tokenizer = load_tokenizer(args.tokenizer or config.data.tokenizer, max_length=config.data.max_text_length)
-    embedder = train_step.StateEmbedder(setup, tokenizer, args.batch_size, progress=True).use(state)
 
     results: dict[str, Any] = {
-        "workdir": str(args.workdir),
-        "step": step,
+        "model": embedder.loaded.source,
+        "step": embedder.loaded.step,
         "dims": sorted(dims, reverse=True),
         "window_seconds": window_seconds,
         "templates": list(templates),
@@ -628,10 +587,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m wavlink_jax.evaluate",
-        description="Retrieval, zero-shot and AIR-Bench evaluation of a training workdir at every Matryoshka size.",
+        description="Retrieval, zero-shot and AIR-Bench evaluation of a trained model at every Matryoshka size.",
     )
-    parser.add_argument("--workdir", required=True, help="training run directory (config.json, checkpoints/)")
-    parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    parser.add_argument(
+        "--workdir",
+        "--model",
+        dest="model",
+        required=True,
+        help="training run directory (config.json, checkpoints/) or a directory written by wavlink_jax.export",
+    )
+    parser.add_argument("--step", type=int, help="checkpoint step of a workdir (default: the latest)")
     parser.add_argument(
         "--datasets",
         required=True,
@@ -643,11 +608,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--synthetic-dir", default="data/synthetic", help="the generated data set (eval.jsonl)")
     parser.add_argument("--airbench-dir", help="AIR-Bench's Foundation folder (Foundation_meta.json + audio)")
     parser.add_argument("--airbench-tasks", help="comma-separated AIR-Bench task names to keep (default: all)")
-    parser.add_argument("--batch-size", type=int, default=64, help="global batch per forward pass (multiple of devices)")
-    parser.add_argument("--window-seconds", type=float, help="head crop (default: the run's data.window_seconds)")
-    parser.add_argument("--dims", help="comma-separated embedding sizes (default: the model's Matryoshka sizes)")
+    parser.add_argument("--batch-size", type=int, default=64, help="per forward pass, over all local devices")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of the towers (float32 or bfloat16)")
+    parser.add_argument("--dims", help="comma-separated Matryoshka sizes (default: all of the model's)")
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
-    parser.add_argument("--tokenizer", help="tokenizer directory (default: the run's data.tokenizer)")
     parser.add_argument("--max-clips", type=int, help="evaluate the first N clips only (smoke tests)")
     parser.add_argument("--plot", help="PNG of the headline metrics against dimension (default: OUT with .png)")
     run(parser.parse_args(argv))
