@@ -1,0 +1,161 @@
+"""`inference.load` (workdir at a step, or exported directory; LoRA merged; batched and padded) and the
+`python -m wavlink_jax.embed` CLI (similarity matrix, folder index with an unreadable file, top-k search).
+
+The workdir is the tiny trainer fixture trained 2 steps in LoRA mode, so adapters are non-zero and must be
+merged. fp32; the batched path is compared with a direct unbatched call of the model (1e-5: same maths,
+different batch shapes).
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+from flax import nnx
+from test_export import sample_inputs, train_workdir
+
+from wavlink_jax import audio, checkpoint, embed, export, inference
+from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.models import lora
+from wavlink_jax.optim import flatten
+
+BATCH_TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """(LoRA workdir with checkpoints 2 and 3, data dir)."""
+    return train_workdir(tmp_path_factory.mktemp("lora"), "--config.optim.mode=lora")
+
+
+@pytest.fixture(scope="module")
+def embedder(run):
+    return inference.load(run[0], batch_size=3)
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    return export.export(run[0], tmp_path_factory.mktemp("export") / "wavlink")
+
+
+@pytest.fixture(scope="module")
+def clips(run, tmp_path_factory):
+    """A folder of 5 generated clips (one in a sub-folder), one truncated FLAC and one text file."""
+    folder = tmp_path_factory.mktemp("clips")
+    sources = sorted((run[1] / "audio" / "train").glob("*.flac"))
+    (folder / "sub").mkdir()
+    for index, source in enumerate(sources[:5]):
+        shutil.copyfile(source, folder / ("sub" if index == 4 else "") / f"clip{index}.flac")
+    (folder / "broken.flac").write_bytes(sources[5].read_bytes()[:2000])
+    (folder / "notes.txt").write_text("not audio")
+    return folder
+
+
+def test_lora_adapters_are_merged(run, embedder):
+    items, config, step = checkpoint.read_workdir_state(run[0])
+    raw = flatten(items["params"])
+    adapters = [path for path in raw if lora.is_adapter(path)]
+    assert step == 3 and config["optim"]["mode"] == "lora" and adapters
+    query = "audio/encoder/layers/0/attn/query"
+    assert np.abs(raw[f"{query}/lora_b"]).max() > 0  # trained: the merge changes the kernel
+    scale = config["lora"]["alpha"] / config["lora"]["rank"]
+    expected = raw[f"{query}/kernel"] + scale * raw[f"{query}/lora_a"] @ raw[f"{query}/lora_b"]
+    merged = embedder.loaded.model.audio.encoder.layers[0].attn.query.kernel.get_value()
+    np.testing.assert_allclose(np.asarray(merged), expected, atol=1e-6)
+
+
+def test_batched_padded_embeddings_match_direct_calls(embedder):
+    waves, texts = sample_inputs()
+    model, window = embedder.loaded.model, embedder.window_samples
+    assert embedder.batch_size == 8  # 3 rounded up to the 8 CPU devices of the tests
+    got = embedder.embed_audio(waves)
+    # Each clip alone, brought to the 1 s window by hand: head crop / zero padding.
+    by_hand = np.stack([np.pad(w[:window], (0, max(0, window - len(w)))) for w in waves])
+    direct = np.asarray(nnx.jit(lambda m, x: m.embed_audio(audio.log_mel_spectrogram(x)))(model, by_hand))
+    assert np.abs(got - direct).max() <= BATCH_TOLERANCE
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    # More examples than one batch (padded last batch), one waveform alone, and a 2-D batch.
+    many = [w for _ in range(4) for w in waves]
+    assert np.abs(embedder.embed_audio(many) - np.tile(direct, (4, 1))).max() <= BATCH_TOLERANCE
+    assert np.abs(embedder.embed_audio(waves[0]) - direct[:1]).max() <= BATCH_TOLERANCE
+    assert np.abs(embedder.embed_audio(by_hand) - direct).max() <= BATCH_TOLERANCE
+
+    ids, mask = embedder.tokenizer(texts)
+    direct_text = np.asarray(nnx.jit(lambda m, i, k: m.embed_text(i, k))(model, ids, mask))
+    assert np.abs(embedder.embed_text(texts) - direct_text).max() <= BATCH_TOLERANCE
+    short = embedder.embed_text(texts, dim=16)
+    expected = direct_text[:, :16] / np.linalg.norm(direct_text[:, :16], axis=1, keepdims=True)
+    assert short.shape == (len(texts), 16) and np.abs(short - expected).max() <= BATCH_TOLERANCE
+
+
+def test_export_and_steps_load_the_same_model(run, embedder, exported):
+    waves, texts = sample_inputs()
+    from_export = inference.load(exported)
+    assert from_export.loaded.step is None and embedder.loaded.step == 3
+    assert np.abs(from_export.embed_audio(waves) - embedder.embed_audio(waves)).max() <= 1e-6
+    assert np.abs(from_export.embed_text(texts, dim=16) - embedder.embed_text(texts, dim=16)).max() <= 1e-6
+    earlier = inference.read_workdir(run[0], step=2)
+    assert earlier.step == 2
+    assert np.abs(np.asarray(earlier.model.audio.global_token.get_value())
+                  - np.asarray(embedder.loaded.model.audio.global_token.get_value())).max() > 0
+
+
+def test_bad_requests(run, embedder, tmp_path):
+    with pytest.raises(CheckpointError, match="steps available"):
+        inference.load(run[0], step=5)
+    with pytest.raises(CheckpointError, match="neither a training workdir"):
+        inference.load(tmp_path)
+    with pytest.raises(ValueError, match="not a trained size"):
+        embedder.embed_audio(sample_inputs()[0], dim=8)
+    with pytest.raises(ValueError, match="expected 1-D mono"):
+        embedder.embed_audio([np.zeros((2, 100), np.float32)])
+    with pytest.raises(TypeError, match="list of strings"):
+        embedder.embed_text("a dog")
+
+
+def test_embed_cli_similarity_matrix(run, embedder, clips, capsys):
+    files = [str(clips / "clip0.flac"), str(clips / "sub" / "clip4.flac")]
+    texts = ["a burst of noise", "a tone"]
+    embed.main(["--model", str(run[0]), "--audio", *files, "--text", *texts])
+    lines = capsys.readouterr().out.splitlines()
+    printed = np.array([[float(v) for v in line.split()[-2:]] for line in lines[1:3]])
+    decoded = embed.decode_files([clips / "clip0.flac", clips / "sub" / "clip4.flac"], embedder.window_samples)
+    expected = embedder.embed_audio(decoded) @ embedder.embed_text(texts).T
+    np.testing.assert_allclose(printed, expected, atol=5e-4)  # printed with 3 decimals
+    assert lines[3:] == ["[0] a burst of noise", "[1] a tone"]
+
+
+def test_embed_cli_index_and_search(run, embedder, clips, tmp_path, capsys):
+    index_file = tmp_path / "clips.npz"
+    embed.main(["--model", str(run[0]), "--index", str(clips), "--out", str(index_file)])
+    captured = capsys.readouterr()
+    assert "indexed 5 clips" in captured.out and "skipped 1 unreadable files" in captured.out
+    assert "ignored 1 files that are not audio" in captured.out
+    assert "skipped broken.flac: truncated" in captured.err
+
+    index = embed.read_index(index_file)
+    assert list(index["paths"]) == ["clip0.flac", "clip1.flac", "clip2.flac", "clip3.flac", "sub/clip4.flac"]
+    assert [line.split("\t")[0] for line in index["skipped"]] == ["broken.flac"]
+    decoded = embed.decode_files([clips / p for p in index["paths"]], embedder.window_samples)
+    assert np.abs(index["embeddings"] - embedder.embed_audio(decoded)).max() <= BATCH_TOLERANCE
+
+    query = "a burst of pink noise"
+    embed.main(["--index-file", str(index_file), "--query", query, "--top-k", "3", "--dim", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"query: {query}" and len(lines) == 4
+    scores = embed.truncate(index["embeddings"], 16) @ embedder.embed_text([query], dim=16)[0]
+    best = np.argsort(-scores, kind="stable")[:3]
+    for rank, (line, i) in enumerate(zip(lines[1:], best), start=1):
+        got_rank, got_score, got_path = line.split()
+        assert (int(got_rank), got_path) == (rank, index["paths"][i])
+        assert abs(float(got_score) - scores[i]) < 1e-4
+
+
+def test_embed_cli_usage_errors(run, tmp_path):
+    with pytest.raises(SystemExit):
+        embed.main(["--model", str(run[0])])  # no mode
+    with pytest.raises(SystemExit, match="no readable audio files"):
+        (tmp_path / "empty").mkdir()
+        embed.main(["--model", str(run[0]), "--index", str(tmp_path / "empty"), "--out", str(tmp_path / "x.npz")])
+    np.savez(tmp_path / "bogus.npz", embeddings=np.zeros((1, 32)))
+    with pytest.raises(SystemExit, match="not an index written by --index"):
+        embed.main(["--index-file", str(tmp_path / "bogus.npz"), "--query", "a dog"])

@@ -1,0 +1,237 @@
+"""Embed and search from the command line, with a training workdir or an exported directory as the model.
+
+    # similarity matrix (cosine) of audio files × texts
+    python -m wavlink_jax.embed --model M --audio a.wav b.flac --text "a dog barks" "rain on a roof"
+    # embed every audio file under FOLDER into an index
+    python -m wavlink_jax.embed --model M --index FOLDER --out index.npz
+    # the top-k clips of an index for a text query (the model is the one the index was built with)
+    python -m wavlink_jax.embed --index-file index.npz --query "a dog barks" --top-k 5
+
+Only audio files, by extension (`AUDIO_EXTENSIONS`), are indexed; a file that cannot be decoded (truncated,
+not audio, empty) is skipped and listed with its reason, and the count is printed. Clips are cut to the
+head of the model's window or zero-padded, as `wavlink_jax.inference` does. `--dim D` uses the Matryoshka
+size D everywhere (the index keeps full-size embeddings, so it serves every size).
+
+The index is a NumPy `.npz`: `embeddings` (N, E) float32 L2-normalised, `paths` (relative to `folder`),
+`folder`, `model` (absolute path), `step` (-1: latest / export), `skipped` ("path<TAB>reason" lines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from wavlink_jax import inference
+from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data.audio_io import BadAudio, load_audio
+from wavlink_jax.losses import l2_normalize
+
+AUDIO_EXTENSIONS = frozenset(
+    {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64"}
+)
+DECODE_THREADS = 4
+
+
+@dataclasses.dataclass
+class IndexReport:
+    indexed: int
+    skipped: list[tuple[str, str]]  # (path relative to the folder, reason: message)
+    ignored: int  # files without an audio extension
+
+
+@dataclasses.dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str
+
+
+def audio_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
+    """Audio files under `folder` (recursively, sorted) and the number of other files left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: not a directory")
+    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    audio = [path for path in files if path.suffix.lower() in AUDIO_EXTENSIONS]
+    return audio, len(files) - len(audio)
+
+
+def _decode(path: Path, window_samples: int) -> np.ndarray | BadAudio:
+    try:
+        return load_audio(path, window_samples=window_samples)
+    except BadAudio as err:
+        return err
+
+
+def decode_files(paths: Sequence[Path], window_samples: int) -> list[np.ndarray | BadAudio]:
+    """Each file's head window at 16 kHz (zero-padded), or the `BadAudio` it raised; decoded in threads."""
+    with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
+        return list(pool.map(lambda path: _decode(path, window_samples), paths))
+
+
+def build_index(
+    embedder: inference.Embedder, folder: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True
+) -> IndexReport:
+    """Embed every audio file under `folder` and save the index to `out` (see the module docstring)."""
+    folder = Path(folder).resolve()
+    files, ignored = audio_files(folder)
+    embeddings, paths, skipped = [], [], []
+    chunk = embedder.batch_size
+    with tqdm(total=len(files), desc="indexing", unit="file", disable=not progress) as bar:
+        for start in range(0, len(files), chunk):
+            batch_files = files[start : start + chunk]
+            good = []
+            for path, result in zip(batch_files, decode_files(batch_files, embedder.window_samples)):
+                relative = str(path.relative_to(folder))
+                if isinstance(result, BadAudio):
+                    skipped.append((relative, f"{result.reason}: {result}"))
+                else:
+                    good.append(result)
+                    paths.append(relative)
+            if good:
+                embeddings.append(embedder.embed_audio(good))
+            bar.update(len(batch_files))
+    if not paths:
+        raise ValueError(f"{folder}: no readable audio files ({len(skipped)} unreadable, {ignored} not audio)")
+    loaded = embedder.loaded
+    with open(out, "wb") as handle:  # a file object: np.savez would otherwise append ".npz" to the name
+        np.savez(
+            handle,
+            embeddings=np.concatenate(embeddings).astype(np.float32),
+            paths=np.array(paths),
+            folder=np.array(str(folder)),
+            model=np.array(str(loaded.path.resolve())),
+            step=np.array(-1 if loaded.step is None else loaded.step),
+            skipped=np.array([f"{path}\t{reason}" for path, reason in skipped], dtype=str),
+        )
+    return IndexReport(indexed=len(paths), skipped=skipped, ignored=ignored)
+
+
+def read_index(index_file: str | os.PathLike) -> dict[str, np.ndarray]:
+    with np.load(index_file) as data:
+        missing = {"embeddings", "paths", "folder", "model", "step"} - set(data.files)
+        if missing:
+            raise ValueError(f"{index_file}: not an index written by --index (missing {sorted(missing)})")
+        return {name: data[name] for name in data.files}
+
+
+def truncate(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
+    """Full-size L2-normalised embeddings → the Matryoshka size `dim` (prefix, re-normalised)."""
+    if dim is None or dim == embeddings.shape[-1]:
+        return embeddings
+    return np.asarray(l2_normalize(embeddings[:, :dim]))
+
+
+def search(
+    index: dict[str, np.ndarray], embedder: inference.Embedder, query: str, top_k: int, dim: int | None = None
+) -> list[Hit]:
+    """The `top_k` clips of `index` most similar to `query` (cosine), best first."""
+    clips = index["embeddings"]
+    if clips.shape[1] != embedder.config.embed_dim:
+        raise ValueError(
+            f"the index holds {clips.shape[1]}-d embeddings but the model makes {embedder.config.embed_dim}-d ones; "
+            "query with the model the index was built with"
+        )
+    scores = truncate(clips, dim) @ embedder.embed_text([query], dim=dim)[0]
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return [Hit(rank=rank + 1, score=float(scores[i]), path=str(index["paths"][i])) for rank, i in enumerate(order)]
+
+
+def similarity(
+    embedder: inference.Embedder, audio: Sequence[str], texts: Sequence[str], dim: int | None = None
+) -> tuple[np.ndarray, list[str], list[str]]:
+    """Cosine similarities of the audio files and texts: (matrix, row labels, column labels).
+
+    Audio × text when both are given, otherwise the one kind against itself.
+    """
+    embedded = []
+    if audio:
+        decoded = decode_files([Path(p) for p in audio], embedder.window_samples)
+        bad = [f"{path}: {result.reason}: {result}" for path, result in zip(audio, decoded) if isinstance(result, BadAudio)]
+        if bad:
+            raise ValueError("cannot read " + "; ".join(bad))
+        embedded.append((embedder.embed_audio(decoded, dim=dim), list(audio)))
+    if texts:
+        embedded.append((embedder.embed_text(list(texts), dim=dim), list(texts)))
+    if not embedded:
+        raise ValueError("nothing to embed: give --audio and/or --text")
+    (rows, row_labels), (columns, column_labels) = embedded[0], embedded[-1]
+    return rows @ columns.T, row_labels, column_labels
+
+
+def format_matrix(matrix: np.ndarray, rows: Sequence[str], columns: Sequence[str], width: int = 24) -> str:
+    """A plain-text table: one row per row label, columns numbered and listed underneath."""
+    def clip(text: str) -> str:
+        return text if len(text) <= width else "…" + text[-(width - 1) :]
+
+    lines = [" " * width + "".join(f"{f'[{j}]':>9}" for j in range(len(columns)))]
+    lines += [f"{clip(label):<{width}}" + "".join(f"{v:9.3f}" for v in row) for label, row in zip(rows, matrix)]
+    lines += [f"[{j}] {label}" for j, label in enumerate(columns)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m wavlink_jax.embed",
+        description="Embed audio files and texts with a WavLink model (a training workdir or an exported "
+        "directory): similarity matrix, folder index, text search.",
+    )
+    parser.add_argument("--model", help="training workdir or exported directory (for --index-file: defaults to "
+                        "the model the index was built with)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
+    parser.add_argument("--audio", nargs="+", default=[], help="audio files")
+    parser.add_argument("--text", nargs="+", default=[], help="texts")
+    parser.add_argument("--index", metavar="FOLDER", help="embed every audio file under FOLDER into --out")
+    parser.add_argument("--out", metavar="INDEX.npz", help="index file written by --index")
+    parser.add_argument("--index-file", metavar="INDEX.npz", help="index to search with --query")
+    parser.add_argument("--query", action="append", default=[], help="text query (repeatable)")
+    parser.add_argument("--top-k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--dim", type=int, default=None, help="Matryoshka embedding size (default: full)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per device batch step")
+    args = parser.parse_args(argv)
+
+    modes = [bool(args.audio or args.text), bool(args.index or args.out), bool(args.index_file or args.query)]
+    if sum(modes) != 1:
+        parser.error("choose one of: --audio/--text (similarity), --index FOLDER --out INDEX.npz, "
+                     "or --index-file INDEX.npz --query TEXT")
+    try:
+        if args.index or args.out:
+            if not (args.index and args.out and args.model):
+                parser.error("--index needs --model and --out")
+            embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
+            report = build_index(embedder, args.index, args.out)
+            for path, reason in report.skipped:
+                print(f"skipped {path}: {reason}", file=sys.stderr)
+            print(f"indexed {report.indexed} clips into {args.out}; skipped {len(report.skipped)} unreadable "
+                  f"files; ignored {report.ignored} files that are not audio")
+        elif args.index_file or args.query:
+            if not (args.index_file and args.query):
+                parser.error("searching needs --index-file and --query")
+            if args.top_k < 1:
+                parser.error(f"--top-k must be at least 1, got {args.top_k}")
+            index = read_index(args.index_file)
+            step = args.step if args.model else (None if int(index["step"]) < 0 else int(index["step"]))
+            embedder = inference.load(args.model or str(index["model"]), step, batch_size=args.batch_size)
+            for query in args.query:
+                print(f"query: {query}")
+                for hit in search(index, embedder, query, args.top_k, args.dim):
+                    print(f"{hit.rank:4d}  {hit.score:7.4f}  {hit.path}")
+        else:
+            if not args.model:
+                parser.error("--audio/--text need --model")
+            embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
+            print(format_matrix(*similarity(embedder, args.audio, args.text, args.dim)))
+    except (ValueError, FileNotFoundError, CheckpointError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
