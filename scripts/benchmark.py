@@ -161,27 +161,21 @@ def run_torch(args: argparse.Namespace, model: WavLinkConfig, config, host_batch
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_float32_matmul_precision("high")  # TF32 for the few fp32 matmuls, as XLA's default on GPU
     progress(f"torch {torch.__version__}: building the baseline on {device}")
-    a, t = model.audio, model.text
     with device:  # parameters are created (and randomly initialised) directly on the device
-        net = tb.TorchWavLink(
-            tb.torch_whisper_config(
-                tb.TowerShape(a.width, a.num_layers, a.num_heads, a.mlp_dim), n_mels=a.n_mels, frames=args.frames
-            ),
-            tb.torch_clip_text_config(
-                tb.TowerShape(t.width, t.num_layers, t.num_heads, t.mlp_dim),
-                vocab_size=t.vocab_size, context=args.text_length, projection_dim=t.projection_dim,
-            ),
-            embed_dim=model.embed_dim,
-            levels=model.matryoshka_dims,
+        net = tb.TrainingLoss(
+            tb.build_torch_wavlink(model, window_seconds=args.window, text_length=args.text_length),
             clip_weight=config.loss.clip_weight,
             sigmoid_weight=config.loss.sigmoid_weight,
         )
     net = net.to(device)
     batches = [
-        tuple(torch.from_numpy(b[key]).to(device) for key in ("waveform", "input_ids", "attention_mask"))
+        (
+            torch.from_numpy(b["waveform"]).to(device),
+            torch.from_numpy(b["input_ids"]).long().to(device),
+            torch.from_numpy(b["attention_mask"]).long().to(device),
+        )
         for b in host_batches
     ]
-    batches = [(w, ids.long(), mask.long()) for w, ids, mask in batches]
     optim = config.optim
     timing = tb.time_torch_step(
         net,

@@ -73,3 +73,35 @@ def test_model_flops_of_the_issue_baseline():
         config = benchmark.wavlink_config(model, tiny=False)
         per_sample = benchmark.model_flops(config, batch, 3000, 77) / batch
         assert per_sample * samples_per_s / 1e12 == pytest.approx(tflops, rel=0.05), model
+
+
+@pytest.mark.parametrize("clip_weight, sigmoid_weight", [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
+    """The baseline trains the same function: with our weights exported into it, its loss (log-mel, towers,
+    heads, Matryoshka CLIP and sigmoid losses) equals our trainer's loss on the same batch, in fp32."""
+    import numpy as np
+    import torch
+    from flax import nnx
+
+    from wavlink_jax import audio, export, losses, torch_baseline
+    from wavlink_jax.models.wavlink import WavLink
+
+    config = benchmark.wavlink_config("base", tiny=True)
+    model = WavLink(config, rngs=nnx.Rngs(0))
+    batch = benchmark.random_batch(np.random.default_rng(1), 6, 16000, 16, config.text.vocab_size)
+    za, zt = model(audio.log_mel_spectrogram(batch["waveform"], 80), batch["input_ids"], batch["attention_mask"])
+    ours, _ = losses.matryoshka_loss(
+        za, zt, dims=config.matryoshka_dims, logit_scale_clip=model.clip_logit_scale[...],
+        logit_scale_sigmoid=model.sigmoid_logit_scale[...], logit_bias=model.sigmoid_logit_bias[...],
+        clip_weight=clip_weight, sigmoid_weight=sigmoid_weight,
+    )
+
+    torch_model = torch_baseline.build_torch_wavlink(config, window_seconds=1.0, text_length=16)
+    torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in export.export_weights(model).items()})
+    with torch.no_grad():
+        theirs = torch_baseline.TrainingLoss(torch_model, clip_weight=clip_weight, sigmoid_weight=sigmoid_weight)(
+            torch.from_numpy(batch["waveform"]),
+            torch.from_numpy(batch["input_ids"]).long(),
+            torch.from_numpy(batch["attention_mask"]).long(),
+        )
+    assert float(ours) == pytest.approx(theirs.item(), rel=1e-5)
