@@ -69,8 +69,9 @@ class WavLinkConfig(PreTrainedConfig):
 
 
 @functools.lru_cache(maxsize=None)
-def _mel_filters(n_mels: int) -> torch.Tensor:
-    """Whisper's Slaney mel filter bank `(n_mels, N_FFT // 2 + 1)`, 0–8 kHz (WhisperFeatureExtractor's)."""
+def _mel_filters(n_mels: int, device: torch.device) -> torch.Tensor:
+    """Whisper's Slaney mel filter bank `(n_mels, N_FFT // 2 + 1)`, 0–8 kHz (WhisperFeatureExtractor's), on
+    `device`. Cached per device: a host → GPU copy on every call would synchronise the CUDA stream each time."""
     bank = mel_filter_bank(
         num_frequency_bins=N_FFT // 2 + 1,
         num_mel_filters=n_mels,
@@ -80,7 +81,7 @@ def _mel_filters(n_mels: int) -> torch.Tensor:
         norm="slaney",
         mel_scale="slaney",
     )
-    return torch.from_numpy(bank.T.copy()).to(torch.float32)
+    return torch.from_numpy(bank.T.copy()).to(device=device, dtype=torch.float32)
 
 
 def log_mel_spectrogram(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
@@ -96,7 +97,7 @@ def log_mel_spectrogram(waveform: torch.Tensor, n_mels: int) -> torch.Tensor:
         waveform, N_FFT, HOP_LENGTH, window=window, center=True, pad_mode="reflect", return_complex=True
     )[..., :-1]
     power = spectrum.real**2 + spectrum.imag**2
-    mel = _mel_filters(n_mels).to(waveform.device) @ power
+    mel = _mel_filters(n_mels, waveform.device) @ power
     log_mel = torch.clamp(mel, min=1e-10).log10()
     peak = log_mel.amax(dim=(-2, -1), keepdim=True)
     return (torch.maximum(log_mel, peak - 8.0) + 4.0) / 4.0
