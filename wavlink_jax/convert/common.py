@@ -63,14 +63,18 @@ def _to_numpy(tensor) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
-def _read_safetensors(file: Path) -> dict[str, np.ndarray]:
+NameFilter = Callable[[str], bool]
+
+
+def _read_safetensors(file: Path, skip: NameFilter | None) -> dict[str, np.ndarray]:
     from safetensors import safe_open
 
     with safe_open(str(file), framework="pt") as handle:
-        return {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys()}
+        return {key: _to_numpy(handle.get_tensor(key)) for key in handle.keys() if not (skip and skip(key))}
 
 
-def _read_torch(file: Path) -> dict:
+def read_torch_pickle(file: Path) -> object:
+    """A PyTorch pickle (`.bin`/`.pt`), loaded safely (`weights_only`) on the CPU."""
     import torch
 
     try:
@@ -79,25 +83,33 @@ def _read_torch(file: Path) -> dict:
         raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from err
 
 
-def _tensors_only(obj: Mapping, file: Path) -> dict[str, np.ndarray]:
+def tensors_to_numpy(obj: object, file: Path, skip: NameFilter | None = None) -> dict[str, np.ndarray]:
+    """A state dict's tensors (names `skip` rejects left out before any upcast) → float32 numpy arrays."""
     import torch
 
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{file}: expected a state dict (a mapping of names to tensors)")
-    return {key: _to_numpy(value) for key, value in obj.items() if isinstance(value, torch.Tensor)}
+    return {
+        key: _to_numpy(value)
+        for key, value in obj.items()
+        if isinstance(value, torch.Tensor) and not (skip and skip(key))
+    }
 
 
-def read_weight_file(file: Path) -> dict[str, np.ndarray]:
-    """One `.safetensors` or PyTorch pickle (`.bin`/`.pt`/`.pth`) file → name → float32 numpy array."""
+def read_weight_file(file: Path, skip: NameFilter | None = None) -> dict[str, np.ndarray]:
+    """One `.safetensors` or PyTorch pickle (`.bin`/`.pt`/`.pth`) file → name → float32 numpy array.
+
+    `skip(name)` → True leaves a tensor unread (e.g. Whisper's decoder), which saves memory on large models.
+    """
     if file.suffix == ".safetensors":
         try:
-            return _read_safetensors(file)
+            return _read_safetensors(file, skip)
         except Exception as err:
             raise CheckpointError(f"{file}: not a readable safetensors file ({err})") from err
-    return _tensors_only(_read_torch(file), file)
+    return tensors_to_numpy(read_torch_pickle(file), file, skip)
 
 
-def read_hf_directory(directory: Path) -> dict[str, np.ndarray]:
+def read_hf_directory(directory: Path, skip: NameFilter | None = None) -> dict[str, np.ndarray]:
     """A Hugging Face model directory: single or index-sharded safetensors, else pytorch_model.bin."""
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_file = directory / index_name
@@ -105,11 +117,11 @@ def read_hf_directory(directory: Path) -> dict[str, np.ndarray]:
             shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
             weights: dict[str, np.ndarray] = {}
             for shard in shards:
-                weights.update(read_weight_file(directory / shard))
+                weights.update(read_weight_file(directory / shard, skip))
             return weights
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).exists():
-            return read_weight_file(directory / name)
+            return read_weight_file(directory / name, skip)
     raise CheckpointError(
         f"{directory}: no model.safetensors, pytorch_model.bin or sharded index found; "
         "expected a Hugging Face model directory"

@@ -29,13 +29,13 @@ from flax import nnx
 from wavlink_jax.convert.common import (
     CheckpointError,
     Transform,
-    _read_torch,
-    _tensors_only,
     assign_strict,
     identity,
     read_hf_config,
     read_hf_directory,
+    read_torch_pickle,
     resolve_source,
+    tensors_to_numpy,
     transpose,
 )
 from wavlink_jax.convert.save import assign_tower_state, is_tower_dir, load_tower
@@ -133,6 +133,11 @@ def config_from_openai_dims(dims: Mapping, **overrides) -> WhisperConfig:
     return WhisperConfig(**{**fields, **overrides})
 
 
+def _is_decoder(name: str) -> bool:
+    """Decoder-side tensors (HF `decoder.*`/`proj_out.*`, OpenAI `decoder.*`): never read, never upcast."""
+    return name.startswith(("decoder.", "model.decoder.", "proj_out."))
+
+
 def _encoder_weights(weights: dict[str, np.ndarray], source: Path) -> tuple[dict[str, np.ndarray], str]:
     """Keep only the encoder's tensors (decoder etc. ignored by design); returns them and their prefix."""
     for prefix in HF_ENCODER_PREFIXES:
@@ -153,12 +158,12 @@ def _read_hf(directory: Path, overrides: dict) -> tuple[WhisperConfig, dict, dic
             "expected a Hugging Face Whisper checkpoint"
         )
     config = WhisperConfig.from_hf(hf_config, **overrides)
-    weights, prefix = _encoder_weights(read_hf_directory(directory), directory)
+    weights, prefix = _encoder_weights(read_hf_directory(directory, skip=_is_decoder), directory)
     return config, weights, hf_encoder_name_map(config, prefix), str(directory)
 
 
 def _read_openai(file: Path, overrides: dict) -> tuple[WhisperConfig, dict, dict, str]:
-    checkpoint = _read_torch(file)
+    checkpoint = read_torch_pickle(file)
     if not (isinstance(checkpoint, Mapping) and "dims" in checkpoint and "model_state_dict" in checkpoint):
         found = sorted(checkpoint)[:8] if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
         raise CheckpointError(
@@ -166,7 +171,7 @@ def _read_openai(file: Path, overrides: dict) -> tuple[WhisperConfig, dict, dict
             f"found {found}); for a Hugging Face checkpoint pass the directory holding config.json"
         )
     config = config_from_openai_dims(checkpoint["dims"], **overrides)
-    state = _tensors_only(checkpoint["model_state_dict"], file)
+    state = tensors_to_numpy(checkpoint["model_state_dict"], file, skip=_is_decoder)
     weights = {name: value for name, value in state.items() if name.startswith("encoder.")}
     if not weights:
         raise CheckpointError(f"{file}: 'model_state_dict' holds no 'encoder.*' tensors")
