@@ -87,13 +87,14 @@ def test_batched_padded_embeddings_match_direct_calls(embedder):
     assert short.shape == (len(texts), 16) and np.abs(short - expected).max() <= BATCH_TOLERANCE
 
 
-def test_export_and_steps_load_the_same_model(run, embedder, exported):
+def test_export_and_steps_load_the_same_model(run, embedder, exported, monkeypatch):
     waves, texts = sample_inputs()
     from_export = inference.load(exported)
     assert from_export.loaded.step is None and embedder.loaded.step == 3
     assert np.abs(from_export.embed_audio(waves) - embedder.embed_audio(waves)).max() <= 1e-6
     assert np.abs(from_export.embed_text(texts, dim=16) - embedder.embed_text(texts, dim=16)).max() <= 1e-6
-    earlier = inference.read_workdir(run[0], step=2)
+    monkeypatch.chdir(run[0].parent)  # a relative workdir path (orbax itself wants absolute ones)
+    earlier = inference.read_workdir(run[0].name, step=2)
     assert earlier.step == 2
     assert np.abs(np.asarray(earlier.model.audio.global_token.get_value())
                   - np.asarray(embedder.loaded.model.audio.global_token.get_value())).max() > 0

@@ -159,7 +159,7 @@ def read_workdir_state(
 
     For the exporter and `wavlink_jax.inference`, which need the parameters and fixed tables without a mesh.
     """
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")
