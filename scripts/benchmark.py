@@ -21,7 +21,10 @@ Figures:
   cuDNN attention the attention matmuls are missing from it;
 * both as a fraction of the bf16 matmul peak measured in the same process (an N×N×N bf16 product in JAX,
   mean of 10 after warm-up; N = 8192 by default);
-* peak device memory (`memory_stats()["peak_bytes_in_use"]`; the baseline: `torch.cuda.max_memory_allocated`).
+* peak device memory (`memory_stats()["peak_bytes_in_use"]`; the baseline: `torch.cuda.max_memory_allocated`);
+* the jitted log-mel alone on one batch (its share of the step);
+* with `--profile N`: N more steps under the jax profiler, device time per step by kind (attention, matmul,
+  convolution, FFT, other) and the top kernels — where the time goes.
 
 With `--baseline torch` the PyTorch step (`wavlink_jax.torch_baseline`) runs first in the same process, on the
 same device, with the same shapes, loss, optimizer settings and clipping, then frees its memory before JAX
@@ -230,6 +233,95 @@ def cost_analysis_flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
+# Kernel-name patterns → what the time went to (first match wins; checked on lower-cased names).
+# (cuDNN convolutions run "implicit gemm" kernels named fprop/dgrad/wgrad: checked before the matmuls.)
+KERNEL_KINDS = (
+    ("attention", ("fmha", "flash", "attention", "sdpa")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "winograd")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "gemv", "matmul", "triton_dot")),
+    ("fft", ("fft",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    lower = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(key in lower for key in keys)), "other")
+
+
+def summarize_trace(trace_file: Path, steps: int, top: int = 15) -> dict[str, Any]:
+    """Device time per step from a jax profiler trace (Chrome/perfetto JSON): by kind and by kernel.
+
+    Kernels are the complete events on the device's `Stream` lines (the derived `XLA Ops` / `XLA Modules`
+    lines would count them twice). A trace without device lines (CPU) gives empty tables."""
+    import gzip
+
+    with gzip.open(trace_file) as file:
+        data = json.load(file)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    threads = {
+        (e["pid"], e["tid"]): e["args"]["name"]
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "thread_name"
+    }
+    device_lines = {
+        key: name
+        for key, name in threads.items()
+        if processes.get(key[0], "").startswith("/device:") or "GPU" in processes.get(key[0], "")
+    }
+    # Kernel lines are the streams; where a trace names none so, every device line but the derived ones.
+    kernel_lines = {key for key, name in device_lines.items() if name.startswith("Stream")} or {
+        key for key, name in device_lines.items() if not any(d in name for d in ("XLA Modules", "XLA Ops", "Steps"))
+    }
+    by_kernel: dict[str, float] = {}
+    for event in events:
+        if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines:
+            by_kernel[event["name"]] = by_kernel.get(event["name"], 0.0) + float(event.get("dur", 0.0))
+    total_us = sum(by_kernel.values())
+    by_kind: dict[str, float] = {}
+    for name, us in by_kernel.items():
+        by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
+    ms = lambda us: round(us / steps / 1e3, 3)  # noqa: E731
+    return {
+        "lines": sorted(device_lines[key] for key in kernel_lines),
+        "device_busy_ms_per_step": ms(total_us),
+        "by_kind_ms_per_step": {kind: ms(us) for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms_per_step": [
+            [name[:120], ms(us)] for name, us in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]
+        ],
+    }
+
+
+def profile_steps(compiled, state, batches, steps: int) -> tuple[dict[str, Any], Any]:
+    """Run `steps` more steps under the jax profiler and summarise the device trace; returns (summary, state)."""
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as directory:
+        with jax.profiler.trace(directory, create_perfetto_trace=True):
+            for i in range(steps):
+                state, metrics = compiled(state, batches[i % len(batches)])
+            jax.block_until_ready((state, metrics))
+        trace_file = next(Path(directory).rglob("perfetto_trace.json.gz"))
+        return summarize_trace(trace_file, steps), state
+
+
+def time_log_mel(waveform, n_mels: int, repeats: int = 5) -> float:
+    """Seconds per call of the jitted log-mel on one batch (its share of the step)."""
+    import jax
+
+    from wavlink_jax import audio
+
+    log_mel = jax.jit(lambda w: audio.log_mel_spectrogram(w, n_mels))
+    log_mel(waveform).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        out = log_mel(waveform)
+    out.block_until_ready()
+    return (time.perf_counter() - start) / repeats
+
+
 def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
     """Build the trainer's state and step on one device, compile, warm up and time it."""
     import jax
@@ -270,8 +362,19 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
 
     progress(f"ours: {1e3 * step_time:.1f} ms/step")
     stats = device.memory_stats() or {}
+    log_mel_s = time_log_mel(batches[0]["waveform"], config.model.audio.n_mels)
+    profile = None
+    if args.profile:
+        try:
+            profile, state = profile_steps(compiled, state, batches, args.profile)
+            progress(f"ours: profile {json.dumps(profile)}")
+        except Exception as error:  # noqa: BLE001 - the timings above stand; the profile is extra
+            progress(f"ours: profiling failed: {error!r}")
+            profile = {"error": repr(error)[:2000]}
     del state, batches
     return {
+        "log_mel_s": log_mel_s,
+        "profile": profile,
         "init_s": init_s,
         "compile_s": compile_s,
         "step_time_s": step_time,
@@ -293,7 +396,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", choices=("torch",), help="also time the equivalent PyTorch step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the baseline's model")
     parser.add_argument("--steps", type=int, help="timed steps (default 20; --tiny 2)")
-    parser.add_argument("--warmup", type=int, help="untimed steps after compilation (default 3; --tiny 1)")
+    parser.add_argument("--warmup", type=int, help="untimed steps after compilation (default 2; --tiny 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     parser.add_argument("--tiny", action="store_true", help="2-layer, 64-wide towers on 1 s windows: seconds on a CPU")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
@@ -308,12 +411,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--matmul-size", type=int, help="N of the N³ bf16 peak matmul (default 8192; --tiny 256)")
     parser.add_argument("--dump-hlo", metavar="FILE", help="write our compiled step's optimised HLO here")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N",
+        help="after timing, trace N more steps with the jax profiler and report device time by kernel",
+    )
     parser.add_argument("--jsonl", metavar="FILE", help="also append the JSON object as one line to FILE")
     parser.add_argument("--label", default="", help="a name for this run, kept in the JSON")
     args = parser.parse_args(argv)
 
     defaults = TINY if args.tiny else dict(
-        window=args.window, text_length=TEXT_LENGTH, batch=DEFAULT_BATCH[args.model], steps=20, warmup=3,
+        window=args.window, text_length=TEXT_LENGTH, batch=DEFAULT_BATCH[args.model], steps=20, warmup=2,
         matmul_size=8192,
     )
     args.window = defaults["window"] if args.tiny else args.window
@@ -438,6 +545,16 @@ def report(r: dict[str, Any]) -> str:
         f"{r['tflops_model']:.3g} TFLOP/s ({100 * r['fraction_of_peak_model']:.0f}% of peak), cost analysis {cost}, "
         f"peak memory {_gib(r['peak_memory_bytes'])}, compile {r['compile_s']:.1f} s",
     ]
+    lines.append(
+        f"  log-mel alone: {1e3 * r['log_mel_s']:.2f} ms ({100 * r['log_mel_s'] / r['step_time_s']:.1f}% of the step)"
+    )
+    profile = r["profile"]
+    if profile and "error" in profile:
+        lines.append(f"  profile failed: {profile['error']}")
+    elif profile:
+        kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms_per_step"].items())
+        lines.append(f"  device busy {profile['device_busy_ms_per_step']:.2f} ms/step: {kinds or 'no device lines'}")
+        lines += [f"    {ms:8.2f} ms  {name}" for name, ms in profile["top_kernels_ms_per_step"]]
     b = r["baseline"]
     if b is not None and "error" in b:
         lines.append(f"  torch baseline failed: {b['error']}")

@@ -9,8 +9,8 @@
 # Order = importance, so that a run cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity (values and gradients, bf16) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
-#   2. base/small/large/medium at batch 128/64/16/32, 30 s windows: ours vs torch.compile
-#   3. base at 10 s (ours; the 10 s vs 30 s speed-up), large at batch 64 with full remat (ours),
+#   2. ours vs torch.compile, 30 s windows: base (batch 128, profiled), small (64); base at 10 s (ours: the
+#      10 s vs 30 s speed-up); large (16, profiled); large at batch 64 with full remat (ours); medium (32);
 #      base vs eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
 # would not fit is skipped and recorded as such.
@@ -132,12 +132,12 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     fi
 }
 
-bench base-30s-b128-vs-compile 90 --model base --batch 128 --window 30 --baseline torch --compile --steps 10
+bench base-30s-b128-vs-compile 90 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2
 bench small-30s-b64-vs-compile 100 --model small --batch 64 --window 30 --baseline torch --compile --steps 10
-bench large-30s-b16-vs-compile 150 --model large --batch 16 --window 30 --baseline torch --compile --steps 8
-bench medium-30s-b32-vs-compile 120 --model medium --batch 32 --window 30 --baseline torch --compile --steps 8
 bench base-10s-b128 40 --model base --batch 128 --window 10 --steps 10
+bench large-30s-b16-vs-compile 150 --model large --batch 16 --window 30 --baseline torch --compile --steps 8 --profile 1
 bench large-30s-b64-remat 90 --model large --batch 64 --window 30 --remat full --steps 4 --warmup 1
+bench medium-30s-b32-vs-compile 120 --model medium --batch 32 --window 30 --baseline torch --compile --steps 8
 bench base-30s-b128-vs-eager 45 --model base --batch 128 --window 30 --baseline torch --steps 10
 
 # --- summary -------------------------------------------------------------------------------------------------
@@ -162,5 +162,15 @@ for r in rows:
     print(f"| {r['label']} | {r['samples_per_s']:.1f} | {1e3 * r['step_time_s']:.1f} | {r['tflops_model']:.0f} "
           f"({100 * r['fraction_of_peak_model']:.0f}%) | {xla} | {gib(r['peak_memory_bytes'])} | {r['compile_s']:.0f} | "
           f"{torch} | {'' if b is None else gib(b['peak_memory_bytes'])} | {'' if b is None else format(r['ratio'], '.2f')} |")
+for r in rows:
+    profile = r.get("profile")
+    if profile and "error" not in profile:
+        kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in profile["by_kind_ms_per_step"].items())
+        print(f"\n{r['label']}: step {1e3 * r['step_time_s']:.1f} ms, device busy {profile['device_busy_ms_per_step']:.1f} ms "
+              f"({kinds}); log-mel alone {1e3 * r['log_mel_s']:.1f} ms; lines {profile['lines']}")
+        for name, ms in profile["top_kernels_ms_per_step"]:
+            print(f"  {ms:8.2f} ms  {name}")
+    elif profile:
+        print(f"\n{r['label']}: profile failed: {profile['error'][:300]}")
 EOF
 log "total $(($(date +%s) - START)) s"

@@ -98,10 +98,43 @@ def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
 
     torch_model = torch_baseline.build_torch_wavlink(config, window_seconds=1.0, text_length=16)
     torch_model.load_state_dict({k: torch.from_numpy(v) for k, v in export.export_weights(model).items()})
+    loss = torch_baseline.TrainingLoss(torch_model, clip_weight=clip_weight, sigmoid_weight=sigmoid_weight)
     with torch.no_grad():
-        theirs = torch_baseline.TrainingLoss(torch_model, clip_weight=clip_weight, sigmoid_weight=sigmoid_weight)(
-            torch.from_numpy(batch["waveform"]),
+        theirs = loss(
+            loss.log_mel(torch.from_numpy(batch["waveform"])),
             torch.from_numpy(batch["input_ids"]).long(),
             torch.from_numpy(batch["attention_mask"]).long(),
         )
     assert float(ours) == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_trace_summary_counts_stream_kernels_once(tmp_path):
+    """The profile summary reads the device's Stream lines (xprof's layout of a GPU trace), not the derived
+    XLA Ops line that repeats the same time, nor host events; times are per step, grouped by kind."""
+    import gzip
+
+    def meta(kind, pid, tid, name):
+        return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+
+    def kernel(pid, tid, name, dur):
+        return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0, "dur": dur}
+
+    events = [
+        meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
+        meta("thread_name", 1, 7, "Stream #7(Compute)"), meta("thread_name", 1, 8, "XLA Ops"),
+        meta("thread_name", 2, 9, "python"),
+        kernel(1, 7, "sm90_xmma_gemm_bf16bf16_bf16f32", 3000), kernel(1, 7, "cudnn_generated_fort_native_sdpa_sm90", 2000),
+        kernel(1, 7, "loop_add_fusion", 500), kernel(1, 7, "loop_add_fusion", 500), kernel(1, 7, "regular_fft", 1000),
+        kernel(1, 7, "sm90_xmma_fprop_implicit_gemm_bf16", 400),
+        kernel(1, 8, "fusion.1", 7000), kernel(2, 9, "PjitFunction(step)", 9000),
+    ]
+    trace = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(trace, "wt") as file:
+        json.dump({"traceEvents": events}, file)
+    summary = benchmark.summarize_trace(trace, steps=2)
+    assert summary["lines"] == ["Stream #7(Compute)"]
+    assert summary["device_busy_ms_per_step"] == 3.7
+    assert summary["by_kind_ms_per_step"] == {
+        "matmul": 1.5, "attention": 1.0, "other": 0.5, "fft": 0.5, "convolution": 0.2,
+    }
+    assert summary["top_kernels_ms_per_step"][0] == ["sm90_xmma_gemm_bf16bf16_bf16f32", 1.5]

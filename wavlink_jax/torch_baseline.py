@@ -79,7 +79,7 @@ def matryoshka_contrastive_loss(
 
 
 class TrainingLoss(nn.Module):
-    """`forward(waveform, input_ids, attention_mask)` → the scalar training loss of `model`."""
+    """`forward(mel, input_ids, attention_mask)` → the scalar training loss of `model` (the part compiled)."""
 
     def __init__(self, model: torch_model.WavLinkModel, *, clip_weight: float, sigmoid_weight: float):
         super().__init__()
@@ -87,10 +87,14 @@ class TrainingLoss(nn.Module):
         self.clip_weight = clip_weight
         self.sigmoid_weight = sigmoid_weight
 
-    def forward(self, waveform: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def log_mel(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Whisper's log-mel of a waveform batch, fp32 even under autocast (as ours). Kept out of
+        `torch.compile`: inductor has no complex-number kernels, and the filter bank is cached per device."""
+        with torch.autocast(waveform.device.type, enabled=False):
+            return torch_model.log_mel_spectrogram(waveform, self.model.config.audio_config.num_mel_bins)
+
+    def forward(self, mel: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.model
-        with torch.autocast(waveform.device.type, enabled=False):  # the log-mel stays fp32, as ours
-            mel = torch_model.log_mel_spectrogram(waveform, model.config.audio_config.num_mel_bins)
         za = model.audio_projection(model.encode_audio(mel))
         zt = model.text_projection(model.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds)
         return matryoshka_contrastive_loss(
@@ -136,10 +140,12 @@ def time_torch_step(
     compile: bool,
     optimizer: OptimizerSettings = OptimizerSettings(),
 ) -> TorchTiming:
-    """Train for `warmup` then `steps` steps over `batches` (already on the device), timing the latter.
+    """Train for `warmup` then `steps` steps over `batches` (waveform, ids, mask; already on the device),
+    timing the latter.
 
-    The step is zero_grad → forward under bf16 autocast → backward → clip the global gradient norm → AdamW
-    (fused on CUDA; weight decay on ≥ 2-d parameters, as our optimizer). The clock is read after a device
+    The step is zero_grad → log-mel (eager) → towers and loss under bf16 autocast (`torch.compile`d with
+    `compile`) → backward → clip the global gradient norm → AdamW (fused on CUDA; weight decay on ≥ 2-d
+    parameters, as our optimizer). The clock is read after a device
     synchronisation before and after the timed loop; nothing inside the loop syncs with the host.
     """
     device = batches[0][0].device
@@ -158,9 +164,11 @@ def time_torch_step(
     forward = torch.compile(loss_module) if compile else loss_module
 
     def step(batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        waveform, input_ids, attention_mask = batch
         adamw.zero_grad(set_to_none=True)
+        mel = loss_module.log_mel(waveform)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = forward(*batch)
+            loss = forward(mel, input_ids, attention_mask)
         loss.backward()
         if optimizer.grad_clip_norm:
             torch.nn.utils.clip_grad_norm_(params, optimizer.grad_clip_norm, foreach=True)
