@@ -33,7 +33,13 @@ import numpy as np
 from flax import nnx
 
 from wavlink_jax import audio, checkpoint, export, sharding, train_step
-from wavlink_jax.convert.common import CheckpointError, assign_strict, read_hf_config, read_hf_directory
+from wavlink_jax.convert.common import (
+    CheckpointError,
+    assign_strict,
+    read_hf_config,
+    read_hf_directory,
+    resolve_source,
+)
 from wavlink_jax.evaluate import embed_in_batches
 from wavlink_jax.models import lora
 from wavlink_jax.models.clip_text import CLIPTextConfig
@@ -67,10 +73,6 @@ def _runtime_overrides(dtype: str) -> dict:
     return {"dtype": dtype, "remat": "none", "attention_implementation": None}
 
 
-def _unfilled(model: nnx.Module) -> list:
-    return [path for path, var in nnx.to_flat_state(nnx.state(model)) if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
-
-
 def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: str = "float32") -> LoadedModel:
     """The model of a training workdir at `step` (default: the latest checkpoint), LoRA merged."""
     items, raw_config, step = checkpoint.read_workdir_state(workdir, step, items=("params", "buffers"))
@@ -86,13 +88,14 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
         nnx.replace_by_pure_dict(template, jax.tree.map(jnp.asarray, saved))
     model = nnx.merge(graphdef, param_state, buffer_state)
 
-    tokenizer_dir = Path(config.data.tokenizer)
-    if not tokenizer_dir.is_dir():
+    try:
+        tokenizer_dir = resolve_source(config.data.tokenizer)  # a directory, or a hub id as in training
+    except CheckpointError as err:
         raise CheckpointError(
-            f"{workdir}: the run's tokenizer directory {config.data.tokenizer!r} (config.data.tokenizer in "
-            "config.json) is not found from here; run from the directory the run was started in, or export the "
-            "run (python -m wavlink_jax.export), which copies the tokenizer"
-        )
+            f"{workdir}: the run's tokenizer {config.data.tokenizer!r} (config.data.tokenizer in config.json) "
+            f"cannot be found from here ({err}); run from the directory the run was started in, or use an export "
+            "of the run (python -m wavlink_jax.export), which holds a copy of the tokenizer"
+        ) from err
     return LoadedModel(
         model=model,
         tokenizer_dir=tokenizer_dir,
@@ -128,8 +131,10 @@ def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> Lo
     config = exported_model_config(hf_config, dtype=dtype)
     model = nnx.eval_shape(lambda: WavLink(config, rngs=nnx.Rngs(0)))
     assign_strict(model, read_hf_directory(directory), export.name_map(config), source=str(directory))
-    if _unfilled(model):
-        raise KeyError(f"exporter bug: {_unfilled(model)} are not in export.name_map")
+    flat = nnx.to_flat_state(nnx.state(model))
+    unfilled = [path for path, var in flat if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise KeyError(f"exporter bug: {unfilled} are not in export.name_map")
     return LoadedModel(
         model=model,
         tokenizer_dir=directory,
