@@ -206,6 +206,23 @@ def run_torch(args: argparse.Namespace, model: WavLinkConfig, config, host_batch
     return result
 
 
+def run_torch_in_child(argv: list[str]) -> dict[str, Any]:
+    """The baseline in a child process (`--separate-baseline`): for machines where torch and JAX cannot
+    share one process's GPU. Its memory is the driver's again when the child exits."""
+    import subprocess
+
+    child_args = [a for a in argv if a not in ("--separate-baseline", "--json")] + ["--baseline-only"]
+    for flag in ("--jsonl", "--dump-hlo"):  # options with a value that belong to this process only
+        if flag in child_args:
+            index = child_args.index(flag)
+            del child_args[index : index + 2]
+    done = subprocess.run([sys.executable, __file__, *child_args], stdout=subprocess.PIPE, text=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        return {"name": "torch", "error": f"baseline process exited with {done.returncode}"}
+    return json.loads(lines[-1])
+
+
 def measure_matmul_peak(size: int, repeats: int = 10) -> float:
     """TFLOP/s of a size³ bf16 matmul in JAX on the default device: mean over `repeats` after warm-up."""
     import jax
@@ -395,6 +412,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--window", type=float, choices=(30.0, 10.0), default=30.0, help="audio window in seconds")
     parser.add_argument("--baseline", choices=("torch",), help="also time the equivalent PyTorch step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the baseline's model")
+    parser.add_argument(
+        "--separate-baseline", action="store_true",
+        help="run the baseline in a child process instead of this one (if torch and JAX clash on a GPU)",
+    )
+    parser.add_argument("--baseline-only", action="store_true", help=argparse.SUPPRESS)  # the child's role
     parser.add_argument("--steps", type=int, help="timed steps (default 20; --tiny 2)")
     parser.add_argument("--warmup", type=int, help="untimed steps after compilation (default 2; --tiny 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
@@ -463,12 +485,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The baseline runs before JAX touches the device: JAX reserves most of the GPU's memory when it starts.
     # A failing baseline (e.g. a torch.compile error) is reported in the result; ours is still measured.
     baseline = None
-    if args.baseline:
+    if args.baseline and args.separate_baseline:
+        baseline = run_torch_in_child(argv if argv is not None else sys.argv[1:])
+    elif args.baseline:
         try:
             baseline = run_torch(args, model, config, host_batches)
         except Exception as error:  # noqa: BLE001 - reported, not hidden
             progress(f"torch baseline failed: {error!r}")
             baseline = {"name": "torch", "compile": args.compile, "error": repr(error)[:2000]}
+    if args.baseline_only:
+        print(json.dumps(baseline))
+        return baseline
 
     import jax
 

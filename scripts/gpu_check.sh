@@ -104,6 +104,22 @@ EOF
     log "cuDNN attention failed or disagreed: the benchmark runs use --attention xla"
 fi
 
+# --- torch, then JAX, on the GPU in one process (what benchmark.py --baseline does) ---------------------------
+SEPARATE=""
+if ! timeout 90 python3 - <<'EOF' 2>&1 | tee -a "$LOG"; then
+import torch
+x = torch.randn(2048, 2048, device="cuda", dtype=torch.bfloat16)
+print("torch", torch.__version__, torch.cuda.get_device_name(), float((x @ x).float().norm()))
+del x
+torch.cuda.empty_cache()
+import jax, jax.numpy as jnp
+y = jax.random.normal(jax.random.PRNGKey(0), (2048, 2048), jnp.bfloat16)
+print("then jax", jax.__version__, jax.devices()[0].device_kind, float(jnp.linalg.norm((y @ y).astype(jnp.float32))))
+EOF
+    SEPARATE=--separate-baseline
+    log "torch and JAX could not share the process: baselines run in a child process (--separate-baseline)"
+fi
+
 # --- benchmark runs ------------------------------------------------------------------------------------------
 SELECTED=" $* "
 bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on the command line, if any)
@@ -121,8 +137,10 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     fi
     log "== $label: benchmark.py $* (limit $remaining s)"
     local t0=$(date +%s)
+    local separate=""
+    [[ " $* " == *" --baseline "* ]] && separate=$SEPARATE
     timeout --kill-after=10 "$remaining" python3 scripts/benchmark.py --attention "$ATTENTION" --label "$label" \
-        --jsonl "$JSONL" "$@" 2>&1 | grep -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        --jsonl "$JSONL" $separate "$@" 2>&1 | grep -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "== $label: exit $rc after $(($(date +%s) - t0)) s"
     if [ "$rc" -ne 0 ]; then
