@@ -61,7 +61,8 @@ fi
     date -u
     nvidia-smi
     python3 -c "import sys; print('python', sys.version.split()[0])"
-    python3 -m pip list 2>/dev/null | grep -i -E '^(jax|jaxlib|jax-cuda|flax|optax|orbax|ml.collections|torch |transformers|triton|nvidia-cudnn|nvidia-cublas|numpy) '
+    python3 -m pip list 2>/dev/null | grep -i -E '^(jax|jaxlib|jax-cuda13-plugin|jax-cuda13-pjrt|flax|optax|orbax-checkpoint|torch|transformers|triton|nvidia-cudnn-cu13|nvidia-cublas|numpy)[[:space:]]'
+    python3 -c "from importlib import metadata as m; print('as imported here (carried wheels first):', {p: m.version(p) for p in ('jax', 'flax', 'optax', 'ml-collections', 'grain', 'torch', 'transformers')})"
 } 2>&1 | tee -a "$LOG"
 
 # --- cuDNN vs XLA attention, values and gradients, bf16 -----------------------------------------------------
