@@ -22,7 +22,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from wavlink_jax import checkpoint, eval_tasks, metrics_log, sharding, train_step
+from wavlink_jax import checkpoint, eval_tasks, evaluate, metrics_log, sharding, train_step
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.tokenizer import load_tokenizer
@@ -69,41 +69,25 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
 
 
 class Evaluator:
-    """Scores the configured `config.eval.sets` (decoded once, at start) with the current train state."""
+    """Scores `config.eval.sets` (decoded once, at start) with the current train state, through
+    `wavlink_jax.evaluate.evaluate_during_training`: records `eval/<set>/<metric>` (full size) and
+    `eval/<set>/<dim>/<metric>` (Matryoshka sizes)."""
 
     def __init__(self, config: ml_collections.ConfigDict, setup: train_step.TrainSetup, tokenizer):
         self.dims = setup.model_config.matryoshka_dims
         self.embedder = train_step.StateEmbedder(setup, tokenizer, config.eval.batch_size)
-        self.sets = []
-        for spec in config.eval.sets:
-            name, source = spec["name"], dict(spec["source"])
-            decoded = pipeline.make_eval_set(
-                source,
+        self.sets = [
+            eval_tasks.load_eval_data(
+                spec["name"],
+                dict(spec["source"]),
                 window_seconds=config.data.window_seconds,
                 max_clips=config.eval.max_clips or None,
-                require_captions=False,
             )
-            self.sets.append(
-                eval_tasks.EvalData(
-                    name=name,
-                    waveforms=decoded.waveforms,
-                    captions=decoded.captions,
-                    text_to_audio=decoded.text_to_audio,
-                    labels=decoded.labels if any(decoded.labels) else [],
-                    folds=decoded.folds,
-                    skipped=decoded.skip_counts,
-                )
-            )
+            for spec in config.eval.sets
+        ]
 
     def __call__(self, state: dict) -> dict[str, float]:
-        """`{"eval/<set>/<dim>/<metric>": value}` for every set, Matryoshka size and metric."""
-        self.embedder.use(state)
-        results = {}
-        for data in self.sets:
-            table = eval_tasks.evaluate_data(self.embedder, data, self.dims)
-            for dim, metrics in table.items():
-                results.update({f"eval/{data.name}/{dim}/{key}": float(v) for key, v in metrics.items()})
-        return results
+        return evaluate.evaluate_during_training(self.embedder.use(state), self.sets, self.dims)
 
 
 def _say(text: str) -> None:

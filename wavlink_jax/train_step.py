@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from wavlink_jax import audio, losses, optim, sharding
+from wavlink_jax.evaluate import embed_in_batches
 from wavlink_jax.models import lora
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 
@@ -346,14 +347,10 @@ class StateEmbedder:
         return self
 
     def embed_audio(self, waveforms: np.ndarray) -> np.ndarray:
-        from wavlink_jax.evaluate import embed_in_batches
-
         fn = lambda batch: self._audio_fn(self._params, self._buffers, batch)  # noqa: E731
         return embed_in_batches(fn, waveforms, self._batch_size, self._mesh, desc="audio", progress=self._progress)
 
     def embed_text(self, texts) -> np.ndarray:
-        from wavlink_jax.evaluate import embed_in_batches
-
         input_ids, attention_mask = self._tokenizer(list(texts))
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         fn = lambda batch: self._text_fn(self._params, self._buffers, batch)  # noqa: E731
