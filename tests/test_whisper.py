@@ -130,6 +130,11 @@ def test_global_token_matches_torch_layers_on_appended_sequence(tiny, frames):
     token_diff = _max_diff(output.global_state, reference[:, -1])
     print(f"\ntiny {frames // 100} s with token: frames {frames_diff:.2e}, global state {token_diff:.2e}")
     assert frames_diff <= TOLERANCE and token_diff <= TOLERANCE, f"{frames_diff:.2e} / {token_diff:.2e}"
+    # The training path: the last block computes only the token's row.
+    token_only = nnx.jit(lambda m, x: m(x, global_only=True))(ours, jnp.asarray(mel))
+    assert token_only.hidden_states is None
+    only_diff = _max_diff(token_only.global_state, reference[:, -1])
+    assert only_diff <= TOLERANCE, f"global_only: max abs diff {only_diff:.2e}"
     # The token changes the frame outputs (everything attends to it): a dropped token would not pass.
     plain = _torch_encoder(model.encoder, mel)
     assert np.abs(plain - reference[:, :-1]).max() > 1e-3

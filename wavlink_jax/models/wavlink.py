@@ -144,7 +144,7 @@ class WavLink(nnx.Module):
     def embed_audio(self, mel: jax.Array, dim: int | None = None) -> jax.Array:
         """log-mel `(B, n_mels, frames)` → L2-normalised float32 `(B, dim or E)` audio embeddings."""
         self._check_dim(dim)
-        global_state = self.audio(mel).global_state.astype(jnp.float32)
+        global_state = self.audio(mel, global_only=True).global_state.astype(jnp.float32)
         return self._finish(self.audio_projection(global_state), dim)
 
     def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array | None, dim: int | None = None) -> jax.Array:

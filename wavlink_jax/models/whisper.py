@@ -178,8 +178,12 @@ class WhisperEncoder(nnx.Module):
         )
         self.final_norm = layers.layer_norm(width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
-    def __call__(self, mel: jax.Array) -> WhisperOutput:
-        """`mel` `(B, n_mels, frames)` (see `wavlink_jax.audio.log_mel_spectrogram`) → `WhisperOutput`."""
+    def __call__(self, mel: jax.Array, *, global_only: bool = False) -> WhisperOutput:
+        """`mel` `(B, n_mels, frames)` (see `wavlink_jax.audio.log_mel_spectrogram`) → `WhisperOutput`.
+
+        `global_only=True` (needs the global token) returns only `global_state` (`hidden_states` is None):
+        the last block then computes just the token's row, which is all WavLink's embedding reads.
+        """
         config = self.config
         if mel.ndim != 3 or mel.shape[1] != config.n_mels or mel.shape[2] < 1:
             raise ValueError(
@@ -203,6 +207,11 @@ class WhisperEncoder(nnx.Module):
         if self.global_token is not None:
             token = jnp.broadcast_to(self.global_token.get_value().astype(x.dtype), (x.shape[0], 1, x.shape[2]))
             x = jnp.concatenate([x, token], axis=1)
+        if global_only:
+            if self.global_token is None:
+                raise ValueError("global_only=True needs an encoder built with global_token=True")
+            token_out = self.final_norm(self.encoder(x, last_query_start=-1))
+            return WhisperOutput(hidden_states=None, global_state=token_out[:, 0])
         x = self.final_norm(self.encoder(x))
         if self.global_token is None:
             return WhisperOutput(hidden_states=x, global_state=None)
