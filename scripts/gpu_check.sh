@@ -33,7 +33,7 @@ log() { echo "$*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
 # --- carried wheels: the versions our tests ran with, where the machine's differ or are missing ---------------
-# (flax / optax / ml_collections as pinned in requirements.txt; grain, soundfile, soxr and their needs because
+# (optax / ml_collections as pinned in requirements.txt — not flax: the machine's own matches its jax; grain, soundfile, soxr and their needs because
 # importing configs/common.py imports the data pipeline)
 if ls .whl/*.whl >/dev/null 2>&1; then
     NEEDED=$(python3 - <<'EOF'
@@ -78,7 +78,8 @@ print("jax", jax.__version__, jax.devices())
 worst = 0.0
 # The audio tower's shape (odd length: 1500 frames + the global token) and the text tower's (causal, padded).
 for name, (batch, length, heads, causal, lengths) in {
-    "whisper-base 30 s": (4, 1501, 8, False, None),
+    # 1500 frames + the token = 1501, odd: cuDNN needs even lengths, so layers.Attention pads to 1504 and masks.
+    "whisper-base 30 s": (4, 1504, 8, False, [1501] * 4),
     "clip-text causal+padding": (4, 77, 8, True, [77, 20, 9, 50]),
 }.items():
     keys = jax.random.split(jax.random.PRNGKey(0), 4)

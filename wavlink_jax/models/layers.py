@@ -106,6 +106,12 @@ def layer_norm(
     )
 
 
+def _pad_sequence(x: jax.Array, multiple: int) -> jax.Array:
+    """Zero-pad axis 1 of `(B, T, heads, head_dim)` up to a multiple of `multiple`."""
+    padding = -x.shape[1] % multiple
+    return jnp.pad(x, ((0, 0), (0, padding), (0, 0), (0, 0)))
+
+
 class Attention(nnx.Module):
     """Multi-head self-attention through `jax.nn.dot_product_attention` (XLA or cuDNN flash attention)."""
 
@@ -159,6 +165,14 @@ class Attention(nnx.Module):
         implementation = "xla" if query_start is not None else resolve_attention_implementation(
             self.implementation, q.dtype
         )
+        query_length = q.shape[1]
+        if implementation == "cudnn" and (query_length % 2 or length % 2):
+            # cuDNN flash attention needs even sequence lengths (Whisper's 1500 frames + the global token is
+            # 1501): pad to a multiple of 16 and mask the padded keys out.
+            if kv_lengths is None:
+                kv_lengths = jnp.full((batch,), length, jnp.int32)
+            q = _pad_sequence(q, 16)
+            k, v = _pad_sequence(k, 16), _pad_sequence(v, 16)
         attended = jax.nn.dot_product_attention(
             q,
             k,
@@ -166,8 +180,8 @@ class Attention(nnx.Module):
             is_causal=causal,
             key_value_seq_lengths=kv_lengths,
             implementation=implementation,
-        )
-        return self.out(attended.reshape(batch, rows.shape[1], width))
+        )[:, :query_length]
+        return self.out(attended.reshape(batch, query_length, width))
 
 
 class EncoderBlock(nnx.Module):
