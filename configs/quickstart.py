@@ -18,8 +18,8 @@ VOCAB_SIZE = 1024  # the generated data set's tokenizer (wavlink_jax.data.synthe
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg, data_dir="data/synthetic", steps=400)
-    width = 128
+    args = common.parse_arg(arg, data_dir="data/synthetic", steps=500)
+    width = 64
     model = WavLinkConfig(
         audio=WhisperConfig(
             n_mels=80, width=width, num_layers=2, num_heads=4, mlp_dim=4 * width,
@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
             vocab_size=VOCAB_SIZE, width=width, num_layers=2, num_heads=4, mlp_dim=4 * width,
             max_positions=TEXT_LENGTH, projection_dim=width,
         ),
-        embed_dim=128,
+        embed_dim=64,  # Matryoshka sizes 64, 32, 16, 8
     )
     config = common.base_config(model, stage=1)
     config.batch_size = 64
