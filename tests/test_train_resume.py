@@ -16,7 +16,8 @@ from wavlink_jax.data import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 # Runs the trainer, but SIGKILLs the process inside its first checkpoint save: after orbax has started
 # writing the state (asynchronously) into the step's temporary directory, while the data item is written.
@@ -59,14 +60,16 @@ def finished_steps(workdir):
 
 
 def test_killed_runs_resume_exactly(tmp_path, data_dir):
+    # The four launches compile the same programs: a compilation cache (fresh for this test) saves the repeats.
+    env = {**ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
     reference = tmp_path / "reference"
-    subprocess.run(command(reference, data_dir), cwd=REPO, env=ENV, check=True, capture_output=True)
+    subprocess.run(command(reference, data_dir), cwd=REPO, env=env, check=True, capture_output=True)
     expected, steps = losses(reference)
     assert steps == list(range(1, STEPS + 1))
 
     workdir = tmp_path / "killed"
     # 1. SIGKILL from outside as soon as the first checkpoint is committed (the run is mid-training).
-    process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, env=ENV,
+    process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
     while not finished_steps(workdir) and process.poll() is None and time.time() < deadline:
@@ -79,7 +82,7 @@ def test_killed_runs_resume_exactly(tmp_path, data_dir):
     # 2. Resume, and get killed again inside the next save: that checkpoint must not count.
     script = tmp_path / "kill_in_save.py"
     script.write_text(KILL_IN_SAVE)
-    result = subprocess.run(command(workdir, data_dir, program=(str(script),)), cwd=REPO, env=ENV,
+    result = subprocess.run(command(workdir, data_dir, program=(str(script),)), cwd=REPO, env=env,
                             capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert "resuming from" in result.stdout
@@ -88,7 +91,7 @@ def test_killed_runs_resume_exactly(tmp_path, data_dir):
     assert leftovers, "the kill did not happen during a save"
 
     # 3. Resume again and finish: every step's loss equals the uninterrupted run's.
-    result = subprocess.run(command(workdir, data_dir), cwd=REPO, env=ENV, capture_output=True, text=True)
+    result = subprocess.run(command(workdir, data_dir), cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed, steps = losses(workdir)
     assert steps == list(range(1, STEPS + 1))  # records logged after the last checkpoint were dropped

@@ -51,9 +51,10 @@ def test_sharded_meshes_match_one_device(reference, axes, impl):
     _, ref_state, ref_losses = reference
     mesh = sharding.create_mesh(dict(zip(sharding.MESH_AXES, axes)))
     setup, state, losses = run_steps(tiny_config(**{"loss.impl": impl}), mesh)
-    # Tolerance: fp32 sums in a different order across devices; 3 AdamW steps of lr 1e-3 move params ~3e-3.
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert max_param_diff(state, ref_state) < 2e-5
+    # Tolerance: fp32 sums in a different order across devices (observed: losses 1e-7 relative, parameters
+    # 5.5e-7); 3 AdamW steps of lr 1e-3 move each parameter by up to 3e-3, so a real error would show.
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+    assert max_param_diff(state, ref_state) < 5e-6
     # Parameters really are split as the rules say (not silently replicated).
     kernel = setup.shardings["params"]["audio"]["encoder"]["layers"]["0"]["fc1"]["kernel"]
     expected = {"fsdp": "fsdp" if axes[1] > 1 else None, "tensor": "tensor" if axes[2] > 1 else None}
@@ -64,9 +65,10 @@ def test_accumulation_equals_full_batch(reference):
     _, ref_state, ref_losses = reference
     mesh = sharding.create_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
     _, state, losses = run_steps(tiny_config(accum_steps=4), mesh)
-    # Same loss over the whole batch (every negative kept) and the same update: fp32 rounding only.
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
-    assert max_param_diff(state, ref_state) < 2e-5
+    # Same loss over the whole batch (every negative kept) and the same update: fp32 rounding only
+    # (observed: 2e-7 relative, parameters 3e-7).
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
+    assert max_param_diff(state, ref_state) < 5e-6
 
 
 def test_accumulation_rejects_indivisible_batch():

@@ -10,6 +10,7 @@ run.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -22,7 +23,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from wavlink_jax import checkpoint, eval_tasks, evaluate, metrics_log, sharding, train_step
+from wavlink_jax import checkpoint, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.tokenizer import load_tokenizer
@@ -37,10 +38,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """WORKDIR/config.json: the resolved config of this run (every key, after overrides)."""
-    if jax.process_index() == 0:
-        Path(workdir).mkdir(parents=True, exist_ok=True)
-        (Path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    """WORKDIR/config.json: the resolved config of this run (every key, after overrides). A resumed run whose
+    config differs from the one on disk says which keys changed (the new config is written)."""
+    if jax.process_index() != 0:
+        return
+    path = Path(workdir) / "config.json"
+    text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
+    if path.exists() and path.read_text() != text:
+        old, new = (optim.flatten(json.loads(t)) for t in (path.read_text(), text))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        _say(f"note: the config differs from {path} in {changed}; continuing with the new values")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
@@ -136,6 +145,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
     state = initial_state(setup, checkpoints, data)
     start_step = int(jax.device_get(state["step"]))
+    if start_step >= total_steps:
+        _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
     step_fn = train_step.make_train_step(setup)
     evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
     log = metrics_log.MetricsLogger(
@@ -145,39 +156,41 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step: checked for NaN/Inf while the next step runs
     window_start, window_steps = time.perf_counter(), 0
-    for step in range(start_step + 1, total_steps + 1):
-        local_batch = next(data)
-        batch = pipeline.to_global_batch(
-            {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
-        )
-        state, metrics = step_fn(state, batch)
-        if pending is not None:
-            _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
-        pending = (step, metrics)
-        window_steps += 1
-        log.advance()
+    try:
+        for step in range(start_step + 1, total_steps + 1):
+            local_batch = next(data)
+            batch = pipeline.to_global_batch(
+                {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
+            )
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
+            pending = (step, metrics)
+            window_steps += 1
+            log.advance()
 
-        is_last = step == total_steps
-        record: dict[str, float] = {}
-        if step % config.log_every_steps == 0 or is_last:
-            record = {key: float(value) for key, value in jax.device_get(metrics).items()}
-            _finite_or_stop(step, record, checkpoints)
-            elapsed = time.perf_counter() - window_start
-            record["samples_per_second"] = window_steps * config.batch_size / elapsed
-            record.update({f"data/skipped/{reason}": n for reason, n in data.skip_counts.items()})
-        if evaluator is not None and (is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)):
-            record.update(evaluator(state))
-        if record:
-            log.write(step, record)
-            last = record
-            window_start, window_steps = time.perf_counter(), 0
-        if step % config.checkpoint_every_steps == 0 or is_last:
-            _finite_or_stop(step, jax.device_get(metrics), checkpoints)
-            checkpoints.save(step, state, data, force=is_last)
-
-    checkpoints.close()
-    log.close()
-    data.close()
+            is_last = step == total_steps
+            record: dict[str, float] = {}
+            if step % config.log_every_steps == 0 or is_last:
+                record = {key: float(value) for key, value in jax.device_get(metrics).items()}
+                _finite_or_stop(step, record, checkpoints)
+                elapsed = time.perf_counter() - window_start
+                record["samples_per_second"] = window_steps * config.batch_size / elapsed
+                record.update({f"data/skipped/{reason}": n for reason, n in data.skip_counts.items()})
+            eval_due = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+            if evaluator is not None and eval_due:
+                record.update(evaluator(state))
+            if record:
+                log.write(step, record)
+                last = record
+                window_start, window_steps = time.perf_counter(), 0
+            if step % config.checkpoint_every_steps == 0 or is_last:
+                _finite_or_stop(step, jax.device_get(metrics), checkpoints)
+                checkpoints.save(step, state, data, force=is_last)
+    finally:
+        checkpoints.close()
+        log.close()
+        data.close()
     return last
 
 
