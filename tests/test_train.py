@@ -140,3 +140,19 @@ def test_paper_configs_build_sharded_states(name):
     assert abs(count - paper) / paper < 0.05, count  # the paper's parameter counts (audio + text)
     kernel = setup.shardings["params"]["audio"]["encoder"]["layers"]["0"]["fc1"]["kernel"]
     assert tuple(kernel.spec) == ("fsdp", None)
+
+
+def test_metrics_logger_jsonl_tensorboard_and_resume_truncation(tmp_path):
+    from wavlink_jax.metrics_log import MetricsLogger
+
+    log = MetricsLogger(tmp_path, total_steps=4, start_step=0, progress=False)
+    for step in range(1, 5):
+        log.write(step, {"loss": 1.0 / step, "grad_norm": float("nan") if step == 4 else 1.0})
+    log.close()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and records[1]["loss"] == 0.5
+    assert records[3]["grad_norm"] == "nan"  # JSON has no NaN literal
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    # Resuming from step 2 drops what a killed run logged after its checkpoint.
+    MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False).close()
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
