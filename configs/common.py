@@ -24,6 +24,7 @@ import ast
 
 import ml_collections
 
+from wavlink_jax import sharding
 from wavlink_jax.data.pipeline import default_data_config
 from wavlink_jax.models.wavlink import WavLinkConfig
 from wavlink_jax.train_step import TOWER_RUNTIME_FIELDS
@@ -47,7 +48,7 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     return result
 
 
-def model_config(model: WavLinkConfig) -> ml_collections.ConfigDict:
+def model_section(model: WavLinkConfig) -> ml_collections.ConfigDict:
     """A WavLinkConfig as the `config.model` section (tower runtime fields left to the top-level keys)."""
     fields = model.to_dict()
     for tower in ("audio", "text"):
@@ -76,12 +77,12 @@ def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
 
     config.distributed = "auto"
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    config.sharding_rules = (("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+    config.sharding_rules = sharding.DEFAULT_RULES
 
     config.dtype = "bfloat16"
     config.remat = "none"
     config.attention_implementation = None
-    config.model = model_config(model)
+    config.model = model_section(model)
 
     config.loss = ml_collections.ConfigDict({"clip_weight": 1.0, "sigmoid_weight": 1.0, "impl": "dense"})
     config.optim = ml_collections.ConfigDict(

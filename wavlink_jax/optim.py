@@ -39,11 +39,6 @@ TOWER_BODY = {
 LORA_PROJECTIONS = r"layers/\d+/(attn/(query|key|value|out)|fc1|fc2)/kernel$"
 
 
-def path_string(path: Sequence[Any]) -> str:
-    """A key path (tuple of keys or jax path entries) → `"a/b/0/kernel"`."""
-    return "/".join(str(getattr(part, "key", getattr(part, "idx", part))) for part in path)
-
-
 def flatten(tree: Tree) -> dict[str, Any]:
     """Nested dict → `{"a/b/kernel": leaf}`."""
     return {"/".join(map(str, key)): leaf for key, leaf in traverse_util.flatten_dict(tree).items()}

@@ -24,8 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axis names whose parameters are replicated unless a rule says otherwise are listed in no rule at all;
-# an axis name that appears in a parameter but in no rule is an error (a new name needs a conscious decision).
+# The configs' default rules. A logical axis name that appears in a parameter but in no rule is an error (a new
+# name needs a conscious decision); a rule to None keeps that axis replicated.
 DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("embed", "fsdp"),
     ("heads", "tensor"),

@@ -232,9 +232,12 @@ def _unmicro(x: jax.Array) -> jax.Array:
 
 
 def gradients(setup: TrainSetup) -> Callable:
-    """(trainable, frozen, buffers, batch) → ((loss, parts), grads wrt trainable), full batch or accumulated."""
-    embed, loss = embed_fn(setup), loss_fn(setup)
+    """(trainable, frozen, buffers, batch) → (loss, its parts, za, zt, gradients wrt `trainable`), over the
+    whole batch at once (`accum_steps = 1`) or micro-batch by micro-batch with every negative kept."""
     k = int(setup.config.accum_steps)
+    if k < 1:
+        raise ValueError(f"config.accum_steps must be ≥ 1, got {k}")
+    embed, loss = embed_fn(setup), loss_fn(setup)
 
     def full_batch(trainable, frozen, buffers, batch):
         def objective(trainable):
@@ -268,8 +271,6 @@ def gradients(setup: TrainSetup) -> Callable:
         grads, _ = jax.lax.scan(pull_back, grads, (micro, cotangents))
         return value, parts, za, zt, grads
 
-    if k < 1:
-        raise ValueError(f"config.accum_steps must be ≥ 1, got {k}")
     return full_batch if k == 1 else accumulated
 
 
@@ -295,11 +296,11 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = optim.combine(optax.apply_updates(trainable, updates), frozen)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        by_kind = {kind: [v for key, v in parts.items() if key.startswith(kind + "/")] for kind in ("clip", "sigmoid")}
         metrics = {
             "loss": value,
-            **parts,
-            **{f"{kind}/mean": jnp.mean(jnp.stack([v for k, v in parts.items() if k.startswith(kind + "/")]))
-               for kind in ("clip", "sigmoid") if any(k.startswith(kind + "/") for k in parts)},
+            **parts,  # loss/<d>, clip/<d>, sigmoid/<d>
+            **{f"{kind}/mean": jnp.mean(jnp.stack(values)) for kind, values in by_kind.items() if values},
             "learning_rate": schedule(state["step"]),
             "grad_norm": optax.global_norm(grads),
             "param_norm": optax.global_norm(trainable),
