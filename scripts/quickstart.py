@@ -1,4 +1,4 @@
-"""`make quickstart`: generate the synthetic data set (if missing), train configs/quickstart.py on the CPU,
+"""`make quickstart`: generate the synthetic data set (if missing, or of other sizes), train configs/quickstart.py on the CPU,
 evaluate on the held-out split and print text→audio / audio→text recall beside chance.
 
     python scripts/quickstart.py [--data-dir data/synthetic] [--workdir workdirs/quickstart] [--steps N]
@@ -32,6 +32,14 @@ def chance_recall(num_clips: int, captions_per_clip: int, k: int) -> tuple[float
     return 100.0 * t2a, 100.0 * a2t
 
 
+def _split_sizes(data_dir: Path) -> tuple[int, int] | None:
+    """Clips in train.jsonl / eval.jsonl, or None when the data set is missing."""
+    files = [data_dir / "train.jsonl", data_dir / "eval.jsonl"]
+    if not all(f.exists() for f in files):
+        return None
+    return tuple(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO / "data" / "synthetic"))
@@ -48,7 +56,7 @@ def main() -> int:
     from wavlink_jax.data import synthetic
 
     data_dir = Path(args.data_dir)
-    if not all((data_dir / name).exists() for name in ("train.jsonl", "eval.jsonl", "tokenizer")):
+    if _split_sizes(data_dir) != (NUM_TRAIN, NUM_EVAL) or not (data_dir / "tokenizer").exists():
         print(f"generating the synthetic data set in {data_dir} ({NUM_TRAIN} training clips, {NUM_EVAL} held out)")
         start = time.perf_counter()
         synthetic.generate(data_dir, NUM_TRAIN, NUM_EVAL, max_seconds=SECONDS)
