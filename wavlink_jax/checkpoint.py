@@ -38,7 +38,11 @@ GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained ch
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    return os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+    """`WORKDIR/checkpoints`, absolute (orbax refuses relative paths); URLs such as gs://… are kept as given."""
+    workdir = os.fspath(workdir)
+    if "://" not in workdir:
+        workdir = os.path.abspath(workdir)
+    return os.path.join(workdir, CHECKPOINT_SUBDIR)
 
 
 class Checkpoints:
