@@ -41,6 +41,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
+SUB_CONFIGS = {"audio_config": WhisperConfig, "text_config": CLIPTextConfig}
 
 
 class WavLinkConfig(PreTrainedConfig):
@@ -54,7 +55,12 @@ class WavLinkConfig(PreTrainedConfig):
     """
 
     model_type = "wavlink"
-    sub_configs_defaults = {"audio_config": WhisperConfig, "text_config": CLIPTextConfig}
+    # transformers ≥ 5.24 turns nested dicts into these classes itself (`sub_configs_defaults`); earlier 5.x
+    # releases (5.17) only read `sub_configs` and leave the dicts as dicts, so `__post_init__` converts them.
+    if hasattr(PreTrainedConfig, "sub_configs_defaults"):
+        sub_configs_defaults = dict(SUB_CONFIGS)
+    else:
+        sub_configs = dict(SUB_CONFIGS)
 
     audio_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -62,6 +68,13 @@ class WavLinkConfig(PreTrainedConfig):
     matryoshka_dims: list[int] | None = None
     window_seconds: float = 30.0
     max_text_length: int = 77
+
+    def __post_init__(self, **kwargs):
+        for key, config_class in SUB_CONFIGS.items():
+            value = getattr(self, key)
+            if value is None or isinstance(value, dict):
+                setattr(self, key, config_class(**(value or {})))
+        super().__post_init__(**kwargs)
 
     @property
     def window_samples(self) -> int:
