@@ -55,8 +55,9 @@ class WavLinkConfig(PreTrainedConfig):
     """
 
     model_type = "wavlink"
-    # transformers ≥ 5.24 turns nested dicts into these classes itself (`sub_configs_defaults`); earlier 5.x
-    # releases (5.17) only read `sub_configs` and leave the dicts as dicts, so `__post_init__` converts them.
+    # Newer transformers (5.24) turn nested dicts into these classes themselves (`sub_configs_defaults`);
+    # older 5.x releases (5.17) only read `sub_configs` and leave the dicts as dicts, so `__post_init__`
+    # converts them on every version.
     if hasattr(PreTrainedConfig, "sub_configs_defaults"):
         sub_configs_defaults = dict(SUB_CONFIGS)
     else:
