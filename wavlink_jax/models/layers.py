@@ -233,6 +233,24 @@ class EncoderBlock(nnx.Module):
         return x + self.fc2(activation_fn(self.activation)(self.fc1(self.mlp_norm(x))))
 
 
+def _create_blocks(num_layers: int, key: jax.Array, block_kwargs: dict) -> list[EncoderBlock]:
+    """`num_layers` EncoderBlocks, each initialised from its own split of `key`, created by one `jax.vmap`.
+
+    Why vmap: under `jit` (the trainer creates its parameters there) every random draw is its own threefry
+    kernel, and tracing and compiling those dominated start-up (state init took 45 s for base and 128 s for
+    large on an H200 host). A loop of blocks draws ~6 times per layer; one vmapped block draws 6 times per
+    stack. Large's init program on CPU: 3568 → 594 kernels, trace 15.5 → 2.9 s, compile 38 → 10 s.
+    """
+
+    def create(layer_key: jax.Array) -> EncoderBlock:
+        return EncoderBlock(rngs=nnx.Rngs(params=layer_key), **block_kwargs)
+
+    keys = jax.random.split(key, num_layers)
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: create(keys[0])))
+    stacked = jax.vmap(lambda layer_key: nnx.state(create(layer_key)))(keys)
+    return [nnx.merge(graphdef, jax.tree.map(lambda x: x[i], stacked)) for i in range(num_layers)]
+
+
 class EncoderStack(nnx.Module):
     """`num_layers` EncoderBlocks applied in order, each optionally rematerialised in the backward pass."""
 
@@ -242,7 +260,7 @@ class EncoderStack(nnx.Module):
         if num_layers < 1:
             raise ValueError(f"an encoder needs at least one layer, got num_layers={num_layers}")
         self.remat = remat
-        self.layers = nnx.List([EncoderBlock(rngs=rngs, **block_kwargs) for _ in range(num_layers)])
+        self.layers = nnx.List(_create_blocks(num_layers, rngs.params(), block_kwargs))
 
     def __call__(
         self,
