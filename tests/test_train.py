@@ -43,12 +43,14 @@ def test_cli_refuses_unknown_override(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
-    config = tiny_config(str(data_dir), total_steps=5, checkpoint_every_steps=1, **{"optim.learning_rate": 1e6})
+    # lr 1e30: the first update overflows whatever the random init (at 1e6 the step the loss turned NaN
+    # depended on the initial weights).
+    config = tiny_config(str(data_dir), total_steps=5, checkpoint_every_steps=1, **{"optim.learning_rate": 1e30})
     with pytest.raises(train.NonFiniteLoss, match=r"at step 2: training stopped.*last good checkpoint is step 1"):
         train.train(config, str(tmp_path))
     assert checkpoint.Checkpoints(tmp_path, keep=1, every=1).latest_step() == 1
     resolved = json.loads((tmp_path / "config.json").read_text())
-    assert resolved["optim"]["learning_rate"] == 1e6 and resolved["total_steps"] == 5
+    assert resolved["optim"]["learning_rate"] == 1e30 and resolved["total_steps"] == 5
 
 
 def hf_towers(tmp_path, config):
