@@ -1,0 +1,127 @@
+"""cuDNN flash attention vs XLA attention through OUR module (`wavlink_jax.models.layers.Attention`), bf16.
+
+    python scripts/attention_parity.py             # on a GPU: exit status 1 if cuDNN and XLA disagree
+    python scripts/attention_parity.py --json      # one JSON object (what gpu_check.sh logs)
+
+For each case the same `Attention` parameters run with `implementation="cudnn"` and `"xla"`; the outputs, the
+input gradient and the parameter gradients of `sum(out · g)` (g random, rows past a caption's length
+masked out, as pooling never reads them) are compared by relative error ‖cudnn − xla‖ / ‖xla‖. The cases
+are the shapes the benchmark trains:
+
+* Whisper 30 s self-attention: 1500 frames + the global token = 1501 positions (odd: `Attention` pads to
+  1504 for cuDNN and masks the padded keys), base (8 heads) and large-v3 (20 heads), head size 64;
+* CLIP text: 77 positions (odd, padded to 80), causal, captions of different lengths (`kv_lengths`).
+
+On a GPU the check also requires cuDNN fused-attention custom calls (`__cudnn$fmha…`) in each lowered cuDNN
+program, so a silent fall-back to XLA cannot pass; a case that raises (e.g. an unsupported shape) fails. bf16 rounding gives relative errors of a few 1e-3; the bound is 2e-2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wavlink_jax.models import layers  # noqa: E402
+
+# name → (width, heads, length, causal, key_bias, valid lengths per row or None = all)
+CASES = {
+    "whisper-base-30s": (512, 8, 1501, False, False, None),
+    "whisper-large-v3-30s": (1280, 20, 1501, False, False, None),
+    "clip-text-b32-causal-padded": (512, 8, 77, True, True, (77, 20, 9, 50)),
+}
+TOLERANCE = 2e-2
+
+
+def relative_error(candidate, reference) -> float:
+    a = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(candidate)])
+    b = np.concatenate([np.asarray(x, np.float32).ravel() for x in jax.tree.leaves(reference)])
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def compare(case: str, batch: int, candidate: str, reference: str = "xla") -> dict:
+    """Output, input-gradient and parameter-gradient relative errors of `candidate` vs `reference` on `case`."""
+    width, heads, length, causal, key_bias, lengths = CASES[case]
+    attention = layers.Attention(
+        width, heads, key_bias=key_bias, dtype=jnp.bfloat16, param_dtype=jnp.float32,
+        implementation=reference, rngs=nnx.Rngs(0),
+    )
+    graphdef, params = nnx.split(attention)
+    kx, kg = jax.random.split(jax.random.key(1))
+    x = jax.random.normal(kx, (batch, length, width), jnp.bfloat16)
+    g = jax.random.normal(kg, (batch, length, width), jnp.float32)
+    kv_lengths = None if lengths is None else jnp.asarray((lengths * batch)[:batch], jnp.int32)
+    valid = jnp.ones((batch, length, 1)) if kv_lengths is None else (
+        jnp.arange(length)[None, :, None] < kv_lengths[:, None, None]
+    ).astype(jnp.float32)
+
+    def loss(params, x, g, valid, kv_lengths, implementation):
+        module = nnx.merge(graphdef, params)
+        module.implementation = implementation
+        out = module(x, kv_lengths=kv_lengths, causal=causal).astype(jnp.float32) * valid
+        return jnp.sum(out * g), out
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=5)
+    inputs = (params, x, g, valid, kv_lengths)
+    results, cudnn_calls = {}, None
+    for implementation in (reference, candidate):
+        lowered = grad_fn.lower(*inputs, implementation)
+        if implementation == "cudnn":
+            cudnn_calls = lowered.as_text().count("__cudnn$fmha")
+        (_, out), (param_grads, x_grad) = lowered.compile()(*inputs)
+        results[implementation] = (out, x_grad, param_grads)
+    errors = [relative_error(c, r) for c, r in zip(results[candidate], results[reference])]
+    return {
+        "case": case, "batch": batch, "length": length, "heads": heads, "causal": causal,
+        "out": errors[0], "d_input": errors[1], "d_params": errors[2], "cudnn_custom_calls": cudnn_calls,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--candidate", default="cudnn", choices=("cudnn", "xla"), help="implementation under test")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+
+    on_gpu = jax.default_backend() == "gpu"
+    rows = []
+    for case in args.cases:
+        try:
+            rows.append(compare(case, args.batch, args.candidate))
+        except Exception as error:  # noqa: BLE001 - reported per case; the check fails
+            rows.append({"case": case, "error": repr(error)[:1000]})
+    measured = [r for r in rows if "error" not in r]
+    worst = max((max(r["out"], r["d_input"], r["d_params"]) for r in measured), default=float("inf"))
+    # Only a GPU build has the cuDNN custom call; elsewhere (the CPU test) the cuDNN path is simulated.
+    missing_kernel = on_gpu and args.candidate == "cudnn" and any(not r["cudnn_custom_calls"] for r in measured)
+    ok = len(measured) == len(rows) and worst < TOLERANCE and not missing_kernel
+    summary = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "candidate": args.candidate,
+               "tolerance": TOLERANCE, "worst": worst, "ok": ok, "cases": rows}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"jax {jax.__version__} on {summary['device']}: {args.candidate} vs xla, bf16, batch {args.batch}")
+        for r in rows:
+            if "error" in r:
+                print(f"  {r['case']}: FAILED with {r['error']}")
+                continue
+            print(f"  {r['case']} (length {r['length']}, {r['heads']} heads{', causal' if r['causal'] else ''}): "
+                  f"relative error out {r['out']:.2e}, d_input {r['d_input']:.2e}, d_params {r['d_params']:.2e}, "
+                  f"cuDNN fused-attention calls {r['cudnn_custom_calls']}")
+        verdict = "OK" if ok else ("FAILED: no cuDNN kernel in the program" if missing_kernel else "FAILED")
+        print(f"attention parity {verdict} (worst {worst:.2e}, bound {TOLERANCE:g})")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
