@@ -2,6 +2,7 @@
 # The one device check of the performance issue: every size, ours vs PyTorch, on one H100/H200, in < 9 minutes.
 #
 #   bash scripts/gpu_check.sh                     # from the repository root, on the GPU machine
+#   (first, here: bash scripts/fetch_device_wheels.sh → .whl/, then carry .whl with the device call)
 #   bash scripts/gpu_check.sh base-10s-b128 ...   # only the runs with these labels (see the list below)
 #
 # Writes $OUT/bench.jsonl (one JSON object per benchmark run, or {"label", "error"} for one that failed or
