@@ -23,6 +23,7 @@ from wavlink_jax.convert.common import (
     CheckpointError,
     Transform,
     assign_strict,
+    block_name_map,
     identity,
     read_hf_config,
     read_hf_directory,
@@ -61,15 +62,7 @@ def hf_text_name_map(config: CLIPTextConfig, *, projection: bool = True) -> dict
         f"{TEXT_PREFIX}final_layer_norm.weight": (("final_norm", "scale"), identity),
         f"{TEXT_PREFIX}final_layer_norm.bias": (("final_norm", "bias"), identity),
     }
-    for index in range(config.num_layers):
-        hf_layer = f"{TEXT_PREFIX}encoder.layers.{index}"
-        our_layer = ("encoder", "layers", index)
-        for hf_part, our_part in _LAYER_PARTS.items():
-            mapping[f"{hf_layer}.{hf_part}.weight"] = ((*our_layer, *our_part, "kernel"), transpose)
-            mapping[f"{hf_layer}.{hf_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
-        for hf_norm, our_norm in _LAYER_NORMS.items():
-            mapping[f"{hf_layer}.{hf_norm}.weight"] = ((*our_layer, *our_norm, "scale"), identity)
-            mapping[f"{hf_layer}.{hf_norm}.bias"] = ((*our_layer, *our_norm, "bias"), identity)
+    mapping.update(block_name_map(f"{TEXT_PREFIX}encoder.layers.", config.num_layers, _LAYER_PARTS, _LAYER_NORMS))
     if projection:
         mapping[PROJECTION_KEY] = (("text_projection", "kernel"), transpose)
     return mapping

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Collection, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +133,33 @@ def read_hf_config(directory: Path) -> dict:
     if not config_file.exists():
         raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
     return json.loads(config_file.read_text())
+
+
+def block_name_map(
+    torch_layer_prefix: str,
+    num_layers: int,
+    linears: Mapping[str, tuple],
+    norms: Mapping[str, tuple],
+    *,
+    bias_free: Collection[str] = (),
+) -> dict[str, tuple[tuple, Transform]]:
+    """The per-layer entries of an `EncoderStack` (our `encoder/layers/i/...`) under PyTorch names.
+
+    `{torch_layer_prefix}{i}.{part}.weight|bias` for each Linear part (weights transposed; parts in
+    `bias_free` have no bias) and each LayerNorm part (`weight` → `scale`). Both towers' converters use it.
+    """
+    mapping: dict[str, tuple[tuple, Transform]] = {}
+    for index in range(num_layers):
+        torch_layer = f"{torch_layer_prefix}{index}."
+        our_layer = ("encoder", "layers", index)
+        for torch_part, our_part in linears.items():
+            mapping[f"{torch_layer}{torch_part}.weight"] = ((*our_layer, *our_part, "kernel"), transpose)
+            if torch_part not in bias_free:
+                mapping[f"{torch_layer}{torch_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
+        for torch_part, our_part in norms.items():
+            mapping[f"{torch_layer}{torch_part}.weight"] = ((*our_layer, *our_part, "scale"), identity)
+            mapping[f"{torch_layer}{torch_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
+    return mapping
 
 
 def assign_strict(

@@ -30,6 +30,7 @@ from wavlink_jax.convert.common import (
     CheckpointError,
     Transform,
     assign_strict,
+    block_name_map,
     identity,
     read_hf_config,
     read_hf_directory,
@@ -91,16 +92,11 @@ def hf_encoder_name_map(config: WhisperConfig, prefix: str = "encoder.") -> dict
     for conv in ("conv1", "conv2"):
         mapping[f"{prefix}{conv}.weight"] = ((conv, "kernel"), conv_kernel)
         mapping[f"{prefix}{conv}.bias"] = ((conv, "bias"), identity)
-    for index in range(config.num_layers):
-        torch_layer = f"{prefix}layers.{index}."
-        our_layer = ("encoder", "layers", index)
-        for torch_part, our_part in _LAYER_LINEARS.items():
-            mapping[f"{torch_layer}{torch_part}.weight"] = ((*our_layer, *our_part, "kernel"), transpose)
-            if torch_part != "self_attn.k_proj":  # Whisper's key projection has no bias
-                mapping[f"{torch_layer}{torch_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
-        for torch_part, our_part in _LAYER_NORMS.items():
-            mapping[f"{torch_layer}{torch_part}.weight"] = ((*our_layer, *our_part, "scale"), identity)
-            mapping[f"{torch_layer}{torch_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
+    mapping.update(
+        block_name_map(
+            f"{prefix}layers.", config.num_layers, _LAYER_LINEARS, _LAYER_NORMS, bias_free={"self_attn.k_proj"}
+        )  # Whisper's key projection has no bias
+    )
     return mapping
 
 
