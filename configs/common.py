@@ -9,7 +9,8 @@ unknown keys). Keys (see the README section "Configs" for more):
     distributed ("auto" | True | False), mesh {data, fsdp, tensor}, sharding_rules ((logical, mesh axes), ...)
     dtype (compute), remat, attention_implementation  -- applied to both towers
     model          wavlink_jax.models.wavlink.WavLinkConfig fields (audio / text tower sizes, embed_dim, ...)
-    loss           clip_weight, sigmoid_weight, impl ("dense" | "ring")
+    loss           clip_weight, sigmoid_weight, impl ("dense" | "ring"), clip_max_scale (cap on exp(clip
+                   log-scale) after every update, CLIP's 100; inf = no cap)
     optim          AdamW, schedule, freeze / lr_rules / no_decay regexes, mode + towers (training-mode preset)
     lora           rank, alpha (used when optim.mode = "lora")
     data           wavlink_jax.data.pipeline.DataConfig fields (sources, window_seconds, tokenizer, ...)
@@ -84,7 +85,9 @@ def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
     config.attention_implementation = None
     config.model = model_section(model)
 
-    config.loss = ml_collections.ConfigDict({"clip_weight": 1.0, "sigmoid_weight": 1.0, "impl": "dense"})
+    config.loss = ml_collections.ConfigDict(
+        {"clip_weight": 1.0, "sigmoid_weight": 1.0, "impl": "dense", "clip_max_scale": 100.0}
+    )
     config.optim = ml_collections.ConfigDict(
         {
             "learning_rate": 1e-4,

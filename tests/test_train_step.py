@@ -133,3 +133,25 @@ def test_model_config_applies_runtime_fields():
     model = train_step.model_config(config)
     assert model.audio.dtype == model.text.dtype == "bfloat16"
     assert model.audio.remat == model.text.remat == "full"
+
+
+@pytest.mark.parametrize("max_scale", [100.0, float("inf")])
+def test_clip_temperature_is_capped_after_each_update(max_scale):
+    """CLIP's cap: exp(clip_logit_scale) is clamped to [1, clip_max_scale] after the update; inf disables it."""
+    mesh = one_device_mesh()
+    setup = train_step.build(tiny_config(**{"loss.clip_max_scale": max_scale}), mesh, total_steps=10)
+    state = train_step.init_state(setup, seed=0)
+    state["params"]["clip_logit_scale"] = jax.numpy.asarray(8.0)  # exp(8) ≈ 2981; one AdamW step moves it ~1e-3
+    step_fn = train_step.make_train_step(setup)
+    state, _ = step_fn(state, to_global_batch(random_batch(0, 8), mesh, sharding.BATCH_AXES))
+    scale = float(state["params"]["clip_logit_scale"])
+    if max_scale == float("inf"):
+        assert 7.9 < scale < 8.1
+    else:
+        assert scale == pytest.approx(np.log(100.0), abs=1e-6)
+
+
+def test_clip_temperature_cap_below_one_is_refused():
+    setup = train_step.build(tiny_config(**{"loss.clip_max_scale": 0.5}), one_device_mesh(), total_steps=10)
+    with pytest.raises(ValueError, match="clip_max_scale"):
+        train_step.make_train_step(setup)

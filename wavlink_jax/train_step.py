@@ -24,6 +24,7 @@ re-run each micro-batch and pull its embedding gradient back through the towers 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 import jax
@@ -284,17 +285,27 @@ def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
         )
 
 
+def clamp_clip_scale(params: Tree, max_scale: float) -> Tree:
+    """Keep the CLIP temperature multiplier exp(clip_logit_scale) in [1, max_scale], as CLIP does after every
+    update (it caps it at 100): beyond that the softmax saturates and training can diverge."""
+    clamped = jnp.clip(params["clip_logit_scale"], 0.0, math.log(max_scale))
+    return {**params, "clip_logit_scale": clamped}
+
+
 def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dict]]:
     """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated, metrics are scalars."""
     check_batch_size(setup.config, setup.mesh)
     compute_gradients = gradients(setup)
     tx, schedule = setup.tx, setup.schedule
+    max_clip_scale = float(setup.config.loss.clip_max_scale)
+    if not max_clip_scale >= 1.0:
+        raise ValueError(f"config.loss.clip_max_scale must be ≥ 1 (CLIP uses 100; inf = no cap), got {max_clip_scale}")
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         trainable, frozen = optim.partition(state["params"], setup.trainable)
         value, parts, za, zt, grads = compute_gradients(trainable, frozen, state["buffers"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
-        params = optim.combine(optax.apply_updates(trainable, updates), frozen)
+        params = clamp_clip_scale(optim.combine(optax.apply_updates(trainable, updates), frozen), max_clip_scale)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
         by_kind = {kind: [v for key, v in parts.items() if key.startswith(kind + "/")] for kind in ("clip", "sigmoid")}
         metrics = {
