@@ -93,43 +93,20 @@ def export_weights(model: WavLink) -> dict[str, np.ndarray]:
 
 
 def hf_tower_configs(config: WavLinkConfig, *, bos_token_id: int, pad_token_id: int) -> tuple[dict, dict]:
-    """(`WhisperConfig`, `CLIPTextConfig`) dicts of `transformers` describing the two towers."""
+    """(`WhisperConfig`, `CLIPTextConfig`) dicts of `transformers` describing the two towers.
+
+    The towers' own fields come from their `to_hf` (one correspondence table per tower); this adds what only
+    the export decides: no dropout (an inference model) and the tokenizer's special token ids. Raises
+    ValueError for an audio tower `transformers`' Whisper encoder cannot express (`WhisperConfig.to_hf`).
+    """
     from transformers import CLIPTextConfig as HFCLIPTextConfig
     from transformers import WhisperConfig as HFWhisperConfig
 
-    audio, text = config.audio, config.text
-    if audio.layer_norm_eps != 1e-5:
-        raise ValueError(
-            f"audio tower layer_norm_eps {audio.layer_norm_eps}: transformers' Whisper encoder fixes it at 1e-5, "
-            "so this model cannot be exported as a Whisper encoder"
-        )
     whisper = HFWhisperConfig(
-        num_mel_bins=audio.n_mels,
-        d_model=audio.width,
-        encoder_layers=audio.num_layers,
-        encoder_attention_heads=audio.num_heads,
-        encoder_ffn_dim=audio.mlp_dim,
-        max_source_positions=audio.max_positions,
-        activation_function=audio.activation,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        encoder_layerdrop=0.0,
+        **config.audio.to_hf(dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, encoder_layerdrop=0.0)
     )
     clip_text = HFCLIPTextConfig(
-        vocab_size=text.vocab_size,
-        hidden_size=text.width,
-        num_hidden_layers=text.num_layers,
-        num_attention_heads=text.num_heads,
-        intermediate_size=text.mlp_dim,
-        max_position_embeddings=text.max_positions,
-        hidden_act=text.activation,
-        layer_norm_eps=text.layer_norm_eps,
-        projection_dim=text.projection_dim,
-        eos_token_id=text.eos_token_id,
-        bos_token_id=bos_token_id,
-        pad_token_id=pad_token_id,
-        attention_dropout=0.0,
+        **config.text.to_hf(bos_token_id=bos_token_id, pad_token_id=pad_token_id, attention_dropout=0.0)
     )
     return whisper.to_dict(), clip_text.to_dict()
 

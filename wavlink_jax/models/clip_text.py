@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wavlink_jax.models import layers
+from wavlink_jax.models.hf_fields import HFField, HFFields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,22 +58,39 @@ class CLIPTextConfig:
         """From a Hugging Face `CLIPTextConfig` dict (`text_config` of a `CLIPModel`, or a text model's config).
 
         `projection_dim` defaults to the dict's own (present in `CLIPTextModelWithProjection` configs);
-        missing fields take Hugging Face's defaults, as `transformers` would.
+        missing fields take Hugging Face's defaults, as `transformers` would. `overrides` set any field,
+        including those `HF_FIELDS.not_in_hf` lists (e.g. `dtype`, `remat`).
         """
-        get = text_config.get
-        fields = dict(
-            vocab_size=get("vocab_size", 49408),
-            width=get("hidden_size", 512),
-            num_layers=get("num_hidden_layers", 12),
-            num_heads=get("num_attention_heads", 8),
-            mlp_dim=get("intermediate_size", 2048),
-            max_positions=get("max_position_embeddings", 77),
-            activation=get("hidden_act", "quick_gelu"),
-            layer_norm_eps=get("layer_norm_eps", 1e-5),
-            projection_dim=projection_dim if projection_dim is not None else get("projection_dim", 512),
-            eos_token_id=get("eos_token_id", 49407),
-        )
+        fields = HF_FIELDS.read(text_config)
+        if projection_dim is not None:
+            fields["projection_dim"] = projection_dim
         return cls(**{**fields, **overrides})
+
+    def to_hf(self, **extra) -> dict:
+        """The Hugging Face `CLIPTextConfig` keys that describe this tower (`HF_FIELDS`), plus `extra` settings
+        (e.g. `bos_token_id`, `pad_token_id`, which the tokenizer decides, not the model)."""
+        return HF_FIELDS.write(self, extra)
+
+
+HF_FIELDS = HFFields(
+    fields=(
+        HFField("vocab_size", "vocab_size", 49408),
+        HFField("width", "hidden_size", 512),
+        HFField("num_layers", "num_hidden_layers", 12),
+        HFField("num_heads", "num_attention_heads", 8),
+        HFField("mlp_dim", "intermediate_size", 2048),
+        HFField("max_positions", "max_position_embeddings", 77),
+        HFField("activation", "hidden_act", "quick_gelu"),
+        HFField("layer_norm_eps", "layer_norm_eps", 1e-5),
+        HFField("projection_dim", "projection_dim", 512),
+        HFField("eos_token_id", "eos_token_id", 49407),
+    ),
+    not_in_hf={
+        "dtype": "a run setting (compute dtype), not part of the model",
+        "attention_implementation": "a run setting (attention kernel), not part of the model",
+        "remat": "a run setting (rematerialisation policy), not part of the model",
+    },
+)
 
 
 PRESETS = {

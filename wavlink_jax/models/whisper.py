@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 
 from wavlink_jax.models import layers
+from wavlink_jax.models.hf_fields import HFField, HFFields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,18 +77,46 @@ class WhisperConfig:
 
     @classmethod
     def from_hf(cls, config: dict, **overrides) -> WhisperConfig:
-        """From a Hugging Face `WhisperConfig` dict (`config.json`); missing fields take its defaults."""
-        get = config.get
-        fields = dict(
-            n_mels=get("num_mel_bins", 80),
-            width=get("d_model", 384),
-            num_layers=get("encoder_layers", 4),
-            num_heads=get("encoder_attention_heads", 6),
-            mlp_dim=get("encoder_ffn_dim", 1536),
-            max_positions=get("max_source_positions", 1500),
-            activation=get("activation_function", "gelu"),
-        )
-        return cls(**{**fields, **overrides})
+        """From a Hugging Face `WhisperConfig` dict (`config.json`); missing fields take its defaults.
+
+        `overrides` set any field, including those `HF_FIELDS.not_in_hf` lists (e.g. `dtype`, `remat`).
+        """
+        return cls(**{**HF_FIELDS.read(config), **overrides})
+
+    def to_hf(self, **extra) -> dict:
+        """The Hugging Face `WhisperConfig` keys that describe this encoder (`HF_FIELDS`), plus `extra` settings.
+
+        The decoder's keys are left to `transformers`' defaults. Raises ValueError when `layer_norm_eps` is not
+        1e-5, the value `transformers`' Whisper encoder is fixed at (no Whisper config describes such an encoder).
+        """
+        if self.layer_norm_eps != HF_LAYER_NORM_EPS:
+            raise ValueError(
+                f"WhisperConfig.layer_norm_eps is {self.layer_norm_eps}, but transformers' Whisper encoder fixes "
+                f"it at {HF_LAYER_NORM_EPS}: no transformers WhisperConfig describes this audio tower, so it cannot "
+                "be exported as a Whisper encoder"
+            )
+        return HF_FIELDS.write(self, extra)
+
+
+HF_LAYER_NORM_EPS = 1e-5  # transformers' WhisperEncoder builds its LayerNorms with PyTorch's default eps
+HF_FIELDS = HFFields(
+    fields=(
+        HFField("n_mels", "num_mel_bins", 80),
+        HFField("width", "d_model", 384),
+        HFField("num_layers", "encoder_layers", 4),
+        HFField("num_heads", "encoder_attention_heads", 6),
+        HFField("mlp_dim", "encoder_ffn_dim", 1536),
+        HFField("max_positions", "max_source_positions", 1500),
+        HFField("activation", "activation_function", "gelu"),
+    ),
+    not_in_hf={
+        "layer_norm_eps": f"transformers' Whisper encoder fixes it at {HF_LAYER_NORM_EPS} (to_hf refuses others)",
+        "global_token": "WavLink's addition to Whisper; an export stores the token as its own tensor",
+        "dtype": "a run setting (compute dtype), not part of the model",
+        "attention_implementation": "a run setting (attention kernel), not part of the model",
+        "remat": "a run setting (rematerialisation policy), not part of the model",
+    },
+)
 
 
 def _official(width: int, num_layers: int, num_heads: int, n_mels: int = 80) -> WhisperConfig:
