@@ -1,0 +1,308 @@
+"""Read the training step's lowered program for a GPU, on any machine: kernels, dtypes and FLOPs.
+
+    python scripts/hlo_audit.py --model base --batch 8                    # lowered for cuda (the default)
+    python scripts/hlo_audit.py --model large --batch 4 --platform cpu --json
+
+The step is the benchmark's (`scripts/benchmark.py`: the trainer's own jitted step on the paper's recipe),
+traced with abstract arrays and lowered to StableHLO for `--platform` (nothing is allocated, compiled or run,
+so a CPU-only machine can read the program a GPU would be given). From that program it reports:
+
+* every `dot_general`'s FLOPs grouped by (lhs, rhs, result) dtype: the share done in bf16, and the largest
+  matmuls that are not (those run at a fraction of the tensor-core rate);
+* convolutions by dtype;
+* cuDNN fused-attention calls (forward, backward) with their (padded) shapes, mask type and dtypes: on a GPU
+  every full-length attention layer must be one, or the step silently runs XLA's materialised-softmax path
+  (GPU run 1 lost more than half its time that way);
+* the total of matmul + convolution + attention FLOPs against `benchmark.model_flops`, the analytic count the
+  benchmark's TFLOP/s figures rest on (attention backward counted as its four matmuls, without the
+  recomputation of the logits flash attention does, as `model_flops` does).
+
+Ops are counted with the number of times their function is called (the lowered module keeps helpers such
+as padding as private functions). A program with loops (`while`: gradient accumulation, scans) is refused,
+since their trip counts are not in the text.
+
+Lowering cuDNN attention asks the installed cuDNN for its version, which a machine without CUDA does not
+have; for `--platform cuda` the audit answers that query with `--cudnn-version` (default 9.19, the H200
+image's). Everything else is jax's own lowering. Assumes the jax pinned in requirements.txt (the query is a
+private jax function); a jax without it is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import benchmark  # noqa: E402
+
+CUDNN_FORWARD = "__cudnn$fmhaSoftmax"
+CUDNN_BACKWARD = "__cudnn$fmhaSoftmaxBackward"
+
+# What the benchmark's --attention auto resolves to on each platform.
+PLATFORM_ATTENTION = {"cuda": "cudnn", "cpu": "xla"}
+
+_FUNCTION = re.compile(r"^  func\.func (?:public |private )?@([\w$.]+)\(", re.M)
+_CALL = re.compile(r"\bcall @([\w$.]+)\(")
+_TENSOR = re.compile(r"tensor<([^>]*)>")
+_SIGNATURE = re.compile(r" : \(([^)]*)\) -> (.*)$")
+_DOT = re.compile(r"stablehlo\.dot_general .*?contracting_dims = \[([\d, ]*)\] x")
+_CONV = re.compile(r"stablehlo\.convolution\(.*?\bdim_numbers = \[[^\]]*\]x\[([^\]]*)\]->")
+_CUSTOM = re.compile(r"stablehlo\.custom_call @([\w$.]+)\(")
+_MASK = re.compile(r"\\22mask_type\\22: \\22(\w+)\\22")
+
+
+def parse_tensor(text: str) -> tuple[tuple[int, ...], str]:
+    """`8x1501x512xbf16` → ((8, 1501, 512), "bf16"); a scalar `f32` → ((), "f32")."""
+    *dims, dtype = text.split("x")
+    return tuple(int(d) for d in dims), dtype
+
+
+def _signature(line: str) -> tuple[list[tuple[tuple[int, ...], str]], list[tuple[tuple[int, ...], str]]]:
+    """Operand and result tensor types of one op line."""
+    match = _SIGNATURE.search(line)
+    if match is None:
+        raise ValueError(f"no type signature in: {line[:200]}")
+    operands, results = match.groups()
+    return [parse_tensor(t) for t in _TENSOR.findall(operands)], [parse_tensor(t) for t in _TENSOR.findall(results)]
+
+
+def functions(text: str) -> dict[str, list[str]]:
+    """The module's functions, name → its body lines."""
+    starts = [(m.start(), m.group(1)) for m in _FUNCTION.finditer(text)]
+    bodies = {}
+    for (start, name), (end, _) in zip(starts, starts[1:] + [(len(text), "")]):
+        bodies[name] = text[start:end].splitlines()[1:]
+    return bodies
+
+
+def multiplicities(bodies: dict[str, list[str]], entry: str = "main") -> dict[str, int]:
+    """How many times each function runs per call of `entry` (static calls; loops are refused earlier)."""
+    calls = {name: collections.Counter(c for line in lines for c in _CALL.findall(line)) for name, lines in bodies.items()}
+    counts: collections.Counter = collections.Counter({entry: 1})
+    order, seen = [], set()
+
+    def visit(name: str) -> None:  # callees after callers: a reverse post-order of the call graph
+        if name in seen:
+            return
+        seen.add(name)
+        for callee in calls[name]:
+            visit(callee)
+        order.append(name)
+
+    visit(entry)
+    for name in reversed(order):
+        for callee, n in calls[name].items():
+            counts[callee] += counts[name] * n
+    return dict(counts)
+
+
+def audit_text(text: str) -> dict[str, Any]:
+    """Matmuls, convolutions and cuDNN attention calls of a lowered StableHLO module, with FLOPs."""
+    bodies = functions(text)
+    if "main" not in bodies:
+        raise ValueError("not a lowered jax module: no @main function")
+    if any("stablehlo.while" in line for lines in bodies.values() for line in lines):
+        raise ValueError("the program has loops (gradient accumulation or scans): their trip counts are unknown")
+    runs = multiplicities(bodies)
+    dots: collections.Counter = collections.Counter()
+    dot_counts: collections.Counter = collections.Counter()
+    largest_other: list[tuple[int, str]] = []
+    convolutions: collections.Counter = collections.Counter()
+    attention: list[dict[str, Any]] = []
+    for name, lines in bodies.items():
+        times = runs.get(name, 0)
+        for line in lines:
+            if (dot := _DOT.search(line)) is not None:
+                (lhs, lhs_dtype), (_, rhs_dtype) = _signature(line)[0]
+                result, result_dtype = _signature(line)[1][0]
+                contracted = math.prod(lhs[int(d)] for d in dot.group(1).split(",") if d.strip())
+                flops = 2 * math.prod(result) * contracted * times
+                key = f"{lhs_dtype} x {rhs_dtype} -> {result_dtype}"
+                dots[key] += flops
+                dot_counts[key] += times
+                if key != "bf16 x bf16 -> bf16":
+                    largest_other.append((flops, line.split(" : ")[-1].strip()))
+            elif (conv := _CONV.search(line)) is not None:
+                (_, lhs_dtype), (kernel, _) = _signature(line)[0][:2]
+                result, result_dtype = _signature(line)[1][0]
+                kernel_labels = [label.strip() for label in conv.group(1).split(",")]
+                per_output = math.prod(size for size, label in zip(kernel, kernel_labels) if label != "o")
+                convolutions[f"{lhs_dtype} -> {result_dtype}"] += 2 * math.prod(result) * per_output * times
+            elif (custom := _CUSTOM.search(line)) is not None and custom.group(1) in (CUDNN_FORWARD, CUDNN_BACKWARD):
+                (q, q_dtype), (k, _) = _signature(line)[0][:2]
+                batch, queries, heads, head_dim = q
+                matmuls = 2 if custom.group(1) == CUDNN_FORWARD else 4  # QKᵀ, AV; backward dQ, dK, dV, dP
+                mask = _MASK.search(line)
+                attention.append(
+                    {
+                        "kernel": "forward" if custom.group(1) == CUDNN_FORWARD else "backward",
+                        "q": list(q),
+                        "kv_length": k[1],
+                        "dtype": q_dtype,
+                        "mask": mask.group(1) if mask else None,
+                        "calls": times,
+                        "flops": 2 * matmuls * batch * heads * queries * k[1] * head_dim * times,
+                    }
+                )
+    dot_total = sum(dots.values())
+    largest_other.sort(reverse=True)
+    return {
+        "dot_flops": dict(dots),
+        "dot_counts": dict(dot_counts),
+        "bf16_dot_share": dots.get("bf16 x bf16 -> bf16", 0) / dot_total if dot_total else 0.0,
+        "largest_non_bf16_dots": [{"flops": f, "types": t} for f, t in largest_other[:8]],
+        "convolution_flops": dict(convolutions),
+        "cudnn_attention": attention,
+        "total_flops": dot_total + sum(convolutions.values()) + sum(a["flops"] for a in attention),
+    }
+
+
+@contextlib.contextmanager
+def cudnn_version_answer(version: int) -> Iterator[None]:
+    """Answer jax's cuDNN version query with `version` while lowering for cuda on a machine without cuDNN."""
+    try:
+        from jax._src.cudnn import fused_attention_stablehlo as fused
+    except ImportError as err:
+        raise SystemExit(f"this jax has no cuDNN attention lowering to audit ({err}); use --platform cpu") from err
+    if not hasattr(fused, "check_cudnn_version"):
+        raise SystemExit("this jax's cuDNN attention has no check_cudnn_version to answer; use --platform cpu")
+    original = fused.check_cudnn_version
+    fused.check_cudnn_version = lambda *args, **kwargs: version
+    try:
+        yield
+    finally:
+        fused.check_cudnn_version = original
+
+
+def lower_step(model: str, batch: int, window: float, platform: str, cudnn_version: int, remat: str = "none") -> str:
+    """The StableHLO text of the benchmark's train step for `platform`, from abstract arrays."""
+    import jax
+    import numpy as np
+
+    from wavlink_jax import sharding, train_step
+
+    config = benchmark.bench_config(
+        argparse.Namespace(batch=batch, dtype="bfloat16", remat=remat, attention=PLATFORM_ATTENTION[platform]),
+        benchmark.wavlink_config(model, tiny=False),
+    )
+    mesh = sharding.create_mesh(dict(config.mesh), devices=jax.devices()[:1])
+    setup = train_step.build(config, mesh, config.total_steps)
+    state = jax.eval_shape(lambda: train_step.init_state(setup, 0))
+    text = (batch, benchmark.TEXT_LENGTH)
+    abstract_batch = {  # what benchmark.random_batch makes
+        "waveform": jax.ShapeDtypeStruct((batch, int(window * benchmark.SAMPLE_RATE)), np.float32),
+        "input_ids": jax.ShapeDtypeStruct(text, np.int32),
+        "attention_mask": jax.ShapeDtypeStruct(text, np.int32),
+    }
+    step = train_step.make_train_step(setup)
+    guard = cudnn_version_answer(cudnn_version) if platform == "cuda" else contextlib.nullcontext()
+    with guard:  # the version is asked while tracing
+        return step.trace(state, abstract_batch).lower(lowering_platforms=(platform,)).as_text()
+
+
+def expected_cudnn_layers(model: str) -> int:
+    """Full-length attention layers of the step: all but the audio tower's last (global row only) + text."""
+    config = benchmark.wavlink_config(model, tiny=False)
+    return config.audio.num_layers - 1 + config.text.num_layers
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
+    text = lower_step(args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat)
+    lower_s = time.perf_counter() - start
+    result = audit_text(text)
+    analytic = benchmark.model_flops(
+        benchmark.wavlink_config(args.model, tiny=False),
+        args.batch,
+        int(args.window * benchmark.FRAMES_PER_SECOND),
+        benchmark.TEXT_LENGTH,
+    )
+    forward_calls = sum(a["calls"] for a in result["cudnn_attention"] if a["kernel"] == "forward")
+    backward_calls = sum(a["calls"] for a in result["cudnn_attention"] if a["kernel"] == "backward")
+    result.update(
+        model=args.model,
+        batch=args.batch,
+        window=args.window,
+        platform=args.platform,
+        remat=args.remat,
+        lower_s=lower_s,
+        analytic_flops=analytic,
+        lowered_over_analytic=result["total_flops"] / analytic,
+        cudnn_calls={"forward": forward_calls, "backward": backward_calls},
+        cudnn_expected=expected_cudnn_layers(args.model) if args.platform == "cuda" else 0,
+    )
+    if args.hlo:
+        Path(args.hlo).write_text(text)
+    return result
+
+
+def report(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['model']}, batch {r['batch']}, {r['window']:g} s, lowered for {r['platform']} in {r['lower_s']:.1f} s"
+        f" (remat {r['remat']})",
+        "matmuls (dot_general) by dtype:",
+    ]
+    total = sum(r["dot_flops"].values())
+    for key, flops in sorted(r["dot_flops"].items(), key=lambda item: -item[1]):
+        lines.append(f"  {key:24s} {r['dot_counts'][key]:5d} ops  {flops / 1e9:10.1f} GFLOP  {flops / total:7.2%}")
+    for item in r["largest_non_bf16_dots"]:
+        lines.append(f"    not bf16: {item['flops'] / 1e9:8.2f} GFLOP  {item['types']}")
+    for key, flops in r["convolution_flops"].items():
+        lines.append(f"convolutions {key}: {flops / 1e9:.1f} GFLOP")
+    calls = r["cudnn_calls"]
+    lines.append(
+        f"cuDNN flash attention: {calls['forward']} forward, {calls['backward']} backward calls"
+        + (f" (expected {r['cudnn_expected']} each)" if r["platform"] == "cuda" else "")
+    )
+    shapes = collections.Counter(
+        (a["kernel"], tuple(a["q"]), a["kv_length"], a["dtype"], a["mask"]) for a in r["cudnn_attention"]
+    )
+    for (kernel, q, kv, dtype, mask), n in sorted(shapes.items()):
+        lines.append(f"  {n:3d} × {kernel:8s} q {q} kv {kv} {dtype} mask {mask}")
+    lines.append(
+        f"FLOPs: lowered {r['total_flops'] / 1e12:.3f} T (matmul + conv + attention) vs analytic "
+        f"{r['analytic_flops'] / 1e12:.3f} T: ratio {r['lowered_over_analytic']:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=benchmark.MODELS, default="base")
+    parser.add_argument("--batch", type=int, default=8, help="global batch (FLOPs scale with it; 8 lowers fast)")
+    parser.add_argument("--window", type=float, choices=(30.0, 10.0), default=30.0)
+    parser.add_argument("--platform", choices=("cuda", "cpu"), default="cuda", help="lower for this platform")
+    parser.add_argument(
+        "--cudnn-version", type=int, default=91900, help="cuDNN version to lower for (MAJOR*10000+MINOR*100+PATCH)"
+    )
+    parser.add_argument(
+        "--remat", default="none", choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                                            "nothing_saveable"),
+    )
+    parser.add_argument("--hlo", metavar="FILE", help="also write the lowered StableHLO text here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
+    args = parser.parse_args(argv)
+    if args.batch < 1:
+        parser.error("--batch must be ≥ 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    result = run(args)
+    print(json.dumps(result) if args.json else report(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
