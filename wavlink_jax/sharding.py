@@ -33,26 +33,61 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
 )
 
-# Environment variables that mark a multi-process launch jax.distributed.initialize can read.
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
+# A launch by hand or by a script (no cluster manager): jax reads the coordinator's address itself; the number of
+# processes and this process's index come from the two variables after it (jax.distributed has none for them).
+COORDINATOR_ENV = "JAX_COORDINATOR_ADDRESS"
+NUM_PROCESSES_ENV = "JAX_NUM_PROCESSES"
+PROCESS_ID_ENV = "JAX_PROCESS_ID"
 
 
-def initialize_distributed(mode: str | bool) -> None:
+def _env_int(environ: Mapping[str, str], name: str) -> int | None:
+    if name not in environ:
+        return None
+    try:
+        return int(environ[name])
+    except ValueError:
+        raise ValueError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+
+
+def is_multiprocess_launch(environ: Mapping[str, str]) -> bool:
+    """Whether the environment describes a job of several processes: a coordinator address (set by hand or by
+    a multi-slice TPU job), several SLURM tasks, several Open MPI ranks, or several TPU worker host names."""
+    if any(environ.get(name) for name in (COORDINATOR_ENV, "MEGASCALE_COORDINATOR_ADDRESS")):
+        return True
+    counts = (_env_int(environ, name) for name in (NUM_PROCESSES_ENV, "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+    return any(count is not None and count > 1 for count in counts) or "," in environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(mode: str | bool, environ: Mapping[str, str] | None = None) -> None:
     """Join the multi-host job before any other jax call.
 
-    `mode`: True = always call `jax.distributed.initialize()` (TPU pods, SLURM, Open MPI: it finds its peers
-    from the environment); False = single process; "auto" = only when a coordinator address is set, the
-    launch is a SLURM job with several tasks, or TPU worker host names list several hosts.
+    `mode`: True = always call `jax.distributed.initialize` (TPU pods, SLURM, Open MPI: jax finds its peers
+    from the environment); False = single process; "auto" = only when `is_multiprocess_launch` (the strings
+    "true" / "false" of a `--config.distributed=...` override count as the booleans). Without a
+    cluster manager, set `JAX_COORDINATOR_ADDRESS=host:port` (process 0's host, a free port),
+    `JAX_NUM_PROCESSES=N` and `JAX_PROCESS_ID=i` (0 … N-1) on every process. Nothing happens when this process
+    has already joined (a launcher script called `jax.distributed.initialize` itself). Cross-process
+    collectives on CPU use gloo (jax's default, `jax_cpu_collectives_implementation`).
     """
+    environ = os.environ if environ is None else environ
+    if isinstance(mode, str):  # the command line can only set this string-valued key to strings
+        mode = {"true": True, "false": False}.get(mode.lower(), mode)
     if mode == "auto":
-        slurm_tasks = int(os.environ.get("SLURM_NTASKS", "1"))
-        tpu_hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-        mode = any(name in os.environ for name in _CLUSTER_ENV) or slurm_tasks > 1 or "," in tpu_hosts
+        mode = is_multiprocess_launch(environ)
     elif not isinstance(mode, bool):
         raise ValueError(f"config.distributed must be true, false or 'auto', got {mode!r}")
-    if mode:
-        jax.distributed.initialize()
-        logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    if not mode or jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize(
+            num_processes=_env_int(environ, NUM_PROCESSES_ENV), process_id=_env_int(environ, PROCESS_ID_ENV)
+        )
+    except ValueError as err:  # jax names the missing piece but not how to provide it
+        raise ValueError(
+            f"jax.distributed.initialize: {err} Without a cluster manager (SLURM, Open MPI, Cloud TPU) set "
+            f"{COORDINATOR_ENV}=host:port, {NUM_PROCESSES_ENV}=N and {PROCESS_ID_ENV}=i (0 … N-1) on every process."
+        ) from err
+    logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -96,6 +131,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def batch_divisor(mesh: Mesh) -> int:
     """The global batch (and each accumulation micro-batch) must be a multiple of this."""
     return int(np.prod([mesh.shape[name] for name in BATCH_AXES]))
+
+
+def process_batch_share(mesh: Mesh, batch_axes: str | Sequence[str] = BATCH_AXES) -> tuple[int, int]:
+    """`(index, count)`: this process's devices hold rows `[index·B/count, (index+1)·B/count)` of every global
+    batch of B rows split over `batch_axes`; each process reads just those rows.
+
+    On the usual mesh the batch axes span the processes in order and the share is `(process_index,
+    process_count)`; when they span fewer (e.g. `tensor` across hosts), processes with the same index need,
+    and read, the same rows. A mesh that gives one process rows that are not one block is an error.
+    """
+    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    shards = int(np.prod([mesh.shape[name] for name in axes]))
+    rows = NamedSharding(mesh, PartitionSpec(axes)).addressable_devices_indices_map((shards,))
+    held = sorted({index[0].indices(shards)[0] for index in rows.values()})
+    if held != list(range(held[0], held[0] + len(held))) or held[0] % len(held):
+        raise ValueError(
+            f"mesh {dict(mesh.shape)}: process {jax.process_index()} holds batch shards {held} of {shards}, not one "
+            "aligned block; order the devices so that each process holds consecutive positions on the batch axes"
+        )
+    return held[0] // len(held), shards // len(held)
 
 
 def logical_to_spec(
