@@ -8,9 +8,10 @@ orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRes
     → weighted mixture of the sources (grain mix: deterministic interleaving by weight)
     → per example, seeded by its position in that global stream: decode → mono → resample to 16 kHz (soxr)
       → random crop to `window_seconds` → zero-pad short clips → one random caption
-    → this host's share: every `process_count`-th example, starting at `process_index`
+    → this host's share (b = `global_batch_size // process_count`): from every run of `global_batch_size`
+      examples, the `process_index`-th block of b
     → [worker processes: each takes every `num_workers`-th example of the host's share]
-    → fill batches of `global_batch_size // process_count` good examples → tokenize
+    → fill batches of b good examples → tokenize
     → `TrainIterator` (sums the skip counts, drops a last partial batch)
 
 With a finite `num_epochs`, a mixture ends when its first source runs out (grain mix).
@@ -27,7 +28,8 @@ reason at WARNING, with the file name and the problem; the rest at DEBUG).
 A resumed iterator (`set_state`) yields exactly the batches the original would have; the same holds for a
 fresh iterator with the same config, seed and process layout. The random crop and caption of an example
 depend only on (seed, its position in the global stream), never on `process_count`; with `num_workers=0`,
-the union of the hosts' batches n is the single-host batch n, unless a skip shifted the filling.
+the hosts' batches n, concatenated in process order, are the single-host batch n row for row (so a run
+computes the same global batches on any number of hosts), unless a skip shifted the filling.
 Changing `num_workers` changes which examples share a batch (deterministically), so resume with the same
 `num_workers`.
 
@@ -254,6 +256,26 @@ class TrainIterator(grain.DatasetIterator):
         self._last = np.zeros(len(SKIP_REASONS), np.int64)
 
 
+class _HostShare(grain.MapDataset):
+    """Host `index` of `count`: from every `count × block` consecutive examples, the `index`-th run of `block`
+    (with `block` = the host's batch: host batch n holds rows `[index·block, (index+1)·block)` of global batch n)."""
+
+    def __init__(self, parent: grain.MapDataset, block: int, index: int, count: int):
+        super().__init__(parent)
+        self._block, self._index, self._count = block, index, count
+        rounds, rest = divmod(len(parent), block * count)
+        self._length = rounds * block + min(max(rest - index * block, 0), block)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        round_, offset = divmod(index, self._block)
+        return self._parent[(round_ * self._count + self._index) * self._block + offset]
+
+
 class _Train(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool):
         super().__init__(parent)
@@ -317,7 +339,7 @@ def build_train_dataset(
     ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix([p for p, _ in parts], [w for _, w in parts])
     prepare = _PrepareExample(config.window_samples, config.min_samples, config.sample_rate, train=True)
     ds = ds.random_map(prepare, seed=_derive_seed(seed, "examples"))
-    ds = ds[process_index::process_count]
+    ds = _HostShare(ds, batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
     batches = _FillBatches(ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer)
     if config.num_workers > 0:
@@ -340,8 +362,9 @@ def make_train_iterator(
     """This host's training batches (`global_batch_size // process_count` rows each), as a TrainIterator.
 
     `tokenizer` defaults to `load_tokenizer(data_config.tokenizer, max_text_length)`. `process_index` /
-    `process_count` default to jax's. `num_epochs=None` repeats forever. Close it (`it.close()`) when done
-    if it uses worker processes.
+    `process_count` default to jax's (the trainer passes `wavlink_jax.sharding.process_batch_share(mesh)`,
+    which is jax's on a mesh whose batch axes span the processes). `num_epochs=None` repeats forever. Close it
+    (`it.close()`) when done if it uses worker processes.
     """
     config = DataConfig.coerce(data_config)
     process_index, process_count = _process_layout(process_index, process_count)
@@ -368,14 +391,21 @@ def make_train_iterator(
 def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh, batch_axes: str | Sequence[str] = "data") -> dict:
     """This host's batch → global `jax.Array`s, dimension 0 sharded over the mesh's `batch_axes`.
 
-    Every host passes its own rows (in process order, they form the global batch).
+    Every host passes the rows of its share (`wavlink_jax.sharding.process_batch_share`, the share the trainer
+    reads): in share order, they form the global batch.
     """
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
+    from wavlink_jax.sharding import process_batch_share
+
     axes = batch_axes if isinstance(batch_axes, str) else tuple(batch_axes)
     sharding = NamedSharding(mesh, PartitionSpec(axes))
-    return {key: jax.make_array_from_process_local_data(sharding, value) for key, value in local_batch.items()}
+    _, shares = process_batch_share(mesh, axes)
+    return {
+        key: jax.make_array_from_process_local_data(sharding, value, (len(value) * shares, *value.shape[1:]))
+        for key, value in local_batch.items()
+    }
 
 
 @dataclasses.dataclass
