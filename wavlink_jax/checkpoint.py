@@ -26,6 +26,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from wavlink_jax.convert.common import CheckpointError
@@ -92,6 +93,7 @@ class Checkpoints:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         where = os.path.join(self.directory, str(step))
         check_compatible(self.manager.item_metadata(step)["state"].tree, abstract_state, source=where)
+        check_data_processes(os.path.join(where, "data"))
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
@@ -143,6 +145,21 @@ def check_compatible(saved: Any, expected: Any, *, source: str) -> None:
     if problems:
         raise CheckpointError(
             f"{source}: the checkpoint does not fit the model of this config; " + "; ".join(problems)
+        )
+
+
+def check_data_processes(data_dir: str) -> None:
+    """Refuse a data-iterator position saved by another number of processes (grain keeps one file per
+    process, `process_<i>-of-<n>.json`): each host's position is in its own share of the data."""
+    count = jax.process_count()
+    files = epath.Path(data_dir).glob("process_*-of-*.json")  # epath: also gs:// workdirs
+    saved = sorted({int(path.stem.rsplit("-of-", 1)[1]) for path in files})
+    if saved and count not in saved:
+        raise CheckpointError(
+            f"{data_dir}: the data iterator's position was saved by {saved[0]} processes, this run has {count}; "
+            f"resume with {saved[0]} processes (the model state itself restores onto any mesh), or start a new "
+            "workdir with config.init_from.workdir pointing at this one (parameters only; optimizer and step "
+            "start afresh)"
         )
 
 

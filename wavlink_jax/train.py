@@ -19,8 +19,10 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import app, flags
 from absl import logging as absl_logging
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
 from wavlink_jax import checkpoint, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
@@ -99,6 +101,16 @@ class Evaluator:
         return evaluate.evaluate_during_training(self.embedder.use(state), self.sets, self.dims)
 
 
+def skipped_by_all_hosts(counts: dict[str, int], share: tuple[int, int]) -> dict[str, int]:
+    """The job's records skipped so far, by reason, from this host's `counts`: each host counts the records it
+    skipped in its share of the data; hosts that read the same share (`sharding.process_batch_share`) count
+    it once. A collective: every process calls it at the same step."""
+    local = np.array([share[0], *counts.values()], np.int32)
+    rows = multihost_utils.process_allgather(local) if jax.process_count() > 1 else local[None]
+    per_share = {int(row[0]): row[1:] for row in np.asarray(rows)}
+    return dict(zip(counts, map(int, np.sum(list(per_share.values()), axis=0))))
+
+
 def _say(text: str) -> None:
     """A line for the user (process 0 only; absl INFO logs are off by default)."""
     if jax.process_index() == 0:
@@ -136,8 +148,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     train_step.check_batch_size(config, mesh)
     tokenizer = load_tokenizer(config.data.tokenizer, max_length=config.data.max_text_length)
     check_tokenizer(config, tokenizer)
+    share = sharding.process_batch_share(mesh)  # this host reads only the rows its devices hold
     data = pipeline.make_train_iterator(
-        config.data, global_batch_size=config.batch_size, seed=config.seed, tokenizer=tokenizer
+        config.data,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        tokenizer=tokenizer,
+        process_index=share[0],
+        process_count=share[1],
     )
     total_steps = resolve_total_steps(config)
 
@@ -176,7 +194,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 _finite_or_stop(step, record, checkpoints)
                 elapsed = time.perf_counter() - window_start
                 record["samples_per_second"] = window_steps * config.batch_size / elapsed
-                record.update({f"data/skipped/{reason}": n for reason, n in data.skip_counts.items()})
+                skipped = skipped_by_all_hosts(data.skip_counts, share)
+                record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
             eval_due = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
             if evaluator is not None and eval_due:
                 record.update(evaluator(state))
