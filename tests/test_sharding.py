@@ -1,10 +1,13 @@
 """Mesh construction from config and logical-axis rules → PartitionSpecs (8 host CPU devices)."""
 
+import re
+
 import jax
+import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from wavlink_jax import sharding
+from wavlink_jax import audio, sharding
 
 RULES = sharding.rules_dict([("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None)])
 
@@ -52,3 +55,16 @@ def test_tree_shardings_on_nested_dicts():
     assert result["a"]["kernel"].spec == P("fsdp", "tensor")
     assert result["a"]["bias"].spec == P("tensor")
     assert result["scale"].spec == P()
+
+
+def test_log_mel_of_a_sharded_batch_stays_on_each_device():
+    # XLA replicates an FFT's operand: plain jit all-gathers every device's STFT frames.
+    mesh = sharding.create_mesh({"data": 4, "fsdp": 2})
+    waveform = np.random.default_rng(0).standard_normal((16, 4000)).astype(np.float32)
+    waveform = jax.device_put(waveform, sharding.batch_sharding(mesh))
+    local = jax.jit(sharding.per_device_rows(lambda w: audio.log_mel_spectrogram(w, 80), mesh))
+    program = local.lower(waveform).compile().as_text()
+    assert not re.findall(r"all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter", program)
+    result = local(waveform)
+    assert result.sharding.spec == P(sharding.BATCH_AXES)
+    np.testing.assert_allclose(np.asarray(result), np.asarray(audio.log_mel_spectrogram(np.asarray(waveform))), atol=1e-6)

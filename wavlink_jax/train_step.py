@@ -181,13 +181,19 @@ def init_state(setup: TrainSetup, seed: int) -> dict:
     return jax.jit(_init_fn(setup), out_shardings=setup.shardings)(jax.random.PRNGKey(seed))
 
 
+def _log_mel_fn(setup: TrainSetup) -> Callable[[jax.Array], jax.Array]:
+    """Waveform batch → log-mel, each device transforming its own rows (`sharding.per_device_rows`)."""
+    n_mels = setup.model_config.audio.n_mels
+    return sharding.per_device_rows(lambda waveform: audio.log_mel_spectrogram(waveform, n_mels), setup.mesh)
+
+
 def embed_fn(setup: TrainSetup) -> Callable[[Tree, Tree, dict], tuple[jax.Array, jax.Array]]:
     """(params, buffers, batch) → full-size L2-normalised (audio, text) embeddings; log-mel computed here."""
-    n_mels = setup.model_config.audio.n_mels
+    log_mel = _log_mel_fn(setup)
 
     def embed(params: Tree, buffers: Tree, batch: dict) -> tuple[jax.Array, jax.Array]:
         model = setup.spec.module(params, buffers)
-        mel = audio.log_mel_spectrogram(batch["waveform"], n_mels)
+        mel = log_mel(batch["waveform"])
         return model(mel, batch["input_ids"], batch["attention_mask"])
 
     return embed
@@ -342,12 +348,12 @@ class StateEmbedder:
     """
 
     def __init__(self, setup: TrainSetup, tokenizer: Callable, batch_size: int, progress: bool = False):
-        spec, n_mels = setup.spec, setup.model_config.audio.n_mels
+        spec, log_mel = setup.spec, _log_mel_fn(setup)
         self._mesh, self._tokenizer, self._batch_size, self._progress = setup.mesh, tokenizer, batch_size, progress
         self._params = self._buffers = None
 
         def audio_fn(params, buffers, waveform):
-            return spec.module(params, buffers).embed_audio(audio.log_mel_spectrogram(waveform, n_mels))
+            return spec.module(params, buffers).embed_audio(log_mel(waveform))
 
         def text_fn(params, buffers, tokens):
             return spec.module(params, buffers).embed_text(tokens["input_ids"], tokens["attention_mask"])
