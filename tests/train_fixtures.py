@@ -1,6 +1,7 @@
 """Tiny trainer configs and batches shared by the trainer tests (1-layer towers of width 32, 1 s windows).
 
-Also a config file for the CLI: `python -m wavlink_jax.train --config tests/train_fixtures.py:data_dir=D,steps=N`.
+Also a config file for the CLI: `python -m wavlink_jax.train --config tests/train_fixtures.py:data_dir=D,steps=N`
+(`eval_every=K`: score D/eval.jsonl every K steps and at the end).
 """
 
 from __future__ import annotations
@@ -14,8 +15,13 @@ WINDOW_SAMPLES = 16000
 
 
 def get_config(arg: str | None = None):
-    args = common.parse_arg(arg, data_dir="unused", steps=4)
-    return tiny_config(args.data_dir, total_steps=args.steps)
+    args = common.parse_arg(arg, data_dir="unused", steps=4, eval_every=0)
+    config = tiny_config(args.data_dir, total_steps=args.steps)
+    if args.eval_every:
+        config.eval.sets = ({"name": "synthetic", "source": {"kind": "manifest", "path": f"{args.data_dir}/eval.jsonl"}},)
+        config.eval.batch_size = 8
+        config.eval_every_steps = args.eval_every
+    return config
 
 
 def tiny_config(data_dir: str = "unused", **overrides):

@@ -1,0 +1,243 @@
+"""Multi-host training rehearsed on one machine: the real trainer (`python -m wavlink_jax.train`) as 2 OS
+processes × 4 CPU devices joined by `jax.distributed` (gloo collectives), against 1 process × 8 devices with the
+same config and mesh. The global batches are the same for any number of processes, so every step's metrics,
+the evaluation, the checkpoint and a resume must agree with the single-process run.
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wavlink_jax import checkpoint, optim, sharding, train
+from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 4
+TIMEOUT_S = 600  # per launch; a healthy one takes 20-80 s on 2 busy cores
+GRACE_S = 15  # once one process failed, how long the others may take to fail on their own
+# The same global batches on the same mesh; only the collectives differ (gloo between the processes,
+# in-process otherwise), which can change the last bit. Measured: losses within 2e-7 relative, every metric
+# within 1.2e-6.
+RTOL = 1e-5
+MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=4")  # fsdp inside each process, data across the two
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        return probe.getsockname()[1]
+
+
+def child_env(devices: int, cache_dir: Path) -> dict:
+    """The environment of one trainer process: CPU devices, a shared compilation cache, no cluster variables
+    inherited from wherever the tests run."""
+    inherited = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "XLA_")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(inherited)}
+    return {
+        **env,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
+
+
+class Launch:
+    """The trainer started as `processes` OS processes with `devices` CPU devices each (a coordinator on a free
+    local port when there are several); `wait` returns each process's stdout or fails with every stderr."""
+
+    def __init__(self, workdir: Path, data_dir: Path, overrides=(), *, processes: int, devices: int, cache_dir: Path,
+                 eval_every: int = 2):
+        self.workdir, self.logs = workdir, workdir.parent / f"{workdir.name}-logs"
+        shutil.rmtree(self.logs, ignore_errors=True)
+        self.logs.mkdir(parents=True)
+        command = [
+            sys.executable, "-m", "wavlink_jax.train", "--workdir", str(workdir),
+            "--config", f"tests/train_fixtures.py:data_dir={data_dir},steps={STEPS},eval_every={eval_every}", *overrides,
+        ]
+        port = free_port()
+        self.processes = []
+        for index in range(processes):
+            env = child_env(devices, cache_dir)
+            if processes > 1:
+                env.update(
+                    JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
+                    JAX_PROCESS_ID=str(index),
+                )
+            with open(self.logs / f"{index}.out", "w") as out, open(self.logs / f"{index}.err", "w") as err:
+                self.processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err))
+
+    def wait(self) -> list[str]:
+        deadline = time.monotonic() + TIMEOUT_S
+        while any(p.poll() is None for p in self.processes) and time.monotonic() < deadline:
+            if any(p.returncode for p in self.processes):  # one failed: the others would wait for it
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+            time.sleep(0.2)
+        for process in self.processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        if any(p.returncode for p in self.processes):
+            report = [f"{self.workdir.name}: exit codes {[p.returncode for p in self.processes]}"]
+            for index in range(len(self.processes)):
+                lines = self.output(index, "err").splitlines()
+                report.append(f"--- process {index} stderr (last 40 lines) ---\n" + "\n".join(lines[-40:]))
+            pytest.fail("\n".join(report), pytrace=False)
+        return [self.output(index, "out") for index in range(len(self.processes))]
+
+    def output(self, index: int, stream: str) -> str:
+        """What process `index` wrote to stdout / stderr, without gloo's connection lines."""
+        lines = (self.logs / f"{index}.{stream}").read_text().splitlines(keepends=True)
+        return "".join(line for line in lines if not line.startswith("[Gloo]"))
+
+
+def records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_metrics(got: dict, want: dict, prefix: str = "") -> None:
+    keys = {key for key in want if key.startswith(prefix) and key != "samples_per_second"}
+    assert keys and keys <= set(got), sorted(keys - set(got))
+    for key in sorted(keys):
+        assert got[key] == pytest.approx(want[key], rel=RTOL, abs=1e-7), (got["step"], key, got[key], want[key])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_train=48, num_eval=8, max_seconds=1.5, captions_per_clip=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data_dir):
+    """Three launches: the reference (1 process × 8 devices, 4 steps) and, at the same time, the 2-process run
+    (4 steps, checkpoints at 2 and 4, evaluation at 2 and 4); then the 2-process run resumed from step 2 (its
+    step-4 checkpoint deleted, as if it had been killed before that save)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    cache_dir = root / "jax_cache"  # the resumed launch reuses the first 2-process launch's programs
+    reference = Launch(root / "one", data_dir, MESH, processes=1, devices=8, cache_dir=cache_dir)
+    two = Launch(root / "two", data_dir, MESH, processes=2, devices=4, cache_dir=cache_dir)
+    reference.wait()
+    first_outputs = two.wait()
+    uninterrupted = records(root / "two")
+    shutil.rmtree(root / "two" / "checkpoints" / str(STEPS))
+    resumed_outputs = Launch(root / "two", data_dir, MESH, processes=2, devices=4, cache_dir=cache_dir).wait()
+    return {
+        "reference": records(root / "one"), "uninterrupted": uninterrupted, "resumed": records(root / "two"),
+        "workdir": root / "two", "reference_workdir": root / "one", "outputs": (first_outputs, resumed_outputs),
+    }
+
+
+def test_two_processes_compute_the_single_process_steps(runs):
+    reference, uninterrupted = runs["reference"], runs["uninterrupted"]
+    assert [r["step"] for r in reference] == [r["step"] for r in uninterrupted] == list(range(1, STEPS + 1))
+    for got, want in zip(uninterrupted, reference):
+        assert_same_metrics(got, want)
+
+
+def test_resumed_two_process_run_continues_exactly(runs):
+    resumed, uninterrupted, reference = runs["resumed"], runs["uninterrupted"], runs["reference"]
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # records after the checkpoint replaced once
+    for got, same_layout, one_process in zip(resumed, uninterrupted, reference):
+        # The same layout recomputes the same sums: every metric (evaluation included) bitwise.
+        assert {k: v for k, v in got.items() if k != "samples_per_second"} == {
+            k: v for k, v in same_layout.items() if k != "samples_per_second"
+        }
+        assert_same_metrics(got, one_process)
+    first, second = runs["outputs"]
+    assert "resuming from" in second[0] and "resuming from" not in first[0]
+    assert second[1] == first[1] == ""  # process 1 prints nothing
+
+
+def test_evaluation_across_processes_matches(runs):
+    # Embeddings are computed over the mesh and gathered from both processes.
+    evaluated = {r["step"]: r for r in runs["resumed"] if "eval/synthetic/t2a_R@1" in r}
+    reference = {r["step"]: r for r in runs["reference"] if "eval/synthetic/t2a_R@1" in r}
+    assert sorted(evaluated) == sorted(reference) == [2, 4]
+    for step in evaluated:
+        assert_same_metrics(evaluated[step], reference[step], prefix="eval/")
+    assert any(key.startswith("eval/synthetic/top1") for key in evaluated[4])  # zero-shot scored too
+
+
+def test_only_process_zero_writes_logs(runs):
+    workdir = runs["workdir"]
+    assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per launch
+    assert json.loads((workdir / "config.json").read_text())["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+
+
+def test_checkpoint_of_two_processes(runs):
+    workdir = runs["workdir"]
+    for step in (2, STEPS):
+        data = workdir / "checkpoints" / str(step) / "data"
+        assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    # Read on one host (as export and inference do): the parameters of the single-process run.
+    params, reference = (optim.flatten(checkpoint.read_workdir_params(w)[0]) for w in (workdir, runs["reference_workdir"]))
+    assert params.keys() == reference.keys()
+    worst = max(float(np.max(np.abs(params[key] - reference[key]))) for key in params)
+    assert worst <= 1e-6, worst
+    # Resuming it with another number of processes is refused with a clear error (this test runs 1 process).
+    with pytest.raises(CheckpointError, match="saved by 2 processes, this run has 1; resume with 2 processes"):
+        checkpoint.check_data_processes(str(workdir / "checkpoints" / str(STEPS) / "data"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # The batch over 8 devices of both processes, the ring loss passing blocks between them, 2 micro-batches.
+        ("--config.mesh.data=8", "--config.loss.impl=ring", "--config.accum_steps=2", "--config.batch_size=16"),
+        # Tensor parallel across the processes: the batch is not split, so both processes read all of it.
+        ("--config.mesh.data=1", "--config.mesh.tensor=8"),
+    ],
+    ids=["data8-ring-accum2", "tensor8"],
+)
+def test_other_meshes_match_one_process(tmp_path, data_dir, overrides):
+    launches = [
+        Launch(tmp_path / name, data_dir, overrides, processes=processes, devices=8 // processes,
+               cache_dir=tmp_path / "jax_cache", eval_every=0)
+        for name, processes in (("one", 1), ("two", 2))
+    ]
+    for launch in launches:
+        launch.wait()
+    two, one = records(tmp_path / "two"), records(tmp_path / "one")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, STEPS + 1))
+    for got, want in zip(two, one):
+        assert_same_metrics(got, want)
+
+
+def test_skip_counts_add_up_over_the_shares(monkeypatch):
+    # 4 processes, 2 shares: processes 0-1 read share 0 (and skip the same records), 2-3 read share 1.
+    rows = np.array([[0, 1, 0], [0, 1, 0], [1, 2, 5], [1, 2, 5]], np.int32)
+    monkeypatch.setattr(train.jax, "process_count", lambda: 4)
+    monkeypatch.setattr(train.multihost_utils, "process_allgather", lambda local: rows)
+    assert train.skipped_by_all_hosts({"missing": 1, "too_short": 0}, (0, 2)) == {"missing": 3, "too_short": 5}
+
+
+def test_multiprocess_launch_detection():
+    assert not sharding.is_multiprocess_launch({})
+    assert not sharding.is_multiprocess_launch({"SLURM_NTASKS": "1", "TPU_WORKER_HOSTNAMES": "localhost"})
+    for environ in ({"JAX_COORDINATOR_ADDRESS": "h:1234"}, {"SLURM_NTASKS": "4"}, {"OMPI_COMM_WORLD_SIZE": "2"},
+                    {"TPU_WORKER_HOSTNAMES": "a,b"}, {"MEGASCALE_COORDINATOR_ADDRESS": "h:1"}):
+        assert sharding.is_multiprocess_launch(environ), environ
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+        sharding.is_multiprocess_launch({"JAX_NUM_PROCESSES": "two"})
+
+
+def test_distributed_mode_from_the_command_line():
+    # `--config.distributed=False` arrives as a string (the key's default "auto" is one).
+    for mode in (False, "False", "false", "auto"):
+        sharding.initialize_distributed(mode, environ={})  # single process: nothing to join
+    with pytest.raises(ValueError, match="must be true, false or 'auto', got 'sometimes'"):
+        sharding.initialize_distributed("sometimes", environ={})
