@@ -20,6 +20,7 @@ import jax
 from flax import nnx
 
 from wavlink_jax.convert.common import (
+    HF_SELF_ATTENTION_LINEARS,
     CheckpointError,
     Transform,
     assign_strict,
@@ -39,14 +40,7 @@ IGNORED_CLIP_MODEL_PREFIXES = ("vision_model.", "visual_projection.", "logit_sca
 # Bare CLIPTextModel names (transformers >= 5 saves them without the text_model. prefix).
 BARE_TEXT_PREFIXES = ("embeddings.", "encoder.", "final_layer_norm.")
 
-_LAYER_PARTS = {
-    "self_attn.q_proj": ("attn", "query"),
-    "self_attn.k_proj": ("attn", "key"),
-    "self_attn.v_proj": ("attn", "value"),
-    "self_attn.out_proj": ("attn", "out"),
-    "mlp.fc1": ("fc1",),
-    "mlp.fc2": ("fc2",),
-}
+_LAYER_PARTS = {**HF_SELF_ATTENTION_LINEARS, "mlp.fc1": ("fc1",), "mlp.fc2": ("fc2",)}
 _LAYER_NORMS = {"layer_norm1": ("attn_norm",), "layer_norm2": ("mlp_norm",)}
 
 

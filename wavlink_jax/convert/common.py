@@ -135,6 +135,15 @@ def read_hf_config(directory: Path) -> dict:
     return json.loads(config_file.read_text())
 
 
+# transformers' self-attention Linears (Whisper and CLIP name them alike) → our `EncoderBlock.attn` parts.
+HF_SELF_ATTENTION_LINEARS: dict[str, tuple] = {
+    "self_attn.q_proj": ("attn", "query"),
+    "self_attn.k_proj": ("attn", "key"),
+    "self_attn.v_proj": ("attn", "value"),
+    "self_attn.out_proj": ("attn", "out"),
+}
+
+
 def block_name_map(
     torch_layer_prefix: str,
     num_layers: int,

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from wavlink_jax.convert.common import (
+    HF_SELF_ATTENTION_LINEARS,
     CheckpointError,
     Transform,
     assign_strict,
@@ -45,14 +46,7 @@ from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder, init_globa
 # Encoder prefixes, most specific first: WhisperForConditionalGeneration, WhisperModel, bare WhisperEncoder.
 HF_ENCODER_PREFIXES = ("model.encoder.", "encoder.", "")
 
-_LAYER_LINEARS = {
-    "self_attn.q_proj": ("attn", "query"),
-    "self_attn.k_proj": ("attn", "key"),
-    "self_attn.v_proj": ("attn", "value"),
-    "self_attn.out_proj": ("attn", "out"),
-    "fc1": ("fc1",),
-    "fc2": ("fc2",),
-}
+_LAYER_LINEARS = {**HF_SELF_ATTENTION_LINEARS, "fc1": ("fc1",), "fc2": ("fc2",)}
 _LAYER_NORMS = {"self_attn_layer_norm": ("attn_norm",), "final_layer_norm": ("mlp_norm",)}
 
 # Hugging Face name fragment → OpenAI name fragment (the renames of transformers' convert_openai_to_hf.py).
