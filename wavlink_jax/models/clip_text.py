@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from wavlink_jax.models import layers
-from wavlink_jax.models.hf_fields import HFField, HFFields
+from wavlink_jax.models.hf_fields import RUN_SETTINGS_NOT_IN_HF, HFField, HFFields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +86,7 @@ HF_FIELDS = HFFields(
         HFField("eos_token_id", "eos_token_id", 49407),
     ),
     not_in_hf={
-        "dtype": "a run setting (compute dtype), not part of the model",
-        "attention_implementation": "a run setting (attention kernel), not part of the model",
-        "remat": "a run setting (rematerialisation policy), not part of the model",
+        **RUN_SETTINGS_NOT_IN_HF,
     },
 )
 
@@ -129,20 +127,7 @@ class CLIPTextEncoder(nnx.Module):
             nnx.initializers.normal(0.01)(rngs.params(), (config.max_positions, config.width), jnp.float32),
             out_sharding=(None, "embed"),
         )
-        self.encoder = layers.EncoderStack(
-            config.num_layers,
-            remat=config.remat,
-            width=config.width,
-            num_heads=config.num_heads,
-            mlp_dim=config.mlp_dim,
-            activation=config.activation,
-            key_bias=True,
-            layer_norm_eps=config.layer_norm_eps,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            attention_implementation=config.attention_implementation,
-            rngs=rngs,
-        )
+        self.encoder = layers.EncoderStack.for_tower(config, key_bias=True, rngs=rngs)
         self.final_norm = layers.layer_norm(config.width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
         self.text_projection = layers.dense(
             config.width,

@@ -13,6 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 
+# The tower fields that are run settings (how to compute), not part of the model: no `transformers` key holds them.
+RUN_SETTINGS_NOT_IN_HF: Mapping[str, str] = {
+    "dtype": "a run setting (compute dtype), not part of the model",
+    "attention_implementation": "a run setting (attention kernel), not part of the model",
+    "remat": "a run setting (rematerialisation policy), not part of the model",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class HFField:
     """Our config field `ours` is the `transformers` config key `hf`; `default` is what `transformers` assumes

@@ -11,7 +11,7 @@ compute `dtype` (e.g. bf16); LayerNorm statistics are always reduced in fp32.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -261,6 +261,25 @@ class EncoderStack(nnx.Module):
             raise ValueError(f"an encoder needs at least one layer, got num_layers={num_layers}")
         self.remat = remat
         self.layers = nnx.List(_create_blocks(num_layers, rngs.params(), block_kwargs))
+
+    @classmethod
+    def for_tower(cls, config: Any, *, key_bias: bool, rngs: nnx.Rngs) -> EncoderStack:
+        """The blocks of a tower from its config (`WhisperConfig` and `CLIPTextConfig` share these field names):
+        fp32 parameters, compute in `config.dtype`."""
+        return cls(
+            config.num_layers,
+            remat=config.remat,
+            width=config.width,
+            num_heads=config.num_heads,
+            mlp_dim=config.mlp_dim,
+            activation=config.activation,
+            key_bias=key_bias,
+            layer_norm_eps=config.layer_norm_eps,
+            dtype=resolve_dtype(config.dtype),
+            param_dtype=jnp.float32,
+            attention_implementation=config.attention_implementation,
+            rngs=rngs,
+        )
 
     def __call__(
         self,

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from wavlink_jax.models import layers
-from wavlink_jax.models.hf_fields import HFField, HFFields
+from wavlink_jax.models.hf_fields import RUN_SETTINGS_NOT_IN_HF, HFField, HFFields
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,9 +112,7 @@ HF_FIELDS = HFFields(
     not_in_hf={
         "layer_norm_eps": f"transformers' Whisper encoder fixes it at {HF_LAYER_NORM_EPS} (to_hf refuses others)",
         "global_token": "WavLink's addition to Whisper; an export stores the token as its own tensor",
-        "dtype": "a run setting (compute dtype), not part of the model",
-        "attention_implementation": "a run setting (attention kernel), not part of the model",
-        "remat": "a run setting (rematerialisation policy), not part of the model",
+        **RUN_SETTINGS_NOT_IN_HF,
     },
 )
 
@@ -191,20 +189,7 @@ class WhisperEncoder(nnx.Module):
             jnp.asarray(sinusoids(config.max_positions, width)), out_sharding=(None, "embed")
         )
         self.global_token = init_global_token(rngs.params(), width) if config.global_token else None
-        self.encoder = layers.EncoderStack(
-            config.num_layers,
-            remat=config.remat,
-            width=width,
-            num_heads=config.num_heads,
-            mlp_dim=config.mlp_dim,
-            activation=config.activation,
-            key_bias=False,
-            layer_norm_eps=config.layer_norm_eps,
-            dtype=dtype,
-            param_dtype=jnp.float32,
-            attention_implementation=config.attention_implementation,
-            rngs=rngs,
-        )
+        self.encoder = layers.EncoderStack.for_tower(config, key_bias=False, rngs=rngs)
         self.final_norm = layers.layer_norm(width, epsilon=config.layer_norm_eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, mel: jax.Array, *, global_only: bool = False) -> WhisperOutput:
