@@ -123,8 +123,7 @@ def audit_text(text: str) -> dict[str, Any]:
         times = runs.get(name, 0)
         for line in lines:
             if (dot := _DOT.search(line)) is not None:
-                (lhs, lhs_dtype), (_, rhs_dtype) = _signature(line)[0]
-                result, result_dtype = _signature(line)[1][0]
+                ((lhs, lhs_dtype), (_, rhs_dtype)), ((result, result_dtype),) = _signature(line)
                 contracted = math.prod(lhs[int(d)] for d in dot.group(1).split(",") if d.strip())
                 flops = 2 * math.prod(result) * contracted * times
                 key = f"{lhs_dtype} x {rhs_dtype} -> {result_dtype}"
@@ -133,8 +132,9 @@ def audit_text(text: str) -> dict[str, Any]:
                 if key != "bf16 x bf16 -> bf16":
                     largest_other.append((flops, line.split(" : ")[-1].strip()))
             elif (conv := _CONV.search(line)) is not None:
-                (_, lhs_dtype), (kernel, _) = _signature(line)[0][:2]
-                result, result_dtype = _signature(line)[1][0]
+                operands, results = _signature(line)
+                (_, lhs_dtype), (kernel, _) = operands[:2]
+                result, result_dtype = results[0]
                 kernel_labels = [label.strip() for label in conv.group(1).split(",")]
                 per_output = math.prod(size for size, label in zip(kernel, kernel_labels) if label != "o")
                 convolutions[f"{lhs_dtype} -> {result_dtype}"] += 2 * math.prod(result) * per_output * times
@@ -227,8 +227,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         int(args.window * benchmark.FRAMES_PER_SECOND),
         benchmark.TEXT_LENGTH,
     )
-    forward_calls = sum(a["calls"] for a in result["cudnn_attention"] if a["kernel"] == "forward")
-    backward_calls = sum(a["calls"] for a in result["cudnn_attention"] if a["kernel"] == "backward")
     result.update(
         model=args.model,
         batch=args.batch,
@@ -238,7 +236,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lower_s=lower_s,
         analytic_flops=analytic,
         lowered_over_analytic=result["total_flops"] / analytic,
-        cudnn_calls={"forward": forward_calls, "backward": backward_calls},
+        cudnn_calls={
+            kind: sum(a["calls"] for a in result["cudnn_attention"] if a["kernel"] == kind)
+            for kind in ("forward", "backward")
+        },
         cudnn_expected=expected_cudnn_layers(args.model) if args.platform == "cuda" else 0,
     )
     if args.hlo:
