@@ -6,6 +6,7 @@ the evaluation, the checkpoint and a resume must agree with the single-process r
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -29,6 +30,10 @@ GRACE_S = 15  # once one process failed, how long the others may take to fail on
 # within 1.2e-6.
 RTOL = 1e-5
 MESH = ("--config.mesh.data=2", "--config.mesh.fsdp=4")  # fsdp inside each process, data across the two
+# The constant pieces of gloo's "[Gloo] Rank R is connected to N peer ranks. Expected number of connected peer
+# ranks is : N" (the numbers are separate writes).
+GLOO_PIECES = re.compile(
+    r"\[Gloo\] Rank | is connected to | peer ranks\. ?|Expected number of connected peer ranks is : ")
 
 
 def free_port() -> int:
@@ -97,9 +102,12 @@ class Launch:
         return [self.output(index, "out") for index in range(len(self.processes))]
 
     def output(self, index: int, stream: str) -> str:
-        """What process `index` wrote to stdout / stderr, without gloo's connection lines."""
-        lines = (self.logs / f"{index}.{stream}").read_text().splitlines(keepends=True)
-        return "".join(line for line in lines if not line.startswith("[Gloo]"))
+        """What process `index` wrote to stdout / stderr, without gloo's connection messages. gloo writes each
+        message in pieces from several threads, so pieces of different messages interleave (seen in CI:
+        "7\n7 is connected to 7 peer ranks. ..."): the pieces are removed wherever they are, then the lines
+        left with nothing but rank numbers and blanks."""
+        text = GLOO_PIECES.sub("", (self.logs / f"{index}.{stream}").read_text())
+        return "".join(line for line in text.splitlines(keepends=True) if not re.fullmatch(r"[\d\s]*", line))
 
 
 def records(workdir: Path) -> list[dict]:
