@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from train_fixtures import random_batch, tiny_config
 
-from wavlink_jax import optim, sharding, train_step
+from wavlink_jax import audio, optim, sharding, train_step
 from wavlink_jax.data.pipeline import to_global_batch
 from wavlink_jax.models import lora
 
@@ -69,6 +69,33 @@ def test_accumulation_equals_full_batch(reference):
     # (observed: 2e-7 relative, parameters 3e-7).
     np.testing.assert_allclose(losses, ref_losses, rtol=2e-6)
     assert max_param_diff(state, ref_state) < 5e-6
+
+
+def test_embedding_metrics_describe_the_heads_outputs():
+    """The step's `embed/*` metrics, recomputed in numpy from the model's head outputs on the same batch and the
+    parameters the step started from."""
+    mesh = one_device_mesh()
+    setup = train_step.build(tiny_config(), mesh, total_steps=10)
+    state = train_step.init_state(setup, seed=0)
+    batch = random_batch(0, 8)
+    model = setup.spec.module(*jax.device_get((state["params"], state["buffers"])))
+    heads = [
+        np.asarray(model.project_audio(audio.log_mel_spectrogram(batch["waveform"], setup.model_config.audio.n_mels))),
+        np.asarray(model.project_text(batch["input_ids"], batch["attention_mask"])),
+    ]
+    _, metrics = train_step.make_train_step(setup)(state, to_global_batch(batch, mesh, sharding.BATCH_AXES))
+    norms = [np.linalg.norm(h, axis=1) for h in heads]
+    unit = [h / n[:, None] for h, n in zip(heads, norms)]
+    expected = {
+        "embed/audio_norm": norms[0].mean(),
+        "embed/text_norm": norms[1].mean(),
+        "embed/positive_cosine": np.sum(unit[0] * unit[1], axis=1).mean(),
+        "embed/audio_mean_norm": np.linalg.norm(unit[0].mean(axis=0)),
+        "embed/text_mean_norm": np.linalg.norm(unit[1].mean(axis=0)),
+    }
+    assert not np.allclose(norms, 1.0, atol=0.05)  # the heads' outputs are not unit length: the norms say something
+    for key, value in expected.items():
+        assert float(metrics[key]) == pytest.approx(value, rel=1e-5), key
 
 
 def test_accumulation_rejects_indivisible_batch():

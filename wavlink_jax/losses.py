@@ -108,7 +108,8 @@ def matryoshka_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Mean over Matryoshka levels of `clip_weight·clip + sigmoid_weight·sigmoid` on re-normalised prefixes.
 
-    Each level `d` in `dims` uses `za[:, :d]` and `zt[:, :d]` re-normalised. The CLIP and sigmoid losses have
+    Each level `d` in `dims` uses `za[:, :d]` and `zt[:, :d]` normalised (so `za`, `zt` may be the heads'
+    outputs before normalisation, as in training). The CLIP and sigmoid losses have
     their own log-temperatures (`logit_scale_clip`, `logit_scale_sigmoid`; initialised differently, log 1/0.07
     vs log 10), shared by all levels. A loss whose weight is 0 is not computed. Returns the total and, for
     logging, `{"clip/<d>": ..., "sigmoid/<d>": ..., "loss/<d>": weighted level loss}`.

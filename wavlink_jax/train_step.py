@@ -187,26 +187,28 @@ def _log_mel_fn(setup: TrainSetup) -> Callable[[jax.Array], jax.Array]:
     return sharding.per_device_rows(lambda waveform: audio.log_mel_spectrogram(waveform, n_mels), setup.mesh)
 
 
-def embed_fn(setup: TrainSetup) -> Callable[[Tree, Tree, dict], tuple[jax.Array, jax.Array]]:
-    """(params, buffers, batch) → full-size L2-normalised (audio, text) embeddings; log-mel computed here."""
+def project_fn(setup: TrainSetup) -> Callable[[Tree, Tree, dict], tuple[jax.Array, jax.Array]]:
+    """(params, buffers, batch) → the heads' full-size (audio, text) outputs before normalisation; log-mel
+    computed here."""
     log_mel = _log_mel_fn(setup)
 
-    def embed(params: Tree, buffers: Tree, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def project(params: Tree, buffers: Tree, batch: dict) -> tuple[jax.Array, jax.Array]:
         model = setup.spec.module(params, buffers)
         mel = log_mel(batch["waveform"])
         return model(mel, batch["input_ids"], batch["attention_mask"])
 
-    return embed
+    return project
 
 
 def loss_fn(setup: TrainSetup) -> Callable[[Tree, jax.Array, jax.Array], tuple[jax.Array, dict]]:
-    """(params, za, zt) → (Matryoshka CLIP + sigmoid loss over the global batch, per-level/kind parts)."""
+    """(params, audio head outputs, text head outputs) → (Matryoshka CLIP + sigmoid loss over the global batch,
+    per-level/kind parts); each level normalises its prefix."""
     loss_config = setup.config.loss
 
-    def loss(params: Tree, za: jax.Array, zt: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(params: Tree, audio: jax.Array, text: jax.Array) -> tuple[jax.Array, dict]:
         return losses.matryoshka_loss(
-            za,
-            zt,
+            audio,
+            text,
             dims=setup.model_config.matryoshka_dims,
             logit_scale_clip=params["clip_logit_scale"],
             logit_scale_sigmoid=params["sigmoid_logit_scale"],
@@ -239,44 +241,45 @@ def _unmicro(x: jax.Array) -> jax.Array:
 
 
 def gradients(setup: TrainSetup) -> Callable:
-    """(trainable, frozen, buffers, batch) → (loss, its parts, za, zt, gradients wrt `trainable`), over the
-    whole batch at once (`accum_steps = 1`) or micro-batch by micro-batch with every negative kept."""
+    """(trainable, frozen, buffers, batch) → (loss, its parts, audio and text head outputs, gradients wrt
+    `trainable`), over the whole batch at once (`accum_steps = 1`) or micro-batch by micro-batch with every
+    negative kept."""
     k = int(setup.config.accum_steps)
     if k < 1:
         raise ValueError(f"config.accum_steps must be ≥ 1, got {k}")
-    embed, loss = embed_fn(setup), loss_fn(setup)
+    project, loss = project_fn(setup), loss_fn(setup)
 
     def full_batch(trainable, frozen, buffers, batch):
         def objective(trainable):
             params = optim.combine(trainable, frozen)
-            za, zt = embed(params, buffers, batch)
-            value, parts = loss(params, za, zt)
-            return value, (parts, za, zt)
+            audio, text = project(params, buffers, batch)
+            value, parts = loss(params, audio, text)
+            return value, (parts, audio, text)
 
-        (value, (parts, za, zt)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-        return value, parts, za, zt, grads
+        (value, (parts, audio, text)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        return value, parts, audio, text, grads
 
     def accumulated(trainable, frozen, buffers, batch):
         params = optim.combine(trainable, frozen)
         micro = _micro_batches(batch, k, setup.mesh)
-        za_micro, zt_micro = jax.lax.map(lambda mb: embed(params, buffers, mb), micro)
-        za, zt = _unmicro(za_micro), _unmicro(zt_micro)
+        audio_micro, text_micro = jax.lax.map(lambda mb: project(params, buffers, mb), micro)
+        audio, text = _unmicro(audio_micro), _unmicro(text_micro)
 
-        def head(trainable, za, zt):
-            return loss(optim.combine(trainable, frozen), za, zt)
+        def head(trainable, audio, text):
+            return loss(optim.combine(trainable, frozen), audio, text)
 
-        (value, parts), (grads, d_za, d_zt) = jax.value_and_grad(head, argnums=(0, 1, 2), has_aux=True)(
-            trainable, za, zt
+        (value, parts), (grads, d_audio, d_text) = jax.value_and_grad(head, argnums=(0, 1, 2), has_aux=True)(
+            trainable, audio, text
         )
-        cotangents = _micro_batches((d_za, d_zt), k, setup.mesh)
+        cotangents = _micro_batches((d_audio, d_text), k, setup.mesh)
 
         def pull_back(total, inputs):
-            mb, (d_za_mb, d_zt_mb) = inputs
-            _, vjp = jax.vjp(lambda t: embed(optim.combine(t, frozen), buffers, mb), trainable)
-            return jax.tree.map(jnp.add, total, vjp((d_za_mb, d_zt_mb))[0]), None
+            mb, (d_audio_mb, d_text_mb) = inputs
+            _, vjp = jax.vjp(lambda t: project(optim.combine(t, frozen), buffers, mb), trainable)
+            return jax.tree.map(jnp.add, total, vjp((d_audio_mb, d_text_mb))[0]), None
 
         grads, _ = jax.lax.scan(pull_back, grads, (micro, cotangents))
-        return value, parts, za, zt, grads
+        return value, parts, audio, text, grads
 
     return full_batch if k == 1 else accumulated
 
@@ -298,6 +301,20 @@ def clamp_clip_scale(params: Tree, max_scale: float) -> Tree:
     return {**params, "clip_logit_scale": clamped}
 
 
+def embedding_metrics(audio: jax.Array, text: jax.Array) -> dict[str, jax.Array]:
+    """What the heads' `(N, E)` outputs say about training: the size the heads learn (mean norm before
+    normalisation: a norm drifting to 0 or exploding is a sign of trouble long before the loss shows it), the
+    alignment of the pairs, and the spread of the batch (norm of the mean unit embedding: 1 = collapsed)."""
+    za, zt = losses.l2_normalize(audio), losses.l2_normalize(text)
+    return {
+        "embed/audio_norm": jnp.mean(jnp.linalg.norm(audio, axis=-1)),
+        "embed/text_norm": jnp.mean(jnp.linalg.norm(text, axis=-1)),
+        "embed/positive_cosine": jnp.mean(jnp.sum(za * zt, axis=-1)),
+        "embed/audio_mean_norm": jnp.linalg.norm(jnp.mean(za, axis=0)),
+        "embed/text_mean_norm": jnp.linalg.norm(jnp.mean(zt, axis=0)),
+    }
+
+
 def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dict]]:
     """The jitted step `(state, batch) -> (state, metrics)`; `state` is donated, metrics are scalars."""
     check_batch_size(setup.config, setup.mesh)
@@ -309,7 +326,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         trainable, frozen = optim.partition(state["params"], setup.trainable)
-        value, parts, za, zt, grads = compute_gradients(trainable, frozen, state["buffers"], batch)
+        value, parts, audio, text, grads = compute_gradients(trainable, frozen, state["buffers"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = clamp_clip_scale(optim.combine(optax.apply_updates(trainable, updates), frozen), max_clip_scale)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -324,10 +341,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
             "clip/temperature": 1.0 / jnp.exp(params["clip_logit_scale"]),
             "sigmoid/temperature": 1.0 / jnp.exp(params["sigmoid_logit_scale"]),
             "sigmoid/bias": params["sigmoid_logit_bias"],
-            # Alignment of the pairs and spread of the batch (embeddings are unit length).
-            "embed/positive_cosine": jnp.mean(jnp.sum(za * zt, axis=-1)),
-            "embed/audio_mean_norm": jnp.linalg.norm(jnp.mean(za, axis=0)),
-            "embed/text_mean_norm": jnp.linalg.norm(jnp.mean(zt, axis=0)),
+            **embedding_metrics(audio, text),
         }
         return new_state, metrics
 

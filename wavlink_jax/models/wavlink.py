@@ -141,24 +141,32 @@ class WavLink(nnx.Module):
         self.sigmoid_logit_scale = scalar(config.sigmoid_logit_scale_init)
         self.sigmoid_logit_bias = scalar(config.sigmoid_logit_bias_init)
 
+    def project_audio(self, mel: jax.Array) -> jax.Array:
+        """log-mel `(B, n_mels, frames)` → float32 `(B, E)` audio head outputs, before normalisation."""
+        global_state = self.audio(mel, global_only=True).global_state.astype(jnp.float32)
+        return self.audio_projection(global_state)
+
+    def project_text(self, input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
+        """Token ids `(B, L)` and mask (1 = token, right padding) → float32 `(B, E)` text head outputs, before
+        normalisation."""
+        return self.text_projection(self.text(input_ids, attention_mask).embedding.astype(jnp.float32))
+
     def embed_audio(self, mel: jax.Array, dim: int | None = None) -> jax.Array:
         """log-mel `(B, n_mels, frames)` → L2-normalised float32 `(B, dim or E)` audio embeddings."""
         self._check_dim(dim)
-        global_state = self.audio(mel, global_only=True).global_state.astype(jnp.float32)
-        return self._finish(self.audio_projection(global_state), dim)
+        return self._finish(self.project_audio(mel), dim)
 
     def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array | None, dim: int | None = None) -> jax.Array:
         """Token ids `(B, L)` and mask (1 = token, right padding) → L2-normalised float32 `(B, dim or E)`."""
         self._check_dim(dim)
-        embedding = self.text(input_ids, attention_mask).embedding.astype(jnp.float32)
-        return self._finish(self.text_projection(embedding), dim)
+        return self._finish(self.project_text(input_ids, attention_mask), dim)
 
     def __call__(
         self, mel: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None
     ) -> tuple[jax.Array, jax.Array]:
-        """Full-size L2-normalised `(audio, text)` embeddings, `(B, E)` each; Matryoshka prefixes are taken
-        by the loss (`wavlink_jax.losses.matryoshka_loss`)."""
-        return self.embed_audio(mel), self.embed_text(input_ids, attention_mask)
+        """The heads' `(audio, text)` outputs, `(B, E)` each, before normalisation: the loss normalises each
+        Matryoshka prefix itself (`wavlink_jax.losses.matryoshka_loss`), and training logs their norms."""
+        return self.project_audio(mel), self.project_text(input_ids, attention_mask)
 
     def _check_dim(self, dim: int | None) -> None:
         """Only trained sizes are served: another prefix would work mechanically, but nothing trained it."""
