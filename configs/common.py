@@ -6,6 +6,7 @@ unknown keys). Keys (see the README section "Configs" for more):
 
     seed, batch_size (global), total_steps (0 = from epochs), epochs, accum_steps
     log_every_steps, checkpoint_every_steps, eval_every_steps (0 = only at the end), keep_checkpoints
+    progress_bar, compilation_cache_dir ("auto" | a folder | "off": compiled steps reused across runs)
     distributed ("auto" | True | False), mesh {data, fsdp, tensor}, sharding_rules ((logical, mesh axes), ...)
     dtype (compute), remat, attention_implementation  -- applied to both towers
     model          wavlink_jax.models.wavlink.WavLinkConfig fields (audio / text tower sizes, embed_dim, ...)
@@ -75,6 +76,9 @@ def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
     config.eval_every_steps = 2000
     config.keep_checkpoints = 3
     config.progress_bar = True
+    # Compiled programs kept across runs: "auto" = JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/wavlink_jax/xla;
+    # a folder (local or gs://; one all hosts share on a multi-host run) or "off" (train.use_compilation_cache).
+    config.compilation_cache_dir = "auto"
 
     config.distributed = "auto"
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})

@@ -42,8 +42,8 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def child_env(devices: int, cache_dir: Path) -> dict:
-    """The environment of one trainer process: CPU devices, a shared compilation cache, no cluster variables
+def child_env(devices: int) -> dict:
+    """The environment of one trainer process: CPU devices, every program cached, no cluster variables
     inherited from wherever the tests run."""
     inherited = ("SLURM_", "OMPI_", "PMI_", "TPU_", "MEGASCALE_", "JAX_", "XLA_")
     env = {key: value for key, value in os.environ.items() if not key.startswith(inherited)}
@@ -52,7 +52,6 @@ def child_env(devices: int, cache_dir: Path) -> dict:
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
         "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }
@@ -69,12 +68,13 @@ class Launch:
         self.logs.mkdir(parents=True)
         command = [
             sys.executable, "-m", "wavlink_jax.train", "--workdir", str(workdir),
-            "--config", f"tests/train_fixtures.py:data_dir={data_dir},steps={STEPS},eval_every={eval_every}", *overrides,
+            "--config", f"tests/train_fixtures.py:data_dir={data_dir},steps={STEPS},eval_every={eval_every}",
+            f"--config.compilation_cache_dir={cache_dir}", *overrides,
         ]
         port = free_port()
         self.processes = []
         for index in range(processes):
-            env = child_env(devices, cache_dir)
+            env = child_env(devices)
             if processes > 1:
                 env.update(
                     JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes),
@@ -145,6 +145,7 @@ def runs(tmp_path_factory, data_dir):
     return {
         "reference": records(root / "one"), "uninterrupted": uninterrupted, "resumed": records(root / "two"),
         "workdir": root / "two", "reference_workdir": root / "one", "outputs": (first_outputs, resumed_outputs),
+        "cache_dir": cache_dir,
     }
 
 
@@ -166,6 +167,9 @@ def test_resumed_two_process_run_continues_exactly(runs):
         assert_same_metrics(got, one_process)
     first, second = runs["outputs"]
     assert "resuming from" in second[0] and "resuming from" not in first[0]
+    # The compiled programs were kept (`config.compilation_cache_dir`) for the resumed launch to load.
+    assert f"compiled programs are kept in {runs['cache_dir']}" in first[0]
+    assert any(runs["cache_dir"].iterdir())
     assert second[1] == first[1] == ""  # process 1 prints nothing
 
 

@@ -158,3 +158,22 @@ def test_metrics_logger_jsonl_tensorboard_and_resume_truncation(tmp_path):
     # Resuming from step 2 drops what a killed run logged after its checkpoint.
     MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False).close()
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_compilation_cache_setting_resolves_to_a_folder(tmp_path, monkeypatch):
+    """`config.compilation_cache_dir`: "auto" keeps a folder jax was given (JAX_COMPILATION_CACHE_DIR), else the
+    default under the home folder; a path is used as given (with ~ expanded); "off" turns the cache off."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert train.use_compilation_cache("auto") == str(tmp_path / ".cache/wavlink_jax/xla")
+        jax.config.update("jax_compilation_cache_dir", "/somewhere/set/by/env")
+        assert train.use_compilation_cache("auto") == "/somewhere/set/by/env"
+        assert train.use_compilation_cache("~/mine") == str(tmp_path / "mine")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
+        assert train.use_compilation_cache("off") is None and jax.config.jax_compilation_cache_dir is None
+        with pytest.raises(ValueError, match='compilation_cache_dir is empty; give a folder, "auto" or "off"'):
+            train.use_compilation_cache("")
+    finally:
+        train.use_compilation_cache(before or "off")

@@ -45,8 +45,10 @@ def data_dir(tmp_path_factory):
 
 
 def command(workdir, data_dir, program=("-m", "wavlink_jax.train")):
+    # The launches compile the same programs: a compilation cache (fresh for each data set) saves the repeats.
     return [sys.executable, *program, "--config", f"tests/train_fixtures.py:data_dir={data_dir},steps={STEPS}",
-            "--workdir", str(workdir), "--config.checkpoint_every_steps=2"]
+            "--workdir", str(workdir), "--config.checkpoint_every_steps=2",
+            f"--config.compilation_cache_dir={data_dir.parent / 'jax_cache'}"]
 
 
 def losses(workdir):
@@ -60,8 +62,7 @@ def finished_steps(workdir):
 
 
 def test_killed_runs_resume_exactly(tmp_path, data_dir):
-    # The four launches compile the same programs: a compilation cache (fresh for this test) saves the repeats.
-    env = {**ENV, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache")}
+    env = ENV
     reference = tmp_path / "reference"
     subprocess.run(command(reference, data_dir), cwd=REPO, env=env, check=True, capture_output=True)
     expected, steps = losses(reference)
