@@ -79,3 +79,24 @@ def test_every_bad_input_reason(tmp_path):
     with pytest.raises(BadAudio, match="no samples"):
         load_audio(np.zeros(0, np.int16), 16000)
     assert len(load_audio(tmp_path / "good.flac", min_samples=8000)) == 32000
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf])
+def test_non_finite_samples_are_a_bad_clip(tmp_path, bad_value):
+    """A damaged float file or array (a NaN or infinity would make the loss NaN, or a built data set's int16
+    arbitrary) is refused; integer PCM cannot hold one; only the read window is looked at."""
+    from wavlink_jax.data.tfds_builders import decode_to_16k_int16
+
+    samples = _tone(500.0, 2.0, 16000).astype(np.float32)
+    samples[20000] = bad_value  # in the second half
+    sf.write(tmp_path / "float.wav", samples, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "double.wav", samples.astype(np.float64), 16000, subtype="DOUBLE")
+    for source in (tmp_path / "float.wav", tmp_path / "double.wav"):
+        with pytest.raises(BadAudio, match=r"float\.wav|double\.wav") as err:
+            load_audio(source)
+        assert err.value.reason == "not_finite" and "1 NaN or infinite samples" in str(err.value)
+        assert np.isfinite(load_audio(source, window_samples=16000)).all()  # the head window is clean
+    assert decode_to_16k_int16(str(tmp_path / "float.wav")) == "not_finite"
+    with pytest.raises(BadAudio) as err:
+        load_audio(samples, 16000)
+    assert err.value.reason == "not_finite" and "<array>" in str(err.value)

@@ -134,6 +134,9 @@ def _bad_manifest(folder):
     flac = (folder / "long.flac").read_bytes()
     (folder / "cut.flac").write_bytes(flac[: len(flac) // 2])
     sf.write(folder / "short.wav", _clip(1)[:800], RATE)  # 0.05 s < min_seconds
+    damaged = np.random.default_rng(1).uniform(-0.5, 0.5, RATE).astype(np.float32)
+    damaged[::100] = np.nan  # every window holds some
+    sf.write(folder / "nan.wav", damaged, RATE, subtype="FLOAT")
     caption = {"captions": ["clip 0 alpha"]}
     bad = [
         {"audio": "nope.wav", **caption},
@@ -141,6 +144,7 @@ def _bad_manifest(folder):
         {"audio": "page.wav", **caption},
         {"audio": "cut.flac", **caption},
         {"audio": "short.wav", **caption},
+        {"audio": "nan.wav", **caption},
         {"audio": "long.flac", "captions": []},
         {"audio": "gone.flac", **caption},
     ]
@@ -159,7 +163,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, num_workers):
     iterator.close()
     ids = sum((_ids(b["waveform"]) for b in head + tail), [])
     assert sorted(ids) == sorted(list(range(1, 9)) * 2)  # every good clip, twice; nothing substituted
-    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "too_short": 1, "no_captions": 1}
+    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 1}
     assert iterator.skip_counts == {reason: 2 * expected[reason] for reason in SKIP_REASONS}
 
     resumed = iter(dataset)
@@ -246,8 +250,10 @@ def test_check_command_reports_one_epoch(tmp_path, tokenizer):
     result = subprocess.run(command + ["--batch-size", "3", "--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["examples"] == 15 and report["ok"] == 8 and report["clips_per_s"] > 0
-    assert report["skipped"] == {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "too_short": 1, "no_captions": 1}
+    assert report["examples"] == 16 and report["ok"] == 8 and report["clips_per_s"] > 0
+    assert report["skipped"] == {
+        "missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 1
+    }
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log
 
 

@@ -78,7 +78,8 @@ def decode_to_16k_int16(path: str) -> np.ndarray | str:
     """The clip at `path` as 16 kHz mono int16 samples (full scale 32768), or why it is skipped.
 
     Decoding, mono mix-down and resampling are `audio_io.load_audio`'s (the pipeline's own); the reason is
-    one of its `SKIP_REASONS` (missing, empty, truncated, not_audio).
+    one of its `SKIP_REASONS` (missing, empty, truncated, not_audio, not_finite: without that check a NaN sample
+    would be stored as an arbitrary int16).
     """
     try:
         samples = audio_io.load_audio(path)
