@@ -146,6 +146,7 @@ def _bad_manifest(folder):
         {"audio": "short.wav", **caption},
         {"audio": "nan.wav", **caption},
         {"audio": "long.flac", "captions": []},
+        {"audio": "long.flac", "captions": ["", "  "]},  # blank captions are none
         {"audio": "gone.flac", **caption},
     ]
     return _manifest(folder, range(1, 9), extra=bad)
@@ -163,7 +164,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path, tokenizer, num_workers):
     iterator.close()
     ids = sum((_ids(b["waveform"]) for b in head + tail), [])
     assert sorted(ids) == sorted(list(range(1, 9)) * 2)  # every good clip, twice; nothing substituted
-    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 1}
+    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 2}
     assert iterator.skip_counts == {reason: 2 * expected[reason] for reason in SKIP_REASONS}
 
     resumed = iter(dataset)
@@ -202,16 +203,18 @@ def test_global_batch_is_sharded_over_the_batch_axes(batch_axes, shard_rows):
 
 def test_eval_set_keeps_order_captions_and_labels(tmp_path):
     labelled_only = {"audio": "5.wav", "captions": [], "label": "c2"}
-    manifest = _manifest(tmp_path, range(1, 5), extra=[labelled_only, {"audio": "nope.wav", "captions": ["x"]}])
+    blank = {"audio": "1.wav", "captions": ["a blank follows", " "], "id": "1b"}  # the blank caption is dropped
+    manifest = _manifest(tmp_path, range(1, 5), extra=[blank, labelled_only, {"audio": "nope.wav", "captions": ["x"]}])
     eval_set = pipeline.make_eval_set(manifest, window_seconds=0.4)
-    assert eval_set.ids == ["1.wav", "2.wav", "3.wav", "4.wav"] and eval_set.labels == ["c1", "c2", "c0", "c1"]
+    assert eval_set.ids == ["1.wav", "2.wav", "3.wav", "4.wav", "1b"] and eval_set.labels[:4] == ["c1", "c2", "c0", "c1"]
     assert eval_set.captions[:4] == ["clip 1 alpha", "clip 1 beta", "clip 1 gamma", "clip 2 alpha"]
-    np.testing.assert_array_equal(eval_set.text_to_audio, np.repeat(np.arange(4), 3))
+    assert eval_set.captions[12:] == ["a blank follows"]
+    np.testing.assert_array_equal(eval_set.text_to_audio, [*np.repeat(np.arange(4), 3), 4])
     np.testing.assert_array_equal(eval_set.waveforms[2], _clip(3)[:6400])  # head crop
     assert eval_set.skip_counts["no_captions"] == 1 and eval_set.skip_counts["missing"] == 1
     sf.write(tmp_path / "5.wav", _clip(5), RATE, subtype="FLOAT")
     zero_shot = pipeline.make_eval_set(manifest, window_seconds=0.6, require_captions=False)
-    assert zero_shot.labels[-1] == "c2" and len(zero_shot.captions) == 12 and zero_shot.waveforms.shape == (5, 9600)
+    assert zero_shot.labels[-1] == "c2" and len(zero_shot.captions) == 13 and zero_shot.waveforms.shape == (6, 9600)
     assert not zero_shot.waveforms[:, 8000:].any()  # padded
     assert eval_set.folds is None
 
@@ -250,9 +253,9 @@ def test_check_command_reports_one_epoch(tmp_path, tokenizer):
     result = subprocess.run(command + ["--batch-size", "3", "--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["examples"] == 16 and report["ok"] == 8 and report["clips_per_s"] > 0
+    assert report["examples"] == 17 and report["ok"] == 8 and report["clips_per_s"] > 0
     assert report["skipped"] == {
-        "missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 1
+        "missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 2
     }
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log
 

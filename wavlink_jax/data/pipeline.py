@@ -16,8 +16,9 @@ orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRes
 
 With a finite `num_epochs`, a mixture ends when its first source runs out (grain mix).
 
-Bad input: a record whose audio is missing/empty/truncated/not audio/too short, or that has no captions,
-becomes a "skipped" marker instead of an example. Batches are filled with the next good examples, and
+Bad input: a record whose audio is missing/empty/truncated/not audio/non-finite/too short, or that has no
+captions (blank captions are dropped first), becomes a "skipped" marker instead of an example. Batches are
+filled with the next good examples, and
 every batch carries the number of records skipped, by reason, while it was filled. Those per-batch counts
 are exact whichever process filled the batch (each record is seen by exactly one worker), so the main
 process only has to add them up: `TrainIterator.skip_counts` is the running total (part of the iterator
@@ -144,9 +145,10 @@ class _PrepareExample:
     require_captions: bool = True
 
     def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> dict:
-        captions = record["captions"]
+        captions = [caption for caption in record["captions"] if caption.strip()]  # a blank one describes nothing
         if self.require_captions and not captions:
-            return _skip("no_captions", f"{record['id']}: no captions")
+            blank = f" ({len(record['captions'])} blank)" if len(record["captions"]) else ""
+            return _skip("no_captions", f"{record['id']}: no captions{blank}")
         try:
             waveform = load_audio(
                 record["audio"],
@@ -163,7 +165,7 @@ class _PrepareExample:
         return {
             "id": record["id"],
             "waveform": waveform,
-            "captions": list(captions),
+            "captions": captions,
             "label": record["label"],
             "fold": int(record.get("fold", 0)),
         }
