@@ -479,6 +479,10 @@ def test_load_eval_data_from_manifest(tmp_path):
     partly = entries[:1] + [{"audio": "clip1.wav", "captions": ["d"]}]
     with pytest.raises(ValueError, match="1 of 2 clips have no label"):
         eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "partly.jsonl", partly), window_seconds=1.0)
+    # Checked when the set is loaded (before training), not when it is scored.
+    uncaptioned = entries[:1] + [{"audio": "clip1.wav", "captions": [], "label": "rain"}]
+    with pytest.raises(ValueError, match=r"'toy': 1 of 2 clips have no caption \(first: clip 1\)"):
+        eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "uncaptioned.jsonl", uncaptioned), window_seconds=1.0)
 
 
 def test_load_airbench_data_decodes_each_file_once(tmp_path):

@@ -206,6 +206,17 @@ def _check_labels(name: str, labels: Sequence[str]) -> list[str]:
     return list(labels) if not unlabelled else []
 
 
+def _check_captions(name: str, text_to_audio: np.ndarray, num_clips: int) -> None:
+    """All clips captioned, or none (an uncaptioned clip among captioned ones has no audio→text rank)."""
+    uncaptioned = np.flatnonzero(np.bincount(text_to_audio, minlength=num_clips) == 0)
+    if len(text_to_audio) and len(uncaptioned):
+        raise ValueError(
+            f"evaluation set {name!r}: {len(uncaptioned)} of {num_clips} clips have no caption (first: clip "
+            f"{uncaptioned[0]}); retrieval needs a caption on every clip: keep the captioned and the labelled-only "
+            "clips in separate sets"
+        )
+
+
 def load_eval_data(
     name: str,
     source: Mapping[str, Any] | str | os.PathLike,
@@ -223,6 +234,7 @@ def load_eval_data(
     data = pipeline.make_eval_set(
         source, window_seconds=window_seconds, require_captions=False, max_clips=max_clips, read_threads=read_threads
     )
+    _check_captions(name, np.asarray(data.text_to_audio), len(data.waveforms))
     return EvalData(
         name=name,
         waveforms=data.waveforms,

@@ -416,6 +416,16 @@ def _to_host(array: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
+def check_eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
+    """Evaluation batches are split over the mesh's batch axes like training batches."""
+    divisor = sharding.batch_divisor(mesh)
+    if batch_size <= 0 or batch_size % divisor:
+        raise ValueError(
+            f"eval batch size {batch_size} (config.eval.batch_size / --batch-size) must be a positive multiple of "
+            f"{divisor} (the devices on the mesh's batch axes {sharding.BATCH_AXES})"
+        )
+
+
 def embed_in_batches(
     fn: Callable[[Any], Any],
     inputs: Any,
@@ -443,12 +453,7 @@ def embed_in_batches(
     (total,) = sizes
     if total == 0:
         raise ValueError("embed_in_batches: the evaluation set is empty")
-    divisor = sharding.batch_divisor(mesh)
-    if batch_size <= 0 or batch_size % divisor:
-        raise ValueError(
-            f"eval batch size {batch_size} must be a positive multiple of {divisor} (the devices on the mesh's "
-            f"batch axes {sharding.BATCH_AXES})"
-        )
+    check_eval_batch_size(batch_size, mesh)
     placement = sharding.batch_sharding(mesh)
 
     def place(start: int) -> Any:

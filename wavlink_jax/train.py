@@ -67,6 +67,16 @@ def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
     return steps
 
 
+def check_intervals(config: ml_collections.ConfigDict) -> None:
+    """Step intervals that the loop divides by must be positive (eval_every_steps 0 = only at the end)."""
+    bad = [f"{key}={config[key]}" for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
+           if config[key] < 1]
+    if config.eval_every_steps < 0:
+        bad.append(f"eval_every_steps={config.eval_every_steps}")
+    if bad:
+        raise ValueError(f"config: {', '.join(bad)}; these must be ≥ 1 (eval_every_steps ≥ 0: 0 = only at the end)")
+
+
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
     text = config.model.text
     if tokenizer.vocab_size > text.vocab_size:
@@ -164,9 +174,19 @@ def _finite_or_stop(step: int, metrics: dict[str, float], checkpoints: checkpoin
         )
 
 
+def _save_checked(
+    step: int, state: dict, metrics: dict, data: pipeline.TrainIterator, checkpoints: checkpoint.Checkpoints, *,
+    force: bool,
+) -> None:
+    """Save `state` after `step` (if due, or `force`), unless the step's loss or gradient norm is not finite."""
+    _finite_or_stop(step, jax.device_get(metrics), checkpoints)
+    checkpoints.save(step, state, data, force=force)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Run (or resume) training; returns the last logged metrics (with the final evaluation)."""
     sharding.initialize_distributed(config.distributed)
+    check_intervals(config)
     write_config(config, workdir)
     cache = use_compilation_cache(config.compilation_cache_dir)
     _say(f"compiled programs are kept in {cache}" if cache else "no compilation cache (compilation_cache_dir=off)")
@@ -225,14 +245,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
             eval_due = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
             if evaluator is not None and eval_due:
-                record.update(evaluator(state))
+                try:
+                    record.update(evaluator(state))
+                except Exception:  # a failing evaluation loses no training
+                    _save_checked(step, state, metrics, data, checkpoints, force=True)
+                    raise
             if record:
                 log.write(step, record)
                 last = record
                 window_start, window_steps = time.perf_counter(), 0
             if step % config.checkpoint_every_steps == 0 or is_last:
-                _finite_or_stop(step, jax.device_get(metrics), checkpoints)
-                checkpoints.save(step, state, data, force=is_last)
+                _save_checked(step, state, metrics, data, checkpoints, force=is_last)
     finally:
         checkpoints.close()
         log.close()

@@ -36,7 +36,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from wavlink_jax import audio, losses, optim, sharding
-from wavlink_jax.evaluate import embed_in_batches
+from wavlink_jax.evaluate import check_eval_batch_size, embed_in_batches
 from wavlink_jax.models import lora
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 
@@ -362,6 +362,7 @@ class StateEmbedder:
     """
 
     def __init__(self, setup: TrainSetup, tokenizer: Callable, batch_size: int, progress: bool = False):
+        check_eval_batch_size(batch_size, setup.mesh)  # at start-up, not at the first evaluation
         spec, log_mel = setup.spec, _log_mel_fn(setup)
         self._mesh, self._tokenizer, self._batch_size, self._progress = setup.mesh, tokenizer, batch_size, progress
         self._params = self._buffers = None

@@ -1,0 +1,52 @@
+"""The trainer in the face of mistakes: a bad setting is refused before the first step, and an evaluation that
+fails keeps the training done so far in a checkpoint."""
+
+import json
+
+import pytest
+from train_fixtures import tiny_config
+
+from wavlink_jax import checkpoint, evaluate, train
+from wavlink_jax.data import synthetic
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_train=24, num_eval=4, max_seconds=1.5, captions_per_clip=2)
+    return root
+
+
+def with_eval(config, data_dir, batch_size):
+    config.eval.sets = ({"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}},)
+    config.eval.batch_size = batch_size
+    return config
+
+
+def test_eval_batch_size_is_checked_before_training(tmp_path, data_dir):
+    config = with_eval(tiny_config(str(data_dir), total_steps=2), data_dir, batch_size=12)  # 8 devices
+    with pytest.raises(ValueError, match=r"eval batch size 12 \(config.eval.batch_size.*multiple of 8"):
+        train.train(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize("key,value", [("log_every_steps", 0), ("checkpoint_every_steps", 0), ("eval_every_steps", -1)])
+def test_step_intervals_must_be_positive(tmp_path, data_dir, key, value):
+    with pytest.raises(ValueError, match=f"config: {key}={value}; these must be ≥ 1"):
+        train.train(tiny_config(str(data_dir), **{key: value}), str(tmp_path))
+
+
+def test_a_failing_evaluation_keeps_the_training_in_a_checkpoint(tmp_path, data_dir, monkeypatch):
+    """Evaluation at step 2 (between checkpoints every 3 steps) fails: step 2 is saved before the error."""
+    config = with_eval(tiny_config(str(data_dir), total_steps=4, checkpoint_every_steps=3), data_dir, batch_size=8)
+    config.eval_every_steps = 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(evaluate, "evaluate_during_training", broken)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        train.train(config, str(tmp_path))
+    assert checkpoint.Checkpoints(tmp_path, keep=3, every=1).latest_step() == 2
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1]  # step 2's record (which would have held the evaluation) was not written
