@@ -182,3 +182,12 @@ def test_clip_temperature_cap_below_one_is_refused():
     setup = train_step.build(tiny_config(**{"loss.clip_max_scale": 0.5}), one_device_mesh(), total_steps=10)
     with pytest.raises(ValueError, match="clip_max_scale"):
         train_step.make_train_step(setup)
+
+
+@pytest.mark.parametrize(
+    "key,value", [("optim.lr_rules", ((r"^audoi/", 0.1),)), ("optim.no_decay", ("posiiton_embedding",))]
+)
+def test_parameter_patterns_that_match_nothing_are_refused(key, value):
+    """A typo in a regex rule would otherwise silently change nothing."""
+    with pytest.raises(ValueError, match=rf"config.{key}: pattern .* matches no parameter"):
+        train_step.build(tiny_config(**{key: value}), one_device_mesh(), total_steps=10)

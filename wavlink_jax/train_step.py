@@ -127,7 +127,9 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     adapters = jax.eval_shape(lambda key: lora.init(key, param_shapes, targets, config.lora.rank), jax.random.key(0))
     all_params = optim.combine(adapters, param_shapes)
     trainable = optim.trainable_mask(all_params, tuple(preset.freeze) + tuple(config.optim.freeze))
-    optim.matching(list(optim.flatten(all_params)), [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules")
+    paths = list(optim.flatten(all_params))  # a pattern that matches no parameter is refused (likely a typo)
+    optim.matching(paths, [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules")
+    optim.matching(paths, config.optim.no_decay, "config.optim.no_decay")
     trainable_shapes = optim.partition(all_params, trainable)[0]
     if not trainable_shapes:
         raise ValueError("nothing to train: config.optim.freeze and the training mode freeze every parameter")
