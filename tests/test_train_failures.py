@@ -50,3 +50,15 @@ def test_a_failing_evaluation_keeps_the_training_in_a_checkpoint(tmp_path, data_
     assert checkpoint.Checkpoints(tmp_path, keep=3, every=1).latest_step() == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1]  # step 2's record (which would have held the evaluation) was not written
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    from wavlink_jax.metrics_log import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-append
+    MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False).close()
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')  # damaged inside
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False)

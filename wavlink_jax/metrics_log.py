@@ -34,9 +34,21 @@ class MetricsLogger:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
     def _truncate_after(self, step: int) -> None:
+        """Keep the records up to `step` (the checkpoint a run resumes from). A last line cut short by a killed
+        run is dropped; a damaged line elsewhere is an error naming it."""
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        lines = [line for line in self.path.read_text().splitlines() if line]
+        kept = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                if number == len(lines):  # the append the run was killed in
+                    break
+                raise ValueError(f"{self.path}: line {number} is not a JSON record ({err}); repair or remove it") from err
+            if record["step"] <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
