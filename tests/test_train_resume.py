@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,28 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+# Runs the trainer, but SIGKILLs the process between saves: once the step-2 checkpoint is committed, when step 4
+# would be saved (a kill from outside at that moment raced the trainer: on a loaded machine the run could finish
+# before the poller saw the checkpoint).
+KILL_BETWEEN_SAVES = textwrap.dedent(
+    """
+    import os, signal
+    from absl import app
+    from wavlink_jax import checkpoint, train
+
+    save = checkpoint.Checkpoints.save
+
+    def save_then_die(self, step, *args, **kwargs):
+        if step == 4:
+            self.wait()  # the step-2 checkpoint is complete
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save(self, step, *args, **kwargs)
+
+    checkpoint.Checkpoints.save = save_then_die
+    app.run(train.main)
+    """
+)
 
 # Runs the trainer, but SIGKILLs the process inside its first checkpoint save: after orbax has started
 # writing the state (asynchronously) into the step's temporary directory, while the data item is written.
@@ -61,30 +82,29 @@ def finished_steps(workdir):
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
 
 
+def run_script(name: str, source: str, workdir: Path, data_dir: Path) -> subprocess.CompletedProcess:
+    """The trainer run through `source` (a script that patches it and calls `train.main`), saved as `name`.py."""
+    script = workdir.parent / f"{name}.py"
+    script.write_text(source)
+    return subprocess.run(command(workdir, data_dir, program=(str(script),)), cwd=REPO, env=ENV,
+                          capture_output=True, text=True)
+
+
 def test_killed_runs_resume_exactly(tmp_path, data_dir):
-    env = ENV
     reference = tmp_path / "reference"
-    subprocess.run(command(reference, data_dir), cwd=REPO, env=env, check=True, capture_output=True)
+    subprocess.run(command(reference, data_dir), cwd=REPO, env=ENV, check=True, capture_output=True)
     expected, steps = losses(reference)
     assert steps == list(range(1, STEPS + 1))
 
     workdir = tmp_path / "killed"
-    # 1. SIGKILL from outside as soon as the first checkpoint is committed (the run is mid-training).
-    process = subprocess.Popen(command(workdir, data_dir), cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while not finished_steps(workdir) and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    # 1. SIGKILL between saves, mid-training (after step 4, with step 2 the last complete checkpoint).
+    result = run_script("kill_between_saves", KILL_BETWEEN_SAVES, workdir, data_dir)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     killed_at = finished_steps(workdir)[-1]
-    assert killed_at < STEPS
+    assert killed_at == 2
 
     # 2. Resume, and get killed again inside the next save: that checkpoint must not count.
-    script = tmp_path / "kill_in_save.py"
-    script.write_text(KILL_IN_SAVE)
-    result = subprocess.run(command(workdir, data_dir, program=(str(script),)), cwd=REPO, env=env,
-                            capture_output=True, text=True)
+    result = run_script("kill_in_save", KILL_IN_SAVE, workdir, data_dir)
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
     assert "resuming from" in result.stdout
     assert finished_steps(workdir)[-1] == killed_at  # the half-written checkpoint is not a checkpoint
@@ -92,7 +112,7 @@ def test_killed_runs_resume_exactly(tmp_path, data_dir):
     assert leftovers, "the kill did not happen during a save"
 
     # 3. Resume again and finish: every step's loss equals the uninterrupted run's.
-    result = subprocess.run(command(workdir, data_dir), cwd=REPO, env=env, capture_output=True, text=True)
+    result = subprocess.run(command(workdir, data_dir), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed, steps = losses(workdir)
     assert steps == list(range(1, STEPS + 1))  # records logged after the last checkpoint were dropped
