@@ -1,6 +1,10 @@
 """The grain pipeline: batches, epochs, exact resume, host split, mixture, bad-input counting, sharding, eval."""
 
+import dataclasses
 import json
+import multiprocessing
+import re
+import threading
 
 import grain
 import jax
@@ -187,6 +191,95 @@ def test_skip_counts_survive_a_resume(tmp_path, tokenizer):
     assert resumed.skip_counts == totals
     next(iterator), next(resumed)
     assert resumed.skip_counts == iterator.skip_counts
+
+
+def _missing_manifest(folder, count):
+    """A manifest of `count` clips none of which exists (as with a wrong audio root)."""
+    return write_manifest(folder / "missing.jsonl", [{"audio": f"gone/{i}.wav", "captions": ["x"]} for i in range(count)])
+
+
+def _next_or_error(iterator, hang_guard_s=120):
+    """next(iterator) → (batch, None) or (None, the exception); fails instead of hanging forever."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["batch"] = next(iterator)
+        except Exception as err:  # handed to the test
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(hang_guard_s)
+    assert not thread.is_alive(), f"next() still blocked after {hang_guard_s} s"
+    return outcome.get("batch"), outcome.get("error")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_all_bad_source_stops_with_a_clear_error(tmp_path, tokenizer, num_workers):
+    """An endless stream of bad records raises DataError (also from a worker process) instead of filling forever."""
+    manifest = _missing_manifest(tmp_path, 1500)
+    config = _config(manifest, num_workers=num_workers)  # the default limit, 1000
+    assert config.max_consecutive_skips == 1000
+    iterator = _iterator(config, tokenizer, batch=4)
+    try:
+        batch, error = _next_or_error(iterator)
+    finally:
+        iterator.close()
+    assert batch is None and isinstance(error, pipeline.DataError), error
+    message = str(error)
+    assert message.startswith("1000 records in a row were skipped while filling a training batch (missing: 1000)")
+    assert re.search(r"the last: missing: \S+/gone/\d+\.wav: file not found", message)
+    assert f"`python -m wavlink_jax.data check {manifest}`" in message and "--config.data.max_consecutive_skips" in message
+    assert multiprocessing.active_children() == []  # the worker processes are gone
+
+
+def test_the_limit_counts_records_in_a_row_exactly(tmp_path, tokenizer):
+    """Scattered bad records train through; the limit trips exactly at the longest run of them."""
+    config = _config(_bad_manifest(tmp_path), max_consecutive_skips=0)
+    # With batches of one clip, each batch's skip count is the run of bad records just before its clip.
+    single = iter(pipeline.build_train_dataset(config, tokenizer=tokenizer, batch_size=1, seed=0, num_epochs=3))
+    runs = [sum(next(single) and single.last_skip_counts.values()) for _ in range(3 * 8)]
+    assert next(single, None) is None  # the stream ends; skips after the last clip form one more run
+    total = sum(single.skip_counts.values())
+    longest = max(runs + [total - sum(runs)])
+    assert 1 < longest < total  # scattered: a limit must not count skips in total
+
+    def epochs(limit):
+        limited = dataclasses.replace(config, max_consecutive_skips=limit)
+        iterator = iter(pipeline.build_train_dataset(limited, tokenizer=tokenizer, batch_size=3, seed=0, num_epochs=3))
+        return [_ids(batch["waveform"]) for batch in iterator], iterator.skip_counts
+
+    assert epochs(longest + 1) == epochs(0) and sum(epochs(0)[1].values()) == total
+    with pytest.raises(pipeline.DataError, match=f"^{longest} records in a row were skipped"):
+        epochs(longest)
+
+
+def test_limit_zero_reads_an_all_bad_source_to_its_end(tmp_path, tokenizer):
+    manifest = _missing_manifest(tmp_path, 1200)
+    dataset = pipeline.build_train_dataset(
+        _config(manifest, max_consecutive_skips=0), tokenizer=tokenizer, batch_size=4, seed=0, num_epochs=1
+    )
+    iterator = iter(dataset)
+    assert list(iterator) == [] and iterator.skip_counts["missing"] == 1200
+    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 0"):
+        pipeline.build_train_dataset(_config(manifest, max_consecutive_skips=-1), tokenizer=tokenizer, batch_size=4, seed=0)
+
+    from wavlink_jax.data.__main__ import check
+
+    report = check(str(manifest), window_seconds=WINDOW, min_seconds=0.1, batch_size=4, progress=False)
+    assert report["ok"] == 0 and report["skipped"] == {"missing": 1200}  # `check` counts them all, never stops
+
+
+def test_an_eval_set_without_a_usable_clip_is_a_clear_error(tmp_path):
+    manifest = _missing_manifest(tmp_path, 3)
+    with pytest.raises(pipeline.DataError) as error:
+        pipeline.make_eval_set(manifest, window_seconds=WINDOW)
+    assert str(error.value).startswith(f"evaluation manifest {manifest}: no usable clip among 3 (missing: 3); the last: missing: ")
+    assert "gone/2.wav: file not found" in str(error.value) and f"`python -m wavlink_jax.data check {manifest}`" in str(error.value)
+    records = [{"id": "r", "audio": np.zeros(10, np.int16), "sample_rate": RATE, "captions": ["x"], "label": ""}]
+    with pytest.raises(pipeline.DataError, match=r"^evaluation in-memory source: no usable clip among 1 \(too_short: 1\)"):
+        pipeline.make_eval_set({"kind": "source", "source": records}, window_seconds=WINDOW, min_seconds=0.1)
 
 
 @pytest.mark.parametrize("batch_axes, shard_rows", [("data", 2), (("data", "model"), 1)])

@@ -7,7 +7,8 @@ progress bar goes to stderr; the last line on stdout is one JSON object:
 
     {"examples": n, "ok": n_ok, "skipped": {reason: count}, "clips_per_s": x}
 
-The exit status is 1 when no clip is usable, else 0.
+The exit status is 1 when no clip is usable, else 0. Unlike training, `check` never stops at a run of bad
+records (`max_consecutive_skips` is off): it reports every one.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def check(
         num_workers=num_workers,
         tokenizer=tokenizer or "",
         max_text_length=max_text_length,
+        max_consecutive_skips=0,  # count every bad record of the epoch, however many in a row
     )
     text = None
     if tokenizer:
@@ -63,12 +65,14 @@ def check(
     start = time.perf_counter()
     iterator = iter(dataset)
     with tqdm(total=total, unit="clip", file=sys.stderr, disable=not progress) as bar:
-        for batch in iterator:
-            rows = len(batch["waveform"])
-            ok += rows
-            bar.update(rows + sum(iterator.last_skip_counts.values()))
-        elapsed = time.perf_counter() - start
-        iterator.close()
+        try:
+            for batch in iterator:
+                rows = len(batch["waveform"])
+                ok += rows
+                bar.update(rows + sum(iterator.last_skip_counts.values()))
+            elapsed = time.perf_counter() - start
+        finally:
+            iterator.close()  # also stops the worker processes when decoding fails
         skipped = {reason: count for reason, count in iterator.skip_counts.items() if count}
         examples = ok + sum(skipped.values())
         bar.update(examples - bar.n)  # skips after the last batch

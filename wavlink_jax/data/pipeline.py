@@ -24,7 +24,12 @@ are exact whichever process filled the batch (each record is seen by exactly one
 process only has to add them up: `TrainIterator.skip_counts` is the running total (part of the iterator
 state, so it survives a resume) and `TrainIterator.last_skip_counts` the counts of the latest batch; the
 trainer logs them as `data/skipped/<reason>`. Each skip is also logged (the first 20 per process and
-reason at WARNING, with the file name and the problem; the rest at DEBUG).
+reason at WARNING, with the file name and the problem; the rest at DEBUG). A source that yields only bad
+records (say a manifest whose audio paths are wrong) would make an endless stream fill forever: after
+`max_consecutive_skips` skips in a row, the process that fills batches raises `DataError` instead (a worker
+process's error is re-raised in the training process). The run counts the records that one filling process
+reads (the host's share; with workers, every `num_workers`-th record of it), so it is deterministic, and a
+filled batch always ends with a good example, so no run spans two batches.
 
 A resumed iterator (`set_state`) yields exactly the batches the original would have; the same holds for a
 fresh iterator with the same config, seed and process layout. The random crop and caption of an example
@@ -39,7 +44,8 @@ Batches are dicts of numpy arrays: `waveform` float32 (b, window_samples), `inpu
 the mesh's batch axes.
 
 Evaluation (`make_eval_set`): every clip of one source in order, head-cropped to the window, all captions
-kept, labels, and `text_to_audio` (caption i → its clip), with the skips counted.
+kept, labels, and `text_to_audio` (caption i → its clip), with the skips counted; a source without one usable
+clip is a `DataError`.
 """
 
 from __future__ import annotations
@@ -78,6 +84,10 @@ class DataConfig:
     read_threads     threads per process that read and decode examples ahead
     prefetch_buffer  examples each process decodes ahead (memory: prefetch_buffer × window × 4 bytes)
     worker_buffer    batches each worker process keeps ready
+    max_consecutive_skips
+                     stop with a DataError after this many bad records in a row while filling a batch (counted
+                     per worker share with workers; 0 = no limit). A shuffled source trips the default only
+                     when nearly all of it is bad (a run of 1000 needs about 98% bad records).
 
     There is no shuffle buffer: grain shuffles a random-access source with a full permutation per epoch.
     """
@@ -92,6 +102,7 @@ class DataConfig:
     read_threads: int = 4
     prefetch_buffer: int = 64
     worker_buffer: int = 2
+    max_consecutive_skips: int = 1000
 
     @classmethod
     def coerce(cls, config: Any) -> "DataConfig":
@@ -126,11 +137,49 @@ def _derive_seed(seed: int, *names: object) -> int:
     return zlib.crc32(repr((seed,) + names).encode())
 
 
+class DataError(ValueError):
+    """A source that cannot feed training or evaluation: the message names it, an example and what to do."""
+
+
+def _check_command(spec: Mapping[str, Any] | str | os.PathLike) -> str | None:
+    """The `python -m wavlink_jax.data check ...` line for a source spec (None for an in-memory source)."""
+    if isinstance(spec, (str, os.PathLike)):
+        return f"python -m wavlink_jax.data check {spec}"
+    kind = spec.get("kind", "manifest")
+    if kind == "manifest":
+        return f"python -m wavlink_jax.data check {spec.get('path')}"
+    if kind == "tfds":
+        data_dir = f" --data-dir {spec['data_dir']}" if spec.get("data_dir") else ""
+        return f"python -m wavlink_jax.data check {spec.get('name')}{data_dir} --split {spec.get('split')}"
+    return None
+
+
+def _describe_source(spec: Mapping[str, Any] | str | os.PathLike) -> str:
+    """A short name of a source spec for error messages (never the repr of in-memory records)."""
+    if isinstance(spec, (str, os.PathLike)):
+        return f"manifest {spec}"
+    kind = spec.get("kind", "manifest")
+    if kind == "manifest":
+        return f"manifest {spec.get('path')}"
+    if kind == "tfds":
+        return f"tfds data set {spec.get('name')} (split {spec.get('split')}, data_dir {spec.get('data_dir')})"
+    return "in-memory source"
+
+
+def _source_advice(specs: Sequence[Mapping[str, Any] | str | os.PathLike]) -> str:
+    """Names the sources and how to find their bad records (their `check` command lines), for error messages."""
+    names = ", ".join(map(_describe_source, specs))
+    commands = [command for command in map(_check_command, specs) if command]
+    if not commands:
+        return f"Check the audio of the records of the {names}."
+    return f"Check the {names} with `" + "`, `".join(commands) + "`."
+
+
 def _skip(reason: str, message: str) -> dict:
     _logged[reason] += 1
     level = logging.WARNING if _logged[reason] <= _LOGGED_PER_REASON else logging.DEBUG
     logger.log(level, "skipped (%s): %s", reason, message)
-    return {"skip": reason}
+    return {"skip": reason, "message": f"{reason}: {message}"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,14 +226,19 @@ def _skip_vector(elements: Sequence[dict]) -> np.ndarray:
 
 
 class _FillBatchesIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, window_samples: int, tokenizer):
+    def __init__(
+        self, parent: grain.DatasetIterator, batch_size: int, window_samples: int, tokenizer, max_consecutive_skips: int, advice: str
+    ):
         super().__init__(parent)
         self._batch_size = batch_size
         self._window_samples = window_samples
         self._tokenizer = tokenizer
+        self._max_consecutive_skips = max_consecutive_skips
+        self._advice = advice
 
     def __next__(self) -> dict:
         good, skipped = [], []
+        run = 0  # skips since the last good example; a batch ends with a good one, so every batch starts at 0
         while len(good) < self._batch_size:
             try:
                 element = next(self._parent)
@@ -192,7 +246,14 @@ class _FillBatchesIterator(grain.DatasetIterator):
                 if not good and not skipped:
                     raise
                 break  # the end of a finite stream: a partial (possibly empty) batch that carries the counts
-            (skipped if "skip" in element else good).append(element)
+            if "skip" not in element:
+                good.append(element)
+                run = 0
+                continue
+            skipped.append(element)
+            run += 1
+            if run == self._max_consecutive_skips:
+                self._too_many_skips(skipped[-run:])
         batch = {
             "waveform": np.stack([e["waveform"] for e in good]) if good else np.zeros((0, self._window_samples), np.float32),
             "skipped": _skip_vector(skipped),
@@ -200,6 +261,16 @@ class _FillBatchesIterator(grain.DatasetIterator):
         if self._tokenizer is not None:
             batch["input_ids"], batch["attention_mask"] = self._tokenizer([e["caption"] for e in good])
         return batch
+
+    def _too_many_skips(self, run: Sequence[dict]) -> None:
+        counts = collections.Counter(e["skip"] for e in run)
+        by_reason = ", ".join(f"{reason}: {counts[reason]}" for reason in SKIP_REASONS if counts[reason])
+        raise DataError(
+            f"{len(run)} records in a row were skipped while filling a training batch ({by_reason}); the last: "
+            f"{run[-1]['message']}. A source is likely unusable (e.g. a manifest whose audio paths are wrong). "
+            f"{self._advice} If the data really has such runs of bad records, raise the limit with "
+            f"--config.data.max_consecutive_skips=N (0 = no limit)."
+        )
 
     def get_state(self) -> dict:
         return self._parent.get_state()
@@ -209,11 +280,14 @@ class _FillBatchesIterator(grain.DatasetIterator):
 
 
 class _FillBatches(grain.IterDataset):
-    """Batches of `batch_size` good examples (skips do not take a slot), tokenized, with per-batch skip counts."""
+    """Batches of `batch_size` good examples (skips do not take a slot), tokenized, with per-batch skip counts;
+    `max_consecutive_skips` (> 0) skips in a row raise DataError with `advice` (see `_source_advice`)."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, window_samples: int, tokenizer):
+    def __init__(
+        self, parent: grain.IterDataset, batch_size: int, window_samples: int, tokenizer, max_consecutive_skips: int, advice: str
+    ):
         super().__init__(parent)
-        self._args = (batch_size, window_samples, tokenizer)
+        self._args = (batch_size, window_samples, tokenizer, max_consecutive_skips, advice)
 
     def __iter__(self) -> _FillBatchesIterator:
         return _FillBatchesIterator(self._parent.__iter__(), *self._args)
@@ -334,6 +408,8 @@ def build_train_dataset(
     `batch_size` is this host's batch. `tokenizer=None` leaves out `input_ids`/`attention_mask` (for `check`).
     """
     config = DataConfig.coerce(config)
+    if config.max_consecutive_skips < 0:
+        raise ValueError(f"data.max_consecutive_skips must be >= 0 (0 = no limit), got {config.max_consecutive_skips}")
     parts = []
     for index, (source, weight) in enumerate(_open_sources(config.sources)):
         ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, "shuffle", index))
@@ -343,7 +419,8 @@ def build_train_dataset(
     ds = ds.random_map(prepare, seed=_derive_seed(seed, "examples"))
     ds = _HostShare(ds, batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
-    batches = _FillBatches(ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer)
+    advice = _source_advice(config.sources)
+    batches = _FillBatches(ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer, config.max_consecutive_skips, advice)
     if config.num_workers > 0:
         _mark_absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer)
@@ -453,9 +530,15 @@ def make_eval_set(
     prepare = _PrepareExample(window, int(round(min_seconds * sample_rate)), sample_rate, train=False, require_captions=require_captions)
     elements = list(data.map(prepare).to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)))
     good = [e for e in elements if "skip" not in e]
-    skip_counts = dict(zip(SKIP_REASONS, map(int, _skip_vector([e for e in elements if "skip" in e]))))
+    skipped = [e for e in elements if "skip" in e]
+    skip_counts = dict(zip(SKIP_REASONS, map(int, _skip_vector(skipped))))
     if not good:
-        raise ValueError(f"evaluation source {source!r}: no usable clips (skipped: {skip_counts})")
+        counts = ", ".join(f"{reason}: {n}" for reason, n in skip_counts.items() if n)
+        last = f"; the last: {skipped[-1]['message']}" if skipped else ""
+        raise DataError(
+            f"evaluation {_describe_source(source)}: no usable clip among {len(elements)} ({counts}){last}. "
+            f"Are its audio paths right? {_source_advice([source])}"
+        )
     return EvalSet(
         ids=[e["id"] for e in good],
         waveforms=np.stack([e["waveform"] for e in good]),
