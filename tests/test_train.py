@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 import pytest
@@ -53,8 +54,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     assert resolved["optim"]["learning_rate"] == 1e30 and resolved["total_steps"] == 5
 
 
-def hf_towers(tmp_path, config):
-    """Random Hugging Face Whisper and CLIP checkpoints with the tiny config's tower shapes, saved to disk."""
+def hf_towers(tmp_path, config, whisper_settings=None, text_settings=None):
+    """Random Hugging Face Whisper and CLIP checkpoints with the tiny config's tower shapes, saved to disk
+    (`whisper_settings` / `text_settings`: extra `transformers` config keys, e.g. another activation)."""
     audio, text = config.model.audio, config.model.text
     torch.manual_seed(0)
     whisper = transformers.WhisperModel(transformers.WhisperConfig(
@@ -62,12 +64,12 @@ def hf_towers(tmp_path, config):
         encoder_attention_heads=audio.num_heads, encoder_ffn_dim=audio.mlp_dim,
         max_source_positions=audio.max_positions, decoder_layers=1, decoder_attention_heads=audio.num_heads,
         decoder_ffn_dim=8, vocab_size=64, max_target_positions=8, pad_token_id=0, bos_token_id=0, eos_token_id=0,
-        decoder_start_token_id=0,
+        decoder_start_token_id=0, **(whisper_settings or {}),
     ))
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width, num_hidden_layers=text.num_layers,
                          num_attention_heads=text.num_heads, intermediate_size=text.mlp_dim,
-                         max_position_embeddings=text.max_positions, eos_token_id=2),
+                         max_position_embeddings=text.max_positions, eos_token_id=2, **(text_settings or {})),
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                            image_size=32, patch_size=16),
         projection_dim=text.projection_dim,
@@ -105,6 +107,61 @@ def test_init_from_tower_with_wrong_shape_lists_keys(tmp_path):
     with pytest.raises(CheckpointError) as err:
         checkpoint.apply_init_from(train_step.init_state(setup, seed=0), setup)
     assert "audio/encoder/layers/0/fc1/kernel" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "tower, checkpoint_settings, config_change, expected",
+    [
+        # the review's case: a CLIP checkpoint with exact GELU, while the run's config says quick_gelu
+        ("text", {"hidden_act": "gelu"}, {}, {"activation": "checkpoint 'gelu' vs config 'quick_gelu'"}),
+        # transformers' Whisper encoder fixes its LayerNorm eps at 1e-5: a config with another eps is another model
+        ("audio", {"activation_function": "relu"}, {"layer_norm_eps": 1e-6},
+         {"activation": "checkpoint 'relu' vs config 'gelu'", "layer_norm_eps": "checkpoint 1e-05 vs config 1e-06"}),
+    ],
+)
+def test_init_from_tower_with_other_model_settings_is_refused(
+    tmp_path, tower, checkpoint_settings, config_change, expected
+):
+    config = tiny_config()
+    settings = {"whisper_settings" if tower == "audio" else "text_settings": checkpoint_settings}
+    hf_towers(tmp_path, config, **settings)
+    config.model[tower].update(config_change)
+    config.init_from[tower] = str(tmp_path / ("whisper" if tower == "audio" else "clip"))
+    setup = train_step.build(config, one_device_mesh(), total_steps=10)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.apply_init_from(train_step.init_state(setup, seed=0), setup)
+    message = str(err.value)
+    assert config.init_from[tower] in message
+    for field, values in expected.items():
+        assert f"{field}: {values}" in message and f"--config.model.{tower}.{field}=" in message  # says what to set
+    # only the differing fields (dtype, remat, the audio tower's global token: not compared)
+    assert message.count(" vs config ") == len(expected)
+
+
+def test_init_from_stage1_workdir_restores_buffers(tmp_path):
+    """Stage 1's fixed tables (Whisper's position table, imported from the pretrained checkpoint and not equal
+    to a freshly computed sinusoid) carry over to stage 2 bit for bit, as its parameters do."""
+    stage1 = tiny_config()
+    setup = train_step.build(stage1, one_device_mesh(), total_steps=10)
+    state = jax.device_get(train_step.init_state(setup, seed=0))
+    table = state["buffers"]["audio"]["position_embedding"]
+    state["buffers"]["audio"]["position_embedding"] = table + np.float32(1e-4) * np.sign(table)
+    manager = checkpoint.Checkpoints(tmp_path / "stage1", keep=1, every=1)
+    manager.save(1, state, iter(grain.MapDataset.range(4).to_iter_dataset()))
+    manager.close()
+    (tmp_path / "stage1" / "config.json").write_text(stage1.to_json())
+
+    stage2 = tiny_config(**{"init_from.workdir": str(tmp_path / "stage1")})
+    setup = train_step.build(stage2, one_device_mesh(), total_steps=10)
+    fresh = train_step.init_state(setup, seed=1)
+    loaded = jax.device_get(checkpoint.apply_init_from(fresh, setup))
+    for kind in ("buffers", "params"):
+        expected, got = optim.flatten(state[kind]), optim.flatten(loaded[kind])
+        assert got.keys() == expected.keys()
+        for key in expected:
+            np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{kind}/{key}")
+    assert not np.array_equal(loaded["buffers"]["audio"]["position_embedding"],
+                              np.asarray(fresh["buffers"]["audio"]["position_embedding"]))
 
 
 def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):

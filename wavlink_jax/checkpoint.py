@@ -16,6 +16,7 @@ the full list of missing, unexpected and mis-shaped keys (`CheckpointError`), in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from flax import nnx
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
-from wavlink_jax.train_step import to_tree
+from wavlink_jax.train_step import TOWER_RUNTIME_FIELDS, to_tree
 
 CHECKPOINT_SUBDIR = "checkpoints"
 GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
@@ -166,7 +167,7 @@ def check_data_processes(data_dir: str) -> None:
 def read_workdir_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
     """Parameters of a training workdir's latest checkpoint as host numpy arrays, and its config.json.
 
-    Used for `init_from` (stage 2 starts from stage 1) and by tools that need the weights without a mesh.
+    For tools that need the weights without a mesh (`init_from.workdir` reads the buffers too: `read_workdir_state`).
     """
     items, config, _ = read_workdir_state(workdir, items=("params",))
     return items["params"], config
@@ -229,26 +230,56 @@ def _replace_subtree(
     state[kind] = unflatten(flat_state)
 
 
+def check_tower_config(loaded: Any, expected: Any, *, tower: str, source: str, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a pretrained tower whose model settings differ from the run's `config.model.<tower>`.
+
+    The tree check sees only names and shapes: a checkpoint with another activation, LayerNorm epsilon or
+    end-of-text id would load and then run as the config says, i.e. as another model. Compared: every field of
+    the tower's config dataclass (`loaded`: what the loader read from the checkpoint; `expected`: the run's)
+    except the run settings `TOWER_RUNTIME_FIELDS` (how to compute, not what) and `ignore`.
+    """
+    skipped = set(TOWER_RUNTIME_FIELDS) | set(ignore)
+    differing = {
+        field.name: (getattr(loaded, field.name), getattr(expected, field.name))
+        for field in dataclasses.fields(expected)
+        if field.name not in skipped and getattr(loaded, field.name) != getattr(expected, field.name)
+    }
+    if differing:
+        listed = "; ".join(
+            f"{name}: checkpoint {ours!r} vs config {theirs!r}" for name, (ours, theirs) in differing.items()
+        )
+        overrides = " ".join(f"--config.model.{tower}.{name}={ours}" for name, (ours, _) in differing.items())
+        raise CheckpointError(
+            f"{source}: the checkpoint's {tower} tower is not the model config.model.{tower} describes ({listed}); "
+            f"set the config to the checkpoint's values ({overrides}) or point init_from.{tower} at a checkpoint "
+            "that fits the config"
+        )
+
+
 def apply_init_from(state: dict, setup: Any) -> dict:
     """Start from pretrained weights as `config.init_from` says (only for a fresh run, never on resume).
 
     * `workdir`: a previous training run (stage 1 → stage 2): all model parameters and buffers of its latest
       checkpoint (its LoRA adapters merged into the kernels first). Optimizer state and step start fresh.
-    * `audio`: a Whisper checkpoint (Hugging Face directory, OpenAI `.pt` or hub id) for the audio tower; the
-      global token keeps its fresh initialisation (no checkpoint has it).
+    * `audio`: a Whisper checkpoint (Hugging Face directory, OpenAI `.pt`, hub id or converted tower) for the
+      audio tower; the global token keeps its fresh initialisation (no checkpoint has it).
     * `text`: a Hugging Face CLIP checkpoint for the text tower (with CLIP's pretrained text projection).
-    Every tree must fit the config's model exactly; mismatches are listed in one CheckpointError.
+    Every tree must fit the config's model exactly, and a tower's settings (activation, LayerNorm epsilon,
+    end-of-text id, ...) must equal the config's; mismatches are listed in one CheckpointError.
     """
     init = setup.config.init_from
     if init.workdir and (init.audio or init.text):
         raise ValueError("config.init_from: set either workdir, or audio/text, not both")
     state = dict(state)
     if init.workdir:
-        params, source_config = read_workdir_params(init.workdir)
+        items, source_config, _ = read_workdir_state(init.workdir, items=("params", "buffers"))
         source_lora = source_config.get("lora", {"rank": 1, "alpha": 1.0})
-        params = lora.merge(params, lora.scale(source_lora["rank"], source_lora["alpha"]))
+        params = lora.merge(items["params"], lora.scale(source_lora["rank"], source_lora["alpha"]))
         where = f"init_from.workdir={init.workdir}"
         _replace_subtree(state, "params", "", params, setup.shardings, source=where)
+        # Fixed tables too: stage 1's Whisper position table came from the pretrained checkpoint (PyTorch's
+        # float32 sinusoid, ~1e-4 from the one a fresh model computes).
+        _replace_subtree(state, "buffers", "", items["buffers"], setup.shardings, source=where)
     if init.audio:
         from wavlink_jax.convert import load_whisper
 
@@ -257,10 +288,16 @@ def apply_init_from(state: dict, setup: Any) -> dict:
         params, buffers = (to_tree(nnx.state(tower, kind)) for kind in (nnx.Param, nnx.Not(nnx.Param)))
         _replace_subtree(state, "params", "audio/", params, setup.shardings, source=where, keep=(GLOBAL_TOKEN,))
         _replace_subtree(state, "buffers", "audio/", buffers, setup.shardings, source=where)
+        # global_token: read without it (global_token=False above); the run's token keeps its fresh init.
+        check_tower_config(
+            tower.config, setup.model_config.audio, tower="audio", source=where, ignore=("global_token",)
+        )
     if init.text:
         from wavlink_jax.convert import load_clip_text
 
         tower = load_clip_text(init.text)
+        where = f"init_from.text={init.text}"
         params = to_tree(nnx.state(tower, nnx.Param))
-        _replace_subtree(state, "params", "text/", params, setup.shardings, source=f"init_from.text={init.text}")
+        _replace_subtree(state, "params", "text/", params, setup.shardings, source=where)
+        check_tower_config(tower.config, setup.model_config.text, tower="text", source=where)
     return state
