@@ -43,12 +43,26 @@ def optim_config(**overrides):
     return config
 
 
-def test_schedule_warmup_then_cosine_to_end():
-    schedule = optim.learning_rate_schedule(optim_config(), total_steps=100)
+def closed_form_lr(step, kind, end_fraction, peak=1e-2, warmup=10, total=100):
+    """Linear warm-up from 0 to `peak`, then cosine or linear decay to `end_fraction · peak` at `total`."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    shape = (1 + np.cos(np.pi * progress)) / 2 if kind == "cosine" else 1 - progress
+    end = end_fraction * peak
+    return end + (peak - end) * shape
+
+
+@pytest.mark.parametrize("end_fraction", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["cosine", "linear"])
+def test_schedule_warmup_then_decay_to_end(kind, end_fraction):
+    schedule = optim.learning_rate_schedule(optim_config(schedule=kind, end_lr_fraction=end_fraction), 100)
     assert float(schedule(0)) == 0.0
-    np.testing.assert_allclose(float(schedule(10)), 1e-2, rtol=1e-6)
-    np.testing.assert_allclose(float(schedule(55)), 0.5e-2, rtol=1e-5)  # half-way through the cosine
-    assert float(schedule(100)) < 1e-8
+    # Warm-up, peak, 30% of the decay (where cosine and linear differ), midpoint, end, and past the end.
+    for step in (5, 10, 37, 55, 100, 120):
+        expected = closed_form_lr(step, kind, end_fraction)
+        np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-5, atol=1e-9, err_msg=f"step {step}")
+    np.testing.assert_allclose(float(schedule(100)), end_fraction * 1e-2, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="schedule"):
         optim.learning_rate_schedule(optim_config(schedule="exp"), 10)
 
