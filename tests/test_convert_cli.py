@@ -19,7 +19,8 @@ from flax import nnx
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.__main__ import main
 from wavlink_jax.convert.common import CheckpointError
-from wavlink_jax.convert.save import load_tower
+from wavlink_jax.convert.save import assign_tower_state, load_tower
+from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from wavlink_jax.models.whisper import init_global_token
 
 
@@ -40,6 +41,11 @@ def whisper_source(tmp_path_factory):
 @nnx.jit
 def _forward(model, mel):
     return model(mel)
+
+
+@nnx.jit
+def _forward_text(model, input_ids, attention_mask):
+    return model(input_ids, attention_mask)
 
 
 def _flat(module: nnx.Module, kind=nnx.Variable) -> dict:
@@ -125,10 +131,18 @@ def test_clip_text_cli(tmp_path):
     original = load_clip_text(source)
     kind, saved_config, state = load_tower(out)
     assert kind == "clip_text" and saved_config == dataclasses.asdict(original.config)
-    np.testing.assert_array_equal(
-        state["text_projection"]["kernel"], np.asarray(original.text_projection.kernel.get_value())
-    )
-    assert len(jax.tree.leaves(state)) == len(_flat(original))
+
+    restored = CLIPTextEncoder(CLIPTextConfig(**saved_config), rngs=nnx.Rngs(1))  # other random weights
+    assign_tower_state(restored, state, source=str(out))  # strict: every variable, nothing else
+    expected, actual = _flat(original), _flat(restored)
+    assert expected.keys() == actual.keys()
+    for path in expected:
+        np.testing.assert_array_equal(actual[path], expected[path], err_msg=str(path))
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 99, size=(2, 16)), jnp.int32)
+    mask = jnp.asarray(np.arange(16)[None, :] < np.array([[16], [9]]), jnp.int32)
+    a, b = _forward_text(original, ids, mask), _forward_text(restored, ids, mask)
+    np.testing.assert_array_equal(np.asarray(a.embedding), np.asarray(b.embedding))
+    np.testing.assert_array_equal(np.asarray(a.hidden_states), np.asarray(b.hidden_states))
 
 
 def test_module_entry_point():
