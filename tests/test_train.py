@@ -162,6 +162,11 @@ def test_init_from_stage1_workdir_restores_buffers(tmp_path):
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{kind}/{key}")
     assert not np.array_equal(loaded["buffers"]["audio"]["position_embedding"],
                               np.asarray(fresh["buffers"]["audio"]["position_embedding"]))
+    # A stage 2 whose towers are set up differently (same shapes) is refused, as for pretrained towers.
+    other = tiny_config(**{"init_from.workdir": str(tmp_path / "stage1"), "model.text.activation": "gelu"})
+    setup = train_step.build(other, one_device_mesh(), total_steps=10)
+    with pytest.raises(CheckpointError, match=r"text tower .*\(activation: checkpoint 'quick_gelu' vs config 'gelu'\)"):
+        checkpoint.apply_init_from(train_step.init_state(setup, seed=1), setup)
 
 
 def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):

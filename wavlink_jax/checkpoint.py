@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
@@ -33,6 +34,7 @@ from flax import nnx
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
+from wavlink_jax import train_step
 from wavlink_jax.train_step import TOWER_RUNTIME_FIELDS, to_tree
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -251,8 +253,7 @@ def check_tower_config(loaded: Any, expected: Any, *, tower: str, source: str, i
         overrides = " ".join(f"--config.model.{tower}.{name}={ours}" for name, (ours, _) in differing.items())
         raise CheckpointError(
             f"{source}: the checkpoint's {tower} tower is not the model config.model.{tower} describes ({listed}); "
-            f"set the config to the checkpoint's values ({overrides}) or point init_from.{tower} at a checkpoint "
-            "that fits the config"
+            f"set the config to the checkpoint's values ({overrides}) or start from a checkpoint that fits the config"
         )
 
 
@@ -280,6 +281,9 @@ def apply_init_from(state: dict, setup: Any) -> dict:
         # Fixed tables too: stage 1's Whisper position table came from the pretrained checkpoint (PyTorch's
         # float32 sinusoid, ~1e-4 from the one a fresh model computes).
         _replace_subtree(state, "buffers", "", items["buffers"], setup.shardings, source=where)
+        stage1 = train_step.model_config(ml_collections.ConfigDict(source_config))
+        for tower in ("audio", "text"):
+            check_tower_config(getattr(stage1, tower), getattr(setup.model_config, tower), tower=tower, source=where)
     if init.audio:
         from wavlink_jax.convert import load_whisper
 
