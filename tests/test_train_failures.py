@@ -2,6 +2,7 @@
 fails keeps the training done so far in a checkpoint."""
 
 import json
+from pathlib import Path
 
 import pytest
 from train_fixtures import tiny_config
@@ -62,3 +63,24 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')  # damaged inside
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
         MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False)
+
+
+def test_cli_reports_an_unusable_source_as_one_error_line(tmp_path, data_dir):
+    """The trainer's own errors (here: every clip of the training manifest missing) end the CLI with
+    `error: <what to do>`, not a traceback."""
+    import shutil
+    import subprocess
+    import sys
+
+    from wavlink_jax.data.sources import write_manifest
+
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir / "tokenizer", broken / "tokenizer")
+    write_manifest(broken / "train.jsonl", [{"audio": f"gone{i}.wav", "captions": ["x"]} for i in range(40)])
+    result = subprocess.run(
+        [sys.executable, "-m", "wavlink_jax.train", "--config", f"tests/train_fixtures.py:data_dir={broken}",
+         "--workdir", str(tmp_path / "w"), "--config.data.max_consecutive_skips=20"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "error: 20 records in a row were skipped" in result.stderr and "Traceback" not in result.stderr

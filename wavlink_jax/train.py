@@ -28,6 +28,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from wavlink_jax import checkpoint, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
+from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.tokenizer import load_tokenizer
@@ -272,7 +273,7 @@ def main(argv: list[str]) -> None:
         absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         train(_CONFIG.value, _WORKDIR.value)
-    except NonFiniteLoss as err:
+    except (NonFiniteLoss, pipeline.DataError, CheckpointError) as err:  # messages that say what to do
         sys.exit(f"error: {err}")
 
 
