@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -87,6 +88,9 @@ def initialize_distributed(mode: str | bool, environ: Mapping[str, str] | None =
             f"jax.distributed.initialize: {err} Without a cluster manager (SLURM, Open MPI, Cloud TPU) set "
             f"{COORDINATOR_ENV}=host:port, {NUM_PROCESSES_ENV}=N and {PROCESS_ID_ENV}=i (0 … N-1) on every process."
         ) from err
+    # Connect the processes' collectives now, while every process stands here: gloo (CPU) gives a peer only 30 s
+    # to reach a collective, and start-up work of different lengths (data, compilation) can exceed that.
+    multihost_utils.sync_global_devices("wavlink_jax: joined")
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
