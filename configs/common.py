@@ -77,7 +77,7 @@ def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.progress_bar = True
     # Compiled programs kept across runs: "auto" = JAX_COMPILATION_CACHE_DIR if set, else ~/.cache/wavlink_jax/xla;
-    # a folder (local or gs://; one all hosts share on a multi-host run) or "off" (train.use_compilation_cache).
+    # a folder (on a multi-host run, one all hosts share) or "off" (train.use_compilation_cache).
     config.compilation_cache_dir = "auto"
 
     config.distributed = "auto"

@@ -84,3 +84,13 @@ def test_cli_reports_an_unusable_source_as_one_error_line(tmp_path, data_dir):
     )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "error: 20 records in a row were skipped" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_url_workdirs_are_refused_before_anything_is_written(tmp_path, data_dir, monkeypatch):
+    """pathlib would turn gs://bucket/run into a local folder gs:/bucket/run and write the logs there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"workdir 'gs://bucket/run': URLs are not supported; mount the bucket"):
+        train.train(tiny_config(str(data_dir)), "gs://bucket/run")
+    with pytest.raises(ValueError, match="URLs are not supported"):
+        checkpoint.read_workdir_state("gs://bucket/run")
+    assert not any(tmp_path.iterdir())

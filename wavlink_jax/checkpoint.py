@@ -28,7 +28,6 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from flax import nnx
 
 from wavlink_jax.convert.common import CheckpointError
@@ -41,12 +40,21 @@ CHECKPOINT_SUBDIR = "checkpoints"
 GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    """`WORKDIR/checkpoints`, absolute (orbax refuses relative paths); URLs such as gs://… are kept as given."""
+def workdir_path(workdir: str | os.PathLike) -> str:
+    """`workdir` as an absolute path (orbax refuses relative ones). URLs (gs://…) are refused: config.json,
+    metrics.jsonl and TensorBoard go through plain file I/O, which would write them to a local `gs:/…` folder."""
     workdir = os.fspath(workdir)
-    if "://" not in workdir:
-        workdir = os.path.abspath(workdir)
-    return os.path.join(workdir, CHECKPOINT_SUBDIR)
+    if "://" in workdir:
+        raise ValueError(
+            f"workdir {workdir!r}: URLs are not supported; mount the bucket (e.g. with gcsfuse) and give the mounted "
+            "path (on a multi-host run, one every host sees)"
+        )
+    return os.path.abspath(workdir)
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+    """`WORKDIR/checkpoints`, absolute."""
+    return os.path.join(workdir_path(workdir), CHECKPOINT_SUBDIR)
 
 
 class Checkpoints:
@@ -155,7 +163,7 @@ def check_data_processes(data_dir: str) -> None:
     """Refuse a data-iterator position saved by another number of processes (grain keeps one file per
     process, `process_<i>-of-<n>.json`): each host's position is in its own share of the data."""
     count = jax.process_count()
-    files = epath.Path(data_dir).glob("process_*-of-*.json")  # epath: also gs:// workdirs
+    files = Path(data_dir).glob("process_*-of-*.json")
     saved = sorted({int(path.stem.rsplit("-of-", 1)[1]) for path in files})
     if saved and count not in saved:
         raise CheckpointError(
@@ -183,7 +191,7 @@ def read_workdir_state(
 
     For the exporter and `wavlink_jax.inference`, which need the parameters and fixed tables without a mesh.
     """
-    workdir = Path(workdir).absolute()  # orbax refuses relative checkpoint paths
+    workdir = Path(workdir_path(workdir))
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")

@@ -186,6 +186,7 @@ def _save_checked(
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Run (or resume) training; returns the last logged metrics (with the final evaluation)."""
+    workdir = checkpoint.workdir_path(workdir)
     sharding.initialize_distributed(config.distributed)
     check_intervals(config)
     write_config(config, workdir)
