@@ -209,13 +209,14 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total_steps = resolve_total_steps(config)
 
     setup = train_step.build(config, mesh, total_steps)
+    # Evaluation sets are decoded (and their settings checked) before the state is built or compiled.
+    evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
     state = initial_state(setup, checkpoints, data)
     start_step = int(jax.device_get(state["step"]))
     if start_step >= total_steps:
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
     step_fn = train_step.make_train_step(setup)
-    evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
     log = metrics_log.MetricsLogger(
         workdir, total_steps=total_steps, start_step=start_step, progress=config.progress_bar
     )
