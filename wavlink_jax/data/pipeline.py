@@ -141,35 +141,28 @@ class DataError(ValueError):
     """A source that cannot feed training or evaluation: the message names it, an example and what to do."""
 
 
-def _check_command(spec: Mapping[str, Any] | str | os.PathLike) -> str | None:
-    """The `python -m wavlink_jax.data check ...` line for a source spec (None for an in-memory source)."""
+def _describe_source(spec: Mapping[str, Any] | str | os.PathLike) -> tuple[str, str | None]:
+    """A source spec's short name for error messages (never the repr of in-memory records) and its
+    `python -m wavlink_jax.data check ...` line (None for an in-memory source)."""
     if isinstance(spec, (str, os.PathLike)):
-        return f"python -m wavlink_jax.data check {spec}"
+        spec = {"kind": "manifest", "path": spec}
     kind = spec.get("kind", "manifest")
     if kind == "manifest":
-        return f"python -m wavlink_jax.data check {spec.get('path')}"
+        return f"manifest {spec.get('path')}", f"python -m wavlink_jax.data check {spec.get('path')}"
     if kind == "tfds":
         data_dir = f" --data-dir {spec['data_dir']}" if spec.get("data_dir") else ""
-        return f"python -m wavlink_jax.data check {spec.get('name')}{data_dir} --split {spec.get('split')}"
-    return None
-
-
-def _describe_source(spec: Mapping[str, Any] | str | os.PathLike) -> str:
-    """A short name of a source spec for error messages (never the repr of in-memory records)."""
-    if isinstance(spec, (str, os.PathLike)):
-        return f"manifest {spec}"
-    kind = spec.get("kind", "manifest")
-    if kind == "manifest":
-        return f"manifest {spec.get('path')}"
-    if kind == "tfds":
-        return f"tfds data set {spec.get('name')} (split {spec.get('split')}, data_dir {spec.get('data_dir')})"
-    return "in-memory source"
+        return (
+            f"tfds data set {spec.get('name')} (split {spec.get('split')}, data_dir {spec.get('data_dir')})",
+            f"python -m wavlink_jax.data check {spec.get('name')}{data_dir} --split {spec.get('split')}",
+        )
+    return "in-memory source", None
 
 
 def _source_advice(specs: Sequence[Mapping[str, Any] | str | os.PathLike]) -> str:
     """Names the sources and how to find their bad records (their `check` command lines), for error messages."""
-    names = ", ".join(map(_describe_source, specs))
-    commands = [command for command in map(_check_command, specs) if command]
+    described = [_describe_source(spec) for spec in specs]
+    names = ", ".join(name for name, _ in described)
+    commands = [command for _, command in described if command]
     if not commands:
         return f"Check the audio of the records of the {names}."
     return f"Check the {names} with `" + "`, `".join(commands) + "`."
@@ -536,7 +529,7 @@ def make_eval_set(
         counts = ", ".join(f"{reason}: {n}" for reason, n in skip_counts.items() if n)
         last = f"; the last: {skipped[-1]['message']}" if skipped else ""
         raise DataError(
-            f"evaluation {_describe_source(source)}: no usable clip among {len(elements)} ({counts}){last}. "
+            f"evaluation {_describe_source(source)[0]}: no usable clip among {len(elements)} ({counts}){last}. "
             f"Are its audio paths right? {_source_advice([source])}"
         )
     return EvalSet(
