@@ -30,11 +30,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from wavlink_jax import train_step
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
-from wavlink_jax import train_step
-from wavlink_jax.train_step import TOWER_RUNTIME_FIELDS, to_tree
 
 CHECKPOINT_SUBDIR = "checkpoints"
 GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
@@ -246,9 +245,9 @@ def check_tower_config(loaded: Any, expected: Any, *, tower: str, source: str, i
     The tree check sees only names and shapes: a checkpoint with another activation, LayerNorm epsilon or
     end-of-text id would load and then run as the config says, i.e. as another model. Compared: every field of
     the tower's config dataclass (`loaded`: what the loader read from the checkpoint; `expected`: the run's)
-    except the run settings `TOWER_RUNTIME_FIELDS` (how to compute, not what) and `ignore`.
+    except the run settings `train_step.TOWER_RUNTIME_FIELDS` (how to compute, not what) and `ignore`.
     """
-    skipped = set(TOWER_RUNTIME_FIELDS) | set(ignore)
+    skipped = set(train_step.TOWER_RUNTIME_FIELDS) | set(ignore)
     differing = {
         field.name: (getattr(loaded, field.name), getattr(expected, field.name))
         for field in dataclasses.fields(expected)
@@ -297,7 +296,7 @@ def apply_init_from(state: dict, setup: Any) -> dict:
 
         tower = load_whisper(init.audio, global_token=False)
         where = f"init_from.audio={init.audio}"
-        params, buffers = (to_tree(nnx.state(tower, kind)) for kind in (nnx.Param, nnx.Not(nnx.Param)))
+        params, buffers = (train_step.to_tree(nnx.state(tower, kind)) for kind in (nnx.Param, nnx.Not(nnx.Param)))
         _replace_subtree(state, "params", "audio/", params, setup.shardings, source=where, keep=(GLOBAL_TOKEN,))
         _replace_subtree(state, "buffers", "audio/", buffers, setup.shardings, source=where)
         # global_token: read without it (global_token=False above); the run's token keeps its fresh init.
@@ -309,7 +308,7 @@ def apply_init_from(state: dict, setup: Any) -> dict:
 
         tower = load_clip_text(init.text)
         where = f"init_from.text={init.text}"
-        params = to_tree(nnx.state(tower, nnx.Param))
+        params = train_step.to_tree(nnx.state(tower, nnx.Param))
         _replace_subtree(state, "params", "text/", params, setup.shardings, source=where)
         check_tower_config(tower.config, setup.model_config.text, tower="text", source=where)
     return state

@@ -207,10 +207,10 @@ def loss_fn(setup: TrainSetup) -> Callable[[Tree, jax.Array, jax.Array], tuple[j
     per-level/kind parts); each level normalises its prefix."""
     loss_config = setup.config.loss
 
-    def loss(params: Tree, audio: jax.Array, text: jax.Array) -> tuple[jax.Array, dict]:
+    def loss(params: Tree, audio_head: jax.Array, text_head: jax.Array) -> tuple[jax.Array, dict]:
         return losses.matryoshka_loss(
-            audio,
-            text,
+            audio_head,
+            text_head,
             dims=setup.model_config.matryoshka_dims,
             logit_scale_clip=params["clip_logit_scale"],
             logit_scale_sigmoid=params["sigmoid_logit_scale"],
@@ -254,24 +254,24 @@ def gradients(setup: TrainSetup) -> Callable:
     def full_batch(trainable, frozen, buffers, batch):
         def objective(trainable):
             params = optim.combine(trainable, frozen)
-            audio, text = project(params, buffers, batch)
-            value, parts = loss(params, audio, text)
-            return value, (parts, audio, text)
+            audio_head, text_head = project(params, buffers, batch)
+            value, parts = loss(params, audio_head, text_head)
+            return value, (parts, audio_head, text_head)
 
-        (value, (parts, audio, text)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-        return value, parts, audio, text, grads
+        (value, (parts, audio_head, text_head)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        return value, parts, audio_head, text_head, grads
 
     def accumulated(trainable, frozen, buffers, batch):
         params = optim.combine(trainable, frozen)
         micro = _micro_batches(batch, k, setup.mesh)
         audio_micro, text_micro = jax.lax.map(lambda mb: project(params, buffers, mb), micro)
-        audio, text = _unmicro(audio_micro), _unmicro(text_micro)
+        audio_head, text_head = _unmicro(audio_micro), _unmicro(text_micro)
 
-        def head(trainable, audio, text):
-            return loss(optim.combine(trainable, frozen), audio, text)
+        def head(trainable, audio_head, text_head):
+            return loss(optim.combine(trainable, frozen), audio_head, text_head)
 
         (value, parts), (grads, d_audio, d_text) = jax.value_and_grad(head, argnums=(0, 1, 2), has_aux=True)(
-            trainable, audio, text
+            trainable, audio_head, text_head
         )
         cotangents = _micro_batches((d_audio, d_text), k, setup.mesh)
 
@@ -281,7 +281,7 @@ def gradients(setup: TrainSetup) -> Callable:
             return jax.tree.map(jnp.add, total, vjp((d_audio_mb, d_text_mb))[0]), None
 
         grads, _ = jax.lax.scan(pull_back, grads, (micro, cotangents))
-        return value, parts, audio, text, grads
+        return value, parts, audio_head, text_head, grads
 
     return full_batch if k == 1 else accumulated
 
@@ -303,14 +303,14 @@ def clamp_clip_scale(params: Tree, max_scale: float) -> Tree:
     return {**params, "clip_logit_scale": clamped}
 
 
-def embedding_metrics(audio: jax.Array, text: jax.Array) -> dict[str, jax.Array]:
+def embedding_metrics(audio_head: jax.Array, text_head: jax.Array) -> dict[str, jax.Array]:
     """What the heads' `(N, E)` outputs say about training: the size the heads learn (mean norm before
     normalisation: a norm drifting to 0 or exploding is a sign of trouble long before the loss shows it), the
     alignment of the pairs, and the spread of the batch (norm of the mean unit embedding: 1 = collapsed)."""
-    za, zt = losses.l2_normalize(audio), losses.l2_normalize(text)
+    za, zt = losses.l2_normalize(audio_head), losses.l2_normalize(text_head)
     return {
-        "embed/audio_norm": jnp.mean(jnp.linalg.norm(audio, axis=-1)),
-        "embed/text_norm": jnp.mean(jnp.linalg.norm(text, axis=-1)),
+        "embed/audio_norm": jnp.mean(jnp.linalg.norm(audio_head, axis=-1)),
+        "embed/text_norm": jnp.mean(jnp.linalg.norm(text_head, axis=-1)),
         "embed/positive_cosine": jnp.mean(jnp.sum(za * zt, axis=-1)),
         "embed/audio_mean_norm": jnp.linalg.norm(jnp.mean(za, axis=0)),
         "embed/text_mean_norm": jnp.linalg.norm(jnp.mean(zt, axis=0)),
@@ -328,7 +328,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         trainable, frozen = optim.partition(state["params"], setup.trainable)
-        value, parts, audio, text, grads = compute_gradients(trainable, frozen, state["buffers"], batch)
+        value, parts, audio_head, text_head, grads = compute_gradients(trainable, frozen, state["buffers"], batch)
         updates, opt_state = tx.update(grads, state["opt_state"], trainable)
         params = clamp_clip_scale(optim.combine(optax.apply_updates(trainable, updates), frozen), max_clip_scale)
         new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
@@ -343,7 +343,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
             "clip/temperature": 1.0 / jnp.exp(params["clip_logit_scale"]),
             "sigmoid/temperature": 1.0 / jnp.exp(params["sigmoid_logit_scale"]),
             "sigmoid/bias": params["sigmoid_logit_bias"],
-            **embedding_metrics(audio, text),
+            **embedding_metrics(audio_head, text_head),
         }
         return new_state, metrics
 
