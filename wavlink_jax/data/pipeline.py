@@ -218,9 +218,20 @@ def _skip_vector(elements: Sequence[dict]) -> np.ndarray:
     return np.array([counts[reason] for reason in SKIP_REASONS], dtype=np.int64)
 
 
+def _skip_summary(elements: Sequence[dict]) -> str:
+    """`reason: count, ...` of skip markers (in SKIP_REASONS order), for error messages."""
+    return ", ".join(f"{reason}: {n}" for reason, n in zip(SKIP_REASONS, _skip_vector(elements)) if n)
+
+
 class _FillBatchesIterator(grain.DatasetIterator):
     def __init__(
-        self, parent: grain.DatasetIterator, batch_size: int, window_samples: int, tokenizer, max_consecutive_skips: int, advice: str
+        self,
+        parent: grain.DatasetIterator,
+        batch_size: int,
+        window_samples: int,
+        tokenizer,
+        max_consecutive_skips: int,
+        advice: str,
     ):
         super().__init__(parent)
         self._batch_size = batch_size
@@ -256,10 +267,8 @@ class _FillBatchesIterator(grain.DatasetIterator):
         return batch
 
     def _too_many_skips(self, run: Sequence[dict]) -> None:
-        counts = collections.Counter(e["skip"] for e in run)
-        by_reason = ", ".join(f"{reason}: {counts[reason]}" for reason in SKIP_REASONS if counts[reason])
         raise DataError(
-            f"{len(run)} records in a row were skipped while filling a training batch ({by_reason}); the last: "
+            f"{len(run)} records in a row were skipped while filling a training batch ({_skip_summary(run)}); the last: "
             f"{run[-1]['message']}. A source is likely unusable (e.g. a manifest whose audio paths are wrong). "
             f"{self._advice} If the data really has such runs of bad records, raise the limit with "
             f"--config.data.max_consecutive_skips=N (0 = no limit)."
@@ -277,7 +286,13 @@ class _FillBatches(grain.IterDataset):
     `max_consecutive_skips` (> 0) skips in a row raise DataError with `advice` (see `_source_advice`)."""
 
     def __init__(
-        self, parent: grain.IterDataset, batch_size: int, window_samples: int, tokenizer, max_consecutive_skips: int, advice: str
+        self,
+        parent: grain.IterDataset,
+        batch_size: int,
+        window_samples: int,
+        tokenizer,
+        max_consecutive_skips: int,
+        advice: str,
     ):
         super().__init__(parent)
         self._args = (batch_size, window_samples, tokenizer, max_consecutive_skips, advice)
@@ -413,7 +428,9 @@ def build_train_dataset(
     ds = _HostShare(ds, batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
     advice = _source_advice(config.sources)
-    batches = _FillBatches(ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer, config.max_consecutive_skips, advice)
+    batches = _FillBatches(
+        ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer, config.max_consecutive_skips, advice
+    )
     if config.num_workers > 0:
         _mark_absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer)
@@ -526,10 +543,10 @@ def make_eval_set(
     skipped = [e for e in elements if "skip" in e]
     skip_counts = dict(zip(SKIP_REASONS, map(int, _skip_vector(skipped))))
     if not good:
-        counts = ", ".join(f"{reason}: {n}" for reason, n in skip_counts.items() if n)
         last = f"; the last: {skipped[-1]['message']}" if skipped else ""
         raise DataError(
-            f"evaluation {_describe_source(source)[0]}: no usable clip among {len(elements)} ({counts}){last}. "
+            f"evaluation {_describe_source(source)[0]}: no usable clip among {len(elements)} "
+            f"({_skip_summary(skipped)}){last}. "
             f"Are its audio paths right? {_source_advice([source])}"
         )
     return EvalSet(
