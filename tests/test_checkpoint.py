@@ -104,16 +104,18 @@ def test_unfinished_save_is_ignored_and_cleaned(tmp_path):
     assert not os.path.exists(leftover) and manager.latest_step() == 2
 
 
-def test_read_workdir_params(tmp_path):
+def test_read_workdir_state(tmp_path):
     mesh = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     state = make_state(mesh)
     manager = checkpoint.Checkpoints(tmp_path, keep=1, every=1)
     manager.save(3, state, data_iterator())
     manager.close()
     with pytest.raises(CheckpointError, match="config.json"):
-        checkpoint.read_workdir_params(tmp_path)
+        checkpoint.read_workdir_state(tmp_path, items=("params",))
     (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
-    params, config = checkpoint.read_workdir_params(tmp_path)
+    items, config, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
+    params = items["params"]
+    assert step == 3
     assert config == {"seed": 1}
     np.testing.assert_array_equal(params["layer"]["kernel"], np.arange(64.0).reshape(8, 8))
     assert isinstance(params["layer"]["kernel"], np.ndarray)

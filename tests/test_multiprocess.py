@@ -209,7 +209,10 @@ def test_checkpoint_of_two_processes(runs):
         data = workdir / "checkpoints" / str(step) / "data"
         assert sorted(p.name for p in data.glob("*.json")) == ["process_0-of-2.json", "process_1-of-2.json"]
     # Read on one host (as export and inference do): the parameters of the single-process run.
-    params, reference = (optim.flatten(checkpoint.read_workdir_params(w)[0]) for w in (workdir, runs["reference_workdir"]))
+    params, reference = (
+        optim.flatten(checkpoint.read_workdir_state(w, items=("params",))[0]["params"])
+        for w in (workdir, runs["reference_workdir"])
+    )
     assert params.keys() == reference.keys()
     worst = max(float(np.max(np.abs(params[key] - reference[key]))) for key in params)
     assert worst <= 1e-6, worst

@@ -172,7 +172,7 @@ def test_init_from_stage1_workdir_restores_buffers(tmp_path):
 def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):
     stage1 = tiny_config(str(data_dir), total_steps=2, **{"optim.mode": "lora"})
     train.train(stage1, str(tmp_path / "stage1"))
-    saved, _ = checkpoint.read_workdir_params(tmp_path / "stage1")
+    saved = checkpoint.read_workdir_state(tmp_path / "stage1", items=("params",))[0]["params"]
     stage2 = tiny_config(str(data_dir), **{"init_from.workdir": str(tmp_path / "stage1")})
     setup = train_step.build(stage2, one_device_mesh(), total_steps=10)
     state = checkpoint.apply_init_from(train_step.init_state(setup, seed=1), setup)

@@ -173,22 +173,14 @@ def check_data_processes(data_dir: str) -> None:
         )
 
 
-def read_workdir_params(workdir: str | os.PathLike) -> tuple[dict, dict]:
-    """Parameters of a training workdir's latest checkpoint as host numpy arrays, and its config.json.
-
-    For tools that need the weights without a mesh (`init_from.workdir` reads the buffers too: `read_workdir_state`).
-    """
-    items, config, _ = read_workdir_state(workdir, items=("params",))
-    return items["params"], config
-
-
 def read_workdir_state(
     workdir: str | os.PathLike, step: int | None = None, items: tuple[str, ...] = ("params", "buffers")
 ) -> tuple[dict, dict, int]:
     """`items` of a workdir's checkpoint at `step` (default: the latest) as host numpy arrays, its config.json,
     and the step read. An item the state does not hold (e.g. `buffers` of a model without any) comes back `{}`.
 
-    For the exporter and `wavlink_jax.inference`, which need the parameters and fixed tables without a mesh.
+    For the exporter, `wavlink_jax.inference` and `init_from.workdir`, which need the parameters and fixed tables
+    without a mesh.
     """
     workdir = Path(workdir_path(workdir))
     config_file = workdir / "config.json"
