@@ -228,7 +228,7 @@ def test_an_all_bad_source_stops_with_a_clear_error(tmp_path, tokenizer, num_wor
         iterator.close()
     assert batch is None and isinstance(error, pipeline.DataError), error
     message = str(error)
-    assert message.startswith("1000 records in a row were skipped while filling a training batch (missing: 1000)")
+    assert message.startswith(f"1000 records in a row of the manifest {manifest} were skipped while filling training batches (missing: 1000)")
     assert re.search(r"the last: missing: \S+/gone/\d+\.wav: file not found", message)
     assert f"`python -m wavlink_jax.data check {manifest}`" in message and "--config.data.max_consecutive_skips" in message
     assert multiprocessing.active_children() == []  # the worker processes are gone
@@ -251,8 +251,53 @@ def test_the_limit_counts_records_in_a_row_exactly(tmp_path, tokenizer):
         return [_ids(batch["waveform"]) for batch in iterator], iterator.skip_counts
 
     assert epochs(longest + 1) == epochs(0) and sum(epochs(0)[1].values()) == total
-    with pytest.raises(pipeline.DataError, match=f"^{longest} records in a row were skipped"):
+    with pytest.raises(pipeline.DataError, match=f"^{longest} records in a row of the manifest"):
         epochs(longest)
+
+
+def _until_error(iterator, limit=200):
+    """How many batches `iterator` yields before it raises DataError (fails if it never does within `limit`)."""
+    for count in range(limit):
+        try:
+            next(iterator)
+        except pipeline.DataError as error:
+            return count, error
+    pytest.fail(f"no DataError within {limit} batches")
+
+
+def test_a_broken_source_in_a_mixture_is_caught_and_named(tmp_path, tokenizer):
+    """The good source's clips come between the broken source's records; the run is counted per source."""
+    good = _manifest(tmp_path / "good", range(1, 11))
+    broken = _missing_manifest(tmp_path, 300)
+    config = _config(good, broken, max_consecutive_skips=50)
+    batches, error = _until_error(_iterator(config, tokenizer, batch=4))
+    assert 10 <= batches <= 15  # 50 bad records in a row, about one per good clip at equal weights
+    message = str(error)
+    assert message.startswith(f"50 records in a row of the manifest {broken} were skipped while filling training batches (missing: 50)")
+    assert f"`python -m wavlink_jax.data check {broken}`" in message and str(good) not in message
+
+    unlimited = _iterator(dataclasses.replace(config, max_consecutive_skips=0), tokenizer, batch=4)
+    ids = sum((_ids(next(unlimited)["waveform"]) for _ in range(batches + 5)), [])
+    assert set(ids) == set(range(1, 11)) and unlimited.skip_counts["missing"] >= len(ids) - 4  # trains on the good one
+
+
+def test_runs_of_skips_survive_a_resume(tmp_path, tokenizer):
+    """A source's run of skips spans batches, so it is part of the state: a resumed iterator stops at the same batch.
+    A state written before runs were counted per source (the parent's state alone) still resumes."""
+    config = _config(_manifest(tmp_path / "good", range(1, 11)), _missing_manifest(tmp_path, 300), max_consecutive_skips=50)
+    batches, _ = _until_error(_iterator(config, tokenizer, batch=4))
+    original = _iterator(config, tokenizer, batch=4)
+    for _ in range(batches - 3):
+        next(original)
+    state = json.loads(json.dumps(original.get_state()))
+    resumed = _iterator(config, tokenizer, batch=4)
+    resumed.set_state(state)
+    assert _until_error(resumed)[0] == 3
+
+    state["pipeline"] = state["pipeline"]["parent"]  # the earlier format: runs start afresh, batches are the same
+    earlier = _iterator(config, tokenizer, batch=4)
+    earlier.set_state(state)
+    np.testing.assert_array_equal(next(earlier)["waveform"], next(original)["waveform"])
 
 
 def test_limit_zero_reads_an_all_bad_source_to_its_end(tmp_path, tokenizer):

@@ -83,7 +83,7 @@ def test_cli_reports_an_unusable_source_as_one_error_line(tmp_path, data_dir):
         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 1, result.stderr[-2000:]
-    assert "error: 20 records in a row were skipped" in result.stderr and "Traceback" not in result.stderr
+    assert f"error: 20 records in a row of the manifest {broken / 'train.jsonl'} were skipped" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_url_workdirs_are_refused_before_anything_is_written(tmp_path, data_dir, monkeypatch):

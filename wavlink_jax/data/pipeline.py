@@ -26,10 +26,12 @@ state, so it survives a resume) and `TrainIterator.last_skip_counts` the counts 
 trainer logs them as `data/skipped/<reason>`. Each skip is also logged (the first 20 per process and
 reason at WARNING, with the file name and the problem; the rest at DEBUG). A source that yields only bad
 records (say a manifest whose audio paths are wrong) would make an endless stream fill forever: after
-`max_consecutive_skips` skips in a row, the process that fills batches raises `DataError` instead (a worker
-process's error is re-raised in the training process). The run counts the records that one filling process
-reads (the host's share; with workers, every `num_workers`-th record of it), so it is deterministic, and a
-filled batch always ends with a good example, so no run spans two batches.
+`max_consecutive_skips` skips in a row of one source, the process that fills batches raises `DataError`
+naming that source (a worker process's error is re-raised in the training process). Runs are counted per
+source, so a broken source in a mixture is caught although the other sources' good records come between its
+bad ones. A run counts the records of its source that one filling process reads (the host's share; with
+workers, every `num_workers`-th record of it), so it is deterministic; runs can span batches and are part of
+the iterator state.
 
 A resumed iterator (`set_state`) yields exactly the batches the original would have; the same holds for a
 fresh iterator with the same config, seed and process layout. The random crop and caption of an example
@@ -51,6 +53,7 @@ clip is a `DataError`.
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import logging
 import os
@@ -85,9 +88,10 @@ class DataConfig:
     prefetch_buffer  examples each process decodes ahead (memory: prefetch_buffer × window × 4 bytes)
     worker_buffer    batches each worker process keeps ready
     max_consecutive_skips
-                     stop with a DataError after this many bad records in a row while filling a batch (counted
-                     per worker share with workers; 0 = no limit). A shuffled source trips the default only
-                     when nearly all of it is bad (a run of 1000 needs about 98% bad records).
+                     stop with a DataError after this many bad records in a row of one source while filling
+                     batches (counted per source, and per worker share with workers; 0 = no limit). A shuffled
+                     source trips the default only when nearly all of it is bad (a run of 1000 needs about 98%
+                     bad records).
 
     There is no shuffle buffer: grain shuffles a random-access source with a full permutation per epoch.
     """
@@ -158,27 +162,35 @@ def _describe_source(spec: Mapping[str, Any] | str | os.PathLike) -> tuple[str, 
     return "in-memory source", None
 
 
-def _source_advice(specs: Sequence[Mapping[str, Any] | str | os.PathLike]) -> str:
-    """Names the sources and how to find their bad records (their `check` command lines), for error messages."""
-    described = [_describe_source(spec) for spec in specs]
-    names = ", ".join(name for name, _ in described)
-    commands = [command for _, command in described if command]
-    if not commands:
-        return f"Check the audio of the records of the {names}."
-    return f"Check the {names} with `" + "`, `".join(commands) + "`."
+def _source_advice(spec: Mapping[str, Any] | str | os.PathLike) -> str:
+    """Names a source and how to find its bad records (its `check` command line), for error messages."""
+    name, command = _describe_source(spec)
+    if command is None:
+        return f"Check the audio of the records of the {name}."
+    return f"Check the {name} with `{command}`."
 
 
-def _skip(reason: str, message: str) -> dict:
+def _skip(reason: str, message: str, source: int | None) -> dict:
     _logged[reason] += 1
     level = logging.WARNING if _logged[reason] <= _LOGGED_PER_REASON else logging.DEBUG
     logger.log(level, "skipped (%s): %s", reason, message)
-    return {"skip": reason, "message": f"{reason}: {message}"}
+    return {"skip": reason, "message": f"{reason}: {message}", "source": source}
+
+
+@dataclasses.dataclass(frozen=True)
+class _TagSource:
+    """Marks a training record with its source's index in the mixture (for per-source skip runs). Picklable."""
+
+    index: int
+
+    def __call__(self, record: Mapping[str, Any]) -> dict:
+        return {**record, "source": self.index}
 
 
 @dataclasses.dataclass(frozen=True)
 class _PrepareExample:
-    """record → {"waveform", "caption"} (training) / {"id", "waveform", "captions", "label", "fold"}
-    (evaluation), or {"skip": reason}. Picklable, for grain workers."""
+    """record → {"waveform", "caption", "source"} (training) / {"id", "waveform", "captions", "label", "fold"}
+    (evaluation), or {"skip": reason, "message", "source"}. Picklable, for grain workers."""
 
     window_samples: int
     min_samples: int
@@ -190,7 +202,7 @@ class _PrepareExample:
         captions = [caption for caption in record["captions"] if caption.strip()]  # a blank one describes nothing
         if self.require_captions and not captions:
             blank = f" ({len(record['captions'])} blank)" if len(record["captions"]) else ""
-            return _skip("no_captions", f"{record['id']}: no captions{blank}")
+            return _skip("no_captions", f"{record['id']}: no captions{blank}", record.get("source"))
         try:
             waveform = load_audio(
                 record["audio"],
@@ -201,9 +213,9 @@ class _PrepareExample:
                 target_rate=self.sample_rate,
             )
         except BadAudio as err:
-            return _skip(err.reason, str(err))
+            return _skip(err.reason, str(err), record.get("source"))
         if self.train:
-            return {"waveform": waveform, "caption": captions[int(rng.integers(len(captions)))]}
+            return {"waveform": waveform, "caption": captions[int(rng.integers(len(captions)))], "source": record["source"]}
         return {
             "id": record["id"],
             "waveform": waveform,
@@ -218,9 +230,9 @@ def _skip_vector(elements: Sequence[dict]) -> np.ndarray:
     return np.array([counts[reason] for reason in SKIP_REASONS], dtype=np.int64)
 
 
-def _skip_summary(elements: Sequence[dict]) -> str:
-    """`reason: count, ...` of skip markers (in SKIP_REASONS order), for error messages."""
-    return ", ".join(f"{reason}: {n}" for reason, n in zip(SKIP_REASONS, _skip_vector(elements)) if n)
+def _skip_summary(counts: Mapping[str, int]) -> str:
+    """`reason: count, ...` of skip counts by reason (in SKIP_REASONS order), for error messages."""
+    return ", ".join(f"{reason}: {counts[reason]}" for reason in SKIP_REASONS if counts.get(reason))
 
 
 class _FillBatchesIterator(grain.DatasetIterator):
@@ -231,18 +243,19 @@ class _FillBatchesIterator(grain.DatasetIterator):
         window_samples: int,
         tokenizer,
         max_consecutive_skips: int,
-        advice: str,
+        sources: Sequence[tuple[str, str]],
     ):
         super().__init__(parent)
         self._batch_size = batch_size
         self._window_samples = window_samples
         self._tokenizer = tokenizer
         self._max_consecutive_skips = max_consecutive_skips
-        self._advice = advice
+        self._sources = sources
+        # Per source: None, or the run of skips since its last good record ({"reasons": {reason: n}, "last": message}).
+        self._runs: list[dict | None] = [None] * len(sources)
 
     def __next__(self) -> dict:
         good, skipped = [], []
-        run = 0  # skips since the last good example; a batch ends with a good one, so every batch starts at 0
         while len(good) < self._batch_size:
             try:
                 element = next(self._parent)
@@ -250,14 +263,17 @@ class _FillBatchesIterator(grain.DatasetIterator):
                 if not good and not skipped:
                     raise
                 break  # the end of a finite stream: a partial (possibly empty) batch that carries the counts
+            source = element["source"]
             if "skip" not in element:
                 good.append(element)
-                run = 0
+                self._runs[source] = None
                 continue
             skipped.append(element)
-            run += 1
-            if run == self._max_consecutive_skips:
-                self._too_many_skips(skipped[-run:])
+            run = self._runs[source] = self._runs[source] or {"reasons": {}, "last": ""}
+            run["reasons"][element["skip"]] = run["reasons"].get(element["skip"], 0) + 1
+            run["last"] = element["message"]
+            if sum(run["reasons"].values()) == self._max_consecutive_skips:
+                self._too_many_skips(source)
         batch = {
             "waveform": np.stack([e["waveform"] for e in good]) if good else np.zeros((0, self._window_samples), np.float32),
             "skipped": _skip_vector(skipped),
@@ -266,24 +282,30 @@ class _FillBatchesIterator(grain.DatasetIterator):
             batch["input_ids"], batch["attention_mask"] = self._tokenizer([e["caption"] for e in good])
         return batch
 
-    def _too_many_skips(self, run: Sequence[dict]) -> None:
+    def _too_many_skips(self, source: int) -> None:
+        run = self._runs[source]
+        name, advice = self._sources[source]
         raise DataError(
-            f"{len(run)} records in a row were skipped while filling a training batch ({_skip_summary(run)}); the last: "
-            f"{run[-1]['message']}. A source is likely unusable (e.g. a manifest whose audio paths are wrong). "
-            f"{self._advice} If the data really has such runs of bad records, raise the limit with "
-            f"--config.data.max_consecutive_skips=N (0 = no limit)."
+            f"{self._max_consecutive_skips} records in a row of the {name} were skipped while filling training "
+            f"batches ({_skip_summary(run['reasons'])}); the last: {run['last']}. The source is likely unusable "
+            f"(e.g. a manifest whose audio paths are wrong). {advice} If the data really has such runs of bad "
+            f"records, raise the limit with --config.data.max_consecutive_skips=N (0 = no limit)."
         )
 
     def get_state(self) -> dict:
-        return self._parent.get_state()
+        return {"parent": self._parent.get_state(), "skip_runs": copy.deepcopy(self._runs)}
 
     def set_state(self, state: dict) -> None:
-        self._parent.set_state(state)
+        if "skip_runs" not in state:  # written before runs were counted per source: its parent's state alone
+            state = {"parent": state, "skip_runs": [None] * len(self._sources)}
+        self._parent.set_state(state["parent"])
+        self._runs = copy.deepcopy(state["skip_runs"])
 
 
 class _FillBatches(grain.IterDataset):
     """Batches of `batch_size` good examples (skips do not take a slot), tokenized, with per-batch skip counts;
-    `max_consecutive_skips` (> 0) skips in a row raise DataError with `advice` (see `_source_advice`)."""
+    `max_consecutive_skips` (> 0) skips in a row of one source raise DataError naming it. `sources`: per
+    source, its name and advice (see `_describe_source`, `_source_advice`)."""
 
     def __init__(
         self,
@@ -292,10 +314,10 @@ class _FillBatches(grain.IterDataset):
         window_samples: int,
         tokenizer,
         max_consecutive_skips: int,
-        advice: str,
+        sources: Sequence[tuple[str, str]],
     ):
         super().__init__(parent)
-        self._args = (batch_size, window_samples, tokenizer, max_consecutive_skips, advice)
+        self._args = (batch_size, window_samples, tokenizer, max_consecutive_skips, sources)
 
     def __iter__(self) -> _FillBatchesIterator:
         return _FillBatchesIterator(self._parent.__iter__(), *self._args)
@@ -420,16 +442,16 @@ def build_train_dataset(
         raise ValueError(f"data.max_consecutive_skips must be >= 0 (0 = no limit), got {config.max_consecutive_skips}")
     parts = []
     for index, (source, weight) in enumerate(_open_sources(config.sources)):
-        ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, "shuffle", index))
+        ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, "shuffle", index)).map(_TagSource(index))
         parts.append((ds.repeat(num_epochs), weight))
     ds = parts[0][0] if len(parts) == 1 else grain.MapDataset.mix([p for p, _ in parts], [w for _, w in parts])
     prepare = _PrepareExample(config.window_samples, config.min_samples, config.sample_rate, train=True)
     ds = ds.random_map(prepare, seed=_derive_seed(seed, "examples"))
     ds = _HostShare(ds, batch_size, process_index, process_count)
     read = grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer)
-    advice = _source_advice(config.sources)
+    sources = [(_describe_source(spec)[0], _source_advice(spec)) for spec in config.sources]
     batches = _FillBatches(
-        ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer, config.max_consecutive_skips, advice
+        ds.to_iter_dataset(read), batch_size, config.window_samples, tokenizer, config.max_consecutive_skips, sources
     )
     if config.num_workers > 0:
         _mark_absl_flags_parsed()
@@ -546,8 +568,8 @@ def make_eval_set(
         last = f"; the last: {skipped[-1]['message']}" if skipped else ""
         raise DataError(
             f"evaluation {_describe_source(source)[0]}: no usable clip among {len(elements)} "
-            f"({_skip_summary(skipped)}){last}. "
-            f"Are its audio paths right? {_source_advice([source])}"
+            f"({_skip_summary(skip_counts)}){last}. "
+            f"Are its audio paths right? {_source_advice(source)}"
         )
     return EvalSet(
         ids=[e["id"] for e in good],
