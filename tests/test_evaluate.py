@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import statistics
+import types
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -507,14 +510,88 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
 # Command line
 
 
+def _cli_args(tmp_path, **overrides) -> argparse.Namespace:
+    values = dict(data_dir=None, airbench_dir=None, airbench_tasks=None, synthetic_dir=str(tmp_path), max_clips=None)
+    return argparse.Namespace(**{**values, **overrides})
+
+
 def test_cli_dataset_errors(tmp_path):
-    args = argparse.Namespace(data_dir=None, airbench_dir=None, airbench_tasks=None, synthetic_dir=str(tmp_path), max_clips=None)
-    with pytest.raises(SystemExit, match="unknown data set 'nope'.*NAME=path/to/manifest.jsonl"):
-        ev._load_dataset("nope", args, 1.0)
-    with pytest.raises(SystemExit, match="clotho needs --data-dir"):
-        ev._load_dataset("clotho", args, 1.0)
-    with pytest.raises(SystemExit, match="airbench needs --airbench-dir"):
-        ev._load_dataset("airbench", args, 1.0)
+    args = _cli_args(tmp_path)
+    with pytest.raises(ValueError, match="unknown data set 'nope'.*NAME=path/to/manifest.jsonl"):
+        ev.open_dataset("nope", args)
+    with pytest.raises(ValueError, match="clotho needs --data-dir"):
+        ev.open_dataset("clotho", args)
+    with pytest.raises(ValueError, match="airbench needs --airbench-dir"):
+        ev.open_dataset("airbench", args)
+    with pytest.raises(ValueError, match="has no name"):
+        ev.open_dataset("=x.jsonl", args)
+
+
+def _fake_model(dims=(8, 4)):
+    """What `evaluate.run` uses of `inference.load`'s result, with deterministic pseudo-random embeddings."""
+
+    def unit_rows(keys):
+        rows = np.stack([np.random.default_rng(zlib.crc32(key)).normal(size=dims[0]) for key in keys])
+        return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+    return types.SimpleNamespace(
+        config=types.SimpleNamespace(matryoshka_dims=dims),
+        loaded=types.SimpleNamespace(window_seconds=1.0, source="fake", step=3),
+        embed_audio=lambda waveforms: unit_rows(w.tobytes() for w in waveforms),
+        embed_text=lambda texts: unit_rows(text.encode() for text in texts),
+    )
+
+
+def _good_manifest(tmp_path):
+    from wavlink_jax.data.sources import write_manifest
+
+    for i in range(3):
+        _write_clip(tmp_path / f"c{i}.wav", 0.5, value=0.1 * (i + 1))
+    entries = [{"audio": f"c{i}.wav", "captions": [f"clip {i}"], "label": f"l{i % 2}"} for i in range(3)]
+    return write_manifest(tmp_path / "good.jsonl", entries)
+
+
+@pytest.mark.parametrize(
+    "bad_entry, options, message",
+    [
+        ("typo=TMP/evl.jsonl", [], "evl.jsonl: manifest not found"),
+        ("nope", [], "unknown data set 'nope'"),
+        ("airbench", ["--airbench-dir", "TMP/nowhere"], "Foundation_meta.json not found"),
+        ("clotho", ["--data-dir", "TMP"], "no prepared data set 'clotho'"),
+        ("good=TMP/good.jsonl", [], r"names \['good'\] more than once"),
+    ],
+)
+def test_cli_checks_every_data_set_before_loading_the_model(tmp_path, monkeypatch, bad_entry, options, message):
+    from wavlink_jax import inference
+
+    manifest = _good_manifest(tmp_path)
+    loads = []
+    monkeypatch.setattr(inference, "load", lambda *args, **kwargs: loads.append(args) or _fake_model())
+    out = tmp_path / "res.json"
+    argv = ["--workdir", "W", "--datasets", f"good={manifest},{bad_entry.replace('TMP', str(tmp_path))}"]
+    argv += [option.replace("TMP", str(tmp_path)) for option in options] + ["--out", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(argv)
+    assert str(exit_info.value.code).startswith("error: ") and "\n" not in str(exit_info.value.code)
+    assert re.search(message, str(exit_info.value.code))
+    assert loads == [] and not out.exists()  # refused before the model was loaded and anything evaluated
+
+
+def test_cli_keeps_finished_sets_when_a_later_set_fails(tmp_path, monkeypatch):
+    from wavlink_jax import inference
+    from wavlink_jax.data.sources import write_manifest
+
+    manifest = _good_manifest(tmp_path)
+    unreadable = write_manifest(tmp_path / "gone.jsonl", [{"audio": "gone.wav", "captions": ["x"]}])
+    monkeypatch.setattr(inference, "load", lambda *args, **kwargs: _fake_model())
+    out = tmp_path / "res" / "res.json"
+    with pytest.raises(SystemExit, match=r"^error: evaluation manifest .*gone.jsonl: no usable clip"):
+        ev.main(["--workdir", "W", "--datasets", f"good={manifest},gone={unreadable}", "--out", str(out)])
+    results = json.loads(out.read_text())  # written after the first set, before the second failed
+    assert list(results["datasets"]) == ["good"] and results["step"] == 3
+    assert results["datasets"]["good"]["clips"] == 3 and set(results["datasets"]["good"]["metrics"]) == {"8", "4"}
+    assert (tmp_path / "res" / "res.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["res.json", "res.png"]  # no partial file left
 
 
 def test_format_table():
@@ -579,9 +656,8 @@ def test_cli_evaluates_a_workdir(tmp_path):
     assert {int(d): m for d, m in toy["metrics"].items()} == expected
 
     from wavlink_jax import export
-    from wavlink_jax.convert.common import CheckpointError
 
-    with pytest.raises(CheckpointError, match=r"no finished checkpoint of step 5; steps available: \[7\]"):
+    with pytest.raises(SystemExit, match=r"^error: .*no finished checkpoint of step 5; steps available: \[7\]"):
         ev.main(["--workdir", str(workdir), "--step", "5", "--datasets", f"toy={manifest}", "--out", str(out)])
 
     # An exported model gives the same results as its workdir.

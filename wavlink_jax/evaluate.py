@@ -18,7 +18,10 @@ at the top.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -28,6 +31,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from wavlink_jax import sharding
+from wavlink_jax.convert.common import CheckpointError
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
 # 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -514,30 +518,39 @@ def evaluate_during_training(
 # Command line: python -m wavlink_jax.evaluate --workdir W --datasets ... --out results.json
 
 
-def _load_dataset(entry: str, args: argparse.Namespace, window_seconds: float) -> Any:
-    """One `--datasets` entry → decoded `eval_tasks.EvalData`."""
+def open_dataset(entry: str, args: argparse.Namespace) -> tuple[str, Callable[..., Any]]:
+    """One `--datasets` entry → its name and `decode(window_seconds=...)`, which returns its `eval_tasks.EvalData`.
+
+    The entry's source is opened here (a manifest read and checked, a prepared data set's split found, AIR-Bench's
+    metadata parsed and its audio files found), so that a bad entry stops the run before the model is loaded
+    and before any other set is evaluated. Decoding waits for the model's window.
+    """
     from wavlink_jax import eval_tasks
+    from wavlink_jax.data.sources import open_source
 
     name, _, manifest = entry.partition("=")
+    if not name:
+        raise ValueError(f"--datasets entry {entry!r} has no name: write NAME=path/to/manifest.jsonl")
     if manifest:
-        return eval_tasks.load_eval_data(name, manifest, window_seconds=window_seconds, max_clips=args.max_clips)
-    if name == "airbench":
+        spec: Any = manifest
+    elif name == "airbench":
         if not args.airbench_dir:
-            raise SystemExit("--datasets airbench needs --airbench-dir (the folder holding Foundation_meta.json)")
+            raise ValueError("--datasets airbench needs --airbench-dir (the folder holding Foundation_meta.json)")
         tasks = args.airbench_tasks.split(",") if args.airbench_tasks else None
-        return eval_tasks.load_airbench_data(args.airbench_dir, window_seconds=window_seconds, tasks=tasks)
-    if name == "synthetic":
-        return eval_tasks.load_eval_data(
-            name, Path(args.synthetic_dir) / "eval.jsonl", window_seconds=window_seconds, max_clips=args.max_clips
-        )
-    if name in eval_tasks.PAPER_SETS:
+        eval_tasks.load_airbench_foundation(args.airbench_dir, tasks=tasks)  # metadata parsed, audio files exist
+        return name, functools.partial(eval_tasks.load_airbench_data, args.airbench_dir, tasks=tasks)
+    elif name == "synthetic":
+        spec = str(Path(args.synthetic_dir) / "eval.jsonl")
+    elif name in eval_tasks.PAPER_SETS:
         if not args.data_dir:
-            raise SystemExit(f"--datasets {name} needs --data-dir (where wavlink_jax.data.tfds_builders prepared it)")
+            raise ValueError(f"--datasets {name} needs --data-dir (where wavlink_jax.data.tfds_builders prepared it)")
         prepared, split = eval_tasks.PAPER_SETS[name]
         spec = {"kind": "tfds", "name": prepared, "data_dir": args.data_dir, "split": split}
-        return eval_tasks.load_eval_data(name, spec, window_seconds=window_seconds, max_clips=args.max_clips)
-    known = sorted([*eval_tasks.PAPER_SETS, "airbench", "synthetic"])
-    raise SystemExit(f"unknown data set {name!r}: use one of {known} or NAME=path/to/manifest.jsonl")
+    else:
+        known = sorted([*eval_tasks.PAPER_SETS, "airbench", "synthetic"])
+        raise ValueError(f"unknown data set {name!r}: use one of {known} or NAME=path/to/manifest.jsonl")
+    open_source(spec)
+    return name, functools.partial(eval_tasks.load_eval_data, name, spec, max_clips=args.max_clips)
 
 
 def format_table(name: str, table: Mapping[int, Mapping[str, float]]) -> str:
@@ -550,10 +563,35 @@ def format_table(name: str, table: Mapping[int, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _write_results(results: dict[str, Any], combined: Mapping[int, Mapping[str, float]], args: argparse.Namespace) -> None:
+    """`--out` (replaced whole, never left half-written) and, with several sizes, the Matryoshka plot."""
+    if jax.process_index() != 0:
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if len(combined) > 1:
+        plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+        plot_matryoshka(combined, str(plot))
+        results["plot"] = str(plot)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps(results, indent=1) + "\n")
+    os.replace(partial, out)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate a workdir's checkpoint (or an exported model) on the requested data sets; returns what is
-    written to `--out`."""
+    written to `--out`.
+
+    Every data set is opened before the model is loaded (a typo in any entry costs seconds), and `--out` is
+    written again after each set, so a set that fails later keeps the finished sets' results.
+    """
     from wavlink_jax import eval_tasks, inference
+
+    datasets = [open_dataset(entry, args) for entry in args.datasets.split(",")]
+    names = [name for name, _ in datasets]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"--datasets names {repeated} more than once; give each set its own NAME (NAME=manifest)")
 
     embedder = inference.load(args.model, args.step, batch_size=args.batch_size, dtype=args.dtype, progress=True)
     dims = [int(d) for d in args.dims.split(",")] if args.dims else list(embedder.config.matryoshka_dims)
@@ -569,23 +607,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "datasets": {},
     }
     combined: dict[int, dict[str, float]] = {dim: {} for dim in dims}
-    for entry in args.datasets.split(","):
-        data = _load_dataset(entry, args, window_seconds)
+    for name, decode in datasets:
+        data = decode(window_seconds=window_seconds)
         table = eval_tasks.evaluate_data(embedder, data, dims, templates=templates)
         if jax.process_index() == 0:
-            print(format_table(data.name, table), flush=True)
-        results["datasets"][data.name] = {**data.summary(), "metrics": {str(d): m for d, m in table.items()}}
+            print(format_table(name, table), flush=True)
+        results["datasets"][name] = {**data.summary(), "metrics": {str(d): m for d, m in table.items()}}
         for dim, metrics in table.items():
-            combined[dim].update({f"{data.name}/{key}": value for key, value in metrics.items()})
-
-    if jax.process_index() == 0:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if len(dims) > 1:
-            plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-            plot_matryoshka(combined, str(plot))
-            results["plot"] = str(plot)
-        out.write_text(json.dumps(results, indent=1) + "\n")
+            combined[dim].update({f"{name}/{key}": value for key, value in metrics.items()})
+        _write_results(results, combined, args)
     return results
 
 
@@ -619,7 +649,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
     parser.add_argument("--max-clips", type=int, help="evaluate the first N clips only (smoke tests)")
     parser.add_argument("--plot", help="PNG of the headline metrics against dimension (default: OUT with .png)")
-    run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, CheckpointError) as err:  # ManifestError and DataError are ValueErrors
+        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":
