@@ -368,6 +368,16 @@ def test_eval_set_from_int16_records_with_folds():
     assert eval_set.captions == [] and eval_set.labels == ["c1", "c2", "c3", "c4"]
 
 
+def test_eval_set_folds_from_a_manifest(tmp_path):
+    entries = [{"audio": f"{i}.wav", "captions": [], "label": f"c{i % 2}", "fold": 1 + i // 2} for i in range(1, 5)]
+    manifest = _manifest(tmp_path, [], extra=entries)
+    for i in range(1, 5):
+        sf.write(tmp_path / f"{i}.wav", _clip(i), RATE, subtype="FLOAT")
+    eval_set = pipeline.make_eval_set(manifest, window_seconds=WINDOW, require_captions=False)
+    np.testing.assert_array_equal(eval_set.folds, [1, 2, 2, 3])
+    assert eval_set.labels == ["c1", "c0", "c1", "c0"]
+
+
 def test_config_schema(tmp_path):
     config = pipeline.default_data_config()
     config.sources = [{"kind": "manifest", "path": "x.jsonl", "weight": 2.0}]

@@ -26,6 +26,7 @@ def test_manifest_records_resolve_paths(tmp_path):
         "sample_rate": 0,
         "captions": ["a dog barks", "barking"],
         "label": "dog",
+        "fold": 0,
     }
     assert source[1]["audio"] == str(absolute) and source[1]["id"] == "clip-b" and source[1]["label"] == ""
     assert source[2]["captions"] == [] and source[2]["audio"] == str(tmp_path / "data" / "c.ogg")
@@ -43,6 +44,10 @@ def test_manifest_records_resolve_paths(tmp_path):
         ('["a.wav"]', "expected a JSON object"),
         ('{"audio": "a.wav", "captions": "one string"}', '"captions" must be a list of strings'),
         ('{"audio": "a.wav", "label": 3}', '"label" must be a string'),
+        ('{"audio": "a.wav", "fold": "1"}', '"fold" must be an integer >= 0'),
+        ('{"audio": "a.wav", "fold": -1}', '"fold" must be an integer >= 0'),
+        ('{"audio": "a.wav", "fold": 1.5}', '"fold" must be an integer >= 0'),
+        ('{"audio": "a.wav", "fold": true}', '"fold" must be an integer >= 0'),
     ],
 )
 def test_manifest_errors_name_file_and_line(tmp_path, bad_line, message):

@@ -242,7 +242,7 @@ def test_manifest_command(tmp_path):
     train = sources.write_manifest(tmp_path / "train.jsonl", [
         {"audio": "clips/0.flac", "captions": ["low tone"], "label": "low"},
         {"audio": "clips/0.flac", "captions": ["a second caption"]},  # same id: merged
-        {"audio": str(clips / "1.flac"), "captions": ["high tone"], "id": "high"},
+        {"audio": str(clips / "1.flac"), "captions": ["high tone"], "id": "high", "fold": 3},
         {"audio": "clips/nowhere.flac", "captions": ["gone"]},
     ])
     test = sources.write_manifest(tmp_path / "eval" / "test.jsonl", [{"audio": "../clips/2.flac", "captions": []}])
@@ -250,7 +250,7 @@ def test_manifest_command(tmp_path):
                       "--name", "my_clips", "--data-dir", str(tmp_path / "data"), "--num-workers", "0"])
     expected = {
         "train": {"clips/0.flac": Expected(f1, ["low tone", "a second caption"], "low"),
-                  "high": Expected(f2, ["high tone"])},
+                  "high": Expected(f2, ["high tone"], fold=3)},
         "test": {"../clips/2.flac": Expected(f3, [])},
     }
     check_prepared("my_clips", tmp_path / "data", expected, {"train": {"missing": 1}, "test": {}})

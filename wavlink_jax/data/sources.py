@@ -11,16 +11,18 @@ is a plain dict:
                            # decoded samples as a 1-D int16 (full scale 32768) or float32 (full scale 1.0) array
      "sample_rate": int,   # Hz of an array; 0 for a file path (the file's header is authoritative)
      "captions": list[str],  # possibly empty (classification sets); training needs at least one
-     "label": str}         # class name for zero-shot evaluation, "" if none
+     "label": str,         # class name for zero-shot evaluation, "" if none
+     "fold": int}          # optional: cross-validation fold (ESC-50 1-5, US8K 1-10), 0 or absent if none
 
 `Record` below is that dict as a TypedDict. Records are not validated for audio content here: decoding and
 the bad-input policy (missing/empty/truncated/... files are skipped and counted) live in `audio_io.py` and
 `pipeline.py`, so a source stays cheap to index.
 
 A manifest (JSONL, one clip a line) is
-    {"audio": "clips/a.flac", "captions": ["a dog barks", ...], "label": "dog", "id": "optional"}
-with `audio` relative to the manifest's folder or absolute. `ManifestSource` validates every line when it
-opens the file (a line that is not a JSON object, or lacks "audio", is an error naming the file and line)
+    {"audio": "clips/a.flac", "captions": ["a dog barks", ...], "label": "dog", "fold": 1, "id": "optional"}
+with `audio` relative to the manifest's folder or absolute; `label`, `fold` (an int >= 0, 0 = none) and `id`
+optional. `ManifestSource` validates every line when it opens the file (a line that is not a JSON object,
+lacks "audio" or has a key of the wrong type is an error naming the file and line)
 and keeps only the byte offsets and lengths of the lines, so an 8M-line manifest costs ~100 MB of memory, not
 gigabytes; `source[i]` re-reads line i (a positional read, safe from grain's reader threads).
 """
@@ -30,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import Any, Mapping, NotRequired, Protocol, Sequence, TypedDict, runtime_checkable
 
 import numpy as np
 
@@ -43,6 +45,7 @@ class Record(TypedDict):
     sample_rate: int
     captions: list[str]
     label: str
+    fold: NotRequired[int]
 
 
 @runtime_checkable
@@ -72,6 +75,9 @@ def _check_entry(entry: Any, where: str) -> None:
     for key in ("label", "id"):
         if key in entry and not isinstance(entry[key], str):
             raise ManifestError(f'{where}: "{key}" must be a string, got {entry[key]!r}')
+    fold = entry.get("fold", 0)
+    if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
+        raise ManifestError(f'{where}: "fold" must be an integer >= 0 (0 = no fold), got {fold!r}')
 
 
 class ManifestSource:
@@ -116,6 +122,7 @@ class ManifestSource:
             sample_rate=0,
             captions=list(entry.get("captions", [])),
             label=entry.get("label", ""),
+            fold=entry.get("fold", 0),
         )
 
     def __getstate__(self) -> dict:
@@ -134,7 +141,7 @@ class ManifestSource:
 
 
 def write_manifest(path: str | os.PathLike, entries: Sequence[Mapping[str, Any]]) -> Path:
-    """Write `entries` (dicts with "audio", "captions", optional "label"/"id") as a JSONL manifest."""
+    """Write `entries` (dicts with "audio", "captions", optional "label"/"fold"/"id") as a JSONL manifest."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as file:

@@ -526,7 +526,8 @@ class ManifestBuilder(AudioTextBuilder, skip_registration=True):
 
     MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 manifest mode — no manual directory; each split is a JSONL manifest (one clip a line):
-    {"audio": "path relative to the manifest or absolute", "captions": ["..."], "label": "optional", "id": "optional"}
+    {"audio": "path relative to the manifest or absolute", "captions": ["..."], "label": "optional",
+     "fold": 0, "id": "optional"}
   clip id = "id", else the audio path as written; lines with the same id are merged (captions joined)."""
 
     def __init__(self, *, name: str, manifests: Mapping[str, str | os.PathLike], **kwargs):
@@ -550,7 +551,7 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
     def _clips(source: ManifestSource) -> Iterator[Clip]:
         for index in range(len(source)):
             record = source[index]
-            yield Clip(record["id"], record["audio"], record["captions"], label=record["label"])
+            yield Clip(record["id"], record["audio"], record["captions"], label=record["label"], fold=record["fold"])
 
 
 def _int_field(row: Mapping[str, str], column: str, path: Path, line: int) -> int:
