@@ -447,7 +447,30 @@ def test_evaluate_during_training_keys():
     records = ev.evaluate_during_training(embedder, [data], [8, 4])
     assert records["eval/toy/t2a_R@1"] == 100.0 and "eval/toy/4/t2a_R@1" in records
     assert records["eval/toy/acc/t1"] == 100.0 and "eval/toy/4/top5" in records
-    assert len(records) == 2 * len(eval_tasks.evaluate_data(embedder, data, [8])[8])
+    assert records["eval/toy/clips"] == 6 and records["eval/toy/captions"] == 10
+    assert records["eval/toy/classes"] == 3 and records["eval/toy/questions"] == 3
+    assert len(records) == 2 * len(eval_tasks.evaluate_data(embedder, data, [8])[8]) + 4  # no skip counts: none kept
+
+
+def test_evaluate_during_training_reports_what_was_measured(tmp_path):
+    """metrics.jsonl says on how many clips and captions R@1 was measured, and what was skipped (every reason
+    the set counts, zeros too, so a set logs the same keys at every evaluation)."""
+    from wavlink_jax.data.audio_io import SKIP_REASONS
+    from wavlink_jax.data.sources import write_manifest
+
+    for i in range(3):
+        _write_clip(tmp_path / f"clip{i}.wav", 0.5, value=0.1 * (i + 1))
+    (tmp_path / "clip3.wav").write_text("not audio")
+    entries = [{"audio": f"clip{i}.wav", "captions": [f"clip {i} a", f"clip {i} b"]} for i in range(3)]
+    entries += [{"audio": "clip3.wav", "captions": ["x"]}, {"audio": "gone.wav", "captions": ["y"]}]
+    data = eval_tasks.load_eval_data("mine", write_manifest(tmp_path / "eval.jsonl", entries), window_seconds=1.0)
+    model = _fake_model()
+    records = ev.evaluate_during_training(model, [data], [8, 4])
+    expected = ev.metric_records("mine", eval_tasks.evaluate_data(model, data, [8, 4]))
+    expected.update({f"eval/mine/skipped/{reason}": 0.0 for reason in SKIP_REASONS})
+    expected.update({"eval/mine/skipped/missing": 1.0, "eval/mine/skipped/not_audio": 1.0})
+    expected.update({"eval/mine/clips": 3.0, "eval/mine/captions": 6.0})
+    assert records == expected
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -182,17 +182,20 @@ class EvalData:
     def class_names(self) -> list[str]:
         return sorted(set(self.labels))
 
-    def summary(self) -> dict[str, Any]:
-        """Sizes and skipped inputs, for the results file."""
-        out: dict[str, Any] = {"clips": int(len(self.waveforms))}
+    def sizes(self) -> dict[str, int]:
+        """What the metrics were measured on: `clips`, and `captions` / `classes` / `questions` where present."""
+        out = {"clips": int(len(self.waveforms))}
         if self.captions:
             out["captions"] = len(self.captions)
         if any(self.labels):
             out["classes"] = len(self.class_names)
         if self.questions:
             out["questions"] = len(self.questions)
-        out["skipped"] = {reason: n for reason, n in self.skipped.items() if n}
         return out
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes and skipped inputs (reasons that occurred), for the results file."""
+        return {**self.sizes(), "skipped": {reason: n for reason, n in self.skipped.items() if n}}
 
 
 def _check_labels(name: str, labels: Sequence[str]) -> list[str]:

@@ -504,13 +504,18 @@ def evaluate_during_training(
     """Score every `eval_tasks.EvalData` (decoded once, before training) with the current model.
 
     `embedder` is an `eval_tasks.Embedder` over the current parameters; `dims` the model's Matryoshka sizes.
-    Returns the flat records of `metric_records` for `metrics.jsonl`, e.g. `eval/clotho/t2a_R@1`.
+    Returns the flat records of `metric_records` for `metrics.jsonl`, e.g. `eval/clotho/t2a_R@1`, and what
+    they were measured on: `eval/<set>/clips` (and `captions`, `classes`, `questions` where the set has them)
+    and `eval/<set>/skipped/<reason>` for every reason the set counts, zeros included, so that a set's keys
+    are the same at every evaluation.
     """
     from wavlink_jax import eval_tasks  # eval_tasks builds on this module's metrics
 
     records: dict[str, float] = {}
     for data in eval_sets:
         records.update(metric_records(data.name, eval_tasks.evaluate_data(embedder, data, dims, templates=templates)))
+        records.update({f"eval/{data.name}/{key}": float(n) for key, n in data.sizes().items()})
+        records.update({f"eval/{data.name}/skipped/{reason}": float(n) for reason, n in data.skipped.items()})
     return records
 
 
