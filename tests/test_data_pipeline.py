@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec
 
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.audio_io import SKIP_REASONS
-from wavlink_jax.data.sources import write_manifest
+from wavlink_jax.data.sources import ManifestError, write_manifest
 from wavlink_jax.tokenizer import train_tokenizer
 
 RATE = 16000
@@ -366,6 +366,30 @@ def test_eval_set_from_int16_records_with_folds():
     np.testing.assert_array_equal(eval_set.folds, [2, 1, 2, 1])
     np.testing.assert_allclose(eval_set.waveforms[0], _clip(1)[:4000], atol=1 / 32768)
     assert eval_set.captions == [] and eval_set.labels == ["c1", "c2", "c3", "c4"]
+
+
+def test_eval_set_merges_manifest_lines_that_share_an_id(tmp_path):
+    """AudioCaps style: one line per caption. Each clip must be one retrieval target holding all its captions."""
+    lines = [{"audio": f"{i}.wav", "captions": [f"clip {i} {w}"], "id": f"clip{i}", "label": "x"} for w in ("alpha", "beta") for i in (1, 2, 3)]
+    lines.append({"audio": "3.wav", "captions": ["clip 3 gamma"]})  # no id: the path is its id, another clip
+    _manifest(tmp_path, [1, 2, 3])  # writes the clips
+    manifest = write_manifest(tmp_path / "per_caption.jsonl", lines)
+    eval_set = pipeline.make_eval_set(manifest, window_seconds=WINDOW)
+    assert eval_set.ids == ["clip1", "clip2", "clip3", "3.wav"] and len(eval_set.waveforms) == 4
+    assert eval_set.captions == ["clip 1 alpha", "clip 1 beta", "clip 2 alpha", "clip 2 beta", "clip 3 alpha", "clip 3 beta", "clip 3 gamma"]
+    np.testing.assert_array_equal(eval_set.text_to_audio, [0, 0, 1, 1, 2, 2, 3])
+    assert _ids(eval_set.waveforms) == [1, 2, 3, 3]
+    assert len(pipeline.make_eval_set(manifest, window_seconds=WINDOW, max_clips=2)) == 2  # counts merged clips
+
+
+@pytest.mark.parametrize("key, second", [("audio", "2.wav"), ("label", "cat"), ("fold", 2)])
+def test_eval_manifest_lines_sharing_an_id_must_be_one_clip(tmp_path, key, second):
+    first = {"audio": "1.wav", "captions": ["a"], "id": "x", "label": "dog", "fold": 1}
+    manifest = write_manifest(tmp_path / "m.jsonl", [first, {**first, "captions": ["b"], key: second}])
+    with pytest.raises(ManifestError) as error:
+        pipeline.make_eval_set(manifest, window_seconds=WINDOW)
+    shown = str(tmp_path / second) if key == "audio" else second
+    assert f"manifest {manifest}: id 'x' has {key} " in str(error.value) and repr(shown) in str(error.value)
 
 
 def test_eval_set_folds_from_a_manifest(tmp_path):

@@ -47,7 +47,7 @@ the mesh's batch axes.
 
 Evaluation (`make_eval_set`): every clip of one source in order, head-cropped to the window, all captions
 kept, labels, and `text_to_audio` (caption i → its clip), with the skips counted; a source without one usable
-clip is a `DataError`.
+clip is a `DataError`. A manifest's lines that share an id are one clip (`ManifestSource.clips()`).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ import grain
 import numpy as np
 
 from wavlink_jax.data.audio_io import SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio
-from wavlink_jax.data.sources import Source, open_source
+from wavlink_jax.data.sources import ManifestSource, Source, open_source
 
 logger = logging.getLogger(__name__)
 _LOGGED_PER_REASON = 20
@@ -553,9 +553,13 @@ def make_eval_set(
     """Decode every clip of `source` (a spec as in DataConfig.sources, or a manifest path) for evaluation.
 
     `require_captions=False` keeps clips without captions (zero-shot classification sets such as ESC-50).
-    Memory: num_clips × window_seconds × sample_rate × 4 bytes.
+    A manifest's lines that share an id are one clip with all their captions (AudioCaps-style manifests have a
+    line per caption); `max_clips` counts merged clips. Memory: num_clips × window_seconds × sample_rate × 4 bytes.
     """
-    data = grain.MapDataset.source(open_source(source))
+    records = open_source(source)
+    if isinstance(records, ManifestSource):
+        records = records.clips()
+    data = grain.MapDataset.source(records)
     if max_clips is not None:
         data = data[:max_clips]
     window = int(round(window_seconds * sample_rate))

@@ -25,14 +25,21 @@ optional. `ManifestSource` validates every line when it opens the file (a line t
 lacks "audio" or has a key of the wrong type is an error naming the file and line)
 and keeps only the byte offsets and lengths of the lines, so an 8M-line manifest costs ~100 MB of memory, not
 gigabytes; `source[i]` re-reads line i (a positional read, safe from grain's reader threads).
+
+Lines that share an `id` (an AudioCaps-style manifest has one line per caption; without "id" keys, lines with
+the same audio path) are one clip for evaluation (`ManifestSource.clips()`) and for the TFDS manifest builder:
+both merge them with `merge_by_id`, which keeps all their captions in order and refuses lines that share an id
+but differ in audio, label or fold. Training reads one record per line: each line is one (clip, captions) pair,
+so a clip with several lines is simply drawn more often.
 """
 
 from __future__ import annotations
 
 import json
+import operator
 import os
 from pathlib import Path
-from typing import Any, Mapping, NotRequired, Protocol, Sequence, TypedDict, runtime_checkable
+from typing import Any, Callable, Iterable, Mapping, NotRequired, Protocol, Sequence, TypedDict, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -80,8 +87,44 @@ def _check_entry(entry: Any, where: str) -> None:
         raise ManifestError(f'{where}: "fold" must be an integer >= 0 (0 = no fold), got {fold!r}')
 
 
+T = TypeVar("T")
+MERGED_FIELDS = ("audio", "label", "fold")  # what entries sharing an id must agree on to be one clip
+
+
+def merge_by_id(
+    items: Iterable[T],
+    where: str,
+    *,
+    field: Callable[[T, str], Any],
+    with_captions: Callable[[T, list[str]], T],
+) -> list[T]:
+    """Items sharing an id merged into one clip, in first-seen order, with all their captions in order.
+
+    Items are manifest records or the TFDS builders' clips: `field(item, name)` reads "id", "captions" and the
+    `MERGED_FIELDS`; `with_captions(item, captions)` is a copy of `item` with those captions (the inputs are
+    left unchanged). Items that share an id but differ in audio, label or fold are a ManifestError naming
+    `where` (the manifest or metadata file), the id and the two values.
+    """
+    merged: dict[str, T] = {}
+    for item in items:
+        clip_id = field(item, "id")
+        first = merged.get(clip_id)
+        if first is None:
+            merged[clip_id] = with_captions(item, list(field(item, "captions")))
+            continue
+        for name in MERGED_FIELDS:
+            if field(first, name) != field(item, name):
+                raise ManifestError(
+                    f"{where}: id {clip_id!r} has {name} {field(first, name)!r} and also {field(item, name)!r}; "
+                    f"entries that share an id are one clip (their captions are joined) and must agree on "
+                    f"{', '.join(MERGED_FIELDS)}: give different clips different ids"
+                )
+        field(first, "captions").extend(field(item, "captions"))
+    return list(merged.values())
+
+
 class ManifestSource:
-    """The clips of a JSONL manifest, as `Record`s with absolute audio paths."""
+    """The lines of a JSONL manifest, as `Record`s with absolute audio paths (`clips()`: merged by id)."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser().resolve()
@@ -123,6 +166,15 @@ class ManifestSource:
             captions=list(entry.get("captions", [])),
             label=entry.get("label", ""),
             fold=entry.get("fold", 0),
+        )
+
+    def clips(self) -> list[Record]:
+        """The records, those that share an id merged into one clip (see the module docstring)."""
+        return merge_by_id(
+            (self[index] for index in range(len(self))),
+            f"manifest {self.path}",
+            field=operator.getitem,
+            with_captions=lambda record, captions: {**record, "captions": captions},
         )
 
     def __getstate__(self) -> dict:
