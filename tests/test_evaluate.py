@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import re
@@ -291,7 +292,8 @@ def test_airbench_parsing(tmp_path):
     assert [len(q.choices) for q in questions] == [4, 2, 3]
     assert questions[0].audio == str(root / "Sound_AQA_clotho" / "a.wav")
     assert questions[2].audio == str(root / "Audio_Grounding_audiogrounding" / "g.flac")
-    assert questions[1].choice_texts() == ["Who speaks? man", "Who speaks? woman"]
+    assert questions[1].choice_texts() == ["man", "woman"]  # the paper: the choice text alone
+    assert questions[1].choice_texts(with_question=True) == ["Who speaks? man", "Who speaks? woman"]
     assert [q.id for q in eval_tasks.load_airbench_foundation(root, tasks=["Sound_AQA", "Audio_Grounding_audiogrounding"])] == ["1", "3"]
     with pytest.raises(ValueError, match="unknown AIR-Bench tasks \\['Nope'\\]"):
         eval_tasks.load_airbench_foundation(root, tasks=["Nope"])
@@ -307,8 +309,10 @@ def test_airbench_parsing(tmp_path):
 
     choices, mask = eval_tasks.choice_embeddings(questions, embed_text)
     assert choices.shape == (3, 4, 5) and mask.sum(axis=1).tolist() == [4, 2, 3]
-    np.testing.assert_array_equal(choices[1, 1], table["Who speaks? woman"])
-    np.testing.assert_array_equal(choices[1, 3], table["Who speaks? man"])
+    np.testing.assert_array_equal(choices[1, 1], table["woman"])
+    np.testing.assert_array_equal(choices[1, 3], table["man"])
+    prefixed, _ = eval_tasks.choice_embeddings(questions, embed_text, with_question=True)
+    np.testing.assert_array_equal(prefixed[1, 1], table["Who speaks? woman"])
     audio = np.stack([choices[0, 2], choices[1, 0], choices[2, 0]])  # right, wrong, right
     metrics = ev.multiple_choice_metrics(audio, choices, mask, [q.answer for q in questions], [q.task for q in questions])
     assert metrics["overall"] == pytest.approx(200 / 3) and metrics["acc/Speaker_Gender_Recognition_common_voice"] == 0.0
@@ -441,6 +445,32 @@ def test_evaluate_data_matches_metrics_on_prefixes():
     assert table[4] != table[8]
 
 
+class _RecordingEmbedder(_KeywordEmbedder):
+    def embed_text(self, texts):
+        # The last call's texts and embeddings: the choices, embedded after the captions and prompts.
+        self.texts, self.embedded = list(texts), super().embed_text(texts)
+        return self.embedded
+
+
+@pytest.mark.parametrize("with_question", [False, True])
+def test_evaluate_data_choice_texts(with_question):
+    """Multiple choice embeds each choice's text alone (MISSION: "choice text embedded"), or after its question
+    when the set asks for it; the scores are those of the embedded texts."""
+    data = dataclasses.replace(_toy_data(), choices_with_question=with_question)
+    embedder = _RecordingEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.6)
+    table = eval_tasks.evaluate_data(embedder, data, [8], templates=("{}",))
+    choices = [choice for q in data.questions for choice in q.choices]
+    assert embedder.texts == [f"what is it? {c}" for c in choices] if with_question else choices
+    assert data.summary()["choice_text"] == ("{question} {choice}" if with_question else "{choice}")
+    # The same choice embeddings, scored by hand.
+    flat = embedder.embedded
+    slots = np.array([[0, 1, 0], [2, 3, 4], [5, 6, 5]])  # unused slots repeat the question's first choice
+    mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 0]], bool)
+    audio = np.asarray(_RecordingEmbedder(embedder.classes, noise=0.6).embed_audio(data.waveforms))[[0, 3, 5]]
+    expected = ev.multiple_choice_metrics(audio, flat[slots], mask, [1, 1, 0], ["t1", "t1", "t2"])
+    assert {key: table[8][key] for key in expected} == expected
+
+
 def test_evaluate_during_training_keys():
     data = _toy_data()
     embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.05)
@@ -534,7 +564,8 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
 
 
 def _cli_args(tmp_path, **overrides) -> argparse.Namespace:
-    values = dict(data_dir=None, airbench_dir=None, airbench_tasks=None, synthetic_dir=str(tmp_path), max_clips=None)
+    values = dict(data_dir=None, airbench_dir=None, airbench_tasks=None, airbench_choices_with_question=False,
+                  synthetic_dir=str(tmp_path), max_clips=None)
     return argparse.Namespace(**{**values, **overrides})
 
 
@@ -548,6 +579,30 @@ def test_cli_dataset_errors(tmp_path):
         ev.open_dataset("airbench", args)
     with pytest.raises(ValueError, match="has no name"):
         ev.open_dataset("=x.jsonl", args)
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_cli_airbench_choice_text_option(tmp_path, monkeypatch, flag):
+    from wavlink_jax import inference
+
+    items = [_airbench_item(1, "Sound_AQA", "clotho", "a.wav", "What?", ["a dog", "rain"], "rain")]
+    root = _write_airbench(tmp_path / "Foundation", items, audio=False)
+    _write_clip(root / "Sound_AQA_clotho" / "a.wav", 1.0)
+    args = _cli_args(tmp_path, airbench_dir=str(root), airbench_choices_with_question=flag)
+    name, decode = ev.open_dataset("airbench", args)
+    assert name == "airbench" and decode(window_seconds=1.0).choices_with_question is flag
+
+    texts = []
+    model = _fake_model()
+    embed_text = model.embed_text
+    model.embed_text = lambda batch: texts.extend(batch) or embed_text(batch)
+    monkeypatch.setattr(inference, "load", lambda *args, **kwargs: model)
+    out = tmp_path / "air.json"
+    argv = ["--model", "M", "--datasets", "airbench", "--airbench-dir", str(root), "--out", str(out)]
+    ev.main(argv + ["--airbench-choices-with-question"] * flag)
+    assert texts == (["What? a dog", "What? rain"] if flag else ["a dog", "rain"])
+    summary = json.loads(out.read_text())["datasets"]["airbench"]
+    assert summary["choice_text"] == ("{question} {choice}" if flag else "{choice}") and summary["questions"] == 1
 
 
 def _fake_model(dims=(8, 4)):

@@ -15,8 +15,9 @@ where each question is an object with `path`, `question`, `choice_a`, `choice_b`
 `Audio_Grounding` task is the `.flac` file named like `path` (whose metadata says `.wav`). Questions are scored
 per `{task_name}_{dataset_name}` (AIR-Bench's `score_foundation.py` key).
 
-An embedding model answers by embedding, for each choice, the text `"{question} {choice}"` and picking the
-choice nearest to the clip's audio embedding (`evaluate.multiple_choice_metrics`).
+An embedding model answers by embedding each choice's text and picking the choice nearest to the clip's audio
+embedding (`evaluate.multiple_choice_metrics`), as the WavLink paper describes. The question is left out by
+default; `choices_with_question=True` embeds `"{question} {choice}"` instead (a variant, not the paper's protocol).
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ class MultipleChoiceQuestion:
     choices: tuple[str, ...]
     answer: int
 
-    def choice_texts(self) -> list[str]:
-        """The texts embedded for the choices: question and choice joined by a space."""
-        return [f"{self.question} {choice}" for choice in self.choices]
+    def choice_texts(self, with_question: bool = False) -> list[str]:
+        """The texts embedded for the choices: each choice alone (the paper's protocol), or, `with_question`,
+        the question and the choice joined by a space."""
+        return [f"{self.question} {choice}" if with_question else choice for choice in self.choices]
 
 
 def _parse_question(item: Any, root: Path, where: str) -> MultipleChoiceQuestion:
@@ -116,14 +118,18 @@ def load_airbench_foundation(
 
 
 def choice_embeddings(
-    questions: Sequence[MultipleChoiceQuestion], embed_text_fn: Callable[[list[str]], np.ndarray]
+    questions: Sequence[MultipleChoiceQuestion],
+    embed_text_fn: Callable[[list[str]], np.ndarray],
+    *,
+    with_question: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Embed every choice text once: `(questions, max_choices, dim)` embeddings and the `(questions,
-    max_choices)` mask of real choices. Unused slots repeat the question's first choice (never scored), so
-    every slot stays a unit vector that Matryoshka truncation can re-normalise."""
+    """Embed every choice text (`MultipleChoiceQuestion.choice_texts(with_question)`) once: `(questions,
+    max_choices, dim)` embeddings and the `(questions, max_choices)` mask of real choices. Unused slots repeat
+    the question's first choice (never scored), so every slot stays a unit vector that Matryoshka truncation
+    can re-normalise."""
     if not questions:
         raise ValueError("no multiple-choice questions to embed")
-    texts = [text for q in questions for text in q.choice_texts()]
+    texts = [text for q in questions for text in q.choice_texts(with_question)]
     flat = np.asarray(embed_text_fn(texts), np.float32)
     if flat.ndim != 2 or flat.shape[0] != len(texts):
         raise ValueError(f"embed_text_fn returned shape {flat.shape} for {len(texts)} texts; expected (n, dim)")
@@ -165,7 +171,8 @@ class EvalData:
 
     Retrieval when it has captions (`text_to_audio[i]` = clip of caption i), zero-shot classification when
     its clips have labels (classes = its distinct labels; per-fold accuracy averaged when `folds` is given),
-    multiple choice when it has `questions` (question i is about clip `question_audio[i]`).
+    multiple choice when it has `questions` (question i is about clip `question_audio[i]`; each choice's
+    text embedded alone, or after its question with `choices_with_question`).
     """
 
     name: str
@@ -176,6 +183,7 @@ class EvalData:
     folds: np.ndarray | None = None
     questions: list[MultipleChoiceQuestion] = dataclasses.field(default_factory=list)
     question_audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
+    choices_with_question: bool = False
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
@@ -194,8 +202,13 @@ class EvalData:
         return out
 
     def summary(self) -> dict[str, Any]:
-        """Sizes and skipped inputs (reasons that occurred), for the results file."""
-        return {**self.sizes(), "skipped": {reason: n for reason, n in self.skipped.items() if n}}
+        """Sizes, the multiple-choice text format (with questions) and skipped inputs (reasons that occurred),
+        for the results file."""
+        out: dict[str, Any] = self.sizes()
+        if self.questions:
+            out["choice_text"] = "{question} {choice}" if self.choices_with_question else "{choice}"
+        out["skipped"] = {reason: n for reason, n in self.skipped.items() if n}
+        return out
 
 
 def _check_labels(name: str, labels: Sequence[str]) -> list[str]:
@@ -250,12 +263,18 @@ def load_eval_data(
 
 
 def load_airbench_data(
-    root: str | os.PathLike, *, window_seconds: float, tasks: Sequence[str] | None = None, read_threads: int = 4
+    root: str | os.PathLike,
+    *,
+    window_seconds: float,
+    tasks: Sequence[str] | None = None,
+    choices_with_question: bool = False,
+    read_threads: int = 4,
 ) -> EvalData:
     """AIR-Bench foundation questions with their audio decoded (each distinct file once).
 
     A question whose audio cannot be decoded is dropped and counted in `skipped["questions_dropped"]` (its
-    clip's reason is counted too).
+    clip's reason is counted too). Each choice is scored by its text alone (the paper's protocol), or by
+    `"{question} {choice}"` with `choices_with_question`.
     """
     questions = load_airbench_foundation(root, tasks=tasks)
     paths = sorted({q.audio for q in questions})
@@ -273,6 +292,7 @@ def load_airbench_data(
         waveforms=data.waveforms,
         questions=kept,
         question_audio=np.array([row[q.audio] for q in kept], np.int64),
+        choices_with_question=choices_with_question,
         skipped={**data.skip_counts, "questions_dropped": len(questions) - len(kept)},
     )
 
@@ -328,7 +348,9 @@ def evaluate_data(
         embeddings["template_emb"] = template_emb.reshape(len(data.class_names), len(templates), -1)
     choice_mask = None
     if data.questions:
-        embeddings["choice_emb"], choice_mask = choice_embeddings(data.questions, embedder.embed_text)
+        embeddings["choice_emb"], choice_mask = choice_embeddings(
+            data.questions, embedder.embed_text, with_question=data.choices_with_question
+        )
     if len(embeddings) == 1:
         raise ValueError(f"evaluation set {data.name!r} has no captions, labels or questions: nothing to score")
     metric_fn = functools.partial(_score, data=data, choice_mask=choice_mask)

@@ -543,7 +543,12 @@ def open_dataset(entry: str, args: argparse.Namespace) -> tuple[str, Callable[..
             raise ValueError("--datasets airbench needs --airbench-dir (the folder holding Foundation_meta.json)")
         tasks = args.airbench_tasks.split(",") if args.airbench_tasks else None
         eval_tasks.load_airbench_foundation(args.airbench_dir, tasks=tasks)  # metadata parsed, audio files exist
-        return name, functools.partial(eval_tasks.load_airbench_data, args.airbench_dir, tasks=tasks)
+        return name, functools.partial(
+            eval_tasks.load_airbench_data,
+            args.airbench_dir,
+            tasks=tasks,
+            choices_with_question=args.airbench_choices_with_question,
+        )
     elif name == "synthetic":
         spec = str(Path(args.synthetic_dir) / "eval.jsonl")
     elif name in eval_tasks.PAPER_SETS:
@@ -648,6 +653,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--synthetic-dir", default="data/synthetic", help="the generated data set (eval.jsonl)")
     parser.add_argument("--airbench-dir", help="AIR-Bench's Foundation folder (Foundation_meta.json + audio)")
     parser.add_argument("--airbench-tasks", help="comma-separated AIR-Bench task names to keep (default: all)")
+    parser.add_argument(
+        "--airbench-choices-with-question",
+        action="store_true",
+        help='embed each AIR-Bench choice as "{question} {choice}" (default: the choice text alone, as in the paper)',
+    )
     parser.add_argument("--batch-size", type=int, default=64, help="per forward pass, over all local devices")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the towers (float32 or bfloat16)")
     parser.add_argument("--dims", help="comma-separated Matryoshka sizes (default: all of the model's)")
