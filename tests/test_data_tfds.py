@@ -241,7 +241,7 @@ def test_manifest_command(tmp_path):
     f1, f2, f3 = (write_tone(clips / f"{i}.flac", rate) for i, rate in enumerate((44100, 22050, 48000)))
     train = sources.write_manifest(tmp_path / "train.jsonl", [
         {"audio": "clips/0.flac", "captions": ["low tone"], "label": "low"},
-        {"audio": "clips/0.flac", "captions": ["a second caption"]},  # same id: merged
+        {"audio": "clips/0.flac", "captions": ["a second caption"], "label": "low"},  # same id: merged
         {"audio": str(clips / "1.flac"), "captions": ["high tone"], "id": "high", "fold": 3},
         {"audio": "clips/nowhere.flac", "captions": ["gone"]},
     ])
@@ -269,6 +269,25 @@ def test_manifest_command(tmp_path):
     for folder, option in ((tmp_path / "data", "uncompressed"), (tmp_path / "zstd", "zstd:3")):
         (shard,) = tb.prepared_path("my_clips", folder).glob("*-train.array_record-*")
         assert option in array_record_module.ArrayRecordReader(str(shard)).writer_options_string().split(",")
+
+
+def test_entries_sharing_an_id_must_be_one_clip(tmp_path):
+    """A repeated id with another file, label or fold is refused, not silently stored as the first one."""
+    write_tone(tmp_path / "c0.wav", 16000)
+    write_tone(tmp_path / "c1.wav", 16000)
+    manifest = sources.write_manifest(tmp_path / "m.jsonl", [
+        {"id": "x", "audio": "c0.wav", "captions": ["a"], "label": "dog"},
+        {"id": "x", "audio": "c1.wav", "captions": ["b"], "label": "dog"},
+    ])
+    with pytest.raises(sources.ManifestError) as error:
+        tb.build_manifest("dupe", manifest, tmp_path / "data")
+    assert f"manifest {manifest}: id 'x' has audio '{tmp_path / 'c0.wav'}' and also '{tmp_path / 'c1.wav'}'" in str(error.value)
+    clips = [tb.Clip("a.wav", "/m/a.wav", ["one"], label="dog", fold=1), tb.Clip("a.wav", "/m/a.wav", ["two"], label="dog", fold=2)]
+    with pytest.raises(sources.ManifestError, match=r"^esc50 train metadata: id 'a.wav' has fold 1 and also 2"):
+        tb.merge_clips(clips, "esc50 train metadata")
+    clips[1].fold = 1
+    assert tb.merge_clips(clips, "esc50 train metadata") == [tb.Clip("a.wav", "/m/a.wav", ["one", "two"], label="dog", fold=1)]
+    assert clips[0].captions == ["one"]  # the inputs are left as they were
 
 
 def test_build_command_and_errors(tmp_path, capsys):

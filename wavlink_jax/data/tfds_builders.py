@@ -17,8 +17,9 @@ compresses, and decompression is most of the cost of a random read.
 Stored features: `id` (str, unique per split), `audio` (int16, 16 kHz mono), `captions` (list of str; empty
 for the classification sets), `label` (class name, "" if none; underscores of ESC-50/US8K class names are
 replaced by spaces so they read as text prompts), `fold` (ESC-50 1-5, US8K 1-10, otherwise 0).
-CSV rows that share a clip id are merged into one clip with all their captions (AudioCaps has one row per
-caption).
+CSV rows (and manifest lines) that share a clip id are merged into one clip with all their captions
+(AudioCaps has one row per caption); rows that share an id but differ in audio, label or fold are an error
+naming the id and both values (`sources.merge_by_id`).
 
 Bad input is skipped and counted, never silent: a clip whose file is absent ("missing"), has no samples
 ("empty"), is cut short ("truncated") or is not audio libsndfile can read ("not_audio") is logged (the first
@@ -61,7 +62,7 @@ import tensorflow_datasets as tfds
 from array_record.python import array_record_module
 
 from wavlink_jax.data import audio_io
-from wavlink_jax.data.sources import ManifestSource
+from wavlink_jax.data.sources import ManifestSource, merge_by_id
 
 SAMPLE_RATE = audio_io.SAMPLE_RATE
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
@@ -104,15 +105,15 @@ class Clip:
     expected: str = ""  # when `audio` is "": the file names looked for, for the skip log
 
 
-def merge_clips(clips: Iterable[Clip]) -> list[Clip]:
-    """Clips with the same id merged into one, keeping first-seen order and all captions in order."""
-    merged: dict[str, Clip] = {}
-    for clip in clips:
-        if clip.id in merged:
-            merged[clip.id].captions.extend(clip.captions)
-        else:
-            merged[clip.id] = dataclasses.replace(clip, captions=list(clip.captions))
-    return list(merged.values())
+def merge_clips(clips: Iterable[Clip], where: str) -> list[Clip]:
+    """Clips with the same id merged into one, keeping first-seen order and all captions in order.
+
+    `sources.merge_by_id`, as for evaluation manifests: clips that share an id but differ in audio, label or
+    fold are a `ManifestError` naming `where`, the id and the two values.
+    """
+    return merge_by_id(
+        clips, where, field=getattr, with_captions=lambda clip, captions: dataclasses.replace(clip, captions=captions)
+    )
 
 
 def read_csv(
@@ -287,7 +288,10 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"{self.name}: no metadata found in {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         self.info.metadata.update({"sample_rate": SAMPLE_RATE, "skipped": {}, "skipped_examples": {}})
-        return {split: self._generate_examples(split, merge_clips(rows)) for split, rows in clips.items()}
+        return {
+            split: self._generate_examples(split, merge_clips(rows, f"{self.name} {split} metadata in {manual_dir}"))
+            for split, rows in clips.items()
+        }
 
     def _generate_examples(self, split: str, clips: list[Clip]):
         counts: collections.Counter[str] = collections.Counter()
@@ -528,7 +532,8 @@ class ManifestBuilder(AudioTextBuilder, skip_registration=True):
 manifest mode — no manual directory; each split is a JSONL manifest (one clip a line):
     {"audio": "path relative to the manifest or absolute", "captions": ["..."], "label": "optional",
      "fold": 0, "id": "optional"}
-  clip id = "id", else the audio path as written; lines with the same id are merged (captions joined)."""
+  clip id = "id", else the audio path as written; lines with the same id are merged (captions joined;
+  they must agree on audio, label and fold)."""
 
     def __init__(self, *, name: str, manifests: Mapping[str, str | os.PathLike], **kwargs):
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
@@ -543,7 +548,7 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
         self.info.metadata.update({"sample_rate": SAMPLE_RATE, "skipped": {}, "skipped_examples": {}})
         self.info.metadata["manifests"] = {split: str(source.path) for split, source in self.manifests.items()}
         return {
-            split: self._generate_examples(split, merge_clips(self._clips(source)))
+            split: self._generate_examples(split, merge_clips(self._clips(source), f"manifest {source.path}"))
             for split, source in self.manifests.items()
         }
 
