@@ -39,6 +39,19 @@ def test_random_crop_matches_the_full_decode(tmp_path):
     np.testing.assert_allclose(full[300:-300], 0.75 * _tone(440.0, 3.0, 16000)[300:-300] + 0.15 * (_tone(3100.0, 3.0, 16000) * np.linspace(0, 1, 48000))[300:-300], atol=2e-3)
 
 
+@pytest.mark.parametrize("rate, options", [(44100, {}), (22050, {"compression_level": 0.9, "bitrate_mode": "VARIABLE"})])
+def test_mp3_random_crops_match_the_full_decode(tmp_path, rate, options):
+    """The MP3 decoder starts a seek with zeros and a fade-in (~1000-10000 samples): the crop must not."""
+    t = np.arange(4 * rate) / rate
+    path = tmp_path / "chirp.mp3"  # the low-rate VBR file needs the longest pre-roll measured (18 frames of 576)
+    sf.write(path, 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t), rate, format="MP3", subtype="MPEG_LAYER_III", **options)
+    full = load_audio(path)
+    for seed in range(12):
+        crop = load_audio(path, window_samples=8000, rng=np.random.default_rng(seed))
+        start = int(np.random.default_rng(seed).integers(0, len(full) - 8000 + 1))
+        np.testing.assert_allclose(crop, full[start : start + 8000], atol=1e-6, err_msg=f"crop at {start}")
+
+
 def test_short_clips_are_zero_padded_and_arrays_accepted():
     samples = (np.arange(8000) % 100 * 300).astype(np.int16)
     y = load_audio(samples, 16000, window_samples=16000, rng=np.random.default_rng(0))
