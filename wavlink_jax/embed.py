@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from wavlink_jax import inference
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.data.audio_io import BadAudio, load_audio
-from wavlink_jax.losses import l2_normalize
+from wavlink_jax.evaluate import truncate_normalize
 
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64"}
@@ -123,13 +123,6 @@ def read_index(index_file: str | os.PathLike) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
-def truncate(embeddings: np.ndarray, dim: int | None) -> np.ndarray:
-    """Full-size L2-normalised embeddings → the Matryoshka size `dim` (prefix, re-normalised)."""
-    if dim is None or dim == embeddings.shape[-1]:
-        return embeddings
-    return np.asarray(l2_normalize(embeddings[:, :dim]))
-
-
 def search(
     index: dict[str, np.ndarray], embedder: inference.Embedder, query: str, top_k: int, dim: int | None = None
 ) -> list[Hit]:
@@ -140,7 +133,8 @@ def search(
             f"the index holds {clips.shape[1]}-d embeddings but the model makes {embedder.config.embed_dim}-d ones; "
             "query with the model the index was built with"
         )
-    scores = truncate(clips, dim) @ embedder.embed_text([query], dim=dim)[0]
+    query_embedding = embedder.embed_text([query], dim=dim)[0]  # refuses a dim that is not a trained size
+    scores = (clips if dim is None else truncate_normalize(clips, dim)) @ query_embedding
     order = np.argsort(-scores, kind="stable")[:top_k]
     return [Hit(rank=rank + 1, score=float(scores[i]), path=str(index["paths"][i])) for rank, i in enumerate(order)]
 
