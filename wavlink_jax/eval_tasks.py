@@ -1,8 +1,8 @@
 """Evaluation data sets: the paper's benchmarks, AIR-Bench's multiple-choice metadata, and scoring a model on them.
 
 `EvalData` is one decoded evaluation set (waveforms plus captions / labels / questions); `evaluate_data`
-embeds it with any `Embedder` (full-size embeddings, computed once) and scores every protocol the set
-supports at every Matryoshka size, with the metrics of `wavlink_jax.evaluate`.
+embeds it with any `SupportsEmbedding` model (full-size embeddings, computed once) and scores every protocol
+the set supports at every Matryoshka size, with the metrics of `wavlink_jax.evaluate`.
 
 AIR-Bench (Yang et al., ACL 2024, github.com/OFA-Sys/AIR-Bench) releases its foundation benchmark as a folder
 
@@ -155,8 +155,9 @@ PAPER_SETS: dict[str, tuple[str, str]] = {
 }
 
 
-class Embedder(Protocol):
-    """What evaluation needs from a model: full-size, L2-normalised numpy embeddings."""
+class SupportsEmbedding(Protocol):
+    """What evaluation needs from a model: full-size, L2-normalised numpy embeddings (e.g.
+    `inference.Embedder`, `train_step.StateEmbedder`)."""
 
     def embed_audio(self, waveforms: np.ndarray) -> np.ndarray:
         """(N, samples) float32 16 kHz waveforms → (N, E)."""
@@ -332,7 +333,7 @@ def _score(
 
 
 def evaluate_data(
-    embedder: Embedder,
+    embedder: SupportsEmbedding,
     data: EvalData,
     dims: Sequence[int],
     *,

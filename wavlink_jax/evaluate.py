@@ -503,7 +503,7 @@ def evaluate_during_training(
 ) -> dict[str, float]:
     """Score every `eval_tasks.EvalData` (decoded once, before training) with the current model.
 
-    `embedder` is an `eval_tasks.Embedder` over the current parameters; `dims` the model's Matryoshka sizes.
+    `embedder` is an `eval_tasks.SupportsEmbedding` over the current parameters; `dims` the model's Matryoshka sizes.
     Returns the flat records of `metric_records` for `metrics.jsonl`, e.g. `eval/clotho/t2a_R@1`, and what
     they were measured on: `eval/<set>/clips` (and `captions`, `classes`, `questions` where the set has them)
     and `eval/<set>/skipped/<reason>` for every reason the set counts, zeros included, so that a set's keys
@@ -573,7 +573,9 @@ def format_table(name: str, table: Mapping[int, Mapping[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def _write_results(results: dict[str, Any], combined: Mapping[int, Mapping[str, float]], args: argparse.Namespace) -> None:
+def _write_results(
+    results: dict[str, Any], combined: Mapping[int, Mapping[str, float]], args: argparse.Namespace
+) -> None:
     """`--out` (replaced whole, never left half-written) and, with several sizes, the Matryoshka plot."""
     if jax.process_index() != 0:
         return
