@@ -350,6 +350,7 @@ def test_eval_set_keeps_order_captions_and_labels(tmp_path):
     np.testing.assert_array_equal(eval_set.text_to_audio, [*np.repeat(np.arange(4), 3), 4])
     np.testing.assert_array_equal(eval_set.waveforms[2], _clip(3)[:6400])  # head crop
     assert eval_set.skip_counts["no_captions"] == 1 and eval_set.skip_counts["missing"] == 1
+    assert eval_set.skip_counts["blank_captions"] == 1
     sf.write(tmp_path / "5.wav", _clip(5), RATE, subtype="FLOAT")
     zero_shot = pipeline.make_eval_set(manifest, window_seconds=0.6, require_captions=False)
     assert zero_shot.labels[-1] == "c2" and len(zero_shot.captions) == 13 and zero_shot.waveforms.shape == (6, 9600)
@@ -390,6 +391,20 @@ def test_eval_manifest_lines_sharing_an_id_must_be_one_clip(tmp_path, key, secon
         pipeline.make_eval_set(manifest, window_seconds=WINDOW)
     shown = str(tmp_path / second) if key == "audio" else second
     assert f"manifest {manifest}: id 'x' has {key} " in str(error.value) and repr(shown) in str(error.value)
+
+
+def test_eval_summaries_count_blank_captions(tmp_path):
+    from wavlink_jax import eval_tasks
+
+    _manifest(tmp_path, [1, 2])  # writes the clips
+    manifest = write_manifest(tmp_path / "e.jsonl", [
+        {"audio": "1.wav", "captions": ["one", "  ", "three", "", ""]},
+        {"audio": "2.wav", "captions": ["x", "y", "z", "w", "v"]},
+    ])
+    eval_set = pipeline.make_eval_set(manifest, window_seconds=WINDOW)
+    assert eval_set.skip_counts["blank_captions"] == 3 and eval_set.captions[:2] == ["one", "three"]
+    data = eval_tasks.load_eval_data("blank", manifest, window_seconds=WINDOW)
+    assert data.summary()["skipped"] == {"blank_captions": 3}  # the summary written with the results
 
 
 def test_eval_set_folds_from_a_manifest(tmp_path):

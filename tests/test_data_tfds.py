@@ -230,6 +230,20 @@ def test_builder_reads_official_layout(tmp_path, name):
         assert sum(len(v) for v in meta["skipped_examples"][split].values()) == sum(reasons.values())
 
 
+def test_blank_captions_are_dropped_and_counted(tmp_path):
+    manual = tmp_path / "manual"
+    expected, skipped = fake_clotho(manual)
+    header = ["file_name"] + [f"caption_{i}" for i in range(1, 6)]
+    rows = [[name, *want.captions] for name, want in expected["validation"].items()]
+    rows[0][3] = rows[0][5] = " "  # two empty caption columns
+    write_csv(manual / "clotho_captions_validation.csv", rows, header)
+    first = expected["validation"][rows[0][0]]
+    first.captions = [c for c in first.captions if c not in (first.captions[2], first.captions[4])]
+    result = tb.build("clotho", manual, tmp_path / "data")
+    assert result["blank_captions"] == {"train": 0, "validation": 2, "test": 0}
+    check_prepared("clotho", tmp_path / "data", expected, skipped)
+
+
 def test_decoding_in_worker_processes(tmp_path):
     expected, skipped = fake_esc50(tmp_path / "manual")
     tb.build("esc50", tmp_path / "manual", tmp_path / "data", num_workers=2)

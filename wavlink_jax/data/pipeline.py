@@ -220,6 +220,7 @@ class _PrepareExample:
             "id": record["id"],
             "waveform": waveform,
             "captions": captions,
+            "blank_captions": len(record["captions"]) - len(captions),
             "label": record["label"],
             "fold": int(record.get("fold", 0)),
         }
@@ -525,7 +526,8 @@ class EvalSet:
 
     waveforms (num_clips, window_samples) float32 head crops; captions flat over the clips, with
     text_to_audio[i] = index of caption i's clip; labels per clip ("" if none); folds per clip when the
-    source has them (ESC-50, US8K: records with a non-zero "fold"), else None.
+    source has them (ESC-50, US8K: records with a non-zero "fold"), else None. skip_counts: the clips skipped, by
+    reason (SKIP_REASONS), and "blank_captions": the blank captions dropped from the kept clips.
     """
 
     ids: list[str]
@@ -568,6 +570,7 @@ def make_eval_set(
     good = [e for e in elements if "skip" not in e]
     skipped = [e for e in elements if "skip" in e]
     skip_counts = dict(zip(SKIP_REASONS, map(int, _skip_vector(skipped))))
+    skip_counts["blank_captions"] = sum(e["blank_captions"] for e in good)
     if not good:
         last = f"; the last: {skipped[-1]['message']}" if skipped else ""
         raise DataError(

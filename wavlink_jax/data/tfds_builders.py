@@ -25,7 +25,9 @@ Bad input is skipped and counted, never silent: a clip whose file is absent ("mi
 ("empty"), is cut short ("truncated") or is not audio libsndfile can read ("not_audio") is logged (the first
 few of each reason with their paths, then a per-split summary) and counted in the prepared data set's
 `metadata.json` (`{"skipped": {split: {reason: n}}, "skipped_examples": {split: {reason: ["id: path"]}}}`);
-the build command prints the counts, and `load_source(...).build_skipped` returns them.
+the build command prints the counts, and `load_source(...).build_skipped` returns them. Blank captions (an empty
+Clotho caption column, a blank AudioCaps row) are dropped from the stored clips and counted the same way
+(`"blank_captions": {split: n}` in the metadata and the build report).
 
 Commands (see the README section "Building the paper's data sets"):
 
@@ -280,6 +282,10 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def read_clips(self, manual_dir: Path) -> dict[str, list[Clip]]:
         raise NotImplementedError
 
+    def _start_report(self) -> None:
+        """Empty per-split counts in the metadata, filled by `_generate_examples`."""
+        self.info.metadata.update({"sample_rate": SAMPLE_RATE, "skipped": {}, "skipped_examples": {}, "blank_captions": {}})
+
     def _split_generators(self, dl_manager):
         manual_dir = Path(dl_manager.manual_dir)
         clips = self.read_clips(manual_dir)
@@ -287,7 +293,7 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             raise FileNotFoundError(
                 f"{self.name}: no metadata found in {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
-        self.info.metadata.update({"sample_rate": SAMPLE_RATE, "skipped": {}, "skipped_examples": {}})
+        self._start_report()
         return {
             split: self._generate_examples(split, merge_clips(rows, f"{self.name} {split} metadata in {manual_dir}"))
             for split, rows in clips.items()
@@ -296,6 +302,7 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, clips: list[Clip]):
         counts: collections.Counter[str] = collections.Counter()
         examples: dict[str, list[str]] = collections.defaultdict(list)
+        blank = 0
         for clip, audio in zip(clips, self._decode([clip.audio for clip in clips])):
             if isinstance(audio, str):
                 counts[audio] += 1
@@ -304,18 +311,23 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                     examples[audio].append(f"{clip.id}: {where}")
                     log.warning("%s/%s: skipping %s (%s): %s", self.name, split, clip.id, audio, where)
                 continue
+            captions = [caption for caption in clip.captions if caption.strip()]  # a blank one describes nothing
+            blank += len(clip.captions) - len(captions)
             yield clip.id, {
                 "id": clip.id,
                 "audio": audio,
-                "captions": clip.captions,
+                "captions": captions,
                 "label": clip.label,
                 "fold": clip.fold,
             }
         if counts:
             total = sum(counts.values())
             log.warning("%s/%s: skipped %d of %d clips: %s", self.name, split, total, len(clips), dict(counts))
+        if blank:
+            log.warning("%s/%s: dropped %d blank captions of the stored clips", self.name, split, blank)
         self.info.metadata["skipped"][split] = dict(counts)
         self.info.metadata["skipped_examples"][split] = dict(examples)
+        self.info.metadata["blank_captions"][split] = blank
 
     def _decode(self, paths: list[str]) -> Iterator[np.ndarray | str]:
         """`decode_to_16k_int16` of each path, in order; in the worker pool with a bounded queue if any."""
@@ -381,8 +393,8 @@ clotho — Clotho v2.1 from Zenodo, the CSVs and the extracted 7z archives:
             csv_path = find_path(manual_dir, names, f"Clotho {part} captions")
             folders = [f"clotho_audio_{part}", part, f"clotho_audio_files/{part}"]
             audio_dir = find_path(manual_dir, folders, f"Clotho {part} audio folder")
-            clips[split] = [
-                file_clip(audio_dir / row["file_name"], row["file_name"], [row[c] for c in columns[1:] if row[c]])
+            clips[split] = [  # empty caption columns are dropped and counted by _generate_examples
+                file_clip(audio_dir / row["file_name"], row["file_name"], [row[c] for c in columns[1:]])
                 for _, row in read_csv(csv_path, columns)
             ]
         return clips
@@ -545,7 +557,7 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
         super().__init__(**kwargs)
 
     def _split_generators(self, dl_manager):
-        self.info.metadata.update({"sample_rate": SAMPLE_RATE, "skipped": {}, "skipped_examples": {}})
+        self._start_report()
         self.info.metadata["manifests"] = {split: str(source.path) for split, source in self.manifests.items()}
         return {
             split: self._generate_examples(split, merge_clips(self._clips(source), f"manifest {source.path}"))
@@ -709,7 +721,7 @@ def load_source(name: str, data_dir: str | os.PathLike | None, split: str) -> Pr
 
 
 def summary(name: str, data_dir: str | os.PathLike | None) -> dict:
-    """Path, clips per split and skipped clips per split and reason of a prepared data set."""
+    """Path, clips per split, skipped clips per split and reason, and blank captions dropped per split."""
     path = prepared_path(name, data_dir)
     info = tfds.builder_from_directory(path).info
     return {
@@ -717,6 +729,7 @@ def summary(name: str, data_dir: str | os.PathLike | None) -> dict:
         "path": str(path),
         "splits": {split: info.splits[split].num_examples for split in info.splits},
         "skipped": info.metadata.get("skipped", {}),
+        "blank_captions": info.metadata.get("blank_captions", {}),
     }
 
 
