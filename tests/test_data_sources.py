@@ -58,6 +58,16 @@ def test_manifest_errors_name_file_and_line(tmp_path, bad_line, message):
     assert f"{manifest}:3" in str(err.value) and message in str(err.value)
 
 
+def test_manifest_paths_expand_home_and_follow_the_path_as_given(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    target = write_manifest(tmp_path / "lists" / "m.jsonl", [{"audio": "~/clips/a.wav"}, {"audio": "b.wav"}])
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "m.jsonl").symlink_to(target)  # a manifest linked into the folder of its clips
+    source = ManifestSource(tmp_path / "clips" / "m.jsonl")
+    assert source[0]["audio"] == str(tmp_path / "home" / "clips" / "a.wav")
+    assert source[1]["audio"] == str(tmp_path / "clips" / "b.wav")
+
+
 def test_manifest_missing_or_empty(tmp_path):
     with pytest.raises(ManifestError, match="manifest not found"):
         ManifestSource(tmp_path / "nope.jsonl")

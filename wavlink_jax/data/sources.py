@@ -20,7 +20,8 @@ the bad-input policy (missing/empty/truncated/... files are skipped and counted)
 
 A manifest (JSONL, one clip a line) is
     {"audio": "clips/a.flac", "captions": ["a dog barks", ...], "label": "dog", "fold": 1, "id": "optional"}
-with `audio` relative to the manifest's folder or absolute; `label`, `fold` (an int >= 0, 0 = none) and `id`
+with `audio` relative to the folder of the manifest's path as given (for a symlinked manifest, the link's
+folder, not its target's) or absolute (`~` expanded); `label`, `fold` (an int >= 0, 0 = none) and `id`
 optional. `ManifestSource` validates every line when it opens the file (a line that is not a JSON object,
 lacks "audio" or has a key of the wrong type is an error naming the file and line)
 and keeps only the byte offsets and lengths of the lines, so an 8M-line manifest costs ~100 MB of memory, not
@@ -127,7 +128,9 @@ class ManifestSource:
     """The lines of a JSONL manifest, as `Record`s with absolute audio paths (`clips()`: merged by id)."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser().resolve()
+        # absolute(), not resolve(): relative audio paths are relative to the folder of the manifest's path as
+        # given, so a manifest symlinked into a folder of clips reads them there.
+        self.path = Path(path).expanduser().absolute()
         if not self.path.is_file():
             raise ManifestError(f"{self.path}: manifest not found")
         self.root = self.path.parent
@@ -161,7 +164,7 @@ class ManifestSource:
         audio = entry["audio"]
         return Record(
             id=entry.get("id", audio),
-            audio=str(self.root / audio),  # an absolute `audio` stays as it is
+            audio=str(self.root / Path(audio).expanduser()),  # an absolute `audio` stays as it is
             sample_rate=0,
             captions=list(entry.get("captions", [])),
             label=entry.get("label", ""),
