@@ -91,6 +91,12 @@ def test_every_bad_input_reason(tmp_path):
         assert err.value.reason == reason
     with pytest.raises(BadAudio, match="no samples"):
         load_audio(np.zeros(0, np.int16), 16000)
+    sf.write(tmp_path / "two.wav", good[:2], 44100)  # less than one sample at 16 kHz
+    for source, rate in ((tmp_path / "two.wav", 0), (good[:2], 48000)):
+        for window in (None, 16000):
+            with pytest.raises(BadAudio, match="less than one at 16000 Hz") as err:
+                load_audio(source, rate, window_samples=window)
+            assert err.value.reason == "empty"
     assert len(load_audio(tmp_path / "good.flac", min_samples=8000)) == 32000
 
 

@@ -6,7 +6,8 @@ length of the file; a crop equals the same samples of a whole-file decode. Anyth
 `BadAudio` with one of `SKIP_REASONS`; the pipeline skips and counts it:
 
     missing      the file does not exist
-    empty        a zero-byte file, or an audio file / array with no samples
+    empty        a zero-byte file, or an audio file / array with no samples (or too few for one sample at the
+                 target rate: 1-2 frames at 44.1/48 kHz)
     truncated    the file ends before its header says it should (libsndfile fails or returns fewer frames
                  while reading, or a WAV's data chunk is shorter than declared)
     not_audio    libsndfile cannot open it (text, HTML error pages, unknown formats)
@@ -143,6 +144,8 @@ def load_audio(
         total = frames * target_rate // rate  # length at the target rate
         if total < min_samples:
             raise BadAudio("too_short", f"{name}: {frames / rate:.3f} s, shorter than {min_samples / target_rate:.3f} s")
+        if total == 0:
+            raise BadAudio("empty", f"{name}: {frames} samples at {rate} Hz, less than one at {target_rate} Hz")
         length = total if window_samples is None else min(window_samples, total)
         start = int(rng.integers(0, total - length + 1)) if rng is not None else 0
         # The source frames covering [start, start + length) at the target rate, plus a margin for the filter.
