@@ -447,6 +447,21 @@ def test_check_command_reports_one_epoch(tmp_path, tokenizer):
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log
 
 
+def test_check_command_names_a_source_it_cannot_open(tmp_path, capsys):
+    from wavlink_jax.data.__main__ import main
+
+    (tmp_path / "bad.jsonl").write_text('{"audio": "a.wav", "fold": "one"}\n')
+    cases = {
+        ("check", str(tmp_path / "nope.jsonl")): f"error: {tmp_path / 'nope.jsonl'}: manifest not found",
+        ("check", str(tmp_path / "bad.jsonl")): f"error: {tmp_path / 'bad.jsonl'}:1: \"fold\" must be an integer",
+        ("check", "clotho", "--data-dir", str(tmp_path / "nodata")): "error: no prepared data set 'clotho'",
+    }
+    for argv, message in cases.items():
+        assert main(list(argv)) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(message) and len(err.splitlines()) == 1, err
+
+
 def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokenizer):
     from wavlink_jax.data import tfds_builders
     from wavlink_jax.data.__main__ import check

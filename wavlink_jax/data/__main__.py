@@ -7,7 +7,8 @@ progress bar goes to stderr; the last line on stdout is one JSON object:
 
     {"examples": n, "ok": n_ok, "skipped": {reason: count}, "clips_per_s": x}
 
-The exit status is 1 when no clip is usable, else 0. Unlike training, `check` never stops at a run of bad
+The exit status is 1 when no clip is usable, or when the source cannot be opened (a manifest or prepared data set
+that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check` never stops at a run of bad
 records (`max_consecutive_skips` is off): it reports every one.
 """
 
@@ -96,18 +97,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    report = check(
-        args.source,
-        data_dir=args.data_dir,
-        split=args.split,
-        window_seconds=args.window_seconds,
-        min_seconds=args.min_seconds,
-        num_workers=args.num_workers,
-        batch_size=args.batch_size,
-        tokenizer=args.tokenizer,
-        max_text_length=args.max_text_length,
-        progress=not args.no_progress,
-    )
+    try:
+        report = check(
+            args.source,
+            data_dir=args.data_dir,
+            split=args.split,
+            window_seconds=args.window_seconds,
+            min_seconds=args.min_seconds,
+            num_workers=args.num_workers,
+            batch_size=args.batch_size,
+            tokenizer=args.tokenizer,
+            max_text_length=args.max_text_length,
+            progress=not args.no_progress,
+        )
+    except (ValueError, FileNotFoundError) as err:  # ManifestError is a ValueError; messages say what to do
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
 
