@@ -34,6 +34,7 @@ import soxr
 
 SAMPLE_RATE = 16000
 SKIP_REASONS = ("missing", "empty", "truncated", "not_audio", "not_finite", "too_short", "no_captions")
+LOGGED_PER_REASON = 20  # skipped clips logged with their file per reason (per process; per split in a TFDS build)
 _FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # libsndfile's floating-point sample formats (WAV, AIFF, CAF, ...)
 _RESAMPLER_MARGIN_SECONDS = 0.01
 # libsndfile's WAV header log says "data : 264600 (should be 132278)" when the data chunk was cut short.

@@ -63,11 +63,10 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from wavlink_jax.data.audio_io import SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio
+from wavlink_jax.data.audio_io import LOGGED_PER_REASON, SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio
 from wavlink_jax.data.sources import ManifestSource, Source, open_source
 
 logger = logging.getLogger(__name__)
-_LOGGED_PER_REASON = 20
 _logged = collections.Counter()
 
 
@@ -172,7 +171,7 @@ def _source_advice(spec: Mapping[str, Any] | str | os.PathLike) -> str:
 
 def _skip(reason: str, message: str, source: int | None) -> dict:
     _logged[reason] += 1
-    level = logging.WARNING if _logged[reason] <= _LOGGED_PER_REASON else logging.DEBUG
+    level = logging.WARNING if _logged[reason] <= LOGGED_PER_REASON else logging.DEBUG
     logger.log(level, "skipped (%s): %s", reason, message)
     return {"skip": reason, "message": f"{reason}: {message}", "source": source}
 

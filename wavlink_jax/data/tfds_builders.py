@@ -23,7 +23,7 @@ naming the id and both values (`sources.merge_by_id`).
 
 Bad input is skipped and counted, never silent: a clip whose file is absent ("missing"), has no samples
 ("empty"), is cut short ("truncated") or is not audio libsndfile can read ("not_audio") is logged (the first
-few of each reason with their paths, then a per-split summary) and counted in the prepared data set's
+20 of each reason with their paths, then a per-split summary) and counted in the prepared data set's
 `metadata.json` (`{"skipped": {split: {reason: n}}, "skipped_examples": {split: {reason: ["id: path"]}}}`);
 the build command prints the counts, and `load_source(...).build_skipped` returns them. Blank captions (an empty
 Clotho caption column, a blank AudioCaps row) are dropped from the stored clips and counted the same way
@@ -66,9 +66,7 @@ from array_record.python import array_record_module
 from wavlink_jax.data import audio_io
 from wavlink_jax.data.sources import ManifestSource, merge_by_id
 
-SAMPLE_RATE = audio_io.SAMPLE_RATE
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
-_LOGGED_PER_REASON = 10  # skipped clips logged (and kept in metadata) per reason and split
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +282,9 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _start_report(self) -> None:
         """Empty per-split counts in the metadata, filled by `_generate_examples`."""
-        self.info.metadata.update({"sample_rate": SAMPLE_RATE, "skipped": {}, "skipped_examples": {}, "blank_captions": {}})
+        self.info.metadata.update(
+            {"sample_rate": audio_io.SAMPLE_RATE, "skipped": {}, "skipped_examples": {}, "blank_captions": {}}
+        )
 
     def _split_generators(self, dl_manager):
         manual_dir = Path(dl_manager.manual_dir)
@@ -306,7 +306,7 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         for clip, audio in zip(clips, self._decode([clip.audio for clip in clips])):
             if isinstance(audio, str):
                 counts[audio] += 1
-                if len(examples[audio]) < _LOGGED_PER_REASON:
+                if len(examples[audio]) < audio_io.LOGGED_PER_REASON:  # also kept in the metadata
                     where = clip.audio or clip.expected
                     examples[audio].append(f"{clip.id}: {where}")
                     log.warning("%s/%s: skipping %s (%s): %s", self.name, split, clip.id, audio, where)
@@ -699,7 +699,7 @@ class PreparedSource:
         return {
             "id": record["id"].decode("utf-8"),
             "audio": record["audio"],
-            "sample_rate": SAMPLE_RATE,
+            "sample_rate": audio_io.SAMPLE_RATE,
             "captions": [caption.decode("utf-8") for caption in record["captions"]],
             "label": record["label"].decode("utf-8"),
             "fold": int(record["fold"]),
