@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -64,14 +65,16 @@ class Launch:
     local port when there are several); `wait` returns each process's stdout or fails with every stderr."""
 
     def __init__(self, workdir: Path, data_dir: Path, overrides=(), *, processes: int, devices: int, cache_dir: Path,
-                 eval_every: int = 2):
+                 eval_every: int = 2, folders: Sequence[Path] | None = None):
+        """`folders`: each process's working folder (default: the repository's)."""
         self.workdir, self.logs = workdir, workdir.parent / f"{workdir.name}-logs"
         self.command = [
             sys.executable, "-m", "wavlink_jax.train", "--workdir", str(workdir),
-            "--config", f"tests/train_fixtures.py:data_dir={data_dir},steps={STEPS},eval_every={eval_every}",
+            "--config", f"{REPO}/tests/train_fixtures.py:data_dir={data_dir},steps={STEPS},eval_every={eval_every}",
             f"--config.compilation_cache_dir={cache_dir}", *overrides,
         ]
         self.count, self.devices = processes, devices
+        self.folders = folders or [REPO] * processes
         self._start()
 
     def _start(self) -> None:
@@ -87,11 +90,14 @@ class Launch:
                     JAX_PROCESS_ID=str(index),
                 )
             with open(self.logs / f"{index}.out", "w") as out, open(self.logs / f"{index}.err", "w") as err:
-                self.processes.append(subprocess.Popen(self.command, cwd=REPO, env=env, stdout=out, stderr=err))
+                self.processes.append(
+                    subprocess.Popen(self.command, cwd=self.folders[index], env=env, stdout=out, stderr=err)
+                )
 
-    def wait(self, retries: int = 1) -> list[str]:
-        """Each process's stdout once all have exited; a launch whose coordinator port was taken in the moment
-        between `free_port` and the coordinator's bind is started again on another port (`retries` times)."""
+    def finish(self, retries: int = 1) -> list[int]:
+        """The processes' exit codes once all have exited; once one has failed, the others get `GRACE_S` to end
+        on their own before they are killed (-9). A launch whose coordinator port was taken in the moment between
+        `free_port` and the coordinator's bind is started again on another port (`retries` times)."""
         deadline = time.monotonic() + TIMEOUT_S
         while any(p.poll() is None for p in self.processes) and time.monotonic() < deadline:
             if any(p.returncode for p in self.processes):  # one failed: the others would wait for it
@@ -101,10 +107,14 @@ class Launch:
             if process.poll() is None:
                 process.kill()
                 process.wait()
-        if any(p.returncode for p in self.processes):
-            if retries and PORT_TAKEN.search(self.output(0, "err")):
-                self._start()
-                return self.wait(retries - 1)
+        if retries and any(p.returncode for p in self.processes) and PORT_TAKEN.search(self.output(0, "err")):
+            self._start()
+            return self.finish(retries - 1)
+        return [p.returncode for p in self.processes]
+
+    def wait(self) -> list[str]:
+        """Each process's stdout once all have exited; fails with every process's stderr if one failed."""
+        if any(self.finish()):
             report = [f"{self.workdir.name}: exit codes {[p.returncode for p in self.processes]}"]
             for index in range(len(self.processes)):
                 lines = self.output(index, "err").splitlines()
@@ -244,6 +254,25 @@ def test_other_meshes_match_one_process(tmp_path, data_dir, overrides):
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, STEPS + 1))
     for got, want in zip(two, one):
         assert_same_metrics(got, want)
+
+
+def test_a_process_that_fails_alone_stops_the_whole_job(tmp_path, data_dir):
+    """Process 1's copy of the data set lacks its audio (as with a mount missing on one host), so it stops with a
+    DataError at its first batch; process 0, which would wait for it in the first step's collectives until the
+    runtime's heartbeat timeout, stops at once with process 1's error."""
+    good, broken = tmp_path / "host0", tmp_path / "host1" / "data"
+    good.mkdir()
+    (good / "data").symlink_to(data_dir)
+    shutil.copytree(data_dir / "tokenizer", broken / "tokenizer")
+    shutil.copy(data_dir / "train.jsonl", broken / "train.jsonl")  # its audio paths lead nowhere from here
+    launch = Launch(tmp_path / "w", Path("data"), (*MESH, "--config.data.max_consecutive_skips=20"), processes=2,
+                    devices=4, cache_dir=tmp_path / "jax_cache", eval_every=0, folders=[good, broken.parent])
+    codes = launch.finish()
+    errors = [launch.output(index, "err") for index in range(2)]
+    assert codes == [1, 1], (codes, errors[0][-3000:], errors[1][-3000:])  # -9: killed after GRACE_S
+    failure = "error: 20 records in a row of the manifest "
+    assert failure in errors[1] and "Traceback" not in errors[1]
+    assert f"process 1 of the job failed, so process 0 stops too. Its error:\n{failure}" in errors[0]
 
 
 def test_skip_counts_add_up_over_the_shares(monkeypatch):

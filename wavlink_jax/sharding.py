@@ -12,13 +12,17 @@ The batch is split over the batch axes (`data` and `fsdp`); parameters are split
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
-from typing import Any, Callable, Mapping, Sequence
+import sys
+import threading
+from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import jax
 import numpy as np
 from flax import nnx, traverse_util
+from jax._src import distributed as jax_distributed  # its client's key-value store; no public API has it (orbax uses it too)
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -91,7 +95,84 @@ def initialize_distributed(mode: str | bool, environ: Mapping[str, str] | None =
     # Connect the processes' collectives now, while every process stands here: gloo (CPU) gives a peer only 30 s
     # to reach a collective, and start-up work of different lengths (data, compilation) can exceed that.
     multihost_utils.sync_global_devices("wavlink_jax: joined")
+    _watch_peers()
     logging.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+
+
+# A process that fails on its own (its share of the data, its disk, its mount) would leave the others waiting in a
+# collective for the runtime's heartbeat timeout (100 s, then an abort with a core dump, and no word of why), and
+# itself in jax's shutdown barrier (300 s). Instead it posts its error under STOP_KEY in the job's key-value store,
+# where every other process's watcher thread reads it at once, prints it and ends that process too.
+STOP_KEY = "wavlink_jax/stop"
+_POLL_MS = 1000  # how long one read of STOP_KEY waits; a watcher ends at most this long after `close`
+_ACK_WAIT_MS = 10_000  # how long a failing process waits for the others to read its error before it exits
+_watcher: "_PeerWatcher | None" = None
+
+
+class _PeerWatcher:
+    """A daemon thread that ends this process (status 1) when another process of the job posts its error."""
+
+    def __init__(self, client: Any, process_index: int):
+        self._client, self._index = client, process_index
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="wavlink_jax peer watcher", daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        while not self._closed.is_set():
+            try:
+                posted = self._client.blocking_key_value_get(STOP_KEY, _POLL_MS)
+            except jax.errors.JaxRuntimeError as err:
+                if "DEADLINE_EXCEEDED" in str(err):
+                    continue  # nothing posted yet
+                return  # the client is shutting down
+            origin, message = posted.split("\n", 1)
+            if int(origin) == self._index:
+                return  # this process is stopping the job itself
+            sys.stderr.write(
+                f"error: process {origin} of the job failed, so process {self._index} stops too. Its error:\n{message}\n"
+            )
+            sys.stderr.flush()
+            self._client.key_value_set(f"{STOP_KEY}/read/{self._index}", "")
+            os._exit(1)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+
+def _watch_peers() -> None:
+    global _watcher
+    if _watcher is None and jax.process_count() > 1:
+        _watcher = _PeerWatcher(jax_distributed.global_state.client, jax.process_index())
+        atexit.register(_watcher.close)  # before jax's own exit handler (registered earlier) shuts the client down
+
+
+def has_peers() -> bool:
+    """Whether this process runs in a job of several processes (joined by `initialize_distributed`)."""
+    return _watcher is not None
+
+
+def stop_job(message: str) -> NoReturn:
+    """End this process with `message` on stderr and exit status 1; in a job of several processes, end all of
+    them: the others print this process's `message` and exit at once instead of waiting in a collective."""
+    if _watcher is None:
+        sys.exit(message)
+    sys.stderr.write(message.rstrip("\n") + "\n")
+    sys.stderr.flush()
+    client, index = jax_distributed.global_state.client, jax.process_index()
+    try:
+        client.key_value_set(STOP_KEY, f"{index}\n{message[-8000:]}")
+    except jax.errors.JaxRuntimeError:
+        os._exit(1)  # another process posted first: its error is being spread already
+    # Process 0 serves the key-value store: every process waits until the others have read the error.
+    for other in range(jax.process_count()):
+        if other != index:
+            try:
+                client.blocking_key_value_get(f"{STOP_KEY}/read/{other}", _ACK_WAIT_MS)
+            except jax.errors.JaxRuntimeError:
+                break  # that process is gone or stuck; the runtime's heartbeat timeout ends it
+    os._exit(1)  # not sys.exit: jax's shutdown barrier at exit would wait for the processes that just stopped
 
 
 def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -276,7 +276,11 @@ def main(argv: list[str]) -> None:
     try:
         train(_CONFIG.value, _WORKDIR.value)
     except (NonFiniteLoss, pipeline.DataError, CheckpointError) as err:  # messages that say what to do
-        sys.exit(f"error: {err}")
+        sharding.stop_job(f"error: {err}")
+    except Exception:
+        if sharding.has_peers():  # the other processes must not wait for this one
+            sharding.stop_job(traceback.format_exc())
+        raise
 
 
 if __name__ == "__main__":
