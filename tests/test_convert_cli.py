@@ -15,7 +15,9 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from train_fixtures import tiny_config
 
+from wavlink_jax import checkpoint, optim, sharding, train_step
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.__main__ import main
 from wavlink_jax.convert.common import CheckpointError
@@ -143,6 +145,34 @@ def test_clip_text_cli(tmp_path):
     a, b = _forward_text(original, ids, mask), _forward_text(restored, ids, mask)
     np.testing.assert_array_equal(np.asarray(a.embedding), np.asarray(b.embedding))
     np.testing.assert_array_equal(np.asarray(a.hidden_states), np.asarray(b.hidden_states))
+
+    reloaded = load_clip_text(out, dtype="bfloat16")  # a tower directory loads like any checkpoint
+    assert reloaded.config == dataclasses.replace(original.config, dtype="bfloat16")
+    actual = _flat(reloaded)
+    assert expected.keys() == actual.keys()
+    for path in expected:
+        np.testing.assert_array_equal(actual[path], expected[path], err_msg=str(path))
+
+
+def test_init_from_text_reads_a_converted_clip_tower(tmp_path):
+    config = tiny_config()
+    text = config.model.text
+    torch.manual_seed(0)
+    hf = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+        vocab_size=text.vocab_size, hidden_size=text.width, num_hidden_layers=text.num_layers,
+        num_attention_heads=text.num_heads, intermediate_size=text.mlp_dim, max_position_embeddings=text.max_positions,
+        projection_dim=text.projection_dim, eos_token_id=2,
+    ))  # fmt: skip
+    hf.save_pretrained(tmp_path / "clip")
+    assert main(["clip_text", str(tmp_path / "clip"), "--out", str(tmp_path / "tower")]) == 0
+    config.init_from.text = str(tmp_path / "tower")
+    setup = train_step.build(config, sharding.create_mesh({"data": 1}, devices=jax.devices()[:1]), total_steps=2)
+    state = optim.flatten(jax.device_get(checkpoint.apply_init_from(train_step.init_state(setup, seed=0), setup)))
+    torch_weights = {name: value.numpy() for name, value in hf.state_dict().items()}
+    np.testing.assert_array_equal(
+        state["params/text/token_embedding/embedding"], torch_weights["text_model.embeddings.token_embedding.weight"]
+    )
+    np.testing.assert_array_equal(state["params/text/text_projection/kernel"], torch_weights["text_projection.weight"].T)
 
 
 def test_module_entry_point():

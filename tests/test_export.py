@@ -146,6 +146,18 @@ def test_pytorch_rejects_untrained_dim(torch_wavlink):
         torch_wavlink.embed_text(["a dog"], dim=8)
 
 
+def test_pytorch_config_requires_the_full_size_among_matryoshka_dims():
+    """The exported config obeys the JAX config's rule: the trained sizes include `embed_dim`, the size
+    `dim=None` serves (a hand-edited config.json that drops it is refused, not served untrained)."""
+    assert torch_model.WavLinkConfig(embed_dim=32, matryoshka_dims=[32, 16]).matryoshka_dims == [32, 16]
+    assert torch_model.WavLinkConfig(embed_dim=32).matryoshka_dims is None  # the full size only
+    for dims in ([16, 8], [32, 16, 16], [64, 32], [32, 0]):
+        with pytest.raises(ValueError, match=r"matryoshka_dims .* whose largest is embed_dim"):
+            torch_model.WavLinkConfig(embed_dim=32, matryoshka_dims=dims)
+    with pytest.raises(ValueError, match=r"e\.g\. \[32, 16, 8\]"):
+        torch_model.WavLinkConfig(embed_dim=32, matryoshka_dims=[16, 8])
+
+
 def test_towers_round_trip_through_importers_and_transformers(exported, jax_embedder, tmp_path):
     from transformers import CLIPTextModelWithProjection
     from transformers.models.whisper.modeling_whisper import WhisperEncoder

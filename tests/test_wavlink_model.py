@@ -155,5 +155,18 @@ def test_config_round_trips_through_json_and_rejects_bad_input():
         tiny_config(embed_dim=20)
     with pytest.raises(ValueError, match="distinct sizes"):
         tiny_config(matryoshka_dims=(24, 48))
+    with pytest.raises(ValueError, match="distinct sizes"):
+        tiny_config(matryoshka_dims=(24, 12, 12))
+    with pytest.raises(ValueError, match="distinct sizes"):
+        tiny_config(matryoshka_dims=(24, 0))
     with pytest.raises(ValueError, match="unknown WavLink preset"):
         WavLinkConfig.preset("huge")
+
+
+def test_matryoshka_dims_must_include_the_full_size():
+    """The loss trains exactly `matryoshka_dims`, while `dim=None`, export and the evaluation's top line serve
+    `embed_dim`: a config whose levels leave out the full size would serve an untrained embedding."""
+    with pytest.raises(ValueError, match=r"must include embed_dim \(24\) .* set matryoshka_dims=\(24, 12, 6\)"):
+        tiny_config(matryoshka_dims=(12, 6))
+    assert tiny_config(matryoshka_dims=(6, 24)).matryoshka_dims == (24, 6)  # any order, stored largest first
+    assert tiny_config(matryoshka_dims=(24,)).matryoshka_dims == (24,)

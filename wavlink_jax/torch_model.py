@@ -49,7 +49,8 @@ class WavLinkConfig(PreTrainedConfig):
     audio_config (`dict` or `WhisperConfig`): the Whisper encoder (only its encoder fields are used).
     text_config (`dict` or `CLIPTextConfig`): the CLIP text tower, with `projection_dim` and `eos_token_id`.
     embed_dim (`int`): size of the shared embedding space.
-    matryoshka_dims (`list[int]`): the trained embedding sizes, largest first (`dim=` accepts these).
+    matryoshka_dims (`list[int]`): the trained embedding sizes, largest first, the largest being `embed_dim`
+        (`dim=` accepts these).
     window_seconds (`float`): the audio window: longer waveforms are cut to its head, shorter ones zero-padded.
     max_text_length (`int`): token sequence length (captions are cut / padded to it, as in training).
     """
@@ -75,6 +76,15 @@ class WavLinkConfig(PreTrainedConfig):
             value = getattr(self, key)
             if value is None or isinstance(value, dict):
                 setattr(self, key, config_class(**(value or {})))
+        dims = list(self.matryoshka_dims or [self.embed_dim])  # None: the full size only
+        if len(set(dims)) != len(dims) or min(dims) < 1 or max(dims) != self.embed_dim:
+            # The JAX WavLinkConfig's rule: the trained sizes include the full one, which `dim=None` serves.
+            example = sorted({self.embed_dim, *(d for d in dims if 0 < d < self.embed_dim)}, reverse=True)
+            raise ValueError(
+                f"WavLinkConfig.matryoshka_dims {self.matryoshka_dims} must be distinct sizes in 1..embed_dim "
+                f"({self.embed_dim}) whose largest is embed_dim; set matryoshka_dims to the sizes the model was "
+                f"trained at, e.g. {example}"
+            )
         super().__post_init__(**kwargs)
 
     @property

@@ -3,7 +3,8 @@
 Accepted: a `CLIPModel` directory (its `text_model.*` and `text_projection`; the vision tower,
 `visual_projection` and `logit_scale` are ignored by design), a `CLIPTextModelWithProjection` directory, or a
 `CLIPTextModel` directory (names with or without the `text_model.` prefix). Weights may be safetensors
-(single or sharded) or `pytorch_model.bin`; a hub id is downloaded when online. The non-learned
+(single or sharded) or `pytorch_model.bin`; a hub id is downloaded when online. A tower directory written by
+`python -m wavlink_jax.convert clip_text` (`wavlink_jax.convert.save`) loads too. The non-learned
 `position_ids` buffer that old checkpoints store is dropped. Anything else missing or left over is an error
 listing the keys.
 
@@ -15,6 +16,7 @@ asks for `new_projection=True`: then `text_projection` starts from CLIP's random
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import jax
 from flax import nnx
@@ -31,6 +33,7 @@ from wavlink_jax.convert.common import (
     resolve_source,
     transpose,
 )
+from wavlink_jax.convert.save import is_tower_dir, read_tower_module
 from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 
 TEXT_PREFIX = "text_model."
@@ -90,22 +93,12 @@ def _text_weights(weights: dict, model_type: str) -> dict:
     return text
 
 
-def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **config_overrides) -> CLIPTextEncoder:
-    """A `CLIPTextEncoder` holding the text tower of the Hugging Face CLIP checkpoint at `path`.
-
-    `path`: a model directory or a hub id. `config_overrides` replace `CLIPTextConfig` fields (e.g.
-    `dtype="bfloat16"`, `remat="full"`, `attention_implementation="cudnn"`); shape fields must still match
-    the checkpoint. `new_projection=True` is only for `CLIPTextModel` checkpoints (see the module doc).
-    """
-    directory = resolve_source(path)
-    if not directory.is_dir():
-        raise CheckpointError(
-            f"{directory}: expected a Hugging Face CLIP model directory (config.json + weights), not a file"
-        )
+def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPTextEncoder:
+    """The text tower of a Hugging Face CLIP directory (see the module doc)."""
     source = str(directory)
     hf_config = read_hf_config(directory)
     text_config, projection_dim = _text_config(hf_config, f"{directory / 'config.json'}")
-    config = CLIPTextConfig.from_hf(text_config, projection_dim, **config_overrides)
+    config = CLIPTextConfig.from_hf(text_config, projection_dim, **overrides)
     weights = _text_weights(read_hf_directory(directory), hf_config["model_type"])
 
     if not new_projection and PROJECTION_KEY not in weights and any(k.startswith(TEXT_PREFIX) for k in weights):
@@ -121,6 +114,31 @@ def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **c
     # built abstractly (no random init of ~100M parameters) and filled from the checkpoint.
     module = build() if new_projection else nnx.eval_shape(build)
     assign_strict(module, weights, hf_text_name_map(config, projection=not new_projection), source=source)
+    return module
+
+
+def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **config_overrides) -> CLIPTextEncoder:
+    """A `CLIPTextEncoder` holding the text tower of the CLIP checkpoint at `path`.
+
+    `path`: a Hugging Face model directory, a hub id, or a tower converted by `python -m wavlink_jax.convert
+    clip_text`. `config_overrides` replace `CLIPTextConfig` fields (e.g. `dtype="bfloat16"`, `remat="full"`,
+    `attention_implementation="cudnn"`); shape fields must still match the checkpoint. `new_projection=True`
+    is only for `CLIPTextModel` checkpoints (see the module doc; a converted tower has its projection).
+    """
+    directory = resolve_source(path)
+    if is_tower_dir(directory):
+        module, _ = read_tower_module(
+            directory,
+            "clip_text",
+            lambda saved: CLIPTextEncoder(CLIPTextConfig(**{**saved, **config_overrides}), rngs=nnx.Rngs(0)),
+        )
+    elif directory.is_dir():
+        module = _read_hf(directory, new_projection, config_overrides)
+    else:
+        raise CheckpointError(
+            f"{directory}: expected a Hugging Face CLIP model directory (config.json + weights) or a converted "
+            "tower directory, not a file"
+        )
     params = nnx.to_flat_state(nnx.state(module, nnx.Param))
     unfilled = [path for path, param in params if isinstance(param.get_value(), jax.ShapeDtypeStruct)]
     if unfilled:

@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -84,6 +84,18 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     state = checkpointer.restore(params, args=ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args))
     return saved_kind, config, _plain(state)
+
+
+def read_tower_module(
+    directory: Path, kind: str, build: Callable[[dict], nnx.Module], *, skip: tuple[tuple, ...] = ()
+) -> tuple[nnx.Module, dict]:
+    """The towers' loaders on a `save_tower` directory: `build(saved_config_dict)` is called abstractly (no
+    random init of weights that are overwritten anyway) and every variable except the paths in `skip` is filled
+    strictly from the saved state. Returns the module and the state (for the caller's use of `skip` entries)."""
+    _, config, state = load_tower(directory, kind=kind)
+    module = nnx.eval_shape(lambda: build(config))
+    assign_tower_state(module, state, source=str(directory), skip=skip)
+    return module, state
 
 
 def assign_tower_state(module: nnx.Module, state: Mapping, *, source: str, skip: tuple[tuple, ...] = ()) -> None:

@@ -40,7 +40,7 @@ from wavlink_jax.convert.common import (
     tensors_to_numpy,
     transpose,
 )
-from wavlink_jax.convert.save import assign_tower_state, is_tower_dir, load_tower
+from wavlink_jax.convert.save import is_tower_dir, read_tower_module
 from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder, init_global_token
 
 # Encoder prefixes, most specific first: WhisperForConditionalGeneration, WhisperModel, bare WhisperEncoder.
@@ -171,11 +171,13 @@ def _read_openai(file: Path, overrides: dict) -> tuple[WhisperConfig, dict, dict
 def _read_source(source: Path, overrides: dict, seed: int) -> tuple[WhisperEncoder, np.ndarray | None]:
     """The encoder with every checkpoint variable filled (built abstract: nothing is randomly initialised
     only to be overwritten), and the global token the source holds (only a converted tower holds one)."""
-    if source.is_dir() and is_tower_dir(source):
-        _, config_dict, state = load_tower(source, kind="whisper")
-        config = WhisperConfig(**{**config_dict, **overrides})
-        model = nnx.eval_shape(lambda: WhisperEncoder(config, rngs=nnx.Rngs(seed)))
-        assign_tower_state(model, state, source=str(source), skip=(("global_token",),))
+    if is_tower_dir(source):
+        model, state = read_tower_module(
+            source,
+            "whisper",
+            lambda saved: WhisperEncoder(WhisperConfig(**{**saved, **overrides}), rngs=nnx.Rngs(seed)),
+            skip=(("global_token",),),
+        )
         return model, state.get("global_token")
     if source.is_dir():
         config, weights, mapping, name = _read_hf(source, overrides)

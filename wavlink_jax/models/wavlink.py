@@ -41,8 +41,10 @@ PRESETS: dict[str, tuple[str, str, int]] = {
 class WavLinkConfig:
     """The two towers' configs, the embedding size E, the Matryoshka sizes and the loss scalars' inits.
 
-    `matryoshka_dims=None` means (E, E/2, E/4, E/8) (E must then be divisible by 8); given dims are stored
-    largest first. Logit scales are logs of the logit multiplier (CLIP: log 1/0.07; sigmoid: log 10).
+    `matryoshka_dims=None` means (E, E/2, E/4, E/8) (E must then be divisible by 8); given dims must be
+    distinct sizes in 1..E whose largest is E (the loss trains exactly these sizes, and the full size is the
+    one served by default), and are stored largest first. Logit scales are logs of the logit multiplier
+    (CLIP: log 1/0.07; sigmoid: log 10).
     """
 
     audio: WhisperConfig
@@ -71,6 +73,14 @@ class WavLinkConfig:
                 raise ValueError(
                     f"WavLinkConfig.matryoshka_dims {self.matryoshka_dims} must be distinct sizes in "
                     f"1..embed_dim ({self.embed_dim})"
+                )
+            if max(dims) != self.embed_dim:
+                # The loss trains only these sizes, while embed_*(dim=None), export and the evaluation's
+                # top-line metrics serve the full size: it must be one of them.
+                raise ValueError(
+                    f"WavLinkConfig.matryoshka_dims {self.matryoshka_dims} must include embed_dim "
+                    f"({self.embed_dim}) as the largest size, or the full-size embedding is never trained; set "
+                    f"matryoshka_dims={tuple(sorted({self.embed_dim, *dims}, reverse=True))} or a smaller embed_dim"
                 )
         object.__setattr__(self, "matryoshka_dims", tuple(sorted(dims, reverse=True)))
 
@@ -169,8 +179,9 @@ class WavLink(nnx.Module):
         return self.project_audio(mel), self.project_text(input_ids, attention_mask)
 
     def _check_dim(self, dim: int | None) -> None:
-        """Only trained sizes are served: another prefix would work mechanically, but nothing trained it."""
-        if dim is not None and dim != self.config.embed_dim and dim not in self.config.matryoshka_dims:
+        """Only trained sizes are served: another prefix would work mechanically, but nothing trained it.
+        (`matryoshka_dims` always holds the full size E: `WavLinkConfig` refuses it otherwise.)"""
+        if dim is not None and dim not in self.config.matryoshka_dims:
             raise ValueError(
                 f"embedding dim {dim} is not a trained size of this model; choose one of "
                 f"{self.config.matryoshka_dims} (config.matryoshka_dims) or None for the full {self.config.embed_dim}"
