@@ -119,3 +119,31 @@ def test_read_workdir_state(tmp_path):
     assert config == {"seed": 1}
     np.testing.assert_array_equal(params["layer"]["kernel"], np.arange(64.0).reshape(8, 8))
     assert isinstance(params["layer"]["kernel"], np.ndarray)
+
+
+def test_init_from_lists_every_mismatch_at_once(tmp_path):
+    """A Whisper checkpoint whose parameters, fixed position table and settings all differ from the run's audio
+    tower: one error names all three kinds of problem (not one kind per run)."""
+    import transformers
+    from train_fixtures import tiny_config
+
+    from wavlink_jax import train_step
+
+    config = tiny_config()
+    audio = config.model.audio
+    transformers.WhisperModel(transformers.WhisperConfig(
+        num_mel_bins=audio.n_mels, d_model=audio.width, encoder_layers=audio.num_layers,
+        encoder_attention_heads=audio.num_heads, decoder_layers=1, decoder_attention_heads=audio.num_heads,
+        decoder_ffn_dim=8, vocab_size=64, max_target_positions=8, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        decoder_start_token_id=0,
+        encoder_ffn_dim=audio.mlp_dim + 32, max_source_positions=audio.max_positions - 10, activation_function="relu",
+    )).save_pretrained(tmp_path / "whisper")  # fmt: skip
+    config.init_from.audio = str(tmp_path / "whisper")
+    setup = train_step.build(config, sharding.create_mesh({"data": 1}, devices=jax.devices()[:1]), total_steps=2)
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.apply_init_from(train_step.init_state(setup, seed=0), setup)
+    message = str(err.value)
+    assert "audio/encoder/layers/0/fc1/kernel: checkpoint (32, 96) vs model (32, 64)" in message  # parameters
+    assert "audio/position_embedding: checkpoint (40, 32) vs model (50, 32)" in message  # buffers
+    assert "activation: checkpoint 'relu' vs config 'gelu'" in message  # settings
+    assert "mlp_dim: checkpoint 96 vs config 64" in message and "--config.model.audio.activation=relu" in message

@@ -137,8 +137,9 @@ def _as_dict(tree: Any) -> Any:
     return tree
 
 
-def check_compatible(saved: Any, expected: Any, *, source: str) -> None:
-    """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key."""
+def tree_mismatches(saved: Any, expected: Any) -> list[str]:
+    """How a checkpoint's tree differs from `expected`: missing keys, unexpected keys, shape mismatches (one
+    entry per kind, listing every key; empty when they fit)."""
     saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
     missing = sorted(set(expected_shapes) - set(saved_shapes))
     unexpected = sorted(set(saved_shapes) - set(expected_shapes))
@@ -147,11 +148,16 @@ def check_compatible(saved: Any, expected: Any, *, source: str) -> None:
         for key in set(saved_shapes) & set(expected_shapes)
         if saved_shapes[key] != expected_shapes[key]
     )
-    problems = [
+    return [
         f"{name} ({len(keys)}): {keys}"
         for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
         if keys
     ]
+
+
+def check_compatible(saved: Any, expected: Any, *, source: str) -> None:
+    """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key."""
+    problems = tree_mismatches(saved, expected)
     if problems:
         raise CheckpointError(
             f"{source}: the checkpoint does not fit the model of this config; " + "; ".join(problems)
@@ -213,26 +219,31 @@ def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def _replace_subtree(
-    state: dict, kind: str, prefix: str, loaded: dict, shardings: dict, *, source: str, keep: tuple[str, ...] = ()
-) -> None:
-    """Overwrite the entries of `state[kind]` under `prefix` ("" = all) with `loaded`, strictly: the trees
-    must match exactly, except LoRA adapters and the paths in `keep`, which keep their fresh values."""
-    flat_state, flat_shardings = flatten(state[kind]), flatten(shardings[kind])
+def _subtree(
+    state: dict, kind: str, prefix: str, loaded: dict, keep: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(the entries of `state[kind]` under `prefix` ("" = all) that `loaded` replaces, `loaded` under the same
+    flat paths). Not replaced: LoRA adapters and the paths in `keep`, which keep their fresh values."""
     target = {
         path: value
-        for path, value in flat_state.items()
+        for path, value in flatten(state[kind]).items()
         if path.startswith(prefix) and not lora.is_adapter(path) and path not in keep
     }
     incoming = {prefix + path: np.asarray(value) for path, value in flatten(loaded).items()}
-    check_compatible(unflatten(incoming), unflatten(target), source=source)
+    return target, incoming
+
+
+def _replace_subtree(state: dict, kind: str, prefix: str, loaded: dict, shardings: dict, keep: tuple[str, ...]) -> None:
+    """Overwrite the entries `_subtree` selects with `loaded` (whose tree `tree_mismatches` found to fit)."""
+    target, incoming = _subtree(state, kind, prefix, loaded, keep)
+    flat_state, flat_shardings = flatten(state[kind]), flatten(shardings[kind])
     for path, value in incoming.items():
         flat_state[path] = _place(value.astype(target[path].dtype), flat_shardings[path])
     state[kind] = unflatten(flat_state)
 
 
-def check_tower_config(loaded: Any, expected: Any, *, tower: str, source: str, ignore: tuple[str, ...] = ()) -> None:
-    """Refuse a pretrained tower whose model settings differ from the run's `config.model.<tower>`.
+def tower_config_mismatch(loaded: Any, expected: Any, *, tower: str, ignore: tuple[str, ...] = ()) -> str | None:
+    """How a pretrained tower's model settings differ from the run's `config.model.<tower>` (None: they agree).
 
     The tree check sees only names and shapes: a checkpoint with another activation, LayerNorm epsilon or
     end-of-text id would load and then run as the config says, i.e. as another model. Compared: every field of
@@ -245,15 +256,14 @@ def check_tower_config(loaded: Any, expected: Any, *, tower: str, source: str, i
         for field in dataclasses.fields(expected)
         if field.name not in skipped and getattr(loaded, field.name) != getattr(expected, field.name)
     }
-    if differing:
-        listed = "; ".join(
-            f"{name}: checkpoint {ours!r} vs config {theirs!r}" for name, (ours, theirs) in differing.items()
-        )
-        overrides = " ".join(f"--config.model.{tower}.{name}={ours}" for name, (ours, _) in differing.items())
-        raise CheckpointError(
-            f"{source}: the checkpoint's {tower} tower is not the model config.model.{tower} describes ({listed}); "
-            f"set the config to the checkpoint's values ({overrides}) or start from a checkpoint that fits the config"
-        )
+    if not differing:
+        return None
+    listed = "; ".join(f"{name}: checkpoint {ours!r} vs config {theirs!r}" for name, (ours, theirs) in differing.items())
+    overrides = " ".join(f"--config.model.{tower}.{name}={ours}" for name, (ours, _) in differing.items())
+    return (
+        f"the checkpoint's {tower} tower is not the model config.model.{tower} describes ({listed}); set the config "
+        f"to the checkpoint's values ({overrides}) or start from a checkpoint that fits the config"
+    )
 
 
 def apply_init_from(state: dict, setup: Any) -> dict:
@@ -263,44 +273,66 @@ def apply_init_from(state: dict, setup: Any) -> dict:
       checkpoint (its LoRA adapters merged into the kernels first). Optimizer state and step start fresh.
     * `audio`: a Whisper checkpoint (Hugging Face directory, OpenAI `.pt`, hub id or converted tower) for the
       audio tower; the global token keeps its fresh initialisation (no checkpoint has it).
-    * `text`: a Hugging Face CLIP checkpoint for the text tower (with CLIP's pretrained text projection).
+    * `text`: a Hugging Face CLIP checkpoint or converted tower for the text tower (with CLIP's pretrained text
+      projection).
     Every tree must fit the config's model exactly, and a tower's settings (activation, LayerNorm epsilon,
-    end-of-text id, ...) must equal the config's; mismatches are listed in one CheckpointError.
+    end-of-text id, ...) must equal the config's. Everything is checked before anything is replaced: all
+    mismatches of all sources (settings, parameter and buffer trees) are listed in one CheckpointError.
     """
     init = setup.config.init_from
     if init.workdir and (init.audio or init.text):
         raise ValueError("config.init_from: set either workdir, or audio/text, not both")
-    state = dict(state)
+    # (source, [(tower settings loaded, expected, tower, ignore)], [(kind, prefix, tree, keep)])
+    sources: list[tuple[str, list[tuple], list[tuple]]] = []
     if init.workdir:
         items, source_config, _ = read_workdir_state(init.workdir, items=("params", "buffers"))
         source_lora = source_config.get("lora", {"rank": 1, "alpha": 1.0})
         params = lora.merge(items["params"], lora.scale(source_lora["rank"], source_lora["alpha"]))
-        where = f"init_from.workdir={init.workdir}"
-        _replace_subtree(state, "params", "", params, setup.shardings, source=where)
-        # Fixed tables too: stage 1's Whisper position table came from the pretrained checkpoint (PyTorch's
-        # float32 sinusoid, ~1e-4 from the one a fresh model computes).
-        _replace_subtree(state, "buffers", "", items["buffers"], setup.shardings, source=where)
         stage1 = train_step.model_config(ml_collections.ConfigDict(source_config))
-        for tower in ("audio", "text"):
-            check_tower_config(getattr(stage1, tower), getattr(setup.model_config, tower), tower=tower, source=where)
+        sources.append((
+            f"init_from.workdir={init.workdir}",
+            [(getattr(stage1, tower), getattr(setup.model_config, tower), tower, ()) for tower in ("audio", "text")],
+            # Fixed tables too: stage 1's Whisper position table came from the pretrained checkpoint (PyTorch's
+            # float32 sinusoid, ~1e-4 from the one a fresh model computes).
+            [("params", "", params, ()), ("buffers", "", items["buffers"], ())],
+        ))
     if init.audio:
         from wavlink_jax.convert import load_whisper
 
+        # global_token: read without it; the run's token keeps its fresh init.
         tower = load_whisper(init.audio, global_token=False)
-        where = f"init_from.audio={init.audio}"
         params, buffers = (train_step.to_tree(nnx.state(tower, kind)) for kind in (nnx.Param, nnx.Not(nnx.Param)))
-        _replace_subtree(state, "params", "audio/", params, setup.shardings, source=where, keep=(GLOBAL_TOKEN,))
-        _replace_subtree(state, "buffers", "audio/", buffers, setup.shardings, source=where)
-        # global_token: read without it (global_token=False above); the run's token keeps its fresh init.
-        check_tower_config(
-            tower.config, setup.model_config.audio, tower="audio", source=where, ignore=("global_token",)
-        )
+        sources.append((
+            f"init_from.audio={init.audio}",
+            [(tower.config, setup.model_config.audio, "audio", ("global_token",))],
+            [("params", "audio/", params, (GLOBAL_TOKEN,)), ("buffers", "audio/", buffers, ())],
+        ))
     if init.text:
         from wavlink_jax.convert import load_clip_text
 
         tower = load_clip_text(init.text)
-        where = f"init_from.text={init.text}"
-        params = train_step.to_tree(nnx.state(tower, nnx.Param))
-        _replace_subtree(state, "params", "text/", params, setup.shardings, source=where)
-        check_tower_config(tower.config, setup.model_config.text, tower="text", source=where)
+        sources.append((
+            f"init_from.text={init.text}",
+            [(tower.config, setup.model_config.text, "text", ())],
+            [("params", "text/", train_step.to_tree(nnx.state(tower, nnx.Param)), ())],
+        ))
+
+    problems = []
+    for where, settings, subtrees in sources:
+        for loaded, expected, tower, ignore in settings:
+            mismatch = tower_config_mismatch(loaded, expected, tower=tower, ignore=ignore)
+            if mismatch:
+                problems.append(f"{where}: {mismatch}")
+        for kind, prefix, tree, keep in subtrees:
+            target, incoming = _subtree(state, kind, prefix, tree, keep)
+            mismatches = tree_mismatches(unflatten(incoming), unflatten(target))
+            if mismatches:
+                problems.append(f"{where}: its {kind} do not fit the model of this config; " + "; ".join(mismatches))
+    if problems:
+        raise CheckpointError("config.init_from does not fit this run's model:\n- " + "\n- ".join(problems))
+
+    state = dict(state)
+    for _, _, subtrees in sources:
+        for kind, prefix, tree, keep in subtrees:
+            _replace_subtree(state, kind, prefix, tree, setup.shardings, keep)
     return state
