@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import JaxprEqn, subjaxprs
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -235,3 +236,40 @@ def test_matryoshka_zero_weight_skips_that_loss_and_ring_matches():
         losses.matryoshka_loss(za, zt, **{**kwargs, "sigmoid_weight": 0.0})
     with pytest.raises(ValueError, match="must be in 1..32"):
         losses.matryoshka_loss(za, zt, **{**kwargs, "dims": (64,)})
+
+
+def dot_generals(fn, *args) -> list[JaxprEqn]:
+    """Every dot_general in `fn(*args)`'s jaxpr (nested ones included: shard_map, loops, custom_vjp), traced
+    under the platform's default matmul precision (not conftest's global `highest`), so that a matmul left
+    at the default shows `Precision.DEFAULT`, as it would run (TF32 on GPU, bf16 passes on TPU)."""
+
+    def walk(jaxpr):
+        yield from (eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general")
+        for sub in subjaxprs(jaxpr):
+            yield from walk(sub)
+
+    with jax.default_matmul_precision("default"):
+        return list(walk(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+HIGHEST = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("impl", losses.IMPLEMENTATIONS)
+@pytest.mark.parametrize("sharded", [False, True], ids=["one_device", "mesh8"])
+def test_logit_matmuls_and_their_gradients_run_at_highest_precision(impl, sharded):
+    """With CLIP's logit multiplier up to 100, TF32's ~1e-3 relative error on the cosines is ~0.1 on a logit."""
+    za, zt = (jnp.asarray(z, jnp.float32) for z in embeddings())
+    mesh = make_mesh((8,), ("data",)) if sharded else None
+    assert {eqn.params["precision"] for eqn in dot_generals(lambda a, t: a @ t.T, za, zt)} == {
+        (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)
+    }  # the probe sees a matmul left at the default
+
+    def loss(a, t, scales):
+        return losses.matryoshka_loss(a, t, dims=(D, D // 2), mesh=mesh, impl=impl, **scales)[0]
+
+    scales = dict(logit_scale_clip=SCALES["clip"], logit_scale_sigmoid=SCALES["sigmoid"], logit_bias=SIGMOID_BIAS)
+    dots = dot_generals(jax.value_and_grad(loss, argnums=(0, 1, 2)), za, zt, scales)
+    # Forward logits: 2 levels × 2 losses (× the ring's steps); the backward adds the gradients' matmuls.
+    assert len(dots) >= 3 * 2 * 2
+    assert {eqn.params["precision"] for eqn in dots} == {HIGHEST}

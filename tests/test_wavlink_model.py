@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_losses import HIGHEST, dot_generals
 
 from wavlink_jax import losses
 from wavlink_jax.models import layers
@@ -106,6 +107,18 @@ def test_gradient_reaches_global_token_heads_and_loss_scalars(model):
         ("sigmoid_logit_bias", grads.sigmoid_logit_bias),
     ):
         assert np.all(np.isfinite(grad[...])) and np.abs(grad[...]).max() > 1e-8, f"no gradient reaches {name}"
+
+
+def test_heads_run_at_highest_precision(model):
+    """The heads are float32 whatever the platform: their matmul (the only one producing `(B, E)`) is at
+    HIGHEST even where the default is TF32 / bf16 passes; the towers' matmuls keep the default (compute dtype)."""
+    mel, ids, mask = inputs()
+    for head in (lambda: model.project_audio(mel), lambda: model.project_text(ids, mask)):
+        dots = dot_generals(head)
+        heads = [eqn for eqn in dots if eqn.outvars[0].aval.shape == (BATCH, 24)]
+        towers = [eqn for eqn in dots if eqn.outvars[0].aval.shape != (BATCH, 24)]
+        assert len(heads) == 1 and heads[0].params["precision"] == HIGHEST
+        assert towers and all(eqn.params["precision"] != HIGHEST for eqn in towers)
 
 
 def test_every_parameter_has_logical_axes(model):

@@ -75,15 +75,19 @@ def dense(
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     kernel_init: Callable = DEFAULT_KERNEL_INIT,
+    precision: jax.lax.Precision | None = None,
     rngs: nnx.Rngs,
 ) -> nnx.Linear:
-    """A Linear whose kernel is named `axes` (in, out) and whose bias is named by the output axis."""
+    """A Linear whose kernel is named `axes` (in, out) and whose bias is named by the output axis.
+
+    `precision` is the matmul's (None: the platform's default, e.g. TF32 for float32 on GPU)."""
     return nnx.Linear(
         in_features,
         out_features,
         use_bias=use_bias,
         dtype=dtype,
         param_dtype=param_dtype,
+        precision=precision,
         kernel_init=nnx.with_partitioning(kernel_init, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)),
         rngs=rngs,

@@ -140,9 +140,11 @@ class WavLink(nnx.Module):
         self.config = config
         self.audio = WhisperEncoder(config.audio, rngs=rngs)
         self.text = CLIPTextEncoder(config.text, rngs=rngs)
-        # The heads are small: they compute in float32 whatever the towers' dtype.
-        self.audio_projection = layers.dense(config.audio.width, config.embed_dim, ("embed", None), rngs=rngs)
-        self.text_projection = layers.dense(config.text.projection_dim, config.embed_dim, (None, None), rngs=rngs)
+        # The heads are small: they compute in full float32 whatever the towers' dtype and the platform's
+        # default matmul precision (TF32 on GPU, bf16 passes on TPU), as the loss's logits do.
+        head = dict(precision=jax.lax.Precision.HIGHEST, rngs=rngs)
+        self.audio_projection = layers.dense(config.audio.width, config.embed_dim, ("embed", None), **head)
+        self.text_projection = layers.dense(config.text.projection_dim, config.embed_dim, (None, None), **head)
 
         def scalar(value: float) -> nnx.Param:
             return nnx.Param(jnp.asarray(value, jnp.float32), out_sharding=())
