@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 
 import ml_collections
+from ml_collections import config_dict
 
 from wavlink_jax import sharding
 from wavlink_jax.data.pipeline import default_data_config
@@ -51,21 +52,23 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_section(model: WavLinkConfig) -> ml_collections.ConfigDict:
-    """A WavLinkConfig as the `config.model` section (tower runtime fields left to the top-level keys)."""
+    """A WavLinkConfig as the `config.model` section (tower runtime fields left to the top-level keys;
+    `matryoshka_dims` a tuple, which `--config.model.matryoshka_dims='(512, 128)'` can override)."""
     fields = model.to_dict()
     for tower in ("audio", "text"):
         for name in TOWER_RUNTIME_FIELDS:
             fields[tower].pop(name)
+    fields["matryoshka_dims"] = tuple(fields["matryoshka_dims"])
     return ml_collections.ConfigDict(fields)
 
 
-def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
+def base_config(model: WavLinkConfig) -> ml_collections.ConfigDict:
     """Every key with the paper's recipe as defaults (AdamW lr 1e-4, cosine with 5% warm-up, bf16, global
-    batch 768, 3 epochs, CLIP + sigmoid losses, full fine-tuning of both towers)."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2, got {stage}")
+    batch 768, 3 epochs, CLIP + sigmoid losses, full fine-tuning of both towers).
+
+    Every default has a type the command line can override (`--config.KEY=VALUE`): sequences are tuples (a list
+    cannot be overridden), and a key whose default is None is a typed placeholder."""
     config = ml_collections.ConfigDict()
-    config.stage = stage
     config.seed = 0
     config.batch_size = 768
     config.total_steps = 0
@@ -86,7 +89,7 @@ def base_config(model: WavLinkConfig, stage: int) -> ml_collections.ConfigDict:
 
     config.dtype = "bfloat16"
     config.remat = "none"
-    config.attention_implementation = None
+    config.attention_implementation = config_dict.placeholder(str)  # None = the fastest that applies
     config.model = model_section(model)
 
     config.loss = ml_collections.ConfigDict(
@@ -139,7 +142,9 @@ def paper_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     args = parse_arg(
         arg, stage=1, data_dir="~/tensorflow_datasets", stage1_workdir="", audio_init=audio_init, text_init=text_init
     )
-    config = base_config(WavLinkConfig.preset(size), stage=args.stage)
+    if args.stage not in (1, 2):
+        raise ValueError(f"stage must be 1 or 2, got {args.stage}")
+    config = base_config(WavLinkConfig.preset(size))
 
     def tfds(name: str, split: str) -> dict:
         return {"kind": "tfds", "name": name, "split": split, "data_dir": args.data_dir}

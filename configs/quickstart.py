@@ -31,7 +31,7 @@ def get_config(arg: str | None = None):
         ),
         embed_dim=64,  # Matryoshka sizes 64, 32, 16, 8
     )
-    config = common.base_config(model, stage=1)
+    config = common.base_config(model)
     config.batch_size = 64
     config.total_steps = args.steps
     config.log_every_steps = 20

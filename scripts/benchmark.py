@@ -156,7 +156,7 @@ def random_batch(rng, batch: int, samples: int, text_length: int, vocab_size: in
 
 def bench_config(args: argparse.Namespace, model: WavLinkConfig):
     """The trainer's config for this run: the paper's recipe with the benchmark's batch and runtime knobs."""
-    config = common.base_config(model, stage=1)
+    config = common.base_config(model)
     config.batch_size = args.batch
     config.total_steps = 1000
     config.dtype = args.dtype

@@ -129,10 +129,11 @@ class DataConfig:
 
 
 def default_data_config():
-    """`DataConfig`'s defaults as an `ml_collections.ConfigDict`, for `configs/*.py` (`config.data = ...`)."""
+    """`DataConfig`'s defaults as an `ml_collections.ConfigDict`, for `configs/*.py` (`config.data = ...`).
+    `sources` is a tuple: `--config.data.sources=...` can override a tuple, not a list."""
     import ml_collections
 
-    return ml_collections.ConfigDict(dataclasses.asdict(DataConfig()))
+    return ml_collections.ConfigDict({**dataclasses.asdict(DataConfig()), "sources": ()})
 
 
 def _derive_seed(seed: int, *names: object) -> int:

@@ -1,0 +1,90 @@
+"""Config files: every key can be overridden from the command line, and the stage is the config file's argument."""
+
+from pathlib import Path
+
+import ml_collections
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from wavlink_jax import train_step
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG_FILES = [
+    "configs/quickstart.py",
+    "configs/wavlink_base.py:stage=1",
+    "configs/wavlink_base.py:stage=2,stage1_workdir=W1",
+    "configs/wavlink_small.py:stage=1",
+    "configs/wavlink_small.py:stage=2,stage1_workdir=W1",
+    "configs/wavlink_large.py:stage=1",
+    "configs/wavlink_large.py:stage=2,stage1_workdir=W1",
+    "tests/train_fixtures.py:data_dir=D,eval_every=3",
+]
+# Keys whose default is None (a typed placeholder): the command line can only give them a value.
+NONE_EXAMPLES = {"attention_implementation": "xla"}
+
+
+def parse(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
+    """The config as `python -m wavlink_jax.train --config FILE --config.KEY=VALUE ...` resolves it."""
+    argv = ["train", f"--config={ROOT / config_file}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=flag_values, sys_argv=argv)
+    flag_values(argv)
+    return flag_values.config
+
+
+def leaves(config: ml_collections.ConfigDict, prefix: str = ""):
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from leaves(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def command_line_text(value) -> str:
+    """How a user writes `value` after `--config.KEY=`."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return value if isinstance(value, str) else repr(value)
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES)
+def test_every_key_can_be_overridden_from_the_command_line(config_file):
+    config = parse(config_file)
+    expected = ml_collections.ConfigDict(config.to_dict())
+    overrides = []
+    for key, value in leaves(config):
+        if value is None:
+            assert key in NONE_EXAMPLES, f"{key}: a None default must be a typed placeholder (config_dict.placeholder)"
+            value = NONE_EXAMPLES[key]
+            expected[key] = value
+        overrides.append(f"--config.{key}={command_line_text(value)}")
+    assert parse(config_file, *overrides).to_dict() == expected.to_dict()
+
+
+def test_sequences_and_placeholders_take_new_values():
+    config = parse(
+        "tests/train_fixtures.py:data_dir=D",
+        "--config.model.matryoshka_dims=(32, 8)",
+        "--config.data.sources=({'kind': 'manifest', 'path': 'x.jsonl'},)",
+        "--config.attention_implementation=cudnn",
+        "--config.optim.freeze=('^audio/',)",
+    )
+    assert config.model.matryoshka_dims == (32, 8)
+    assert config.data.sources == ({"kind": "manifest", "path": "x.jsonl"},)
+    assert config.attention_implementation == "cudnn"
+    assert config.optim.freeze == ("^audio/",)
+    setup = train_step.model_config(config)  # the consumers take the tuples
+    assert setup.matryoshka_dims == (32, 8) and setup.audio.attention_implementation == "cudnn"
+
+
+def test_the_stage_is_the_config_files_argument():
+    stage1, stage2 = (parse(f"configs/wavlink_base.py:{arg}") for arg in ("stage=1", "stage=2,stage1_workdir=W1"))
+    assert "stage" not in stage1 and "stage" not in stage2  # no key that nothing reads
+    assert [s["name"] for s in stage1.data.sources] == ["autoacd", "audiosetcaps"] and not stage1.init_from.workdir
+    assert [s["name"] for s in stage2.data.sources] == ["audiocaps", "clotho"] and stage2.init_from.workdir == "W1"
+    with pytest.raises(flags.IllegalFlagValueError, match="stage must be 1 or 2, got 3"):
+        parse("configs/wavlink_base.py:stage=3")
+    with pytest.raises(AttributeError, match="stage"):
+        parse("configs/wavlink_base.py:stage=2,stage1_workdir=W1", "--config.stage=1")
+
