@@ -1,13 +1,16 @@
-"""Config files: every key can be overridden from the command line, and the stage is the config file's argument."""
+"""Config files: every key can be overridden from the command line, the stage is the config file's argument, and
+a key naming one of a few choices is checked before anything is traced."""
 
+import re
 from pathlib import Path
 
 import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
+from train_fixtures import tiny_config
 
-from wavlink_jax import train_step
+from wavlink_jax import sharding, train_step
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_FILES = [
@@ -88,3 +91,24 @@ def test_the_stage_is_the_config_files_argument():
     with pytest.raises(AttributeError, match="stage"):
         parse("configs/wavlink_base.py:stage=2,stage1_workdir=W1", "--config.stage=1")
 
+
+def mesh():
+    return sharding.create_mesh({"data": -1})
+
+
+@pytest.mark.parametrize("config_file", CONFIG_FILES)
+def test_config_files_hold_valid_choices(config_file):
+    train_step.check_choices(parse(config_file))
+
+
+@pytest.mark.parametrize("key", sorted(train_step.CONFIG_CHOICES))
+def test_a_bad_choice_is_refused_before_anything_is_traced(key):
+    config = tiny_config()
+    *parents, leaf = key.split(".")
+    target = config
+    for name in parents:
+        target = target[name]
+    target[leaf] = "nonsense"
+    allowed = re.escape(repr(train_step.CONFIG_CHOICES[key]))
+    with pytest.raises(ValueError, match=rf"^config\.{re.escape(key)} = 'nonsense' is not one of {allowed}$"):
+        train_step.build(config, mesh(), total_steps=4)

@@ -37,7 +37,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from wavlink_jax import audio, losses, optim, sharding
 from wavlink_jax.evaluate import check_eval_batch_size, embed_in_batches
-from wavlink_jax.models import lora
+from wavlink_jax.models import layers, lora
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 
 Tree = dict
@@ -115,8 +115,34 @@ def _init_fn(setup: TrainSetup) -> Callable[[jax.Array], dict]:
     return init
 
 
+# Keys that name one of a few choices, and the choices: checked before anything is traced (an unknown name would
+# otherwise surface deep inside jit's trace of the train step).
+CONFIG_CHOICES: dict[str, tuple] = {
+    "dtype": ("float32", "bfloat16", "float16"),
+    "remat": ("none", *layers.REMAT_POLICIES),
+    "attention_implementation": layers.ATTENTION_IMPLEMENTATIONS,
+    "loss.impl": losses.IMPLEMENTATIONS,
+    "optim.schedule": optim.SCHEDULES,
+    "optim.mode": optim.MODES,
+    "optim.towers": optim.TOWERS,
+    "model.audio.activation": tuple(layers.ACTIVATIONS),
+    "model.text.activation": tuple(layers.ACTIVATIONS),
+}
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+    """A ValueError naming the first key of `CONFIG_CHOICES` whose value is not one of its choices."""
+    for key, allowed in CONFIG_CHOICES.items():
+        value = config
+        for name in key.split("."):
+            value = value[name]
+        if value not in allowed:
+            raise ValueError(f"config.{key} = {value!r} is not one of {allowed}")
+
+
 def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> TrainSetup:
     """Shapes, logical-axis shardings, trainable mask and optimizer of the config's model on `mesh`."""
+    check_choices(config)
     mconfig = model_config(config)
     abstract_model = nnx.eval_shape(lambda: WavLink(mconfig, rngs=nnx.Rngs(0)))
     graphdef, param_template, buffer_template = nnx.split(abstract_model, nnx.Param, ...)
