@@ -94,3 +94,20 @@ def test_url_workdirs_are_refused_before_anything_is_written(tmp_path, data_dir,
     with pytest.raises(ValueError, match="URLs are not supported"):
         checkpoint.read_workdir_state("gs://bucket/run")
     assert not any(tmp_path.iterdir())
+
+
+def test_cli_reports_a_bad_choice_before_tracing_as_one_error_line(tmp_path, data_dir):
+    """Any ValueError of the trainer (here train_step.build's check of config.remat) is one `error:` line."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "wavlink_jax.train", "--config", f"tests/train_fixtures.py:data_dir={data_dir}",
+         "--workdir", str(tmp_path / "w"), "--config.remat=ful"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: config.remat = 'ful' is not one of ('none', 'full', 'dots_saveable', "
+                      "'dots_with_no_batch_dims_saveable', 'nothing_saveable')"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "w" / "metrics.jsonl").exists()

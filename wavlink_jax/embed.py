@@ -29,8 +29,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from wavlink_jax import inference
-from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax import cli, inference
 from wavlink_jax.data.audio_io import BadAudio, load_audio
 from wavlink_jax.evaluate import truncate_normalize
 
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     if sum(modes) != 1:
         parser.error("choose one of: --audio/--text (similarity), --index FOLDER --out INDEX.npz, "
                      "or --index-file INDEX.npz --query TEXT")
-    try:
+    with cli.user_errors():
         if args.index or args.out:
             if not (args.index and args.out and args.model):
                 parser.error("--index needs --model and --out")
@@ -223,8 +222,6 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("--audio/--text need --model")
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
             print(format_matrix(*similarity(embedder, args.audio, args.text, args.dim)))
-    except (ValueError, FileNotFoundError, CheckpointError) as err:
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import functools
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -30,8 +29,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from wavlink_jax import sharding
-from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax import cli, sharding
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
 # 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -667,10 +665,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--max-clips", type=int, help="evaluate the first N clips only (smoke tests)")
     parser.add_argument("--plot", help="PNG of the headline metrics against dimension (default: OUT with .png)")
     args = parser.parse_args(argv)
-    try:
+    with cli.user_errors():
         run(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as err:  # ManifestError and DataError are ValueErrors
-        sys.exit(f"error: {err}")
 
 
 if __name__ == "__main__":

@@ -28,12 +28,12 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 from flax import nnx
 
+from wavlink_jax import cli
 from wavlink_jax.convert.clip_text import hf_text_name_map
 from wavlink_jax.convert.common import CheckpointError, Transform, identity, read_hf_config, transpose
 from wavlink_jax.convert.whisper import hf_encoder_name_map
@@ -224,10 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with cli.user_errors():
         out = export(args.workdir, args.out, step=args.step, overwrite=args.overwrite)
-    except (CheckpointError, FileExistsError, ValueError) as err:
-        sys.exit(f"export failed: {err}")
     print(f"exported to {out}")
 
 

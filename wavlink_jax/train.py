@@ -14,7 +14,6 @@ import json
 import math
 import os
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +26,7 @@ from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
-from wavlink_jax import checkpoint, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
-from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax import checkpoint, cli, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.tokenizer import load_tokenizer
@@ -273,15 +271,9 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
         absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
+    with cli.user_errors(NonFiniteLoss):  # one `error:` line; in a multi-host job, every process stops
         train(_CONFIG.value, _WORKDIR.value)
-    except (NonFiniteLoss, pipeline.DataError, CheckpointError) as err:  # messages that say what to do
-        sharding.stop_job(f"error: {err}")
-    except Exception:
-        if sharding.has_peers():  # the other processes must not wait for this one
-            sharding.stop_job(traceback.format_exc())
-        raise
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_absl_flags)

@@ -14,7 +14,7 @@ import sys
 
 from flax import nnx
 
-from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax import cli
 from wavlink_jax.convert.save import save_tower
 
 
@@ -47,12 +47,9 @@ def _load(args: argparse.Namespace) -> nnx.Module:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
+    with cli.user_errors():
         module = _load(args)
         out = save_tower(args.out, args.kind, module.config, module)
-    except (CheckpointError, FileExistsError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     params = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))
     print(f"{args.kind} tower ({params / 1e6:.1f}M parameters) from {args.source} written to {out}")
     print(f"config: {module.config}")

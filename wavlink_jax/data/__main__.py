@@ -22,6 +22,8 @@ import sys
 import time
 from typing import Sequence
 
+from wavlink_jax import cli
+
 
 def check(
     source: str,
@@ -97,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
+    with cli.user_errors():
         report = check(
             args.source,
             data_dir=args.data_dir,
@@ -110,9 +112,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_text_length=args.max_text_length,
             progress=not args.no_progress,
         )
-    except (ValueError, FileNotFoundError) as err:  # ManifestError is a ValueError; messages say what to do
-        print(f"error: {err}", file=sys.stderr)
-        return 1
     print(json.dumps(report), flush=True)
     return 0 if report["ok"] else 1
 

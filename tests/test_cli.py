@@ -1,0 +1,112 @@
+"""Every command-line tool ends a user's mistake with one `error: ...` line on stderr and exit status 1, never a
+traceback (wavlink_jax.cli); WAVLINK_JAX_TRACEBACK=1 brings the traceback back."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wavlink_jax import cli, sharding
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ("wavlink_jax.train", "--workdir", "W")
+
+
+def run_tool(*args: str, traceback: bool = False) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != cli.TRACEBACK_ENV}
+    if traceback:
+        env[cli.TRACEBACK_ENV] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> None:
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ("--config", "tests/train_fixtures.py", "--config.optim.learnig_rate=1e-3"),
+            """error: --config.optim.learnig_rate: the config has no key 'learnig_rate'; did you mean "learning_rate"?""",
+        ),
+        (
+            ("--config", "configs/wavlink_base.py:stage=3"),
+            "error: flag --config=configs/wavlink_base.py:stage=3: stage must be 1 or 2, got 3",
+        ),
+        (
+            ("--config", "configs/nowhere.py"),
+            "error: --config=configs/nowhere.py: cannot load the config file: [Errno 2] No such file or directory",
+        ),
+        (("--config", "tests/train_fixtures.py", "--config.seed=1.5"), "error: flag --config.seed=1.5: invalid literal"),
+    ],
+    ids=["unknown-key", "config-file-error", "missing-config-file", "wrong-type"],
+)
+def test_train_config_mistakes(args, message):
+    assert_one_error_line(run_tool(*TRAIN, *args), message)
+
+
+def test_evaluate(tmp_path):
+    missing = tmp_path / "gone.jsonl"
+    result = run_tool("wavlink_jax.evaluate", "--workdir", str(tmp_path), "--datasets", f"x={missing}",
+                      "--out", str(tmp_path / "out.json"))
+    assert_one_error_line(result, f"error: {missing}: manifest not found")
+
+
+def test_embed(tmp_path):
+    index = tmp_path / "index.npz"
+    np.savez(index, something=np.zeros(2))
+    result = run_tool("wavlink_jax.embed", "--index-file", str(index), "--query", "a dog barks")
+    assert_one_error_line(result, "not an index written by --index")
+
+
+def test_export(tmp_path):
+    result = run_tool("wavlink_jax.export", "--workdir", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert_one_error_line(result, f"error: {tmp_path}: no config.json")
+
+
+def test_convert(tmp_path):
+    result = run_tool("wavlink_jax.convert", "whisper", str(tmp_path), "--out", str(tmp_path / "out"))
+    assert_one_error_line(result, f"error: {tmp_path}: no config.json")
+
+
+def test_data_check(tmp_path):
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "captions": ["x"], "fold": "one"}) + "\n")
+    result = run_tool("wavlink_jax.data", "check", str(manifest))
+    assert_one_error_line(result, f"error: {manifest}:1: \"fold\" must be an integer")
+    shown = run_tool("wavlink_jax.data", "check", str(manifest), traceback=True)
+    assert shown.returncode == 1 and "Traceback" in shown.stderr and "ManifestError" in shown.stderr
+
+
+def test_user_errors_in_process(monkeypatch):
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    with pytest.raises(SystemExit, match=r"^error: config.mesh: unknown axes \['bogus'\]; expected .*\]$"):
+        with cli.user_errors():
+            sharding.create_mesh({"bogus": 2})  # raised by wavlink_jax: its message is all there is to say
+    with pytest.raises(SystemExit, match=rf"^error: Expecting .* \({cli.TRACEBACK_ENV}=1 shows the traceback\)$"):
+        with cli.user_errors():
+            json.loads("{")  # raised outside wavlink_jax: the line says how to see where
+
+    class Stop(RuntimeError):
+        pass
+
+    with pytest.raises(SystemExit, match="^error: stopped"):
+        with cli.user_errors(Stop):
+            raise Stop("stopped")
+    with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
+        with cli.user_errors():
+            raise RuntimeError("a bug")
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(ValueError, match="unknown axes"):
+        with cli.user_errors():
+            sharding.create_mesh({"bogus": 2})

@@ -1,0 +1,122 @@
+"""How every command-line tool ends on a user's mistake: one `error: <message>` line on stderr, exit status 1.
+
+User errors are ValueError (ManifestError, DataError, CheckpointError, TokenizerError and the config checks are
+ValueErrors) and OSError (a missing file, an output that exists already, ...), plus what a tool adds (the
+trainer's NonFiniteLoss). Their messages say what to do, so a traceback would only hide them. In a job of several
+processes (`sharding.has_peers`) any error ends the whole job through `sharding.stop_job`, an unexpected one with
+its traceback. `WAVLINK_JAX_TRACEBACK=1` re-raises user errors with their traceback (e.g. a ValueError that a
+bug provoked inside jax); the error line names the variable when the error was raised outside wavlink_jax.
+
+    with cli.user_errors():                               # argparse tools, around the body of main
+    app.run(main, flags_parser=cli.parse_absl_flags)      # absl tools (the trainer): --config mistakes
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from absl import flags
+from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import is_config_flag
+
+TRACEBACK_ENV = "WAVLINK_JAX_TRACEBACK"
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def show_tracebacks() -> bool:
+    """Whether the user asked for tracebacks instead of one-line errors (WAVLINK_JAX_TRACEBACK=1)."""
+    return os.environ.get(TRACEBACK_ENV, "") not in ("", "0")
+
+
+def _raised_outside_package(err: BaseException) -> bool:
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and not Path(frames[-1].filename).resolve().is_relative_to(_PACKAGE)
+
+
+def error_line(err: BaseException) -> str:
+    """`error: <message>`; errors raised outside wavlink_jax (whose messages may not say what to do) also say
+    how to see where they came from."""
+    hint = f" ({TRACEBACK_ENV}=1 shows the traceback)" if _raised_outside_package(err) else ""
+    return f"error: {err}{hint}"
+
+
+@contextlib.contextmanager
+def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+    """Turn user errors (`USER_ERRORS` and `extra`) raised in the block into one `error: ...` line and exit
+    status 1; in a job of several processes, stop every process (any exception: the others must not wait)."""
+    from wavlink_jax import sharding  # here: tools that import jax only when they need it stay quick to start
+
+    try:
+        yield
+    except (*USER_ERRORS, *extra) as err:
+        if show_tracebacks():
+            raise
+        sharding.stop_job(error_line(err))
+    except Exception:
+        if sharding.has_peers():
+            sharding.stop_job(traceback.format_exc())
+        raise
+
+
+def _fail(message: str) -> NoReturn:
+    sys.exit(f"error: {message}")
+
+
+def _config_file_error(message: str) -> str:
+    """absl's message for an exception raised in a config file (ml_collections puts the file's traceback into
+    it) → `flag --config=F: <the exception's message>`."""
+    head, _, trace = message.partition("Error whilst parsing config file:")
+    lines = trace.strip().splitlines()
+    # The exception's own lines follow the last frame line (frames and their source lines are indented).
+    last_frame = max((i for i, line in enumerate(lines) if line.startswith(" ")), default=-1)
+    text = "\n".join(lines[last_frame + 1 :]).strip()
+    text = re.sub(r"^[\w.]+: ", "", text)  # "ValueError: ..." → "..."
+    return f"{head.strip()} {text}"
+
+
+def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
+    """An override of a key the config lacks (ml_collections raises KeyError/AttributeError with the key's last
+    name and, sometimes, a did-you-mean) → the override as typed, and the suggestion."""
+    text = str(err).encode().decode("unicode_escape")  # the message is a repr of a repr
+    key = re.match(r"""^['"\\]*([^'"\\\n]+)""", text)
+    name = key.group(1) if key else text
+    overrides = [arg.split("=", 1)[0] for arg in argv if re.match(rf"^--?(no)?config\.(.*\.)?{re.escape(name)}([.=]|$)", arg)]
+    where = overrides[-1] if overrides else f"--config.…{name}"
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    tail = f'; did you mean "{suggestion.group(1)}"?' if suggestion else ""
+    return f"{where}: the config has no key {name!r}{tail}"
+
+
+def parse_absl_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing (`app.run(main, flags_parser=parse_absl_flags)`) that reports mistakes in `--config`
+    and its overrides as one `error:` line: an exception in the config file (its message, not the file's
+    traceback), an override of a key the config lacks (with ml_collections' did-you-mean), a value of the wrong
+    type, a config file that cannot be loaded."""
+    try:
+        remaining = flags.FLAGS(argv)
+    except flags.Error as err:
+        if show_tracebacks():
+            raise
+        message = str(err)
+        _fail(_config_file_error(message) if "Error whilst parsing config file:" in message else message)
+    except (AttributeError, KeyError) as err:
+        if show_tracebacks():
+            raise
+        _fail(_unknown_key_error(err, argv))
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if is_config_flag(flag) and flag.value is not None:
+            try:  # a config file that could not be loaded is an object that raises on first use
+                getattr(flag.value, "keys")
+            except OSError as err:
+                cause = str(err.__cause__ or err).strip().splitlines()[-1].strip()
+                _fail(f"--{name}={config_flags.get_config_filename(flag)}: cannot load the config file: {cause}")
+    return remaining
