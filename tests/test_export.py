@@ -105,6 +105,21 @@ def test_directory_layout_and_exact_transformers_names(exported):
     assert all(w.dtype == np.float32 for w in weights.values())
 
 
+def test_weights_get_the_same_file_mode_as_every_other_file(trained, tmp_path):
+    """safetensors ≥ 0.8 alone leaves model.safetensors 0600 (its temporary file's mode): unreadable to the other
+    users of a shared export. Under a umask of 027 every written file is 0640, the weights too."""
+    old_umask = os.umask(0o027)
+    try:
+        out = export.export(trained, tmp_path / "wavlink")
+        text = export.export_tower(out, "text", tmp_path / "text")
+    finally:
+        os.umask(old_umask)
+    for directory in (out, text):
+        modes = {path.name: path.stat().st_mode & 0o777 for path in directory.iterdir()}
+        assert modes["model.safetensors"] == 0o640, modes
+        assert set(modes.values()) == {0o640}, modes
+
+
 def test_automodel_loads_every_tensor(exported, torch_wavlink):
     assert type(torch_wavlink).__name__ == "WavLinkModel"
     weights = load_file(str(exported / "model.safetensors"))

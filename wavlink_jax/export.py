@@ -35,7 +35,14 @@ from flax import nnx
 
 from wavlink_jax import cli
 from wavlink_jax.convert.clip_text import hf_text_name_map
-from wavlink_jax.convert.common import CheckpointError, Transform, identity, read_hf_config, transpose
+from wavlink_jax.convert.common import (
+    CheckpointError,
+    Transform,
+    identity,
+    read_hf_config,
+    transpose,
+    write_safetensors,
+)
 from wavlink_jax.convert.whisper import hf_encoder_name_map
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 
@@ -137,8 +144,6 @@ def export_model(
     max_text_length: int, overwrite: bool = False,
 ) -> Path:
     """Write `model` (a plain WavLink, LoRA merged) as a `transformers` remote-code directory at `out`."""
-    from safetensors.numpy import save_file
-
     from wavlink_jax import torch_model
 
     out = Path(out)
@@ -159,7 +164,7 @@ def export_model(
     ).to_dict()
     config["auto_map"] = AUTO_MAP
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(export_weights(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(export_weights(model), out / WEIGHTS_FILE, metadata={"format": "pt"})
     shutil.copyfile(torch_model.__file__, out / MODELING_FILE)
     return out
 
@@ -189,7 +194,7 @@ def export_tower(export_dir: str | os.PathLike, tower: str, out: str | os.PathLi
     `wavlink_jax.convert.load_whisper` and `transformers`' `WhisperEncoder.from_pretrained` load (the global
     token is not part of Whisper; it stays in the WavLink directory). `text`: a `CLIPTextModelWithProjection`.
     """
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     if tower not in TOWER_PREFIXES:
         raise ValueError(f"tower must be one of {sorted(TOWER_PREFIXES)}, got {tower!r}")
@@ -204,7 +209,7 @@ def export_tower(export_dir: str | os.PathLike, tower: str, out: str | os.PathLi
     tower_config = dict(config[f"{tower}_config"])
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]
     (out / "config.json").write_text(json.dumps(tower_config, indent=2, sort_keys=True) + "\n")
-    save_file(tower_weights, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_safetensors(tower_weights, out / WEIGHTS_FILE, metadata={"format": "pt"})
     if tower == "text":
         for name in TOKENIZER_FILES:
             if (export_dir / name).exists():

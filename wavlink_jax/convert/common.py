@@ -128,6 +128,30 @@ def read_hf_directory(directory: Path, skip: NameFilter | None = None) -> dict[s
     )
 
 
+def write_safetensors(tensors: Mapping[str, np.ndarray], file: Path, metadata: Mapping[str, str] | None = None) -> None:
+    """`safetensors.numpy.save_file`, leaving the file with the mode any other new file gets (0666 minus the
+    umask, e.g. 0644). safetensors ≥ 0.8 writes through a private temporary file and so leaves 0600
+    (huggingface/safetensors#782): an export that other users or a serving process cannot read."""
+    from safetensors.numpy import save_file
+
+    save_file(dict(tensors), str(file), metadata=dict(metadata) if metadata is not None else None)
+    os.chmod(file, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask. Linux shows it in /proc; elsewhere os.umask is the only reader, and it has to set a
+    value to read the old one (briefly process-wide, so only as the fallback)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
 def read_hf_config(directory: Path) -> dict:
     config_file = directory / "config.json"
     if not config_file.exists():
