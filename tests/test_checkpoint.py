@@ -1,6 +1,7 @@
 """Checkpoints: round trip with the data position, restore onto another mesh, strict refusal, leftovers."""
 
 import json
+import logging
 import os
 
 import grain
@@ -104,7 +105,7 @@ def test_unfinished_save_is_ignored_and_cleaned(tmp_path):
     assert not os.path.exists(leftover) and manager.latest_step() == 2
 
 
-def test_read_workdir_state(tmp_path):
+def test_read_workdir_state(tmp_path, caplog):
     mesh = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     state = make_state(mesh)
     manager = checkpoint.Checkpoints(tmp_path, keep=1, every=1)
@@ -113,7 +114,11 @@ def test_read_workdir_state(tmp_path):
     with pytest.raises(CheckpointError, match="config.json"):
         checkpoint.read_workdir_state(tmp_path, items=("params",))
     (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
-    items, config, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
+    with caplog.at_level(logging.INFO):
+        items, config, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
+    # A finished checkpoint reads without orbax warnings (it warned of a missing _CHECKPOINT_METADATA, read
+    # from the item folder instead of the step folder that holds it).
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
     params = items["params"]
     assert step == 3
     assert config == {"seed": 1}

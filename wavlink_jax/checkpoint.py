@@ -200,17 +200,25 @@ def read_workdir_state(
         step = steps[-1]
     elif step not in steps:
         raise CheckpointError(f"{directory}: no finished checkpoint of step {step}; steps available: {steps}")
-    state_dir = Path(directory) / str(step) / "state"
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = _as_dict(checkpointer.metadata(state_dir).item_metadata.tree)
+    step_dir = Path(directory) / str(step)
+    # The step directory, read with the item layout `Checkpoints` writes: orbax keeps the step's metadata
+    # (_CHECKPOINT_METADATA) there, so reading `state/` alone made orbax warn that it does not exist.
+    checkpointer = ocp.Checkpointer(
+        ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
+    )
+    saved = checkpointer.metadata(step_dir).item_metadata.get("state")
+    metadata = _as_dict(saved.tree) if saved is not None else {}
     if "params" not in metadata:
-        raise CheckpointError(f"{state_dir}: not a train state (no 'params')")
+        raise CheckpointError(f"{step_dir / 'state'}: not a train state (no 'params')")
     item = {name: metadata[name] for name in items if metadata.get(name)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     restored = checkpointer.restore(
-        state_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-    )
-    logging.info("read %s of step %d from %s", "/".join(items), step, state_dir)
+        step_dir,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+        ),
+    )["state"]
+    logging.info("read %s of step %d from %s", "/".join(items), step, step_dir / "state")
     return {name: restored.get(name, {}) for name in items}, json.loads(config_file.read_text()), step
 
 
