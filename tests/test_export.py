@@ -213,5 +213,8 @@ def test_step_selection_and_refusals(trained, exported, tmp_path):
         export.export(trained, tmp_path / "step7", step=7)
     with pytest.raises(FileExistsError, match="not empty"):
         export.export(trained, exported)
+    with pytest.raises(CheckpointError, match=r"an exported model directory .*not a training workdir.*give the "
+                                              r"training workdir it was exported from"):
+        export.export(exported, tmp_path / "again")
     with pytest.raises(SystemExit, match="export failed: .*no config.json"):
         export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "nothing")])

@@ -192,6 +192,16 @@ def read_workdir_state(
     config_file = workdir / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")
+    config = json.loads(config_file.read_text())
+    from wavlink_jax.export import MODEL_TYPE as EXPORTED_MODEL_TYPE
+
+    if config.get("model_type") == EXPORTED_MODEL_TYPE:
+        raise CheckpointError(
+            f"{workdir}: an exported model directory (written by `python -m wavlink_jax.export`), not a training "
+            "workdir. It needs no export: transformers loads it (AutoModel.from_pretrained(..., "
+            "trust_remote_code=True)), and wavlink_jax.inference.load, evaluate and embed read it as it is. To "
+            "export again, or to start training from it, give the training workdir it was exported from"
+        )
     directory = checkpoint_dir(workdir)
     steps = sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit())
     if not steps:
@@ -219,7 +229,7 @@ def read_workdir_state(
         ),
     )["state"]
     logging.info("read %s of step %d from %s", "/".join(items), step, step_dir / "state")
-    return {name: restored.get(name, {}) for name in items}, json.loads(config_file.read_text()), step
+    return {name: restored.get(name, {}) for name in items}, config, step
 
 
 def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
