@@ -1,5 +1,5 @@
-"""Config files: every key can be overridden from the command line, the stage is the config file's argument, and
-a key naming one of a few choices is checked before anything is traced."""
+"""Config files: every key can be overridden from the command line, the README documents every key, the stage is
+the config file's argument, and a key naming one of a few choices is checked before anything is traced."""
 
 import re
 from pathlib import Path
@@ -90,6 +90,21 @@ def test_the_stage_is_the_config_files_argument():
         parse("configs/wavlink_base.py:stage=3")
     with pytest.raises(AttributeError, match="stage"):
         parse("configs/wavlink_base.py:stage=2,stage1_workdir=W1", "--config.stage=1")
+
+
+def readme_configs_section() -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split("\n## Configs\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_documents_every_key():
+    """Every key of base_config (each part of its dotted name) appears in backticks in the README's Configs
+    section (alone or in a dotted name)."""
+    section = readme_configs_section()
+    named = {word for quoted in re.findall(r"`([^`]*)`", section) for word in re.findall(r"\w+", quoted)}
+    config = parse("configs/wavlink_large.py:stage=1")
+    missing = sorted(key for key, _ in leaves(config) if not set(key.split(".")) <= named)
+    assert not missing, f"README.md's Configs section does not name {missing}"
 
 
 def mesh():
