@@ -90,17 +90,17 @@ def test_whisper_cli_without_token(tmp_path, whisper_source):
     np.testing.assert_array_equal(np.asarray(fresh.global_token.get_value()), np.asarray(expected))
 
 
-def test_cli_errors_are_messages_not_tracebacks(tmp_path, whisper_source, capsys):
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, whisper_source):
     out = tmp_path / "tower"
     assert main(["whisper", str(whisper_source), "--out", str(out)]) == 0
-    assert main(["whisper", str(whisper_source), "--out", str(out)]) == 2
-    assert "already holds a converted tower" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: .*already holds a converted tower"):  # one line, exit status 1
+        main(["whisper", str(whisper_source), "--out", str(out)])
 
     not_whisper = tmp_path / "not_whisper"
     not_whisper.mkdir()
     (not_whisper / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    assert main(["whisper", str(not_whisper), "--out", str(tmp_path / "x")]) == 2
-    assert "not 'whisper'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: .*not 'whisper'"):
+        main(["whisper", str(not_whisper), "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
 
 

@@ -447,7 +447,7 @@ def test_check_command_reports_one_epoch(tmp_path, tokenizer):
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log
 
 
-def test_check_command_names_a_source_it_cannot_open(tmp_path, capsys):
+def test_check_command_names_a_source_it_cannot_open(tmp_path):
     from wavlink_jax.data.__main__ import main
 
     (tmp_path / "bad.jsonl").write_text('{"audio": "a.wav", "fold": "one"}\n')
@@ -457,8 +457,9 @@ def test_check_command_names_a_source_it_cannot_open(tmp_path, capsys):
         ("check", "clotho", "--data-dir", str(tmp_path / "nodata")): "error: no prepared data set 'clotho'",
     }
     for argv, message in cases.items():
-        assert main(list(argv)) == 1
-        err = capsys.readouterr().err.strip()
+        with pytest.raises(SystemExit) as exit:  # the message is its code: one line on stderr, exit status 1
+            main(list(argv))
+        err = str(exit.value.code)
         assert err.startswith(message) and len(err.splitlines()) == 1, err
 
 

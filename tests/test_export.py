@@ -216,5 +216,5 @@ def test_step_selection_and_refusals(trained, exported, tmp_path):
     with pytest.raises(CheckpointError, match=r"an exported model directory .*not a training workdir.*give the "
                                               r"training workdir it was exported from"):
         export.export(exported, tmp_path / "again")
-    with pytest.raises(SystemExit, match="export failed: .*no config.json"):
+    with pytest.raises(SystemExit, match="^error: .*no config.json"):
         export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "nothing")])
