@@ -279,3 +279,25 @@ def test_config_presets_defaults_and_length_check():
     module = CLIPTextEncoder(CLIPTextConfig(**SMALL), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="sequence length 17 exceeds the model's max_positions 16"):
         module(jnp.zeros((1, 17), jnp.int32), jnp.ones((1, 17), jnp.int32))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("width", 63, r"CLIPTextConfig.width is 63; it must be divisible by num_heads \(4\)"),
+        ("vocab_size", 0, r"CLIPTextConfig.vocab_size is 0; it must be a positive integer"),
+        ("projection_dim", 2.5, r"CLIPTextConfig.projection_dim is 2.5; it must be a positive integer"),
+        ("activation", "gelu_fast", r"CLIPTextConfig.activation is 'gelu_fast'; expected one of \["),
+        ("layer_norm_eps", 0.0, r"CLIPTextConfig.layer_norm_eps is 0.0; it must be positive"),
+        ("dtype", "bfloat", r"CLIPTextConfig.dtype is 'bfloat'; expected a floating dtype"),
+        ("dtype", "int32", r"CLIPTextConfig.dtype is 'int32'; expected a floating dtype"),
+        ("remat", "dots", r"CLIPTextConfig.remat is 'dots'; expected 'none' or one of \["),
+        ("attention_implementation", "flash", r"CLIPTextConfig.attention_implementation is 'flash'; expected one of"),
+    ],
+)
+def test_config_refuses_bad_values_naming_the_field(field, value, message):
+    """Checked where the config is made (shared with WhisperConfig: `layers.check_tower_config`), not when the
+    module is built or traced."""
+    with pytest.raises(ValueError, match=message):
+        CLIPTextConfig(**{**SMALL, field: value})
+    CLIPTextConfig(**SMALL, activation="gelu", dtype="bfloat16", remat="full", attention_implementation="xla")

@@ -354,6 +354,20 @@ def test_presets_match_the_paper_parameter_counts(preset, millions):
     assert WhisperConfig.preset(preset).n_mels == (128 if preset == "large-v3" else 80)
 
 
+def test_config_refuses_bad_values_naming_the_field():
+    """The checks shared with CLIPTextConfig (`layers.check_tower_config`; each one is exercised in
+    test_clip_text.py) plus Whisper's own: an even width for the sinusoid table."""
+    sizes = dict(n_mels=8, width=16, num_layers=1, num_heads=2, mlp_dim=32)
+    with pytest.raises(ValueError, match=r"WhisperConfig.num_heads is 0; it must be a positive integer"):
+        WhisperConfig(**{**sizes, "num_heads": 0})
+    with pytest.raises(ValueError, match=r"WhisperConfig.width is 18; it must be divisible by num_heads \(4\)"):
+        WhisperConfig(**{**sizes, "width": 18, "num_heads": 4})
+    with pytest.raises(ValueError, match=r"WhisperConfig.remat is 'all'; expected 'none' or one of"):
+        WhisperConfig(**sizes, remat="all")
+    with pytest.raises(ValueError, match="width 15 must be even"):
+        WhisperConfig(**{**sizes, "width": 15, "num_heads": 1})
+
+
 def test_bad_mel_inputs_are_clear_errors():
     config = WhisperConfig(n_mels=80, width=32, num_layers=1, num_heads=4, mlp_dim=64, max_positions=10)
     model = nnx.eval_shape(lambda: WhisperEncoder(config, rngs=nnx.Rngs(0)))  # the checks need no weights

@@ -46,6 +46,11 @@ class CLIPTextConfig:
     attention_implementation: str | None = None
     remat: str = "none"
 
+    def __post_init__(self):
+        layers.check_tower_config(
+            self, ("vocab_size", "width", "num_layers", "num_heads", "mlp_dim", "max_positions", "projection_dim")
+        )
+
     @classmethod
     def preset(cls, name: str, **overrides) -> CLIPTextConfig:
         """The text tower of OpenAI CLIP `vit-b-32` (Base, Small) or `vit-l-14` (Large), with overrides."""

@@ -11,6 +11,7 @@ compute `dtype` (e.g. bf16); LayerNorm statistics are always reduced in fp32.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable, Sequence
 
 import jax
@@ -64,6 +65,45 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def check_tower_config(config: Any, sizes: Sequence[str]) -> None:
+    """The checks both tower configs (`WhisperConfig`, `CLIPTextConfig`) run in `__post_init__`, so that a bad
+    value fails where the config is made (a config file, `from_hf`, a checkpoint's saved config), naming the
+    field, instead of deep inside model construction or tracing.
+
+    The `sizes` fields must be positive integers; `width` divisible by `num_heads`; `activation` one of
+    `ACTIVATIONS`; `layer_norm_eps` positive; `dtype` a floating dtype; `remat` "none" or one of
+    `REMAT_POLICIES`; `attention_implementation` one of `ATTENTION_IMPLEMENTATIONS`.
+    """
+    name = type(config).__name__
+
+    def refuse(field: str, requirement: str) -> None:
+        raise ValueError(f"{name}.{field} is {getattr(config, field)!r}; {requirement}")
+
+    for field in sizes:
+        try:
+            positive = operator.index(getattr(config, field)) >= 1
+        except TypeError:
+            positive = False
+        if not positive:
+            refuse(field, "it must be a positive integer")
+    if config.width % config.num_heads:
+        refuse("width", f"it must be divisible by num_heads ({config.num_heads})")
+    if config.activation not in ACTIVATIONS:
+        refuse("activation", f"expected one of {sorted(ACTIVATIONS)}")
+    if not config.layer_norm_eps > 0:
+        refuse("layer_norm_eps", "it must be positive")
+    try:
+        floating = jnp.issubdtype(resolve_dtype(config.dtype), jnp.floating)
+    except TypeError:
+        floating = False
+    if not floating:
+        refuse("dtype", 'expected a floating dtype name such as "float32" or "bfloat16"')
+    if config.remat != "none" and config.remat not in REMAT_POLICIES:
+        refuse("remat", f"expected 'none' or one of {sorted(REMAT_POLICIES)}")
+    if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+        refuse("attention_implementation", f"expected one of {ATTENTION_IMPLEMENTATIONS}")
 
 
 def dense(

@@ -58,15 +58,9 @@ class WhisperConfig:
     remat: str = "none"
 
     def __post_init__(self):
-        for name in ("n_mels", "width", "num_layers", "num_heads", "mlp_dim", "max_positions"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"WhisperConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.width % self.num_heads:
-            raise ValueError(f"WhisperConfig: width {self.width} is not divisible by num_heads {self.num_heads}")
+        layers.check_tower_config(self, ("n_mels", "width", "num_layers", "num_heads", "mlp_dim", "max_positions"))
         if self.width % 2:
             raise ValueError(f"WhisperConfig: width {self.width} must be even (sinusoidal positions)")
-        layers.activation_fn(self.activation)
-        layers.resolve_dtype(self.dtype)
 
     @classmethod
     def preset(cls, name: str, **overrides) -> WhisperConfig:
