@@ -197,14 +197,14 @@ class Attention(nnx.Module):
         `query_start`: outputs only for rows `x[:, query_start:]` (keys and values still span every row), e.g.
         the last block when only the appended global token's output is needed.
         """
+        if query_start is not None and causal:
+            raise ValueError("query_start with a causal mask is not supported")
         batch, length, width = x.shape
         head_dim = width // self.num_heads
         rows = x if query_start is None else x[:, query_start:]
         q = self.query(rows).reshape(batch, rows.shape[1], self.num_heads, head_dim)
         k = self.key(x).reshape(batch, length, self.num_heads, head_dim)
         v = self.value(x).reshape(batch, length, self.num_heads, head_dim)
-        if query_start is not None and causal:
-            raise ValueError("query_start with a causal mask is not supported")
         # A few query rows against all keys is tiny work, which XLA handles for any shape.
         implementation = "xla" if query_start is not None else resolve_attention_implementation(
             self.implementation, q.dtype
