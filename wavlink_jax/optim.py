@@ -45,6 +45,7 @@ def flatten(tree: Tree) -> dict[str, Any]:
 
 
 def unflatten(flat: Mapping[str, Any]) -> Tree:
+    """`{"a/b/kernel": leaf}` → nested dict; the inverse of `flatten`."""
     return traverse_util.unflatten_dict({tuple(key.split("/")): leaf for key, leaf in flat.items()})
 
 
@@ -116,6 +117,8 @@ def partition(params: Tree, mask: Tree) -> tuple[Tree, Tree]:
 
 
 def combine(trainable: Tree, frozen: Tree) -> Tree:
+    """One nested dict of both trees' leaves: undoes `partition` (the trainer also adds LoRA adapters beside
+    the parameters with it). On a path present in both trees, `trainable`'s leaf wins."""
     return unflatten({**flatten(frozen), **flatten(trainable)})
 
 

@@ -221,6 +221,8 @@ def per_device_rows(fn: Callable[[jax.Array], jax.Array], mesh: Mesh) -> Callabl
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of `mesh`: the step counter, the optimizer's scalars, the step's metrics,
+    and the inference model's weights."""
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -306,7 +308,7 @@ def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
 
 
 def logical_axes_tree(state: nnx.State) -> dict:
-    """Nested dict (string keys, as `wavlink_jax.train_step.params_tree`) of each parameter's logical names."""
+    """Nested dict (string keys, as `wavlink_jax.train_step.to_tree`) of each parameter's logical names."""
     flat = {}
     for path, variable in nnx.to_flat_state(state):
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.get_value().shape)

@@ -93,7 +93,9 @@ def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
 class Evaluator:
     """Scores `config.eval.sets` (decoded once, at start) with the current train state, through
     `wavlink_jax.evaluate.evaluate_during_training`: records `eval/<set>/<metric>` (full size) and
-    `eval/<set>/<dim>/<metric>` (Matryoshka sizes)."""
+    `eval/<set>/<dim>/<metric>` (Matryoshka sizes), and what each set was measured on: `eval/<set>/clips` (and
+    `captions`, `classes`, `questions` where the set has them) and `eval/<set>/skipped/<reason>` (records left
+    out when the set was decoded, zeros included)."""
 
     def __init__(self, config: ml_collections.ConfigDict, setup: train_step.TrainSetup, tokenizer):
         self.dims = setup.model_config.matryoshka_dims

@@ -385,7 +385,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
 class StateEmbedder:
     """Full-size L2-normalised numpy embeddings from a train state (for evaluation during training).
 
-    Satisfies `wavlink_jax.eval_tasks.Embedder`. Waveforms and captions are embedded in batches of
+    Satisfies `wavlink_jax.eval_tasks.SupportsEmbedding`. Waveforms and captions are embedded in batches of
     `batch_size` over the mesh; `use(state)` points it at the current parameters (no copy).
     """
 

@@ -62,6 +62,7 @@ def resolve_dtype(name: str | Dtype) -> jnp.dtype:
 
 
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The activation a config names (`ACTIVATIONS`: Hugging Face's `hidden_act` names); unknown names raise."""
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]

@@ -62,6 +62,7 @@ ADAPTER_NAMES = ("lora_a", "lora_b")
 
 
 def is_adapter(path: str) -> bool:
+    """Whether a flat parameter path (`.../attn/query/lora_a`) names a LoRA adapter rather than a model weight."""
     return path.rsplit("/", 1)[-1] in ADAPTER_NAMES
 
 
