@@ -312,7 +312,7 @@ def test_limit_zero_reads_an_all_bad_source_to_its_end(tmp_path, tokenizer):
 
     from wavlink_jax.data.__main__ import check
 
-    report = check(str(manifest), window_seconds=WINDOW, min_seconds=0.1, batch_size=4, progress=False)
+    report = check(str(manifest), min_seconds=0.1, progress=False)
     assert report["ok"] == 0 and report["skipped"] == {"missing": 1200}  # `check` counts them all, never stops
 
 
@@ -429,15 +429,15 @@ def test_config_schema(tmp_path):
         pipeline.make_train_iterator({}, global_batch_size=2, seed=0, tokenizer=object(), process_index=0, process_count=1)
 
 
-def test_check_command_reports_one_epoch(tmp_path, tokenizer):
+def test_check_command_reports_every_bad_clip(tmp_path, tokenizer):
     import subprocess
     import sys
 
     manifest = _bad_manifest(tmp_path)
     tokenizer_dir = tmp_path / "tok"
     train_tokenizer(["clip 1 alpha", "clip 2 beta"] * 3, tokenizer_dir, vocab_size=600)
-    command = [sys.executable, "-m", "wavlink_jax.data", "check", str(manifest), "--window-seconds", "0.25", "--min-seconds", "0.1"]
-    result = subprocess.run(command + ["--batch-size", "3", "--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
+    command = [sys.executable, "-m", "wavlink_jax.data", "check", str(manifest), "--min-seconds", "0.1"]
+    result = subprocess.run(command + ["--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["examples"] == 17 and report["ok"] == 8 and report["clips_per_s"] > 0
@@ -463,13 +463,32 @@ def test_check_command_names_a_source_it_cannot_open(tmp_path):
         assert err.startswith(message) and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_check_decodes_whole_clips(tmp_path, num_workers):
+    """A clip damaged only at its end passes most training crops; `check` decodes it whole and counts it, like
+    every other bad record, also with worker processes; the good clips' hours are reported."""
+    from wavlink_jax.data.__main__ import check
+
+    manifest = _bad_manifest(tmp_path)
+    tail = np.random.default_rng(2).uniform(-0.5, 0.5, 4 * RATE).astype(np.float32)
+    tail[-100:] = np.inf  # the last 6 ms of 4 s: a 0.25 s crop misses it 98% of the time
+    sf.write(tmp_path / "tail.wav", tail, RATE, subtype="FLOAT")
+    with open(manifest, "a") as lines:
+        lines.write(json.dumps({"audio": "tail.wav", "captions": ["clip 0 alpha"]}) + "\n")
+    report = check(str(manifest), min_seconds=0.1, num_workers=num_workers, progress=False)
+    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 2, "too_short": 1, "no_captions": 2}
+    assert report["skipped"] == expected and report["ok"] == 8 and report["examples"] == 18
+    assert report["hours"] == round(8 * 0.5 / 3600, 3)
+    assert multiprocessing.active_children() == []
+
+
 def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokenizer):
     from wavlink_jax.data import tfds_builders
     from wavlink_jax.data.__main__ import check
 
     tfds_builders.build_manifest("tiny_clips", {"train": _manifest(tmp_path / "clips", range(1, 7))}, tmp_path / "tfds")
-    report = check("tiny_clips", data_dir=str(tmp_path / "tfds"), window_seconds=WINDOW, min_seconds=0.1, batch_size=4, progress=False)
-    assert report["examples"] == 6 and report["ok"] == 6 and report["skipped"] == {}
+    report = check("tiny_clips", data_dir=str(tmp_path / "tfds"), min_seconds=0.1, progress=False)
+    assert report["examples"] == 6 and report["ok"] == 6 and report["skipped"] == {} and report["hours"] == round(3 / 3600, 3)
     spec = {"kind": "tfds", "name": "tiny_clips", "data_dir": str(tmp_path / "tfds"), "split": "train"}
     batch = next(_iterator(pipeline.DataConfig(sources=[spec], window_seconds=WINDOW, min_seconds=0.1), tokenizer, batch=6))
     for waveform, ids, clip_id in zip(batch["waveform"], batch["input_ids"], _ids(batch["waveform"])):

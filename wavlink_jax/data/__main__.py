@@ -1,20 +1,24 @@
-"""`python -m wavlink_jax.data check SOURCE`: run the training pipeline over one epoch of a source and report.
+"""`python -m wavlink_jax.data check SOURCE`: decode every clip of a source whole and report the bad ones.
 
 SOURCE is a manifest path, or the name of a data set prepared by `wavlink_jax.data.tfds_builders` (with
-`--data-dir` and `--split`). Every clip is decoded, resampled, cropped and (with `--tokenizer`) its caption
-tokenized, exactly as in training; bad clips are logged (the first 20 per reason) and counted. A tqdm
-progress bar goes to stderr; the last line on stdout is one JSON object:
+`--data-dir` and `--split`). Every clip is decoded whole, mixed to mono and resampled as in training (and with
+`--tokenizer` its captions tokenized); training reads only a random window of each clip, so a damaged part
+(a truncation, NaN samples) outside one epoch's window would be skipped in another epoch: `check` finds them
+all. Bad clips are logged (the first 20 per reason) and counted. A tqdm progress bar goes to stderr; the last
+line on stdout is one JSON object:
 
-    {"examples": n, "ok": n_ok, "skipped": {reason: count}, "clips_per_s": x}
+    {"examples": n, "ok": n_ok, "skipped": {reason: count}, "hours": audio hours of the good clips,
+     "clips_per_s": x}
 
 The exit status is 1 when no clip is usable, or when the source cannot be opened (a manifest or prepared data set
-that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check` never stops at a run of bad
-records (`max_consecutive_skips` is off): it reports every one.
+that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check`
+never stops at a run of bad records (`max_consecutive_skips` does not apply): it reports every one.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import logging
 import os
@@ -30,15 +34,13 @@ def check(
     *,
     data_dir: str | None = None,
     split: str = "train",
-    window_seconds: float = 10.0,
     min_seconds: float = 0.5,
     num_workers: int = 0,
-    batch_size: int = 32,
     tokenizer: str | None = None,
     max_text_length: int = 77,
     progress: bool = True,
 ) -> dict:
-    """One epoch of `source` through the training pipeline; the report described in the module docstring."""
+    """Every clip of `source` decoded whole; the report described in the module docstring."""
     from tqdm import tqdm
 
     from wavlink_jax.data import pipeline
@@ -49,37 +51,34 @@ def check(
     else:
         spec = {"kind": "tfds", "name": source, "data_dir": data_dir, "split": split}
     total = len(open_source(spec))
-    config = pipeline.DataConfig(
-        sources=[spec],
-        window_seconds=window_seconds,
-        min_seconds=min_seconds,
-        num_workers=num_workers,
-        tokenizer=tokenizer or "",
-        max_text_length=max_text_length,
-        max_consecutive_skips=0,  # count every bad record of the epoch, however many in a row
-    )
     text = None
     if tokenizer:
         from wavlink_jax.tokenizer import load_tokenizer
 
         text = load_tokenizer(tokenizer, max_length=max_text_length)
-    dataset = pipeline.build_train_dataset(config, tokenizer=text, batch_size=batch_size, seed=0, num_epochs=1, drop_remainder=False)
-    ok = 0
+    ok, seconds, skipped = 0, 0.0, collections.Counter()
     start = time.perf_counter()
-    iterator = iter(dataset)
-    with tqdm(total=total, unit="clip", file=sys.stderr, disable=not progress) as bar:
-        try:
-            for batch in iterator:
-                rows = len(batch["waveform"])
-                ok += rows
-                bar.update(rows + sum(iterator.last_skip_counts.values()))
-            elapsed = time.perf_counter() - start
-        finally:
-            iterator.close()  # also stops the worker processes when decoding fails
-        skipped = {reason: count for reason, count in iterator.skip_counts.items() if count}
-        examples = ok + sum(skipped.values())
-        bar.update(examples - bar.n)  # skips after the last batch
-    return {"examples": examples, "ok": ok, "skipped": skipped, "clips_per_s": round(examples / max(elapsed, 1e-9), 1)}
+    records = pipeline.check_records(spec, min_seconds=min_seconds, num_workers=num_workers)
+    try:
+        for record in tqdm(records, total=total, unit="clip", file=sys.stderr, disable=not progress):
+            if "skip" in record:
+                skipped[record["skip"]] += 1
+                continue
+            ok += 1
+            seconds += record["seconds"]
+            if text is not None:
+                text(record["captions"])
+    finally:
+        records.close()  # also stops the worker processes when decoding fails
+    elapsed = time.perf_counter() - start
+    examples = ok + sum(skipped.values())
+    return {
+        "examples": examples,
+        "ok": ok,
+        "skipped": dict(skipped),
+        "hours": round(seconds / 3600, 3),
+        "clips_per_s": round(examples / max(elapsed, 1e-9), 1),
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,10 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command.add_argument("source", help="a manifest (.jsonl) or the name of a prepared TFDS data set")
     command.add_argument("--data-dir", help="TFDS data directory (for a prepared data set)")
     command.add_argument("--split", default="train", help="TFDS split (default: train)")
-    command.add_argument("--window-seconds", type=float, default=10.0)
     command.add_argument("--min-seconds", type=float, default=0.5, help="shorter clips count as too_short")
     command.add_argument("--num-workers", type=int, default=0, help="grain worker processes")
-    command.add_argument("--batch-size", type=int, default=32)
     command.add_argument("--tokenizer", help="tokenizer directory: also tokenize the captions")
     command.add_argument("--max-text-length", type=int, default=77)
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -104,10 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.source,
             data_dir=args.data_dir,
             split=args.split,
-            window_seconds=args.window_seconds,
             min_seconds=args.min_seconds,
             num_workers=args.num_workers,
-            batch_size=args.batch_size,
             tokenizer=args.tokenizer,
             max_text_length=args.max_text_length,
             progress=not args.no_progress,

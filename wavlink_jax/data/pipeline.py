@@ -436,7 +436,7 @@ def build_train_dataset(
 ) -> grain.IterDataset:
     """The training pipeline of one host as a grain IterDataset (see the module docstring).
 
-    `batch_size` is this host's batch. `tokenizer=None` leaves out `input_ids`/`attention_mask` (for `check`).
+    `batch_size` is this host's batch. `tokenizer=None` leaves out `input_ids`/`attention_mask` (audio only, as in `scripts/benchmark_data.py`).
     """
     config = DataConfig.coerce(config)
     if config.max_consecutive_skips < 0:
@@ -540,6 +540,40 @@ class EvalSet:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class _CheckRecord:
+    """record → {"seconds": the whole clip's length, "captions"} or a skip marker, the audio left behind (only
+    the verdict crosses from a worker process). Picklable, for grain workers."""
+
+    min_samples: int
+    sample_rate: int
+
+    def __call__(self, record: Mapping[str, Any]) -> dict:
+        prepared = _PrepareExample(None, self.min_samples, self.sample_rate, train=False)(record)
+        if "skip" in prepared:
+            return prepared
+        return {"seconds": len(prepared["waveform"]) / self.sample_rate, "captions": prepared["captions"]}
+
+
+def check_records(
+    source: Mapping[str, Any] | str | os.PathLike,
+    *,
+    min_seconds: float,
+    sample_rate: int = SAMPLE_RATE,
+    num_workers: int = 0,
+    read_threads: int = 4,
+) -> grain.DatasetIterator:
+    """Every record of `source` in order, its whole clip decoded (a training crop can miss a damaged part, so
+    this finds what any epoch could skip): {"seconds", "captions"} or {"skip": reason, "message"}. For
+    `python -m wavlink_jax.data check`; close the iterator when done if `num_workers` > 0."""
+    records = grain.MapDataset.source(open_source(source)).map(_CheckRecord(int(round(min_seconds * sample_rate)), sample_rate))
+    checked = records.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
+    if num_workers > 0:
+        _mark_absl_flags_parsed()
+        checked = checked.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return iter(checked)
 
 
 def make_eval_set(
