@@ -615,7 +615,8 @@ def _fake_model(dims=(8, 4)):
 
     return types.SimpleNamespace(
         config=types.SimpleNamespace(matryoshka_dims=dims),
-        loaded=types.SimpleNamespace(window_seconds=1.0, source="fake", step=3),
+        window_seconds=1.0,
+        loaded=types.SimpleNamespace(source="fake", step=3),
         embed_audio=lambda waveforms: unit_rows(w.tobytes() for w in waveforms),
         embed_text=lambda texts: unit_rows(text.encode() for text in texts),
     )
@@ -671,6 +672,28 @@ def test_cli_keeps_finished_sets_when_a_later_set_fails(tmp_path, monkeypatch):
     assert results["datasets"]["good"]["clips"] == 3 and set(results["datasets"]["good"]["metrics"]) == {"8", "4"}
     assert (tmp_path / "res" / "res.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in out.parent.iterdir()) == ["res.json", "res.png"]  # no partial file left
+
+
+def test_cli_window_seconds_reaches_the_model_and_the_crops(tmp_path, monkeypatch):
+    from wavlink_jax import inference
+
+    manifest = _good_manifest(tmp_path)  # clips of 0.5 s
+    requested, lengths = [], []
+    model = _fake_model()
+    embed_audio = model.embed_audio
+    model.embed_audio = lambda waveforms: lengths.extend({len(w) for w in waveforms}) or embed_audio(waveforms)
+
+    def load(*args, window_seconds=None, **kwargs):
+        requested.append(window_seconds)
+        model.window_seconds = 1.0 if window_seconds is None else window_seconds
+        return model
+
+    monkeypatch.setattr(inference, "load", load)
+    out = tmp_path / "res.json"
+    for flag, seconds in (([], 1.0), (["--window-seconds", "0.25"], 0.25)):
+        ev.main(["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out), *flag])
+        assert json.loads(out.read_text())["window_seconds"] == seconds and lengths[-1] == int(seconds * 16000)
+    assert requested == [None, 0.25]
 
 
 def test_format_table():

@@ -87,6 +87,23 @@ def test_batched_padded_embeddings_match_direct_calls(embedder):
     assert short.shape == (len(texts), 16) and np.abs(short - expected).max() <= BATCH_TOLERANCE
 
 
+def test_window_override(run, embedder):
+    """`window_seconds` replaces the training window (1 s) by any window the position table covers (the tiny
+    model's covers exactly 1 s: 50 positions); clips are cut to it and embedded at that length."""
+    model = embedder.loaded.model
+    longest = model.config.audio.max_window_seconds
+    waves = [np.random.default_rng(i).uniform(-0.5, 0.5, int(1.7 * audio.SAMPLE_RATE)).astype(np.float32) for i in range(3)]
+    for seconds in (0.5, longest):
+        windowed = inference.Embedder(embedder.loaded, batch_size=3, window_seconds=seconds)
+        window = int(round(seconds * audio.SAMPLE_RATE))
+        assert windowed.window_samples == window
+        by_hand = np.stack([w[:window] for w in waves])
+        direct = np.asarray(nnx.jit(lambda m, x: m.embed_audio(audio.log_mel_spectrogram(x)))(model, by_hand))
+        assert np.abs(windowed.embed_audio(waves) - direct).max() <= BATCH_TOLERANCE
+    with pytest.raises(ValueError, match=rf"window_seconds = 9 s: .* at most {longest:g} s"):
+        inference.load(run[0], window_seconds=9)
+
+
 def test_export_and_steps_load_the_same_model(run, embedder, exported, monkeypatch):
     waves, texts = sample_inputs()
     from_export = inference.load(exported)

@@ -111,3 +111,33 @@ def test_cli_reports_a_bad_choice_before_tracing_as_one_error_line(tmp_path, dat
     assert errors == ["error: config.remat = 'ful' is not one of ('none', 'full', 'dots_saveable', "
                       "'dots_with_no_batch_dims_saveable', 'nothing_saveable')"], result.stderr[-2000:]
     assert "Traceback" not in result.stderr and not (tmp_path / "w" / "metrics.jsonl").exists()
+
+
+def test_an_evaluation_set_can_have_its_own_window(tmp_path, data_dir, monkeypatch):
+    """`window_seconds` in an eval set crops its clips to that window (here half the training window) and the
+    evaluation runs at that length."""
+    from wavlink_jax import eval_tasks
+
+    config = with_eval(tiny_config(str(data_dir), total_steps=1), data_dir, batch_size=8)
+    config.eval.sets = ({**config.eval.sets[0], "window_seconds": 0.5},)
+    decoded = []
+    load = eval_tasks.load_eval_data
+    monkeypatch.setattr(eval_tasks, "load_eval_data", lambda *a, **k: decoded.append(load(*a, **k)) or decoded[-1])
+    last = train.train(config, str(tmp_path))
+    assert decoded[0].waveforms.shape == (4, 8000) and config.data.window_seconds == 1.0
+    assert last["eval/synthetic/clips"] == 4 and 0 <= last["eval/synthetic/t2a_R@1"] <= 100
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"window_seconds": 2.0}, r"config.eval.sets\[0\] \(synthetic\) window_seconds = 2 s: .* at most 1 s \(50 positions\)"),
+        ({"windows": 0.5}, r"config.eval.sets\[0\] has unknown keys \['windows'\] / lacks \[\]"),
+    ],
+)
+def test_a_bad_evaluation_set_is_refused_before_training(tmp_path, data_dir, change, message):
+    config = with_eval(tiny_config(str(data_dir), total_steps=1), data_dir, batch_size=8)
+    config.eval.sets = ({**config.eval.sets[0], **change},)
+    with pytest.raises(ValueError, match=message):
+        train.train(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -603,9 +603,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if repeated:
         raise ValueError(f"--datasets names {repeated} more than once; give each set its own NAME (NAME=manifest)")
 
-    embedder = inference.load(args.model, args.step, batch_size=args.batch_size, dtype=args.dtype, progress=True)
+    embedder = inference.load(
+        args.model,
+        args.step,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        progress=True,
+        window_seconds=args.window_seconds,
+    )
     dims = [int(d) for d in args.dims.split(",")] if args.dims else list(embedder.config.matryoshka_dims)
-    window_seconds = embedder.loaded.window_seconds  # the model's: inference crops to it anyway
+    window_seconds = embedder.window_seconds  # the model's training window unless --window-seconds
     templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
 
     results: dict[str, Any] = {
@@ -663,6 +670,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dims", help="comma-separated Matryoshka sizes (default: all of the model's)")
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
     parser.add_argument("--max-clips", type=int, help="evaluate the first N clips only (smoke tests)")
+    parser.add_argument(
+        "--window-seconds",
+        type=float,
+        help="head crop of every clip (default: the model's training window; at most the audio tower's 30 s)",
+    )
     parser.add_argument("--plot", help="PNG of the headline metrics against dimension (default: OUT with .png)")
     args = parser.parse_args(argv)
     with cli.user_errors():

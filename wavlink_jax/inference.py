@@ -6,7 +6,8 @@ the tokenizer is the run's (a workdir's `config.data.tokenizer`, an export's own
 
 Audio: 16 kHz float waveforms, one 1-D array, a list of 1-D arrays of any lengths, or a `(B, samples)`
 array. Each is brought to the model's window as evaluation does during training: cut to the head of the
-window (`config.data.window_seconds`; an export's `window_seconds`) or zero-padded at the end. The log-mel
+window (`config.data.window_seconds`; an export's `window_seconds`; or `window_seconds=` up to the audio
+tower's 30 s, e.g. to embed long clips whole) or zero-padded at the end. The log-mel
 spectrogram is computed inside the jitted function. Decode files with `wavlink_jax.data.audio_io.load_audio`.
 
 Text: captions are tokenized as in training (cut / padded to the training text length).
@@ -164,9 +165,13 @@ def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str =
 class Embedder:
     """Jitted, batched embedding of waveforms and texts with one loaded model (see the module docstring)."""
 
-    def __init__(self, loaded: LoadedModel, *, batch_size: int = 32, progress: bool = False):
+    def __init__(
+        self, loaded: LoadedModel, *, batch_size: int = 32, progress: bool = False, window_seconds: float | None = None
+    ):
         self.loaded = loaded
         self.config: WavLinkConfig = loaded.model.config
+        self.window_seconds = loaded.window_seconds if window_seconds is None else float(window_seconds)
+        self.config.audio.check_window(self.window_seconds, "window_seconds")
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir, max_length=loaded.max_text_length)
         self.mesh = sharding.create_mesh({"data": -1}, devices=jax.local_devices())
         divisor = sharding.batch_divisor(self.mesh)
@@ -187,7 +192,8 @@ class Embedder:
 
     @property
     def window_samples(self) -> int:
-        return self.loaded.window_samples
+        """The length every waveform is cut or zero-padded to (`window_seconds` at 16 kHz)."""
+        return int(round(self.window_seconds * audio.SAMPLE_RATE))
 
     def _check_dim(self, dim: int | None) -> int | None:
         if dim is None or dim == self.config.embed_dim:
@@ -238,6 +244,10 @@ def load(
     batch_size: int = 32,
     dtype: str = "float32",
     progress: bool = False,
+    window_seconds: float | None = None,
 ) -> Embedder:
-    """An `Embedder` for a training workdir (latest checkpoint, or `step`) or an exported directory."""
-    return Embedder(read_model(path, step, dtype=dtype), batch_size=batch_size, progress=progress)
+    """An `Embedder` for a training workdir (latest checkpoint, or `step`) or an exported directory;
+    `window_seconds` overrides the model's training window (see the module docstring)."""
+    return Embedder(
+        read_model(path, step, dtype=dtype), batch_size=batch_size, progress=progress, window_seconds=window_seconds
+    )

@@ -95,7 +95,12 @@ class Evaluator:
     `wavlink_jax.evaluate.evaluate_during_training`: records `eval/<set>/<metric>` (full size) and
     `eval/<set>/<dim>/<metric>` (Matryoshka sizes), and what each set was measured on: `eval/<set>/clips` (and
     `captions`, `classes`, `questions` where the set has them) and `eval/<set>/skipped/<reason>` (records left
-    out when the set was decoded, zeros included)."""
+    out when the set was decoded, zeros included).
+
+    Each set is head-cropped to the training window, or to its own `window_seconds` (e.g. 30 to score long
+    clips whole with a model trained on 10 s crops)."""
+
+    SET_KEYS = ("name", "source", "window_seconds")
 
     def __init__(self, config: ml_collections.ConfigDict, setup: train_step.TrainSetup, tokenizer):
         self.dims = setup.model_config.matryoshka_dims
@@ -104,11 +109,26 @@ class Evaluator:
             eval_tasks.load_eval_data(
                 spec["name"],
                 dict(spec["source"]),
-                window_seconds=config.data.window_seconds,
+                window_seconds=self._window_seconds(index, dict(spec), config, setup),
                 max_clips=config.eval.max_clips or None,
             )
-            for spec in config.eval.sets
+            for index, spec in enumerate(config.eval.sets)
         ]
+
+    @classmethod
+    def _window_seconds(
+        cls, index: int, spec: dict, config: ml_collections.ConfigDict, setup: train_step.TrainSetup
+    ) -> float:
+        """The window of `config.eval.sets[index]`, after checking the set's keys and that window."""
+        unknown, missing = sorted(set(spec) - set(cls.SET_KEYS)), sorted({"name", "source"} - set(spec))
+        if unknown or missing:
+            raise ValueError(
+                f"config.eval.sets[{index}] has unknown keys {unknown} / lacks {missing}; an evaluation set is "
+                f"{{'name': ..., 'source': <a data source spec>, 'window_seconds': (optional)}}"
+            )
+        seconds = float(spec.get("window_seconds") or config.data.window_seconds)
+        setup.model_config.audio.check_window(seconds, f"config.eval.sets[{index}] ({spec['name']}) window_seconds")
+        return seconds
 
     def __call__(self, state: dict) -> dict[str, float]:
         return evaluate.evaluate_during_training(self.embedder.use(state), self.sets, self.dims)

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wavlink_jax import audio
 from wavlink_jax.models import layers
 from wavlink_jax.models.hf_fields import RUN_SETTINGS_NOT_IN_HF, HFField, HFFields
 
@@ -61,6 +62,20 @@ class WhisperConfig:
         layers.check_tower_config(self, ("n_mels", "width", "num_layers", "num_heads", "mlp_dim", "max_positions"))
         if self.width % 2:
             raise ValueError(f"WhisperConfig: width {self.width} must be even (sinusoidal positions)")
+
+    @property
+    def max_window_seconds(self) -> float:
+        """The longest input the position table covers (2 mel frames per position: Whisper's 1500 = 30 s)."""
+        return 2 * self.max_positions * audio.HOP_LENGTH / audio.SAMPLE_RATE
+
+    def check_window(self, seconds: float, setting: str) -> None:
+        """Refuse a window (`setting` names where it was set) that is not positive or that the position table
+        does not cover, before anything is decoded or compiled for it."""
+        if not 0 < seconds <= self.max_window_seconds:
+            raise ValueError(
+                f"{setting} = {seconds:g} s: the audio tower takes windows of more than 0 and at most "
+                f"{self.max_window_seconds:g} s ({self.max_positions} positions)"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> WhisperConfig:
