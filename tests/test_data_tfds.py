@@ -147,13 +147,15 @@ def fake_vggsound(m):
         ["aaaaaaaaaaa", 30, "dog barking", "train"],
         ["bbbbbbbbbbb", 120, "rain", "train"],
         ["ccccccccccc", 5, "rain", "train"],
+        ["ddddddddddd", 7, "rain", "train"],  # one clip with two labels: left out and counted
+        ["ddddddddddd", 7, "dog barking", "train"],
     ])  # the official file has no header
     expected = {
         "train": {"aaaaaaaaaaa_000030": Expected(f2, [], "dog barking"),
                   "bbbbbbbbbbb_000120": Expected(f3, [], "rain")},
         "test": {"---g-f_I2yQ_000001": Expected(f1, [], "people marching, drums")},
     }
-    return expected, {"train": {"missing": 1}, "test": {}}
+    return expected, {"train": {"missing": 1, "conflicting_id": 1}, "test": {}}
 
 
 def fake_audiosetcaps(m):

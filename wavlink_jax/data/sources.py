@@ -98,28 +98,37 @@ def merge_by_id(
     *,
     field: Callable[[T, str], Any],
     with_captions: Callable[[T, list[str]], T],
+    conflicts: dict[str, str] | None = None,
 ) -> list[T]:
     """Items sharing an id merged into one clip, in first-seen order, with all their captions in order.
 
     Items are manifest records or the TFDS builders' clips: `field(item, name)` reads "id", "captions" and the
     `MERGED_FIELDS`; `with_captions(item, captions)` is a copy of `item` with those captions (the inputs are
     left unchanged). Items that share an id but differ in audio, label or fold are a ManifestError naming
-    `where` (the manifest or metadata file), the id and the two values.
+    `where` (the manifest or metadata file), the id and the two values; with a `conflicts` dict (for published
+    metadata the user cannot fix) that id is left out instead and `conflicts[id]` says why.
     """
     merged: dict[str, T] = {}
     for item in items:
         clip_id = field(item, "id")
+        if conflicts is not None and clip_id in conflicts:
+            continue
         first = merged.get(clip_id)
         if first is None:
             merged[clip_id] = with_captions(item, list(field(item, "captions")))
             continue
-        for name in MERGED_FIELDS:
-            if field(first, name) != field(item, name):
+        differ = [name for name in MERGED_FIELDS if field(first, name) != field(item, name)]
+        if differ:
+            name = differ[0]
+            problem = f"id {clip_id!r} has {name} {field(first, name)!r} and also {field(item, name)!r}"
+            if conflicts is None:
                 raise ManifestError(
-                    f"{where}: id {clip_id!r} has {name} {field(first, name)!r} and also {field(item, name)!r}; "
-                    f"entries that share an id are one clip (their captions are joined) and must agree on "
-                    f"{', '.join(MERGED_FIELDS)}: give different clips different ids"
+                    f"{where}: {problem}; entries that share an id are one clip (their captions are joined) and "
+                    f"must agree on {', '.join(MERGED_FIELDS)}: give different clips different ids"
                 )
+            conflicts[clip_id] = problem
+            del merged[clip_id]
+            continue
         field(first, "captions").extend(field(item, "captions"))
     return list(merged.values())
 

@@ -18,8 +18,10 @@ Stored features: `id` (str, unique per split), `audio` (int16, 16 kHz mono), `ca
 for the classification sets), `label` (class name, "" if none; underscores of ESC-50/US8K class names are
 replaced by spaces so they read as text prompts), `fold` (ESC-50 1-5, US8K 1-10, otherwise 0).
 CSV rows (and manifest lines) that share a clip id are merged into one clip with all their captions
-(AudioCaps has one row per caption); rows that share an id but differ in audio, label or fold are an error
-naming the id and both values (`sources.merge_by_id`).
+(AudioCaps has one row per caption). Rows that share an id but differ in audio, label or fold leave that clip
+out of a published data set's build, counted as "conflicting_id" like the other skips below (which label is
+right cannot be told); in a manifest (your own data) they are an error naming the id and both values
+(`sources.merge_by_id`).
 
 Bad input is skipped and counted, never silent: a clip whose file is absent ("missing"), has no samples
 ("empty"), is cut short ("truncated") or is not audio libsndfile can read ("not_audio") is logged (the first
@@ -105,14 +107,19 @@ class Clip:
     expected: str = ""  # when `audio` is "": the file names looked for, for the skip log
 
 
-def merge_clips(clips: Iterable[Clip], where: str) -> list[Clip]:
+def merge_clips(clips: Iterable[Clip], where: str, conflicts: dict[str, str] | None = None) -> list[Clip]:
     """Clips with the same id merged into one, keeping first-seen order and all captions in order.
 
     `sources.merge_by_id`, as for evaluation manifests: clips that share an id but differ in audio, label or
-    fold are a `ManifestError` naming `where`, the id and the two values.
+    fold are a `ManifestError` naming `where`, the id and the two values, or with `conflicts` left out and
+    recorded there.
     """
     return merge_by_id(
-        clips, where, field=getattr, with_captions=lambda clip, captions: dataclasses.replace(clip, captions=captions)
+        clips,
+        where,
+        field=getattr,
+        with_captions=lambda clip, captions: dataclasses.replace(clip, captions=captions),
+        conflicts=conflicts,
     )
 
 
@@ -294,14 +301,21 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"{self.name}: no metadata found in {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         self._start_report()
-        return {
-            split: self._generate_examples(split, merge_clips(rows, f"{self.name} {split} metadata in {manual_dir}"))
-            for split, rows in clips.items()
-        }
+        generators = {}
+        for split, rows in clips.items():
+            conflicts: dict[str, str] = {}  # published metadata: a clip with two labels is left out and counted
+            merged = merge_clips(rows, f"{self.name} {split} metadata in {manual_dir}", conflicts)
+            generators[split] = self._generate_examples(split, merged, conflicts)
+        return generators
 
-    def _generate_examples(self, split: str, clips: list[Clip]):
-        counts: collections.Counter[str] = collections.Counter()
+    def _generate_examples(self, split: str, clips: list[Clip], conflicts: Mapping[str, str] | None = None):
+        """`conflicts`: ids left out while merging (see `merge_clips`), counted as "conflicting_id"."""
+        conflicts = conflicts or {}
+        counts: collections.Counter[str] = collections.Counter({"conflicting_id": len(conflicts)} if conflicts else {})
         examples: dict[str, list[str]] = collections.defaultdict(list)
+        for clip_id, problem in list(conflicts.items())[: audio_io.LOGGED_PER_REASON]:
+            examples["conflicting_id"].append(problem)
+            log.warning("%s/%s: skipping %s (conflicting_id): %s", self.name, split, clip_id, problem)
         blank = 0
         for clip, audio in zip(clips, self._decode([clip.audio for clip in clips])):
             if isinstance(audio, str):
@@ -322,7 +336,7 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             }
         if counts:
             total = sum(counts.values())
-            log.warning("%s/%s: skipped %d of %d clips: %s", self.name, split, total, len(clips), dict(counts))
+            log.warning("%s/%s: skipped %d of %d clips: %s", self.name, split, total, len(clips) + len(conflicts), dict(counts))
         if blank:
             log.warning("%s/%s: dropped %d blank captions of the stored clips", self.name, split, blank)
         self.info.metadata["skipped"][split] = dict(counts)
