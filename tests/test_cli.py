@@ -88,6 +88,16 @@ def test_data_check(tmp_path):
     assert shown.returncode == 1 and "Traceback" in shown.stderr and "ManifestError" in shown.stderr
 
 
+def test_data_set_tools(tmp_path):
+    missing = tmp_path / "gone.jsonl"
+    result = run_tool("wavlink_jax.data.tfds_builders", "manifest", "--manifest", str(missing), "--name", "x",
+                      "--data-dir", str(tmp_path / "data"), "--num-workers", "0")
+    assert_one_error_line(result, f"error: {missing}: manifest not found")
+    (tmp_path / "file").write_text("")
+    result = run_tool("wavlink_jax.data.synthetic", "--out", str(tmp_path / "file" / "data"), "--num-train", "2")
+    assert_one_error_line(result, "error: [Errno 20] Not a directory")
+
+
 def test_user_errors_in_process(monkeypatch):
     monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
     with pytest.raises(SystemExit, match=r"^error: config.mesh: unknown axes \['bogus'\]; expected .*\]$"):

@@ -274,9 +274,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="longest clip, in seconds (clips last 1 s to this)")
     parser.add_argument("--captions-per-clip", type=int, default=5)
     args = parser.parse_args(argv)
-    paths = generate(
-        args.out, args.num_train, args.num_eval, args.seed, max_seconds=args.seconds, captions_per_clip=args.captions_per_clip
-    )
+    from wavlink_jax import cli  # here: importing the module stays light (grain workers do)
+
+    with cli.user_errors():
+        paths = generate(
+            args.out,
+            args.num_train,
+            args.num_eval,
+            args.seed,
+            max_seconds=args.seconds,
+            captions_per_clip=args.captions_per_clip,
+        )
     print(json.dumps({k: str(v) for k, v in dataclasses.asdict(paths).items()}))
 
 

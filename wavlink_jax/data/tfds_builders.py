@@ -777,13 +777,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
                              help="keep zstd-compressed records (smaller on disk, ~3x slower reads)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "build":
-        result = build(args.name, args.manual_dir, args.data_dir, num_workers=args.num_workers, compress=args.compress)
-    else:
-        manifests = dict(map(_parse_manifest_argument, args.manifest))
-        result = build_manifest(
-            args.name, manifests, args.data_dir, num_workers=args.num_workers, compress=args.compress
-        )
+    from wavlink_jax import cli  # here: importing the module stays light (grain workers do)
+
+    with cli.user_errors():
+        if args.command == "build":
+            result = build(args.name, args.manual_dir, args.data_dir, num_workers=args.num_workers, compress=args.compress)
+        else:
+            manifests = dict(map(_parse_manifest_argument, args.manifest))
+            result = build_manifest(
+                args.name, manifests, args.data_dir, num_workers=args.num_workers, compress=args.compress
+            )
     print(json.dumps(result))
     return result
 
