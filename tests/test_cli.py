@@ -48,8 +48,12 @@ def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> 
             "error: --config=configs/nowhere.py: cannot load the config file: [Errno 2] No such file or directory",
         ),
         (("--config", "tests/train_fixtures.py", "--config.seed=1.5"), "error: flag --config.seed=1.5: invalid literal"),
+        (
+            ("--config", "tests/train_fixtures.py", "--config.data.fenêtre=3"),
+            "error: --config.data.fenêtre: the config has no key 'fenêtre'",
+        ),
     ],
-    ids=["unknown-key", "config-file-error", "missing-config-file", "wrong-type"],
+    ids=["unknown-key", "config-file-error", "missing-config-file", "wrong-type", "unknown-non-ascii-key"],
 )
 def test_train_config_mistakes(args, message):
     assert_one_error_line(run_tool(*TRAIN, *args), message)

@@ -131,13 +131,27 @@ def test_an_evaluation_set_can_have_its_own_window(tmp_path, data_dir, monkeypat
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"window_seconds": 2.0}, r"config.eval.sets\[0\] \(synthetic\) window_seconds = 2 s: .* at most 1 s \(50 positions\)"),
-        ({"windows": 0.5}, r"config.eval.sets\[0\] has unknown keys \['windows'\] / lacks \[\]"),
+        ({"window_seconds": 2.0}, r"config.eval.sets\[1\] \(synthetic\) window_seconds = 2 s: .* at most 1 s \(50 positions\)"),
+        ({"window_seconds": 0}, r"config.eval.sets\[1\] \(synthetic\) window_seconds = 0 s: .* more than 0"),
+        ({"windows": 0.5}, r"config.eval.sets\[1\] has unknown keys \['windows'\] / lacks \[\]"),
     ],
 )
-def test_a_bad_evaluation_set_is_refused_before_training(tmp_path, data_dir, change, message):
+def test_a_bad_evaluation_set_is_refused_before_training(tmp_path, data_dir, change, message, monkeypatch):
+    """Refused before training, and before the sets ahead of it are decoded."""
+    from wavlink_jax import eval_tasks
+
     config = with_eval(tiny_config(str(data_dir), total_steps=1), data_dir, batch_size=8)
-    config.eval.sets = ({**config.eval.sets[0], **change},)
+    config.eval.sets = (config.eval.sets[0], {**config.eval.sets[0], **change})
+    decoded = []
+    monkeypatch.setattr(eval_tasks, "load_eval_data", lambda *args, **kwargs: decoded.append(args))
     with pytest.raises(ValueError, match=message):
+        train.train(config, str(tmp_path))
+    assert decoded == [] and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_a_training_window_longer_than_the_audio_tower_takes_is_refused_before_anything_runs(tmp_path, data_dir):
+    config = tiny_config(str(data_dir), total_steps=1)
+    config.data.window_seconds = 2.0
+    with pytest.raises(ValueError, match=r"^config.data.window_seconds = 2 s: .* at most 1 s \(50 positions\)"):
         train.train(config, str(tmp_path))
     assert not (tmp_path / "metrics.jsonl").exists()

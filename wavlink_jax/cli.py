@@ -13,6 +13,7 @@ bug provoked inside jax); the error line names the variable when the error was r
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import os
 import re
@@ -85,7 +86,8 @@ def _config_file_error(message: str) -> str:
 def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
     """An override of a key the config lacks (ml_collections raises KeyError/AttributeError with the key's last
     name and, sometimes, a did-you-mean) → the override as typed, and the suggestion."""
-    text = str(err).encode().decode("unicode_escape")  # the message is a repr of a repr
+    # The message is a repr of a repr: undo one level of escapes, keeping the characters that are not escaped.
+    text = codecs.decode(str(err).encode("latin-1", "backslashreplace"), "unicode_escape")
     key = re.match(r"""^['"\\]*([^'"\\\n]+)""", text)
     name = key.group(1) if key else text
     overrides = [arg.split("=", 1)[0] for arg in argv if re.match(rf"^--?(no)?config\.(.*\.)?{re.escape(name)}([.=]|$)", arg)]

@@ -105,14 +105,13 @@ class Evaluator:
     def __init__(self, config: ml_collections.ConfigDict, setup: train_step.TrainSetup, tokenizer):
         self.dims = setup.model_config.matryoshka_dims
         self.embedder = train_step.StateEmbedder(setup, tokenizer, config.eval.batch_size)
+        # Every set's settings are checked before any set is decoded (decoding a large one takes minutes).
+        windows = [self._window_seconds(index, dict(spec), config, setup) for index, spec in enumerate(config.eval.sets)]
         self.sets = [
             eval_tasks.load_eval_data(
-                spec["name"],
-                dict(spec["source"]),
-                window_seconds=self._window_seconds(index, dict(spec), config, setup),
-                max_clips=config.eval.max_clips or None,
+                spec["name"], dict(spec["source"]), window_seconds=window, max_clips=config.eval.max_clips or None
             )
-            for index, spec in enumerate(config.eval.sets)
+            for spec, window in zip(config.eval.sets, windows)
         ]
 
     @classmethod
@@ -126,7 +125,7 @@ class Evaluator:
                 f"config.eval.sets[{index}] has unknown keys {unknown} / lacks {missing}; an evaluation set is "
                 f"{{'name': ..., 'source': <a data source spec>, 'window_seconds': (optional)}}"
             )
-        seconds = float(spec.get("window_seconds") or config.data.window_seconds)
+        seconds = float(config.data.window_seconds if spec.get("window_seconds") is None else spec["window_seconds"])
         setup.model_config.audio.check_window(seconds, f"config.eval.sets[{index}] ({spec['name']}) window_seconds")
         return seconds
 

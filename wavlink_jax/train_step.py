@@ -144,6 +144,7 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     """Shapes, logical-axis shardings, trainable mask and optimizer of the config's model on `mesh`."""
     check_choices(config)
     mconfig = model_config(config)
+    mconfig.audio.check_window(config.data.window_seconds, "config.data.window_seconds")
     abstract_model = nnx.eval_shape(lambda: WavLink(mconfig, rngs=nnx.Rngs(0)))
     graphdef, param_template, buffer_template = nnx.split(abstract_model, nnx.Param, ...)
     param_shapes = to_tree(param_template)
