@@ -61,10 +61,6 @@ class LoadedModel:
     step: int | None  # the checkpoint step of a workdir; None for an exported directory
 
     @property
-    def window_samples(self) -> int:
-        return int(round(self.window_seconds * audio.SAMPLE_RATE))
-
-    @property
     def source(self) -> str:
         return str(self.path) if self.step is None else f"{self.path} (step {self.step})"
 

@@ -50,7 +50,7 @@ def check(
         spec = {"kind": "manifest", "path": source}
     else:
         spec = {"kind": "tfds", "name": source, "data_dir": data_dir, "split": split}
-    total = len(open_source(spec))
+    source = open_source(spec)  # read and checked once (a manifest's lines are validated when it is opened)
     text = None
     if tokenizer:
         from wavlink_jax.tokenizer import load_tokenizer
@@ -58,9 +58,9 @@ def check(
         text = load_tokenizer(tokenizer, max_length=max_text_length)
     ok, seconds, skipped = 0, 0.0, collections.Counter()
     start = time.perf_counter()
-    records = pipeline.check_records(spec, min_seconds=min_seconds, num_workers=num_workers)
+    records = pipeline.check_records(source, min_seconds=min_seconds, num_workers=num_workers)
     try:
-        for record in tqdm(records, total=total, unit="clip", file=sys.stderr, disable=not progress):
+        for record in tqdm(records, total=len(source), unit="clip", file=sys.stderr, disable=not progress):
             if "skip" in record:
                 skipped[record["skip"]] += 1
                 continue

@@ -192,7 +192,7 @@ class _PrepareExample:
     """record → {"waveform", "caption", "source"} (training) / {"id", "waveform", "captions", "label", "fold"}
     (evaluation), or {"skip": reason, "message", "source"}. Picklable, for grain workers."""
 
-    window_samples: int
+    window_samples: int | None  # None: the whole clip (see `load_audio`)
     min_samples: int
     sample_rate: int
     train: bool
@@ -558,17 +558,18 @@ class _CheckRecord:
 
 
 def check_records(
-    source: Mapping[str, Any] | str | os.PathLike,
+    source: Source,
     *,
     min_seconds: float,
     sample_rate: int = SAMPLE_RATE,
     num_workers: int = 0,
     read_threads: int = 4,
 ) -> grain.DatasetIterator:
-    """Every record of `source` in order, its whole clip decoded (a training crop can miss a damaged part, so
-    this finds what any epoch could skip): {"seconds", "captions"} or {"skip": reason, "message"}. For
-    `python -m wavlink_jax.data check`; close the iterator when done if `num_workers` > 0."""
-    records = grain.MapDataset.source(open_source(source)).map(_CheckRecord(int(round(min_seconds * sample_rate)), sample_rate))
+    """Every record of an opened `source` (`open_source(spec)`) in order, its whole clip decoded (a training crop
+    can miss a damaged part, so this finds what any epoch could skip): {"seconds", "captions"} or
+    {"skip": reason, "message"}. For `python -m wavlink_jax.data check`; close the iterator when done if
+    `num_workers` > 0."""
+    records = grain.MapDataset.source(source).map(_CheckRecord(int(round(min_seconds * sample_rate)), sample_rate))
     checked = records.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
     if num_workers > 0:
         _mark_absl_flags_parsed()
