@@ -152,6 +152,8 @@ def test_clip_text_cli(tmp_path):
     assert expected.keys() == actual.keys()
     for path in expected:
         np.testing.assert_array_equal(actual[path], expected[path], err_msg=str(path))
+    with pytest.raises(CheckpointError, match="a converted tower keeps the projection it was converted with"):
+        load_clip_text(out, new_projection=True)
 
 
 def test_init_from_text_reads_a_converted_clip_tower(tmp_path):

@@ -127,6 +127,11 @@ def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **c
     """
     directory = resolve_source(path)
     if is_tower_dir(directory):
+        if new_projection:
+            raise CheckpointError(
+                f"{directory}: a converted tower keeps the projection it was converted with; new_projection=True "
+                "applies to CLIPTextModel checkpoints without one (convert again with --new-projection instead)"
+            )
         module, _ = read_tower_module(
             directory,
             "clip_text",
