@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grain
@@ -207,11 +208,18 @@ def test_paper_configs_build_sharded_states(name):
 
 
 def test_metrics_logger_jsonl_tensorboard_and_resume_truncation(tmp_path):
-    from wavlink_jax.metrics_log import MetricsLogger
+    from wavlink_jax.metrics_log import FLUSH_SECONDS, MetricsLogger
 
     log = MetricsLogger(tmp_path, total_steps=4, start_step=0, progress=False)
     for step in range(1, 5):
         log.write(step, {"loss": 1.0 / step, "grad_norm": float("nan") if step == 4 else 1.0})
+    # On disk within seconds, before close: a process ended by another one's failure (sharding.stop_job) never
+    # closes it.
+    (events,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    deadline = time.monotonic() + 5 * FLUSH_SECONDS
+    while events.read_bytes().count(b"loss") < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert events.read_bytes().count(b"loss") == 4
     log.close()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4] and records[1]["loss"] == 0.5

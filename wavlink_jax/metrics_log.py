@@ -15,6 +15,8 @@ from typing import Mapping
 import jax
 import tqdm
 
+FLUSH_SECONDS = 2  # TensorBoard events reach the disk within this (see MetricsLogger)
+
 
 class MetricsLogger:
     """Writes one JSON object per logged step (`{"step": s, "loss": ..., ...}`) and the same scalars to TensorBoard."""
@@ -29,7 +31,11 @@ class MetricsLogger:
         self._truncate_after(start_step)
         from tensorboardX import SummaryWriter
 
-        self._writer = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=start_step + 1)
+        # Written to disk within FLUSH_SECONDS (tensorboardX's default, 120 s, would lose that much of a run ended
+        # without close: a process stopped by another one's failure, sharding.stop_job, exits at once).
+        self._writer = SummaryWriter(
+            str(Path(workdir) / "tensorboard"), purge_step=start_step + 1, flush_secs=FLUSH_SECONDS
+        )
         if progress:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
