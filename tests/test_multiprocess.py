@@ -12,9 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
 import pytest
 
@@ -273,6 +275,49 @@ def test_a_process_that_fails_alone_stops_the_whole_job(tmp_path, data_dir):
     failure = "error: 20 records in a row of the manifest "
     assert failure in errors[1] and "Traceback" not in errors[1]
     assert f"process 1 of the job failed, so process 0 stops too. Its error:\n{failure}" in errors[0]
+
+
+class FakeStore:
+    """The job's key-value store as `sharding.stop_job` uses it: a read of a missing key times out at once."""
+
+    def __init__(self, **values):
+        self.values, self.reads = dict(values), []
+
+    def key_value_set(self, key, value):
+        if key in self.values:
+            raise jax.errors.JaxRuntimeError(f"ALREADY_EXISTS: {key}")
+        self.values[key] = value
+
+    def blocking_key_value_get(self, key, timeout_ms):
+        self.reads.append(key)
+        if key not in self.values:
+            raise jax.errors.JaxRuntimeError(f"DEADLINE_EXCEEDED: {key}")
+        return self.values[key]
+
+
+@pytest.mark.parametrize("posted_first", [None, 2], ids=["first-to-fail", "second-to-fail"])
+def test_a_stopping_process_waits_until_the_others_have_read_the_error(monkeypatch, posted_first):
+    """Process 0 of 4 fails; it serves the key-value store, so it leaves only after every other process has read
+    the error (the one it posted, or the one process 2 posted first) — else they could miss it."""
+    store = FakeStore(**({sharding.STOP_KEY: f"{posted_first}\nerror: its own"} if posted_first is not None else {}))
+    store.values.update({f"{sharding.STOP_KEY}/read/{i}": "" for i in (1, 2, 3)})
+    monkeypatch.setattr(sharding, "_watcher", types.SimpleNamespace(stopping=False))
+    monkeypatch.setattr(sharding.jax_distributed.global_state, "client", store)
+    monkeypatch.setattr(sharding.jax, "process_index", lambda: 0)
+    monkeypatch.setattr(sharding.jax, "process_count", lambda: 4)
+
+    def exit_(status):
+        raise SystemExit(status)
+
+    monkeypatch.setattr(sharding.os, "_exit", exit_)
+    with pytest.raises(SystemExit) as stopped:
+        sharding.stop_job("error: broken")
+    assert stopped.value.code == 1 and sharding._watcher.stopping
+    readers = [key.rsplit("/", 1)[1] for key in store.reads if "/read/" in key]
+    if posted_first is None:
+        assert store.values[sharding.STOP_KEY] == "0\nerror: broken" and readers == ["1", "2", "3"]
+    else:  # process 2's error stands; process 2 itself needs no reading
+        assert store.values[sharding.STOP_KEY] == "2\nerror: its own" and readers == ["1", "3"]
 
 
 def test_skip_counts_add_up_over_the_shares(monkeypatch):

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from typing import Any, Callable, Mapping, NoReturn, Sequence
 
 import jax
@@ -105,8 +106,25 @@ def initialize_distributed(mode: str | bool, environ: Mapping[str, str] | None =
 # where every other process's watcher thread reads it at once, prints it and ends that process too.
 STOP_KEY = "wavlink_jax/stop"
 _POLL_MS = 1000  # how long one read of STOP_KEY waits; a watcher ends at most this long after `close`
-_ACK_WAIT_MS = 10_000  # how long a failing process waits for the others to read its error before it exits
+_READ_WAIT_MS = 10_000  # how long a stopping process waits for the others to read the error before it exits
 _watcher: "_PeerWatcher | None" = None
+
+
+def _exit_after_the_others_read(client: Any, index: int, origin: int) -> NoReturn:
+    """Exit (status 1) once every other process has read the error that process `origin` posted, or after
+    `_READ_WAIT_MS`. Process 0 serves the key-value store, so it must not leave first; waiting costs the others
+    nothing (each reads the error within `_POLL_MS`). Not sys.exit: jax's shutdown barrier at exit would wait
+    for the processes that are stopping."""
+    deadline = time.monotonic() + _READ_WAIT_MS / 1000
+    for other in range(jax.process_count()):
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if other in (index, origin) or remaining_ms <= 0:
+            continue
+        try:
+            client.blocking_key_value_get(f"{STOP_KEY}/read/{other}", remaining_ms)
+        except jax.errors.JaxRuntimeError:
+            break  # that process is gone or stuck: the runtime's heartbeat timeout ends it
+    os._exit(1)
 
 
 class _PeerWatcher:
@@ -114,6 +132,7 @@ class _PeerWatcher:
 
     def __init__(self, client: Any, process_index: int):
         self._client, self._index = client, process_index
+        self.stopping = False  # set by `stop_job`: this process ends itself
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="wavlink_jax peer watcher", daemon=True)
         self._thread.start()
@@ -128,13 +147,15 @@ class _PeerWatcher:
                 return  # the client is shutting down
             origin, message = posted.split("\n", 1)
             if int(origin) == self._index:
-                return  # this process is stopping the job itself
+                return  # this process posted it (`stop_job`)
             sys.stderr.write(
                 f"error: process {origin} of the job failed, so process {self._index} stops too. Its error:\n{message}\n"
             )
             sys.stderr.flush()
             self._client.key_value_set(f"{STOP_KEY}/read/{self._index}", "")
-            os._exit(1)
+            if self.stopping:
+                return  # failing itself at the same time: `stop_job` exits
+            _exit_after_the_others_read(self._client, self._index, int(origin))
 
     def close(self) -> None:
         self._closed.set()
@@ -158,21 +179,19 @@ def stop_job(message: str) -> NoReturn:
     them: the others print this process's `message` and exit at once instead of waiting in a collective."""
     if _watcher is None:
         sys.exit(message)
+    _watcher.stopping = True
     sys.stderr.write(message.rstrip("\n") + "\n")
     sys.stderr.flush()
     client, index = jax_distributed.global_state.client, jax.process_index()
     try:
         client.key_value_set(STOP_KEY, f"{index}\n{message[-8000:]}")
-    except jax.errors.JaxRuntimeError:
-        os._exit(1)  # another process posted first: its error is being spread already
-    # Process 0 serves the key-value store: every process waits until the others have read the error.
-    for other in range(jax.process_count()):
-        if other != index:
-            try:
-                client.blocking_key_value_get(f"{STOP_KEY}/read/{other}", _ACK_WAIT_MS)
-            except jax.errors.JaxRuntimeError:
-                break  # that process is gone or stuck; the runtime's heartbeat timeout ends it
-    os._exit(1)  # not sys.exit: jax's shutdown barrier at exit would wait for the processes that just stopped
+        origin = index
+    except jax.errors.JaxRuntimeError:  # another process failed too and posted first: its error is spread
+        try:
+            origin = int(client.blocking_key_value_get(STOP_KEY, _POLL_MS).split("\n", 1)[0])
+        except jax.errors.JaxRuntimeError:
+            os._exit(1)  # the store is gone: process 0 has left already
+    _exit_after_the_others_read(client, index, origin)
 
 
 def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
