@@ -41,6 +41,7 @@ from wavlink_jax.convert.common import (
     read_hf_directory,
     resolve_source,
 )
+from wavlink_jax.data import audio_io
 from wavlink_jax.evaluate import embed_in_batches
 from wavlink_jax.models import lora
 from wavlink_jax.models.clip_text import CLIPTextConfig
@@ -189,7 +190,7 @@ class Embedder:
     @property
     def window_samples(self) -> int:
         """The length every waveform is cut or zero-padded to (`window_seconds` at 16 kHz)."""
-        return int(round(self.window_seconds * audio.SAMPLE_RATE))
+        return audio_io.samples(self.window_seconds)
 
     def _check_dim(self, dim: int | None) -> int | None:
         if dim is None or dim == self.config.embed_dim:

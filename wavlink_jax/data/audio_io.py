@@ -51,6 +51,11 @@ class BadAudio(Exception):
         self.reason = reason
 
 
+def samples(seconds: float, rate: int = SAMPLE_RATE) -> int:
+    """The number of samples `seconds` last at `rate` (windows and minimum lengths given in seconds)."""
+    return int(round(seconds * rate))
+
+
 def resample(x: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     """Resample float32 samples (time on axis 0) with soxr's high-quality filter."""
     if from_rate == to_rate:

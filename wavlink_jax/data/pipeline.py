@@ -63,7 +63,7 @@ from typing import Any, Mapping, Sequence
 import grain
 import numpy as np
 
-from wavlink_jax.data.audio_io import LOGGED_PER_REASON, SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio
+from wavlink_jax.data.audio_io import LOGGED_PER_REASON, SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio, samples
 from wavlink_jax.data.sources import ManifestSource, Source, open_source
 
 logger = logging.getLogger(__name__)
@@ -121,11 +121,11 @@ class DataConfig:
 
     @property
     def window_samples(self) -> int:
-        return int(round(self.window_seconds * self.sample_rate))
+        return samples(self.window_seconds, self.sample_rate)
 
     @property
     def min_samples(self) -> int:
-        return int(round(self.min_seconds * self.sample_rate))
+        return samples(self.min_seconds, self.sample_rate)
 
 
 def default_data_config():
@@ -569,7 +569,7 @@ def check_records(
     can miss a damaged part, so this finds what any epoch could skip): {"seconds", "captions"} or
     {"skip": reason, "message"}. For `python -m wavlink_jax.data check`; close the iterator when done if
     `num_workers` > 0."""
-    records = grain.MapDataset.source(source).map(_CheckRecord(int(round(min_seconds * sample_rate)), sample_rate))
+    records = grain.MapDataset.source(source).map(_CheckRecord(samples(min_seconds, sample_rate), sample_rate))
     checked = records.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
     if num_workers > 0:
         _mark_absl_flags_parsed()
@@ -599,8 +599,8 @@ def make_eval_set(
     data = grain.MapDataset.source(records)
     if max_clips is not None:
         data = data[:max_clips]
-    window = int(round(window_seconds * sample_rate))
-    prepare = _PrepareExample(window, int(round(min_seconds * sample_rate)), sample_rate, train=False, require_captions=require_captions)
+    window = samples(window_seconds, sample_rate)
+    prepare = _PrepareExample(window, samples(min_seconds, sample_rate), sample_rate, train=False, require_captions=require_captions)
     elements = list(data.map(prepare).to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)))
     good = [e for e in elements if "skip" not in e]
     skipped = [e for e in elements if "skip" in e]
