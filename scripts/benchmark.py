@@ -158,6 +158,7 @@ def bench_config(args: argparse.Namespace, model: WavLinkConfig):
     """The trainer's config for this run: the paper's recipe with the benchmark's batch and runtime knobs."""
     config = common.base_config(model)
     config.batch_size = args.batch
+    config.data.window_seconds = args.window
     config.total_steps = 1000
     config.dtype = args.dtype
     config.remat = args.remat

@@ -192,7 +192,9 @@ def lower_step(model: str, batch: int, window: float, platform: str, cudnn_versi
     from wavlink_jax import sharding, train_step
 
     config = benchmark.bench_config(
-        argparse.Namespace(batch=batch, dtype="bfloat16", remat=remat, attention=PLATFORM_ATTENTION[platform]),
+        argparse.Namespace(
+            batch=batch, window=window, dtype="bfloat16", remat=remat, attention=PLATFORM_ATTENTION[platform]
+        ),
         benchmark.wavlink_config(model, tiny=False),
     )
     mesh = sharding.create_mesh(dict(config.mesh), devices=jax.devices()[:1])
