@@ -2,6 +2,7 @@
 fails keeps the training done so far in a checkpoint."""
 
 import json
+import types
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,28 @@ def test_a_bad_evaluation_set_is_refused_before_training(tmp_path, data_dir, cha
     with pytest.raises(ValueError, match=message):
         train.train(config, str(tmp_path))
     assert decoded == [] and not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    "eos_token_id, tokenizer_eos, message",
+    [
+        (7, 99, r"config.model.text.eos_token_id is 7 but the end-of-text id of the tokenizer in .* is 99: .*"
+                r"eos_token_id=99$"),
+        (2, 50, r"eos_token_id is 2, Hugging Face's legacy rule .* is 50, not its largest id 99; .*eos_token_id=50$"),
+        (2, 99, None),  # CLIP's own tokenizers: end-of-text is the largest id
+        (99, 99, None),
+    ],
+)
+def test_the_text_pooling_must_find_the_tokenizers_end_of_text(eos_token_id, tokenizer_eos, message):
+    config = tiny_config()
+    config.model.text.eos_token_id = eos_token_id
+    tokenizer = types.SimpleNamespace(eos_token_id=tokenizer_eos, vocab_size=100, max_length=8)
+    config.model.text.vocab_size = 100
+    if message is None:
+        train.check_tokenizer(config, tokenizer)
+    else:
+        with pytest.raises(ValueError, match=message):
+            train.check_tokenizer(config, tokenizer)
 
 
 def test_a_training_window_longer_than_the_audio_tower_takes_is_refused_before_anything_runs(tmp_path, data_dir):

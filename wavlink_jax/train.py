@@ -77,7 +77,23 @@ def check_intervals(config: ml_collections.ConfigDict) -> None:
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
+    """Refuse a tokenizer the text tower cannot read: more ids than its vocabulary, longer captions than its
+    positions, or an end-of-text id its pooling rule (`config.model.text.eos_token_id`) would not find — the
+    tower would then pool another position of every caption, silently."""
     text = config.model.text
+    eos = tokenizer.eos_token_id
+    if text.eos_token_id == 2 and eos != tokenizer.vocab_size - 1:
+        raise ValueError(
+            f"config.model.text.eos_token_id is 2, Hugging Face's legacy rule (pool at the largest token id), but "
+            f"the end-of-text id of the tokenizer in {config.data.tokenizer} is {eos}, not its largest id "
+            f"{tokenizer.vocab_size - 1}; set --config.model.text.eos_token_id={eos}"
+        )
+    if text.eos_token_id != 2 and text.eos_token_id != eos:
+        raise ValueError(
+            f"config.model.text.eos_token_id is {text.eos_token_id} but the end-of-text id of the tokenizer in "
+            f"{config.data.tokenizer} is {eos}: the text tower would pool another position; set "
+            f"--config.model.text.eos_token_id={eos}"
+        )
     if tokenizer.vocab_size > text.vocab_size:
         raise ValueError(
             f"the tokenizer in {config.data.tokenizer} has {tokenizer.vocab_size} tokens but the text tower "
