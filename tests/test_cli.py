@@ -71,6 +71,9 @@ def test_embed(tmp_path):
     np.savez(index, something=np.zeros(2))
     result = run_tool("wavlink_jax.embed", "--index-file", str(index), "--query", "a dog barks")
     assert_one_error_line(result, "not an index written by --index")
+    index.write_text("embeddings of my clips")
+    result = run_tool("wavlink_jax.embed", "--index-file", str(index), "--query", "a dog barks")
+    assert_one_error_line(result, f"error: {index}: not an index written by --index (not an .npz archive")
 
 
 def test_export(tmp_path):

@@ -23,6 +23,7 @@ import concurrent.futures
 import dataclasses
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Sequence
 
@@ -115,7 +116,14 @@ def build_index(
 
 
 def read_index(index_file: str | os.PathLike) -> dict[str, np.ndarray]:
-    with np.load(index_file) as data:
+    """The arrays of an index written by `--index`; anything else is a ValueError naming the file."""
+    try:
+        archive = np.load(index_file)
+    except (ValueError, EOFError, zipfile.BadZipFile) as err:  # numpy's own words ("pickled data") mislead here
+        raise ValueError(f"{index_file}: not an index written by --index (not an .npz archive: {err})") from err
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{index_file}: not an index written by --index (a single .npy array, not an .npz archive)")
+    with archive as data:
         missing = {"embeddings", "paths", "folder", "model", "step"} - set(data.files)
         if missing:
             raise ValueError(f"{index_file}: not an index written by --index (missing {sorted(missing)})")
