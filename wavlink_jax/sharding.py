@@ -117,9 +117,11 @@ def _exit_after_the_others_read(client: Any, index: int, origin: int) -> NoRetur
     for the processes that are stopping."""
     deadline = time.monotonic() + _READ_WAIT_MS / 1000
     for other in range(jax.process_count()):
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if other in (index, origin) or remaining_ms <= 0:
+        if other in (index, origin):
             continue
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            break
         try:
             client.blocking_key_value_get(f"{STOP_KEY}/read/{other}", remaining_ms)
         except jax.errors.JaxRuntimeError:

@@ -547,14 +547,13 @@ class _CheckRecord:
     """record → {"seconds": the whole clip's length, "captions"} or a skip marker, the audio left behind (only
     the verdict crosses from a worker process). Picklable, for grain workers."""
 
-    min_samples: int
-    sample_rate: int
+    prepare: _PrepareExample  # with window_samples=None: the whole clip
 
     def __call__(self, record: Mapping[str, Any]) -> dict:
-        prepared = _PrepareExample(None, self.min_samples, self.sample_rate, train=False)(record)
+        prepared = self.prepare(record)
         if "skip" in prepared:
             return prepared
-        return {"seconds": len(prepared["waveform"]) / self.sample_rate, "captions": prepared["captions"]}
+        return {"seconds": len(prepared["waveform"]) / self.prepare.sample_rate, "captions": prepared["captions"]}
 
 
 def check_records(
@@ -569,7 +568,8 @@ def check_records(
     can miss a damaged part, so this finds what any epoch could skip): {"seconds", "captions"} or
     {"skip": reason, "message"}. For `python -m wavlink_jax.data check`; close the iterator when done if
     `num_workers` > 0."""
-    records = grain.MapDataset.source(source).map(_CheckRecord(samples(min_seconds, sample_rate), sample_rate))
+    whole_clips = _PrepareExample(None, samples(min_seconds, sample_rate), sample_rate, train=False)
+    records = grain.MapDataset.source(source).map(_CheckRecord(whole_clips))
     checked = records.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
     if num_workers > 0:
         _mark_absl_flags_parsed()

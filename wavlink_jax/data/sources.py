@@ -117,9 +117,8 @@ def merge_by_id(
         if first is None:
             merged[clip_id] = with_captions(item, list(field(item, "captions")))
             continue
-        differ = [name for name in MERGED_FIELDS if field(first, name) != field(item, name)]
-        if differ:
-            name = differ[0]
+        name = next((name for name in MERGED_FIELDS if field(first, name) != field(item, name)), None)
+        if name is not None:
             problem = f"id {clip_id!r} has {name} {field(first, name)!r} and also {field(item, name)!r}"
             if conflicts is None:
                 raise ManifestError(

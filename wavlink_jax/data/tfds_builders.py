@@ -311,7 +311,9 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _generate_examples(self, split: str, clips: list[Clip], conflicts: Mapping[str, str] | None = None):
         """`conflicts`: ids left out while merging (see `merge_clips`), counted as "conflicting_id"."""
         conflicts = conflicts or {}
-        counts: collections.Counter[str] = collections.Counter({"conflicting_id": len(conflicts)} if conflicts else {})
+        counts: collections.Counter[str] = collections.Counter()
+        if conflicts:
+            counts["conflicting_id"] = len(conflicts)
         examples: dict[str, list[str]] = collections.defaultdict(list)
         for clip_id, problem in list(conflicts.items())[: audio_io.LOGGED_PER_REASON]:
             examples["conflicting_id"].append(problem)
