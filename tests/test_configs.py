@@ -23,8 +23,9 @@ CONFIG_FILES = [
     "configs/wavlink_large.py:stage=2,stage1_workdir=W1",
     "tests/train_fixtures.py:data_dir=D,eval_every=3",
 ]
-# Keys whose default is None (a typed placeholder): the command line can only give them a value.
-NONE_EXAMPLES = {"attention_implementation": "xla"}
+# Keys whose default is None (a typed placeholder: the command line can only give them a value) and the value the
+# override test gives each; none today.
+NONE_EXAMPLES: dict[str, str] = {}
 
 
 def parse(config_file: str, *overrides: str) -> ml_collections.ConfigDict:
@@ -79,6 +80,16 @@ def test_sequences_and_placeholders_take_new_values():
     assert config.optim.freeze == ("^audio/",)
     setup = train_step.model_config(config)  # the consumers take the tuples
     assert setup.matryoshka_dims == (32, 8) and setup.audio.attention_implementation == "cudnn"
+
+
+def test_attention_auto_is_the_towers_fastest_and_other_words_are_refused():
+    config = parse("tests/train_fixtures.py:data_dir=D")
+    assert config.attention_implementation == "auto"
+    setup = train_step.model_config(config)
+    assert setup.audio.attention_implementation is None and setup.text.attention_implementation is None
+    config = parse("tests/train_fixtures.py:data_dir=D", "--config.attention_implementation=None")
+    with pytest.raises(ValueError, match=r"config.attention_implementation = 'None' is not one of \('auto', 'xla', 'cudnn'\)"):
+        train_step.check_choices(config)
 
 
 def test_the_stage_is_the_config_files_argument():

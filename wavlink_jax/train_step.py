@@ -47,10 +47,14 @@ TOWER_RUNTIME_FIELDS = ("dtype", "remat", "attention_implementation")
 
 
 def model_config(config: ml_collections.ConfigDict) -> WavLinkConfig:
-    """`config.model` with the top-level compute dtype / remat policy / attention implementation in both towers."""
+    """`config.model` with the top-level compute dtype / remat policy / attention implementation in both towers
+    (the config's attention `"auto"` is the towers' `None`: the fastest that applies)."""
     fields = config.model.to_dict()
+    runtime = {name: config[name] for name in TOWER_RUNTIME_FIELDS}
+    if runtime["attention_implementation"] == "auto":
+        runtime["attention_implementation"] = None
     for tower in ("audio", "text"):
-        fields[tower] = {**fields[tower], **{name: config[name] for name in TOWER_RUNTIME_FIELDS}}
+        fields[tower] = {**fields[tower], **runtime}
     return WavLinkConfig.from_dict(fields)
 
 
@@ -120,7 +124,7 @@ def _init_fn(setup: TrainSetup) -> Callable[[jax.Array], dict]:
 CONFIG_CHOICES: dict[str, tuple] = {
     "dtype": ("float32", "bfloat16", "float16"),
     "remat": ("none", *layers.REMAT_POLICIES),
-    "attention_implementation": layers.ATTENTION_IMPLEMENTATIONS,
+    "attention_implementation": ("auto", *(name for name in layers.ATTENTION_IMPLEMENTATIONS if name)),
     "loss.impl": losses.IMPLEMENTATIONS,
     "optim.schedule": optim.SCHEDULES,
     "optim.mode": optim.MODES,
