@@ -50,6 +50,12 @@ class CLIPTextConfig:
         layers.check_tower_config(
             self, ("vocab_size", "width", "num_layers", "num_heads", "mlp_dim", "max_positions", "projection_dim")
         )
+        if self.eos_token_id != 2 and not 0 <= self.eos_token_id < self.vocab_size:
+            # no input id can equal it, so every caption would be pooled at position 0
+            raise ValueError(
+                f"CLIPTextConfig.eos_token_id is {self.eos_token_id!r}; it must be a token id below vocab_size "
+                f"({self.vocab_size}), or 2 for the legacy pooling at the largest id"
+            )
 
     @classmethod
     def preset(cls, name: str, **overrides) -> CLIPTextConfig:
