@@ -18,7 +18,7 @@ import pytest
 import soundfile
 from array_record.python import array_record_module
 
-from wavlink_jax.data import sources
+from wavlink_jax.data import pipeline, sources
 from wavlink_jax.data import tfds_builders as tb
 
 SECONDS = 0.5
@@ -340,3 +340,85 @@ def test_csv_errors_name_file_and_line(tmp_path):
     write_csv(manual / "train.csv", [["oPRC3zComfA_000117"]], ["youtube_id", "caption"])
     with pytest.raises(ValueError, match=r"train\.csv:2: no value for column\(s\) \['caption'\]"):
         tb.build("autoacd", manual, tmp_path / "data")
+
+
+def test_split_without_audio_is_left_out_and_named(tmp_path, caplog):
+    """The usual evaluation download: test audio only, while the metadata lists train (and validation) rows too.
+    The splits without any audio file are left out, warned about and recorded; the others build and load."""
+    manual = tmp_path / "vggsound"
+    f0 = write_tone(manual / "audio" / "abcdefghij0_000030.wav", 44100)
+    f1 = write_tone(manual / "audio" / "abcdefghij1_000030.wav", 44100)
+    write_csv(manual / "vggsound.csv", [["abcdefghij0", 30, "male speech, man speaking", "test"],
+                                        ["abcdefghij1", 30, "dog barking", "test"],
+                                        ["abcdefghij2", 30, "dog barking", "train"]])
+    caplog.set_level("WARNING", logger=tb.__name__)
+    result = tb.main(["build", "vggsound", "--manual-dir", str(manual), "--data-dir", str(tmp_path / "data"),
+                      "--num-workers", "0"])
+    assert result["splits"] == {"test": 2}
+    looked_for = f"abcdefghij2_000030 looked for as {manual}/audio/**/{{abcdefghij2_000030,"
+    assert result["splits_left_out"]["train"]["clips"] == 1
+    assert result["splits_left_out"]["train"]["example"].startswith(looked_for)
+    assert "split 'train' left out: none of its 1 clips has an audio file" in caplog.text
+    meta = json.loads((tb.prepared_path("vggsound", tmp_path / "data") / "metadata.json").read_text())
+    assert meta["splits_left_out"] == result["splits_left_out"]
+    expected = {"test": {"abcdefghij0_000030": Expected(f0, [], "male speech, man speaking"),
+                         "abcdefghij1_000030": Expected(f1, [], "dog barking")}}
+    check_prepared("vggsound", tmp_path / "data", expected, {"test": {}})
+    with pytest.raises(ValueError, match=r"split 'train' was left out when this data set was built: none of its 1 "
+                                         r"clips had an audio file \(e\.g\. abcdefghij2_000030 .*prepared splits: test"):
+        tb.load_source("vggsound", tmp_path / "data", "train")
+
+    # AudioCaps ships train/val/test CSVs together; only the test audio is here.
+    manual = tmp_path / "audiocaps"
+    f2 = write_tone(manual / "audio" / "ttttttttttt.wav", 22050)
+    header = ["audiocap_id", "youtube_id", "start_time", "caption"]
+    write_csv(manual / "train.csv", [[1, "aaaaaaaaaaa", 30, "a dog barks"]], header)
+    write_csv(manual / "val.csv", [[2, "vvvvvvvvvvv", 0, "rain"], [3, "vvvvvvvvvvv", 0, "rain falls"]], header)
+    write_csv(manual / "test.csv", [[4, "ttttttttttt", 0, "a tone"], [5, "xxxxxxxxxxx", 0, "gone"]], header)
+    result = tb.build("audiocaps", manual, tmp_path / "data")
+    assert result["splits"] == {"test": 1} and result["skipped"] == {"test": {"missing": 1}}
+    assert {split: left["clips"] for split, left in result["splits_left_out"].items()} == {"train": 1, "validation": 1}
+    check_prepared("audiocaps", tmp_path / "data", {"test": {"ttttttttttt": Expected(f2, ["a tone"])}},
+                   {"test": {"missing": 1}})
+
+
+def test_no_audio_for_any_split_is_one_error(tmp_path, capsys):
+    """A layout other than the documented one finds no file at all: one error with the counts, where the clips
+    were looked for and the expected layout, instead of TFDS's "No examples were yielded" traceback."""
+    manual = tmp_path / "us8k"
+    write_tone(manual / "audio" / "100032-3-0-0.wav", 22050)  # not in audio/fold1/
+    write_tone(manual / "audio" / "99812-1-2-0.wav", 22050)
+    write_csv(manual / "metadata" / "UrbanSound8K.csv", [
+        ["100032-3-0-0.wav", 100032, 0.0, 0.3, 1, 1, 3, "dog_bark"],
+        ["99812-1-2-0.wav", 99812, 1.0, 1.5, 2, 10, 1, "car_horn"],
+    ], ["slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class"])
+    with pytest.raises(pipeline.DataError) as error:
+        tb.build("us8k", manual, tmp_path / "data")
+    message = str(error.value)
+    assert message.startswith(f"us8k: no audio file found in {manual} for any split (train: 0 of 2 clips "
+                              f"(100032-3-0-0.wav looked for as {manual}/audio/fold1/100032-3-0-0.wav)); expected layout:")
+    assert "M/audio/fold{1..10}/{slice_file_name}" in message
+    assert not list((tmp_path / "data").glob("us8k/*/dataset_info.json"))
+
+    manual = tmp_path / "audiocaps"  # files named {youtube_id}_{start}, not {youtube_id}
+    write_tone(manual / "audio" / "ttttttttttt_30.wav", 22050)
+    write_csv(manual / "test.csv", [[4, "ttttttttttt", 30, "a tone"]], ["audiocap_id", "youtube_id", "start_time", "caption"])
+    with pytest.raises(SystemExit) as exit_info:
+        tb.main(["build", "audiocaps", "--manual-dir", str(manual), "--data-dir", str(tmp_path / "data"),
+                 "--num-workers", "0"])
+    first_line = str(exit_info.value.code).splitlines()[0]
+    assert first_line.startswith("error: audiocaps: no audio file found") and "test: 0 of 1 clips" in first_line
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_split_whose_clips_all_fail_to_decode_is_one_error(tmp_path):
+    manual = tmp_path / "manual"
+    for name in ("1-100032-A-0.wav", "5-9032-A-14.wav"):
+        (manual / "audio").mkdir(parents=True, exist_ok=True)
+        (manual / "audio" / name).write_bytes(b"<html>not the audio</html>")
+    write_csv(manual / "meta" / "esc50.csv", [["1-100032-A-0.wav", 1, 0, "dog", True, 100032, "A"],
+                                              ["5-9032-A-14.wav", 5, 14, "chirping_birds", False, 9032, "A"]],
+              ["filename", "fold", "target", "category", "esc10", "src_file", "take"])
+    with pytest.raises(pipeline.DataError, match=r"^esc50/train: none of its 2 clips could be stored "
+                                                 r"\(\{'not_audio': 2\}; e\.g\. 1-100032-A-0\.wav: .*expected layout:"):
+        tb.build("esc50", manual, tmp_path / "data")

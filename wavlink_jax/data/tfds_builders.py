@@ -31,6 +31,13 @@ the build command prints the counts, and `load_source(...).build_skipped` return
 Clotho caption column, a blank AudioCaps row) are dropped from the stored clips and counted the same way
 (`"blank_captions": {split: n}` in the metadata and the build report).
 
+A split none of whose clips has an audio file (VGGSound's and AudioCaps' metadata list every split, while an
+evaluation download often holds the test audio only) is left out of the build with a warning, and recorded as
+`"splits_left_out": {split: {"clips": n, "example": "id looked for as path"}}` in the metadata and the build
+report; asking `load_source` for it says so. No audio for any split (e.g. files named or placed otherwise than
+the layout below), or a split none of whose clips can be decoded, stops the build with one error naming the
+counts and the expected layout.
+
 Commands (see the README section "Building the paper's data sets"):
 
     python -m wavlink_jax.data.tfds_builders build NAME --manual-dir M --data-dir D [--num-workers N]
@@ -290,7 +297,13 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _start_report(self) -> None:
         """Empty per-split counts in the metadata, filled by `_generate_examples`."""
         self.info.metadata.update(
-            {"sample_rate": audio_io.SAMPLE_RATE, "skipped": {}, "skipped_examples": {}, "blank_captions": {}}
+            {
+                "sample_rate": audio_io.SAMPLE_RATE,
+                "skipped": {},
+                "skipped_examples": {},
+                "blank_captions": {},
+                "splits_left_out": {},
+            }
         )
 
     def _split_generators(self, dl_manager):
@@ -301,12 +314,46 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 f"{self.name}: no metadata found in {manual_dir}.\n{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         self._start_report()
-        generators = {}
+        splits = {}
         for split, rows in clips.items():
             conflicts: dict[str, str] = {}  # published metadata: a clip with two labels is left out and counted
-            merged = merge_clips(rows, f"{self.name} {split} metadata in {manual_dir}", conflicts)
-            generators[split] = self._generate_examples(split, merged, conflicts)
-        return generators
+            splits[split] = (merge_clips(rows, f"{self.name} {split} metadata in {manual_dir}", conflicts), conflicts)
+        return self._generators_with_audio(splits, str(manual_dir))
+
+    def _generators_with_audio(
+        self, splits: Mapping[str, tuple[list[Clip], Mapping[str, str]]], where: str
+    ) -> dict[str, Iterator]:
+        """`_generate_examples` of each split (`{split: (clips, conflicts)}`) that has at least one audio file.
+
+        A split none of whose clips' files exist (e.g. VGGSound's train rows when only the test audio was
+        downloaded) is left out with a warning and recorded in the metadata (`"splits_left_out"`); TFDS would
+        otherwise abort the whole build on it. No audio for any split is a `DataError` naming the counts, where
+        each split's first clip was looked for, and the expected layout (files named or placed otherwise).
+        """
+        absent = {}
+        for split, (clips, _) in splits.items():
+            if not any(clip.audio and os.path.isfile(clip.audio) for clip in clips):
+                example = f"{clips[0].id} looked for as {clips[0].audio or clips[0].expected}" if clips else "no clips"
+                absent[split] = {"clips": len(clips), "example": example}
+        if len(absent) == len(splits):
+            from wavlink_jax.data.pipeline import DataError  # here: grain stays out of this module's import
+
+            found = "; ".join(f"{split}: 0 of {a['clips']} clips ({a['example']})" for split, a in absent.items())
+            raise DataError(
+                f"{self.name}: no audio file found in {where} for any split ({found}); expected layout:\n"
+                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
+        for split, record in absent.items():
+            log.warning(
+                "%s: split %r left out: none of its %d clips has an audio file in %s (e.g. %s)",
+                self.name, split, record["clips"], where, record["example"],
+            )
+            self.info.metadata["splits_left_out"][split] = record
+        return {
+            split: self._generate_examples(split, clips, conflicts)
+            for split, (clips, conflicts) in splits.items()
+            if split not in absent
+        }
 
     def _generate_examples(self, split: str, clips: list[Clip], conflicts: Mapping[str, str] | None = None):
         """`conflicts`: ids left out while merging (see `merge_clips`), counted as "conflicting_id"."""
@@ -336,8 +383,17 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 "label": clip.label,
                 "fold": clip.fold,
             }
+        total = sum(counts.values())
+        if total == len(clips) + len(conflicts):  # TFDS would abort with "No examples were yielded"
+            from wavlink_jax.data.pipeline import DataError
+
+            example = next(iter(examples.values()))[0]
+            raise DataError(
+                f"{self.name}/{split}: none of its {total} clips could be stored ({dict(counts)}; e.g. {example}); "
+                f"check that these are the audio files the metadata names; expected layout:\n"
+                f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
+            )
         if counts:
-            total = sum(counts.values())
             log.warning("%s/%s: skipped %d of %d clips: %s", self.name, split, total, len(clips) + len(conflicts), dict(counts))
         if blank:
             log.warning("%s/%s: dropped %d blank captions of the stored clips", self.name, split, blank)
@@ -575,10 +631,11 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
     def _split_generators(self, dl_manager):
         self._start_report()
         self.info.metadata["manifests"] = {split: str(source.path) for split, source in self.manifests.items()}
-        return {
-            split: self._generate_examples(split, merge_clips(self._clips(source), f"manifest {source.path}"))
+        splits = {
+            split: (merge_clips(self._clips(source), f"manifest {source.path}"), {})
             for split, source in self.manifests.items()
         }
+        return self._generators_with_audio(splits, ", ".join(str(source.path) for source in self.manifests.values()))
 
     @staticmethod
     def _clips(source: ManifestSource) -> Iterator[Clip]:
@@ -701,7 +758,15 @@ class PreparedSource:
         builder = tfds.builder_from_directory(self.path)
         base_split = split.split("[")[0]
         if base_split not in builder.info.splits:
-            raise ValueError(f"{self.path}: no split {split!r}; prepared splits: {', '.join(builder.info.splits)}")
+            prepared = ", ".join(builder.info.splits)
+            left_out = builder.info.metadata.get("splits_left_out", {}).get(base_split)
+            if left_out:
+                raise ValueError(
+                    f"{self.path}: split {base_split!r} was left out when this data set was built: none of its "
+                    f"{left_out['clips']} clips had an audio file (e.g. {left_out['example']}); prepared splits: "
+                    f"{prepared}. Add its audio, delete {self.path} and build again"
+                )
+            raise ValueError(f"{self.path}: no split {split!r}; prepared splits: {prepared}")
         self.build_skipped = dict(builder.info.metadata.get("skipped", {}).get(base_split, {}))
         self._records = builder.as_data_source(split)
 
@@ -737,7 +802,8 @@ def load_source(name: str, data_dir: str | os.PathLike | None, split: str) -> Pr
 
 
 def summary(name: str, data_dir: str | os.PathLike | None) -> dict:
-    """Path, clips per split, skipped clips per split and reason, and blank captions dropped per split."""
+    """Path, clips per split, skipped clips per split and reason, blank captions dropped per split, and the
+    splits left out because none of their clips had an audio file ({split: {"clips": n, "example": ...}})."""
     path = prepared_path(name, data_dir)
     info = tfds.builder_from_directory(path).info
     return {
@@ -746,6 +812,7 @@ def summary(name: str, data_dir: str | os.PathLike | None) -> dict:
         "splits": {split: info.splits[split].num_examples for split in info.splits},
         "skipped": info.metadata.get("skipped", {}),
         "blank_captions": info.metadata.get("blank_captions", {}),
+        "splits_left_out": info.metadata.get("splits_left_out", {}),
     }
 
 
