@@ -9,7 +9,8 @@ length of the file; a crop equals the same samples of a whole-file decode. Anyth
     empty        a zero-byte file, or an audio file / array with no samples (or too few for one sample at the
                  target rate: 1-2 frames at 44.1/48 kHz)
     truncated    the file ends before its header says it should (libsndfile fails or returns fewer frames
-                 while reading, or a WAV's data chunk is shorter than declared)
+                 while reading, or a WAV's data chunk is shorter than declared); an MP3 may fall short of its
+                 header's length estimate by up to 1% (`_MP3_LENGTH_SLACK`), which is read as silence
     not_audio    libsndfile cannot open it (text, HTML error pages, unknown formats)
     not_finite   NaN or infinite samples (a damaged floating-point file or array): one would make the loss NaN
     too_short    shorter than the configured minimum length
@@ -38,6 +39,10 @@ LOGGED_PER_REASON = 20  # skipped clips logged with their file per reason (per p
 _FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")  # libsndfile's floating-point sample formats (WAV, AIFF, CAF, ...)
 # soxr HQ's filter spans ~10 ms at 11-48 kHz but ~20 ms upsampling from 8 kHz (a 10 ms margin left 3e-5 errors there)
 _RESAMPLER_MARGIN_SECONDS = 0.02
+# An MP3 without a Xing/Info header has its length estimated from its size (libsndfile's own lowest-rate CBR files
+# at 11.025-44.1 kHz decode 0.47% fewer frames than that). A shortfall up to this fraction is read as silence;
+# more is `truncated`.
+_MP3_LENGTH_SLACK = 0.01
 # libsndfile's WAV header log says "data : 264600 (should be 132278)" when the data chunk was cut short.
 _WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
 
@@ -132,7 +137,9 @@ def load_audio(
         name = os.fspath(audio)
         file, frames, rate = _open_file(name)
         floating = file.subtype in _FLOAT_SUBTYPES
-        preroll = _mp3_preroll(rate) if file.format == "MP3" else 0  # any MPEG layer
+        mp3 = file.format == "MP3"  # any MPEG layer
+        preroll = _mp3_preroll(rate) if mp3 else 0
+        slack = math.ceil(_MP3_LENGTH_SLACK * frames) if mp3 else 0
 
         def read(start: int, stop: int) -> np.ndarray:
             lead = min(start, preroll)  # decoded and dropped: the decoder's state at `start`
@@ -141,9 +148,10 @@ def load_audio(
                 data = file.read(stop - start + lead, dtype="float32", always_2d=True)
             except (sf.LibsndfileError, RuntimeError) as err:
                 raise BadAudio("truncated", f"{name}: decoding failed after frame {start - lead} ({err})") from err
-            if len(data) < stop - start + lead:
+            missing = stop - start + lead - len(data)
+            if missing > slack:
                 raise BadAudio("truncated", f"{name}: ends at frame {start - lead + len(data)}, header says {frames}")
-            return data[lead:]
+            return np.pad(data, ((0, missing), (0, 0)))[lead:]  # an MP3 length a little over: silence at the end
 
     try:
         if frames <= 0:
