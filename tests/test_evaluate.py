@@ -560,6 +560,28 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
     assert data.summary()["skipped"] == {"not_audio": 1, "questions_dropped": 1}
 
 
+def test_airbench_max_clips_keeps_the_first_questions_and_decodes_only_their_audio(tmp_path):
+    """`--max-clips N` reaches AIR-Bench too: the first N questions, and only their audio is decoded (the later
+    questions' files are not audio, so decoding them would count a skip)."""
+    items = [
+        _airbench_item(1, "Sound_AQA", "clotho", "a.wav", "What?", ["x", "y"], "x"),
+        _airbench_item(2, "Sound_AQA", "clotho", "b.wav", "Which?", ["x", "y"], "y"),
+        _airbench_item(3, "Sound_AQA", "clotho", "c.wav", "What?", ["x", "y"], "y"),
+        _airbench_item(4, "Sound_AQA", "clotho", "d.wav", "What?", ["x", "y"], "y"),
+    ]
+    root = _write_airbench(tmp_path / "Foundation", items)
+    for name in ("a", "b"):
+        _write_clip(root / "Sound_AQA_clotho" / f"{name}.wav", 1.0)
+    for name in ("c", "d"):
+        (root / "Sound_AQA_clotho" / f"{name}.wav").write_text("not audio")
+    name, decode = ev.open_dataset("airbench", _cli_args(tmp_path, airbench_dir=str(root), max_clips=2))
+    data = decode(window_seconds=1.0)
+    assert [q.id for q in data.questions] == ["1", "2"] and data.waveforms.shape == (2, 16000)
+    assert data.summary()["skipped"] == {}
+    whole = ev.open_dataset("airbench", _cli_args(tmp_path, airbench_dir=str(root)))[1](window_seconds=1.0)
+    assert whole.summary()["skipped"] == {"not_audio": 2, "questions_dropped": 2}  # without the limit: all decoded
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 

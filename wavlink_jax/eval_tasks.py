@@ -147,7 +147,7 @@ def choice_embeddings(
 
 # The paper's benchmarks as prepared by `wavlink_jax.data.tfds_builders`: name → (prepared data set, split).
 PAPER_SETS: dict[str, tuple[str, str]] = {
-    "audiocaps": ("audiocaps", "test"),  # AudioCaps test: ~4.9k clips × 5 captions
+    "audiocaps": ("audiocaps", "test"),  # AudioCaps test: 975 clips × 5 captions (~4.9k captions)
     "clotho": ("clotho", "test"),  # Clotho v2.1 evaluation split: 1045 clips × 5 captions
     "esc50": ("esc50", "train"),  # all 2000 clips; accuracy per fold (1-5), then averaged
     "us8k": ("us8k", "train"),  # all 8732 clips; accuracy per fold (1-10), then averaged
@@ -269,15 +269,17 @@ def load_airbench_data(
     window_seconds: float,
     tasks: Sequence[str] | None = None,
     choices_with_question: bool = False,
+    max_questions: int | None = None,
     read_threads: int = 4,
 ) -> EvalData:
     """AIR-Bench foundation questions with their audio decoded (each distinct file once).
 
     A question whose audio cannot be decoded is dropped and counted in `skipped["questions_dropped"]` (its
     clip's reason is counted too). Each choice is scored by its text alone (the paper's protocol), or by
-    `"{question} {choice}"` with `choices_with_question`.
+    `"{question} {choice}"` with `choices_with_question`. `max_questions` keeps the first questions only, and
+    decodes only their audio (quick checks; never for reported numbers).
     """
-    questions = load_airbench_foundation(root, tasks=tasks)
+    questions = load_airbench_foundation(root, tasks=tasks)[:max_questions]
     paths = sorted({q.audio for q in questions})
     records = [{"id": path, "audio": path, "sample_rate": 0, "captions": [], "label": ""} for path in paths]
     data = pipeline.make_eval_set(

@@ -546,6 +546,7 @@ def open_dataset(entry: str, args: argparse.Namespace) -> tuple[str, Callable[..
             args.airbench_dir,
             tasks=tasks,
             choices_with_question=args.airbench_choices_with_question,
+            max_questions=args.max_clips,
         )
     elif name == "synthetic":
         spec = str(Path(args.synthetic_dir) / "eval.jsonl")
@@ -669,7 +670,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtype", default="float32", help="compute dtype of the towers (float32 or bfloat16)")
     parser.add_argument("--dims", help="comma-separated Matryoshka sizes (default: all of the model's)")
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
-    parser.add_argument("--max-clips", type=int, help="evaluate the first N clips only (smoke tests)")
+    parser.add_argument(
+        "--max-clips", type=int, help="evaluate the first N clips (AIR-Bench: questions) of each set only (smoke tests)"
+    )
     parser.add_argument(
         "--window-seconds",
         type=float,
