@@ -536,6 +536,15 @@ def test_load_eval_data_from_manifest(tmp_path):
     partly = entries[:1] + [{"audio": "clip1.wav", "captions": ["d"]}]
     with pytest.raises(ValueError, match="1 of 2 clips have no label"):
         eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "partly.jsonl", partly), window_seconds=1.0)
+    # Fold-less clips among folded ones would be averaged as one more fold: refused, naming the first.
+    some_folds = [{"audio": "clip0.wav", "captions": [], "label": "dog", "fold": 1},
+                  {"audio": "clip1.wav", "captions": [], "label": "rain"},
+                  {"audio": "clip2.wav", "captions": [], "label": "dog", "fold": 2}]
+    with pytest.raises(ValueError, match=r"'toy': 1 of 3 clips have no fold \(first: clip1\.wav\)"):
+        eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "some_folds.jsonl", some_folds), window_seconds=1.0)
+    some_folds[1]["fold"] = 2
+    folded = eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "folds.jsonl", some_folds), window_seconds=1.0)
+    assert folded.folds.tolist() == [1, 2, 2]
     # Checked when the set is loaded (before training), not when it is scored.
     uncaptioned = entries[:1] + [{"audio": "clip1.wav", "captions": [], "label": "rain"}]
     with pytest.raises(ValueError, match=r"'toy': 1 of 2 clips have no caption \(first: clip 1\)"):

@@ -223,6 +223,20 @@ def _check_labels(name: str, labels: Sequence[str]) -> list[str]:
     return list(labels) if not unlabelled else []
 
 
+def _check_folds(name: str, folds: np.ndarray | None, ids: Sequence[str]) -> None:
+    """A fold on every clip, or on none: fold-less clips (fold 0) among folded ones would be scored as one more
+    fold, weighted like a whole fold in the per-fold average."""
+    if folds is None:
+        return
+    foldless = np.flatnonzero(folds == 0)
+    if len(foldless):
+        raise ValueError(
+            f"evaluation set {name!r}: {len(foldless)} of {len(folds)} clips have no fold (first: {ids[foldless[0]]}); "
+            "zero-shot accuracy averaged over folds needs a fold (1, 2, ...) on every clip, or on none (one accuracy "
+            "over all clips)"
+        )
+
+
 def _check_captions(name: str, text_to_audio: np.ndarray, num_clips: int) -> None:
     """All clips captioned, or none (an uncaptioned clip among captioned ones has no audio→text rank)."""
     uncaptioned = np.flatnonzero(np.bincount(text_to_audio, minlength=num_clips) == 0)
@@ -252,12 +266,15 @@ def load_eval_data(
         source, window_seconds=window_seconds, require_captions=False, max_clips=max_clips, read_threads=read_threads
     )
     _check_captions(name, np.asarray(data.text_to_audio), len(data.waveforms))
+    labels = _check_labels(name, data.labels)
+    if labels:
+        _check_folds(name, data.folds, data.ids)
     return EvalData(
         name=name,
         waveforms=data.waveforms,
         captions=list(data.captions),
         text_to_audio=np.asarray(data.text_to_audio, np.int64),
-        labels=_check_labels(name, data.labels),
+        labels=labels,
         folds=data.folds,
         skipped=dict(data.skip_counts),
     )
