@@ -55,6 +55,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     assert resolved["optim"]["learning_rate"] == 1e30 and resolved["total_steps"] == 5
 
 
+def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):
+    """Their metrics (eval/<name>/...) would overwrite each other's."""
+    eval_set = {"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}}
+    config = tiny_config(str(data_dir), total_steps=2, **{"eval.sets": (eval_set, dict(eval_set)), "eval.batch_size": 8})
+    with pytest.raises(ValueError, match=r"^config\.eval\.sets names \['synthetic'\] more than once"):
+        train.train(config, str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
 def hf_towers(tmp_path, config, whisper_settings=None, text_settings=None):
     """Random Hugging Face Whisper and CLIP checkpoints with the tiny config's tower shapes, saved to disk
     (`whisper_settings` / `text_settings`: extra `transformers` config keys, e.g. another activation)."""

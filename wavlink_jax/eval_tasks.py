@@ -212,6 +212,17 @@ class EvalData:
         return out
 
 
+def check_set_names(names: Sequence[str], where: str) -> None:
+    """Refuse a name given to several evaluation sets: their metrics, keyed by the name (`eval/<name>/...`, the
+    results file), would overwrite each other's. `where` names the setting (`--datasets`, `config.eval.sets`)."""
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"{where} names {repeated} more than once; give each evaluation set its own name (its metrics are "
+            "recorded under it)"
+        )
+
+
 def _check_labels(name: str, labels: Sequence[str]) -> list[str]:
     """All clips labelled, or none (an unlabelled clip among labelled ones has no zero-shot target)."""
     unlabelled = [i for i, label in enumerate(labels) if not label]

@@ -599,10 +599,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from wavlink_jax import eval_tasks, inference
 
     datasets = [open_dataset(entry, args) for entry in args.datasets.split(",")]
-    names = [name for name, _ in datasets]
-    repeated = sorted({name for name in names if names.count(name) > 1})
-    if repeated:
-        raise ValueError(f"--datasets names {repeated} more than once; give each set its own NAME (NAME=manifest)")
+    eval_tasks.check_set_names([name for name, _ in datasets], "--datasets")
 
     embedder = inference.load(
         args.model,

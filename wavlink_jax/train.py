@@ -123,6 +123,7 @@ class Evaluator:
         self.embedder = train_step.StateEmbedder(setup, tokenizer, config.eval.batch_size)
         # Every set's settings are checked before any set is decoded (decoding a large one takes minutes).
         windows = [self._window_seconds(index, dict(spec), config, setup) for index, spec in enumerate(config.eval.sets)]
+        eval_tasks.check_set_names([spec["name"] for spec in config.eval.sets], "config.eval.sets")
         self.sets = [
             eval_tasks.load_eval_data(
                 spec["name"], dict(spec["source"]), window_seconds=window, max_clips=config.eval.max_clips or None
