@@ -64,6 +64,18 @@ def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
+def test_an_evaluation_step_is_also_a_log_step(tmp_path, data_dir):
+    """Every metrics.jsonl record has `step` and `loss`, also at an evaluation between two log steps."""
+    eval_set = {"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}}
+    config = tiny_config(str(data_dir), total_steps=2, log_every_steps=2, eval_every_steps=1,
+                         **{"eval.sets": (eval_set,), "eval.batch_size": 8})
+    train.train(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    for record in records:
+        assert "loss" in record and "grad_norm" in record and "eval/synthetic/t2a_R@1" in record, record["step"]
+
+
 def hf_towers(tmp_path, config, whisper_settings=None, text_settings=None):
     """Random Hugging Face Whisper and CLIP checkpoints with the tiny config's tower shapes, saved to disk
     (`whisper_settings` / `text_settings`: extra `transformers` config keys, e.g. another activation)."""

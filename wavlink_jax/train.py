@@ -274,16 +274,18 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             log.advance()
 
             is_last = step == total_steps
+            eval_due = evaluator is not None and (
+                is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+            )
             record: dict[str, float] = {}
-            if step % config.log_every_steps == 0 or is_last:
+            if step % config.log_every_steps == 0 or is_last or eval_due:  # every record has the train metrics
                 record = {key: float(value) for key, value in jax.device_get(metrics).items()}
                 _finite_or_stop(step, record, checkpoints)
                 elapsed = time.perf_counter() - window_start
                 record["samples_per_second"] = window_steps * config.batch_size / elapsed
                 skipped = skipped_by_all_hosts(data.skip_counts, share)
                 record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
-            eval_due = is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-            if evaluator is not None and eval_due:
+            if eval_due:
                 try:
                     record.update(evaluator(state))
                 except Exception:  # a failing evaluation loses no training
