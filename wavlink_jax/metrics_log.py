@@ -19,7 +19,11 @@ FLUSH_SECONDS = 2  # TensorBoard events reach the disk within this (see MetricsL
 
 
 class MetricsLogger:
-    """Writes one JSON object per logged step (`{"step": s, "loss": ..., ...}`) and the same scalars to TensorBoard."""
+    """Writes one JSON object per logged step (`{"step": s, "loss": ..., ...}`) and the same scalars to TensorBoard.
+
+    TensorBoard tags are the JSON keys with every character other than a letter, digit, `_`, `-`, `.` or `/`
+    replaced by `_` (tensorboardX's rule, which has no switch): `eval/clotho/t2a_R@1` is the tag
+    `eval/clotho/t2a_R_1`. The JSON keys are the public names (`evaluate.retrieval_metrics`)."""
 
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int, progress: bool = True):
         self.enabled = jax.process_index() == 0
