@@ -148,14 +148,19 @@ def paper_config(size: str, arg: str | None) -> ml_collections.ConfigDict:
     def tfds(name: str, split: str) -> dict:
         return {"kind": "tfds", "name": name, "split": split, "data_dir": args.data_dir}
 
+    # Training sources weighted by their sizes ("size", the pipeline's default): each stage's sources are mixed
+    # in proportion to their number of clips, so `epochs` (3, the paper's "3 epochs per stage") is 3 epochs of
+    # each source.
+    def training(name: str) -> dict:
+        return {**tfds(name, "train"), "weight": "size"}
+
     if args.stage == 1:
-        # Equal mixing weights; set them to the prepared sets' sizes to mix in proportion.
-        config.data.sources = (tfds("autoacd", "train"), tfds("audiosetcaps", "train"))
+        config.data.sources = (training("autoacd"), training("audiosetcaps"))
         config.init_from.audio, config.init_from.text = args.audio_init, args.text_init
     else:
         if not args.stage1_workdir:
             raise ValueError(f"configs/wavlink_{size}.py:stage=2 needs stage1_workdir=<the stage-1 run's workdir>")
-        config.data.sources = (tfds("audiocaps", "train"), tfds("clotho", "train"))
+        config.data.sources = (training("audiocaps"), training("clotho"))
         config.init_from.workdir = args.stage1_workdir
     config.data.tokenizer = args.text_init  # CLIP checkpoints ship their tokenizer
     config.data.window_seconds = 10.0

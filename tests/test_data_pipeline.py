@@ -1,5 +1,6 @@
 """The grain pipeline: batches, epochs, exact resume, host split, mixture, bad-input counting, sharding, eval."""
 
+import collections
 import dataclasses
 import json
 import multiprocessing
@@ -47,8 +48,10 @@ def tokenizer(tmp_path_factory):
 
 
 def _config(*manifests, weights=None, **overrides):
-    weights = weights or [1.0] * len(manifests)
-    sources = [{"kind": "manifest", "path": str(m), "weight": w} for m, w in zip(manifests, weights)]
+    """Manifest sources with the given mixture weights (default: none given, i.e. "size")."""
+    sources = [{"kind": "manifest", "path": str(m)} for m in manifests]
+    for source, weight in zip(sources, weights or ()):
+        source["weight"] = weight
     return pipeline.DataConfig(sources=sources, window_seconds=WINDOW, min_seconds=0.1, **overrides)
 
 
@@ -128,6 +131,30 @@ def test_mixture_weights_are_honoured(tmp_path, tokenizer):
     share_a = np.mean([i < 50 for i in ids])
     assert abs(share_a - 0.75) < 0.03, share_a
     assert set(ids) == set(range(1, 11)) | set(range(50, 55))
+    # A number is on the scale of "size" (a source's number of records): 5 records at weight 10 = 10 at "size".
+    config = _config(config.sources[0]["path"], config.sources[1]["path"], weights=["size", 10])
+    iterator = _iterator(config, tokenizer, batch=10)
+    ids = sum((_ids(next(iterator)["waveform"]) for _ in range(4)), [])
+    assert sum(i < 50 for i in ids) == 20
+
+
+def test_unweighted_sources_are_drawn_in_proportion_to_their_sizes(tmp_path, tokenizer):
+    """By default a source's weight is its size: the mixture is a shuffled concatenation, so `epochs` epochs of
+    the stream (the trainer's count: epochs × all records / batch) are `epochs` epochs of every source. (With
+    equal weights, 3 epochs' worth of batches gave the 40-clip source 1.8 epochs and the 8-clip one 9.)"""
+    config = _config(_manifest(tmp_path / "big", range(1, 41)), _manifest(tmp_path / "small", range(50, 58)))
+    iterator = _iterator(config, tokenizer, batch=8)
+    ids = sum((_ids(next(iterator)["waveform"]) for _ in range(3 * 48 // 8)), [])
+    counts = collections.Counter(ids)
+    assert sum(i < 50 for i in ids) == 120 and sum(i >= 50 for i in ids) == 24  # 40 : 8
+    assert set(counts) == set(range(1, 41)) | set(range(50, 58)) and set(counts.values()) == {3}  # 3 epochs of each
+
+
+@pytest.mark.parametrize("weight", ["half", 0, -1.0, float("nan"), None])
+def test_a_bad_mixture_weight_is_refused(tmp_path, tokenizer, weight):
+    manifest = _manifest(tmp_path, range(1, 3))
+    with pytest.raises(ValueError, match=rf'manifest {re.escape(str(manifest))}: weight must be "size" .* got'):
+        _iterator(_config(manifest, weights=[weight]), tokenizer, batch=2)
 
 
 def _bad_manifest(folder):
@@ -269,7 +296,7 @@ def test_a_broken_source_in_a_mixture_is_caught_and_named(tmp_path, tokenizer):
     """The good source's clips come between the broken source's records; the run is counted per source."""
     good = _manifest(tmp_path / "good", range(1, 11))
     broken = _missing_manifest(tmp_path, 300)
-    config = _config(good, broken, max_consecutive_skips=50)
+    config = _config(good, broken, weights=[1.0, 1.0], max_consecutive_skips=50)
     batches, error = _until_error(_iterator(config, tokenizer, batch=4))
     assert 10 <= batches <= 15  # 50 bad records in a row, about one per good clip at equal weights
     message = str(error)
@@ -284,7 +311,9 @@ def test_a_broken_source_in_a_mixture_is_caught_and_named(tmp_path, tokenizer):
 def test_runs_of_skips_survive_a_resume(tmp_path, tokenizer):
     """A source's run of skips spans batches, so it is part of the state: a resumed iterator stops at the same batch.
     A state written before runs were counted per source (the parent's state alone) still resumes."""
-    config = _config(_manifest(tmp_path / "good", range(1, 11)), _missing_manifest(tmp_path, 300), max_consecutive_skips=50)
+    config = _config(
+        _manifest(tmp_path / "good", range(1, 11)), _missing_manifest(tmp_path, 300), weights=[1.0, 1.0], max_consecutive_skips=50
+    )
     batches, _ = _until_error(_iterator(config, tokenizer, batch=4))
     original = _iterator(config, tokenizer, batch=4)
     for _ in range(batches - 3):

@@ -5,7 +5,7 @@ Training (`make_train_iterator`), built on grain's `MapDataset`/`IterDataset` AP
 orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRestore(iterator)`:
 
     per source: records → shuffle (a fresh permutation every epoch) → repeat (num_epochs, None = forever)
-    → weighted mixture of the sources (grain mix: deterministic interleaving by weight)
+    → mixture of the sources by weight (grain mix: deterministic interleaving in proportion to the weights)
     → per example, seeded by its position in that global stream: decode → mono → resample to 16 kHz (soxr)
       → random crop to `window_seconds` → zero-pad short clips → one random caption
     → this host's share (b = `global_batch_size // process_count`): from every run of `global_batch_size`
@@ -14,7 +14,12 @@ orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRes
     → fill batches of b good examples → tokenize
     → `TrainIterator` (sums the skip counts, drops a last partial batch)
 
-With a finite `num_epochs`, a mixture ends when its first source runs out (grain mix).
+A source's weight defaults to `"size"`, its number of records: every source is then drawn in proportion to its
+size, so the mixture is the sources' concatenation, shuffled, and an epoch of the stream (the records of all
+sources) is an epoch of every source (the trainer's `epochs` counts that way). An explicit number is a relative
+weight on the same scale (a source of weight w is drawn as often as one of w records at "size"), which over- or
+under-samples it. grain rounds the weights to integers with the smallest at 100, so the shares are exact to
+within 1%. With a finite `num_epochs`, a mixture ends when its first source runs out (grain mix).
 
 Bad input: a record whose audio is missing/empty/truncated/not audio/non-finite/too short, or that has no
 captions (blank captions are dropped first), becomes a "skipped" marker instead of an example. Batches are
@@ -56,6 +61,8 @@ import collections
 import copy
 import dataclasses
 import logging
+import math
+import numbers
 import os
 import zlib
 from typing import Any, Mapping, Sequence
@@ -68,15 +75,19 @@ from wavlink_jax.data.sources import ManifestSource, Source, open_source
 
 logger = logging.getLogger(__name__)
 _logged = collections.Counter()
+SIZE_WEIGHT = "size"  # a source's default mixture weight: its number of records
 
 
 @dataclasses.dataclass
 class DataConfig:
     """The `config.data` schema (see `default_data_config`).
 
-    sources          list of source specs, each a dict with "kind" and a mixture "weight" (default 1.0):
-                     {"kind": "manifest", "path": "train.jsonl", "weight": 1.0} or
-                     {"kind": "tfds", "name": "clotho", "data_dir": "...", "split": "train", "weight": 1.0}
+    sources          list of source specs, each a dict with "kind" and an optional mixture "weight":
+                     {"kind": "manifest", "path": "train.jsonl"} or
+                     {"kind": "tfds", "name": "clotho", "data_dir": "...", "split": "train", "weight": 2000}.
+                     weight: "size" (the default: its number of records, so every source is drawn in
+                     proportion to its size and an epoch is an epoch of every source) or a positive number
+                     (relative to the others' weights, a "size" counting as that source's number of records)
     window_seconds   training crop (random) / evaluation crop (head) length; shorter clips are zero-padded
     min_seconds      clips shorter than this are skipped as "too_short"
     sample_rate      the rate everything is resampled to (Whisper: 16000)
@@ -412,14 +423,24 @@ def _process_layout(process_index: int | None, process_count: int | None) -> tup
 
 
 def _open_sources(specs: Sequence[Any]) -> list[tuple[Source, float]]:
+    """Each spec's source and its mixture weight, `"size"` (the default) resolved to the source's number of records."""
     if not specs:
         raise ValueError("data config has no sources; set config.data.sources = [{'kind': 'manifest', 'path': ...}]")
     opened = []
     for spec in specs:
-        weight = float(spec.get("weight", 1.0)) if isinstance(spec, Mapping) else 1.0
-        if weight <= 0:
-            raise ValueError(f"source {spec!r}: weight must be positive, got {weight}")
-        opened.append((open_source(spec), weight))
+        source = open_source(spec)
+        weight = spec.get("weight", SIZE_WEIGHT) if isinstance(spec, Mapping) else SIZE_WEIGHT
+        name = _describe_source(spec)[0]
+        if not len(source):
+            raise DataError(f"{name} holds no records; remove it from config.data.sources or fill it")
+        if weight == SIZE_WEIGHT:
+            weight = len(source)
+        elif isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 < weight < math.inf:
+            raise ValueError(
+                f'{name}: weight must be "{SIZE_WEIGHT}" (its number of records, the default) or a positive number, '
+                f"got {weight!r}"
+            )
+        opened.append((source, float(weight)))
     return opened
 
 
