@@ -157,6 +157,14 @@ def test_a_bad_mixture_weight_is_refused(tmp_path, tokenizer, weight):
         _iterator(_config(manifest, weights=[weight]), tokenizer, batch=2)
 
 
+def test_a_source_without_records_is_refused(tmp_path, tokenizer):
+    """Its "size" weight would be 0, which grain's mixture cannot use."""
+    config = _config(_manifest(tmp_path, range(1, 3)))
+    config.sources.append({"kind": "source", "source": []})
+    with pytest.raises(pipeline.DataError, match="in-memory source holds no records"):
+        _iterator(config, tokenizer, batch=2)
+
+
 def _bad_manifest(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "empty.wav").write_bytes(b"")
