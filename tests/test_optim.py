@@ -1,5 +1,7 @@
 """Optimiser rules: schedules, weight-decay mask, freezing, lr multipliers, the training-mode presets, LoRA."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -65,6 +67,32 @@ def test_schedule_warmup_then_decay_to_end(kind, end_fraction):
     np.testing.assert_allclose(float(schedule(100)), end_fraction * 1e-2, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="schedule"):
         optim.learning_rate_schedule(optim_config(schedule="exp"), 10)
+
+
+@pytest.mark.parametrize(
+    "key,value,allowed",
+    [("learning_rate", 0.0, "(0, inf)"), ("learning_rate", -1e-4, "(0, inf)"), ("warmup_fraction", -0.1, "[0, 1]"),
+     ("warmup_fraction", 1.5, "[0, 1]"), ("end_lr_fraction", -1.0, "[0, 1]"), ("end_lr_fraction", 2.0, "[0, 1]"),
+     ("weight_decay", -0.1, "[0, inf)"), ("b1", 1.0, "[0, 1)"), ("b2", -0.5, "[0, 1)"), ("eps", 0.0, "(0, inf)"),
+     ("grad_clip_norm", -1.0, "[0, inf)"), ("learning_rate", float("nan"), "(0, inf)")],
+)
+def test_settings_out_of_range_are_refused(key, value, allowed):
+    """Such values train, wrongly (end_lr_fraction -1 ends in gradient ascent, a warm-up fraction of 1.5 never
+    reaches the peak), so the optimizer refuses them, naming the key, the value and the range."""
+    message = rf"config\.optim\.{key} = {re.escape(repr(value))}: must be in {re.escape(allowed)}"
+    with pytest.raises(ValueError, match=message):
+        optim.make_optimizer(optim_config(**{key: value}), PARAMS, 100)
+    if key in optim.SCHEDULE_SETTINGS:
+        with pytest.raises(ValueError, match=message):
+            optim.learning_rate_schedule(optim_config(**{key: value}), 100)
+
+
+@pytest.mark.parametrize(
+    "key,value", [("warmup_fraction", 0.0), ("warmup_fraction", 1.0), ("end_lr_fraction", 1.0), ("weight_decay", 0.0),
+                  ("grad_clip_norm", 0.0), ("b1", 0.0)],
+)
+def test_settings_at_the_closed_ends_of_their_ranges_are_accepted(key, value):
+    optim.make_optimizer(optim_config(**{key: value}), PARAMS, 100)
 
 
 def test_weight_decay_mask_skips_vectors_scalars_and_named():

@@ -265,3 +265,9 @@ def test_parameter_patterns_that_match_nothing_are_refused(key, value):
     """A typo in a regex rule would otherwise silently change nothing."""
     with pytest.raises(ValueError, match=rf"config.{key}: pattern .* matches no parameter"):
         train_step.build(tiny_config(**{key: value}), one_device_mesh(), total_steps=10)
+
+
+def test_optimizer_settings_out_of_range_are_refused_before_anything_is_built():
+    """A negative end fraction would end training in gradient ascent; the trainer's one `error:` line says why."""
+    with pytest.raises(ValueError, match=r"config\.optim\.end_lr_fraction = -1\.0: must be in \[0, 1\]"):
+        train_step.build(tiny_config(**{"optim.end_lr_fraction": -1.0}), one_device_mesh(), total_steps=10)

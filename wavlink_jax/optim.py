@@ -15,6 +15,8 @@ that add freeze patterns and choose where LoRA adapters go; see `training_mode`.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 from typing import Any, Mapping, Sequence
 
@@ -37,6 +39,21 @@ TOWER_BODY = {
     "text": r"^text/(?!.*/lora_[ab]$)",
 }
 LORA_PROJECTIONS = r"layers/\d+/(attn/(query|key|value|out)|fc1|fc2)/kernel$"
+
+# The allowed range of each numeric `config.optim` setting: (low, high, low included, high included, meaning).
+# Outside it training still runs, wrongly: a negative end fraction ends in gradient ascent, a warm-up fraction
+# above 1 never reaches the peak, a negative weight decay grows the weights.
+SETTING_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
+    "learning_rate": (0.0, math.inf, False, False, "the peak learning rate"),
+    "warmup_fraction": (0.0, 1.0, True, True, "the fraction of the steps spent warming up"),
+    "end_lr_fraction": (0.0, 1.0, True, True, "the final learning rate as a fraction of the peak"),
+    "b1": (0.0, 1.0, True, False, "Adam's first-moment decay"),
+    "b2": (0.0, 1.0, True, False, "Adam's second-moment decay"),
+    "eps": (0.0, math.inf, False, False, "Adam's epsilon"),
+    "weight_decay": (0.0, math.inf, True, False, "decoupled weight decay"),
+    "grad_clip_norm": (0.0, math.inf, True, False, "the global gradient norm clipped to; 0 = no clipping"),
+}
+SCHEDULE_SETTINGS = ("learning_rate", "warmup_fraction", "end_lr_fraction")
 
 
 def flatten(tree: Tree) -> dict[str, Any]:
@@ -145,8 +162,20 @@ def lr_multipliers(params: Tree, rules: Sequence[Sequence[Any]]) -> Tree:
     return unflatten({path: multiplier(path) for path in flat})
 
 
+def check_settings(optim: Any, keys: Sequence[str] = tuple(SETTING_RANGES)) -> None:
+    """A ValueError naming the first of `keys` (`SETTING_RANGES`) whose `config.optim` value is out of its range."""
+    for key in keys:
+        low, high, low_in, high_in, meaning = SETTING_RANGES[key]
+        value = optim[key]
+        number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+        if not (number and (low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
+            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ValueError(f"config.optim.{key} = {value!r}: must be in {interval} ({meaning})")
+
+
 def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
     """Warm-up (linear from 0) for `warmup_fraction` of the steps, then cosine / linear decay or constant."""
+    check_settings(optim, SCHEDULE_SETTINGS)
     if optim.schedule not in SCHEDULES:
         raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
     peak = float(optim.learning_rate)
@@ -169,8 +198,10 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW over the trainable parameters: clip → Adam → decoupled weight decay (masked) → −lr·multiplier.
 
-    Returns the transformation and the learning-rate schedule (for logging).
+    Returns the transformation and the learning-rate schedule (for logging). Settings out of their range
+    (`SETTING_RANGES`) are refused.
     """
+    check_settings(optim)
     schedule = learning_rate_schedule(optim, total_steps)
     multipliers = lr_multipliers(trainable, optim.lr_rules)
     parts = []
