@@ -271,3 +271,17 @@ def test_optimizer_settings_out_of_range_are_refused_before_anything_is_built():
     """A negative end fraction would end training in gradient ascent; the trainer's one `error:` line says why."""
     with pytest.raises(ValueError, match=r"config\.optim\.end_lr_fraction = -1\.0: must be in \[0, 1\]"):
         train_step.build(tiny_config(**{"optim.end_lr_fraction": -1.0}), one_device_mesh(), total_steps=10)
+
+
+@pytest.mark.parametrize(
+    "key,value,example",
+    [("optim.lr_rules", ((r"^audio/encoder/", 10.0),), "audio/encoder/layers/0/attn/key/kernel"),
+     ("optim.no_decay", (r"^text/token_embedding",), "text/token_embedding/embedding")],
+)
+def test_parameter_patterns_that_match_only_frozen_parameters_are_refused(key, value, example):
+    """In projector mode the towers are frozen: a rule on them would silently change nothing."""
+    config = tiny_config(**{key: value, "optim.mode": "projector"})
+    with pytest.raises(ValueError, match=rf"config.{key}: pattern .* matches only frozen parameters .*'{example}'"):
+        train_step.build(config, one_device_mesh(), total_steps=10)
+    config.optim.mode = "full"  # the same pattern where those parameters train
+    train_step.build(config, one_device_mesh(), total_steps=10)

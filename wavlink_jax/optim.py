@@ -8,6 +8,9 @@ Python regular expressions matched with `re.search` against that string:
 * `optim.no_decay`: parameters matching any pattern, and all parameters with fewer than two dimensions
   (biases, LayerNorm scales, scalar loss temperatures), get no weight decay.
 
+A pattern that matches no parameter is an error (likely a typo); so is an `lr_rules` or `no_decay` pattern that
+matches only frozen parameters (`train_step.build` checks both).
+
 The paper's training modes (`optim.mode` projector | lora | full, `optim.towers` audio | both) are presets
 that add freeze patterns and choose where LoRA adapters go; see `training_mode`.
 """
@@ -18,7 +21,7 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -76,14 +79,26 @@ def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
     return compiled
 
 
-def matching(paths: Sequence[str], patterns: Sequence[str], what: str) -> set[str]:
-    """The paths that match at least one pattern; a pattern that matches nothing is an error (likely a typo)."""
+def matching(
+    paths: Sequence[str], patterns: Sequence[str], what: str, trainable: Collection[str] | None = None
+) -> set[str]:
+    """The paths that match at least one pattern; a pattern that matches nothing is an error (likely a typo).
+
+    With `trainable` (the paths that train), a pattern that matches only frozen parameters is an error too: a
+    rule on how parameters train (lr_rules, no_decay) would change nothing.
+    """
     compiled = _compile(patterns, what)
     matched = set()
     for pattern in compiled:
         hits = {path for path in paths if pattern.search(path)}
         if not hits:
             raise ValueError(f"{what}: pattern {pattern.pattern!r} matches no parameter (e.g. {sorted(paths)[:3]})")
+        if trainable is not None and hits.isdisjoint(trainable):
+            raise ValueError(
+                f"{what}: pattern {pattern.pattern!r} matches only frozen parameters ({len(hits)}, e.g. "
+                f"{sorted(hits)[:3]}), so it would change nothing; they are frozen by config.optim.mode, "
+                "config.optim.towers or config.optim.freeze"
+            )
         matched |= hits
     return matched
 

@@ -158,12 +158,14 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     adapters = jax.eval_shape(lambda key: lora.init(key, param_shapes, targets, config.lora.rank), jax.random.key(0))
     all_params = optim.combine(adapters, param_shapes)
     trainable = optim.trainable_mask(all_params, tuple(preset.freeze) + tuple(config.optim.freeze))
-    paths = list(optim.flatten(all_params))  # a pattern that matches no parameter is refused (likely a typo)
-    optim.matching(paths, [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules")
-    optim.matching(paths, config.optim.no_decay, "config.optim.no_decay")
     trainable_shapes = optim.partition(all_params, trainable)[0]
     if not trainable_shapes:
         raise ValueError("nothing to train: config.optim.freeze and the training mode freeze every parameter")
+    # A pattern that matches no parameter is refused (likely a typo), and so is one that matches only frozen ones.
+    flat_trainable = optim.flatten(trainable)
+    paths, trainable_paths = list(flat_trainable), {path for path, trains in flat_trainable.items() if trains}
+    optim.matching(paths, [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules", trainable_paths)
+    optim.matching(paths, config.optim.no_decay, "config.optim.no_decay", trainable_paths)
     tx, schedule = optim.make_optimizer(config.optim, trainable_shapes, total_steps)
     abstract = {
         "step": jax.ShapeDtypeStruct((), jnp.int32),
