@@ -285,3 +285,16 @@ def test_parameter_patterns_that_match_only_frozen_parameters_are_refused(key, v
         train_step.build(config, one_device_mesh(), total_steps=10)
     config.optim.mode = "full"  # the same pattern where those parameters train
     train_step.build(config, one_device_mesh(), total_steps=10)
+
+
+@pytest.mark.parametrize(
+    "shape,names,axis_type,message",
+    [((8,), ("data",), "Auto", r"lacks the axes \['fsdp', 'tensor'\].*create_mesh\(\{'data': 8\}\)"),
+     ((8, 1, 1), sharding.MESH_AXES, "Explicit", r"of type \['Explicit'\], not Auto")],
+)
+def test_a_mesh_the_trainer_cannot_use_is_refused_naming_what_it_needs(shape, names, axis_type, message):
+    """Library users build their own meshes: one without the fsdp/tensor axes gave `KeyError: 'fsdp'`, one with
+    Explicit axes (jax.make_mesh's default) a ShardingTypeError deep inside the step's trace."""
+    mesh = jax.make_mesh(shape, names, axis_types=(getattr(jax.sharding.AxisType, axis_type),) * len(names))
+    with pytest.raises(ValueError, match=message):
+        train_step.build(tiny_config(), mesh, total_steps=10)

@@ -225,6 +225,27 @@ def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = 
     )
 
 
+def check_mesh(mesh: Mesh) -> None:
+    """Refuse a mesh the trainer cannot use, naming what it lacks: the batch shardings, the ring loss and the
+    sharding rules name all of `MESH_AXES` (size 1 for one that is not used), and the step relies on the
+    compiler propagating shardings (`AxisType.Auto`; `jax.make_mesh` defaults to Explicit). `create_mesh` builds
+    such a mesh from the sizes alone."""
+    shape = dict(mesh.shape)
+    missing = [name for name in MESH_AXES if name not in shape]
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    not_auto = [name for name in MESH_AXES if name in types and types[name] != jax.sharding.AxisType.Auto]
+    if not missing and not not_auto:
+        return
+    problems = [f"lacks the axes {missing}"] if missing else []
+    problems += [f"has axes {not_auto} of type {sorted({types[n].name for n in not_auto})}, not Auto"] if not_auto else []
+    sizes = shape if set(shape) <= set(MESH_AXES) else {name: "..." for name in MESH_AXES}
+    raise ValueError(
+        f"mesh {shape} {' and '.join(problems)}: the trainer needs the axes {list(MESH_AXES)} (size 1 for an unused "
+        f"one), all of type AxisType.Auto; build it with wavlink_jax.sharding.create_mesh({sizes}) (missing axes get "
+        "size 1)"
+    )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Leading (batch) dimension split over the batch axes; the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -145,7 +145,9 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
 
 
 def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> TrainSetup:
-    """Shapes, logical-axis shardings, trainable mask and optimizer of the config's model on `mesh`."""
+    """Shapes, logical-axis shardings, trainable mask and optimizer of the config's model on `mesh` (one with the
+    axes `sharding.MESH_AXES`, as `sharding.create_mesh` builds)."""
+    sharding.check_mesh(mesh)
     check_choices(config)
     mconfig = model_config(config)
     mconfig.audio.check_window(config.data.window_seconds, "config.data.window_seconds")
