@@ -5,6 +5,7 @@ fp32 throughout (conftest sets `highest` matmul precision). Tolerance 1e-4 max a
 (DESIGN.md's parity bar); measured ~1e-7. Weight round trips are exact.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -218,3 +219,83 @@ def test_step_selection_and_refusals(trained, exported, tmp_path):
         export.export(exported, tmp_path / "again")
     with pytest.raises(SystemExit, match="^error: .*no config.json"):
         export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "nothing")])
+
+
+def export_loaded(loaded: inference.LoadedModel, out: Path, **kwargs) -> Path:
+    """`export.export_model` of a loaded model with its own tokenizer and the fixture's window and text length."""
+    kwargs = {"tokenizer_dir": loaded.tokenizer_dir, "window_seconds": 1.0, "max_text_length": 16, **kwargs}
+    return export.export_model(loaded.model, out, **kwargs)
+
+
+def test_overwrite_replaces_the_whole_previous_export(jax_embedder, tmp_path):
+    """A second export with --overwrite leaves none of the first one's files: a stale tokenizer.json beside the
+    new run's vocab.json + merges.txt was read instead of them (by JAX and PyTorch alike), a stale sharded index
+    instead of model.safetensors."""
+    from wavlink_jax.tokenizer import load_tokenizer, train_tokenizer
+
+    loaded = jax_embedder.loaded
+    classic = tmp_path / "classic_tokenizer"  # CLIP's vocab.json + merges.txt layout, another vocabulary
+    train_tokenizer(["zebra quartz jumps over violin", "purple elephants sing opera loudly"] * 50, classic, 600)
+    (classic / "tokenizer.json").unlink()
+    out = export_loaded(loaded, tmp_path / "wavlink")
+    assert (out / "tokenizer.json").exists()
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    export_loaded(loaded, out, tokenizer_dir=classic, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json", "merges.txt", "model.safetensors", "modeling_wavlink.py", "tokenizer_config.json", "vocab.json"
+    ]
+    texts = ["zebra quartz jumps"]
+    np.testing.assert_array_equal(load_tokenizer(out, 16)(texts)[0], load_tokenizer(classic, 16)(texts)[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classic_tokenizer", "wavlink"]  # no staging left
+
+
+def test_refused_or_failed_export_writes_nothing(jax_embedder, tmp_path, monkeypatch):
+    """A model the export refuses (an audio LayerNorm epsilon Whisper cannot express) leaves no half-written
+    directory to block the retry; a failure while writing leaves a previous export as it was."""
+    from flax import nnx
+
+    from wavlink_jax.models.wavlink import WavLink
+
+    loaded = jax_embedder.loaded
+    config = loaded.model.config
+    refused = WavLink(dataclasses.replace(config, audio=dataclasses.replace(config.audio, layer_norm_eps=1e-6)),
+                      rngs=nnx.Rngs(0))
+    out = tmp_path / "wavlink"
+    for _ in range(2):
+        with pytest.raises(ValueError, match="layer_norm_eps"):
+            export.export_model(refused, out, tokenizer_dir=loaded.tokenizer_dir, window_seconds=1.0, max_text_length=16)
+        assert not out.exists()
+    export_loaded(loaded, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export, "write_safetensors", fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_loaded(loaded, out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["wavlink"]
+
+
+def test_overwrite_never_deletes_what_is_not_an_export(jax_embedder, exported, tmp_path):
+    """--overwrite replaces a previous export as a whole, so it refuses a directory that is not one."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a previous export .*never other files"):
+        export_loaded(jax_embedder.loaded, mine, overwrite=True)
+    with pytest.raises(FileExistsError, match="not a previous export"):
+        export.export_tower(exported, "text", mine, overwrite=True)
+    with pytest.raises(FileExistsError, match="not a directory"):
+        export_loaded(jax_embedder.loaded, mine / "notes.txt", overwrite=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_export_tower_refuses_a_non_empty_directory_unless_overwrite(exported, tmp_path):
+    out = export.export_tower(exported, "text", tmp_path / "tower")
+    with pytest.raises(FileExistsError, match="not empty; choose a new directory or pass --overwrite"):
+        export.export_tower(exported, "audio", out)
+    export.export_tower(exported, "audio", out, overwrite=True)  # a text tower replaced by the audio tower
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((out / "config.json").read_text())["model_type"] == "whisper"

@@ -24,10 +24,13 @@ tower alone as a plain `transformers` checkpoint (a Whisper encoder that `load_w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
+import uuid
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,7 @@ MODELING_FILE = "modeling_wavlink.py"
 MODEL_TYPE = "wavlink"
 AUTO_MAP = {"AutoConfig": "modeling_wavlink.WavLinkConfig", "AutoModel": "modeling_wavlink.WavLinkModel"}
 TOWER_PREFIXES = {"audio": "audio.", "text": "text."}
+TOWER_MODEL_TYPES = ("whisper", "clip_text_model")  # the model_type of export_tower's config.json
 GLOBAL_TOKEN = "audio_global_token"
 SCALARS = ("clip_logit_scale", "sigmoid_logit_scale", "sigmoid_logit_bias")
 HEADS = ("audio_projection", "text_projection")
@@ -118,12 +122,11 @@ def hf_tower_configs(config: WavLinkConfig, *, bos_token_id: int, pad_token_id: 
     return whisper.to_dict(), clip_text.to_dict()
 
 
-def _write_tokenizer(tokenizer_dir: Path, out: Path, max_text_length: int) -> tuple[int, int]:
+def _write_tokenizer(tokenizer_dir: Path, out: Path, max_text_length: int) -> None:
     """Copy the tokenizer files; `tokenizer_config.json` gets the training text length and the special tokens
-    `load_tokenizer` falls back to when the directory names none. Returns the (bos, pad) token ids."""
-    from wavlink_jax.tokenizer import BOS_TOKEN, CONFIG_FILE, EOS_TOKEN, load_tokenizer
+    `load_tokenizer` falls back to when the directory names none."""
+    from wavlink_jax.tokenizer import BOS_TOKEN, CONFIG_FILE, EOS_TOKEN
 
-    tokenizer = load_tokenizer(tokenizer_dir, max_length=max_text_length)  # refuses an unusable directory
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copyfile(tokenizer_dir / name, out / name)
@@ -136,22 +139,72 @@ def _write_tokenizer(tokenizer_dir: Path, out: Path, max_text_length: int) -> tu
             settings[role] = token
     settings["model_max_length"] = max_text_length
     config_file.write_text(json.dumps(settings, indent=2) + "\n")
-    return tokenizer.bos_token_id, tokenizer.pad_token_id
+
+
+def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) -> None:
+    """Refuse an `out` that an export may not take: a file, or a non-empty directory unless `overwrite` and it
+    is a previous export (config.json of one of `model_types`); `overwrite` never deletes other files."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; choose a new directory")
+    if not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
+    try:
+        model_type = json.loads((out / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        model_type = None
+    if model_type not in model_types:
+        raise FileExistsError(
+            f"{out} is not a previous export (no config.json of model_type {' or '.join(map(repr, model_types))}) "
+            "and is not empty; --overwrite replaces an export's directory only, never other files: choose a new "
+            "directory, or empty this one yourself"
+        )
+
+
+@contextlib.contextmanager
+def _new_directory(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to write into; when the block completes it replaces `out` (whose checks
+    `check_output` made), so `out` holds exactly what was written, and a failed export leaves `out` as it was.
+    A killed export leaves a hidden `.NAME.partial-*` sibling. A symbolic link's target is what is replaced."""
+    out = Path(os.path.realpath(out))  # also gives "." and ".." a name to put the sibling beside
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()  # the mode every new directory gets (tempfile.mkdtemp's would be 0700)
+    try:
+        yield staging
+        if out.exists():
+            previous = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
+            out.rename(previous)
+            staging.rename(out)
+            shutil.rmtree(previous)
+        else:
+            staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def export_model(
     model: WavLink, out: str | os.PathLike, *, tokenizer_dir: str | os.PathLike, window_seconds: float,
     max_text_length: int, overwrite: bool = False,
 ) -> Path:
-    """Write `model` (a plain WavLink, LoRA merged) as a `transformers` remote-code directory at `out`."""
-    from wavlink_jax import torch_model
+    """Write `model` (a plain WavLink, LoRA merged) as a `transformers` remote-code directory at `out`.
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    bos_token_id, pad_token_id = _write_tokenizer(Path(tokenizer_dir), out, max_text_length)
-    audio_config, text_config = hf_tower_configs(model.config, bos_token_id=bos_token_id, pad_token_id=pad_token_id)
+    `out` must be new or empty; with `overwrite`, a previous export there is replaced as a whole (no file of it
+    is left beside the new one). The directory is written beside `out` and moved into place at the end.
+    """
+    from wavlink_jax import torch_model
+    from wavlink_jax.tokenizer import load_tokenizer
+
+    out, tokenizer_dir = Path(out), Path(tokenizer_dir)
+    # Everything that can refuse the export runs before anything is written.
+    check_output(out, overwrite=overwrite, model_types=(MODEL_TYPE,))
+    tokenizer = load_tokenizer(tokenizer_dir, max_length=max_text_length)  # refuses an unusable directory
+    audio_config, text_config = hf_tower_configs(
+        model.config, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     config = torch_model.WavLinkConfig(
         audio_config=audio_config,
         text_config=text_config,
@@ -163,9 +216,12 @@ def export_model(
         dtype="float32",
     ).to_dict()
     config["auto_map"] = AUTO_MAP
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_safetensors(export_weights(model), out / WEIGHTS_FILE, metadata={"format": "pt"})
-    shutil.copyfile(torch_model.__file__, out / MODELING_FILE)
+    weights = export_weights(model)
+    with _new_directory(out) as staging:
+        _write_tokenizer(tokenizer_dir, staging, max_text_length)
+        (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        shutil.copyfile(torch_model.__file__, staging / MODELING_FILE)
     return out
 
 
@@ -174,6 +230,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
     """Export a training workdir's checkpoint (`step`, default the latest) to `out`."""
     from wavlink_jax import inference
 
+    check_output(Path(out), overwrite=overwrite, model_types=(MODEL_TYPE,))  # before the (slow) read
     loaded = inference.read_workdir(workdir, step)
     export_model(
         loaded.model,
@@ -187,33 +244,37 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
     return Path(out)
 
 
-def export_tower(export_dir: str | os.PathLike, tower: str, out: str | os.PathLike) -> Path:
+def export_tower(
+    export_dir: str | os.PathLike, tower: str, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
     """One tower of an exported directory as a plain `transformers` checkpoint in `out`.
 
     `audio`: a bare Whisper encoder (config.json of model_type "whisper", `conv1.weight`, `layers.N...`) that
     `wavlink_jax.convert.load_whisper` and `transformers`' `WhisperEncoder.from_pretrained` load (the global
     token is not part of Whisper; it stays in the WavLink directory). `text`: a `CLIPTextModelWithProjection`.
+    `out` must be new or empty, as for `export_model`; `overwrite` replaces a previous tower export there.
     """
     from safetensors.numpy import load_file
 
     if tower not in TOWER_PREFIXES:
         raise ValueError(f"tower must be one of {sorted(TOWER_PREFIXES)}, got {tower!r}")
     export_dir, out = Path(export_dir), Path(out)
+    check_output(out, overwrite=overwrite, model_types=TOWER_MODEL_TYPES)
     config = read_hf_config(export_dir)
     if config.get("model_type") != MODEL_TYPE:
         raise CheckpointError(f"{export_dir}: config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}")
     prefix = TOWER_PREFIXES[tower]
     weights = load_file(str(export_dir / WEIGHTS_FILE))
     tower_weights = {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
-    out.mkdir(parents=True, exist_ok=True)
     tower_config = dict(config[f"{tower}_config"])
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]
-    (out / "config.json").write_text(json.dumps(tower_config, indent=2, sort_keys=True) + "\n")
-    write_safetensors(tower_weights, out / WEIGHTS_FILE, metadata={"format": "pt"})
-    if tower == "text":
-        for name in TOKENIZER_FILES:
-            if (export_dir / name).exists():
-                shutil.copyfile(export_dir / name, out / name)
+    with _new_directory(out) as staging:
+        (staging / "config.json").write_text(json.dumps(tower_config, indent=2, sort_keys=True) + "\n")
+        write_safetensors(tower_weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        if tower == "text":
+            for name in TOKENIZER_FILES:
+                if (export_dir / name).exists():
+                    shutil.copyfile(export_dir / name, staging / name)
     return out
 
 
@@ -226,7 +287,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", required=True, help="training run directory (config.json, checkpoints/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty output directory")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a previous export in --out as a whole (a directory that is not an export is never deleted)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with cli.user_errors():
