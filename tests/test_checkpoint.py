@@ -108,6 +108,8 @@ def test_unfinished_save_is_ignored_and_cleaned(tmp_path):
 def test_read_workdir_state(tmp_path, caplog):
     mesh = sharding.create_mesh({"data": 2, "fsdp": 4, "tensor": 1})
     state = make_state(mesh)
+    # One AdamW update with the parameters as gradients: count 1, mu = 0.1 g, nu = 0.001 g² (distinct values).
+    state["opt_state"] = optax.adamw(1e-3).update(state["params"], state["opt_state"], state["params"])[1]
     manager = checkpoint.Checkpoints(tmp_path, keep=1, every=1)
     manager.save(3, state, data_iterator())
     manager.close()
@@ -124,6 +126,22 @@ def test_read_workdir_state(tmp_path, caplog):
     assert config == {"seed": 1}
     np.testing.assert_array_equal(params["layer"]["kernel"], np.arange(64.0).reshape(8, 8))
     assert isinstance(params["layer"]["kernel"], np.ndarray)
+
+    # Every item of the train state reads, the optimizer state too (orbax refused it: "Type mismatch at key path
+    # ('opt_state',)"), as orbax stores optax's chain: a list of per-transformation states, as dicts of fields.
+    items, _, _ = checkpoint.read_workdir_state(tmp_path, items=("step", "opt_state", "rng"))
+    assert int(items["step"]) == 7
+    np.testing.assert_array_equal(items["rng"], np.asarray(state["rng"]))
+    adam = items["opt_state"][0]
+    assert int(adam["count"]) == 1
+    np.testing.assert_allclose(adam["mu"]["layer"]["kernel"], 0.1 * np.arange(64.0).reshape(8, 8), rtol=1e-6)
+    np.testing.assert_allclose(adam["nu"]["layer"]["kernel"], 0.001 * np.arange(64.0).reshape(8, 8) ** 2, rtol=1e-5)
+    expected = jax.tree.leaves(jax.device_get(state["opt_state"]))
+    assert len(jax.tree.leaves(items["opt_state"])) == len(expected)
+    for got, want in zip(jax.tree.leaves(items["opt_state"]), expected):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match=r"items \['parms'\] are not in a train state; it holds \['step', 'params'"):
+        checkpoint.read_workdir_state(tmp_path, items=("parms",))
 
 
 def test_init_from_lists_every_mismatch_at_once(tmp_path):

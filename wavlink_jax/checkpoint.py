@@ -36,6 +36,7 @@ from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
 
 CHECKPOINT_SUBDIR = "checkpoints"
+STATE_ITEMS = ("step", "params", "buffers", "opt_state", "rng")  # the train state's items (see train_step)
 GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
 
 
@@ -183,11 +184,20 @@ def read_workdir_state(
     workdir: str | os.PathLike, step: int | None = None, items: tuple[str, ...] = ("params", "buffers")
 ) -> tuple[dict, dict, int]:
     """`items` of a workdir's checkpoint at `step` (default: the latest) as host numpy arrays, its config.json,
-    and the step read. An item the state does not hold (e.g. `buffers` of a model without any) comes back `{}`.
+    and the step read.
+
+    `items` are names of the train state, `STATE_ITEMS`: "step" and "rng" (arrays), "params" and "buffers"
+    (nested dicts, as `train_step` keeps them), "opt_state" (as orbax stores optax's chain state: a list with one
+    entry per transformation, a dict of its state's fields, e.g. "count", "mu", "nu", or None for a stateless
+    one); another name is a ValueError. An item the state does not hold (e.g. `buffers` of a model without any)
+    comes back `{}`.
 
     For the exporter, `wavlink_jax.inference` and `init_from.workdir`, which need the parameters and fixed tables
-    without a mesh.
+    without a mesh, and for inspecting a run (its step, optimizer moments).
     """
+    unknown = [name for name in items if name not in STATE_ITEMS]
+    if unknown:
+        raise ValueError(f"read_workdir_state: items {unknown} are not in a train state; it holds {list(STATE_ITEMS)}")
     workdir = Path(workdir_path(workdir))
     config_file = workdir / "config.json"
     if not config_file.exists():
@@ -217,7 +227,9 @@ def read_workdir_state(
         ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
     )
     saved = checkpointer.metadata(step_dir).item_metadata.get("state")
-    metadata = _as_dict(saved.tree) if saved is not None else {}
+    # The tree as orbax stored it (optax's chain state is a list there; `_as_dict` would key it by index, which
+    # orbax refuses to restore into).
+    metadata = saved.tree if saved is not None else {}
     if "params" not in metadata:
         raise CheckpointError(f"{step_dir / 'state'}: not a train state (no 'params')")
     item = {name: metadata[name] for name in items if metadata.get(name)}
