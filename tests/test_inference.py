@@ -178,3 +178,15 @@ def test_embed_cli_usage_errors(run, tmp_path):
     np.savez(tmp_path / "bogus.npz", embeddings=np.zeros((1, 32)))
     with pytest.raises(SystemExit, match="not an index written by --index"):
         embed.main(["--index-file", str(tmp_path / "bogus.npz"), "--query", "a dog"])
+
+
+def test_embed_cli_checks_the_index_file_before_loading_the_model(tmp_path, monkeypatch):
+    """An --out that cannot be written is refused first (it failed only after the whole folder was embedded)."""
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(inference, "load", load)
+    for out, message in ((tmp_path / "missing" / "x.npz", rf"{tmp_path / 'missing'} does not exist; create it first"),
+                         (tmp_path, "a directory; give the index file's name")):
+        with pytest.raises(SystemExit, match=message):
+            embed.main(["--model", str(tmp_path), "--index", str(tmp_path), "--out", str(out)])

@@ -13,7 +13,8 @@ head of the model's window or zero-padded, as `wavlink_jax.inference` does. `--d
 size D everywhere (the index keeps full-size embeddings, so it serves every size).
 
 The index is a NumPy `.npz`: `embeddings` (N, E) float32 L2-normalised, `paths` (relative to `folder`),
-`folder`, `model` (absolute path), `step` (-1: latest / export), `skipped` ("path<TAB>reason" lines).
+`folder`, `model` (absolute path), `step` (the workdir checkpoint step that was read, the latest unless `--step`;
+-1 for an exported directory), `skipped` ("path<TAB>reason" lines).
 """
 
 from __future__ import annotations
@@ -77,10 +78,21 @@ def decode_files(paths: Sequence[Path], window_samples: int) -> list[np.ndarray 
         return list(pool.map(lambda path: _decode(path, window_samples), paths))
 
 
+def check_index_file(out: str | os.PathLike) -> None:
+    """Refuse an index path that cannot be written (a directory, or in a directory that does not exist) before
+    anything is loaded or embedded, not after the whole folder has been."""
+    out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f"--out {out}: a directory; give the index file's name, e.g. {out / 'index.npz'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist; create it first")
+
+
 def build_index(
     embedder: inference.Embedder, folder: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True
 ) -> IndexReport:
     """Embed every audio file under `folder` and save the index to `out` (see the module docstring)."""
+    check_index_file(out)
     folder = Path(folder).resolve()
     files, ignored = audio_files(folder)
     embeddings, paths, skipped = [], [], []
@@ -207,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.index or args.out:
             if not (args.index and args.out and args.model):
                 parser.error("--index needs --model and --out")
+            check_index_file(args.out)
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
             report = build_index(embedder, args.index, args.out)
             for path, reason in report.skipped:
