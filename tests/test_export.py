@@ -8,6 +8,8 @@ fp32 throughout (conftest sets `highest` matmul precision). Tolerance 1e-4 max a
 import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +301,39 @@ def test_export_tower_refuses_a_non_empty_directory_unless_overwrite(exported, t
     export.export_tower(exported, "audio", out, overwrite=True)  # a text tower replaced by the audio tower
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     assert json.loads((out / "config.json").read_text())["model_type"] == "whisper"
+
+
+@pytest.mark.parametrize("damage", ["no_state", "empty_step", "cut_metadata"])
+def test_a_damaged_checkpoint_step_is_named_with_the_way_out(trained, tmp_path, damage):
+    """A step directory that lost its state/, an empty step directory, or a state/_METADATA cut short: readers
+    (export, inference, evaluate) and the trainer's resume say which step is damaged, how, which steps remain and
+    what to do, instead of orbax's KeyError / a bare JSON error. None of them falls back to another step."""
+    from wavlink_jax import checkpoint
+
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained, workdir)
+    checkpoints = workdir / "checkpoints"
+    if damage == "no_state":
+        shutil.rmtree(checkpoints / "3" / "state")
+    elif damage == "cut_metadata":
+        metadata = checkpoints / "3" / "state" / "_METADATA"
+        metadata.write_bytes(metadata.read_bytes()[:1000])
+    else:
+        (checkpoints / "5").mkdir()
+    step = 5 if damage == "empty_step" else 3
+    problem = {"no_state": "it has no state/", "empty_step": "the directory is empty",
+               "cut_metadata": r"state/_METADATA cannot be read \(JSONDecodeError"}[damage]
+    damaged = rf"{checkpoints / str(step)}: checkpoint step {step} is damaged: {problem}"
+    others = [2, 3] if damage == "empty_step" else [2]
+    way_out = re.escape(f"; other steps: {others}; read one of them (e.g. step={others[-1]}, or --step {others[-1]} "
+                        "on the command line)")
+    with pytest.raises(SystemExit, match=f"^error: {damaged}.*{way_out}"):
+        export.main(["--workdir", str(workdir), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    resume = checkpoint.Checkpoints(workdir, keep=3, every=2)
+    try:
+        way_out = re.escape(f"; other steps: {others}; delete {checkpoints / str(step)} to resume from step {others[-1]}")
+        with pytest.raises(CheckpointError, match=f"^{damaged}.*{way_out}$"):
+            resume.restore(None, None)  # refused before the state template or data iterator is used
+    finally:
+        resume.close()

@@ -38,6 +38,8 @@ from wavlink_jax.optim import flatten, unflatten
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEMS = ("step", "params", "buffers", "opt_state", "rng")  # the train state's items (see train_step)
 GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
+# How tensorstore's errors (ValueErrors) start when a checkpoint's file is missing, cut short or garbled.
+TENSORSTORE_READ_FAILURES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILED_PRECONDITION:")
 
 
 def workdir_path(workdir: str | os.PathLike) -> str:
@@ -103,7 +105,15 @@ class Checkpoints:
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         where = os.path.join(self.directory, str(step))
-        check_compatible(self.manager.item_metadata(step)["state"].tree, abstract_state, source=where)
+        steps = self.manager.all_steps()
+        problem = step_problem(Path(where), ("state", "data"))
+        if problem:
+            raise damaged_step_error(where, problem, steps, resuming=True)
+        try:
+            saved = self.manager.item_metadata(step)["state"]
+        except (KeyError, ValueError, OSError) as err:
+            raise damaged_step_error(where, f"orbax cannot read it ({err})", steps, resuming=True) from err
+        check_compatible(saved.tree, abstract_state, source=where)
         check_data_processes(os.path.join(where, "data"))
         restored = self.manager.restore(
             step,
@@ -180,6 +190,42 @@ def check_data_processes(data_dir: str) -> None:
         )
 
 
+def step_problem(step_dir: Path, items: tuple[str, ...]) -> str | None:
+    """What visibly keeps `step_dir` from being a complete checkpoint of `items` (None: nothing seen): an empty
+    directory, a missing item, a `state/_METADATA` that is not JSON (cut short). Orbax's own errors for these
+    name neither the step nor what to do."""
+    if not any(step_dir.iterdir()):
+        return "the directory is empty"
+    missing = [f"{item}/" for item in items if not (step_dir / item).is_dir()]
+    if missing:
+        return f"it has no {' and no '.join(missing)}"
+    try:
+        json.loads((step_dir / "state" / "_METADATA").read_text())
+    except (OSError, ValueError) as err:
+        return f"state/_METADATA cannot be read ({type(err).__name__}: {err})"
+    return None
+
+
+def damaged_step_error(
+    step_dir: str | os.PathLike, problem: str, steps: list[int], *, resuming: bool
+) -> CheckpointError:
+    """The error for a step directory that cannot be read: what is wrong, the other steps, the way out (nothing
+    falls back to another step by itself). The trainer (`resuming`) always takes the latest step, so a damaged
+    one has to go; readers (inference, export, evaluate) can be given another step."""
+    step = int(Path(step_dir).name)
+    others = [other for other in steps if other != step]
+    if not others:
+        way_out = "no other checkpoint is in this workdir" + (": delete it to start the run afresh" if resuming else "")
+    elif resuming:
+        way_out = f"other steps: {others}; delete {step_dir} to resume from step {others[-1]}"
+    else:
+        way_out = (
+            f"other steps: {others}; read one of them (e.g. step={others[-1]}, or --step {others[-1]} on the "
+            f"command line), or delete {step_dir}"
+        )
+    return CheckpointError(f"{step_dir}: checkpoint step {step} is damaged: {problem}; {way_out}")
+
+
 def read_workdir_state(
     workdir: str | os.PathLike, step: int | None = None, items: tuple[str, ...] = ("params", "buffers")
 ) -> tuple[dict, dict, int]:
@@ -221,12 +267,18 @@ def read_workdir_state(
     elif step not in steps:
         raise CheckpointError(f"{directory}: no finished checkpoint of step {step}; steps available: {steps}")
     step_dir = Path(directory) / str(step)
+    problem = step_problem(step_dir, ("state",))
+    if problem:
+        raise damaged_step_error(step_dir, problem, steps, resuming=False)
     # The step directory, read with the item layout `Checkpoints` writes: orbax keeps the step's metadata
     # (_CHECKPOINT_METADATA) there, so reading `state/` alone made orbax warn that it does not exist.
     checkpointer = ocp.Checkpointer(
         ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
     )
-    saved = checkpointer.metadata(step_dir).item_metadata.get("state")
+    try:
+        saved = checkpointer.metadata(step_dir).item_metadata.get("state")
+    except (KeyError, ValueError, OSError) as err:
+        raise damaged_step_error(step_dir, f"orbax cannot read it ({err})", steps, resuming=False) from err
     # The tree as orbax stored it (optax's chain state is a list there; `_as_dict` would key it by index, which
     # orbax refuses to restore into).
     metadata = saved.tree if saved is not None else {}
@@ -234,12 +286,17 @@ def read_workdir_state(
         raise CheckpointError(f"{step_dir / 'state'}: not a train state (no 'params')")
     item = {name: metadata[name] for name in items if metadata.get(name)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    restored = checkpointer.restore(
-        step_dir,
-        args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-        ),
-    )["state"]
+    try:
+        restored = checkpointer.restore(
+            step_dir,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+            ),
+        )["state"]
+    except ValueError as err:
+        if not str(err).startswith(TENSORSTORE_READ_FAILURES):
+            raise
+        raise damaged_step_error(step_dir, f"orbax cannot read it ({err})", steps, resuming=False) from err
     logging.info("read %s of step %d from %s", "/".join(items), step, step_dir / "state")
     return {name: restored.get(name, {}) for name in items}, config, step
 
