@@ -534,3 +534,12 @@ def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokeni
         np.testing.assert_allclose(waveform, full[start : start + 4000], atol=1 / 32768)  # stored as int16
         words = tokenizer.decode(ids).split()
         assert int("".join(words[1:-1])) == clip_id
+
+
+def test_a_bad_prepared_clip_is_named_by_its_id():
+    """A prepared (TFDS) record holds its audio as an array: skip messages name the record, not '<array>'."""
+    prepare = pipeline._PrepareExample(window_samples=16000, min_samples=8000, sample_rate=16000, train=False)
+    record = {"id": "clips/dog.wav", "audio": np.zeros(1600, np.int16), "sample_rate": 16000, "captions": ["a dog"],
+              "label": "", "source": "my_clips"}
+    skipped = prepare(record)
+    assert skipped["skip"] == "too_short" and skipped["message"] == "too_short: clips/dog.wav: 0.100 s, shorter than 0.500 s"

@@ -118,11 +118,12 @@ def load_audio(
     min_samples: int = 0,
     rng: np.random.Generator | None = None,
     target_rate: int = SAMPLE_RATE,
+    array_name: str = "<array>",
 ) -> np.ndarray:
     """A clip as float32 mono samples at `target_rate`.
 
     `audio` is a file path (`sample_rate` ignored: the header says) or a 1-D (or (samples, channels)) int16 /
-    float array at `sample_rate`. With `window_samples`, the result has exactly that length: a random window
+    float array at `sample_rate`, which error messages call `array_name` (e.g. its record's id). With `window_samples`, the result has exactly that length: a random window
     when `rng` is given (training), else the head (evaluation); a shorter clip is zero-padded at the end.
     Without it, the whole clip. Raises BadAudio (missing/empty/truncated/not_audio/not_finite/too_short).
     """
@@ -130,7 +131,7 @@ def load_audio(
         if sample_rate <= 0:
             raise ValueError(f"an audio array needs its sample_rate, got {sample_rate}")
         samples = audio if audio.ndim == 2 else audio.reshape(len(audio), 1)
-        name, frames, rate, file = "<array>", len(samples), sample_rate, None
+        name, frames, rate, file = array_name, len(samples), sample_rate, None
         floating = np.issubdtype(samples.dtype, np.floating)
         read: Callable[[int, int], np.ndarray] = lambda start, stop: _as_float(samples[start:stop])
     else:

@@ -222,6 +222,7 @@ class _PrepareExample:
                 min_samples=self.min_samples,
                 rng=rng if self.train else None,
                 target_rate=self.sample_rate,
+                array_name=record["id"],  # a prepared (TFDS) record's audio is an array
             )
         except BadAudio as err:
             return _skip(err.reason, str(err), record.get("source"))
