@@ -533,8 +533,10 @@ def test_load_eval_data_from_manifest(tmp_path):
     assert data.summary() == {"clips": 3, "captions": 6, "classes": 2, "skipped": {"missing": 1}}
     np.testing.assert_allclose(data.waveforms[0, 8000:], 0.0)  # 0.5 s clip zero-padded to the window
 
-    partly = entries[:1] + [{"audio": "clip1.wav", "captions": ["d"]}]
-    with pytest.raises(ValueError, match="1 of 2 clips have no label"):
+    # The offending clip is named by its id (here its path), not by its position among the decoded clips
+    # (0 here: the missing.wav line before it is skipped).
+    partly = [entries[1], {"audio": "clip2.wav", "captions": ["e"]}, entries[2]]
+    with pytest.raises(ValueError, match=r"'toy': 1 of 2 clips have no label \(first: clip2\.wav\)"):
         eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "partly.jsonl", partly), window_seconds=1.0)
     # Fold-less clips among folded ones would be averaged as one more fold: refused, naming the first.
     some_folds = [{"audio": "clip0.wav", "captions": [], "label": "dog", "fold": 1},
@@ -546,8 +548,8 @@ def test_load_eval_data_from_manifest(tmp_path):
     folded = eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "folds.jsonl", some_folds), window_seconds=1.0)
     assert folded.folds.tolist() == [1, 2, 2]
     # Checked when the set is loaded (before training), not when it is scored.
-    uncaptioned = entries[:1] + [{"audio": "clip1.wav", "captions": [], "label": "rain"}]
-    with pytest.raises(ValueError, match=r"'toy': 1 of 2 clips have no caption \(first: clip 1\)"):
+    uncaptioned = entries[:2] + [{"audio": "clip1.wav", "captions": [], "label": "rain", "id": "rain-1"}]
+    with pytest.raises(ValueError, match=r"'toy': 1 of 2 clips have no caption \(first: rain-1\)"):
         eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "uncaptioned.jsonl", uncaptioned), window_seconds=1.0)
 
 

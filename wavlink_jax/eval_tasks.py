@@ -223,13 +223,15 @@ def check_set_names(names: Sequence[str], where: str) -> None:
         )
 
 
-def _check_labels(name: str, labels: Sequence[str]) -> list[str]:
-    """All clips labelled, or none (an unlabelled clip among labelled ones has no zero-shot target)."""
+def _check_labels(name: str, labels: Sequence[str], ids: Sequence[str]) -> list[str]:
+    """All clips labelled, or none (an unlabelled clip among labelled ones has no zero-shot target). `ids` name
+    the clips in errors (a position would count only the clips that decoded)."""
     unlabelled = [i for i, label in enumerate(labels) if not label]
     if unlabelled and len(unlabelled) < len(labels):
         raise ValueError(
-            f"evaluation set {name!r}: {len(unlabelled)} of {len(labels)} clips have no label (first: clip "
-            f"{unlabelled[0]}); zero-shot classification needs a label on every clip"
+            f"evaluation set {name!r}: {len(unlabelled)} of {len(labels)} clips have no label (first: "
+            f"{ids[unlabelled[0]]}); zero-shot classification needs a label on every clip: give every clip a "
+            "label, or none (a retrieval-only set)"
         )
     return list(labels) if not unlabelled else []
 
@@ -248,14 +250,15 @@ def _check_folds(name: str, folds: np.ndarray | None, ids: Sequence[str]) -> Non
         )
 
 
-def _check_captions(name: str, text_to_audio: np.ndarray, num_clips: int) -> None:
-    """All clips captioned, or none (an uncaptioned clip among captioned ones has no audio→text rank)."""
-    uncaptioned = np.flatnonzero(np.bincount(text_to_audio, minlength=num_clips) == 0)
+def _check_captions(name: str, text_to_audio: np.ndarray, ids: Sequence[str]) -> None:
+    """All clips captioned, or none (an uncaptioned clip among captioned ones has no audio→text rank). `ids`
+    name the clips in errors (a position would count only the clips that decoded)."""
+    uncaptioned = np.flatnonzero(np.bincount(text_to_audio, minlength=len(ids)) == 0)
     if len(text_to_audio) and len(uncaptioned):
         raise ValueError(
-            f"evaluation set {name!r}: {len(uncaptioned)} of {num_clips} clips have no caption (first: clip "
-            f"{uncaptioned[0]}); retrieval needs a caption on every clip: keep the captioned and the labelled-only "
-            "clips in separate sets"
+            f"evaluation set {name!r}: {len(uncaptioned)} of {len(ids)} clips have no caption (first: "
+            f"{ids[uncaptioned[0]]}); retrieval needs a caption on every clip: keep the captioned and the "
+            "labelled-only clips in separate sets"
         )
 
 
@@ -276,8 +279,8 @@ def load_eval_data(
     data = pipeline.make_eval_set(
         source, window_seconds=window_seconds, require_captions=False, max_clips=max_clips, read_threads=read_threads
     )
-    _check_captions(name, np.asarray(data.text_to_audio), len(data.waveforms))
-    labels = _check_labels(name, data.labels)
+    _check_captions(name, np.asarray(data.text_to_audio), data.ids)
+    labels = _check_labels(name, data.labels, data.ids)
     if labels:
         _check_folds(name, data.folds, data.ids)
     return EvalData(
