@@ -224,9 +224,11 @@ def test_step_selection_and_refusals(trained, exported, tmp_path):
 
 
 def export_loaded(loaded: inference.LoadedModel, out: Path, **kwargs) -> Path:
-    """`export.export_model` of a loaded model with its own tokenizer and the fixture's window and text length."""
-    kwargs = {"tokenizer_dir": loaded.tokenizer_dir, "window_seconds": 1.0, "max_text_length": 16, **kwargs}
-    return export.export_model(loaded.model, out, **kwargs)
+    """`export.export_model` of a loaded model (or `model=`) with its tokenizer and the fixture's window and text
+    length."""
+    kwargs = {"model": loaded.model, "tokenizer_dir": loaded.tokenizer_dir, "window_seconds": 1.0,
+              "max_text_length": 16, **kwargs}
+    return export.export_model(out=out, **kwargs)
 
 
 def test_overwrite_replaces_the_whole_previous_export(jax_embedder, tmp_path):
@@ -265,7 +267,7 @@ def test_refused_or_failed_export_writes_nothing(jax_embedder, tmp_path, monkeyp
     out = tmp_path / "wavlink"
     for _ in range(2):
         with pytest.raises(ValueError, match="layer_norm_eps"):
-            export.export_model(refused, out, tokenizer_dir=loaded.tokenizer_dir, window_seconds=1.0, max_text_length=16)
+            export_loaded(loaded, out, model=refused)
         assert not out.exists()
     export_loaded(loaded, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -323,7 +325,8 @@ def test_a_damaged_checkpoint_step_is_named_with_the_way_out(trained, tmp_path, 
     step = 5 if damage == "empty_step" else 3
     problem = {"no_state": "it has no state/", "empty_step": "the directory is empty",
                "cut_metadata": r"state/_METADATA cannot be read \(JSONDecodeError"}[damage]
-    damaged = rf"{checkpoints / str(step)}: checkpoint step {step} is damaged: {problem}"
+    step_dir = checkpoints / str(step)
+    damaged = rf"{step_dir}: checkpoint step {step} is damaged: {problem}"
     others = [2, 3] if damage == "empty_step" else [2]
     way_out = re.escape(f"; other steps: {others}; read one of them (e.g. step={others[-1]}, or --step {others[-1]} "
                         "on the command line)")
@@ -332,8 +335,42 @@ def test_a_damaged_checkpoint_step_is_named_with_the_way_out(trained, tmp_path, 
     assert not (tmp_path / "out").exists()
     resume = checkpoint.Checkpoints(workdir, keep=3, every=2)
     try:
-        way_out = re.escape(f"; other steps: {others}; delete {checkpoints / str(step)} to resume from step {others[-1]}")
+        way_out = re.escape(f"; other steps: {others}; delete {step_dir} to resume from step {others[-1]}")
         with pytest.raises(CheckpointError, match=f"^{damaged}.*{way_out}$"):
             resume.restore(None, None)  # refused before the state template or data iterator is used
     finally:
         resume.close()
+
+
+def test_stereo_arrays_are_refused_alike_and_batches_still_work(torch_wavlink, jax_embedder):
+    """A (samples, channels) array, as soundfile.read gives for a stereo file, was embedded as 16000 clips of 2
+    samples each, by JAX and PyTorch alike; both refuse it with the same words. (clips, samples) batches work."""
+    stereo = np.random.default_rng(0).uniform(-0.5, 0.5, (16000, 2)).astype(np.float32)
+    messages = []
+    for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio,
+                        lambda y: torch_wavlink.embed_audio(torch.from_numpy(y))):
+        with pytest.raises(ValueError, match=re.escape("(16000, 2) looks like (samples, channels); mix to mono, "
+                                                       "e.g. y.mean(axis=1)")) as caught:
+            embed_audio(stereo)
+        messages.append(str(caught.value))
+    assert len(set(messages)) == 1
+    batch = np.ascontiguousarray(stereo.T)
+    ours, theirs = jax_embedder.embed_audio(batch), torch_wavlink.embed_audio(batch).numpy()
+    assert ours.shape == theirs.shape == (2, 32) and np.abs(ours - theirs).max() <= TOLERANCE
+
+
+def test_pytorch_refuses_no_texts_as_jax_does(torch_wavlink, jax_embedder):
+    for embed_text in (jax_embedder.embed_text, torch_wavlink.embed_text):
+        with pytest.raises(ValueError, match="^embed_text got no texts$"):
+            embed_text([])
+
+
+def test_pytorch_model_without_tokenizer_files_names_them(torch_wavlink, tmp_path):
+    """save_pretrained writes no tokenizer: embedding text from the saved copy names the directory and the files
+    (transformers said only "Couldn't instantiate the backend tokenizer")."""
+    torch_wavlink.save_pretrained(tmp_path / "resaved")
+    resaved = torch_model.WavLinkModel.from_pretrained(str(tmp_path / "resaved")).eval()
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'resaved'}: no tokenizer beside the model "
+                                                          "(tokenizer.json, or vocab.json + merges.txt)")):
+        resaved.embed_text(["a dog barks"])
+    assert resaved.embed_audio([np.zeros(8000, np.float32)]).shape == (1, 32)  # the audio side needs none

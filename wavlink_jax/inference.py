@@ -206,6 +206,11 @@ class Embedder:
         """`(B, window_samples)` float32: each waveform cut to the head of the window or zero-padded."""
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
+        elif isinstance(waveforms, np.ndarray) and waveforms.ndim == 2 and waveforms.shape[1] < waveforms.shape[0]:
+            # Possibly (samples, channels): the exported model's rule and words (imported only then: it loads torch).
+            from wavlink_jax.torch_model import check_not_channels_last
+
+            check_not_channels_last(waveforms.shape)
         rows = []
         for index, waveform in enumerate(waveforms):
             waveform = np.asarray(waveform, dtype=np.float32)

@@ -29,6 +29,7 @@ checks the two agree to 1e-4.
 
 import functools
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -42,6 +43,19 @@ SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 SUB_CONFIGS = {"audio_config": WhisperConfig, "text_config": CLIPTextConfig}
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # either makes a CLIP tokenizer
+MAX_CHANNELS = 8  # a 2-D input this narrow (and longer than wide) is (samples, channels), not (clips, samples)
+
+
+def check_not_channels_last(shape: Sequence[int]) -> None:
+    """Refuse a `(samples, channels)` array (e.g. `soundfile.read` of a stereo file) where a `(clips, samples)`
+    batch is expected: it would be embedded as `samples` clips of `channels` samples each. `wavlink_jax.inference`
+    applies the same rule with these words (this file imports no jax)."""
+    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[1] < shape[0]:
+        raise ValueError(
+            f"audio of shape {tuple(shape)} looks like (samples, channels); mix to mono, e.g. y.mean(axis=1) "
+            "(a batch is (clips, samples); several clips of different lengths go in a list)"
+        )
 
 
 class WavLinkConfig(PreTrainedConfig):
@@ -190,10 +204,9 @@ class WavLinkModel(PreTrainedModel):
         """One waveform or a sequence / batch of them (16 kHz float; numpy or torch) → `(B, window_samples)`:
         each cut to the head of the model's window or zero-padded at the end, as in evaluation."""
         window = self.config.window_samples
-        if isinstance(waveforms, torch.Tensor) and waveforms.dim() == 2:
-            waveforms = list(waveforms)
-        elif not isinstance(waveforms, (list, tuple)):
+        if not isinstance(waveforms, (list, tuple)):
             tensor = torch.as_tensor(waveforms)
+            check_not_channels_last(tensor.shape)
             waveforms = [tensor] if tensor.dim() == 1 else list(tensor)
         rows = []
         for index, waveform in enumerate(waveforms):
@@ -225,8 +238,21 @@ class WavLinkModel(PreTrainedModel):
     def tokenizer(self):
         """The tokenizer saved beside the weights (loaded on first use from the model's directory)."""
         if self._tokenizer is None:
+            directory = self.config.name_or_path
+            if not directory:
+                raise ValueError(
+                    "this model was not loaded with from_pretrained, so it has no tokenizer; set model.tokenizer"
+                )
+            if os.path.isdir(directory) and not any(
+                all(os.path.exists(os.path.join(directory, name)) for name in files) for files in TOKENIZER_FILE_SETS
+            ):
+                raise FileNotFoundError(
+                    f"{directory}: no tokenizer beside the model (tokenizer.json, or vocab.json + merges.txt); "
+                    "save_pretrained writes the model only: copy the tokenizer files from the exported directory it "
+                    "came from, or set model.tokenizer"
+                )
             # The directory is trusted already: its code is running. Without the flag, transformers asks on stdin.
-            self._tokenizer = AutoTokenizer.from_pretrained(self.config.name_or_path, trust_remote_code=True)
+            self._tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
         return self._tokenizer
 
     @tokenizer.setter
@@ -237,6 +263,8 @@ class WavLinkModel(PreTrainedModel):
         """Texts → `input_ids` / `attention_mask` `(B, max_text_length)`, right-padded, cut as in training."""
         if isinstance(texts, str):
             raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
+        if not texts:
+            raise ValueError("embed_text got no texts")
         return self.tokenizer(
             list(texts),
             padding="max_length",
