@@ -20,7 +20,7 @@ from train_fixtures import tiny_config
 from wavlink_jax import checkpoint, optim, sharding, train_step
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.__main__ import main
-from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.convert.common import CheckpointError, assign_strict, identity, transpose
 from wavlink_jax.convert.save import assign_tower_state, load_tower
 from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from wavlink_jax.models.whisper import init_global_token
@@ -188,3 +188,16 @@ def test_module_entry_point():
     )
     assert result.returncode == 0, result.stderr
     assert "--no-global-token" in result.stdout
+
+
+def test_assign_strict_lists_missing_unexpected_and_mis_shaped_keys_in_one_error():
+    """All three kinds at once (shape mismatches were reported only once the key lists were fixed)."""
+    module = nnx.Linear(3, 4, rngs=nnx.Rngs(0))
+    mapping = {"weight": (("kernel",), transpose), "bias": (("bias",), identity)}
+    weights = {"weight": np.zeros((5, 3), np.float32), "extra": np.zeros(2, np.float32)}
+    with pytest.raises(CheckpointError) as caught:
+        assign_strict(module, weights, mapping, source="ckpt.safetensors")
+    assert str(caught.value) == (
+        "ckpt.safetensors: checkpoint does not match the model; missing keys (1): ['bias']; unexpected keys (1): "
+        "['extra']; shape mismatches (1): ['weight: checkpoint (3, 5) vs model (3, 4)']"
+    )

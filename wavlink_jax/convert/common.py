@@ -208,23 +208,16 @@ def assign_strict(
     table, a non-trainable variable) are written the same way.
 
     `mapping` must cover exactly the module's parameters that come from the checkpoint; `weights` must hold
-    exactly the keys of `mapping`. Raises CheckpointError listing missing, unexpected and mis-shaped keys.
+    exactly the keys of `mapping`. Raises one CheckpointError listing every missing, unexpected and mis-shaped
+    key (the module is then partly written: discard it).
     """
-    missing = sorted(set(mapping) - set(weights))
-    unexpected = sorted(set(weights) - set(mapping))
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
-
     params = dict(nnx.to_flat_state(nnx.state(module)))
     mismatched = []
     for torch_name, (path, transform) in mapping.items():
         if path not in params:
             raise KeyError(f"converter bug: {path} is not a variable of {type(module).__name__}")
+        if torch_name not in weights:
+            continue
         value = transform(weights[torch_name])
         target = params[path]
         current = target.get_value()
@@ -232,5 +225,12 @@ def assign_strict(
             mismatched.append(f"{torch_name}: checkpoint {value.shape} vs model {current.shape}")
             continue
         target.set_value(jnp.asarray(value, dtype=current.dtype))
-    if mismatched:
-        raise CheckpointError(f"{source}: shapes do not match the model: {mismatched}")
+    missing = sorted(set(mapping) - set(weights))
+    unexpected = sorted(set(weights) - set(mapping))
+    problems = [
+        f"{kind} ({len(keys)}): {keys}"
+        for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
+    ]
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not match the model; " + "; ".join(problems))
