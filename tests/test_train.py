@@ -55,6 +55,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     assert resolved["optim"]["learning_rate"] == 1e30 and resolved["total_steps"] == 5
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (lambda data: {"remat": "foo"}, r"config\.remat = 'foo' is not one of"),
+        (lambda data: {"optim.end_lr_fraction": -1.0}, r"config\.optim\.end_lr_fraction"),
+        (lambda data: {"data.tokenizer": "/nonexistent/tokenizer"}, r"/nonexistent/tokenizer"),
+        (lambda data: {"eval.batch_size": 8, "eval.sets": (
+            {"name": "long", "source": {"kind": "manifest", "path": f"{data}/eval.jsonl"}, "window_seconds": 60},)},
+         r"config\.eval\.sets\[0\] \(long\) window_seconds"),
+        (lambda data: {"init_from.audio": "/nonexistent/whisper"}, r"/nonexistent/whisper"),
+    ],
+)
+def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, overrides, message):
+    """config.json is the config of a run that started: a config refused at start-up neither writes one in a new
+    workdir nor replaces a resumed run's (which made the next, corrected run print 'note: the config differs')."""
+    config = tiny_config(str(data_dir), total_steps=2, **overrides(data_dir))
+    with pytest.raises(ValueError, match=message):
+        train.train(config, str(tmp_path / "new"))
+    assert not (tmp_path / "new" / "config.json").exists()
+
+    earlier = tmp_path / "earlier" / "config.json"
+    earlier.parent.mkdir()
+    earlier.write_text(tiny_config(str(data_dir), total_steps=2).to_json_best_effort(indent=2, sort_keys=True) + "\n")
+    before = earlier.read_text()
+    with pytest.raises(ValueError, match=message):
+        train.train(config, str(earlier.parent))
+    assert earlier.read_text() == before and "note: the config differs" not in capsys.readouterr().out
+
+
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):
     """Their metrics (eval/<name>/...) would overwrite each other's."""
     eval_set = {"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}}

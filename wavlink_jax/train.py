@@ -1,11 +1,11 @@
 """The trainer: `python -m wavlink_jax.train --config configs/F.py[:arg] --workdir W [--config.key=value ...]`.
 
-The story of a run (`train`): join the other hosts → write the resolved config → build the mesh → open the
-data → build the model, its shardings and the optimizer → resume from the workdir's latest checkpoint, or
-initialise (from `init_from` if set) → loop: step, log, evaluate, checkpoint → final checkpoint and
-evaluation. Re-running the same command after a crash or preemption continues where the last checkpoint
-left off; the data iterator resumes at the same position, so the run's metrics are those of an uninterrupted
-run.
+The story of a run (`train`): join the other hosts → build the mesh → open the data → build the model, its
+shardings and the optimizer → decode the evaluation sets → resume from the workdir's latest checkpoint, or
+initialise (from `init_from` if set) → write the resolved config (only now that every start-up check has
+passed) → loop: step, log, evaluate, checkpoint → final checkpoint and evaluation. Re-running the same
+command after a crash or preemption continues where the last checkpoint left off; the data iterator resumes at
+the same position, so the run's metrics are those of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -225,7 +225,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     workdir = checkpoint.workdir_path(workdir)
     sharding.initialize_distributed(config.distributed)
     check_intervals(config)
-    write_config(config, workdir)
     cache = use_compilation_cache(config.compilation_cache_dir)
     _say(f"compiled programs are kept in {cache}" if cache else "no compilation cache (compilation_cache_dir=off)")
 
@@ -249,6 +248,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
     state = initial_state(setup, checkpoints, data)
+    # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too): a
+    # refused config leaves no config.json in a new workdir, and a resumed run's as it was.
+    write_config(config, workdir)
     start_step = int(jax.device_get(state["step"]))
     if start_step >= total_steps:
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
