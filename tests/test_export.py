@@ -223,6 +223,16 @@ def test_step_selection_and_refusals(trained, exported, tmp_path):
         export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "nothing")])
 
 
+def test_paths_starting_with_a_tilde_are_expanded(trained, exported, tmp_path, monkeypatch):
+    """The shell leaves `~` alone in `--workdir=~/run`; the tools expand it as for every other path."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run").symlink_to(trained)
+    export.main(["--workdir=~/run", "--out=~/exported", "--step=2"])
+    assert (tmp_path / "exported" / "model.safetensors").is_file()
+    assert inference.read_model("~/exported").path == tmp_path / "exported"
+    assert inference.read_model("~/run").step == 3
+
+
 def export_loaded(loaded: inference.LoadedModel, out: Path, **kwargs) -> Path:
     """`export.export_model` of a loaded model (or `model=`) with its tokenizer and the fixture's window and text
     length."""

@@ -43,7 +43,8 @@ TENSORSTORE_READ_FAILURES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILE
 
 
 def workdir_path(workdir: str | os.PathLike) -> str:
-    """`workdir` as an absolute path (orbax refuses relative ones). URLs (gs://…) are refused: config.json,
+    """`workdir` as an absolute path (orbax refuses relative ones; `~` expanded, which the shell does not do in
+    `--workdir=~/run`). URLs (gs://…) are refused: config.json,
     metrics.jsonl and TensorBoard go through plain file I/O, which would write them to a local `gs:/…` folder."""
     workdir = os.fspath(workdir)
     if "://" in workdir:
@@ -51,7 +52,7 @@ def workdir_path(workdir: str | os.PathLike) -> str:
             f"workdir {workdir!r}: URLs are not supported; mount the bucket (e.g. with gcsfuse) and give the mounted "
             "path (on a multi-host run, one every host sees)"
         )
-    return os.path.abspath(workdir)
+    return os.path.abspath(os.path.expanduser(workdir))
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:

@@ -197,14 +197,21 @@ def main(argv: list[str] | None = None) -> None:
         description="Embed audio files and texts with a WavLink model (a training workdir or an exported "
         "directory): similarity matrix, folder index, text search.",
     )
-    parser.add_argument("--model", help="training workdir or exported directory (for --index-file: defaults to "
-                        "the model the index was built with)")
+    parser.add_argument(
+        "--model", type=os.path.expanduser,
+        help="training workdir or exported directory (for --index-file: defaults to the model the index was "
+        "built with)",
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step of a workdir (default: latest)")
-    parser.add_argument("--audio", nargs="+", default=[], help="audio files")
+    parser.add_argument("--audio", nargs="+", default=[], type=os.path.expanduser, help="audio files")
     parser.add_argument("--text", nargs="+", default=[], help="texts")
-    parser.add_argument("--index", metavar="FOLDER", help="embed every audio file under FOLDER into --out")
-    parser.add_argument("--out", metavar="INDEX.npz", help="index file written by --index")
-    parser.add_argument("--index-file", metavar="INDEX.npz", help="index to search with --query")
+    parser.add_argument(
+        "--index", metavar="FOLDER", type=os.path.expanduser, help="embed every audio file under FOLDER into --out"
+    )
+    parser.add_argument("--out", metavar="INDEX.npz", type=os.path.expanduser, help="index file written by --index")
+    parser.add_argument(
+        "--index-file", metavar="INDEX.npz", type=os.path.expanduser, help="index to search with --query"
+    )
     parser.add_argument("--query", action="append", default=[], help="text query (repeatable)")
     parser.add_argument("--top-k", type=int, default=10, help="results per query (default 10)")
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka embedding size (default: full)")

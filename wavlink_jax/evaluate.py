@@ -644,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--model",
         dest="model",
         required=True,
+        type=os.path.expanduser,
         help="training run directory (config.json, checkpoints/) or a directory written by wavlink_jax.export",
     )
     parser.add_argument("--step", type=int, help="checkpoint step of a workdir (default: the latest)")
@@ -653,10 +654,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="comma-separated: clotho, audiocaps, esc50, us8k, vggsound (prepared in --data-dir), airbench "
         "(--airbench-dir), synthetic (--synthetic-dir), or NAME=path/to/manifest.jsonl",
     )
-    parser.add_argument("--out", required=True, help="results JSON file (the Matryoshka plot goes beside it)")
-    parser.add_argument("--data-dir", help="TFDS data dir of the data sets prepared by wavlink_jax.data.tfds_builders")
-    parser.add_argument("--synthetic-dir", default="data/synthetic", help="the generated data set (eval.jsonl)")
-    parser.add_argument("--airbench-dir", help="AIR-Bench's Foundation folder (Foundation_meta.json + audio)")
+    parser.add_argument(
+        "--out", required=True, type=os.path.expanduser,
+        help="results JSON file (the Matryoshka plot goes beside it)",
+    )
+    parser.add_argument(
+        "--data-dir", type=os.path.expanduser,
+        help="TFDS data dir of the data sets prepared by wavlink_jax.data.tfds_builders",
+    )
+    parser.add_argument(
+        "--synthetic-dir", default="data/synthetic", type=os.path.expanduser,
+        help="the generated data set (eval.jsonl)",
+    )
+    parser.add_argument(
+        "--airbench-dir", type=os.path.expanduser,
+        help="AIR-Bench's Foundation folder (Foundation_meta.json + audio)",
+    )
     parser.add_argument("--airbench-tasks", help="comma-separated AIR-Bench task names to keep (default: all)")
     parser.add_argument(
         "--airbench-choices-with-question",
@@ -675,7 +688,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         help="head crop of every clip (default: the model's training window; at most the audio tower's 30 s)",
     )
-    parser.add_argument("--plot", help="PNG of the headline metrics against dimension (default: OUT with .png)")
+    parser.add_argument(
+        "--plot", type=os.path.expanduser,
+        help="PNG of the headline metrics against dimension (default: OUT with .png)",
+    )
     args = parser.parse_args(argv)
     with cli.user_errors():
         run(args)

@@ -198,7 +198,7 @@ def export_model(
     from wavlink_jax import torch_model
     from wavlink_jax.tokenizer import load_tokenizer
 
-    out, tokenizer_dir = Path(out), Path(tokenizer_dir)
+    out, tokenizer_dir = Path(out).expanduser(), Path(tokenizer_dir)
     # Everything that can refuse the export runs before anything is written.
     check_output(out, overwrite=overwrite, model_types=(MODEL_TYPE,))
     tokenizer = load_tokenizer(tokenizer_dir, max_length=max_text_length)  # refuses an unusable directory
@@ -258,7 +258,7 @@ def export_tower(
 
     if tower not in TOWER_PREFIXES:
         raise ValueError(f"tower must be one of {sorted(TOWER_PREFIXES)}, got {tower!r}")
-    export_dir, out = Path(export_dir), Path(out)
+    export_dir, out = Path(export_dir).expanduser(), Path(out).expanduser()
     check_output(out, overwrite=overwrite, model_types=TOWER_MODEL_TYPES)
     config = read_hf_config(export_dir)
     if config.get("model_type") != MODEL_TYPE:
@@ -284,9 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Export a training workdir to a Hugging Face directory that transformers.AutoModel "
         "loads with trust_remote_code=True.",
     )
-    parser.add_argument("--workdir", required=True, help="training run directory (config.json, checkpoints/)")
+    parser.add_argument("--workdir", required=True, type=os.path.expanduser, help="training run directory (config.json, checkpoints/)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, type=os.path.expanduser, help="output directory")
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace a previous export in --out as a whole (a directory that is not an export is never deleted)",

@@ -145,7 +145,7 @@ def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> Lo
 
 def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str = "float32") -> LoadedModel:
     """A workdir (has `checkpoints/`) or an exported directory (config.json of model_type "wavlink")."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if (path / checkpoint.CHECKPOINT_SUBDIR).is_dir():
         return read_workdir(path, step, dtype=dtype)
     if step is not None:

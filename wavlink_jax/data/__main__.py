@@ -87,11 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = commands.add_parser("check", help=__doc__.split("\n")[0].split(": ", 1)[1], description=__doc__)
     command.formatter_class = argparse.RawDescriptionHelpFormatter
     command.add_argument("source", help="a manifest (.jsonl) or the name of a prepared TFDS data set")
-    command.add_argument("--data-dir", help="TFDS data directory (for a prepared data set)")
+    command.add_argument("--data-dir", type=os.path.expanduser, help="TFDS data directory (for a prepared data set)")
     command.add_argument("--split", default="train", help="TFDS split (default: train)")
     command.add_argument("--min-seconds", type=float, default=0.5, help="shorter clips count as too_short")
     command.add_argument("--num-workers", type=int, default=0, help="grain worker processes")
-    command.add_argument("--tokenizer", help="tokenizer directory: also tokenize the captions")
+    command.add_argument("--tokenizer", type=os.path.expanduser, help="tokenizer directory: also tokenize the captions")
     command.add_argument("--max-text-length", type=int, default=77)
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -267,7 +267,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m wavlink_jax.data.synthetic")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, type=os.path.expanduser, help="output directory")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
