@@ -287,6 +287,31 @@ def test_manifest_command(tmp_path):
         assert option in array_record_module.ArrayRecordReader(str(shard)).writer_options_string().split(",")
 
 
+def test_manifest_build_of_other_manifests_under_an_existing_name_is_refused(tmp_path):
+    """An existing build of NAME is reused only for the manifests it was built from; other manifests under the
+    same name were silently answered with the old build (only an absl INFO line said 'Reusing dataset')."""
+    for name in ("a.wav", "b.wav"):  # not write_tone: its distinct frequencies are counted for the other tests
+        soundfile.write(tmp_path / name, np.full(8000, 0.1, np.float32), 16000)
+    first = sources.write_manifest(tmp_path / "first.jsonl", [{"audio": "a.wav", "captions": ["a"]}])
+    other = sources.write_manifest(tmp_path / "other.jsonl", [{"audio": "b.wav", "captions": ["b"]}])
+    data = tmp_path / "data"
+    built = tb.build_manifest("my_clips", {"train": first}, data)
+    assert tb.build_manifest("my_clips", {"train": first}, data) == built  # the same manifests: reused
+    folder = tb.prepared_path("my_clips", data)
+    for requested in ({"train": other}, {"train": first, "test": other}):
+        with pytest.raises(ValueError) as error:
+            tb.build_manifest("my_clips", requested, data)
+        message = str(error.value)
+        assert f"{folder} holds data set 'my_clips' built from manifests {{'train': '{first}'}}" in message
+        assert all(str(path) in message for path in requested.values())
+        assert "another name (--name)" in message and f"delete {folder} to rebuild" in message
+    assert tb.load_source("my_clips", data, "train")[0]["id"] == "a.wav"  # the earlier build is untouched
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one `error:` line, exit status 1
+        tb.main(["manifest", "--manifest", str(other), "--name", "my_clips", "--data-dir", str(data),
+                 "--num-workers", "0"])
+    assert str(exit_info.value.code).startswith(f"error: {folder} holds data set 'my_clips'")
+
+
 def test_entries_sharing_an_id_must_be_one_clip(tmp_path):
     """A repeated id with another file, label or fold is refused, not silently stored as the first one."""
     write_tone(tmp_path / "c0.wav", 16000)

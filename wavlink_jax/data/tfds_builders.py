@@ -45,7 +45,9 @@ Commands (see the README section "Building the paper's data sets"):
 
 and from Python `build(name, manual_dir, data_dir)`, `build_manifest(name, manifests, data_dir)`,
 `load_source(name, data_dir, split)` (a grain random-access source of the records of `sources.py`, plus
-`fold`). Prepared data lives in `D/NAME/1.0.0/`; delete that folder to rebuild.
+`fold`). Prepared data lives in `D/NAME/1.0.0/` and is reused as it is; delete that folder to rebuild. A
+`manifest` build is reused only for the manifest paths it was made from (recorded in its metadata), and another
+set of manifests under the same name is refused.
 
 Manual directory layouts (appended below from each builder's instructions):
 """
@@ -628,9 +630,26 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
         self.manifests = {split: ManifestSource(path) for split, path in manifests.items()}  # validates now
         super().__init__(**kwargs)
 
+    def prepare(self, manual_dir: str | None = None, *, compress: bool = False) -> None:
+        """Build, or reuse a build of this name made from the same manifests (TFDS reuses any build of the
+        name: one from other manifests would silently stand in for the requested ones, so it is refused)."""
+        folder = Path(self.data_dir)
+        if folder.exists():
+            metadata = folder / "metadata.json"
+            recorded = json.loads(metadata.read_text()).get("manifests") if metadata.exists() else None
+            if recorded != self._manifest_paths():
+                raise ValueError(
+                    f"{folder} holds data set {self.name!r} built from manifests {recorded}, not the requested "
+                    f"{self._manifest_paths()}; choose another name (--name), or delete {folder} to rebuild it from these"
+                )
+        super().prepare(manual_dir, compress=compress)
+
+    def _manifest_paths(self) -> dict[str, str]:
+        return {split: str(source.path) for split, source in self.manifests.items()}
+
     def _split_generators(self, dl_manager):
         self._start_report()
-        self.info.metadata["manifests"] = {split: str(source.path) for split, source in self.manifests.items()}
+        self.info.metadata["manifests"] = self._manifest_paths()
         splits = {
             split: (merge_clips(self._clips(source), f"manifest {source.path}"), {})
             for split, source in self.manifests.items()
@@ -715,7 +734,8 @@ def build_manifest(
 ) -> dict:
     """Prepare JSONL manifest(s) as data set `name` in `data_dir`: `{split: path}`, or one path (split "train").
 
-    `num_workers` and `compress` as in `build`.
+    `num_workers` and `compress` as in `build`. A build of `name` already in `data_dir` is reused if it was made
+    from the same manifest paths, and refused (ValueError naming both) if it was made from others.
     """
     if isinstance(manifests, (str, os.PathLike)):
         manifests = {"train": manifests}
