@@ -1,6 +1,7 @@
 """cuDNN flash attention vs XLA attention through OUR module (`wavlink_jax.models.layers.Attention`), bf16.
 
     python scripts/attention_parity.py             # on a GPU: exit status 1 if cuDNN and XLA disagree
+                                                   # (without cuDNN, e.g. on a CPU: one error line, status 1)
     python scripts/attention_parity.py --json      # one JSON object (what gpu_check.sh logs)
 
 For each case the same `Attention` parameters run with `implementation="cudnn"` and `"xla"`; the outputs, the
@@ -85,6 +86,16 @@ def compare(case: str, batch: int, candidate: str, reference: str = "xla") -> di
     }
 
 
+def cudnn_unavailable() -> str | None:
+    """Why `jax.nn.dot_product_attention(implementation="cudnn")` cannot run here (e.g. no GPU), or None."""
+    q = jnp.zeros((1, 16, 1, 64), jnp.bfloat16)
+    try:
+        jax.block_until_ready(jax.nn.dot_product_attention(q, q, q, implementation="cudnn"))
+    except Exception as error:  # noqa: BLE001 - whatever it is, the comparison cannot run
+        return str(error) or repr(error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", default="cudnn", choices=("cudnn", "xla"), help="implementation under test")
@@ -94,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     on_gpu = jax.default_backend() == "gpu"
+    why = cudnn_unavailable() if args.candidate == "cudnn" else None
+    if why:
+        print(f"error: attention_parity.py needs a GPU with cuDNN (jax backend: {jax.default_backend()}): {why}",
+              file=sys.stderr)
+        return 1
     rows = []
     for case in args.cases:
         try:

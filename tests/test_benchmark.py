@@ -169,7 +169,7 @@ def test_attention_parity_check_runs_our_modules_padded_cudnn_path(monkeypatch, 
     )
     summary = json.loads(capsys.readouterr().out)
     assert status == 0 and summary["ok"], summary
-    assert set(lengths) == {1504, 80}
+    assert set(lengths[1:]) == {1504, 80}  # lengths[0]: the script's probe that cuDNN attention runs here
     assert summary["worst"] < 1e-2
 
 
@@ -181,6 +181,19 @@ def test_attention_parity_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
     status = attention_parity.main(["--batch", "1", "--json", "--cases", "clip-text-b32-causal-padded"])
     summary = json.loads(capsys.readouterr().out)
     assert status == 1 and not summary["ok"] and summary["worst"] > 2e-2
+
+
+def test_attention_parity_without_cudnn_says_it_needs_a_gpu(capsys):
+    """On a machine without cuDNN (this CPU, nothing routed) the check ends with one line saying why, and exit
+    status 1, instead of a per-case `FAILED with RuntimeError('cuDNN is not detected.')` and `worst inf`."""
+    import attention_parity
+
+    status = attention_parity.main(["--batch", "1", "--cases", "clip-text-b32-causal-padded"])
+    captured = capsys.readouterr()
+    assert status == 1 and captured.out == ""
+    assert captured.err.splitlines() == [
+        "error: attention_parity.py needs a GPU with cuDNN (jax backend: cpu): cuDNN is not detected."
+    ]
 
 
 @pytest.mark.slow
