@@ -6,8 +6,10 @@ merged. fp32; the batched path is compared with a direct unbatched call of the m
 different batch shapes).
 """
 
+import re
 import shutil
 
+import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -61,6 +63,21 @@ def test_lora_adapters_are_merged(run, embedder):
     expected = raw[f"{query}/kernel"] + scale * raw[f"{query}/lora_a"] @ raw[f"{query}/lora_b"]
     merged = embedder.loaded.model.audio.encoder.layers[0].attn.query.kernel.get_value()
     np.testing.assert_allclose(np.asarray(merged), expected, atol=1e-6)
+
+
+def test_float32_embeddings_use_full_precision_matmuls_whatever_the_default(embedder):
+    """On GPUs (TF32) and TPUs jax's default matmul precision is below float32; a float32 embedder asks for
+    HIGHEST in every matmul and convolution, so its embeddings match the exported PyTorch model's there too (read
+    in the program under the default precision: a CPU computes float32 either way)."""
+    waveforms = embedder.prepare_waveforms([np.zeros(800, np.float32)] * embedder.batch_size)
+    tokens = dict(zip(("input_ids", "attention_mask"), embedder.tokenizer(["a dog"] * embedder.batch_size)))
+    with jax.default_matmul_precision("default"):
+        programs = [embedder._audio_fn.lower(embedder._state, waveforms, dim=None).as_text(),
+                    embedder._text_fn.lower(embedder._state, tokens, dim=None).as_text()]
+    for program in programs:
+        ops = re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*", program)
+        lower = [op for op in ops if op.count("HIGHEST") != 2]  # one precision per operand
+        assert ops and not lower, lower[:2]
 
 
 def test_batched_padded_embeddings_match_direct_calls(embedder):

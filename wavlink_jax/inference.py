@@ -15,7 +15,8 @@ Text: captions are tokenized as in training (cut / padded to the training text l
 Both are embedded in fixed-size batches (`batch_size`, rounded up to a multiple of the device count and
 split over all local devices; the last batch is padded and its padding dropped), so one compiled function
 serves every call. Results are L2-normalised float32 numpy arrays; `dim` picks a Matryoshka size (the
-prefix of the embedding, re-normalised). Computation is float32 unless `dtype=` says otherwise.
+prefix of the embedding, re-normalised). Computation is float32 (matmuls at full float32 precision, also on
+GPUs and TPUs, whose default is lower) unless `dtype=` says otherwise.
 """
 
 from __future__ import annotations
@@ -177,12 +178,17 @@ class Embedder:
         graphdef, state = nnx.split(loaded.model)
         self._state = jax.device_put(state, sharding.replicated(self.mesh))
         n_mels = self.config.audio.n_mels
+        # float32 means float32: jax's default matmul precision on GPUs (TF32) and TPUs (bf16 passes) rounds the
+        # inputs to ~3 significant digits, so the embeddings would differ from the exported PyTorch model's.
+        precision = "highest" if jnp.dtype(self.config.audio.dtype) == jnp.float32 else None
 
         def audio_fn(state, waveform, dim):
-            return nnx.merge(graphdef, state).embed_audio(audio.log_mel_spectrogram(waveform, n_mels), dim)
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state).embed_audio(audio.log_mel_spectrogram(waveform, n_mels), dim)
 
         def text_fn(state, tokens, dim):
-            return nnx.merge(graphdef, state).embed_text(tokens["input_ids"], tokens["attention_mask"], dim)
+            with jax.default_matmul_precision(precision):
+                return nnx.merge(graphdef, state).embed_text(tokens["input_ids"], tokens["attention_mask"], dim)
 
         self._audio_fn = jax.jit(audio_fn, static_argnames="dim")
         self._text_fn = jax.jit(text_fn, static_argnames="dim")
