@@ -14,7 +14,7 @@ size D everywhere (the index keeps full-size embeddings, so it serves every size
 
 The index is a NumPy `.npz`: `embeddings` (N, E) float32 L2-normalised, `paths` (relative to `folder`),
 `folder`, `model` (absolute path), `step` (the workdir checkpoint step that was read, the latest unless `--step`;
--1 for an exported directory), `skipped` ("path<TAB>reason" lines).
+-1 for an exported directory), `skipped` ("path<TAB>reason: message" lines, one per unreadable file).
 """
 
 from __future__ import annotations
@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query", action="append", default=[], help="text query (repeatable)")
     parser.add_argument("--top-k", type=int, default=10, help="results per query (default 10)")
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka embedding size (default: full)")
-    parser.add_argument("--batch-size", type=int, default=32, help="examples per device batch step")
+    parser.add_argument("--batch-size", type=int, default=32,
+                        help="clips or texts per forward pass over all local devices, rounded up to a multiple of "
+                             "their number (default 32)")
     args = parser.parse_args(argv)
 
     modes = [bool(args.audio or args.text), bool(args.index or args.out), bool(args.index_file or args.query)]
