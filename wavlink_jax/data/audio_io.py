@@ -152,7 +152,7 @@ def load_audio(
             missing = stop - start + lead - len(data)
             if missing > slack:
                 raise BadAudio("truncated", f"{name}: ends at frame {start - lead + len(data)}, header says {frames}")
-            return np.pad(data, ((0, missing), (0, 0)))[lead:]  # an MP3 length a little over: silence at the end
+            return data[lead:]  # an MP3 a little shorter than its header: the end is zero-padded below
 
     try:
         if frames <= 0:
@@ -183,6 +183,6 @@ def load_audio(
     offset = start - block * step_out
     clip = resample(mono, rate, target_rate)[offset : offset + length]
     size = length if window_samples is None else window_samples
-    if len(clip) < size:  # short clip, or one sample lost to rounding at the end of the file
+    if len(clip) < size:  # a short clip, a sample lost to rounding at the end, or an MP3 shorter than its header
         clip = np.pad(clip, (0, size - len(clip)))
     return clip
