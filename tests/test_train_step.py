@@ -3,6 +3,8 @@
 All in fp32 with `highest` matmul precision (conftest). Tolerances are stated at each comparison.
 """
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -298,3 +300,25 @@ def test_a_mesh_the_trainer_cannot_use_is_refused_naming_what_it_needs(shape, na
     mesh = jax.make_mesh(shape, names, axis_types=(getattr(jax.sharding.AxisType, axis_type),) * len(names))
     with pytest.raises(ValueError, match=message):
         train_step.build(tiny_config(), mesh, total_steps=10)
+
+
+def test_float32_evaluation_uses_full_precision_matmuls_whatever_the_default():
+    """Evaluation during training embeds as `inference.Embedder` (and so `python -m wavlink_jax.evaluate`) does: a
+    float32 run asks for HIGHEST in every matmul and convolution, which GPUs (TF32) and TPUs do not by default, so
+    its eval/... metrics are those of the same checkpoint evaluated later (read in the program under the default
+    precision: a CPU computes float32 either way)."""
+    config = tiny_config(dtype="float32")
+    setup = train_step.build(config, one_device_mesh(), total_steps=10)
+    embedder = train_step.StateEmbedder(setup, tokenizer=None, batch_size=8)
+    params, buffers = setup.abstract_state["params"], setup.abstract_state["buffers"]
+    waveforms = jax.ShapeDtypeStruct((8, int(config.data.window_seconds * 16000)), np.float32)
+    tokens = {key: jax.ShapeDtypeStruct((8, config.data.max_text_length), np.int32)
+              for key in ("input_ids", "attention_mask")}
+    with jax.default_matmul_precision("default"):
+        programs = [embedder._audio_fn.lower(params, buffers, waveforms).as_text(),
+                    embedder._text_fn.lower(params, buffers, tokens).as_text()]
+    for program in programs:
+        ops = re.findall(r"stablehlo\.(?:dot_general|convolution)[^\n]*", program)
+        lower = [op for op in ops if op.count("HIGHEST") != 2]  # one precision per operand
+        assert ops and not lower, lower[:2]
+    assert train_step.embedding_matmul_precision("bfloat16") is None  # jax's default, as the train step's

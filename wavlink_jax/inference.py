@@ -178,9 +178,7 @@ class Embedder:
         graphdef, state = nnx.split(loaded.model)
         self._state = jax.device_put(state, sharding.replicated(self.mesh))
         n_mels = self.config.audio.n_mels
-        # float32 means float32: jax's default matmul precision on GPUs (TF32) and TPUs (bf16 passes) rounds the
-        # inputs to ~3 significant digits, so the embeddings would differ from the exported PyTorch model's.
-        precision = "highest" if jnp.dtype(self.config.audio.dtype) == jnp.float32 else None
+        precision = train_step.embedding_matmul_precision(self.config.audio.dtype)
 
         def audio_fn(state, waveform, dim):
             with jax.default_matmul_precision(precision):

@@ -391,6 +391,14 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
     )
 
 
+def embedding_matmul_precision(dtype: Any) -> str | None:
+    """The matmul precision embedding (`StateEmbedder`, `inference.Embedder`) runs at for a compute `dtype`:
+    "highest" for float32, else None (jax's default). float32 means float32: jax's default on GPUs (TF32) and TPUs
+    (bf16 passes) rounds matmul inputs to ~3 significant digits, so the embeddings would differ from the exported
+    PyTorch model's, and evaluation during training from `wavlink_jax.evaluate` of the same checkpoint."""
+    return "highest" if jnp.dtype(dtype) == jnp.float32 else None
+
+
 class StateEmbedder:
     """Full-size L2-normalised numpy embeddings from a train state (for evaluation during training).
 
@@ -403,12 +411,15 @@ class StateEmbedder:
         spec, log_mel = setup.spec, _log_mel_fn(setup)
         self._mesh, self._tokenizer, self._batch_size, self._progress = setup.mesh, tokenizer, batch_size, progress
         self._params = self._buffers = None
+        precision = embedding_matmul_precision(setup.model_config.audio.dtype)
 
         def audio_fn(params, buffers, waveform):
-            return spec.module(params, buffers).embed_audio(log_mel(waveform))
+            with jax.default_matmul_precision(precision):
+                return spec.module(params, buffers).embed_audio(log_mel(waveform))
 
         def text_fn(params, buffers, tokens):
-            return spec.module(params, buffers).embed_text(tokens["input_ids"], tokens["attention_mask"])
+            with jax.default_matmul_precision(precision):
+                return spec.module(params, buffers).embed_text(tokens["input_ids"], tokens["attention_mask"])
 
         self._audio_fn, self._text_fn = jax.jit(audio_fn), jax.jit(text_fn)
 
