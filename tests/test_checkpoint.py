@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 
 import grain
 import jax
@@ -170,3 +171,51 @@ def test_init_from_lists_every_mismatch_at_once(tmp_path):
     assert "audio/position_embedding: checkpoint (40, 32) vs model (50, 32)" in message  # buffers
     assert "activation: checkpoint 'relu' vs config 'gelu'" in message  # settings
     assert "mlp_dim: checkpoint 96 vs config 64" in message and "--config.model.audio.activation=relu" in message
+
+
+@pytest.mark.parametrize("damage", ["array_files", "data_json"])
+def test_a_step_damaged_inside_is_named_with_the_way_out(tmp_path, damage):
+    """Files that orbax's restore itself reads, not the metadata checked first: array data cut short (tensorstore's
+    OUT_OF_RANGE, wrapped by orbax in a bare Exception) or the data iterator's position cut short (a JSON error).
+    The trainer's resume names the step and says which to delete (it printed a 150-line traceback, or the bare
+    JSON message); readers name it too, or read the state when only the data position is damaged."""
+    mesh = sharding.create_mesh({"data": -1})
+    state = make_state(mesh)
+    big = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)  # not inlined, not compressible
+    state["params"]["big"] = jnp.asarray(big)
+    manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1)
+    for step in (1, 2):
+        manager.save(step, state, data_iterator())
+    manager.close()
+    (tmp_path / "config.json").write_text("{}")
+    step_dir = tmp_path / "checkpoints" / "2"
+    if damage == "array_files":
+        data_files = list((step_dir / "state").glob("ocdbt.process_*/d/*"))
+        assert data_files
+        for path in data_files:
+            path.write_bytes(path.read_bytes()[:100])
+        problem = "orbax cannot read it (OUT_OF_RANGE: "
+    else:
+        position = step_dir / "data" / "process_0-of-1.json"
+        position.write_bytes(position.read_bytes()[:10])
+        problem = "orbax cannot read it (JSONDecodeError: "
+    damaged = re.escape(f"{step_dir}: checkpoint step 2 is damaged: {problem}")
+
+    manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1)
+    abstract = abstract_on(state, mesh, lambda x: P())
+    try:
+        way_out = re.escape(f"; other steps: [1]; delete {step_dir} to resume from step 1")
+        with pytest.raises(CheckpointError, match=f"^{damaged}.*{way_out}$"):
+            manager.restore(abstract, data_iterator())
+        with pytest.raises(AttributeError, match="set_state"):  # not damage: raised as it is
+            manager.restore(abstract, iter(range(3)), step=1)
+    finally:
+        manager.close()
+    if damage == "array_files":
+        way_out = re.escape("; other steps: [1]; read one of them (e.g. step=1, or --step 1 on the command line), "
+                            f"or delete {step_dir}")
+        with pytest.raises(CheckpointError, match=f"^{damaged}.*{way_out}$"):
+            checkpoint.read_workdir_state(tmp_path, items=("params",))
+    else:  # readers need no data position
+        items, _, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
+        assert step == 2 and np.array_equal(items["params"]["big"], big)

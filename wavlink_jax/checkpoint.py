@@ -16,12 +16,13 @@ the full list of missing, unexpected and mis-shaped keys (`CheckpointError`), in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import grain
 import jax
@@ -101,7 +102,8 @@ class Checkpoints:
 
     def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
         """The state of `step` (default: the latest), placed as `abstract_state`'s shardings say; the data
-        iterator is moved to the saved position in place."""
+        iterator is moved to the saved position in place. A step that cannot be read (a file missing, cut short
+        or garbled) is a CheckpointError naming it and the step to resume from once it is deleted."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
@@ -116,12 +118,14 @@ class Checkpoints:
             raise damaged_step_error(where, f"orbax cannot read it ({err})", steps, resuming=True) from err
         check_compatible(saved.tree, abstract_state, source=where)
         check_data_processes(os.path.join(where, "data"))
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
-            ),
-        )
+        with damage_named(where, steps, resuming=True):
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                ),
+            )
         return restored["state"]
 
     def wait(self) -> None:
@@ -207,6 +211,36 @@ def step_problem(step_dir: Path, items: tuple[str, ...]) -> str | None:
     return None
 
 
+def read_failure(err: BaseException) -> str | None:
+    """What in `err`'s chain says a checkpoint file could not be read (None: nothing does): a tensorstore
+    ValueError starting with one of `TENSORSTORE_READ_FAILURES` (a file missing, cut short or garbled; orbax wraps
+    it in its own `Exception`), or a `json.JSONDecodeError` (e.g. the data iterator's position cut short). Follows
+    the chain Python's traceback shows (`__cause__`, else `__context__`). Any other error, e.g. a restore template
+    that does not fit, is not damage."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, json.JSONDecodeError):
+            return f"JSONDecodeError: {err}"
+        if isinstance(err, ValueError) and str(err).startswith(TENSORSTORE_READ_FAILURES):
+            return str(err)
+        err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
+    return None
+
+
+@contextlib.contextmanager
+def damage_named(step_dir: str | os.PathLike, steps: list[int], *, resuming: bool) -> Iterator[None]:
+    """Raise an error of the block that `read_failure` finds to be a damaged file as `damaged_step_error`'s
+    error (naming the step and the way out) instead of orbax's traceback; any other error as it is."""
+    try:
+        yield
+    except Exception as err:
+        failure = read_failure(err)
+        if failure is None:
+            raise
+        raise damaged_step_error(step_dir, f"orbax cannot read it ({failure})", steps, resuming=resuming) from err
+
+
 def damaged_step_error(
     step_dir: str | os.PathLike, problem: str, steps: list[int], *, resuming: bool
 ) -> CheckpointError:
@@ -287,17 +321,13 @@ def read_workdir_state(
         raise CheckpointError(f"{step_dir / 'state'}: not a train state (no 'params')")
     item = {name: metadata[name] for name in items if metadata.get(name)}
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-    try:
+    with damage_named(step_dir, steps, resuming=False):
         restored = checkpointer.restore(
             step_dir,
             args=ocp.args.Composite(
                 state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
             ),
         )["state"]
-    except ValueError as err:
-        if not str(err).startswith(TENSORSTORE_READ_FAILURES):
-            raise
-        raise damaged_step_error(step_dir, f"orbax cannot read it ({err})", steps, resuming=False) from err
     logging.info("read %s of step %d from %s", "/".join(items), step, step_dir / "state")
     return {name: restored.get(name, {}) for name in items}, config, step
 
