@@ -9,6 +9,7 @@ import threading
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
@@ -543,3 +544,21 @@ def test_a_bad_prepared_clip_is_named_by_its_id():
               "label": "", "source": "my_clips"}
     skipped = prepare(record)
     assert skipped["skip"] == "too_short" and skipped["message"] == "too_short: clips/dog.wav: 0.100 s, shorter than 0.500 s"
+
+
+def test_config_dict_sources_keep_their_weights(tmp_path, tokenizer):
+    """A config file may give a source as an ml_collections.ConfigDict, which is not a Mapping: its weight was
+    ignored ("size" drawn instead) and a bad one accepted. Through the trainer's path: config.data as a
+    ConfigDict with such sources, into make_train_iterator."""
+    a, b = _manifest(tmp_path / "a", range(1, 11)), _manifest(tmp_path / "b", range(50, 55))
+    config = pipeline.default_data_config()
+    config.update(window_seconds=WINDOW, min_seconds=0.1)
+    config.sources = tuple(ml_collections.ConfigDict({"kind": "manifest", "path": str(path), "weight": weight})
+                           for path, weight in ((a, 3.0), (b, 1.0)))
+    iterator = _iterator(config, tokenizer, batch=10)
+    ids = sum((_ids(next(iterator)["waveform"]) for _ in range(20)), [])
+    assert abs(np.mean([i < 50 for i in ids]) - 0.75) < 0.03  # "size" would give 10 / 15
+    assert [weight for _, weight in pipeline._open_sources(config.sources)] == [3.0, 1.0]
+    config.sources = (ml_collections.ConfigDict({"kind": "manifest", "path": str(a), "weight": "half"}),)
+    with pytest.raises(ValueError, match=rf"manifest {re.escape(str(a))}: weight must be \"size\" .* got 'half'"):
+        _iterator(config, tokenizer, batch=2)

@@ -127,7 +127,7 @@ class DataConfig:
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"unknown data config keys {unknown}; known: {[f.name for f in dataclasses.fields(cls)]}")
-        values["sources"] = [dict(s) if isinstance(s, Mapping) else s for s in values.get("sources", [])]
+        values["sources"] = [source_spec(s) for s in values.get("sources", [])]
         return cls(**values)
 
     @property
@@ -137,6 +137,15 @@ class DataConfig:
     @property
     def min_samples(self) -> int:
         return samples(self.min_seconds, self.sample_rate)
+
+
+def source_spec(spec: Any) -> Any:
+    """A source spec as a plain dict: an `ml_collections.ConfigDict` (not a Mapping; a config file may put one in
+    `config.data.sources`) or another mapping is copied into one, so its keys (e.g. `weight`) are read like a
+    dict's; a manifest path is returned as it is."""
+    if hasattr(spec, "to_dict"):
+        return spec.to_dict()
+    return dict(spec) if isinstance(spec, Mapping) else spec
 
 
 def default_data_config():
@@ -428,7 +437,7 @@ def _open_sources(specs: Sequence[Any]) -> list[tuple[Source, float]]:
     if not specs:
         raise ValueError("data config has no sources; set config.data.sources = [{'kind': 'manifest', 'path': ...}]")
     opened = []
-    for spec in specs:
+    for spec in map(source_spec, specs):
         source = open_source(spec)
         weight = spec.get("weight", SIZE_WEIGHT) if isinstance(spec, Mapping) else SIZE_WEIGHT
         name = _describe_source(spec)[0]
