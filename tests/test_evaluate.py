@@ -801,3 +801,15 @@ def test_cli_evaluates_a_workdir(tmp_path):
     ev.main(["--model", str(tmp_path / "exported"), "--datasets", f"toy={manifest}", "--out", str(exported_out)])
     exported = json.loads(exported_out.read_text())
     assert exported["step"] is None and exported["datasets"]["toy"]["metrics"] == toy["metrics"]
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "two"])
+def test_cli_max_clips_must_be_positive(tmp_path, capsys, value):
+    """-1 silently dropped each set's last clip (AIR-Bench: its last question), 0 failed with 'no usable clip
+    among 0': both are refused by the parser, before anything is loaded, in one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--workdir", "W", "--datasets", "synthetic", "--out", str(tmp_path / "res.json"),
+                 "--max-clips", value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f"error: argument --max-clips: {value!r} is not a positive whole number")

@@ -634,6 +634,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts such as --max-clips: a whole number ≥ 1 (-1 dropped the last clip, 0 kept none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m wavlink_jax.evaluate",
@@ -681,7 +692,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dims", help="comma-separated Matryoshka sizes (default: all of the model's)")
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
     parser.add_argument(
-        "--max-clips", type=int, help="evaluate the first N clips (AIR-Bench: questions) of each set only (smoke tests)"
+        "--max-clips", type=positive_int,
+        help="evaluate the first N clips (AIR-Bench: questions) of each set only (smoke tests)",
     )
     parser.add_argument(
         "--window-seconds",
