@@ -65,6 +65,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
             {"name": "long", "source": {"kind": "manifest", "path": f"{data}/eval.jsonl"}, "window_seconds": 60},)},
          r"config\.eval\.sets\[0\] \(long\) window_seconds"),
         (lambda data: {"init_from.audio": "/nonexistent/whisper"}, r"/nonexistent/whisper"),
+        (lambda data: {"eval.max_clips": -1}, r"config: eval\.max_clips=-1; .*eval\.max_clips ≥ 0: 0 = every clip"),
     ],
 )
 def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, overrides, message):

@@ -67,13 +67,19 @@ def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def check_intervals(config: ml_collections.ConfigDict) -> None:
-    """Step intervals that the loop divides by must be positive (eval_every_steps 0 = only at the end)."""
+    """Step intervals that the loop divides by must be positive (eval_every_steps 0 = only at the end), and
+    eval.max_clips not negative (0 = every clip; -1 dropped each evaluation set's last clip)."""
     bad = [f"{key}={config[key]}" for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
            if config[key] < 1]
     if config.eval_every_steps < 0:
         bad.append(f"eval_every_steps={config.eval_every_steps}")
+    if config.eval.max_clips < 0:
+        bad.append(f"eval.max_clips={config.eval.max_clips}")
     if bad:
-        raise ValueError(f"config: {', '.join(bad)}; these must be ≥ 1 (eval_every_steps ≥ 0: 0 = only at the end)")
+        raise ValueError(
+            f"config: {', '.join(bad)}; these must be ≥ 1 (eval_every_steps ≥ 0: 0 = only at the end; "
+            "eval.max_clips ≥ 0: 0 = every clip)"
+        )
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
