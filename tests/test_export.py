@@ -14,12 +14,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file
 
-from wavlink_jax import audio, export, inference, torch_model
+from wavlink_jax import audio, export, inference, torch_model, waveform_layout
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.data import synthetic
@@ -85,6 +86,7 @@ def test_directory_layout_and_exact_transformers_names(exported):
     files = {p.name for p in exported.iterdir()}
     assert {"config.json", "model.safetensors", "modeling_wavlink.py", "tokenizer.json", "tokenizer_config.json"} <= files
     assert (exported / "modeling_wavlink.py").read_text() == Path(torch_model.__file__).read_text()
+    assert (exported / "waveform_layout.py").read_text() == Path(waveform_layout.__file__).read_text()
     config = json.loads((exported / "config.json").read_text())
     assert config["model_type"] == "wavlink" and config["auto_map"] == export.AUTO_MAP
     assert config["embed_dim"] == 32 and config["matryoshka_dims"] == [32, 16]
@@ -256,7 +258,8 @@ def test_overwrite_replaces_the_whole_previous_export(jax_embedder, tmp_path):
     (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     export_loaded(loaded, out, tokenizer_dir=classic, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "merges.txt", "model.safetensors", "modeling_wavlink.py", "tokenizer_config.json", "vocab.json"
+        "config.json", "merges.txt", "model.safetensors", "modeling_wavlink.py", "tokenizer_config.json", "vocab.json",
+        "waveform_layout.py",
     ]
     texts = ["zebra quartz jumps"]
     np.testing.assert_array_equal(load_tokenizer(out, 16)(texts)[0], load_tokenizer(classic, 16)(texts)[0])
@@ -354,19 +357,42 @@ def test_a_damaged_checkpoint_step_is_named_with_the_way_out(trained, tmp_path, 
 
 def test_stereo_arrays_are_refused_alike_and_batches_still_work(torch_wavlink, jax_embedder):
     """A (samples, channels) array, as soundfile.read gives for a stereo file, was embedded as 16000 clips of 2
-    samples each, by JAX and PyTorch alike; both refuse it with the same words. (clips, samples) batches work."""
+    samples each, by JAX and PyTorch alike; both refuse it with the same words, as a numpy, jax or torch array (the
+    JAX side checked numpy arrays only). (clips, samples) batches and single clips work in every kind of array."""
     stereo = np.random.default_rng(0).uniform(-0.5, 0.5, (16000, 2)).astype(np.float32)
     messages = []
-    for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio,
-                        lambda y: torch_wavlink.embed_audio(torch.from_numpy(y))):
-        with pytest.raises(ValueError, match=re.escape("(16000, 2) looks like (samples, channels); mix to mono, "
-                                                       "e.g. y.mean(axis=1)")) as caught:
-            embed_audio(stereo)
-        messages.append(str(caught.value))
+    for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):
+        for kind in (np.asarray, jnp.asarray, torch.from_numpy):
+            with pytest.raises(ValueError, match=re.escape("(16000, 2) looks like (samples, channels); mix to mono, "
+                                                           "e.g. y.mean(axis=1)")) as caught:
+                embed_audio(kind(stereo))
+            messages.append(str(caught.value))
     assert len(set(messages)) == 1
     batch = np.ascontiguousarray(stereo.T)
     ours, theirs = jax_embedder.embed_audio(batch), torch_wavlink.embed_audio(batch).numpy()
     assert ours.shape == theirs.shape == (2, 32) and np.abs(ours - theirs).max() <= TOLERANCE
+    for kind in (jnp.asarray, torch.from_numpy):
+        np.testing.assert_array_equal(jax_embedder.embed_audio(kind(batch)), ours)
+        np.testing.assert_array_equal(jax_embedder.embed_audio(kind(batch[1])), ours[1:])  # was "shape ()"
+
+
+def test_pytorch_model_files_import_neither_jax_nor_our_package():
+    """The exported directory's code runs where only torch and transformers are installed: modeling_wavlink.py
+    imports those, the standard library and (relatively) waveform_layout.py, which imports the standard library
+    only. (The tests' environment has wavlink_jax and jax, so loading the export alone would not show it.)"""
+    import ast
+
+    def imported(module) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                names.add("." * node.level + (node.module or "").split(".")[0])
+        return names
+
+    assert imported(waveform_layout) <= set(sys.stdlib_module_names)
+    assert imported(torch_model) - set(sys.stdlib_module_names) == {"torch", "transformers", ".waveform_layout"}
 
 
 def test_pytorch_refuses_no_texts_as_jax_does(torch_wavlink, jax_embedder):
@@ -379,6 +405,7 @@ def test_pytorch_model_without_tokenizer_files_names_them(torch_wavlink, tmp_pat
     """save_pretrained writes no tokenizer: embedding text from the saved copy names the directory and the files
     (transformers said only "Couldn't instantiate the backend tokenizer")."""
     torch_wavlink.save_pretrained(tmp_path / "resaved")
+    assert (tmp_path / "resaved" / "waveform_layout.py").is_file()  # the code modeling_wavlink.py imports goes along
     resaved = torch_model.WavLinkModel.from_pretrained(str(tmp_path / "resaved")).eval()
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'resaved'}: no tokenizer beside the model "
                                                           "(tokenizer.json, or vocab.json + merges.txt)")):

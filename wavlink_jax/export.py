@@ -10,6 +10,7 @@ DIR becomes a Hugging Face model directory that `transformers` loads with the re
                            `audio_projection.*`, `text_projection.*` (the heads), and the losses' scalars
                            `clip_logit_scale`, `sigmoid_logit_scale`, `sigmoid_logit_bias`
     modeling_wavlink.py    a copy of `wavlink_jax/torch_model.py` (torch + transformers only)
+    waveform_layout.py     a copy of `wavlink_jax/waveform_layout.py`, which modeling_wavlink.py imports
     tokenizer files        the run's tokenizer (tokenizer.json / vocab.json + merges.txt, tokenizer_config.json
                            with model_max_length = the training text length)
 
@@ -195,7 +196,7 @@ def export_model(
     `out` must be new or empty; with `overwrite`, a previous export there is replaced as a whole (no file of it
     is left beside the new one). The directory is written beside `out` and moved into place at the end.
     """
-    from wavlink_jax import torch_model
+    from wavlink_jax import torch_model, waveform_layout
     from wavlink_jax.tokenizer import load_tokenizer
 
     out, tokenizer_dir = Path(out).expanduser(), Path(tokenizer_dir)
@@ -222,6 +223,7 @@ def export_model(
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         shutil.copyfile(torch_model.__file__, staging / MODELING_FILE)
+        shutil.copyfile(waveform_layout.__file__, staging / Path(waveform_layout.__file__).name)
     return out
 
 

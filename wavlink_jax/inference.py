@@ -49,6 +49,7 @@ from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.models.whisper import WhisperConfig
 from wavlink_jax.tokenizer import load_tokenizer
+from wavlink_jax.waveform_layout import check_not_channels_last
 
 
 @dataclasses.dataclass
@@ -207,14 +208,13 @@ class Embedder:
         return dim
 
     def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """`(B, window_samples)` float32: each waveform cut to the head of the window or zero-padded."""
-        if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
-            waveforms = [waveforms]
-        elif isinstance(waveforms, np.ndarray) and waveforms.ndim == 2 and waveforms.shape[1] < waveforms.shape[0]:
-            # Possibly (samples, channels): the exported model's rule and words (imported only then: it loads torch).
-            from wavlink_jax.torch_model import check_not_channels_last
-
-            check_not_channels_last(waveforms.shape)
+        """`(B, window_samples)` float32: each waveform (numpy, jax or torch arrays) cut to the head of the window
+        or zero-padded."""
+        if not isinstance(waveforms, (list, tuple)):  # one array of any kind (numpy, jax, torch): a clip or a batch
+            waveforms = np.asarray(waveforms)
+            check_not_channels_last(waveforms.shape)  # the exported PyTorch model's rule and words
+            if waveforms.ndim <= 1:
+                waveforms = [waveforms]
         rows = []
         for index, waveform in enumerate(waveforms):
             waveform = np.asarray(waveform, dtype=np.float32)

@@ -1,7 +1,8 @@
 """WavLink in PyTorch: the model a `python -m wavlink_jax.export` directory loads into, with `transformers` only.
 
 This file imports torch and transformers, never jax: the exporter copies it into the exported directory as
-`modeling_wavlink.py`, and `config.json`'s `auto_map` points there, so
+`modeling_wavlink.py` (with `waveform_layout.py`, which it imports relatively), and `config.json`'s `auto_map`
+points there, so
 
     from transformers import AutoModel
     model = AutoModel.from_pretrained("exported/", trust_remote_code=True)
@@ -39,23 +40,14 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+# Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rule).
+from .waveform_layout import check_not_channels_last
+
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
 SUB_CONFIGS = {"audio_config": WhisperConfig, "text_config": CLIPTextConfig}
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"))  # either makes a CLIP tokenizer
-MAX_CHANNELS = 8  # a 2-D input this narrow (and longer than wide) is (samples, channels), not (clips, samples)
-
-
-def check_not_channels_last(shape: Sequence[int]) -> None:
-    """Refuse a `(samples, channels)` array (e.g. `soundfile.read` of a stereo file) where a `(clips, samples)`
-    batch is expected: it would be embedded as `samples` clips of `channels` samples each. `wavlink_jax.inference`
-    applies the same rule with these words (this file imports no jax)."""
-    if len(shape) == 2 and shape[1] <= MAX_CHANNELS and shape[1] < shape[0]:
-        raise ValueError(
-            f"audio of shape {tuple(shape)} looks like (samples, channels); mix to mono, e.g. y.mean(axis=1) "
-            "(a batch is (clips, samples); several clips of different lengths go in a list)"
-        )
 
 
 class WavLinkConfig(PreTrainedConfig):
