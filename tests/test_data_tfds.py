@@ -297,6 +297,8 @@ def test_manifest_build_of_other_manifests_under_an_existing_name_is_refused(tmp
     data = tmp_path / "data"
     built = tb.build_manifest("my_clips", {"train": first}, data)
     assert tb.build_manifest("my_clips", {"train": first}, data) == built  # the same manifests: reused
+    (tmp_path / "linked").symlink_to(tmp_path, target_is_directory=True)
+    assert tb.build_manifest("my_clips", {"train": tmp_path / "linked" / first.name}, data) == built  # the same file
     folder = tb.prepared_path("my_clips", data)
     for requested in ({"train": other}, {"train": first, "test": other}):
         with pytest.raises(ValueError) as error:

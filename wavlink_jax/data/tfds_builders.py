@@ -637,7 +637,7 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
         if folder.exists():
             metadata = folder / "metadata.json"
             recorded = json.loads(metadata.read_text()).get("manifests") if metadata.exists() else None
-            if recorded != self._manifest_paths():
+            if not _same_files(recorded, self._manifest_paths()):
                 raise ValueError(
                     f"{folder} holds data set {self.name!r} built from manifests {recorded}, not the requested "
                     f"{self._manifest_paths()}; choose another name (--name), or delete {folder} to rebuild it from these"
@@ -661,6 +661,15 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
         for index in range(len(source)):
             record = source[index]
             yield Clip(record["id"], record["audio"], record["captions"], label=record["label"], fold=record["fold"])
+
+
+def _same_files(recorded: Mapping[str, str] | None, requested: Mapping[str, str]) -> bool:
+    """Whether a build's recorded manifests (`{split: path}`; None: none recorded) are the requested files, also
+    when one of them is named through a symbolic link."""
+    def resolve(paths: Mapping[str, str]) -> dict[str, str]:
+        return {split: os.path.realpath(path) for split, path in paths.items()}
+
+    return recorded is not None and resolve(recorded) == resolve(requested)
 
 
 def _int_field(row: Mapping[str, str], column: str, path: Path, line: int) -> int:
