@@ -85,6 +85,17 @@ def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, over
     assert earlier.read_text() == before and "note: the config differs" not in capsys.readouterr().out
 
 
+def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch):
+    """`--workdir=~/run` (the shell leaves that ~ alone) is $HOME/run, not a folder named '~' in the current
+    directory. The run stops at its first checkpoint-dependent step (init_from), after the workdir is in use."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(str(data_dir), total_steps=2, **{"init_from.audio": "/nonexistent/whisper"})
+    with pytest.raises(ValueError, match="/nonexistent/whisper"):
+        train.train(config, "~/run")
+    assert (tmp_path / "home" / "run" / "checkpoints").is_dir() and not (tmp_path / "~").exists()
+
+
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):
     """Their metrics (eval/<name>/...) would overwrite each other's."""
     eval_set = {"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}}
