@@ -21,7 +21,7 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -43,18 +43,38 @@ TOWER_BODY = {
 }
 LORA_PROJECTIONS = r"layers/\d+/(attn/(query|key|value|out)|fc1|fc2)/kernel$"
 
-# The allowed range of each numeric `config.optim` setting: (low, high, low included, high included, meaning).
-# Outside it training still runs, wrongly: a negative end fraction ends in gradient ascent, a warm-up fraction
-# above 1 never reaches the peak, a negative weight decay grows the weights.
-SETTING_RANGES: dict[str, tuple[float, float, bool, bool, str]] = {
-    "learning_rate": (0.0, math.inf, False, False, "the peak learning rate"),
-    "warmup_fraction": (0.0, 1.0, True, True, "the fraction of the steps spent warming up"),
-    "end_lr_fraction": (0.0, 1.0, True, True, "the final learning rate as a fraction of the peak"),
-    "b1": (0.0, 1.0, True, False, "Adam's first-moment decay"),
-    "b2": (0.0, 1.0, True, False, "Adam's second-moment decay"),
-    "eps": (0.0, math.inf, False, False, "Adam's epsilon"),
-    "weight_decay": (0.0, math.inf, True, False, "decoupled weight decay"),
-    "grad_clip_norm": (0.0, math.inf, True, False, "the global gradient norm clipped to; 0 = no clipping"),
+
+class SettingRange(NamedTuple):
+    """The allowed values of a numeric `config.optim` setting: from `low` to `high`, each end included or not."""
+
+    low: float
+    high: float
+    low_included: bool
+    high_included: bool
+    meaning: str
+
+    def holds(self, value: float) -> bool:
+        above = self.low <= value if self.low_included else self.low < value
+        below = value <= self.high if self.high_included else value < self.high
+        return above and below
+
+    def interval(self) -> str:
+        """E.g. `[0, 1)`."""
+        return f"{'[' if self.low_included else '('}{self.low:g}, {self.high:g}{']' if self.high_included else ')'}"
+
+
+# The allowed range of each numeric `config.optim` setting. Outside it training still runs, wrongly: a negative
+# end fraction ends in gradient ascent, a warm-up fraction above 1 never reaches the peak, a negative weight decay
+# grows the weights.
+SETTING_RANGES: dict[str, SettingRange] = {
+    "learning_rate": SettingRange(0.0, math.inf, False, False, "the peak learning rate"),
+    "warmup_fraction": SettingRange(0.0, 1.0, True, True, "the fraction of the steps spent warming up"),
+    "end_lr_fraction": SettingRange(0.0, 1.0, True, True, "the final learning rate as a fraction of the peak"),
+    "b1": SettingRange(0.0, 1.0, True, False, "Adam's first-moment decay"),
+    "b2": SettingRange(0.0, 1.0, True, False, "Adam's second-moment decay"),
+    "eps": SettingRange(0.0, math.inf, False, False, "Adam's epsilon"),
+    "weight_decay": SettingRange(0.0, math.inf, True, False, "decoupled weight decay"),
+    "grad_clip_norm": SettingRange(0.0, math.inf, True, False, "the global gradient norm clipped to; 0 = no clipping"),
 }
 SCHEDULE_SETTINGS = ("learning_rate", "warmup_fraction", "end_lr_fraction")
 
@@ -168,7 +188,8 @@ def lr_multipliers(params: Tree, rules: Sequence[Sequence[Any]]) -> Tree:
     for rule in rules:
         if len(rule) != 2:
             raise ValueError(f"config.optim.lr_rules: each rule is (pattern, multiplier), got {rule!r}")
-    compiled = list(zip(_compile([pattern for pattern, _ in rules], "config.optim.lr_rules"), [float(m) for _, m in rules]))
+    patterns = _compile([pattern for pattern, _ in rules], "config.optim.lr_rules")
+    compiled = list(zip(patterns, [float(multiplier) for _, multiplier in rules]))
     flat = flatten(params)
 
     def multiplier(path: str) -> float:
@@ -180,12 +201,10 @@ def lr_multipliers(params: Tree, rules: Sequence[Sequence[Any]]) -> Tree:
 def check_settings(optim: Any, keys: Sequence[str] = tuple(SETTING_RANGES)) -> None:
     """A ValueError naming the first of `keys` (`SETTING_RANGES`) whose `config.optim` value is out of its range."""
     for key in keys:
-        low, high, low_in, high_in, meaning = SETTING_RANGES[key]
-        value = optim[key]
+        allowed, value = SETTING_RANGES[key], optim[key]
         number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-        if not (number and (low <= value if low_in else low < value) and (value <= high if high_in else value < high)):
-            interval = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ValueError(f"config.optim.{key} = {value!r}: must be in {interval} ({meaning})")
+        if not (number and allowed.holds(value)):
+            raise ValueError(f"config.optim.{key} = {value!r}: must be in {allowed.interval()} ({allowed.meaning})")
 
 
 def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
@@ -216,8 +235,8 @@ def make_optimizer(
     Returns the transformation and the learning-rate schedule (for logging). Settings out of their range
     (`SETTING_RANGES`) are refused.
     """
-    check_settings(optim)
-    schedule = learning_rate_schedule(optim, total_steps)
+    schedule = learning_rate_schedule(optim, total_steps)  # checks the schedule's settings
+    check_settings(optim, [key for key in SETTING_RANGES if key not in SCHEDULE_SETTINGS])
     multipliers = lr_multipliers(trainable, optim.lr_rules)
     parts = []
     if optim.grad_clip_norm:
