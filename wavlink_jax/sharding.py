@@ -23,7 +23,8 @@ from typing import Any, Callable, Mapping, NoReturn, Sequence
 import jax
 import numpy as np
 from flax import nnx, traverse_util
-from jax._src import distributed as jax_distributed  # its client's key-value store; no public API has it (orbax uses it too)
+# Its client's key-value store; no public API has it (orbax uses it too).
+from jax._src import distributed as jax_distributed
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -151,7 +152,8 @@ class _PeerWatcher:
             if int(origin) == self._index:
                 return  # this process posted it (`stop_job`)
             sys.stderr.write(
-                f"error: process {origin} of the job failed, so process {self._index} stops too. Its error:\n{message}\n"
+                f"error: process {origin} of the job failed, so process {self._index} stops too. "
+                f"Its error:\n{message}\n"
             )
             sys.stderr.flush()
             self._client.key_value_set(f"{STOP_KEY}/read/{self._index}", "")
@@ -237,7 +239,8 @@ def check_mesh(mesh: Mesh) -> None:
     if not missing and not not_auto:
         return
     problems = [f"lacks the axes {missing}"] if missing else []
-    problems += [f"has axes {not_auto} of type {sorted({types[n].name for n in not_auto})}, not Auto"] if not_auto else []
+    if not_auto:
+        problems.append(f"has axes {not_auto} of type {sorted({types[n].name for n in not_auto})}, not Auto")
     sizes = shape if set(shape) <= set(MESH_AXES) else {name: "..." for name in MESH_AXES}
     raise ValueError(
         f"mesh {shape} {' and '.join(problems)}: the trainer needs the axes {list(MESH_AXES)} (size 1 for an unused "
@@ -365,6 +368,7 @@ def tree_shardings(logical: Any, shapes: Any, rules: Mapping[str, Any], mesh: Me
         key = "/".join(str(getattr(p, "key", p)) for p in path)
         return NamedSharding(mesh, logical_to_spec(names, shaped.shape, rules, mesh, name=key))
 
-    return jax.tree_util.tree_map_with_path(
-        one, logical, shapes, is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
-    )
+    def is_names(x: Any) -> bool:
+        return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)
+
+    return jax.tree_util.tree_map_with_path(one, logical, shapes, is_leaf=is_names)
