@@ -226,6 +226,14 @@ def file_clip(path: Path, clip_id: str, captions: list[str], **annotations) -> C
     return Clip(clip_id, audio, captions, **annotations)
 
 
+def _data_error(message: str) -> ValueError:
+    """`wavlink_jax.data.pipeline.DataError(message)`, imported only when raised: grain stays out of this
+    module's import."""
+    from wavlink_jax.data.pipeline import DataError
+
+    return DataError(message)
+
+
 def _readable_label(name: str) -> str:
     return name.replace("_", " ")
 
@@ -338,10 +346,8 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                 example = f"{clips[0].id} looked for as {clips[0].audio or clips[0].expected}" if clips else "no clips"
                 absent[split] = {"clips": len(clips), "example": example}
         if len(absent) == len(splits):
-            from wavlink_jax.data.pipeline import DataError  # here: grain stays out of this module's import
-
             found = "; ".join(f"{split}: 0 of {a['clips']} clips ({a['example']})" for split, a in absent.items())
-            raise DataError(
+            raise _data_error(
                 f"{self.name}: no audio file found in {where} for any split ({found}); expected layout:\n"
                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
@@ -387,16 +393,16 @@ class AudioTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             }
         total = sum(counts.values())
         if total == len(clips) + len(conflicts):  # TFDS would abort with "No examples were yielded"
-            from wavlink_jax.data.pipeline import DataError
-
             example = next(iter(examples.values()))[0]
-            raise DataError(
+            raise _data_error(
                 f"{self.name}/{split}: none of its {total} clips could be stored ({dict(counts)}; e.g. {example}); "
                 f"check that these are the audio files the metadata names; expected layout:\n"
                 f"{self.MANUAL_DOWNLOAD_INSTRUCTIONS}"
             )
         if counts:
-            log.warning("%s/%s: skipped %d of %d clips: %s", self.name, split, total, len(clips) + len(conflicts), dict(counts))
+            log.warning(
+                "%s/%s: skipped %d of %d clips: %s", self.name, split, total, len(clips) + len(conflicts), dict(counts)
+            )
         if blank:
             log.warning("%s/%s: dropped %d blank captions of the stored clips", self.name, split, blank)
         self.info.metadata["skipped"][split] = dict(counts)
@@ -640,7 +646,8 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
             if not _same_files(recorded, self._manifest_paths()):
                 raise ValueError(
                     f"{folder} holds data set {self.name!r} built from manifests {recorded}, not the requested "
-                    f"{self._manifest_paths()}; choose another name (--name), or delete {folder} to rebuild it from these"
+                    f"{self._manifest_paths()}; choose another name (--name), or delete {folder} to rebuild it "
+                    "from these"
                 )
         super().prepare(manual_dir, compress=compress)
 
@@ -879,7 +886,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     with cli.user_errors():
         if args.command == "build":
-            result = build(args.name, args.manual_dir, args.data_dir, num_workers=args.num_workers, compress=args.compress)
+            result = build(
+                args.name, args.manual_dir, args.data_dir, num_workers=args.num_workers, compress=args.compress
+            )
         else:
             manifests = dict(map(_parse_manifest_argument, args.manifest))
             result = build_manifest(
