@@ -293,8 +293,13 @@ def test_config_presets_defaults_and_length_check():
         ("dtype", "int32", r"CLIPTextConfig.dtype is 'int32'; expected a floating dtype"),
         ("remat", "dots", r"CLIPTextConfig.remat is 'dots'; expected 'none' or one of \["),
         ("attention_implementation", "flash", r"CLIPTextConfig.attention_implementation is 'flash'; expected one of"),
-        ("eos_token_id", 49407, r"CLIPTextConfig.eos_token_id is 49407; it must be a token id below vocab_size \(99\)"),
-        ("eos_token_id", -1, r"CLIPTextConfig.eos_token_id is -1; it must be a token id below vocab_size"),
+        ("eos_token_id", 49407, r"CLIPTextConfig.eos_token_id is 49407; it must be an integer token id below "
+                                r"vocab_size \(99\), or 2 for the legacy pooling"),
+        ("eos_token_id", -1, r"CLIPTextConfig.eos_token_id is -1; it must be an integer token id below vocab_size"),
+        # None failed with TypeError "'<=' not supported"; True and 5.0 were accepted
+        ("eos_token_id", None, r"CLIPTextConfig.eos_token_id is None; it must be an integer token id below vocab"),
+        ("eos_token_id", True, r"CLIPTextConfig.eos_token_id is True; it must be an integer token id below vocab"),
+        ("eos_token_id", 5.0, r"CLIPTextConfig.eos_token_id is 5.0; it must be an integer token id below vocab"),
     ],
 )
 def test_config_refuses_bad_values_naming_the_field(field, value, message):

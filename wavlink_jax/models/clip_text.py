@@ -13,6 +13,7 @@ outputs do not depend on how long its batch is padded.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -50,10 +51,13 @@ class CLIPTextConfig:
         layers.check_tower_config(
             self, ("vocab_size", "width", "num_layers", "num_heads", "mlp_dim", "max_positions", "projection_dim")
         )
-        if self.eos_token_id != 2 and not 0 <= self.eos_token_id < self.vocab_size:
-            # no input id can equal it, so every caption would be pooled at position 0
+        eos = self.eos_token_id
+        # Not an integer id (None, True, 5.0), or out of the vocabulary: no input id can equal it, so every caption
+        # would be pooled at position 0 (None failed with "'<=' not supported").
+        is_id = isinstance(eos, numbers.Integral) and not isinstance(eos, bool)
+        if not is_id or (eos != 2 and not 0 <= eos < self.vocab_size):
             raise ValueError(
-                f"CLIPTextConfig.eos_token_id is {self.eos_token_id!r}; it must be a token id below vocab_size "
+                f"CLIPTextConfig.eos_token_id is {eos!r}; it must be an integer token id below vocab_size "
                 f"({self.vocab_size}), or 2 for the legacy pooling at the largest id"
             )
 
