@@ -123,7 +123,8 @@ def load_audio(
     """A clip as float32 mono samples at `target_rate`.
 
     `audio` is a file path (`sample_rate` ignored: the header says) or a 1-D (or (samples, channels)) int16 /
-    float array at `sample_rate`, which error messages call `array_name` (e.g. its record's id). With `window_samples`, the result has exactly that length: a random window
+    float array at `sample_rate`, which error messages call `array_name` (e.g. its record's id). With
+    `window_samples`, the result has exactly that length: a random window
     when `rng` is given (training), else the head (evaluation); a shorter clip is zero-padded at the end.
     Without it, the whole clip. Raises BadAudio (missing/empty/truncated/not_audio/not_finite/too_short).
     """
