@@ -233,6 +233,7 @@ def test_paths_starting_with_a_tilde_are_expanded(trained, exported, tmp_path, m
     assert (tmp_path / "exported" / "model.safetensors").is_file()
     assert inference.read_model("~/exported").path == tmp_path / "exported"
     assert inference.read_model("~/run").step == 3
+    assert export.export("~/run", "~/again", step=2) == tmp_path / "again"  # the path written, not "~/again"
 
 
 def export_loaded(loaded: inference.LoadedModel, out: Path, **kwargs) -> Path:
@@ -292,7 +293,56 @@ def test_refused_or_failed_export_writes_nothing(jax_embedder, tmp_path, monkeyp
     with pytest.raises(OSError, match="disk full"):
         export_loaded(loaded, out, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    with pytest.raises(OSError, match="disk full"):
+        export_loaded(loaded, tmp_path / "new")
     assert [p.name for p in tmp_path.iterdir()] == ["wavlink"]
+
+
+def test_an_existing_output_directory_is_filled_in_place(jax_embedder, tmp_path):
+    """An existing --out is written into, never renamed or replaced: a shared directory keeps its mode (setgid
+    included) and inode, with and without --overwrite. (Replacing it failed on a mount point, in a parent the user
+    cannot write, and reset a shared directory's mode and group.) What a killed export left inside is ignored and
+    deleted."""
+    out = tmp_path / "shared"
+    out.mkdir()
+    out.chmod(0o2775)
+    (out / f"{export.STAGING_PREFIX}dead").mkdir()  # a killed export's staging directory
+    before = out.stat()
+    for overwrite in (False, True):
+        export_loaded(jax_embedder.loaded, out, overwrite=overwrite)
+        after = out.stat()
+        assert (after.st_ino, after.st_mode, after.st_gid) == (before.st_ino, before.st_mode, before.st_gid)
+        assert oct(after.st_mode & 0o7777) == "0o2775"
+        assert "model.safetensors" in {p.name for p in out.iterdir()}
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in tmp_path.iterdir()] == ["shared"]
+
+
+def test_the_current_directory_as_out(trained, tmp_path, monkeypatch):
+    """`--out .` from an empty directory exports into it; the process's working directory stays where it was
+    (it was renamed away, then deleted)."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    export.main(["--workdir", str(trained), "--out", ".", "--step", "2"])
+    assert Path(os.getcwd()) == here and (here / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["here"]
+
+
+def test_an_output_directory_in_a_read_only_parent(jax_embedder, tmp_path):
+    """A writable --out whose parent the user cannot write (e.g. a directory made for them): nothing is written
+    beside it."""
+    parent = tmp_path / "parent"
+    out = parent / "mine"
+    out.mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        if os.access(parent, os.W_OK):
+            pytest.skip("running as root: a read-only mode does not stop writing")
+        export_loaded(jax_embedder.loaded, out)
+    finally:
+        parent.chmod(0o755)
+    assert (out / "model.safetensors").is_file() and [p.name for p in parent.iterdir()] == ["mine"]
 
 
 def test_overwrite_never_deletes_what_is_not_an_export(jax_embedder, exported, tmp_path):

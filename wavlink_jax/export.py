@@ -142,6 +142,14 @@ def _write_tokenizer(tokenizer_dir: Path, out: Path, max_text_length: int) -> No
     config_file.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+STAGING_PREFIX = ".export-partial-"  # the directory inside `out` an export is written into (a killed export leaves it)
+
+
+def _entries(out: Path) -> list[Path]:
+    """What `out` holds, less the staging directories of earlier exports that were killed."""
+    return [path for path in out.iterdir() if not path.name.startswith(STAGING_PREFIX)]
+
+
 def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) -> None:
     """Refuse an `out` that an export may not take: a file, or a non-empty directory unless `overwrite` and it
     is a previous export (config.json of one of `model_types`); `overwrite` never deletes other files."""
@@ -149,7 +157,7 @@ def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) ->
         return
     if not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose a new directory")
-    if not any(out.iterdir()):
+    if not _entries(out):
         return
     if not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
@@ -166,25 +174,37 @@ def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) ->
 
 
 @contextlib.contextmanager
-def _new_directory(out: Path) -> Iterator[Path]:
-    """A fresh directory beside `out` to write into; when the block completes it replaces `out` (whose checks
-    `check_output` made), so `out` holds exactly what was written, and a failed export leaves `out` as it was.
-    A killed export leaves a hidden `.NAME.partial-*` sibling. A symbolic link's target is what is replaced."""
-    out = Path(os.path.realpath(out))  # also gives "." and ".." a name to put the sibling beside
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.partial-{uuid.uuid4().hex[:8]}")
+def _staged_output(out: Path, *, overwrite: bool, model_types: Collection[str]) -> Iterator[Path]:
+    """A fresh directory inside `out` (created if new) to write an export into. When the block completes, what
+    `out` held (nothing, or a previous export that `check_output` verified, checked again now) is deleted and
+    the written entries move up into `out`, so `out` holds exactly them; a failed block leaves `out` as it was (a
+    new `out` is removed again). `out` itself is never renamed or replaced: it keeps its mode, group and
+    ownership, and may be a mount point, the current directory or a directory in a parent the user cannot
+    write. A killed export leaves a `.export-partial-*` directory inside `out`, which the next export ignores and
+    deletes."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f"{STAGING_PREFIX}{uuid.uuid4().hex[:8]}"
     staging.mkdir()  # the mode every new directory gets (tempfile.mkdtemp's would be 0700)
+    moved = False
     try:
         yield staging
-        if out.exists():
-            previous = out.with_name(f".{out.name}.replaced-{uuid.uuid4().hex[:8]}")
-            out.rename(previous)
-            staging.rename(out)
-            shutil.rmtree(previous)
-        else:
-            staging.rename(out)
+        check_output(out, overwrite=overwrite, model_types=model_types)  # nothing else was written there since
+        for path in out.iterdir():
+            if path == staging:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        for path in staging.iterdir():
+            path.rename(out / path.name)
+        moved = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created and not moved:
+            with contextlib.suppress(OSError):
+                out.rmdir()  # only while empty: never what someone else wrote there meanwhile
 
 
 def export_model(
@@ -194,7 +214,7 @@ def export_model(
     """Write `model` (a plain WavLink, LoRA merged) as a `transformers` remote-code directory at `out`.
 
     `out` must be new or empty; with `overwrite`, a previous export there is replaced as a whole (no file of it
-    is left beside the new one). The directory is written beside `out` and moved into place at the end.
+    is left beside the new one). The files are written into a directory inside `out` and moved up at the end.
     """
     from wavlink_jax import torch_model, waveform_layout
     from wavlink_jax.tokenizer import load_tokenizer
@@ -218,7 +238,7 @@ def export_model(
     ).to_dict()
     config["auto_map"] = AUTO_MAP
     weights = export_weights(model)
-    with _new_directory(out) as staging:
+    with _staged_output(out, overwrite=overwrite, model_types=(MODEL_TYPE,)) as staging:
         _write_tokenizer(tokenizer_dir, staging, max_text_length)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         write_safetensors(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
@@ -229,10 +249,11 @@ def export_model(
 
 def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
            overwrite: bool = False) -> Path:
-    """Export a training workdir's checkpoint (`step`, default the latest) to `out`."""
+    """Export a training workdir's checkpoint (`step`, default the latest) to `out`; returns `out` (`~` expanded)."""
     from wavlink_jax import inference
 
-    check_output(Path(out), overwrite=overwrite, model_types=(MODEL_TYPE,))  # before the (slow) read
+    out = Path(out).expanduser()
+    check_output(out, overwrite=overwrite, model_types=(MODEL_TYPE,))  # before the (slow) read
     loaded = inference.read_workdir(workdir, step)
     export_model(
         loaded.model,
@@ -243,7 +264,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
         overwrite=overwrite,
     )
     logger.info("exported %s (step %s) to %s", workdir, loaded.step, out)
-    return Path(out)
+    return out
 
 
 def export_tower(
@@ -264,13 +285,15 @@ def export_tower(
     check_output(out, overwrite=overwrite, model_types=TOWER_MODEL_TYPES)
     config = read_hf_config(export_dir)
     if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(f"{export_dir}: config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}")
+        raise CheckpointError(
+            f"{export_dir}: config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}"
+        )
     prefix = TOWER_PREFIXES[tower]
     weights = load_file(str(export_dir / WEIGHTS_FILE))
     tower_weights = {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
     tower_config = dict(config[f"{tower}_config"])
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]
-    with _new_directory(out) as staging:
+    with _staged_output(out, overwrite=overwrite, model_types=TOWER_MODEL_TYPES) as staging:
         (staging / "config.json").write_text(json.dumps(tower_config, indent=2, sort_keys=True) + "\n")
         write_safetensors(tower_weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
         if tower == "text":
@@ -286,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         description="Export a training workdir to a Hugging Face directory that transformers.AutoModel "
         "loads with trust_remote_code=True.",
     )
-    parser.add_argument("--workdir", required=True, type=os.path.expanduser, help="training run directory (config.json, checkpoints/)")
+    parser.add_argument(
+        "--workdir", required=True, type=os.path.expanduser, help="training run directory (config.json, checkpoints/)"
+    )
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     parser.add_argument("--out", required=True, type=os.path.expanduser, help="output directory")
     parser.add_argument(
