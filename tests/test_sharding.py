@@ -68,3 +68,59 @@ def test_log_mel_of_a_sharded_batch_stays_on_each_device():
     result = local(waveform)
     assert result.sharding.spec == P(sharding.BATCH_AXES)
     np.testing.assert_allclose(np.asarray(result), np.asarray(audio.log_mel_spectrogram(np.asarray(waveform))), atol=1e-6)
+
+
+def test_dimensions_the_mesh_does_not_divide_are_reported():
+    mesh = sharding.create_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    rules = sharding.rules_dict([("embed", "fsdp"), ("mlp", "tensor"), ("vocab", None)])
+    unsharded = []
+    spec = sharding.logical_to_spec(("vocab", "embed"), (10, 36), rules, mesh, name="emb", unsharded=unsharded)
+    assert spec == P(None, None)
+    assert unsharded == [sharding.Unsharded("emb", (10, 36), 1, "embed", ("fsdp",))]
+    # Replicated by the rules themselves (None, a size-1 axis), or the axis taken by another dimension: no report.
+    unsharded.clear()
+    assert sharding.logical_to_spec(("mlp",), (36,), rules, mesh, unsharded=unsharded) == P(None)
+    assert sharding.logical_to_spec(("embed", "embed"), (36, 16), rules, mesh, unsharded=unsharded) == P(None, "fsdp")
+    assert sharding.logical_to_spec((), (), rules, mesh, unsharded=unsharded) == P()
+    assert unsharded == []
+    entries = [sharding.Unsharded("a", (36,), 0, "embed", ("fsdp",)),
+               sharding.Unsharded("b", (3, 20), 1, "embed", ("fsdp",))]
+    assert sharding.dividing_sizes(entries, mesh) == {("fsdp",): [2, 4]}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from wavlink_jax.data import synthetic
+
+    root = tmp_path_factory.mktemp("synthetic")
+    synthetic.generate(root, num_train=8, num_eval=1, max_seconds=1.5, captions_per_clip=1)
+    return root
+
+
+@pytest.mark.parametrize("width", [32, 36])
+def test_the_trainer_warns_of_parameters_the_mesh_does_not_divide(tmp_path, data_dir, capsys, width):
+    """Towers of width 36 on fsdp=8: every kernel, embedding and position table with an `embed` axis (and Adam's
+    two moments of each) is whole on every device; the trainer said nothing of it (an absl INFO log, hidden).
+    Width 32 divides, and the biases the rules replicate (`mlp` → tensor of size 1) are no reason to warn. The run
+    stops at init_from, after start-up."""
+    from train_fixtures import tiny_config
+
+    from wavlink_jax import train
+
+    config = tiny_config(str(data_dir), total_steps=2, **{
+        "mesh.data": 1, "mesh.fsdp": 8, "model.audio.width": width, "model.text.width": width,
+        "init_from.audio": "/nonexistent/whisper"})  # fmt: skip
+    with pytest.raises(ValueError, match="/nonexistent/whisper"):
+        train.train(config, str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    if width == 32:
+        assert "warning" not in err
+        return
+    assert re.search(
+        r"^warning: 38 parameter/buffer arrays \(and 74 optimizer-state arrays of theirs\) are kept whole on every "
+        r"device along a dimension that config\.sharding_rules shard, because the mesh \{'data': 1, 'fsdp': 8, "
+        r"'tensor': 1\} does not divide it: they take [\d.]+ KiB per device instead of about [\d.]+ KiB\. E\.g\. "
+        r"params/text/token_embedding/embedding \(1024, 36\): dimension 1 \(embed\) of 36 over fsdp=8; .* On 8 "
+        r"devices, fsdp = 2 or 4 would divide every one of them\.", err, re.M), err
+    now, sharded = map(float, re.search(r"take ([\d.]+) KiB per device instead of about ([\d.]+) KiB", err).groups())
+    assert now / sharded == pytest.approx(8, rel=0.01)  # each of them kept whole instead of split 8 ways

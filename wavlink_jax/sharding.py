@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import sys
 import threading
 import time
-from typing import Any, Callable, Mapping, NoReturn, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, NoReturn, Sequence
 
 import jax
 import numpy as np
@@ -108,25 +109,39 @@ def initialize_distributed(mode: str | bool, environ: Mapping[str, str] | None =
 STOP_KEY = "wavlink_jax/stop"
 _POLL_MS = 1000  # how long one read of STOP_KEY waits; a watcher ends at most this long after `close`
 _READ_WAIT_MS = 10_000  # how long a stopping process waits for the others to read the error before it exits
+_LEAVE_GRACE_S = 0.5  # how long process 0 outlives the last process that said it is leaving
 _watcher: "_PeerWatcher | None" = None
+
+
+def _wait_for(client: Any, keys: Sequence[str], deadline: float) -> None:
+    """Block until every key of the job's key-value store is set, or until `deadline` (time.monotonic)."""
+    for key in keys:
+        remaining_ms = int((deadline - time.monotonic()) * 1000)
+        if remaining_ms <= 0:
+            return
+        try:
+            client.blocking_key_value_get(key, remaining_ms)
+        except jax.errors.JaxRuntimeError:
+            return  # that process is gone or stuck: the runtime's heartbeat timeout ends it
 
 
 def _exit_after_the_others_read(client: Any, index: int, origin: int) -> NoReturn:
     """Exit (status 1) once every other process has read the error that process `origin` posted, or after
-    `_READ_WAIT_MS`. Process 0 serves the key-value store, so it must not leave first; waiting costs the others
-    nothing (each reads the error within `_POLL_MS`). Not sys.exit: jax's shutdown barrier at exit would wait
-    for the processes that are stopping."""
+    `_READ_WAIT_MS`; waiting costs the others nothing (each reads the error within `_POLL_MS`). Process 0 serves
+    the key-value store and leaves last: a process whose store vanishes while it waits aborts (SIGABRT and a core
+    dump instead of exit status 1), so the others say they are leaving and process 0 exits after them. Not
+    sys.exit: jax's shutdown barrier at exit would wait for the processes that are stopping."""
     deadline = time.monotonic() + _READ_WAIT_MS / 1000
-    for other in range(jax.process_count()):
-        if other in (index, origin):
-            continue
-        remaining_ms = int((deadline - time.monotonic()) * 1000)
-        if remaining_ms <= 0:
-            break
+    others = [other for other in range(jax.process_count()) if other != index]
+    _wait_for(client, [f"{STOP_KEY}/read/{other}" for other in others if other != origin], deadline)
+    if index == 0:
+        _wait_for(client, [f"{STOP_KEY}/left/{other}" for other in others], deadline)
+        time.sleep(_LEAVE_GRACE_S)
+    else:
         try:
-            client.blocking_key_value_get(f"{STOP_KEY}/read/{other}", remaining_ms)
+            client.key_value_set(f"{STOP_KEY}/left/{index}", "")
         except jax.errors.JaxRuntimeError:
-            break  # that process is gone or stuck: the runtime's heartbeat timeout ends it
+            pass  # the store is gone: process 0 has left already
     os._exit(1)
 
 
@@ -296,6 +311,17 @@ def process_batch_share(mesh: Mesh, batch_axes: str | Sequence[str] = BATCH_AXES
     return held[0] // len(held), shards // len(held)
 
 
+class Unsharded(NamedTuple):
+    """An array dimension whose sharding rule names mesh axes (of size > 1) that do not divide its size: the array
+    is kept whole along it, i.e. replicated over `mesh_axes`, on every device of those axes."""
+
+    path: str
+    shape: tuple[int, ...]
+    dim: int
+    logical: str
+    mesh_axes: tuple[str, ...]
+
+
 def logical_to_spec(
     logical: Sequence[str | None],
     shape: Sequence[int],
@@ -303,18 +329,21 @@ def logical_to_spec(
     mesh: Mesh,
     *,
     name: str = "",
+    unsharded: list[Unsharded] | None = None,
 ) -> PartitionSpec:
     """Logical axis names of one array → its PartitionSpec on `mesh`.
 
     A dimension is left replicated when its rule says None, when its mesh axes have size 1, when the mesh axis
     is already used by an earlier dimension, or when the dimension is not divisible by the mesh axes' size
-    (e.g. a 51865-token vocabulary over 8 devices); the last case is logged once per array.
+    (e.g. a 51865-token vocabulary over 8 devices). The last case costs memory the config asked to save: it is
+    appended to `unsharded` (when given) unless a later dimension takes those mesh axes.
     """
     if len(logical) != len(shape):
         raise ValueError(f"{name}: {len(logical)} logical axis names {tuple(logical)} for shape {tuple(shape)}")
     used: set[str] = set()
     spec: list[Any] = []
-    for axis_name, size in zip(logical, shape):
+    not_divided: list[tuple[int, str, tuple[str, ...]]] = []
+    for dim, (axis_name, size) in enumerate(zip(logical, shape)):
         if axis_name is None:
             spec.append(None)
             continue
@@ -329,12 +358,29 @@ def logical_to_spec(
         ways = int(np.prod([mesh.shape[a] for a in mesh_axes]))
         if not mesh_axes or size % ways:
             if mesh_axes:
-                logging.info("%s: dimension %d (%s) not divisible by %s; replicated", name, size, axis_name, mesh_axes)
+                not_divided.append((dim, axis_name, mesh_axes))
             spec.append(None)
             continue
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    if unsharded is not None:
+        for dim, axis_name, mesh_axes in not_divided:
+            lost = tuple(a for a in mesh_axes if a not in used)
+            if lost:
+                unsharded.append(Unsharded(name, tuple(shape), dim, axis_name, lost))
     return PartitionSpec(*spec)
+
+
+def dividing_sizes(unsharded: Sequence[Unsharded], mesh: Mesh) -> dict[tuple[str, ...], list[int]]:
+    """Per group of mesh axes in `unsharded`: the sizes (> 1, dividing the mesh's device count) of those axes'
+    product that would divide every dimension of the group, smallest first (empty: none would)."""
+    groups: dict[tuple[str, ...], int] = {}
+    for entry in unsharded:
+        groups[entry.mesh_axes] = math.gcd(groups.get(entry.mesh_axes, 0), entry.shape[entry.dim])
+    return {
+        axes: [size for size in range(2, mesh.size + 1) if common % size == 0 and mesh.size % size == 0]
+        for axes, common in groups.items()
+    }
 
 
 def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
@@ -361,12 +407,16 @@ def logical_axes_tree(state: nnx.State) -> dict:
     return traverse_util.unflatten_dict(flat)
 
 
-def tree_shardings(logical: Any, shapes: Any, rules: Mapping[str, Any], mesh: Mesh) -> Any:
-    """NamedShardings for a tree of arrays from a same-structured tree of logical-name tuples."""
+def tree_shardings(
+    logical: Any, shapes: Any, rules: Mapping[str, Any], mesh: Mesh, unsharded: list[Unsharded] | None = None
+) -> Any:
+    """NamedShardings for a tree of arrays from a same-structured tree of logical-name tuples; the dimensions
+    that their rules' mesh axes do not divide are appended to `unsharded` (see `logical_to_spec`), named by their
+    path in the tree ("a/b/kernel")."""
 
     def one(path, names, shaped):
         key = "/".join(str(getattr(p, "key", p)) for p in path)
-        return NamedSharding(mesh, logical_to_spec(names, shaped.shape, rules, mesh, name=key))
+        return NamedSharding(mesh, logical_to_spec(names, shaped.shape, rules, mesh, name=key, unsharded=unsharded))
 
     def is_names(x: Any) -> bool:
         return isinstance(x, tuple) and all(isinstance(n, (str, type(None))) for n in x)

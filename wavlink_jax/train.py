@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import ml_collections
@@ -189,10 +190,10 @@ def use_compilation_cache(setting: str) -> str | None:
     return folder
 
 
-def _say(text: str) -> None:
-    """A line for the user (process 0 only; absl INFO logs are off by default)."""
+def _say(text: str, file: TextIO | None = None) -> None:
+    """A line for the user (process 0 only; absl INFO logs are off by default), on stdout or `file`."""
     if jax.process_index() == 0:
-        print(text, flush=True)
+        print(text, file=file, flush=True)
 
 
 def initial_state(
@@ -250,6 +251,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     total_steps = resolve_total_steps(config)
 
     setup = train_step.build(config, mesh, total_steps)
+    warning = train_step.unsharded_warning(setup)
+    if warning:
+        _say(warning, file=sys.stderr)
     # Evaluation sets are decoded (and their settings checked) before the state is built or compiled.
     evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)

@@ -98,6 +98,9 @@ class TrainSetup:
     total_steps: int
     abstract_state: Any  # ShapeDtypeStructs carrying their shardings: orbax restores onto these
     shardings: Any  # NamedShardings, same tree as the state
+    # Dimensions of params/buffers ("params/<path>", "buffers/<path>") that their rule shards but the mesh does not
+    # divide: kept whole there (see `unsharded_warning`).
+    unsharded: tuple[sharding.Unsharded, ...] = ()
 
 
 def _init_fn(setup: TrainSetup) -> Callable[[jax.Array], dict]:
@@ -181,9 +184,11 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     axes = sharding.logical_axes_tree(param_template)
     if targets:
         axes = optim.combine(lora.logical_axes(axes, adapters), axes)
-    param_shardings = sharding.tree_shardings(axes, all_params, rules, mesh)
+    unsharded_params: list[sharding.Unsharded] = []
+    unsharded_buffers: list[sharding.Unsharded] = []
+    param_shardings = sharding.tree_shardings(axes, all_params, rules, mesh, unsharded_params)
     buffer_shardings = sharding.tree_shardings(
-        sharding.logical_axes_tree(buffer_template), abstract["buffers"], rules, mesh
+        sharding.logical_axes_tree(buffer_template), abstract["buffers"], rules, mesh, unsharded_buffers
     )
     trainable_shardings = optim.partition(param_shardings, trainable)[0]
     replicated = sharding.replicated(mesh)
@@ -210,6 +215,73 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
         total_steps=total_steps,
         abstract_state=abstract,
         shardings=shardings,
+        unsharded=tuple(
+            entry._replace(path=f"{kind}/{entry.path}")
+            for kind, entries in (("params", unsharded_params), ("buffers", unsharded_buffers))
+            for entry in entries
+        ),
+    )
+
+
+def _bytes(count: float) -> str:
+    """`count` bytes in KiB, MiB or GiB, for messages."""
+    for unit in ("KiB", "MiB"):
+        count /= 1024
+        if count < 1024:
+            return f"{count:.1f} {unit}"
+    return f"{count / 1024:.1f} GiB"
+
+
+def unsharded_warning(setup: TrainSetup) -> str | None:
+    """A `warning: ...` about the train state's arrays that config.sharding_rules shard along a dimension the mesh
+    does not divide (None when there are none): each is kept whole along it on every device of those mesh axes,
+    and so are its optimizer moments (e.g. nearly every kernel of a width-512 model on fsdp=24: ~24× the memory).
+    Says how many, the bytes per device they take now and would take sharded, the largest examples, and the mesh
+    sizes that would divide them."""
+    if not setup.unsharded:
+        return None
+    mesh, state = setup.mesh, setup.abstract_state
+    lost_ways: dict[str, int] = {}
+    for entry in setup.unsharded:
+        lost_ways[entry.path] = lost_ways.get(entry.path, 1) * math.prod(mesh.shape[a] for a in entry.mesh_axes)
+    # Every array of the state with the parameter or buffer it belongs to (an optimizer moment: its parameter).
+    arrays = [
+        (f"{kind}/{path}", leaf) for kind in ("params", "buffers") for path, leaf in optim.flatten(state[kind]).items()
+    ]
+    param_paths = optim.unflatten({path: f"params/{path}" for path in optim.flatten(state["params"])})
+    moment_paths = optax.tree_map_params(
+        setup.tx, lambda _, path: path, state["opt_state"], optim.partition(param_paths, setup.trainable)[0],
+        transform_non_params=lambda _: None,
+    )
+    structure = jax.tree.structure(moment_paths, is_leaf=lambda x: x is None)
+    arrays += zip(structure.flatten_up_to(moment_paths), structure.flatten_up_to(state["opt_state"]))
+
+    def per_device(leaf: jax.ShapeDtypeStruct) -> int:
+        return math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+
+    affected = [(per_device(leaf), lost_ways[source]) for source, leaf in arrays if source in lost_ways]
+    now, sharded = sum(size for size, _ in affected), sum(size / ways for size, ways in affected)
+    largest = sorted(setup.unsharded, key=lambda entry: -math.prod(entry.shape))[:3]
+    examples = "; ".join(
+        f"{entry.path} {entry.shape}: dimension {entry.dim} ({entry.logical}) of {entry.shape[entry.dim]} over "
+        + "×".join(f"{axis}={mesh.shape[axis]}" for axis in entry.mesh_axes)
+        for entry in largest
+    )
+    divisions = []
+    for axes, sizes in sharding.dividing_sizes(setup.unsharded, mesh).items():
+        name = "×".join(axes)
+        divisions.append(
+            f"{name} = {' or '.join(map(str, sizes))} would divide every one of them" if sizes
+            else f"no {name} size above 1 divides them all"
+        )
+    moments = len(affected) - len(lost_ways)
+    return (
+        f"warning: {len(lost_ways)} parameter/buffer arrays (and {moments} optimizer-state arrays of theirs) are kept "
+        f"whole on every device along a dimension that config.sharding_rules shard, because the mesh "
+        f"{dict(mesh.shape)} does not divide it: they take {_bytes(now)} per device instead of about "
+        f"{_bytes(sharded)}. E.g. {examples}. On {mesh.size} devices, {'; '.join(divisions)}. Change config.mesh "
+        "or the model's widths so that they divide, or map the logical axis to None in config.sharding_rules to "
+        "replicate it on purpose."
     )
 
 
