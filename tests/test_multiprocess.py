@@ -295,18 +295,28 @@ class FakeStore:
         return self.values[key]
 
 
-@pytest.mark.parametrize("posted_first", [None, 2], ids=["first-to-fail", "second-to-fail"])
-def test_a_stopping_process_waits_until_the_others_have_read_the_error(monkeypatch, posted_first):
-    """Process 0 of 4 fails; it serves the key-value store, so it leaves only after every other process has read
-    the error (the one it posted, or the one process 2 posted first) — else they could miss it."""
+@pytest.mark.parametrize(
+    "index, posted_first", [(0, None), (0, 2), (1, None)], ids=["0-first-to-fail", "0-second-to-fail", "1-fails"]
+)
+def test_a_stopping_process_waits_until_the_others_have_read_the_error(monkeypatch, index, posted_first):
+    """A process of 4 fails. It leaves only after every other process has read the error (the one it posted, or
+    the one process 2 posted first), else they could miss it. Process 0 serves the key-value store, so it also
+    waits until the others have said they are leaving, and a moment more: a process whose store vanishes while it
+    waits aborts with SIGABRT instead of exiting with status 1. The others say so before they exit."""
     store = FakeStore(**({sharding.STOP_KEY: f"{posted_first}\nerror: its own"} if posted_first is not None else {}))
-    store.values.update({f"{sharding.STOP_KEY}/read/{i}": "" for i in (1, 2, 3)})
+    others = [i for i in range(4) if i != index]
+    store.values.update({f"{sharding.STOP_KEY}/read/{i}": "" for i in others})
+    if index == 0:
+        store.values.update({f"{sharding.STOP_KEY}/left/{i}": "" for i in others})
+    events = []
     monkeypatch.setattr(sharding, "_watcher", types.SimpleNamespace(stopping=False))
     monkeypatch.setattr(sharding.jax_distributed.global_state, "client", store)
-    monkeypatch.setattr(sharding.jax, "process_index", lambda: 0)
+    monkeypatch.setattr(sharding.jax, "process_index", lambda: index)
     monkeypatch.setattr(sharding.jax, "process_count", lambda: 4)
+    monkeypatch.setattr(sharding.time, "sleep", lambda seconds: events.append(("sleep", seconds)))
 
     def exit_(status):
+        events.append(("exit", status))
         raise SystemExit(status)
 
     monkeypatch.setattr(sharding.os, "_exit", exit_)
@@ -314,10 +324,15 @@ def test_a_stopping_process_waits_until_the_others_have_read_the_error(monkeypat
         sharding.stop_job("error: broken")
     assert stopped.value.code == 1 and sharding._watcher.stopping
     readers = [key.rsplit("/", 1)[1] for key in store.reads if "/read/" in key]
+    leavers = [key.rsplit("/", 1)[1] for key in store.reads if "/left/" in key]
     if posted_first is None:
-        assert store.values[sharding.STOP_KEY] == "0\nerror: broken" and readers == ["1", "2", "3"]
+        assert store.values[sharding.STOP_KEY] == f"{index}\nerror: broken" and readers == [str(i) for i in others]
     else:  # process 2's error stands; process 2 itself needs no reading
         assert store.values[sharding.STOP_KEY] == "2\nerror: its own" and readers == ["1", "3"]
+    if index == 0:
+        assert leavers == ["1", "2", "3"] and events == [("sleep", sharding._LEAVE_GRACE_S), ("exit", 1)]
+    else:
+        assert leavers == [] and f"{sharding.STOP_KEY}/left/{index}" in store.values and events == [("exit", 1)]
 
 
 def test_skip_counts_add_up_over_the_shares(monkeypatch):
