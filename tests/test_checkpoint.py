@@ -219,3 +219,50 @@ def test_a_step_damaged_inside_is_named_with_the_way_out(tmp_path, damage):
     else:  # readers need no data position
         items, _, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
         assert step == 2 and np.array_equal(items["params"]["big"], big)
+
+
+def test_a_data_position_saved_with_other_num_workers_names_the_way_out(tmp_path):
+    """Resuming with another data.num_workers ended in grain's bare KeyError 'next_index' (2 → 0). It is one
+    CheckpointError naming the step and the two ways out, not a damaged step; a checkpoint written before the
+    count was recorded is refused the same way, and resumes exactly with its own count."""
+    from train_fixtures import tiny_config
+
+    from wavlink_jax.data import pipeline, synthetic
+
+    synthetic.generate(tmp_path / "data", num_train=16, num_eval=1, max_seconds=1.5, captions_per_clip=1)
+    data_config = tiny_config(str(tmp_path / "data")).data
+
+    def batches(num_workers):
+        data_config.num_workers = num_workers
+        return pipeline.make_train_iterator(data_config, global_batch_size=4, seed=0, process_index=0, process_count=1)
+
+    mesh = sharding.create_mesh({"data": -1})
+    state, saved = make_state(mesh), batches(2)
+    next(saved)
+    manager = checkpoint.Checkpoints(tmp_path / "run", keep=1, every=1)
+    manager.save(1, state, saved)
+    manager.wait()
+    expected = next(saved)["waveform"]
+    saved.close()
+    step_dir = tmp_path / "run" / "checkpoints" / "1"
+    refusal = re.escape(
+        f"{step_dir}: the data position of step 1 was saved with num_workers=2 (this run has 0); resume with "
+        f"--config.data.num_workers=2, or start a new workdir with --config.init_from.workdir={tmp_path / 'run'} to "
+        "change it (parameters only; optimizer and step start afresh)"
+    )
+    abstract = abstract_on(state, mesh, lambda x: P())
+    position = step_dir / "data" / "process_0-of-1.json"
+    try:
+        with pytest.raises(CheckpointError, match=f"^{refusal}$"):
+            manager.restore(abstract, batches(0))
+        earlier = json.loads(position.read_text())
+        del earlier["num_workers"]
+        position.write_text(json.dumps(earlier))
+        with pytest.raises(CheckpointError, match=f"^{refusal}$"):
+            manager.restore(abstract, batches(0))
+        resumed = batches(2)
+        manager.restore(abstract, resumed)
+        np.testing.assert_array_equal(next(resumed)["waveform"], expected)
+        resumed.close()
+    finally:
+        manager.close()

@@ -562,3 +562,26 @@ def test_config_dict_sources_keep_their_weights(tmp_path, tokenizer):
     config.sources = (ml_collections.ConfigDict({"kind": "manifest", "path": str(a), "weight": "half"}),)
     with pytest.raises(ValueError, match=rf"manifest {re.escape(str(a))}: weight must be \"size\" .* got 'half'"):
         _iterator(config, tokenizer, batch=2)
+
+
+def test_a_position_is_restored_only_with_its_num_workers(tmp_path, tokenizer):
+    """grain keeps one position per worker process, so a position saved with another `num_workers` cannot be set
+    (grain failed with a bare KeyError 'next_index' / 'exhausted' or an IndexError). A state written before the
+    count was recorded tells it by its shape."""
+    manifest = _manifest(tmp_path, range(1, 9))
+    iterators = {workers: _iterator(_config(manifest, num_workers=workers), tokenizer, batch=2) for workers in (0, 2)}
+    states = {}
+    for workers, iterator in iterators.items():
+        next(iterator)
+        states[workers] = json.loads(json.dumps(iterator.get_state()))
+        iterator.close()
+        assert states[workers]["num_workers"] == workers
+        earlier = {key: value for key, value in states[workers].items() if key != "num_workers"}
+        assert pipeline.saved_num_workers(earlier) == workers
+    for saved, current in ((2, 0), (0, 2)):
+        fresh = _iterator(_config(manifest, num_workers=current), tokenizer, batch=2)
+        with pytest.raises(pipeline.WorkersMismatch, match=(
+                rf"^the data position was saved with num_workers={saved}, this iterator has num_workers={current}; "
+                rf"a position belongs to its number of worker processes: restore it with data.num_workers={saved}$")):
+            fresh.set_state(states[saved])
+        fresh.close()

@@ -33,6 +33,7 @@ from flax import nnx
 
 from wavlink_jax import train_step
 from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data.pipeline import WorkersMismatch
 from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
 
@@ -103,7 +104,8 @@ class Checkpoints:
     def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
         """The state of `step` (default: the latest), placed as `abstract_state`'s shardings say; the data
         iterator is moved to the saved position in place. A step that cannot be read (a file missing, cut short
-        or garbled) is a CheckpointError naming it and the step to resume from once it is deleted."""
+        or garbled) is a CheckpointError naming it and the step to resume from once it is deleted; a data position
+        saved with another `data.num_workers` (`pipeline.WorkersMismatch`) one naming the count to resume with."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
@@ -118,14 +120,22 @@ class Checkpoints:
             raise damaged_step_error(where, f"orbax cannot read it ({err})", steps, resuming=True) from err
         check_compatible(saved.tree, abstract_state, source=where)
         check_data_processes(os.path.join(where, "data"))
-        with damage_named(where, steps, resuming=True):
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                ),
-            )
+        try:
+            with damage_named(where, steps, resuming=True):
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+        except WorkersMismatch as err:
+            raise CheckpointError(
+                f"{where}: the data position of step {step} was saved with num_workers={err.saved} (this run has "
+                f"{err.current}); resume with --config.data.num_workers={err.saved}, or start a new workdir with "
+                f"--config.init_from.workdir={os.path.dirname(self.directory)} to change it (parameters only; "
+                "optimizer and step start afresh)"
+            ) from err
         return restored["state"]
 
     def wait(self) -> None:

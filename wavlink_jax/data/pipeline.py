@@ -44,7 +44,7 @@ depend only on (seed, its position in the global stream), never on `process_coun
 the hosts' batches n, concatenated in process order, are the single-host batch n row for row (so a run
 computes the same global batches on any number of hosts), unless a skip shifted the filling.
 Changing `num_workers` changes which examples share a batch (deterministically), so resume with the same
-`num_workers`.
+`num_workers` (`set_state` refuses a position saved with another count: `WorkersMismatch`).
 
 Batches are dicts of numpy arrays: `waveform` float32 (b, window_samples), `input_ids` int32 (b, L),
 `attention_mask` int32 (b, L). `to_global_batch` turns a host's batch into global `jax.Array`s sharded over
@@ -345,13 +345,36 @@ class _FillBatches(grain.IterDataset):
         return _FillBatchesIterator(self._parent.__iter__(), *self._args)
 
 
+class WorkersMismatch(DataError):
+    """A data position restored into an iterator with another number of worker processes than the one that saved
+    it: grain keeps one position per worker, so it cannot be carried over (grain failed with a bare KeyError or
+    IndexError). `saved` and `current` are the two counts."""
+
+    def __init__(self, saved: int, current: int):
+        self.saved, self.current = saved, current
+        super().__init__(
+            f"the data position was saved with num_workers={saved}, this iterator has num_workers={current}; a "
+            f"position belongs to its number of worker processes: restore it with data.num_workers={saved}"
+        )
+
+
+def saved_num_workers(state: Mapping[str, Any]) -> int:
+    """The number of worker processes that saved a `TrainIterator` state; a state written before it was recorded
+    tells by its shape: grain's multiprocessing prefetch keeps one iterator state per worker."""
+    if "num_workers" in state:
+        return int(state["num_workers"])
+    workers = state["pipeline"].get("iterators_in_use_states")
+    return 0 if workers is None else len(workers)
+
+
 class TrainIterator(grain.DatasetIterator):
     """Training batches; `skip_counts` / `last_skip_counts` report bad input; `get_state`/`set_state` resume."""
 
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, drop_remainder: bool, num_workers: int):
         super().__init__(parent)
         self._batch_size = batch_size
         self._drop_remainder = drop_remainder
+        self._num_workers = num_workers
         self._total = np.zeros(len(SKIP_REASONS), np.int64)
         self._last = np.zeros(len(SKIP_REASONS), np.int64)
 
@@ -376,9 +399,13 @@ class TrainIterator(grain.DatasetIterator):
         return dict(zip(SKIP_REASONS, map(int, self._last)))
 
     def get_state(self) -> dict:
-        return {"pipeline": self._parent.get_state(), "skip_counts": self.skip_counts}
+        return {"pipeline": self._parent.get_state(), "skip_counts": self.skip_counts, "num_workers": self._num_workers}
 
     def set_state(self, state: dict) -> None:
+        """Move to a position `get_state` returned; one saved with another `num_workers` is a `WorkersMismatch`."""
+        saved = saved_num_workers(state)
+        if saved != self._num_workers:
+            raise WorkersMismatch(saved, self._num_workers)
         self._parent.set_state(state["pipeline"])
         self._total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
         self._last = np.zeros(len(SKIP_REASONS), np.int64)
@@ -405,9 +432,9 @@ class _HostShare(grain.MapDataset):
 
 
 class _Train(grain.IterDataset):
-    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool):
+    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, num_workers: int):
         super().__init__(parent)
-        self._args = (batch_size, drop_remainder)
+        self._args = (batch_size, drop_remainder, num_workers)
 
     def __iter__(self) -> TrainIterator:
         return TrainIterator(self._parent.__iter__(), *self._args)
@@ -489,7 +516,7 @@ def build_train_dataset(
         _mark_absl_flags_parsed()
         options = grain.MultiprocessingOptions(num_workers=config.num_workers, per_worker_buffer_size=config.worker_buffer)
         batches = batches.mp_prefetch(options)
-    return _Train(batches, batch_size, drop_remainder)
+    return _Train(batches, batch_size, drop_remainder, max(config.num_workers, 0))
 
 
 def make_train_iterator(
