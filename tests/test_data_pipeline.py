@@ -377,6 +377,16 @@ def test_global_batch_is_sharded_over_the_batch_axes(batch_axes, shard_rows):
         np.testing.assert_array_equal(np.asarray(array), local[key])
 
 
+def test_global_batch_defaults_to_the_train_steps_batch_axes():
+    """The default was "data" alone: on a data × fsdp mesh the batch did not fit the jitted train step's input
+    sharding (sharding.batch_sharding: data and fsdp) and the step failed with a sharding mismatch."""
+    from wavlink_jax import sharding
+
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 4})
+    global_batch = pipeline.to_global_batch({"waveform": np.zeros((16, 5), np.float32)}, mesh)
+    assert global_batch["waveform"].sharding == sharding.batch_sharding(mesh)
+
+
 def test_eval_set_keeps_order_captions_and_labels(tmp_path):
     labelled_only = {"audio": "5.wav", "captions": [], "label": "c2"}
     blank = {"audio": "1.wav", "captions": ["a blank follows", " "], "id": "1b"}  # the blank caption is dropped

@@ -558,8 +558,11 @@ def make_train_iterator(
     return iter(dataset)
 
 
-def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh, batch_axes: str | Sequence[str] = "data") -> dict:
-    """This host's batch → global `jax.Array`s, dimension 0 sharded over the mesh's `batch_axes`.
+def to_global_batch(
+    local_batch: Mapping[str, np.ndarray], mesh, batch_axes: str | Sequence[str] | None = None
+) -> dict:
+    """This host's batch → global `jax.Array`s, dimension 0 sharded over the mesh's `batch_axes` (default: the
+    train step's, `wavlink_jax.sharding.BATCH_AXES`).
 
     Every host passes the rows of its share (`wavlink_jax.sharding.process_batch_share`, the share the trainer
     reads): in share order, they form the global batch.
@@ -567,8 +570,9 @@ def to_global_batch(local_batch: Mapping[str, np.ndarray], mesh, batch_axes: str
     import jax
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from wavlink_jax.sharding import process_batch_share
+    from wavlink_jax.sharding import BATCH_AXES, process_batch_share
 
+    batch_axes = BATCH_AXES if batch_axes is None else batch_axes
     axes = batch_axes if isinstance(batch_axes, str) else tuple(batch_axes)
     sharding = NamedSharding(mesh, PartitionSpec(axes))
     _, shares = process_batch_share(mesh, axes)
