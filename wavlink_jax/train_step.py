@@ -445,8 +445,8 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
             **parts,  # loss/<d>, clip/<d>, sigmoid/<d>
             **{f"{kind}/mean": jnp.mean(jnp.stack(values)) for kind, values in by_kind.items() if values},
             "learning_rate": schedule(state["step"]),
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(trainable),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(trainable),
             "clip/temperature": 1.0 / jnp.exp(params["clip_logit_scale"]),
             "sigmoid/temperature": 1.0 / jnp.exp(params["sigmoid_logit_scale"]),
             "sigmoid/bias": params["sigmoid_logit_bias"],
