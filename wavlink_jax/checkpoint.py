@@ -111,13 +111,9 @@ class Checkpoints:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore")
         where = os.path.join(self.directory, str(step))
         steps = self.manager.all_steps()
-        problem = step_problem(Path(where), ("state", "data"))
-        if problem:
-            raise damaged_step_error(where, problem, steps, resuming=True)
-        try:
+        check_step(Path(where), ("state", "data"), steps, resuming=True)
+        with damage_named(where, steps, resuming=True, any_of=METADATA_READ_FAILURES):
             saved = self.manager.item_metadata(step)["state"]
-        except (KeyError, ValueError, OSError) as err:
-            raise damaged_step_error(where, f"orbax cannot read it ({err})", steps, resuming=True) from err
         check_compatible(saved.tree, abstract_state, source=where)
         check_data_processes(os.path.join(where, "data"))
         try:
@@ -205,20 +201,21 @@ def check_data_processes(data_dir: str) -> None:
         )
 
 
-def step_problem(step_dir: Path, items: tuple[str, ...]) -> str | None:
-    """What visibly keeps `step_dir` from being a complete checkpoint of `items` (None: nothing seen): an empty
+def check_step(step_dir: Path, items: tuple[str, ...], steps: list[int], *, resuming: bool) -> None:
+    """Refuse (`damaged_step_error`) a `step_dir` that visibly is not a complete checkpoint of `items`: an empty
     directory, a missing item, a `state/_METADATA` that is not JSON (cut short). Orbax's own errors for these
     name neither the step nor what to do."""
     if not any(step_dir.iterdir()):
-        return "the directory is empty"
-    missing = [f"{item}/" for item in items if not (step_dir / item).is_dir()]
-    if missing:
-        return f"it has no {' and no '.join(missing)}"
-    try:
-        json.loads((step_dir / "state" / "_METADATA").read_text())
-    except (OSError, ValueError) as err:
-        return f"state/_METADATA cannot be read ({type(err).__name__}: {err})"
-    return None
+        problem = "the directory is empty"
+    elif missing := [f"{item}/" for item in items if not (step_dir / item).is_dir()]:
+        problem = f"it has no {' and no '.join(missing)}"
+    else:
+        try:
+            json.loads((step_dir / "state" / "_METADATA").read_text())
+            return
+        except (OSError, ValueError) as err:
+            problem = f"state/_METADATA cannot be read ({type(err).__name__}: {err})"
+    raise damaged_step_error(step_dir, problem, steps, resuming=resuming)
 
 
 def read_failure(err: BaseException) -> str | None:
@@ -238,14 +235,21 @@ def read_failure(err: BaseException) -> str | None:
     return None
 
 
+# What orbax raises when a step's metadata cannot be read: every such error is damage (nothing else is checked yet).
+METADATA_READ_FAILURES = (KeyError, ValueError, OSError)
+
+
 @contextlib.contextmanager
-def damage_named(step_dir: str | os.PathLike, steps: list[int], *, resuming: bool) -> Iterator[None]:
-    """Raise an error of the block that `read_failure` finds to be a damaged file as `damaged_step_error`'s
-    error (naming the step and the way out) instead of orbax's traceback; any other error as it is."""
+def damage_named(
+    step_dir: str | os.PathLike, steps: list[int], *, resuming: bool, any_of: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Raise an error of the block that is one of `any_of`, or that `read_failure` finds to be a damaged file, as
+    `damaged_step_error`'s error (naming the step and the way out) instead of orbax's traceback; any other error
+    as it is."""
     try:
         yield
     except Exception as err:
-        failure = read_failure(err)
+        failure = str(err) if isinstance(err, any_of) else read_failure(err)
         if failure is None:
             raise
         raise damaged_step_error(step_dir, f"orbax cannot read it ({failure})", steps, resuming=resuming) from err
@@ -312,18 +316,14 @@ def read_workdir_state(
     elif step not in steps:
         raise CheckpointError(f"{directory}: no finished checkpoint of step {step}; steps available: {steps}")
     step_dir = Path(directory) / str(step)
-    problem = step_problem(step_dir, ("state",))
-    if problem:
-        raise damaged_step_error(step_dir, problem, steps, resuming=False)
+    check_step(step_dir, ("state",), steps, resuming=False)
     # The step directory, read with the item layout `Checkpoints` writes: orbax keeps the step's metadata
     # (_CHECKPOINT_METADATA) there, so reading `state/` alone made orbax warn that it does not exist.
     checkpointer = ocp.Checkpointer(
         ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
     )
-    try:
+    with damage_named(step_dir, steps, resuming=False, any_of=METADATA_READ_FAILURES):
         saved = checkpointer.metadata(step_dir).item_metadata.get("state")
-    except (KeyError, ValueError, OSError) as err:
-        raise damaged_step_error(step_dir, f"orbax cannot read it ({err})", steps, resuming=False) from err
     # The tree as orbax stored it (optax's chain state is a list there; `_as_dict` would key it by index, which
     # orbax refuses to restore into).
     metadata = saved.tree if saved is not None else {}
