@@ -279,11 +279,13 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(lower)), "other")
 
 
-def summarize_trace(trace_file: Path, steps: int, top: int = 15) -> dict[str, Any]:
-    """Device time per step from a jax profiler trace (Chrome/perfetto JSON): by kind and by kernel.
+def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, Any]:
+    """Device time per step from a jax profiler trace (Chrome/perfetto JSON): by kind, by kernel and by HLO op.
 
-    Kernels are the complete events on the device's `Stream` lines (the derived `XLA Ops` / `XLA Modules`
-    lines would count them twice). A trace without device lines (CPU) gives empty tables."""
+    Kernels are the complete events on the device's `Stream` lines. XLA gives identical fusions one kernel, so
+    one kernel name can stand for many HLO ops (e.g. every layer's GELU): each kernel comes with its launches
+    per step, and the derived `XLA Ops` line, which names the HLO instruction of each launch, gives the same
+    time by op (it is not added to the totals). A trace without device lines (CPU) gives empty tables."""
     import gzip
 
     with gzip.open(trace_file) as file:
@@ -304,22 +306,36 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 15) -> dict[str, An
     kernel_lines = {key for key, name in device_lines.items() if name.startswith("Stream")} or {
         key for key, name in device_lines.items() if not any(d in name for d in ("XLA Modules", "XLA Ops", "Steps"))
     }
-    by_kernel: dict[str, float] = {}
-    for event in events:
-        if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines:
-            by_kernel[event["name"]] = by_kernel.get(event["name"], 0.0) + float(event.get("dur", 0.0))
-    total_us = sum(by_kernel.values())
+    op_lines = {key for key, name in device_lines.items() if name == "XLA Ops"}
+
+    def totals(lines: set) -> dict[str, list[float]]:
+        """name → [microseconds, launches] over the events on `lines`."""
+        by_name: dict[str, list[float]] = {}
+        for event in events:
+            if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in lines:
+                entry = by_name.setdefault(event["name"], [0.0, 0])
+                entry[0] += float(event.get("dur", 0.0))
+                entry[1] += 1
+        return by_name
+
+    by_kernel, by_op = totals(kernel_lines), totals(op_lines)
+    total_us = sum(us for us, _ in by_kernel.values())
     by_kind: dict[str, float] = {}
-    for name, us in by_kernel.items():
+    for name, (us, _) in by_kernel.items():
         by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
     ms = lambda us: round(us / steps / 1e3, 3)  # noqa: E731
+
+    def ranked(by_name: dict[str, list[float]]) -> list[list]:
+        """[name, ms per step, launches per step] for the `top` names with the most time."""
+        items = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+        return [[name[:120], ms(us), round(launches / steps, 2)] for name, (us, launches) in items]
+
     return {
         "lines": sorted(device_lines[key] for key in kernel_lines),
         "device_busy_ms_per_step": ms(total_us),
         "by_kind_ms_per_step": {kind: ms(us) for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
-        "top_kernels_ms_per_step": [
-            [name[:120], ms(us)] for name, us in sorted(by_kernel.items(), key=lambda kv: -kv[1])[:top]
-        ],
+        "top_kernels_ms_per_step": ranked(by_kernel),
+        "top_ops_ms_per_step": ranked(by_op),
     }
 
 
@@ -602,7 +618,10 @@ def report(r: dict[str, Any]) -> str:
     elif profile:
         kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms_per_step"].items())
         lines.append(f"  device busy {profile['device_busy_ms_per_step']:.2f} ms/step: {kinds or 'no device lines'}")
-        lines += [f"    {ms:8.2f} ms  {name}" for name, ms in profile["top_kernels_ms_per_step"]]
+        for title, key in (("kernels", "top_kernels_ms_per_step"), ("HLO ops", "top_ops_ms_per_step")):
+            if profile[key]:
+                lines.append(f"    {title} (ms/step, launches/step):")
+                lines += [f"    {ms:8.2f} ms {n:6.1f}×  {name}" for name, ms, n in profile[key]]
     b = r["baseline"]
     if b is not None and "error" in b:
         lines.append(f"  torch baseline failed: {b['error']}")

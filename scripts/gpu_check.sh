@@ -80,7 +80,7 @@ if [ -f "$STATE_DIR/attention" ]; then
     log "attention implementation from this machine's earlier call: $ATTENTION"
 else
     ATTENTION=cudnn
-    if ! timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | grep -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"; then
+    if ! timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"; then
         ATTENTION=xla
         log "cuDNN attention failed or disagreed: the benchmark runs use --attention xla"
     fi
@@ -116,7 +116,7 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     local separate=""
     [[ " $* " == *" --baseline "* ]] && separate=$SEPARATE
     timeout --kill-after=10 "$remaining" python3 scripts/benchmark.py --attention "$ATTENTION" --label "$label" \
-        --jsonl "$JSONL" $separate "$@" 2>&1 | grep -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        --jsonl "$JSONL" $separate "$@" 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "== $label: exit $rc after $(($(date +%s) - t0)) s"
     if [ "$rc" -ne 0 ]; then
@@ -168,8 +168,8 @@ for r in rows:
         kinds = ", ".join(f"{kind} {ms:.1f}" for kind, ms in profile["by_kind_ms_per_step"].items())
         print(f"\n{r['label']}: step {1e3 * r['step_time_s']:.1f} ms, device busy {profile['device_busy_ms_per_step']:.1f} ms "
               f"({kinds}); log-mel alone {1e3 * r['log_mel_s']:.1f} ms; lines {profile['lines']}")
-        for name, ms in profile["top_kernels_ms_per_step"]:
-            print(f"  {ms:8.2f} ms  {name}")
+        for name, ms, launches in profile["top_kernels_ms_per_step"]:
+            print(f"  {ms:8.2f} ms {launches:6.1f}×  {name}")
     elif profile:
         print(f"\n{r['label']}: profile failed: {profile['error'][:300]}")
 EOF

@@ -110,7 +110,9 @@ def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
 
 def test_trace_summary_counts_stream_kernels_once(tmp_path):
     """The profile summary reads the device's Stream lines (xprof's layout of a GPU trace), not the derived
-    XLA Ops line that repeats the same time, nor host events; times are per step, grouped by kind."""
+    XLA Ops line that repeats the same time, nor host events; times are per step, grouped by kind; each kernel
+    comes with its launches per step (one kernel serves identical fusions), and the XLA Ops line gives the same
+    time by HLO op."""
     import gzip
 
     def meta(kind, pid, tid, name):
@@ -126,7 +128,8 @@ def test_trace_summary_counts_stream_kernels_once(tmp_path):
         kernel(1, 7, "sm90_xmma_gemm_bf16bf16_bf16f32", 3000), kernel(1, 7, "cudnn_generated_fort_native_sdpa_sm90", 2000),
         kernel(1, 7, "loop_add_fusion", 500), kernel(1, 7, "loop_add_fusion", 500), kernel(1, 7, "regular_fft", 1000),
         kernel(1, 7, "sm90_xmma_fprop_implicit_gemm_bf16", 400), kernel(1, 7, "loop_convert_fusion", 600),
-        kernel(1, 8, "fusion.1", 7000), kernel(2, 9, "PjitFunction(step)", 9000),
+        kernel(1, 8, "loop_add_fusion.3", 500), kernel(1, 8, "loop_add_fusion.7", 500), kernel(1, 8, "custom-call.1", 3000),
+        kernel(2, 9, "PjitFunction(step)", 9000),
     ]
     trace = tmp_path / "perfetto_trace.json.gz"
     with gzip.open(trace, "wt") as file:
@@ -137,7 +140,12 @@ def test_trace_summary_counts_stream_kernels_once(tmp_path):
     assert summary["by_kind_ms_per_step"] == {  # a type conversion ("convert") is not a convolution
         "matmul": 1.5, "attention": 1.0, "other": 0.8, "fft": 0.5, "convolution": 0.2,
     }
-    assert summary["top_kernels_ms_per_step"][0] == ["sm90_xmma_gemm_bf16bf16_bf16f32", 1.5]
+    kernels = {name: (ms, launches) for name, ms, launches in summary["top_kernels_ms_per_step"]}
+    assert summary["top_kernels_ms_per_step"][0] == ["sm90_xmma_gemm_bf16bf16_bf16f32", 1.5, 0.5]
+    assert kernels["loop_add_fusion"] == (0.5, 1.0)  # two launches in two steps: one per step
+    assert summary["top_ops_ms_per_step"] == [
+        ["custom-call.1", 1.5, 0.5], ["loop_add_fusion.3", 0.25, 0.5], ["loop_add_fusion.7", 0.25, 0.5],
+    ]
 
 
 def _route_cudnn_through_xla(monkeypatch, *, drop_causal: bool = False) -> list:
