@@ -1,0 +1,169 @@
+"""cuDNN flash attention needs even sequence lengths: the encoder stack pads once per tower, not q/k/v per layer.
+
+CPUs have no cuDNN, so `implementation="cudnn"` calls are routed through XLA (recording the query length each
+call sees); the padded cuDNN path must then compute exactly what plain XLA attention computes on the true
+length, values and gradients alike, and the differentiated program must hold a fixed number of pads however
+many layers the stack has.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.extend.core import subjaxprs
+
+from wavlink_jax.models import layers
+from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
+from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder
+
+TOL = 1e-5
+
+
+@pytest.fixture
+def cudnn_lengths(monkeypatch) -> list:
+    """Route `implementation="cudnn"` through XLA; the list collects the query length of each cuDNN call."""
+    original = jax.nn.dot_product_attention
+    lengths = []
+
+    def fake(q, k, v, *, implementation=None, **kwargs):
+        if implementation == "cudnn":
+            lengths.append(q.shape[1])
+        return original(q, k, v, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    return lengths
+
+
+def _value_and_grads(model: nnx.Module, loss, *inputs):
+    """The loss and its gradients with respect to the model's parameters and, when it is float, the first input."""
+    graphdef, params, others = nnx.split(model, nnx.Param, ...)
+
+    def f(params, *inputs):
+        return loss(nnx.merge(graphdef, params, others), *inputs)
+
+    argnums = (0, 1) if jnp.issubdtype(inputs[0].dtype, jnp.floating) else 0
+    return jax.value_and_grad(f, argnums=argnums)(params, *inputs)
+
+
+def _assert_close(cudnn, xla) -> None:
+    """Every leaf agrees to `TOL` relative to its largest magnitude or 1, whichever is larger (fp32 rounding
+    of sums the padding reorders; a padded row leaking into a real one would show as O(1)). The floor is
+    for leaves that are zero up to rounding, such as the key bias's gradient (softmax ignores it)."""
+
+    def relative(a, b):
+        a, b = np.asarray(a), np.asarray(b)
+        return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1.0))
+
+    diffs = jax.tree.map(relative, cudnn, xla)
+    assert max(jax.tree.leaves(diffs)) < TOL, diffs
+
+
+@pytest.mark.parametrize("global_only", [False, True])
+def test_whisper_padded_cudnn_path_matches_xla(cudnn_lengths, global_only):
+    """40 mel frames → 20 positions + the global token = 21 rows, padded once to 32 for every cuDNN block."""
+    sizes = dict(n_mels=8, width=32, num_layers=3, num_heads=4, mlp_dim=64, max_positions=24, remat="dots_saveable")
+    mel = jax.random.normal(jax.random.key(1), (2, 8, 40))
+    weights = jax.random.normal(jax.random.key(2), (2, 21, 32))
+
+    def loss(model, mel):
+        out = model(mel, global_only=global_only)
+        if global_only:
+            return jnp.sum(out.global_state * weights[:, -1])
+        return jnp.sum(out.hidden_states * weights[:, :-1]) + jnp.sum(out.global_state * weights[:, -1])
+
+    results = {
+        implementation: _value_and_grads(
+            WhisperEncoder(WhisperConfig(**sizes, attention_implementation=implementation), rngs=nnx.Rngs(0)),
+            loss,
+            mel,
+        )
+        for implementation in ("xla", "cudnn")
+    }
+    assert set(cudnn_lengths) == {32}
+    _assert_close(results["cudnn"], results["xla"])
+
+
+def test_clip_text_padded_cudnn_path_matches_xla(cudnn_lengths):
+    """77 causal tokens (captions of 77, 40 and 5 tokens) padded once to 80; pooled at each caption's EOS."""
+    sizes = dict(vocab_size=99, width=32, num_layers=2, num_heads=4, mlp_dim=64, projection_dim=16)
+    caption_lengths = np.array([77, 40, 5])
+    positions = np.arange(77)
+    ids = np.array(jax.random.randint(jax.random.key(3), (3, 77), 3, 98))
+    ids[np.arange(3), caption_lengths - 1] = 98  # end-of-text: the largest id (eos_token_id == 2 pooling)
+    mask = positions < caption_lengths[:, None]
+    ids = jnp.asarray(np.where(mask, ids, 0))
+    weights = jax.random.normal(jax.random.key(4), (3, 77, 32))
+
+    def loss(model, ids, mask):
+        out = model(ids, mask.astype(jnp.int32))
+        valid = mask[..., None]
+        return jnp.sum(jnp.where(valid, out.hidden_states, 0) * weights) + jnp.sum(out.pooled * weights[:, 0])
+
+    results = {
+        implementation: _value_and_grads(
+            CLIPTextEncoder(CLIPTextConfig(**sizes, attention_implementation=implementation), rngs=nnx.Rngs(0)),
+            loss,
+            ids,
+            jnp.asarray(mask),
+        )
+        for implementation in ("xla", "cudnn")
+    }
+    assert set(cudnn_lengths) == {80}
+    _assert_close(results["cudnn"], results["xla"])
+
+
+def _stack(num_layers: int, implementation: str) -> layers.EncoderStack:
+    return layers.EncoderStack(
+        num_layers,
+        width=32,
+        num_heads=4,
+        mlp_dim=64,
+        activation="gelu",
+        key_bias=True,
+        layer_norm_eps=1e-5,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        attention_implementation=implementation,
+        rngs=nnx.Rngs(0),
+    )
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
+    """The stack itself, caller's kv_lengths shorter than the sequence: outputs and input gradients agree."""
+    x = jax.random.normal(jax.random.key(5), (3, 21, 32))
+    kv_lengths = jnp.array([21, 9, 1], jnp.int32)
+    weights = jax.random.normal(jax.random.key(6), (3, 21, 32))
+    valid = (jnp.arange(21) < kv_lengths[:, None])[..., None]
+
+    def loss(stack, x):
+        return jnp.sum(jnp.where(valid, stack(x, kv_lengths=kv_lengths, causal=causal), 0) * weights)
+
+    results = {impl: _value_and_grads(_stack(2, impl), loss, x) for impl in ("xla", "cudnn")}
+    assert set(cudnn_lengths) == {32}
+    _assert_close(results["cudnn"], results["xla"])
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Occurrences of primitive `name` in `jaxpr` and every jaxpr nested in it (remat, pjit, custom_vjp...)."""
+    own = sum(eqn.primitive.name == name for eqn in jaxpr.eqns)
+    return own + sum(_count_primitive(sub, name) for sub in subjaxprs(jaxpr))
+
+
+def test_differentiated_stack_pads_once_whatever_its_depth(cudnn_lengths):
+    """Forward + backward through 1 and 4 cuDNN layers at an odd length: 3 pads however deep the stack (the
+    input's; in the backward, the final slice's transpose and the input pad's, a negative pad), where padding
+    q, k and v in every layer gave 7 per layer (28 for 4 layers)."""
+    x = jax.random.normal(jax.random.key(7), (2, 21, 32))
+
+    def pads(num_layers: int) -> int:
+        graphdef, params = nnx.split(_stack(num_layers, "cudnn"), nnx.Param)
+
+        def loss(params, x):
+            return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+        return _count_primitive(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr, "pad")
+
+    assert pads(1) == pads(4) == 3
+    assert set(cudnn_lengths) == {32}
