@@ -14,9 +14,9 @@
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
-#   2. base 30 s b128 vs torch.compile (profiled); base 10 s b128 (the 10 s vs 30 s speed-up); small b64 vs
-#      torch.compile; large b16 vs regional torch.compile (profiled); large b64 with full remat (ours);
-#      medium b32 vs regional torch.compile; base vs eager PyTorch (our step from the JAX compile cache)
+#   2. large b16 (ours, profiled); large b64 with full remat; base 30 s b128 vs torch.compile (profiled, HLO
+#      dumped); large b16 vs regional torch.compile (our step from the JAX compile cache); medium b32 vs
+#      regional torch.compile; small b64 vs torch.compile; base 10 s b128; base vs eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
 # would not fit its estimate is skipped and recorded as such (the next call on the machine runs it).
 set -u -o pipefail
@@ -128,16 +128,19 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     fi
 }
 
-# Estimated seconds (GPU run 1 + the init fix + guesses for torch.compile, see BENCHMARKS.md) are the skip
-# thresholds. Large and medium run ours and the baseline in one process (one JAX compile each).
-bench base-30s-b128-vs-compile 150 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2 \
+# Estimated seconds (GPU run 2's timings, guesses for large and medium) are the skip thresholds. Order: what no
+# run has measured yet (large, its batch-64 remat run, medium), then base again (the fixes after run 2), small,
+# the 10 s window and the eager baseline. Large runs ours alone first (profiled), then against the baseline,
+# which finds our step in the JAX compile cache; so a slow PyTorch side cannot cost us our own figures.
+bench large-30s-b16 150 --model large --batch 16 --window 30 --steps 5 --profile 1
+bench large-30s-b64-remat 130 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
+bench base-30s-b128-vs-compile 190 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2 \
     --dump-hlo "$OUT/hlo_base_30s_b128.txt"
 [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
+bench large-30s-b16-vs-compile-regional 120 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
+bench medium-30s-b32-vs-compile-regional 170 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
+bench small-30s-b64-vs-compile 230 --model small --batch 64 --window 30 --baseline torch --compile --steps 10
 bench base-10s-b128 45 --model base --batch 128 --window 10 --steps 10
-bench small-30s-b64-vs-compile 140 --model small --batch 64 --window 30 --baseline torch --compile --steps 10
-bench large-30s-b16-vs-compile-regional 170 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5 --profile 1
-bench large-30s-b64-remat 110 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
-bench medium-30s-b32-vs-compile-regional 130 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
 bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline torch --steps 10
 
 # --- summary -------------------------------------------------------------------------------------------------
