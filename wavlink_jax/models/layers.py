@@ -323,18 +323,17 @@ class EncoderBlock(nnx.Module):
 
 
 def _create_blocks(num_layers: int, key: jax.Array, block_kwargs: dict) -> list[EncoderBlock]:
-    """`num_layers` EncoderBlocks, each initialised from its own split of `key`, created by one `jax.vmap`.
+    """`num_layers` EncoderBlocks, each initialised from its own split of `key`, created in one `jax.lax.map`.
 
-    Why vmap: under `jit` (the trainer creates its parameters there) every random draw is its own threefry
-    kernel, and tracing and compiling those dominated start-up (state init took 45 s for base and 128 s for
-    large on an H200 host). A loop of blocks draws ~6 times per layer; one vmapped block draws 6 times per
-    stack. Large's init program on CPU: 3568 → 594 kernels, trace 15.5 → 2.9 s, compile 38 → 10 s.
+    Why one batched construction: under `jit` (the trainer creates its parameters there) a Python loop of blocks
+    traces ~6 random draws per layer, each its own threefry kernel, and tracing and compiling those dominated
+    start-up (state init took 45 s for base and 128 s for large on an H200 host, GPU run 1).
 
-    Why a loop (`lax.map`) and not `vmap`: on GPU jax lowers threefry fully unrolled (~20 rounds inline), and XLA
-    fused each whole vmapped draw into every per-layer slice taken below: one threefry kernel per layer and
-    parameter (the init program of base held 108 of them, large 264), which made GPU init compile take minutes
-    and grow with depth. Inside a loop each draw is compiled once, whatever the depth, and the slices of its
-    stacked output are plain copies. Values are those of the vmap (each layer's draws depend on its key only).
+    Why `lax.map` and not `jax.vmap` (which replaced that loop first): on GPU jax lowers threefry fully unrolled
+    (~20 rounds inline), and XLA fused each whole vmapped draw into every per-layer slice taken below, one
+    threefry kernel per layer and parameter (base's init held 108 of them, large's 264): GPU run 2's init took
+    89 s for small. In the loop's body each draw is compiled once, whatever the depth, and the slices of its
+    stacked output are plain copies. Each layer's values depend on its key only, as before.
     """
 
     def create(layer_key: jax.Array) -> EncoderBlock:
