@@ -80,7 +80,9 @@ if [ -f "$STATE_DIR/attention" ]; then
     log "attention implementation from this machine's earlier call: $ATTENTION"
 else
     ATTENTION=cudnn
-    if ! timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"; then
+    timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 |
+        grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+    if [ "${PIPESTATUS[0]}" -ne 0 ]; then  # the check's own status (grep's says only whether it passed lines)
         ATTENTION=xla
         log "cuDNN attention failed or disagreed: the benchmark runs use --attention xla"
     fi
