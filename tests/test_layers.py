@@ -161,3 +161,22 @@ def test_gelu_block_gradients_are_the_same_under_remat(remat):
 
     for ours, plain in zip(grads(remat), grads("none"), strict=True):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=1e-5, atol=1e-6)
+
+
+def test_gelu_takes_integers_and_python_numbers_as_jax_does_and_refuses_forward_mode_clearly():
+    """Integers and Python numbers become float32 (as in `jax.nn.gelu`), not truncated or an AttributeError;
+    forward-mode autodiff, which a custom VJP cannot give, fails with jax's own message (documented)."""
+    import numpy as np
+
+    np.testing.assert_array_equal(layers.gelu_exact(jnp.arange(3)), jax.nn.gelu(jnp.arange(3.0), approximate=False))
+    assert float(layers.gelu_exact(0.3)) == float(jax.nn.gelu(jnp.float32(0.3), approximate=False))
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(layers.gelu_exact, (jnp.ones(3),), (jnp.ones(3),))
+
+
+@pytest.mark.parametrize("last_query_start", [21, -22, 30])
+def test_stack_refuses_a_last_query_start_outside_the_sequence(last_query_start):
+    """Out of range it used to be clamped by a slice (rows 0: for -30 of 21) and would now count from a padded
+    end: refused instead, naming the value and the length."""
+    with pytest.raises(ValueError, match=f"last_query_start {last_query_start} is outside the sequence of 21 rows"):
+        _stack(1)(jnp.zeros((1, 21, 32)), last_query_start=last_query_start)

@@ -34,23 +34,32 @@ def _wide(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-@jax.custom_vjp
 def gelu_exact(x: jax.Array) -> jax.Array:
     """Exact GELU, 0.5·x·erfc(-x/√2) (`jax.nn.gelu(x, approximate=False)`'s formula), computed in fp32 and
-    returned in `x`'s dtype.
+    returned in `x`'s dtype (integers and Python numbers become float32, as with `jax.nn.gelu`).
 
     Why a custom VJP: autodiff of the formula saves its intermediates for the backward (0.5·x, erfc(-x/√2),
     exp(-x²/2) in the jaxpr; on an H200 the fused forward wrote erfc(-x/√2) and -x/√2 besides the output),
     each a bf16 [batch, frames, mlp] tensor per layer (787 MB for base at batch 128 on 30 s audio). Here the
     only residual is `x`, and the backward recomputes gelu'(x) = Φ(x) + x·φ(x) in fp32: elementwise work in
     the kernel that reads `x` anyway. Computing in fp32 also matches PyTorch's GELU on bf16 inputs.
+    The price: reverse mode only. `jax.grad`/`vjp` (also grad of grad) work; forward mode (`jax.jvp`,
+    `jacfwd`, `hessian`) raises jax's "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
     """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        x = x.astype(jnp.float32)
+    return _gelu_exact(x)
+
+
+@jax.custom_vjp
+def _gelu_exact(x: jax.Array) -> jax.Array:
     wide = _wide(x)
     return (0.5 * wide * jax.lax.erfc(-wide * _SQRT_HALF)).astype(x.dtype)
 
 
 def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return gelu_exact(x), x
+    return _gelu_exact(x), x
 
 
 def _gelu_backward(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
@@ -59,7 +68,7 @@ def _gelu_backward(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
     return ((_wide(g) * derivative).astype(g.dtype),)
 
 
-gelu_exact.defvjp(_gelu_forward, _gelu_backward)
+_gelu_exact.defvjp(_gelu_forward, _gelu_backward)
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "gelu": gelu_exact,
@@ -383,7 +392,8 @@ class EncoderStack(nnx.Module):
         causal: bool = False,
         last_query_start: int | None = None,
     ) -> jax.Array:
-        """`last_query_start`: the last block computes only rows `last_query_start:` (the returned rows).
+        """`last_query_start`: the last block computes only rows `last_query_start:` (the returned rows); a
+        negative value counts from the end, as in a slice, and it must lie inside the sequence.
 
         An odd length with cuDNN attention is zero-padded once here (see `_pad_for_cudnn`) instead of q, k and
         v in every layer (on an H200 that per-layer padding cost ~4 of base's 106 ms step). Real rows never see
@@ -394,8 +404,10 @@ class EncoderStack(nnx.Module):
         padded = length % 2 == 1 and self.layers[0].attn.uses_cudnn()
         if padded:
             kv_lengths, x = _pad_for_cudnn(kv_lengths, x)
-        if last_query_start is not None and last_query_start < 0:
-            last_query_start += length  # counted from the true end, not the padded one
+        if last_query_start is not None:
+            if not -length <= last_query_start < length:
+                raise ValueError(f"last_query_start {last_query_start} is outside the sequence of {length} rows")
+            last_query_start %= length  # counted from the true end, not the padded one
 
         def block_fn(query_start: int | None) -> Callable[[EncoderBlock, jax.Array], jax.Array]:
             def apply(block: EncoderBlock, h: jax.Array) -> jax.Array:
