@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> dict[tuple[str, str], tuple[int, int]
     total = sum(n * size for n, size in table.values())
     name = "tiny" if args.tiny else args.model
     print(f"{name} audio tower, batch {args.batch}, {args.window:g} s, {args.dtype}, GELU {args.gelu}: "
-          f"{count} residuals of >= {min_elements} elements, {total / 2**20:.0f} MiB")
+          f"{count} residuals of >= {min_elements} elements, {total / 2**20:.1f} MiB")
     for (kind, op), (n, size) in sorted(table.items()):
-        print(f"  {n:3d} x {kind:28s} {n * size / 2**20:7.0f} MiB  {op}")
+        print(f"  {n:3d} x {kind:28s} {n * size / 2**20:9.1f} MiB  {op}")
     return table
 
 

@@ -8,7 +8,8 @@
 # Writes $OUT/bench.jsonl (one JSON object per benchmark run, or {"label", "error"} for one that failed or
 # was skipped) and $OUT/log.txt (everything printed), and ends with a Markdown table of the runs.
 # Resumable: runs that succeeded are recorded in $STATE_DIR (default /tmp/gpu_check_state, which lives as long
-# as the machine), and a second call on the same machine skips them (and the parity check), so one device
+# as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
+# or xla, is kept there too; delete the folder to check again), so one device
 # session can be spent as two back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh`, then again.
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
@@ -102,7 +103,7 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     if [ -n "${SELECTED// /}" ] && [[ "$SELECTED" != *" $label "* ]]; then
         return
     fi
-    if grep -qx "$label" "$STATE_DIR/done.txt"; then
+    if grep -qxF "$label" "$STATE_DIR/done.txt"; then
         log "== $label: done in an earlier call on this machine"
         return
     fi

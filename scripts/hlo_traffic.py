@@ -9,7 +9,9 @@ each other custom call by target (cuDNN attention, convolutions), and every othe
 the number, forward or backward (XLA marks the backward pass's ops `transpose(jvp(...))` in their metadata).
 Bytes ÷ bandwidth is the time such a kernel needs at least if it is memory-bound, which element-wise and
 reduction fusions are: their total against the profile's "other" time says whether the kernels are slow or the
-program simply moves too much. A bitcast, tuple or parameter moves nothing and is not counted.
+program simply moves too much. A bitcast, tuple or parameter moves nothing and is not counted. Only the entry
+computation is read: the bodies of `while`, `conditional` and `call` instructions (a scanned or microbatched
+step) are not counted, and the report names each such instruction.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import gzip
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Sequence
 
 BYTES_PER_ELEMENT = {
     "pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
@@ -29,8 +32,10 @@ ARRAY_TYPE = re.compile(r"\b(" + "|".join(BYTES_PER_ELEMENT) + r")\[([0-9,]*)\]"
 INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<type>\(.*?\)|\S+) (?P<op>[\w\-]+)\((?P<args>.*)$")
 # Ops that launch no kernel of their own (views, bookkeeping) or whose bytes belong to someone else.
 NO_TRAFFIC = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all", "partition-id",
-              "replica-id", "iota", "opt-barrier", "while", "conditional", "call", "send", "recv", "send-done",
-              "recv-done", "copy-start", "copy-done", "async-start", "async-done", "async-update"}
+              "replica-id", "iota", "opt-barrier", "send", "recv", "send-done", "recv-done", "copy-start",
+              "copy-done", "async-start", "async-done", "async-update"}
+# Instructions whose work happens in other computations, which this count does not enter.
+NOT_ENTERED = {"while", "conditional", "call"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +84,16 @@ def group_of(name: str, op: str, line: str) -> str:
     return f"{'backward' if backward else 'forward'} {kind}"
 
 
+def not_entered(hlo_text: str) -> list[str]:
+    """`name (op)` of each instruction of the entry computation whose body this count leaves out."""
+    found = []
+    for line in entry_computation(hlo_text):
+        match = INSTRUCTION.match(line)
+        if match and match["op"] in NOT_ENTERED:
+            found.append(f"{match['name']} ({match['op']})")
+    return found
+
+
 def launches(hlo_text: str) -> list[Launch]:
     """Every kernel-launching instruction of the entry computation with its bytes read and written."""
     result_bytes: dict[str, int] = {}
@@ -89,7 +104,7 @@ def launches(hlo_text: str) -> list[Launch]:
             continue
         name, op = match["name"], match["op"]
         result_bytes[name] = array_bytes(match["type"])
-        if op in NO_TRAFFIC:
+        if op in NO_TRAFFIC or op in NOT_ENTERED:
             continue
         operand_list = match["args"].split("), ")[0]
         read = sum(result_bytes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operand_list))
@@ -103,8 +118,9 @@ def read_hlo(path: Path) -> str:
     return gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text()
 
 
-def report(found: list[Launch], bandwidth_tb_s: float, top: int) -> str:
-    """The table by group, the total outside GEMMs and custom calls, and the `top` largest of those."""
+def report(found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = ()) -> str:
+    """The table by group, the total outside GEMMs and custom calls, and the `top` largest of those; `left_out`
+    (from `not_entered`) is named first, since its bodies' traffic is missing from every figure."""
     by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for launch in found:
         by_group[launch.group][0] += launch.read + launch.written
@@ -112,7 +128,8 @@ def report(found: list[Launch], bandwidth_tb_s: float, top: int) -> str:
     ms = lambda nbytes: nbytes / (bandwidth_tb_s * 1e12) * 1e3  # noqa: E731
     elementwise = [x for x in found if x.group != "GEMM" and not x.group.startswith("custom call")]
     moved = sum(x.read + x.written for x in elementwise)
-    lines = [
+    lines = [f"NOT COUNTED: the bodies of {', '.join(left_out)}"] if left_out else []
+    lines += [
         f"{len(found)} launches; outside GEMMs and custom calls: {len(elementwise)} launches moving "
         f"{moved / 1e9:.1f} GB = {ms(moved):.1f} ms at {bandwidth_tb_s} TB/s",
         "",
@@ -135,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.hlo.is_file():
         parser.error(f"{args.hlo}: no such file (write one with scripts/benchmark.py --dump-hlo FILE)")
-    print(report(launches(read_hlo(args.hlo)), args.bandwidth, args.top))
+    hlo_text = read_hlo(args.hlo)
+    print(report(launches(hlo_text), args.bandwidth, args.top, not_entered(hlo_text)))
 
 
 if __name__ == "__main__":

@@ -45,3 +45,16 @@ def test_a_compiled_step_is_counted_by_launch_with_its_forward_and_backward(tmp_
 def test_text_without_an_entry_computation_is_refused():
     with pytest.raises(ValueError, match="no ENTRY computation"):
         hlo_traffic.launches("module { func.func @main() }")
+
+
+def test_loop_bodies_are_named_as_not_counted():
+    """A step with a loop (scanned layers, microbatches) keeps its work in the loop's body, which is not read:
+    the report says so instead of silently showing only the entry computation's copies."""
+    x = jnp.ones((64, 64), jnp.float32)
+    looped = jax.jit(lambda x: jax.lax.fori_loop(0, 10, lambda i, x: jnp.sin(x) * 2 + 1, x)).lower(x).compile()
+    left_out = hlo_traffic.not_entered(looped.as_text())
+    assert len(left_out) == 1 and left_out[0].endswith("(while)")
+    assert hlo_traffic.report(hlo_traffic.launches(looped.as_text()), 4.0, 3, left_out).startswith(
+        f"NOT COUNTED: the bodies of {left_out[0]}"
+    )
+    assert hlo_traffic.not_entered(jax.jit(jnp.sin).lower(x).compile().as_text()) == []
