@@ -43,7 +43,7 @@ def _value_and_grads(model: nnx.Module, loss, *inputs):
         return loss(nnx.merge(graphdef, params, others), *inputs)
 
     argnums = (0, 1) if jnp.issubdtype(inputs[0].dtype, jnp.floating) else 0
-    return jax.value_and_grad(f, argnums=argnums)(params, *inputs)
+    return jax.jit(jax.value_and_grad(f, argnums=argnums))(params, *inputs)  # jitted: eager dispatch is slow
 
 
 def _assert_close(cudnn, xla) -> None:
