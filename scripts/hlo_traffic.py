@@ -22,7 +22,7 @@ import gzip
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 BYTES_PER_ELEMENT = {
     "pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
@@ -70,46 +70,45 @@ def entry_computation(hlo_text: str) -> list[str]:
     return lines[1:end]
 
 
-def group_of(name: str, op: str, line: str) -> str:
-    """The group a launch is counted in (see the module docstring)."""
+def entry_instructions(hlo_text: str) -> Iterator[tuple[re.Match, str]]:
+    """(`INSTRUCTION` match, line) for each instruction of the entry computation."""
+    for line in entry_computation(hlo_text):
+        match = INSTRUCTION.match(line)
+        if match:
+            yield match, line
+
+
+def group_of(name: str, op: str, line: str, op_name: str) -> str:
+    """The group a launch is counted in (see the module docstring); `op_name` is its metadata's."""
     target = re.search(r'custom_call_target="([^"]+)"', line)
     if op == "dot" or (target and re.search(r"gemm|matmul|cublas", target.group(1), re.I)) \
             or "gemm_fusion" in name or '"__triton_gemm"' in line or '"kind":"__cublas' in line:
         return "GEMM"
     if target:
         return f"custom call {target.group(1)}"
-    op_name = re.search(r'op_name="([^"]+)"', line)
-    backward = bool(op_name and "transpose(" in op_name.group(1))
     kind = re.sub(r"\.\d+$", "", name) if op == "fusion" else op
-    return f"{'backward' if backward else 'forward'} {kind}"
+    return f"{'backward' if 'transpose(' in op_name else 'forward'} {kind}"
 
 
 def not_entered(hlo_text: str) -> list[str]:
     """`name (op)` of each instruction of the entry computation whose body this count leaves out."""
-    found = []
-    for line in entry_computation(hlo_text):
-        match = INSTRUCTION.match(line)
-        if match and match["op"] in NOT_ENTERED:
-            found.append(f"{match['name']} ({match['op']})")
-    return found
+    return [f"{match['name']} ({match['op']})" for match, _ in entry_instructions(hlo_text) if match["op"] in NOT_ENTERED]
 
 
 def launches(hlo_text: str) -> list[Launch]:
     """Every kernel-launching instruction of the entry computation with its bytes read and written."""
     result_bytes: dict[str, int] = {}
     found = []
-    for line in entry_computation(hlo_text):
-        match = INSTRUCTION.match(line)
-        if not match:
-            continue
+    for match, line in entry_instructions(hlo_text):
         name, op = match["name"], match["op"]
         result_bytes[name] = array_bytes(match["type"])
         if op in NO_TRAFFIC or op in NOT_ENTERED:
             continue
         operand_list = match["args"].split("), ")[0]
         read = sum(result_bytes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operand_list))
-        op_name = re.search(r'op_name="([^"]+)"', line)
-        found.append(Launch(name, group_of(name, op, line), read, result_bytes[name], op_name[1] if op_name else ""))
+        found_name = re.search(r'op_name="([^"]+)"', line)
+        op_name = found_name[1] if found_name else ""
+        found.append(Launch(name, group_of(name, op, line, op_name), read, result_bytes[name], op_name))
     return found
 
 
