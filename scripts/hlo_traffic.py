@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py --model base --dump-hlo /tmp/base.hlo     # on the GPU (or any backend)
     python scripts/hlo_traffic.py /tmp/base.hlo.gz --bandwidth 4.0         # anywhere; .gz is read as is
+    python scripts/hlo_traffic.py /tmp/base.hlo.gz --by source             # the same bytes by line of Python
 
 For every kernel-launching instruction of the entry computation (fusions, custom calls, copies, ...), the bytes
 it reads (its operands) and writes (its result), grouped by kind: GEMMs (cuBLAS calls and XLA's GEMM fusions),
@@ -12,6 +13,16 @@ reduction fusions are: their total against the profile's "other" time says wheth
 program simply moves too much. A bitcast, tuple or parameter moves nothing and is not counted. Only the entry
 computation is read: the bodies of `while`, `conditional` and `call` instructions (a scanned or microbatched
 step) are not counted, and the report names each such instruction.
+
+`--by source` groups the same launches by the call site in our Python that made them, forward or backward:
+`backward wavlink_jax/models/layers.py:278:60 EncoderBlock.__call__ > Linear.__call__` is line 278, column 60
+(from 1), where `EncoderBlock.__call__` calls flax's `Linear.__call__`. It reads the stack frames jax records in
+the module (the `FileNames` ... `StackFrames` tables and each instruction's `stack_frame_id`) and names the
+innermost frame in the project's own files (`wavlink_jax/`, `scripts/`) and the function called there, since our
+line that called flax or optax says more than the line inside them; a launch with no such frame gets its
+innermost frame. A fusion is one launch with one frame, the one XLA kept for the fused instructions (or, where it
+kept none, the last one inside that has one), so ops fused into it from other lines count on that line. GEMMs
+and custom calls keep their kind in brackets, apart from the element-wise traffic of the same line.
 """
 
 from __future__ import annotations
@@ -36,6 +47,15 @@ NO_TRAFFIC = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", 
               "copy-done", "async-start", "async-done", "async-update"}
 # Instructions whose work happens in other computations, which this count does not enter.
 NOT_ENTERED = {"while", "conditional", "call"}
+# Top-level directories of the project's own code, whose frames are named in preference to flax's or optax's.
+PROJECT_DIRS = {"wavlink_jax", "scripts"}
+NO_STACK_FRAME = "(no stack frame)"
+NO_STACK_FRAMES = (
+    "the program has no stack frames (no `StackFrames` table, no `stack_frame_id` in its metadata), so its traffic "
+    "cannot be grouped by source line: dump it again with jax's source locations on, as they are by default (jax "
+    "0.10.2's `compiled.as_text()` carries them on every backend) unless JAX_TRACEBACK_IN_LOCATIONS_LIMIT=0; or "
+    "use --by kind"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +67,7 @@ class Launch:
     read: int
     written: int
     op_name: str
+    source: str = ""  # its group for `--by source` (see `source_of`); "" when the module has no stack frames
 
 
 def array_bytes(hlo_type: str) -> int:
@@ -60,14 +81,20 @@ def array_bytes(hlo_type: str) -> int:
     return total
 
 
+def computation(hlo_text: str, header: str) -> list[str]:
+    """The lines of the computation whose first line starts with `header` (`ENTRY `, `%fused_add.3 `); [] if none."""
+    start = hlo_text.find("\n" + header)
+    if start < 0:
+        return []
+    end = hlo_text.find("\n}", start)
+    return hlo_text[start + 1 : end if end >= 0 else len(hlo_text)].split("\n")[1:]
+
+
 def entry_computation(hlo_text: str) -> list[str]:
     """The lines of the program's ENTRY computation."""
-    start = hlo_text.find("\nENTRY ")
-    if start < 0:
+    if "\nENTRY " not in hlo_text:
         raise ValueError("no ENTRY computation in this text: expected an optimised HLO module (`compiled.as_text()`)")
-    lines = hlo_text[start + 1 :].split("\n")
-    end = next((i for i, line in enumerate(lines) if line.startswith("}")), len(lines))
-    return lines[1:end]
+    return computation(hlo_text, "ENTRY ")
 
 
 def entry_instructions(hlo_text: str) -> Iterator[tuple[re.Match, str]]:
@@ -76,6 +103,22 @@ def entry_instructions(hlo_text: str) -> Iterator[tuple[re.Match, str]]:
         match = INSTRUCTION.match(line)
         if match:
             yield match, line
+
+
+def op_name_of(line: str) -> str:
+    """The `op_name` of an instruction's metadata (jax's `jit(step)/transpose(jvp())/mul`); "" if it has none."""
+    found = re.search(r'op_name="([^"]+)"', line)
+    return found[1] if found else ""
+
+
+def direction(op_name: str) -> str:
+    """`backward` for an op of the backward pass (jax names them `transpose(jvp(...))`), else `forward`."""
+    return "backward" if "transpose(" in op_name else "forward"
+
+
+def is_elementwise(group: str) -> bool:
+    """Whether a launch of `group` is a fusion or other XLA kernel rather than a GEMM or a library call."""
+    return group != "GEMM" and not group.startswith("custom call")
 
 
 def group_of(name: str, op: str, line: str, op_name: str) -> str:
@@ -87,7 +130,65 @@ def group_of(name: str, op: str, line: str, op_name: str) -> str:
     if target:
         return f"custom call {target.group(1)}"
     kind = re.sub(r"\.\d+$", "", name) if op == "fusion" else op
-    return f"{'backward' if 'transpose(' in op_name else 'forward'} {kind}"
+    return f"{direction(op_name)} {kind}"
+
+
+def stack_frame_table(hlo_text: str, title: str) -> dict[int, str]:
+    """The rows `N rest` of one of the module's stack frame tables (`FileNames`, `FunctionNames`, `FileLocations`,
+    `StackFrames`, printed before its computations), by N; {} when the module has none."""
+    block = re.search(rf"^{title}\n((?:\d+ .*\n?)*)", hlo_text, re.M)
+    return {int(row): rest for row, rest in re.findall(r"^(\d+) (.*)$", block[1], re.M)} if block else {}
+
+
+def relative_path(file_name: str) -> str:
+    """`file_name` from the project's root (`wavlink_jax/...`, `scripts/...`) or from site-packages
+    (`flax/nnx/nn/normalization.py`), so that dumps from different machines read alike; else as it is."""
+    installed = re.split(r"/(?:site|dist)-packages/", file_name)
+    if len(installed) > 1:
+        return installed[-1]
+    parts = file_name.split("/")
+    roots = [i for i, part in enumerate(parts[:-1]) if part in PROJECT_DIRS]
+    return "/".join(parts[roots[-1] :]) if roots else file_name
+
+
+def source_lines(hlo_text: str) -> dict[int, str]:
+    """`path:line:column function[ > callee]` for each stack frame id of the module, naming the frame of its chain
+    that the module docstring says; {} when the module has no stack frame tables."""
+    files = {row: relative_path(name.strip('"')) for row, name in stack_frame_table(hlo_text, "FileNames").items()}
+    functions = {row: name.strip('"') for row, name in stack_frame_table(hlo_text, "FunctionNames").items()}
+    locations = {}
+    for row, fields in stack_frame_table(hlo_text, "FileLocations").items():
+        field = {key: int(value) for key, value in re.findall(r"(\w+)=(-?\d+)", fields)}
+        locations[row] = (files.get(field.get("file_name_id"), "?"), field.get("line", 0),
+                          field.get("column", -1) + 1, functions.get(field.get("function_name_id"), "?"))
+    frames = {}
+    for row, fields in stack_frame_table(hlo_text, "StackFrames").items():
+        found = re.search(r"file_location_id=(\d+) parent_frame_id=(\d+)", fields)
+        if found:  # XLA prints a frame's parent id plus one (hlo_module.cc), so a root frame's parent reads 1
+            frames[row] = (int(found[1]), int(found[2]) - 1)
+    sources = {}
+    for frame_id in frames:
+        chain, current = [], frame_id  # innermost first
+        while current in frames and len(chain) <= len(frames):  # the bound stops a malformed cycle
+            location, current = frames[current]
+            chain.append(locations.get(location, ("?", 0, 0, "?")))
+        named = next((i for i, (path, *_) in enumerate(chain) if path.split("/")[0] in PROJECT_DIRS), 0)
+        path, line, column, function = chain[named]
+        sources[frame_id] = f"{path}:{line}:{column} {function}" + (f" > {chain[named - 1][3]}" if named else "")
+    return sources
+
+
+def source_of(hlo_text: str, line: str, group: str, sources: dict[int, str]) -> str:
+    """A launch's group for `--by source`: forward or backward and the source line of its stack frame, from its own
+    metadata or, where XLA left that without one (a fusion whose root is a reduce), from the last instruction with
+    one in the computation it calls; a GEMM or custom call adds its `group` in brackets."""
+    called = re.search(r"calls=%([\w.\-]+)", line)
+    if "stack_frame_id=" not in line and called:
+        inside = computation(hlo_text, f"%{called[1]} ")
+        line = next((fused for fused in reversed(inside) if "stack_frame_id=" in fused), line)
+    frame = re.search(r"stack_frame_id=(\d+)", line)
+    site = sources.get(int(frame[1]), NO_STACK_FRAME) if frame else NO_STACK_FRAME
+    return f"{direction(op_name_of(line))} {site}" + ("" if is_elementwise(group) else f" [{group}]")
 
 
 def not_entered(hlo_text: str) -> list[str]:
@@ -98,6 +199,7 @@ def not_entered(hlo_text: str) -> list[str]:
 def launches(hlo_text: str) -> list[Launch]:
     """Every kernel-launching instruction of the entry computation with its bytes read and written."""
     result_bytes: dict[str, int] = {}
+    sources = source_lines(hlo_text)
     found = []
     for match, line in entry_instructions(hlo_text):
         name, op = match["name"], match["op"]
@@ -106,9 +208,10 @@ def launches(hlo_text: str) -> list[Launch]:
             continue
         operand_list = match["args"].split("), ")[0]
         read = sum(result_bytes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operand_list))
-        found_name = re.search(r'op_name="([^"]+)"', line)
-        op_name = found_name[1] if found_name else ""
-        found.append(Launch(name, group_of(name, op, line, op_name), read, result_bytes[name], op_name))
+        op_name = op_name_of(line)
+        group = group_of(name, op, line, op_name)
+        source = source_of(hlo_text, line, group, sources) if sources else ""
+        found.append(Launch(name, group, read, result_bytes[name], op_name, source))
     return found
 
 
@@ -117,15 +220,21 @@ def read_hlo(path: Path) -> str:
     return gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text()
 
 
-def report(found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = ()) -> str:
-    """The table by group, the total outside GEMMs and custom calls, and the `top` largest of those; `left_out`
-    (from `not_entered`) is named first, since its bodies' traffic is missing from every figure."""
+def report(
+    found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = (), by: str = "kind"
+) -> str:
+    """The table by group (`by` kind or by source line), the total outside GEMMs and custom calls, and the `top`
+    largest of those; `left_out` (from `not_entered`) is named first, since its bodies' traffic is missing from
+    every figure. A ValueError for `by="source"` when the program has no stack frames."""
+    if by == "source" and any(not launch.source for launch in found):
+        raise ValueError(NO_STACK_FRAMES)
     by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for launch in found:
-        by_group[launch.group][0] += launch.read + launch.written
-        by_group[launch.group][1] += 1
+        group = launch.source if by == "source" else launch.group
+        by_group[group][0] += launch.read + launch.written
+        by_group[group][1] += 1
     ms = lambda nbytes: nbytes / (bandwidth_tb_s * 1e12) * 1e3  # noqa: E731
-    elementwise = [x for x in found if x.group != "GEMM" and not x.group.startswith("custom call")]
+    elementwise = [x for x in found if is_elementwise(x.group)]
     moved = sum(x.read + x.written for x in elementwise)
     lines = [f"NOT COUNTED: the bodies of {', '.join(left_out)}"] if left_out else []
     lines += [
@@ -148,11 +257,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("hlo", type=Path, help="optimised HLO text (`--dump-hlo` of scripts/benchmark.py), .gz or plain")
     parser.add_argument("--bandwidth", type=float, default=4.0, help="TB/s to convert bytes into ms (H200: ~4)")
     parser.add_argument("--top", type=int, default=20, help="how many of the largest element-wise launches to list")
+    parser.add_argument("--by", choices=("kind", "source"), default="kind",
+                        help="group by kind of kernel, or by the line of Python that made it (see above)")
     args = parser.parse_args(argv)
     if not args.hlo.is_file():
         parser.error(f"{args.hlo}: no such file (write one with scripts/benchmark.py --dump-hlo FILE)")
     hlo_text = read_hlo(args.hlo)
-    print(report(launches(hlo_text), args.bandwidth, args.top, not_entered(hlo_text)))
+    try:
+        print(report(launches(hlo_text), args.bandwidth, args.top, not_entered(hlo_text), args.by))
+    except ValueError as error:
+        parser.error(f"{args.hlo}: {error}")
 
 
 if __name__ == "__main__":

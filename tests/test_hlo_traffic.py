@@ -1,6 +1,7 @@
 """scripts/hlo_traffic.py: bytes read and written per launch of a compiled program, grouped."""
 
 import gzip
+import re
 import sys
 from pathlib import Path
 
@@ -58,3 +59,119 @@ def test_loop_bodies_are_named_as_not_counted():
         f"NOT COUNTED: the bodies of {left_out[0]}"
     )
     assert hlo_traffic.not_entered(jax.jit(jnp.sin).lower(x).compile().as_text()) == []
+
+
+# A module as XLA prints it (the tables' format copied from a GPU dump): a LayerNorm of flax called from our
+# layers.py, our GELU forward and backward, a reduce fusion whose own metadata XLA left empty, an optax update with
+# no frame of ours, a GEMM, and a copy with no stack frame. XLA prints a frame's parent id plus one (1: none).
+STACK_FRAMES = """
+FileNames
+1 "/home/me/wavlink-jax/scripts/benchmark.py"
+2 "/home/me/wavlink-jax/wavlink_jax/models/layers.py"
+3 "/opt/venv/lib/python3.12/site-packages/flax/nnx/nn/normalization.py"
+4 "/opt/venv/lib/python3.12/site-packages/optax/_src/transform.py"
+
+FunctionNames
+1 "main"
+2 "EncoderBlock.__call__"
+3 "LayerNorm.__call__"
+4 "gelu_exact"
+5 "scale_by_adam.<locals>.update_fn"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=524 end_line=524 column=11 end_column=47}
+2 {file_name_id=2 function_name_id=2 line=276 end_line=276 column=29 end_column=50}
+3 {file_name_id=3 function_name_id=3 line=180 end_line=180 column=8 end_column=30}
+4 {file_name_id=2 function_name_id=4 line=40 end_line=40 column=11 end_column=60}
+5 {file_name_id=4 function_name_id=5 line=300 end_line=300 column=4 end_column=40}
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=3 parent_frame_id=3}
+4 {file_location_id=4 parent_frame_id=3}
+5 {file_location_id=5 parent_frame_id=1}
+"""
+COMPUTATIONS = """
+%fused_reduce (param_0.1: bf16[8192,8192]) -> f32[8192] {
+  %param_0.1 = bf16[8192,8192]{1,0} parameter(0), metadata={scheduling_name="param_0.1"}
+  %convert.1 = f32[8192,8192]{1,0} convert(%param_0.1), metadata={op_name="jit(step)/transpose(jvp())/convert_element_type" stack_frame_id=3}
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[8192]{0} reduce(%convert.1, %constant.1), dimensions={0}, to_apply=%region_add, metadata={scheduling_name="reduce.1"}
+}
+
+ENTRY %main.1 (x.1: bf16[8192,8192], g.1: f32[8192]) -> (bf16[8192,8192], f32[8192]) {
+  %x.1 = bf16[8192,8192]{1,0} parameter(0), metadata={op_name="x"}
+  %g.1 = f32[8192]{0} parameter(1), metadata={op_name="g"}
+  %loop_norm_fusion = bf16[8192,8192]{1,0} fusion(%x.1), kind=kLoop, calls=%fused_norm, metadata={op_name="jit(step)/jvp()/mul" stack_frame_id=3}
+  %gemm.1 = bf16[8,8]{1,0} custom-call(%x.1, %x.1), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/jvp()/dot_general" stack_frame_id=2}
+  %loop_gelu_fusion = bf16[8192,8192]{1,0} fusion(%loop_norm_fusion), kind=kLoop, calls=%fused_gelu, metadata={op_name="jit(step)/jvp()/erf" stack_frame_id=4}
+  %loop_gelu_grad_fusion = bf16[8192,8192]{1,0} fusion(%loop_gelu_fusion), kind=kLoop, calls=%fused_gelu_grad, metadata={op_name="jit(step)/transpose(jvp())/mul" stack_frame_id=4}
+  %input_reduce_fusion = f32[8192]{0} fusion(%loop_gelu_grad_fusion), kind=kInput, calls=%fused_reduce, metadata={deduplicated_name="input_reduce_fusion" scheduling_name="input_reduce_fusion"}
+  %loop_adam_fusion = f32[8192]{0} fusion(%g.1, %input_reduce_fusion), kind=kLoop, calls=%fused_adam, metadata={op_name="jit(step)/mul" stack_frame_id=5}
+  %copy.1 = f32[8192]{0} copy(%g.1), metadata={scheduling_name="copy.1"}
+  ROOT %tuple = (bf16[8192,8192]{1,0}, f32[8192]{0}) tuple(%loop_gelu_grad_fusion, %loop_adam_fusion)
+}
+"""
+HEADER = (
+    "HloModule jit_step, is_scheduled=true, "
+    "entry_computation_layout={(bf16[8192,8192]{1,0}, f32[8192]{0})->(bf16[8192,8192]{1,0}, f32[8192]{0})}\n"
+)
+WITH_FRAMES = HEADER + STACK_FRAMES + COMPUTATIONS
+WITHOUT_FRAMES = HEADER + re.sub(r" stack_frame_id=\d+", "", COMPUTATIONS)
+
+
+def test_each_launch_is_attributed_to_our_line_else_its_innermost_frame():
+    """Our line that called flax is named (with the callee), not flax's; our GELU line forward and backward; a
+    fusion with empty metadata takes its fused instructions' frame; an optax frame with no caller of ours is
+    named itself; a GEMM keeps its kind apart; a copy with no frame says so."""
+    sources = {launch.name: launch.source for launch in hlo_traffic.launches(WITH_FRAMES)}
+    assert sources == {
+        "loop_norm_fusion": "forward wavlink_jax/models/layers.py:276:30 EncoderBlock.__call__ > LayerNorm.__call__",
+        "gemm.1": "forward wavlink_jax/models/layers.py:276:30 EncoderBlock.__call__ [GEMM]",
+        "loop_gelu_fusion": "forward wavlink_jax/models/layers.py:40:12 gelu_exact",
+        "loop_gelu_grad_fusion": "backward wavlink_jax/models/layers.py:40:12 gelu_exact",
+        "input_reduce_fusion": "backward wavlink_jax/models/layers.py:276:30 EncoderBlock.__call__ > LayerNorm.__call__",
+        "loop_adam_fusion": "forward optax/_src/transform.py:300:5 scale_by_adam.<locals>.update_fn",
+        "copy.1": "forward (no stack frame)",
+    }
+    text = hlo_traffic.report(hlo_traffic.launches(WITH_FRAMES), 4.0, 3, by="source")
+    assert "| backward wavlink_jax/models/layers.py:40:12 gelu_exact | 1 | 0.27 | 0.07 |" in text  # 2 × 8192² bf16
+
+
+@pytest.mark.parametrize("file_name, shown", [
+    ("/home/me/wavlink_jax/wavlink_jax/models/layers.py", "wavlink_jax/models/layers.py"),
+    ("/work/main/scripts/benchmark.py", "scripts/benchmark.py"),
+    ("/opt/venv/lib/python3.12/site-packages/flax/nnx/nn/linear.py", "flax/nnx/nn/linear.py"),
+    ("/usr/lib/python3/dist-packages/wavlink_jax/audio.py", "wavlink_jax/audio.py"),
+    ("/work/main/tests/test_x.py", "/work/main/tests/test_x.py"),
+])
+def test_paths_are_shown_from_the_project_or_site_packages(file_name, shown):
+    assert hlo_traffic.relative_path(file_name) == shown
+
+
+def test_a_dump_without_stack_frames_reports_by_kind_and_refuses_by_source(tmp_path, capsys):
+    """The kind report does not depend on the tables; `--by source` says what is missing and how to get it."""
+    plain = hlo_traffic.launches(WITHOUT_FRAMES)
+    assert all(launch.source == "" for launch in plain)
+    assert hlo_traffic.report(plain, 4.0, 5) == hlo_traffic.report(hlo_traffic.launches(WITH_FRAMES), 4.0, 5)
+    dump = tmp_path / "plain.hlo"
+    dump.write_text(WITHOUT_FRAMES)
+    with pytest.raises(SystemExit):
+        hlo_traffic.main([str(dump), "--by", "source"])
+    error = capsys.readouterr().err
+    assert "has no stack frames" in error and "JAX_TRACEBACK_IN_LOCATIONS_LIMIT" in error and "Traceback" not in error
+
+
+def scaled_exp(x: jax.Array) -> jax.Array:
+    return jnp.exp(x) * 2.0  # the line the launch is attributed to
+
+
+def test_a_compiled_function_is_attributed_to_its_line_in_this_file():
+    """jax 0.10.2's CPU `as_text()` carries the stack frame tables: with no frame in wavlink_jax/ or scripts/, the
+    launch is named by its innermost frame, this file's line (jax's own frames are not recorded)."""
+    compiled = jax.jit(scaled_exp).lower(jnp.ones((64, 64), jnp.float32)).compile().as_text()
+    [launch] = hlo_traffic.launches(compiled)
+    line = scaled_exp.__code__.co_firstlineno + 1
+    assert launch.source.startswith(f"forward {Path(__file__).resolve()}:{line}:"), launch.source
+    assert launch.source.endswith(" scaled_exp")
