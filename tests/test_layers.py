@@ -146,8 +146,9 @@ def test_gelu_saves_only_its_input_for_the_backward():
 
 
 @pytest.mark.parametrize("remat", sorted(layers.REMAT_POLICIES))
-def test_gelu_block_gradients_are_the_same_under_remat(remat):
-    """A rematerialised gelu block (custom VJP inside jax.checkpoint) gives the gradients of the plain one."""
+def test_block_gradients_are_the_same_under_remat(remat):
+    """A rematerialised gelu block (the GELU's and LayerNorm's custom VJPs inside jax.checkpoint) gives the
+    gradients of the plain one."""
     import numpy as np
 
     def grads(policy: str) -> list:
@@ -172,6 +173,96 @@ def test_gelu_takes_integers_and_python_numbers_as_jax_does_and_refuses_forward_
     assert float(layers.gelu_exact(0.3)) == float(jax.nn.gelu(jnp.float32(0.3), approximate=False))
     with pytest.raises(TypeError, match="forward-mode autodiff"):
         jax.jvp(layers.gelu_exact, (jnp.ones(3),), (jnp.ones(3),))
+
+
+# LayerNorm with a custom VJP (`layers.LayerNorm`): flax's values, autodiff's gradients, fewer residuals.
+
+
+def _layer_norms(dtype, width: int = 64) -> tuple[layers.LayerNorm, nnx.LayerNorm]:
+    """Ours and flax's LayerNorm with the same (perturbed) scale and bias, compute dtype `dtype`."""
+    norms = []
+    for cls in (layers.LayerNorm, nnx.LayerNorm):
+        norm = cls(width, epsilon=1e-5, dtype=dtype, use_fast_variance=False, rngs=nnx.Rngs(0))
+        norm.scale.set_value(1 + 0.5 * jax.random.normal(jax.random.key(3), (width,)))
+        norm.bias.set_value(0.1 * jax.random.normal(jax.random.key(4), (width,)))
+        norms.append(norm)
+    return norms[0], norms[1]
+
+
+def _layer_norm_inputs(dtype) -> jax.Array:
+    """Rows with an offset and a spread, so that centring and scaling both matter."""
+    return (3 * jax.random.normal(jax.random.key(1), (4, 33, 64)) + 1).astype(dtype)
+
+
+@pytest.mark.parametrize("input_dtype, dtype", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
+def test_layer_norm_forward_is_flax_value_for_value(input_dtype, dtype):
+    """The custom VJP changes only the backward: the forward is `nnx.LayerNorm`'s arithmetic, bit for bit."""
+    import numpy as np
+
+    ours, flax_norm = _layer_norms(jnp.dtype(dtype))
+    x = _layer_norm_inputs(jnp.dtype(input_dtype))
+    apply = jax.jit(lambda norm, x: norm(x))
+    got, expected = apply(ours, x), apply(flax_norm, x)
+    assert got.dtype == expected.dtype == jnp.dtype(dtype)
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(expected, np.float32))
+
+
+def _layer_norm_gradients(norm: nnx.Module, x: jax.Array) -> list:
+    """d/d(x, scale, bias) of a weighted sum of the output (weights fixed), in fp32."""
+    weights = jax.random.normal(jax.random.key(2), x.shape)
+
+    def loss(norm, x):
+        return (norm(x).astype(jnp.float32) * weights).sum()
+
+    grad_norm, grad_x = jax.jit(nnx.grad(loss, argnums=(0, 1)))(norm, x)
+    return [grad_x.astype(jnp.float32), grad_norm["scale"].get_value(), grad_norm["bias"].get_value()]
+
+
+def test_layer_norm_gradients_match_autodiff_in_float32():
+    import numpy as np
+
+    ours, flax_norm = _layer_norms(jnp.float32)
+    x = _layer_norm_inputs(jnp.float32)
+    for got, expected in zip(_layer_norm_gradients(ours, x), _layer_norm_gradients(flax_norm, x), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
+
+
+def test_layer_norm_bfloat16_gradients_are_as_close_to_float32_as_autodiffs():
+    """In bf16 (the training setting) each gradient is within bf16 rounding of the fp32 gradient of the same
+    inputs, and no further from it than flax's autodiff: a wrong term (e.g. a dropped mean) would be O(1) off."""
+    import numpy as np
+
+    x = _layer_norm_inputs(jnp.bfloat16)
+    exact = _layer_norm_gradients(_layer_norms(jnp.float32)[1], x.astype(jnp.float32))
+    ours, flax_norm = (_layer_norm_gradients(norm, x) for norm in _layer_norms(jnp.bfloat16))
+    for name, got, autodiff, reference in zip(["x", "scale", "bias"], ours, flax_norm, exact, strict=True):
+        scale = float(jnp.abs(reference).max())
+        error, autodiff_error = (float(jnp.abs(g - reference).max()) / scale for g in (got, autodiff))
+        assert error < 1e-2, (name, error)
+        assert error <= 1.5 * autodiff_error + 1e-3, (name, error, autodiff_error)
+
+
+def test_layer_norm_saves_its_input_and_row_statistics_for_the_backward():
+    """bf16 in and out: the residuals are the bf16 input and two fp32 `[..., 1]` row statistics (mean, 1/σ);
+    flax's autodiff saves three fp32 `[..., width]` tensors (x − mean and two products)."""
+    ours, flax_norm = _layer_norms(jnp.bfloat16)
+    x = _layer_norm_inputs(jnp.bfloat16)
+
+    def residuals(norm: nnx.Module) -> list[tuple]:
+        graphdef, state = nnx.split(norm)
+        _, backward = jax.vjp(lambda x, state: nnx.merge(graphdef, state)(x), x, state)
+        return sorted((leaf.shape, str(leaf.dtype)) for leaf in jax.tree.leaves(backward) if leaf.size >= 4 * 33)
+
+    rows = (4, 33, 1)
+    assert residuals(ours) == [(rows, "float32"), (rows, "float32"), (x.shape, "bfloat16")]
+    assert residuals(flax_norm).count((x.shape, "float32")) == 3  # what the custom VJP avoids
+
+
+def test_layer_norm_refuses_forward_mode_clearly():
+    ours, _ = _layer_norms(jnp.float32)
+    x = _layer_norm_inputs(jnp.float32)
+    with pytest.raises(TypeError, match="forward-mode autodiff"):
+        jax.jvp(lambda x: ours(x), (x,), (x,))
 
 
 @pytest.mark.parametrize("last_query_start", [21, -22, 30])

@@ -11,6 +11,7 @@ compute `dtype` (e.g. bf16); LayerNorm statistics are always reduced in fp32.
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import Any, Callable, Sequence
 
@@ -181,11 +182,68 @@ def dense(
     )
 
 
+class LayerNorm(nnx.LayerNorm):
+    """`nnx.LayerNorm` over the last axis (two-pass variance, statistics in fp32, output in the compute dtype)
+    whose backward keeps only the input and each row's mean and 1/σ.
+
+    Why: under autodiff XLA kept only σ² and recomputed each row's mean wherever the backward needed it; on an
+    H200 (GPU run 2, base at batch 128) that row reduction kept the scale gradient's product dy·x̂ out of the
+    column-reduction kernel, so every LayerNorm's backward wrote it as an fp32 `[batch, frames, width]` tensor
+    and read it back (0.79 GB per audio LayerNorm, ~8.7 GB per step), and the kernel computing dx ran at ~1.3
+    TB/s. With the mean saved, dγ = Σ dy·x̂ and dβ = Σ dy are element-wise work inside column reductions, and
+    dx needs two independent row reductions. The forward is `nnx.LayerNorm`'s own arithmetic, value for value.
+    The price, as for `gelu_exact`: reverse mode only, and no `mask` argument.
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return _layer_norm(x, scale, bias, self.epsilon)
+
+
+def _row_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Each row's mean and 1/√(σ² + ε) over the last axis, in fp32 (σ² from the centred values, as in flax's
+    `use_fast_variance=False`)."""
+    wide = _wide(x)
+    mean = wide.mean(-1, keepdims=True)
+    variance = jnp.square(wide - mean).mean(-1, keepdims=True)
+    return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    return _layer_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> tuple[jax.Array, tuple]:
+    mean, inverse_std = _row_statistics(x, epsilon)
+    normalised = (x - mean) * (inverse_std * scale) + bias  # flax's `_normalize`, op for op
+    return normalised.astype(x.dtype), (x, scale, bias, mean, inverse_std)
+
+
+def _layer_norm_backward(epsilon: float, residuals: tuple, grad: jax.Array) -> tuple[jax.Array, ...]:
+    x, scale, bias, mean, inverse_std = residuals
+    normalised = (_wide(x) - mean) * inverse_std
+    grad = _wide(grad)
+    scaled = grad * _wide(scale)
+    grad_x = inverse_std * (
+        scaled - scaled.mean(-1, keepdims=True) - normalised * (scaled * normalised).mean(-1, keepdims=True)
+    )
+    rows = tuple(range(x.ndim - 1))
+    return (
+        grad_x.astype(x.dtype),
+        (grad * normalised).sum(rows).astype(scale.dtype),
+        grad.sum(rows).astype(bias.dtype),
+    )
+
+
+_layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
+
+
 def layer_norm(
     features: int, *, epsilon: float, dtype: Dtype, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs
-) -> nnx.LayerNorm:
+) -> LayerNorm:
     """LayerNorm over `embed` (statistics in fp32, output in the compute dtype)."""
-    return nnx.LayerNorm(
+    return LayerNorm(
         features,
         epsilon=epsilon,
         dtype=dtype,
