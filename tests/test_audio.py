@@ -119,6 +119,18 @@ def test_frame_count_and_shapes():
         audio.log_mel_spectrogram(np.zeros(200, np.float32))
 
 
+@pytest.mark.parametrize("samples", [201, 401, 16_159, 16_160])
+def test_frames_are_the_strided_windows_of_the_padded_signal(samples):
+    """The slice-built frames equal indexing with the (frames, N_FFT) start table, also for lengths that are no
+    multiple of the hop and the shortest accepted one (where the last frame reaches the padded end)."""
+    padded = jnp.asarray(np.random.default_rng(0).standard_normal((2, samples + audio.N_FFT)), jnp.float32)
+    frames = samples // audio.HOP_LENGTH
+    table = np.arange(frames)[:, None] * audio.HOP_LENGTH + np.arange(audio.N_FFT)
+    got = audio._frames(padded, frames)
+    assert got.shape == (2, frames, audio.N_FFT)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(padded)[..., table])
+
+
 def test_pad_or_trim_numpy_and_jax():
     waveform = np.arange(10, dtype=np.float32).reshape(2, 5)
     padded = audio.pad_or_trim(waveform, 8)

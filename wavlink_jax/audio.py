@@ -66,6 +66,21 @@ def _hann_window() -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(N_FFT) / N_FFT)).astype(np.float32)
 
 
+def _frames(padded: jax.Array, frames: int) -> jax.Array:
+    """The first `frames` STFT frames of `padded` `(..., samples)`: `(..., frames, N_FFT)`, frame t starting at
+    sample t·HOP_LENGTH. (The centred STFT has frames + 1 frames; Whisper drops the last one.)
+
+    Built from slices, not a gather: `padded` cut into rows of HOP_LENGTH samples, frame t is row t, row t+1
+    and the head of row t+2, side by side. Same values as indexing with a (frames, N_FFT) table, without baking
+    that table (4.8 MB of int32 for 30 s) into the program or gathering through it on the device.
+    """
+    rows_per_frame = -(-N_FFT // HOP_LENGTH)
+    rows = frames + rows_per_frame - 1
+    grid = padded[..., : rows * HOP_LENGTH].reshape(*padded.shape[:-1], rows, HOP_LENGTH)
+    pieces = [grid[..., i : i + frames, : min(HOP_LENGTH, N_FFT - i * HOP_LENGTH)] for i in range(rows_per_frame)]
+    return jnp.concatenate(pieces, axis=-1)
+
+
 def log_mel_spectrogram(waveform: jax.Array | np.ndarray, n_mels: int = 80) -> jax.Array:
     """16 kHz float waveform `(..., samples)` → normalised log-mel `(..., n_mels, samples // HOP_LENGTH)` float32.
 
@@ -81,9 +96,7 @@ def log_mel_spectrogram(waveform: jax.Array | np.ndarray, n_mels: int = 80) -> j
     frames = samples // HOP_LENGTH
     padding = [(0, 0)] * (waveform.ndim - 1) + [(N_FFT // 2, N_FFT // 2)]
     padded = jnp.pad(waveform, padding, mode="reflect")
-    # The centred STFT has frames + 1 frames; Whisper drops the last one, so only `frames` are cut out.
-    starts = np.arange(frames)[:, None] * HOP_LENGTH + np.arange(N_FFT)[None, :]
-    windowed = padded[..., starts] * _hann_window()  # (..., frames, N_FFT)
+    windowed = _frames(padded, frames) * _hann_window()  # (..., frames, N_FFT)
     spectrum = jnp.fft.rfft(windowed, axis=-1)  # (..., frames, bins)
     power = jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
     mel = jnp.einsum("mf,...tf->...mt", mel_filters(n_mels), power, precision=jax.lax.Precision.HIGHEST)
