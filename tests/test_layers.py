@@ -258,6 +258,13 @@ def test_layer_norm_saves_its_input_and_row_statistics_for_the_backward():
     assert residuals(flax_norm).count((x.shape, "float32")) == 3  # what the custom VJP avoids
 
 
+@pytest.mark.parametrize("option", [{"reduction_axes": 0}, {"use_fast_variance": True}, {"use_bias": False}])
+def test_layer_norm_refuses_options_it_does_not_compute(option):
+    """flax's options that the custom VJP does not implement are refused by name, not silently ignored."""
+    with pytest.raises(ValueError, match=f"got {re.escape(repr(option))}"):
+        layers.LayerNorm(8, rngs=nnx.Rngs(0), **option)
+
+
 def test_layer_norm_refuses_forward_mode_clearly():
     ours, _ = _layer_norms(jnp.float32)
     x = _layer_norm_inputs(jnp.float32)

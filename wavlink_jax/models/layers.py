@@ -189,11 +189,24 @@ class LayerNorm(nnx.LayerNorm):
     Why: under autodiff XLA kept only σ² and recomputed each row's mean wherever the backward needed it; on an
     H200 (GPU run 2, base at batch 128) that row reduction kept the scale gradient's product dy·x̂ out of the
     column-reduction kernel, so every LayerNorm's backward wrote it as an fp32 `[batch, frames, width]` tensor
-    and read it back (0.79 GB per audio LayerNorm, ~8.7 GB per step), and the kernel computing dx ran at ~1.3
+    and read it back (0.79 GB per audio LayerNorm, ~8.7 GB per step), and the kernel computing dx ran at ~1.2
     TB/s. With the mean saved, dγ = Σ dy·x̂ and dβ = Σ dy are element-wise work inside column reductions, and
     dx needs two independent row reductions. The forward is `nnx.LayerNorm`'s own arithmetic, value for value.
     The price, as for `gelu_exact`: reverse mode only, and no `mask` argument.
     """
+
+    # `nnx.LayerNorm` options whose other values this implementation does not compute.
+    FIXED_OPTIONS = {
+        "reduction_axes": -1, "feature_axes": -1, "use_bias": True, "use_scale": True, "axis_name": None,
+        "use_fast_variance": False,
+    }
+
+    def __init__(self, num_features: int, **options: Any):
+        """`nnx.LayerNorm`'s arguments; those in `FIXED_OPTIONS` may only take the value given there."""
+        refused = {name: options[name] for name, value in self.FIXED_OPTIONS.items() if options.get(name, value) != value}
+        if refused:
+            raise ValueError(f"layers.LayerNorm computes only {self.FIXED_OPTIONS}; got {refused}")
+        super().__init__(num_features, **{**options, "use_fast_variance": False})
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
@@ -248,7 +261,6 @@ def layer_norm(
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
-        use_fast_variance=False,
         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
         rngs=rngs,
