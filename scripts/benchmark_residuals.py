@@ -21,6 +21,7 @@ import argparse
 import collections
 import contextlib
 import dataclasses
+import functools
 import sys
 from pathlib import Path
 from unittest import mock
@@ -40,7 +41,9 @@ from wavlink_jax.models.whisper import WhisperEncoder  # noqa: E402
 # What `--autodiff NAME` patches in: the function or module its custom VJP replaced.
 AUTODIFF = {
     "gelu": lambda: mock.patch.dict(layers.ACTIVATIONS, {"gelu": lambda x: jax.nn.gelu(x, approximate=False)}),
-    "layer_norm": lambda: mock.patch.object(layers, "LayerNorm", nnx.LayerNorm),
+    "layer_norm": lambda: mock.patch.object(
+        layers, "LayerNorm", functools.partial(nnx.LayerNorm, use_fast_variance=False)  # as `layer_norm` built it
+    ),
 }
 
 

@@ -49,6 +49,7 @@ NO_TRAFFIC = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", 
 NOT_ENTERED = {"while", "conditional", "call"}
 # Top-level directories of the project's own code, whose frames are named in preference to flax's or optax's.
 PROJECT_DIRS = {"wavlink_jax", "scripts"}
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 NO_STACK_FRAME = "(no stack frame)"
 NO_STACK_FRAMES = (
     "the program has no stack frames (no `StackFrames` table, no `stack_frame_id` in its metadata), so its traffic "
@@ -141,13 +142,17 @@ def stack_frame_table(hlo_text: str, title: str) -> dict[int, str]:
 
 
 def relative_path(file_name: str) -> str:
-    """`file_name` from the project's root (`wavlink_jax/...`, `scripts/...`) or from site-packages
-    (`flax/nnx/nn/normalization.py`), so that dumps from different machines read alike; else as it is."""
+    """`file_name` from the project's root (`wavlink_jax/...`, `scripts/...`) when that file is part of this
+    checkout, or from site-packages (`flax/nnx/nn/normalization.py`), so that dumps from different machines read
+    alike; else as it is (a folder merely named `wavlink_jax` or `scripts` does not make a file ours)."""
     installed = re.split(r"/(?:site|dist)-packages/", file_name)
     if len(installed) > 1:
         return installed[-1]
     parts = file_name.split("/")
-    roots = [i for i, part in enumerate(parts[:-1]) if part in PROJECT_DIRS]
+    roots = [
+        i for i, part in enumerate(parts[:-1])
+        if part in PROJECT_DIRS and (PROJECT_ROOT / "/".join(parts[i:])).is_file()
+    ]
     return "/".join(parts[roots[-1] :]) if roots else file_name
 
 
@@ -246,9 +251,11 @@ def report(
     ]
     for group, (nbytes, count) in sorted(by_group.items(), key=lambda kv: -kv[1][0]):
         lines.append(f"| {group} | {count} | {nbytes / 1e9:.2f} | {ms(nbytes):.2f} |")
-    lines += ["", f"largest {top} outside GEMMs and custom calls (GB read, written; instruction; op):"]
+    labelled = "source line" if by == "source" else "op"
+    lines += ["", f"largest {top} outside GEMMs and custom calls (GB read, written; instruction; {labelled}):"]
     for x in sorted(elementwise, key=lambda x: -(x.read + x.written))[:top]:
-        lines.append(f"  {x.read / 1e9:6.2f} {x.written / 1e9:6.2f}  {x.name:36s} {x.op_name[:100]}")
+        label = x.source if by == "source" else x.op_name[:100]
+        lines.append(f"  {x.read / 1e9:6.2f} {x.written / 1e9:6.2f}  {x.name:36s} {label}")
     return "\n".join(lines)
 
 

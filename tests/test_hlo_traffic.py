@@ -137,6 +137,8 @@ def test_each_launch_is_attributed_to_our_line_else_its_innermost_frame():
     }
     text = hlo_traffic.report(hlo_traffic.launches(WITH_FRAMES), 4.0, 3, by="source")
     assert "| backward wavlink_jax/models/layers.py:40:12 gelu_exact | 1 | 0.27 | 0.07 |" in text  # 2 × 8192² bf16
+    largest = text.split("largest 3 outside GEMMs and custom calls (GB read, written; instruction; source line):\n")[1]
+    assert "wavlink_jax/models/layers.py:40:12 gelu_exact" in largest  # the list names the same groups
 
 
 @pytest.mark.parametrize("file_name, shown", [
@@ -145,6 +147,8 @@ def test_each_launch_is_attributed_to_our_line_else_its_innermost_frame():
     ("/opt/venv/lib/python3.12/site-packages/flax/nnx/nn/linear.py", "flax/nnx/nn/linear.py"),
     ("/usr/lib/python3/dist-packages/wavlink_jax/audio.py", "wavlink_jax/audio.py"),
     ("/work/main/tests/test_x.py", "/work/main/tests/test_x.py"),
+    ("/home/me/wavlink_jax/tests/test_hlo_traffic.py", "/home/me/wavlink_jax/tests/test_hlo_traffic.py"),
+    ("/home/me/scripts/other/tool.py", "/home/me/scripts/other/tool.py"),
 ])
 def test_paths_are_shown_from_the_project_or_site_packages(file_name, shown):
     assert hlo_traffic.relative_path(file_name) == shown

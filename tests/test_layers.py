@@ -1,9 +1,11 @@
-"""The shared transformer block: attention implementation choice and cuDNN's even-length padding."""
+"""The shared transformer pieces: attention implementation choice and cuDNN's even-length padding, block
+creation, and the custom-VJP GELU and LayerNorm (values, gradients, residuals, remat)."""
 
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -49,8 +51,6 @@ def _stack(num_layers: int, seed: int = 0) -> layers.EncoderStack:
 def test_stack_blocks_are_initialised_independently_with_their_axes():
     """The vmapped creation gives every block its own draws (normal 0.02 kernels, zero biases, unit LayerNorm
     scales), keeps each parameter's logical axes, and is reproducible from the seed."""
-    import numpy as np
-
     stack = _stack(4)
     kernels = np.stack([np.asarray(block.fc1.kernel[...]) for block in stack.layers])
     assert kernels.shape == (4, 32, 64)
@@ -80,8 +80,6 @@ EXTREMES = [-30.0, -10.0, -5.6, -1e-6, -1e-30, 0.0, 1e-30, 1e-6, 10.0, 30.0]
 
 
 def _gelu_inputs(dtype=jnp.float32) -> jax.Array:
-    import numpy as np
-
     return jnp.asarray(np.concatenate([np.linspace(-12, 12, 4001), EXTREMES]), dtype=dtype)
 
 
@@ -92,7 +90,6 @@ def _reference_gelu(x: jax.Array) -> jax.Array:
 def test_gelu_float32_matches_jax_and_pytorch():
     """fp32: bit for bit jax's erfc form; PyTorch within 1e-6 (its 0.5·x·(1 + erf(x/√2)) cancels to 0 below
     x ≈ -5.5, where the erfc form still gives e.g. -9.4e-8, so that comparison is absolute there)."""
-    import numpy as np
     import torch
 
     x = _gelu_inputs()
@@ -120,8 +117,6 @@ def test_gelu_bfloat16_is_the_float32_value_rounded():
 def test_gelu_gradient_matches_autodiff_of_the_float32_formula(dtype):
     """The hand-written derivative Φ(x) + x·φ(x) against jax.grad of jax's formula in fp32, at the same
     points. bf16: within 1% + 1e-3 (a dropped x·φ(x) term is off by up to 0.4, a dropped Φ(x) by up to 1)."""
-    import numpy as np
-
     x = _gelu_inputs(dtype)
     grad = jax.vmap(jax.grad(layers.gelu_exact))(x)
     assert grad.dtype == dtype
@@ -149,8 +144,6 @@ def test_gelu_saves_only_its_input_for_the_backward():
 def test_block_gradients_are_the_same_under_remat(remat):
     """A rematerialised gelu block (the GELU's and LayerNorm's custom VJPs inside jax.checkpoint) gives the
     gradients of the plain one."""
-    import numpy as np
-
     def grads(policy: str) -> list:
         stack = layers.EncoderStack(
             1, remat=policy, width=32, num_heads=4, mlp_dim=64, activation="gelu", key_bias=True,
@@ -167,8 +160,6 @@ def test_block_gradients_are_the_same_under_remat(remat):
 def test_gelu_takes_integers_and_python_numbers_as_jax_does_and_refuses_forward_mode_clearly():
     """Integers and Python numbers become float32 (as in `jax.nn.gelu`), not truncated or an AttributeError;
     forward-mode autodiff, which a custom VJP cannot give, fails with jax's own message (documented)."""
-    import numpy as np
-
     np.testing.assert_array_equal(layers.gelu_exact(jnp.arange(3)), jax.nn.gelu(jnp.arange(3.0), approximate=False))
     assert float(layers.gelu_exact(0.3)) == float(jax.nn.gelu(jnp.float32(0.3), approximate=False))
     with pytest.raises(TypeError, match="forward-mode autodiff"):
@@ -197,8 +188,6 @@ def _layer_norm_inputs(dtype) -> jax.Array:
 @pytest.mark.parametrize("input_dtype, dtype", [("float32", "float32"), ("bfloat16", "bfloat16"), ("float32", "bfloat16")])
 def test_layer_norm_forward_is_flax_value_for_value(input_dtype, dtype):
     """The custom VJP changes only the backward: the forward is `nnx.LayerNorm`'s arithmetic, bit for bit."""
-    import numpy as np
-
     ours, flax_norm = _layer_norms(jnp.dtype(dtype))
     x = _layer_norm_inputs(jnp.dtype(input_dtype))
     apply = jax.jit(lambda norm, x: norm(x))
@@ -219,8 +208,6 @@ def _layer_norm_gradients(norm: nnx.Module, x: jax.Array) -> list:
 
 
 def test_layer_norm_gradients_match_autodiff_in_float32():
-    import numpy as np
-
     ours, flax_norm = _layer_norms(jnp.float32)
     x = _layer_norm_inputs(jnp.float32)
     for got, expected in zip(_layer_norm_gradients(ours, x), _layer_norm_gradients(flax_norm, x), strict=True):
@@ -230,8 +217,6 @@ def test_layer_norm_gradients_match_autodiff_in_float32():
 def test_layer_norm_bfloat16_gradients_are_as_close_to_float32_as_autodiffs():
     """In bf16 (the training setting) each gradient is within bf16 rounding of the fp32 gradient of the same
     inputs, and no further from it than flax's autodiff: a wrong term (e.g. a dropped mean) would be O(1) off."""
-    import numpy as np
-
     x = _layer_norm_inputs(jnp.bfloat16)
     exact = _layer_norm_gradients(_layer_norms(jnp.float32)[1], x.astype(jnp.float32))
     ours, flax_norm = (_layer_norm_gradients(norm, x) for norm in _layer_norms(jnp.bfloat16))

@@ -31,7 +31,8 @@ _INV_SQRT_2PI = np.float32(1 / np.sqrt(2 * np.pi))
 
 
 def _wide(x: jax.Array) -> jax.Array:
-    """`x` in at least float32: GELU's arithmetic runs in fp32 for bf16/fp16 inputs, as PyTorch's opmath does."""
+    """`x` in at least float32: the GELU's and LayerNorm's arithmetic runs in fp32 for bf16/fp16 inputs, as
+    PyTorch's opmath does."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
@@ -230,11 +231,12 @@ def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float)
 def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> tuple[jax.Array, tuple]:
     mean, inverse_std = _row_statistics(x, epsilon)
     normalised = (x - mean) * (inverse_std * scale) + bias  # flax's `_normalize`, op for op
-    return normalised.astype(x.dtype), (x, scale, bias, mean, inverse_std)
+    return normalised.astype(x.dtype), (x, scale, mean, inverse_std)
 
 
 def _layer_norm_backward(epsilon: float, residuals: tuple, grad: jax.Array) -> tuple[jax.Array, ...]:
-    x, scale, bias, mean, inverse_std = residuals
+    """Cotangents of x, scale and bias (bias has scale's dtype: `LayerNorm` promotes them together)."""
+    x, scale, mean, inverse_std = residuals
     normalised = (_wide(x) - mean) * inverse_std
     grad = _wide(grad)
     scaled = grad * _wide(scale)
@@ -245,7 +247,7 @@ def _layer_norm_backward(epsilon: float, residuals: tuple, grad: jax.Array) -> t
     return (
         grad_x.astype(x.dtype),
         (grad * normalised).sum(rows).astype(scale.dtype),
-        grad.sum(rows).astype(bias.dtype),
+        grad.sum(rows).astype(scale.dtype),
     )
 
 
