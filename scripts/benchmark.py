@@ -26,7 +26,8 @@ Figures:
 * peak device memory (`memory_stats()["peak_bytes_in_use"]`; the baseline: `torch.cuda.max_memory_allocated`);
 * the jitted log-mel alone on one batch (its share of the step);
 * with `--profile N`: N more steps under the jax profiler, device time per step by kind (attention, matmul,
-  convolution, FFT, other) and the top kernels — where the time goes.
+  convolution, FFT, other) and the top kernels — where the time goes; and by line of our code that made each
+  HLO op (`hlo_traffic`'s `--by source` groups), with the bytes those launches move and the bandwidth achieved.
 
 With `--baseline torch` the PyTorch step (`wavlink_jax.torch_baseline`) runs first in the same process, on the
 same device, with the same shapes, loss, optimizer settings and clipping, then frees its memory before JAX
@@ -54,6 +55,8 @@ from configs import common  # noqa: E402
 from wavlink_jax.models.clip_text import CLIPTextConfig  # noqa: E402
 from wavlink_jax.models.wavlink import WavLinkConfig  # noqa: E402
 from wavlink_jax.models.whisper import WhisperConfig  # noqa: E402
+
+import hlo_traffic  # noqa: E402  (scripts/, this file's folder, is on sys.path)
 
 MODELS = ("base", "small", "medium", "large")
 # The batch sizes of the performance issue's PyTorch table (30 s windows, one H100/H200).
@@ -279,13 +282,20 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(lower)), "other")
 
 
+def ms_per_step(us: float, steps: int) -> float:
+    """Microseconds over `steps` steps as milliseconds per step, to the microsecond."""
+    return round(us / steps / 1e3, 3)
+
+
 def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, Any]:
     """Device time per step from a jax profiler trace (Chrome/perfetto JSON): by kind, by kernel and by HLO op.
 
     Kernels are the complete events on the device's `Stream` lines. XLA gives identical fusions one kernel, so
     one kernel name can stand for many HLO ops (e.g. every layer's GELU): each kernel comes with its launches
     per step, and the derived `XLA Ops` line, which names the HLO instruction of each launch, gives the same
-    time by op (it is not added to the totals). A trace without device lines (CPU) gives empty tables."""
+    time by op (it is not added to the totals). A trace without device lines (CPU) gives empty tables.
+    `op_time_us` holds every op's [microseconds, launches] over the `steps` (the `top_` tables keep the longest
+    only), for `time_by_source`."""
     import gzip
 
     with gzip.open(trace_file) as file:
@@ -323,24 +333,91 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     by_kind: dict[str, float] = {}
     for name, (us, _) in by_kernel.items():
         by_kind[kernel_kind(name)] = by_kind.get(kernel_kind(name), 0.0) + us
-    ms = lambda us: round(us / steps / 1e3, 3)  # noqa: E731
 
     def ranked(by_name: dict[str, list[float]]) -> list[list]:
         """[name, ms per step, launches per step] for the `top` names with the most time."""
         items = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
-        return [[name[:120], ms(us), round(launches / steps, 2)] for name, (us, launches) in items]
+        return [[name[:120], ms_per_step(us, steps), round(launches / steps, 2)] for name, (us, launches) in items]
 
     return {
         "lines": sorted(device_lines[key] for key in kernel_lines),
-        "device_busy_ms_per_step": ms(total_us),
-        "by_kind_ms_per_step": {kind: ms(us) for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "device_busy_ms_per_step": ms_per_step(total_us, steps),
+        "by_kind_ms_per_step": {
+            kind: ms_per_step(us, steps) for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])
+        },
         "top_kernels_ms_per_step": ranked(by_kernel),
         "top_ops_ms_per_step": ranked(by_op),
+        "op_time_us": by_op,
+    }
+
+
+NOT_IN_HLO = "(op not in the HLO)"
+
+
+def time_by_source(
+    op_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch], steps: int, busy_ms: float, top: int = 25
+) -> dict[str, Any]:
+    """Device time per step by line of our code, with the bytes its launches move and the bandwidth achieved
+    (GB/ms = TB/s), so that a slow kernel and a heavy line show up at once.
+
+    `op_time_us` is `summarize_trace`'s time per op of the trace's `XLA Ops` line, whose ops are named after the
+    HLO instructions of the compiled step (a leading '%' is dropped); `found` is `hlo_traffic.launches` of that
+    step, which groups each launch by source line (by kind where the program has no stack frames). A launch of
+    the entry computation runs once per step, so a line's bytes per step are those of its launches the trace
+    ran. Time of ops that are no launch of the entry computation (another naming, a loop's body) is counted
+    under NOT_IN_HLO and named in the note, never dropped. Returns the `top` rows [source, ms per step,
+    launches per step, GB per step, TB/s] by time, the total attributed against `busy_ms` (the kernels' time
+    per step), and a note ("" when there is nothing to say)."""
+    launch_of = {launch.name: launch for launch in found}
+    groups: dict[str, list] = {}  # source → [µs, launches, the instructions that ran]
+    not_found: dict[str, float] = {}  # op name → µs
+    for name, (us, launches) in op_time_us.items():
+        launch = launch_of.get(name.lstrip("%"))
+        if launch is None:
+            not_found[name] = us
+        group = groups.setdefault(NOT_IN_HLO if launch is None else launch.source or launch.group, [0.0, 0, set()])
+        group[0] += us
+        group[1] += launches
+        group[2] |= {launch} if launch else set()
+
+    def row(source: str, us: float, launches: int, ran: set[hlo_traffic.Launch]) -> list:
+        """[source, ms per step, launches per step, GB per step, TB/s (None without bytes or time)]."""
+        nbytes = sum(launch.read + launch.written for launch in ran)
+        tb_s = round(nbytes / 1e9 / (us / steps / 1e3), 2) if nbytes and us else None
+        return [source[:160], ms_per_step(us, steps), round(launches / steps, 2), round(nbytes / 1e9, 3), tb_s]
+
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
+    attributed = [group for source, group in ranked if source != NOT_IN_HLO]
+    _, ms, launches, gb, tb_s = row(
+        "", sum(g[0] for g in attributed), sum(g[1] for g in attributed), set().union(*(g[2] for g in attributed))
+    )
+    notes = []
+    if not op_time_us:
+        notes.append("the trace has no XLA Ops events (a CPU trace has no device lines): no device time by source")
+    if not_found:
+        longest = ", ".join(sorted(not_found, key=lambda name: -not_found[name])[:5])
+        notes.append(f"ops of the trace that are no launch of the HLO's entry computation ({len(not_found)}): "
+                     f"{longest}")
+    if found and not found[0].source:
+        notes.append("the program has no stack frames: the rows are hlo_traffic's kinds, not source lines")
+    return {
+        "by_source_ms_per_step": [row(source, *group) for source, group in ranked[:top]],
+        "by_source_total": {
+            "attributed_ms_per_step": ms,
+            "launches_per_step": launches,
+            "GB_per_step": gb,
+            "TB_s": tb_s,
+            "not_in_hlo_ms_per_step": ms_per_step(sum(not_found.values()), steps),
+            "device_busy_ms_per_step": busy_ms,
+            "fraction_of_device_busy": round(ms / busy_ms, 3) if busy_ms else None,
+        },
+        "by_source_note": "; ".join(notes),
     }
 
 
 def profile_steps(compiled, state, batches, steps: int) -> tuple[dict[str, Any], Any]:
-    """Run `steps` more steps under the jax profiler and summarise the device trace; returns (summary, state)."""
+    """Run `steps` more steps under the jax profiler and summarise the device trace, with its time by source line
+    of `compiled`'s optimised HLO (`time_by_source`, in place of the per-op times); returns (summary, state)."""
     import tempfile
 
     import jax
@@ -350,8 +427,10 @@ def profile_steps(compiled, state, batches, steps: int) -> tuple[dict[str, Any],
             for i in range(steps):
                 state, metrics = compiled(state, batches[i % len(batches)])
             jax.block_until_ready((state, metrics))
-        trace_file = next(Path(directory).rglob("perfetto_trace.json.gz"))
-        return summarize_trace(trace_file, steps), state
+        summary = summarize_trace(next(Path(directory).rglob("perfetto_trace.json.gz")), steps)
+    found = hlo_traffic.launches(compiled.as_text())
+    summary.update(time_by_source(summary.pop("op_time_us"), found, steps, summary["device_busy_ms_per_step"]))
+    return summary, state
 
 
 def time_log_mel(waveform, n_mels: int, repeats: int = 5) -> float:
@@ -593,6 +672,22 @@ def _gib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**30:.1f} GiB"
 
 
+def source_table(profile: dict[str, Any]) -> list[str]:
+    """The lines of a profile's time by source line (`time_by_source`): each row, the total, the note."""
+    total = profile["by_source_total"]
+    lines = ["    by source line (ms/step, launches/step, GB/step, TB/s):"] if profile["by_source_ms_per_step"] else []
+    for source, ms, n, gb, tb_s in profile["by_source_ms_per_step"]:
+        bandwidth = "-" if tb_s is None else f"{tb_s:.2f}"
+        lines.append(f"    {ms:8.2f} ms {n:6.1f}× {gb:8.2f} GB {bandwidth:>5} TB/s  {source}")
+    if total["fraction_of_device_busy"] is not None:
+        lines.append(
+            f"    attributed {total['attributed_ms_per_step']:.2f} of {total['device_busy_ms_per_step']:.2f} ms device "
+            f"busy ({100 * total['fraction_of_device_busy']:.0f}%), {total['GB_per_step']:.2f} GB at "
+            f"{total['TB_s'] or 0:.2f} TB/s; {total['not_in_hlo_ms_per_step']:.2f} ms in ops not in the HLO"
+        )
+    return lines + ([f"    by source: {profile['by_source_note']}"] if profile["by_source_note"] else [])
+
+
 def report(r: dict[str, Any]) -> str:
     """The human-readable summary of `main`'s result."""
     cost = (
@@ -622,6 +717,7 @@ def report(r: dict[str, Any]) -> str:
             if profile[key]:
                 lines.append(f"    {title} (ms/step, launches/step):")
                 lines += [f"    {ms:8.2f} ms {n:6.1f}×  {name}" for name, ms, n in profile[key]]
+        lines += source_table(profile)
     b = r["baseline"]
     if b is not None and "error" in b:
         lines.append(f"  torch baseline failed: {b['error']}")

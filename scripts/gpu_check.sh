@@ -149,6 +149,7 @@ bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline 
 # --- summary -------------------------------------------------------------------------------------------------
 python3 - "$JSONL" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
+sys.path.insert(0, "scripts")
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 print(f"\n{len(rows)} runs on {next((r['device'] for r in rows if 'device' in r), '?')}, "
       f"matmul peak {next((round(r['matmul_peak_tflops']) for r in rows if 'device' in r), '?')} TFLOP/s")
@@ -176,6 +177,8 @@ for r in rows:
               f"({kinds}); log-mel alone {1e3 * r['log_mel_s']:.1f} ms; lines {profile['lines']}")
         for name, ms, launches in profile["top_kernels_ms_per_step"]:
             print(f"  {ms:8.2f} ms {launches:6.1f}×  {name}")
+        from benchmark import source_table  # by line of our code, with bytes and TB/s (imports jax: only here)
+        print("\n".join(source_table(profile)))
     elif profile:
         print(f"\n{r['label']}: profile failed: {profile['error'][:300]}")
 EOF

@@ -6,8 +6,11 @@ single-device benchmark on a different XLA client set-up than a real run).
 
 from __future__ import annotations
 
+import dataclasses
+import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import benchmark  # noqa: E402
+import hlo_traffic  # noqa: E402
+from test_hlo_traffic import WITH_FRAMES, WITHOUT_FRAMES  # noqa: E402  (a module with stack frame tables)
 
 POSITIVE_FIELDS = (
     "compile_s", "step_time_s", "samples_per_s", "flops_per_step_model", "flops_per_step_cost_analysis",
@@ -28,11 +33,13 @@ POSITIVE_FIELDS = (
 
 @pytest.fixture(scope="module")
 def result() -> dict:
-    """One tiny run, ours and the eager PyTorch baseline, fp32 (CPUs have no fast bf16), batch 8."""
+    """One tiny run, ours (profiled for a step) and the eager PyTorch baseline, fp32 (CPUs have no fast bf16),
+    batch 8."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     command = [
         sys.executable, str(ROOT / "scripts" / "benchmark.py"),
         "--tiny", "--steps", "2", "--json", "--dtype", "float32", "--batch", "8", "--baseline", "torch",
+        "--profile", "1",
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -55,6 +62,16 @@ def test_tiny_benchmark_reports_every_figure(result):
     # Both steps trained the same model on the same data from a random start: the loss is finite and of the
     # size of a fresh contrastive loss (4 levels of CLIP ≈ log 4 + sigmoid ≈ 10·… at bias −10), not 0.
     assert 0 < result["final_loss"] < 100 and 0 < baseline["final_loss"] < 100
+
+
+def test_a_cpu_profile_has_empty_tables_and_says_why(result):
+    """A CPU trace has no device lines: every table is empty, the by-source table says why, and the text
+    report prints that instead of failing."""
+    profile = result["profile"]
+    assert profile["top_kernels_ms_per_step"] == [] and profile["by_source_ms_per_step"] == []
+    assert "op_time_us" not in profile  # the full per-op times are replaced by the by-source table
+    assert profile["by_source_note"].startswith("the trace has no XLA Ops events")
+    assert f"    by source: {profile['by_source_note']}" in benchmark.report(result)
 
 
 def test_model_flops_match_xla_cost_analysis(result):
@@ -108,44 +125,130 @@ def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
     assert float(ours) == pytest.approx(theirs.item(), rel=1e-5)
 
 
+def meta(kind: str, pid: int, tid: int, name: str) -> dict:
+    """A trace's metadata event naming a process or thread."""
+    return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+
+
+def kernel(pid: int, tid: int, name: str, dur: float) -> dict:
+    """A complete event of `dur` microseconds on line (pid, tid)."""
+    return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0, "dur": dur}
+
+
+# A GPU (pid 1) with a kernel line (tid 7) and the derived XLA Ops line (tid 8); a host thread (pid 2).
+LINES = [
+    meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
+    meta("thread_name", 1, 7, "Stream #7(Compute)"), meta("thread_name", 1, 8, "XLA Ops"),
+    meta("thread_name", 2, 9, "python"),
+]
+
+
+def write_trace(path: Path, events: list[dict]) -> Path:
+    """A gzipped perfetto trace of LINES and `events`, as `jax.profiler.trace` writes it."""
+    with gzip.open(path, "wt") as file:
+        json.dump({"traceEvents": LINES + events}, file)
+    return path
+
+
 def test_trace_summary_counts_stream_kernels_once(tmp_path):
     """The profile summary reads the device's Stream lines (xprof's layout of a GPU trace), not the derived
     XLA Ops line that repeats the same time, nor host events; times are per step, grouped by kind; each kernel
     comes with its launches per step (one kernel serves identical fusions), and the XLA Ops line gives the same
-    time by HLO op."""
-    import gzip
-
-    def meta(kind, pid, tid, name):
-        return {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
-
-    def kernel(pid, tid, name, dur):
-        return {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": 0, "dur": dur}
-
-    events = [
-        meta("process_name", 1, 0, "/device:GPU:0"), meta("process_name", 2, 0, "/host:CPU"),
-        meta("thread_name", 1, 7, "Stream #7(Compute)"), meta("thread_name", 1, 8, "XLA Ops"),
-        meta("thread_name", 2, 9, "python"),
+    time by HLO op, every op's in `op_time_us`."""
+    trace = write_trace(tmp_path / "perfetto_trace.json.gz", [
         kernel(1, 7, "sm90_xmma_gemm_bf16bf16_bf16f32", 3000), kernel(1, 7, "cudnn_generated_fort_native_sdpa_sm90", 2000),
         kernel(1, 7, "loop_add_fusion", 500), kernel(1, 7, "loop_add_fusion", 500), kernel(1, 7, "regular_fft", 1000),
         kernel(1, 7, "sm90_xmma_fprop_implicit_gemm_bf16", 400), kernel(1, 7, "loop_convert_fusion", 600),
         kernel(1, 8, "loop_add_fusion.3", 500), kernel(1, 8, "loop_add_fusion.7", 500), kernel(1, 8, "custom-call.1", 3000),
         kernel(2, 9, "PjitFunction(step)", 9000),
-    ]
-    trace = tmp_path / "perfetto_trace.json.gz"
-    with gzip.open(trace, "wt") as file:
-        json.dump({"traceEvents": events}, file)
-    summary = benchmark.summarize_trace(trace, steps=2)
+    ])
+    summary = benchmark.summarize_trace(trace, steps=2, top=2)
     assert summary["lines"] == ["Stream #7(Compute)"]
     assert summary["device_busy_ms_per_step"] == 4.0
     assert summary["by_kind_ms_per_step"] == {  # a type conversion ("convert") is not a convolution
         "matmul": 1.5, "attention": 1.0, "other": 0.8, "fft": 0.5, "convolution": 0.2,
     }
-    kernels = {name: (ms, launches) for name, ms, launches in summary["top_kernels_ms_per_step"]}
-    assert summary["top_kernels_ms_per_step"][0] == ["sm90_xmma_gemm_bf16bf16_bf16f32", 1.5, 0.5]
-    assert kernels["loop_add_fusion"] == (0.5, 1.0)  # two launches in two steps: one per step
-    assert summary["top_ops_ms_per_step"] == [
-        ["custom-call.1", 1.5, 0.5], ["loop_add_fusion.3", 0.25, 0.5], ["loop_add_fusion.7", 0.25, 0.5],
+    assert summary["top_kernels_ms_per_step"] == [
+        ["sm90_xmma_gemm_bf16bf16_bf16f32", 1.5, 0.5], ["cudnn_generated_fort_native_sdpa_sm90", 1.0, 0.5],
     ]
+    kernels = {name: (ms, n) for name, ms, n in benchmark.summarize_trace(trace, steps=2)["top_kernels_ms_per_step"]}
+    assert kernels["loop_add_fusion"] == (0.5, 1.0)  # two launches in two steps: one per step
+    assert summary["top_ops_ms_per_step"] == [["custom-call.1", 1.5, 0.5], ["loop_add_fusion.3", 0.25, 0.5]]
+    assert summary["op_time_us"] == {  # all ops, not only the top 2, over both steps
+        "loop_add_fusion.3": [500.0, 1], "loop_add_fusion.7": [500.0, 1], "custom-call.1": [3000.0, 1],
+    }
+
+
+def test_device_time_is_attributed_to_source_lines_with_bytes_and_bandwidth(tmp_path):
+    """Two steps of test_hlo_traffic's module (bf16 8192² arrays), with a second GELU launch of the same line
+    (another layer's): each XLA op's time goes to its launch's source line, whatever its leading '%', with the
+    bytes its launches move per step (each once per step) and GB/ms = TB/s; an op that is no launch of the HLO
+    gets its own row and is named; the total says how much of the device's busy time was attributed."""
+    found = hlo_traffic.launches(WITH_FRAMES)
+    gelu = next(launch for launch in found if launch.name == "loop_gelu_fusion")
+    found.append(dataclasses.replace(gelu, name="loop_gelu_fusion.1"))
+    ops = [("%loop_gelu_fusion", 100), ("loop_gelu_fusion.1", 100), ("loop_gelu_grad_fusion", 400), ("gemm.1", 300),
+           ("fusion.99", 50)]  # µs per step
+    trace = write_trace(tmp_path / "perfetto_trace.json.gz", [
+        *(kernel(1, 8, name, us) for name, us in ops for _ in range(2)),
+        *(kernel(1, 7, "a_kernel", 1000) for _ in range(2)),  # the device is busy 1 ms per step
+    ])
+    summary = benchmark.summarize_trace(trace, steps=2)
+    profile = benchmark.time_by_source(summary["op_time_us"], found, 2, summary["device_busy_ms_per_step"])
+
+    gb = 2 * 8192 * 8192 * 2 / 1e9  # a bf16 8192² array read and one written: 0.268 GB
+    gemm_gb = gb + 8 * 8 * 2 / 1e9  # x read twice, an 8×8 bf16 result written
+    assert profile["by_source_ms_per_step"] == [
+        ["backward wavlink_jax/models/layers.py:40:12 gelu_exact", 0.4, 1.0, round(gb, 3), round(gb / 0.4, 2)],
+        ["forward wavlink_jax/models/layers.py:276:30 EncoderBlock.__call__ [GEMM]", 0.3, 1.0, round(gemm_gb, 3),
+         round(gemm_gb / 0.3, 2)],
+        ["forward wavlink_jax/models/layers.py:40:12 gelu_exact", 0.2, 2.0, round(2 * gb, 3), round(2 * gb / 0.2, 2)],
+        ["(op not in the HLO)", 0.05, 1.0, 0.0, None],
+    ]
+    assert profile["by_source_total"] == {
+        "attributed_ms_per_step": 0.9, "launches_per_step": 4.0, "GB_per_step": round(3 * gb + gemm_gb, 3),
+        "TB_s": round((3 * gb + gemm_gb) / 0.9, 2), "not_in_hlo_ms_per_step": 0.05, "device_busy_ms_per_step": 1.0,
+        "fraction_of_device_busy": 0.9,
+    }
+    assert profile["by_source_note"] == (
+        "ops of the trace that are no launch of the HLO's entry computation (1): fusion.99"
+    )
+    assert benchmark.source_table(profile) == [
+        "    by source line (ms/step, launches/step, GB/step, TB/s):",
+        "        0.40 ms    1.0×     0.27 GB  0.67 TB/s  backward wavlink_jax/models/layers.py:40:12 gelu_exact",
+        "        0.30 ms    1.0×     0.27 GB  0.89 TB/s  forward wavlink_jax/models/layers.py:276:30 "
+        "EncoderBlock.__call__ [GEMM]",
+        "        0.20 ms    2.0×     0.54 GB  2.68 TB/s  forward wavlink_jax/models/layers.py:40:12 gelu_exact",
+        "        0.05 ms    1.0×     0.00 GB     - TB/s  (op not in the HLO)",
+        "    attributed 0.90 of 1.00 ms device busy (90%), 1.07 GB at 1.19 TB/s; 0.05 ms in ops not in the HLO",
+        f"    by source: {profile['by_source_note']}",
+    ]
+
+    plain = benchmark.time_by_source(summary["op_time_us"], hlo_traffic.launches(WITHOUT_FRAMES), 2, 1.0)
+    assert [row[0] for row in plain["by_source_ms_per_step"]] == [
+        "backward loop_gelu_grad_fusion", "GEMM", "(op not in the HLO)", "forward loop_gelu_fusion",
+    ]  # without stack frames, by kind; the second GELU launch (0.1 ms) is not in this module
+    assert plain["by_source_note"].endswith("the program has no stack frames: the rows are hlo_traffic's kinds, "
+                                            "not source lines")
+
+
+def test_gpu_check_summary_prints_each_profile_by_source(result, tmp_path):
+    """gpu_check.sh's closing summary (its Python, run on a bench.jsonl row of this run whose profile has a
+    by-source table) prints the table after the kernels, with the benchmark's own printer."""
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    summary = re.search(r'"\$JSONL" <<\'EOF\'[^\n]*\n(.*?)\nEOF\n', script, re.S)[1]
+    profile = {
+        **result["profile"],
+        **benchmark.time_by_source({"gemm.1": [600.0, 2]}, hlo_traffic.launches(WITH_FRAMES), 2, 0.4),
+    }
+    jsonl = tmp_path / "bench.jsonl"
+    jsonl.write_text(json.dumps({**result, "label": "tiny", "profile": profile}) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-", str(jsonl)], input=summary, cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\n".join(benchmark.source_table(profile)) in done.stdout
+    assert "  0.30 ms    1.0×     0.27 GB  0.89 TB/s  forward wavlink_jax/models/layers.py:276:30" in done.stdout
 
 
 def _route_cudnn_through_xla(monkeypatch, *, drop_causal: bool = False) -> list:
