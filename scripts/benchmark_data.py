@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     for kind, source in per_worker_sources:
         total = _pipeline_rate(source, args.seconds, args.workers, 4 * batches * args.workers, 1)[1]
-        rows.append((kind, f"pipeline, {args.workers} worker processes (wall: total / workers)", (float("nan"), total / args.workers)))
+        stage = f"pipeline, {args.workers} worker processes (wall: total / workers)"
+        rows.append((kind, stage, (None, total / args.workers)))  # no CPU-time rate across processes
 
     machine = {
         "cpu": next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
@@ -202,13 +203,14 @@ def main(argv: list[str] | None = None) -> dict:
     print("| source | stage | clips per CPU-second | vs target | clips per wall-second |")
     print("|---|---|---:|---:|---:|")
     for kind, stage, (cpu, wall) in rows:
-        print(f"| {kind} | {stage} | {cpu:.0f} | {cpu / TARGETS[kind]:.2f}× | {wall:.0f} |")
+        per_cpu, vs_target = ("–", "–") if cpu is None else (f"{cpu:.0f}", f"{cpu / TARGETS[kind]:.2f}×")
+        print(f"| {kind} | {stage} | {per_cpu} | {vs_target} | {wall:.0f} |")
     result = {
         "machine": machine,
         "clips": args.clips,
         "seconds": args.seconds,
         "flac_compression": round(compression, 2),
-        "rows": [{"source": k, "stage": s, "clips_per_cpu_s": round(c, 1), "clips_per_wall_s": round(w, 1)} for k, s, (c, w) in rows],
+        "rows": [{"source": k, "stage": s, "clips_per_cpu_s": None if c is None else round(c, 1), "clips_per_wall_s": round(w, 1)} for k, s, (c, w) in rows],
     }
     print(json.dumps(result))
     if args.out:

@@ -3,8 +3,9 @@ evaluate on the held-out split and print text→audio / audio→text recall besi
 
     python scripts/quickstart.py [--data-dir data/synthetic] [--workdir workdirs/quickstart] [--steps N]
 
-The run starts fresh in --workdir (its previous contents are deleted). Exit status 1 if R@1 is below
-10× chance in either direction.
+The run starts fresh in --workdir: its previous contents are deleted, so a --workdir that exists and is not
+empty must be the default folder or one an earlier quickstart made (it leaves a `.quickstart-workdir` file);
+any other folder is refused, never emptied. Exit status 1 if R@1 is below 10× chance in either direction.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `configs` and `wavlink_jax` without installing
 
 NUM_TRAIN, NUM_EVAL, SECONDS = 2000, 200, 3.0
+DEFAULT_WORKDIR = REPO / "workdirs" / "quickstart"
+MARKER = ".quickstart-workdir"  # left in each quickstart workdir: the run may delete that folder again
 
 
 def chance_recall(num_clips: int, captions_per_clip: int, k: int) -> tuple[float, float]:
@@ -40,12 +43,29 @@ def _split_sizes(data_dir: Path) -> tuple[int, int] | None:
     return tuple(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files)
 
 
+def replaceable(workdir: Path) -> bool:
+    """Whether the quickstart may delete `workdir` to start fresh: it is missing or empty, the default folder,
+    or one an earlier quickstart marked as its own. Anything else may hold someone's work."""
+    if not workdir.exists():
+        return True
+    return workdir.is_dir() and (
+        not any(workdir.iterdir()) or workdir.resolve() == DEFAULT_WORKDIR.resolve() or (workdir / MARKER).is_file()
+    )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO / "data" / "synthetic"))
-    parser.add_argument("--workdir", default=str(REPO / "workdirs" / "quickstart"))
+    parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="deleted first (see above)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
     args = parser.parse_args()
+    workdir = Path(args.workdir)
+    if not replaceable(workdir):
+        parser.error(
+            f"--workdir {workdir} exists, is not empty and is no quickstart workdir (no {MARKER} in it); the "
+            "quickstart deletes its workdir before training, so choose a new or empty folder, or delete this one "
+            "yourself"
+        )
 
     from absl import flags, logging as absl_logging
 
@@ -63,10 +83,12 @@ def main() -> int:
         print(f"  done in {time.perf_counter() - start:.0f} s")
 
     config = quickstart.get_config(f"data_dir={data_dir}" + (f",steps={args.steps}" if args.steps else ""))
-    shutil.rmtree(args.workdir, ignore_errors=True)
-    print(f"training configs/quickstart.py for {config.total_steps} steps of {config.batch_size} into {args.workdir}")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    (workdir / MARKER).write_text("made by scripts/quickstart.py, which deletes this folder when it runs again\n")
+    print(f"training configs/quickstart.py for {config.total_steps} steps of {config.batch_size} into {workdir}")
     start = time.perf_counter()
-    metrics = train.train(config, args.workdir)
+    metrics = train.train(config, str(workdir))
     minutes = (time.perf_counter() - start) / 60
 
     name = config.eval.sets[0]["name"]
@@ -82,7 +104,7 @@ def main() -> int:
         label = {"t2a": "text→audio", "a2t": "audio→text"}[direction]
         print(f"{label:10}{r1:8.1f}{chance1:8.1f}{r10:8.1f}{chance10:8.1f}")
         ok &= r1 >= 10 * chance1
-    print(("OK" if ok else "FAILED") + ": R@1 " + ("≥" if ok else "<") + " 10× chance in both directions")
+    print("OK: R@1 ≥ 10× chance in both directions" if ok else "FAILED: R@1 < 10× chance in at least one direction")
     return 0 if ok else 1
 
 

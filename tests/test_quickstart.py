@@ -1,0 +1,30 @@
+"""scripts/quickstart.py deletes its workdir to start fresh: only folders it may delete are accepted."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import quickstart  # noqa: E402
+
+
+def test_only_missing_empty_default_or_marked_workdirs_are_replaceable(tmp_path):
+    assert quickstart.replaceable(tmp_path / "new")
+    assert quickstart.replaceable(tmp_path)  # empty
+    (tmp_path / "notes.txt").write_text("someone's work")
+    assert not quickstart.replaceable(tmp_path)
+    (tmp_path / quickstart.MARKER).write_text("")
+    assert quickstart.replaceable(tmp_path)
+    assert not quickstart.replaceable(tmp_path / "notes.txt")  # a file, not a folder
+    assert quickstart.replaceable(quickstart.DEFAULT_WORKDIR)  # `make quickstart`'s own folder, marked or not
+
+
+def test_a_foreign_workdir_is_refused_and_left_alone(tmp_path):
+    (tmp_path / "notes.txt").write_text("someone's work")
+    result = subprocess.run(
+        [sys.executable, str(quickstart.REPO / "scripts" / "quickstart.py"), "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"--workdir {tmp_path} exists, is not empty and is no quickstart workdir" in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
