@@ -3,6 +3,7 @@ record of failed and skipped runs, and the resume that lets one time-boxed GPU s
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,7 +61,8 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64-vs-compile")
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # a silent, passing check keeps cuDNN
     assert [row["label"] for row in rows] == RUNS
-    assert rows[RUNS.index("small-30s-b64-vs-compile")]["error"] == "exit 3 after 0 s"  # recorded, not done
+    # recorded, not done (the seconds depend on the machine's load)
+    assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("small-30s-b64-vs-compile")]["error"])
     assert "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log  # the summary table
 
     calls, rows, log = gpu_check(tmp_path, "second", budget_s=10_000)
