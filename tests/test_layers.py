@@ -41,10 +41,11 @@ def test_cudnn_path_pads_odd_lengths_and_masks_the_padding(monkeypatch, length):
     assert float(jnp.abs(out - reference).max()) < 1e-6
 
 
-def _stack(num_layers: int, seed: int = 0) -> layers.EncoderStack:
+def _stack(num_layers: int, seed: int = 0, remat: str = "none") -> layers.EncoderStack:
     return layers.EncoderStack(
-        num_layers, width=32, num_heads=4, mlp_dim=64, activation="gelu", key_bias=True, layer_norm_eps=1e-5,
-        dtype=jnp.float32, param_dtype=jnp.float32, attention_implementation="xla", rngs=nnx.Rngs(seed),
+        num_layers, remat=remat, width=32, num_heads=4, mlp_dim=64, activation="gelu", key_bias=True,
+        layer_norm_eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, attention_implementation="xla",
+        rngs=nnx.Rngs(seed),
     )
 
 
@@ -145,11 +146,7 @@ def test_block_gradients_are_the_same_under_remat(remat):
     """A rematerialised gelu block (the GELU's and LayerNorm's custom VJPs inside jax.checkpoint) gives the
     gradients of the plain one."""
     def grads(policy: str) -> list:
-        stack = layers.EncoderStack(
-            1, remat=policy, width=32, num_heads=4, mlp_dim=64, activation="gelu", key_bias=True,
-            layer_norm_eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, attention_implementation="xla",
-            rngs=nnx.Rngs(0),
-        )
+        stack = _stack(1, remat=policy)
         x = jax.random.normal(jax.random.key(1), (2, 8, 32))
         return jax.tree.leaves(nnx.grad(lambda model: (model(x) ** 2).sum())(stack))
 
