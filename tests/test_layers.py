@@ -141,6 +141,38 @@ def test_gelu_saves_only_its_input_for_the_backward():
     assert len(residuals) == 2 and all(r.dtype == jnp.bfloat16 for r in residuals)
 
 
+def test_compiled_gelu_gradient_keeps_no_more_than_an_identitys_plus_its_input():
+    """What XLA actually keeps between forward and backward (the compiled program's temporary memory), not
+    jax's residuals: dense → activation → dense in bf16, against the identity activation. GELU may add its
+    saved input and its output, two bf16 [rows, mlp] tensors. Without the backward's optimization barrier XLA
+    shared the forward's erfc with the backward and kept it in fp32: 3 more such fp32 tensors here on a CPU,
+    an fp32 [batch, frames, mlp] per layer in the H200-targeted compile."""
+    rows, hidden, mlp = 4096, 256, 1024
+
+    def temporary_bytes(activation) -> int:
+        def loss(x, w1, w2):
+            return jnp.sum((activation(x @ w1) @ w2).astype(jnp.float32) ** 2)
+
+        shapes = [jax.ShapeDtypeStruct(shape, jnp.bfloat16) for shape in [(rows, hidden), (hidden, mlp), (mlp, hidden)]]
+        compiled = jax.jit(jax.grad(loss, argnums=(1, 2))).lower(*shapes).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one_tensor = rows * mlp * 2
+    assert temporary_bytes(layers.gelu_exact) <= temporary_bytes(lambda h: h) + 2 * one_tensor
+
+
+@pytest.mark.parametrize("function", ["gelu", "layer_norm"])
+def test_custom_backwards_read_their_input_through_an_optimization_barrier(function):
+    """The barrier that keeps XLA from sharing the forward's fp32 intermediates with the backward (see
+    `gelu_exact` and `_layer_norm_backward`) is in the backward's program: removing it fails here."""
+    x = jnp.ones((4, 8), jnp.bfloat16)
+    if function == "gelu":
+        _, backward = jax.vjp(layers.gelu_exact, x)
+    else:
+        _, backward = jax.vjp(lambda x: layers._layer_norm(x, jnp.ones(8), jnp.zeros(8), 1e-5), x)
+    assert "optimization_barrier" in str(jax.make_jaxpr(backward)(x))
+
+
 @pytest.mark.parametrize("remat", sorted(layers.REMAT_POLICIES))
 def test_block_gradients_are_the_same_under_remat(remat):
     """A rematerialised gelu block (the GELU's and LayerNorm's custom VJPs inside jax.checkpoint) gives the

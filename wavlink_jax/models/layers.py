@@ -45,6 +45,10 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     each a bf16 [batch, frames, mlp] tensor per layer (787 MB for base at batch 128 on 30 s audio). Here the
     only residual is `x`, and the backward recomputes gelu'(x) = Φ(x) + x·φ(x) in fp32: elementwise work in
     the kernel that reads `x` anyway. Computing in fp32 also matches PyTorch's GELU on bf16 inputs.
+    The backward reads `x` through an optimization barrier: without it XLA's common-subexpression elimination
+    sees the backward's erfc(-x/√2) equal the forward's, computes it once in the forward and keeps it, an fp32
+    [batch, frames, mlp] tensor (1.57 GB per layer for base at batch 128; seen in the H200-targeted compile
+    of `benchmark.py --target h200`), which undoes the point of the custom VJP.
     The price: reverse mode only. `jax.grad`/`vjp` (also grad of grad) work; forward mode (`jax.jvp`,
     `jacfwd`, `hessian`) raises jax's "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
     """
@@ -65,7 +69,7 @@ def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _gelu_backward(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    wide = _wide(x)
+    wide = _wide(jax.lax.optimization_barrier(x))  # recompute, don't share the forward's erfc (docstring)
     derivative = 0.5 * jax.lax.erfc(-wide * _SQRT_HALF) + wide * jnp.exp(-0.5 * wide * wide) * _INV_SQRT_2PI
     return ((_wide(g) * derivative).astype(g.dtype),)
 
@@ -237,6 +241,10 @@ def _layer_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon
 def _layer_norm_backward(epsilon: float, residuals: tuple, grad: jax.Array) -> tuple[jax.Array, ...]:
     """Cotangents of x, scale and bias (bias has scale's dtype: `LayerNorm` promotes them together)."""
     x, scale, mean, inverse_std = residuals
+    # The barrier keeps XLA from merging this x - mean with the forward's (common subexpressions, as for the
+    # GELU's erfc, see `gelu_exact`): merged, the H200-targeted compile recomputed the row statistics from x
+    # and wrote dy·x̂ as an fp32 [batch, frames, width] tensor, autodiff's pattern (the class docstring).
+    x = jax.lax.optimization_barrier(x)
     normalised = (_wide(x) - mean) * inverse_std
     grad = _wide(grad)
     scaled = grad * _wide(scale)
