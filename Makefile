@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.requirements-installed
 
-.PHONY: quickstart test test-all clean
+.PHONY: quickstart test test-all gpu-compile-env clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,16 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST) tests
 
+# For `scripts/hlo_audit.py --target h100|h200` (compile the step for a GPU on a machine without one): a venv
+# that sees .venv's packages (a .pth file) and adds jax's CUDA plugin with its CUDA libraries (~3.5 GB).
+GPU_COMPILE_VENV := .venv-gpu-compile
+JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements.txt)
+
+gpu-compile-env: $(STAMP)
+	$(PYTHON) -m venv $(GPU_COMPILE_VENV)
+	$(PY) -c "import site; print(site.getsitepackages()[0])" > \
+		"$$($(GPU_COMPILE_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/wavlink-venv.pth"
+	$(GPU_COMPILE_VENV)/bin/python -m pip install --quiet "jax-cuda13-plugin[with-cuda]==$(JAX_VERSION)"
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(GPU_COMPILE_VENV) .pytest_cache

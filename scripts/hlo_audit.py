@@ -25,6 +25,19 @@ Lowering cuDNN attention asks the installed cuDNN for its version, which a machi
 have; for `--platform cuda` the audit answers that query with `--cudnn-version` (default 9.19, the H200
 image's). Everything else is jax's own lowering. Assumes the jax pinned in requirements.txt (the query is a
 private jax function); a jax without it is reported as such.
+
+`--target h100|h200` goes one stage further and COMPILES the step for that card, still without a GPU: XLA's
+GPU compiler runs here on a compile-only device described by `scripts/gpu_targets/<card>.txtpb`, so every
+fusion, layout and buffer decision is the one the card's compiler makes (jax's CUDA plugin and its CUDA
+libraries are needed, not a GPU or a driver: `make gpu-compile-env` installs them into `.venv-gpu-compile`).
+It reports the program's device memory (arguments, temporaries, outputs not aliased to donated arguments)
+and the bytes every element-wise launch moves by source line (`hlo_traffic.py --by source`), and
+`--compiled-hlo FILE` keeps the optimised HLO for `hlo_traffic.py`. What differs from the card: no
+autotuning (so XLA's Triton GEMM fusions are switched off and every GEMM is a cuBLAS call, as the profiled
+runs' top GEMMs were), and this machine's jax/XLA version. Calibrated on GPU run 2's code: 24.8 GiB and 110
+GB of element-wise traffic here against 28.8 GiB peak and 121 GB measured on the H200 (BENCHMARKS.md).
+
+    .venv-gpu-compile/bin/python scripts/hlo_audit.py --model base --batch 128 --target h200
 """
 
 from __future__ import annotations
@@ -34,6 +47,7 @@ import collections
 import contextlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -44,6 +58,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[0]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmark  # noqa: E402
+import hlo_traffic  # noqa: E402
+
+TARGETS_DIR = Path(__file__).resolve().parent / "gpu_targets"
+TARGETS = tuple(sorted(path.stem for path in TARGETS_DIR.glob("*.txtpb")))
+# XLA options of the compile for a target: without a device XLA cannot autotune, and its untuned Triton GEMM
+# tiling fails on some of the step's dots ("Couldn't find output tile sizes"); cuBLAS takes every GEMM.
+TARGET_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+GPU_COMPILE_ENV = (
+    "jax's CUDA plugin with its CUDA libraries: `make gpu-compile-env`, then run this script with "
+    ".venv-gpu-compile/bin/python (no GPU or driver needed)"
+)
 
 CUDNN_FORWARD = "__cudnn$fmhaSoftmax"
 CUDNN_BACKWARD = "__cudnn$fmhaSoftmaxBackward"
@@ -184,8 +209,25 @@ def cudnn_version_answer(version: int) -> Iterator[None]:
         fused.check_cudnn_version = original
 
 
-def lower_step(model: str, batch: int, window: float, platform: str, cudnn_version: int, remat: str = "none") -> str:
-    """The StableHLO text of the benchmark's train step for `platform`, from abstract arrays."""
+def target_device(name: str) -> Any:
+    """A compile-only device of the card `name` (`gpu_targets/<name>.txtpb`): XLA's GPU compiler runs on this
+    machine for it; nothing runs on a GPU. A SystemExit saying what to install when jax has no CUDA plugin."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin's version check needs a driver
+    from jax.experimental import topologies
+
+    config = (TARGETS_DIR / f"{name}.txtpb").read_text()
+    try:
+        topology = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
+    except Exception as error:  # noqa: BLE001 - jax's errors here name no remedy
+        raise SystemExit(f"--target {name} needs {GPU_COMPILE_ENV}; jax said: {str(error)[:300]}") from error
+    return topology.devices[0]
+
+
+def lower_step(
+    model: str, batch: int, window: float, platform: str, cudnn_version: int, remat: str = "none", device: Any = None
+) -> Any:
+    """The benchmark's train step traced with abstract arrays on `device` (default: this machine's first) and
+    lowered for `platform` (jax's `Lowered`: `.as_text()` is its StableHLO)."""
     import jax
     import numpy as np
 
@@ -197,19 +239,48 @@ def lower_step(model: str, batch: int, window: float, platform: str, cudnn_versi
         ),
         benchmark.wavlink_config(model, tiny=False),
     )
-    mesh = sharding.create_mesh(dict(config.mesh), devices=jax.devices()[:1])
+    mesh = sharding.create_mesh(dict(config.mesh), devices=[device or jax.devices()[0]])
     setup = train_step.build(config, mesh, config.total_steps)
-    state = jax.eval_shape(lambda: train_step.init_state(setup, 0))
+    on_mesh = sharding.batch_sharding(mesh)
     text = (batch, benchmark.TEXT_LENGTH)
     abstract_batch = {  # what benchmark.random_batch makes
-        "waveform": jax.ShapeDtypeStruct((batch, int(window * benchmark.SAMPLE_RATE)), np.float32),
-        "input_ids": jax.ShapeDtypeStruct(text, np.int32),
-        "attention_mask": jax.ShapeDtypeStruct(text, np.int32),
+        "waveform": jax.ShapeDtypeStruct((batch, int(window * benchmark.SAMPLE_RATE)), np.float32, sharding=on_mesh),
+        "input_ids": jax.ShapeDtypeStruct(text, np.int32, sharding=on_mesh),
+        "attention_mask": jax.ShapeDtypeStruct(text, np.int32, sharding=on_mesh),
     }
     step = train_step.make_train_step(setup)
     guard = cudnn_version_answer(cudnn_version) if platform == "cuda" else contextlib.nullcontext()
     with guard:  # the version is asked while tracing
-        return step.trace(state, abstract_batch).lower(lowering_platforms=(platform,)).as_text()
+        return step.trace(setup.abstract_state, abstract_batch).lower(lowering_platforms=(platform,))
+
+
+def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: int) -> dict[str, Any]:
+    """Compile `lowered` (traced on `target_device(name)`) and read the program: its device memory and the
+    element-wise traffic by source line; the optimised HLO goes to `compiled_hlo` (gzipped for .gz)."""
+    start = time.perf_counter()
+    compiled = lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
+    compile_s = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    hlo = compiled.as_text()
+    if compiled_hlo:
+        hlo_traffic.write_hlo(Path(compiled_hlo), hlo)
+    found = hlo_traffic.launches(hlo)
+    elementwise = [launch for launch in found if hlo_traffic.is_elementwise(launch.group)]
+    return {
+        "target": name,
+        "compile_s": compile_s,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "temporary_bytes": memory.temp_size_in_bytes,
+        "output_bytes": memory.output_size_in_bytes,
+        "aliased_bytes": memory.alias_size_in_bytes,
+        "program_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
+        + memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        "launches": len(found),
+        "elementwise_launches": len(elementwise),
+        "elementwise_bytes": sum(launch.read + launch.written for launch in elementwise),
+        "elementwise_by_source": hlo_traffic.totals(elementwise, by="source")[:top],
+        "not_counted": hlo_traffic.not_entered(hlo),
+    }
 
 
 def expected_cudnn_layers(model: str) -> int:
@@ -219,8 +290,10 @@ def expected_cudnn_layers(model: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = target_device(args.target) if args.target else None
     start = time.perf_counter()
-    text = lower_step(args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat)
+    lowered = lower_step(args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, device)
+    text = lowered.as_text()
     lower_s = time.perf_counter() - start
     result = audit_text(text)
     analytic = benchmark.model_flops(
@@ -246,6 +319,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.hlo:
         Path(args.hlo).write_text(text)
+    if args.target:
+        result["compiled"] = compile_for_target(lowered, args.target, args.compiled_hlo, args.top)
     return result
 
 
@@ -276,7 +351,25 @@ def report(r: dict[str, Any]) -> str:
         f"FLOPs: lowered {r['total_flops'] / 1e12:.3f} T (matmul + conv + attention) vs analytic "
         f"{r['analytic_flops'] / 1e12:.3f} T: ratio {r['lowered_over_analytic']:.3f}"
     )
+    if "compiled" in r:
+        lines += compiled_report(r["compiled"])
     return "\n".join(lines)
+
+
+def compiled_report(c: dict[str, Any]) -> list[str]:
+    """The lines of `compile_for_target`'s result."""
+    gib = lambda nbytes: f"{nbytes / 2**30:.2f} GiB"  # noqa: E731
+    lines = [
+        f"compiled for {c['target']} on this machine (no GPU) in {c['compile_s']:.1f} s:",
+        f"  device memory {gib(c['program_bytes'])}: arguments {gib(c['argument_bytes'])} (donated and aliased "
+        f"{gib(c['aliased_bytes'])}), temporaries {gib(c['temporary_bytes'])}, outputs {gib(c['output_bytes'])}",
+        f"  {c['launches']} launches; element-wise (not GEMMs or custom calls): {c['elementwise_launches']} moving "
+        f"{c['elementwise_bytes'] / 1e9:.1f} GB; by source line (launches, GB read + written):",
+    ]
+    lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {source}" for source, nbytes, count in c["elementwise_by_source"]]
+    if c["not_counted"]:
+        lines.append(f"  NOT COUNTED: the bodies of {', '.join(c['not_counted'])}")
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -293,10 +386,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                             "nothing_saveable"),
     )
     parser.add_argument("--hlo", metavar="FILE", help="also write the lowered StableHLO text here")
+    parser.add_argument(
+        "--target", choices=TARGETS,
+        help="also compile for this card without it (see above; needs `make gpu-compile-env`): memory and traffic",
+    )
+    parser.add_argument("--compiled-hlo", metavar="FILE", help="with --target: write the optimised HLO here (.gz: gzipped)")
+    parser.add_argument("--top", type=int, default=25, help="with --target: how many source lines to list")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be ≥ 1")
+    if args.target and args.platform != "cuda":
+        parser.error("--target compiles for a GPU: it lowers for --platform cuda")
+    if args.compiled_hlo and not args.target:
+        parser.error("--compiled-hlo needs --target (the program compiled for that card)")
     return args
 
 

@@ -225,19 +225,35 @@ def read_hlo(path: Path) -> str:
     return gzip.open(path, "rt").read() if path.suffix == ".gz" else path.read_text()
 
 
+def write_hlo(path: Path, hlo_text: str) -> None:
+    """Write HLO text to `path`, gzipped when it ends in .gz (as `read_hlo` reads it)."""
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt") as file:
+            file.write(hlo_text)
+    else:
+        path.write_text(hlo_text)
+
+
+def totals(found: Sequence[Launch], by: str = "kind") -> list[tuple[str, int, int]]:
+    """(group, bytes read + written, launches) per group of `found` — by kind or by source line — largest
+    first. A ValueError for `by="source"` when the program has no stack frames."""
+    if by == "source" and any(not launch.source for launch in found):
+        raise ValueError(NO_STACK_FRAMES)
+    by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for launch in found:
+        group = by_group[launch.source if by == "source" else launch.group]
+        group[0] += launch.read + launch.written
+        group[1] += 1
+    return sorted(((name, nbytes, count) for name, (nbytes, count) in by_group.items()), key=lambda row: -row[1])
+
+
 def report(
     found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = (), by: str = "kind"
 ) -> str:
     """The table by group (`by` kind or by source line), the total outside GEMMs and custom calls, and the `top`
     largest of those; `left_out` (from `not_entered`) is named first, since its bodies' traffic is missing from
     every figure. A ValueError for `by="source"` when the program has no stack frames."""
-    if by == "source" and any(not launch.source for launch in found):
-        raise ValueError(NO_STACK_FRAMES)
-    by_group: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for launch in found:
-        group = launch.source if by == "source" else launch.group
-        by_group[group][0] += launch.read + launch.written
-        by_group[group][1] += 1
+    groups = totals(found, by)
     ms = lambda nbytes: nbytes / (bandwidth_tb_s * 1e12) * 1e3  # noqa: E731
     elementwise = [x for x in found if is_elementwise(x.group)]
     moved = sum(x.read + x.written for x in elementwise)
@@ -249,7 +265,7 @@ def report(
         "| group | launches | GB read + written | ms at the bandwidth |",
         "|---|---:|---:|---:|",
     ]
-    for group, (nbytes, count) in sorted(by_group.items(), key=lambda kv: -kv[1][0]):
+    for group, nbytes, count in groups:
         lines.append(f"| {group} | {count} | {nbytes / 1e9:.2f} | {ms(nbytes):.2f} |")
     labelled = "source line" if by == "source" else "op"
     lines += ["", f"largest {top} outside GEMMs and custom calls (GB read, written; instruction; {labelled}):"]
