@@ -266,8 +266,12 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         hlo_traffic.write_hlo(Path(compiled_hlo), hlo)
     found = hlo_traffic.launches(hlo)
     elementwise = [launch for launch in found if hlo_traffic.is_elementwise(launch.group)]
+    by = "source" if all(launch.source for launch in elementwise) else "kind"  # kind: a jax without stack frames
+    card = TARGETS_DIR / f"{name}.txtpb"
+    card_memory = re.search(r"device_memory_size: (\d+)", card.read_text()) if card.is_file() else None
     return {
         "target": name,
+        "card_memory_bytes": int(card_memory.group(1)) if card_memory else None,
         "compile_s": compile_s,
         "argument_bytes": memory.argument_size_in_bytes,
         "temporary_bytes": memory.temp_size_in_bytes,
@@ -278,7 +282,8 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         "launches": len(found),
         "elementwise_launches": len(elementwise),
         "elementwise_bytes": sum(launch.read + launch.written for launch in elementwise),
-        "elementwise_by_source": hlo_traffic.totals(elementwise, by="source")[:top],
+        "elementwise_grouped_by": by,
+        "elementwise_groups": hlo_traffic.totals(elementwise, by)[:top],
         "not_counted": hlo_traffic.not_entered(hlo),
     }
 
@@ -361,12 +366,14 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
     gib = lambda nbytes: f"{nbytes / 2**30:.2f} GiB"  # noqa: E731
     lines = [
         f"compiled for {c['target']} on this machine (no GPU) in {c['compile_s']:.1f} s:",
-        f"  device memory {gib(c['program_bytes'])}: arguments {gib(c['argument_bytes'])} (donated and aliased "
-        f"{gib(c['aliased_bytes'])}), temporaries {gib(c['temporary_bytes'])}, outputs {gib(c['output_bytes'])}",
+        f"  device memory {gib(c['program_bytes'])}"
+        + (f" of the card's {gib(c['card_memory_bytes'])}" if c["card_memory_bytes"] else "")
+        + f": arguments {gib(c['argument_bytes'])} (donated and aliased {gib(c['aliased_bytes'])}), temporaries "
+        f"{gib(c['temporary_bytes'])}, outputs {gib(c['output_bytes'])}",
         f"  {c['launches']} launches; element-wise (not GEMMs or custom calls): {c['elementwise_launches']} moving "
-        f"{c['elementwise_bytes'] / 1e9:.1f} GB; by source line (launches, GB read + written):",
+        f"{c['elementwise_bytes'] / 1e9:.1f} GB; by {c['elementwise_grouped_by']} (launches, GB read + written):",
     ]
-    lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {source}" for source, nbytes, count in c["elementwise_by_source"]]
+    lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {group}" for group, nbytes, count in c["elementwise_groups"]]
     if c["not_counted"]:
         lines.append(f"  NOT COUNTED: the bodies of {', '.join(c['not_counted'])}")
     return lines

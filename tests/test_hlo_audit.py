@@ -133,7 +133,8 @@ def test_compiled_program_report_reads_memory_and_traffic(tmp_path):
     ) > 0
     # The donated state comes back in place: almost all of the outputs alias arguments.
     assert 0.9 * c["output_bytes"] < c["aliased_bytes"] <= c["output_bytes"]
-    rows = c["elementwise_by_source"]
+    assert c["elementwise_grouped_by"] == "source" and c["card_memory_bytes"] is None  # no card file for "cpu"
+    rows = c["elementwise_groups"]
     assert len(rows) == 5 and [r[1] for r in rows] == sorted((r[1] for r in rows), reverse=True)
     assert 0 < sum(r[1] for r in rows) <= c["elementwise_bytes"]
     assert all("wavlink_jax/" in r[0] or "no stack frame" in r[0] for r in rows)
