@@ -153,7 +153,7 @@ sys.path.insert(0, "scripts")
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
 print(f"\n{len(rows)} runs on {next((r['device'] for r in rows if 'device' in r), '?')}, "
       f"matmul peak {next((round(r['matmul_peak_tflops']) for r in rows if 'device' in r), '?')} TFLOP/s")
-print("| run | samples/s | ms/step | model TFLOP/s (% peak) | XLA TFLOP/s | peak GiB | init s | compile s | torch samples/s (TFLOP/s) | torch GiB | ours/torch |")
+print("| run | samples/s | ms/step | model TFLOP/s (% peak) | XLA TFLOP/s | peak GiB (program) | init s | compile s | torch samples/s (TFLOP/s) | torch GiB | ours/torch |")
 print("|---|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     if "error" in r:
@@ -167,7 +167,8 @@ for r in rows:
     else:
         torch = "" if b is None else f"{b['samples_per_s']:.1f} ({b['tflops_model']:.0f}) {'compile ' + b['compile'] if b['compile'] else 'eager'}"
     print(f"| {r['label']} | {r['samples_per_s']:.1f} | {1e3 * r['step_time_s']:.1f} | {r['tflops_model']:.0f} "
-          f"({100 * r['fraction_of_peak_model']:.0f}%) | {xla} | {gib(r['peak_memory_bytes'])} | {r['init_s']:.0f} | {r['compile_s']:.0f} | "
+          f"({100 * r['fraction_of_peak_model']:.0f}%) | {xla} | {gib(r['peak_memory_bytes'])} "
+          f"({gib(r.get('program_memory', {}).get('program_bytes'))}) | {r['init_s']:.0f} | {r['compile_s']:.0f} | "
           f"{torch} | {'' if b is None else gib(b['peak_memory_bytes'])} | {'' if b is None else format(r['ratio'], '.2f')} |")
 for r in rows:
     profile = r.get("profile")

@@ -260,7 +260,6 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
     compile_s = time.perf_counter() - start
-    memory = compiled.memory_analysis()
     hlo = compiled.as_text()
     if compiled_hlo:
         hlo_traffic.write_hlo(Path(compiled_hlo), hlo)
@@ -273,12 +272,7 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         "target": name,
         "card_memory_bytes": int(card_memory.group(1)) if card_memory else None,
         "compile_s": compile_s,
-        "argument_bytes": memory.argument_size_in_bytes,
-        "temporary_bytes": memory.temp_size_in_bytes,
-        "output_bytes": memory.output_size_in_bytes,
-        "aliased_bytes": memory.alias_size_in_bytes,
-        "program_bytes": memory.argument_size_in_bytes + memory.temp_size_in_bytes
-        + memory.output_size_in_bytes - memory.alias_size_in_bytes,
+        **benchmark.program_memory(compiled),
         "launches": len(found),
         "elementwise_launches": len(elementwise),
         "elementwise_bytes": sum(launch.read + launch.written for launch in elementwise),

@@ -54,6 +54,11 @@ def check_positive(result: dict, fields) -> None:
 def test_tiny_benchmark_reports_every_figure(result):
     check_positive(result, POSITIVE_FIELDS)
     assert result["platform"] == "cpu" and result["peak_memory_bytes"] is None
+    memory = result["program_memory"]  # the compiler's figure, which a CPU has (the allocator's peak it lacks)
+    assert memory["program_bytes"] == (
+        memory["argument_bytes"] + memory["temporary_bytes"] + memory["output_bytes"] - memory["aliased_bytes"]
+    ) > 0
+    assert 0 < memory["aliased_bytes"] <= memory["output_bytes"]  # the donated state is updated in place
     assert result["batch"] == 8 and result["frames"] == 100 and result["attention"] == "xla"
     baseline = result["baseline"]
     check_positive(baseline, ("step_time_s", "samples_per_s", "tflops_model", "compile_s"))
