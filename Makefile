@@ -29,7 +29,7 @@ test-all: $(STAMP)
 	$(PYTEST) tests
 
 # For `scripts/hlo_audit.py --target h100|h200` (compile the step for a GPU on a machine without one): a venv
-# that sees .venv's packages (a .pth file) and adds jax's CUDA plugin with its CUDA libraries (~3.5 GB).
+# that sees .venv's packages (a .pth file) and adds jax's CUDA plugin with its CUDA libraries (~4 GB).
 GPU_COMPILE_VENV := .venv-gpu-compile
 JAX_VERSION = $(shell sed -n 's/^jax==//p' requirements.txt)
 

@@ -256,7 +256,7 @@ def measure_matmul_peak(size: int, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def program_memory(compiled) -> dict[str, int]:
+def program_memory(compiled: Any) -> dict[str, int]:
     """A compiled program's device memory by XLA's buffer assignment (`memory_analysis()`): arguments,
     temporaries, outputs, the outputs aliased to donated arguments, and the program's total (arguments +
     temporaries + outputs not aliased). Next to the allocator's measured peak it calibrates the same figure
@@ -690,8 +690,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def _gib(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / 2**30:.1f} GiB"
+def gib(value: int | None, digits: int = 1) -> str:
+    """Bytes as GiB for a report ("n/a" for None)."""
+    return "n/a" if value is None else f"{value / 2**30:.{digits}f} GiB"
 
 
 def source_table(profile: dict[str, Any]) -> list[str]:
@@ -724,7 +725,7 @@ def report(r: dict[str, Any]) -> str:
         f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.3g} TFLOP/s",
         f"  ours:  {1e3 * r['step_time_s']:.2f} ms/step, {r['samples_per_s']:.1f} samples/s, model "
         f"{r['tflops_model']:.3g} TFLOP/s ({100 * r['fraction_of_peak_model']:.0f}% of peak), cost analysis {cost}, "
-        f"peak memory {_gib(r['peak_memory_bytes'])} (program {_gib(r['program_memory']['program_bytes'])}), "
+        f"peak memory {gib(r['peak_memory_bytes'])} (program {gib(r['program_memory']['program_bytes'])}), "
         f"compile {r['compile_s']:.1f} s",
     ]
     lines.append(
@@ -749,7 +750,7 @@ def report(r: dict[str, Any]) -> str:
         lines += [
             f"  torch ({kind}): {1e3 * b['step_time_s']:.2f} ms/step, {b['samples_per_s']:.1f} samples/s, model "
             f"{b['tflops_model']:.3g} TFLOP/s ({100 * b['fraction_of_peak_model']:.0f}% of peak), peak memory "
-            f"{_gib(b['peak_memory_bytes'])}, first step {b['compile_s']:.1f} s",
+            f"{gib(b['peak_memory_bytes'])}, first step {b['compile_s']:.1f} s",
             f"  ours / torch throughput: {r['ratio']:.2f}×",
         ]
     return "\n".join(lines)

@@ -35,7 +35,8 @@ and the bytes every element-wise launch moves by source line (`hlo_traffic.py --
 `--compiled-hlo FILE` keeps the optimised HLO for `hlo_traffic.py`. What differs from the card: no
 autotuning (so XLA's Triton GEMM fusions are switched off and every GEMM is a cuBLAS call, as the profiled
 runs' top GEMMs were), and this machine's jax/XLA version. Calibrated on GPU run 2's code: 24.8 GiB and 110
-GB of element-wise traffic here against 28.8 GiB peak and 121 GB measured on the H200 (BENCHMARKS.md).
+GB of element-wise traffic here against the 28.8 GiB peak measured on the H200 and 121 GB counted in its dump
+(BENCHMARKS.md).
 
     .venv-gpu-compile/bin/python scripts/hlo_audit.py --model base --batch 128 --target h200
 """
@@ -45,6 +46,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import math
 import os
@@ -254,6 +256,13 @@ def lower_step(
         return step.trace(setup.abstract_state, abstract_batch).lower(lowering_platforms=(platform,))
 
 
+def card_memory_bytes(name: str) -> int | None:
+    """The device memory of the card `name` as its description gives it (None for a name with no description)."""
+    card = TARGETS_DIR / f"{name}.txtpb"
+    found = re.search(r"device_memory_size: (\d+)", card.read_text()) if card.is_file() else None
+    return int(found.group(1)) if found else None
+
+
 def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: int) -> dict[str, Any]:
     """Compile `lowered` (traced on `target_device(name)`) and read the program: its device memory and the
     element-wise traffic by source line; the optimised HLO goes to `compiled_hlo` (gzipped for .gz)."""
@@ -265,19 +274,20 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         hlo_traffic.write_hlo(Path(compiled_hlo), hlo)
     found = hlo_traffic.launches(hlo)
     elementwise = [launch for launch in found if hlo_traffic.is_elementwise(launch.group)]
-    by = "source" if all(launch.source for launch in elementwise) else "kind"  # kind: a jax without stack frames
-    card = TARGETS_DIR / f"{name}.txtpb"
-    card_memory = re.search(r"device_memory_size: (\d+)", card.read_text()) if card.is_file() else None
+    try:
+        by, groups = "source", hlo_traffic.totals(elementwise, "source")
+    except ValueError:  # a jax that writes no stack frames
+        by, groups = "kind", hlo_traffic.totals(elementwise, "kind")
     return {
         "target": name,
-        "card_memory_bytes": int(card_memory.group(1)) if card_memory else None,
+        "card_memory_bytes": card_memory_bytes(name),
         "compile_s": compile_s,
         **benchmark.program_memory(compiled),
         "launches": len(found),
         "elementwise_launches": len(elementwise),
         "elementwise_bytes": sum(launch.read + launch.written for launch in elementwise),
         "elementwise_grouped_by": by,
-        "elementwise_groups": hlo_traffic.totals(elementwise, by)[:top],
+        "elementwise_groups": groups[:top],
         "not_counted": hlo_traffic.not_entered(hlo),
     }
 
@@ -357,7 +367,7 @@ def report(r: dict[str, Any]) -> str:
 
 def compiled_report(c: dict[str, Any]) -> list[str]:
     """The lines of `compile_for_target`'s result."""
-    gib = lambda nbytes: f"{nbytes / 2**30:.2f} GiB"  # noqa: E731
+    gib = functools.partial(benchmark.gib, digits=2)
     lines = [
         f"compiled for {c['target']} on this machine (no GPU) in {c['compile_s']:.1f} s:",
         f"  device memory {gib(c['program_bytes'])}"
@@ -401,6 +411,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--target compiles for a GPU: it lowers for --platform cuda")
     if args.compiled_hlo and not args.target:
         parser.error("--compiled-hlo needs --target (the program compiled for that card)")
+    if args.top < 1:
+        parser.error("--top must be ≥ 1")
+    for flag, path in (("--hlo", args.hlo), ("--compiled-hlo", args.compiled_hlo)):
+        if path and not Path(path).resolve().parent.is_dir():  # found before the minutes of lowering and compiling
+            parser.error(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
     return args
 
 

@@ -141,12 +141,13 @@ def test_gelu_saves_only_its_input_for_the_backward():
     assert len(residuals) == 2 and all(r.dtype == jnp.bfloat16 for r in residuals)
 
 
-def test_compiled_gelu_gradient_keeps_no_more_than_an_identitys_plus_its_input():
+def test_compiled_gelu_gradient_keeps_no_more_than_an_identitys_plus_its_input_and_output():
     """What XLA actually keeps between forward and backward (the compiled program's temporary memory), not
     jax's residuals: dense → activation → dense in bf16, against the identity activation. GELU may add its
-    saved input and its output, two bf16 [rows, mlp] tensors. Without the backward's optimization barrier XLA
-    shared the forward's erfc with the backward and kept it in fp32: 3 more such fp32 tensors here on a CPU,
-    an fp32 [batch, frames, mlp] per layer in the H200-targeted compile."""
+    saved input and its output, two bf16 [rows, mlp] tensors (the bound leaves half a tensor of slack; autodiff
+    of `jax.nn.gelu` keeps 3). Without the backward's optimization barrier XLA shared the forward's erfc with the
+    backward and kept it in fp32: 8 tensors' worth here on a CPU, an fp32 [batch, frames, mlp] per layer in the
+    H200-targeted compile."""
     rows, hidden, mlp = 4096, 256, 1024
 
     def temporary_bytes(activation) -> int:
@@ -158,7 +159,7 @@ def test_compiled_gelu_gradient_keeps_no_more_than_an_identitys_plus_its_input()
         return compiled.memory_analysis().temp_size_in_bytes
 
     one_tensor = rows * mlp * 2
-    assert temporary_bytes(layers.gelu_exact) <= temporary_bytes(lambda h: h) + 2 * one_tensor
+    assert temporary_bytes(layers.gelu_exact) <= temporary_bytes(lambda h: h) + 2.5 * one_tensor
 
 
 @pytest.mark.parametrize("function", ["gelu", "layer_norm"])

@@ -48,7 +48,7 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     The backward reads `x` through an optimization barrier: without it XLA's common-subexpression elimination
     sees the backward's erfc(-x/√2) equal the forward's, computes it once in the forward and keeps it, an fp32
     [batch, frames, mlp] tensor (1.57 GB per layer for base at batch 128; seen in the H200-targeted compile
-    of `benchmark.py --target h200`), which undoes the point of the custom VJP.
+    of `hlo_audit.py --target h200`), which undoes the point of the custom VJP.
     The price: reverse mode only. `jax.grad`/`vjp` (also grad of grad) work; forward mode (`jax.jvp`,
     `jacfwd`, `hessian`) raises jax's "can't apply forward-mode autodiff (jvp) to a custom_vjp function".
     """
