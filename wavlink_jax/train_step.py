@@ -304,7 +304,8 @@ def project_fn(setup: TrainSetup) -> Callable[[Tree, Tree, dict], tuple[jax.Arra
     def project(params: Tree, buffers: Tree, batch: dict) -> tuple[jax.Array, jax.Array]:
         model = setup.spec.module(params, buffers)
         mel = log_mel(batch["waveform"])
-        return model(mel, batch["input_ids"], batch["attention_mask"])
+        with sharding.batch_split_activations(setup.mesh, sharding.rules_dict(setup.config.sharding_rules)):
+            return model(mel, batch["input_ids"], batch["attention_mask"])
 
     return project
 

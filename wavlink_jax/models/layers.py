@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from wavlink_jax import sharding
+
 # Parameters are created unsharded with their logical names as metadata; the trainer turns the names into
 # shardings and creates the parameters already sharded (jit with out_shardings).
 nnx.use_eager_sharding(False)
@@ -338,9 +340,10 @@ class Attention(nnx.Module):
         batch, length, width = x.shape
         head_dim = width // self.num_heads
         rows = x if query_start is None else x[:, query_start:]
-        q = self.query(rows).reshape(batch, rows.shape[1], self.num_heads, head_dim)
-        k = self.key(x).reshape(batch, length, self.num_heads, head_dim)
-        v = self.value(x).reshape(batch, length, self.num_heads, head_dim)
+        heads = (None, "heads", None)  # rows over the batch axes, heads as their parameters (a train step's tracing)
+        q = sharding.split_batch(self.query(rows).reshape(batch, rows.shape[1], self.num_heads, head_dim), heads)
+        k = sharding.split_batch(self.key(x).reshape(batch, length, self.num_heads, head_dim), heads)
+        v = sharding.split_batch(self.value(x).reshape(batch, length, self.num_heads, head_dim), heads)
         # A few query rows against all keys is tiny work, which XLA handles for any shape.
         implementation = "xla" if query_start is not None else resolve_attention_implementation(
             self.implementation, q.dtype
@@ -405,10 +408,12 @@ class EncoderBlock(nnx.Module):
         query_start: int | None = None,
     ) -> jax.Array:
         """`query_start`: compute (and return) only rows `query_start:` — see `Attention`."""
+        x = sharding.split_batch(x)  # rows over the batch axes while a train step is traced (see there)
         rows = x if query_start is None else x[:, query_start:]
         attended = self.attn(self.attn_norm(x), kv_lengths=kv_lengths, causal=causal, query_start=query_start)
-        x = rows + attended
-        return x + self.fc2(activation_fn(self.activation)(self.fc1(self.mlp_norm(x))))
+        x = sharding.split_batch(rows + attended)
+        hidden = sharding.split_batch(activation_fn(self.activation)(self.fc1(self.mlp_norm(x))), (None, "mlp"))
+        return x + self.fc2(hidden)
 
 
 def _create_blocks(num_layers: int, key: jax.Array, block_kwargs: dict) -> list[EncoderBlock]:
