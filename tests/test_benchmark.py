@@ -97,7 +97,12 @@ def test_model_flops_of_the_issue_baseline():
         assert per_sample * samples_per_s / 1e12 == pytest.approx(tflops, rel=0.05), model
 
 
-@pytest.mark.parametrize("clip_weight, sigmoid_weight", [(1.0, 0.0), (0.0, 1.0), (1.0, 1.0)])
+@pytest.mark.parametrize(
+    "clip_weight, sigmoid_weight",
+    [  # each loss alone: `make test-all` (both together, which `make test` runs, covers both)
+        pytest.param(1.0, 0.0, marks=pytest.mark.slow), pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0)
+    ],
+)
 def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
     """The baseline trains the same function: with our weights exported into it, its loss (log-mel, towers,
     heads, Matryoshka CLIP and sigmoid losses) equals our trainer's loss on the same batch, in fp32."""

@@ -174,7 +174,13 @@ def test_custom_backwards_read_their_input_through_an_optimization_barrier(funct
     assert "optimization_barrier" in str(jax.make_jaxpr(backward)(x))
 
 
-@pytest.mark.parametrize("remat", sorted(layers.REMAT_POLICIES))
+@pytest.mark.parametrize(
+    "remat",
+    [  # the other two policies are the same mechanism with another saved set: `make test-all` runs them
+        pytest.param(name, marks=[pytest.mark.slow] if name not in ("full", "dots_saveable") else [])
+        for name in sorted(layers.REMAT_POLICIES)
+    ],
+)
 def test_block_gradients_are_the_same_under_remat(remat):
     """A rematerialised gelu block (the GELU's and LayerNorm's custom VJPs inside jax.checkpoint) gives the
     gradients of the plain one."""

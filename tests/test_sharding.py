@@ -97,7 +97,7 @@ def data_dir(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("width", [32, 36])
+@pytest.mark.parametrize("width", [pytest.param(32, marks=pytest.mark.slow), 36])  # 32, no warning: test-all
 def test_the_trainer_warns_of_parameters_the_mesh_does_not_divide(tmp_path, data_dir, capsys, width):
     """Towers of width 36 on fsdp=8: every kernel, embedding and position table with an `embed` axis (and Adam's
     two moments of each) is whole on every device; the trainer said nothing of it (an absl INFO log, hidden).

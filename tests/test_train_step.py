@@ -233,7 +233,7 @@ def test_model_config_applies_runtime_fields():
     assert model.audio.remat == model.text.remat == "full"
 
 
-@pytest.mark.parametrize("max_scale", [100.0, float("inf")])
+@pytest.mark.parametrize("max_scale", [100.0, pytest.param(float("inf"), marks=pytest.mark.slow)])  # inf: test-all
 def test_clip_temperature_is_capped_after_each_update(max_scale):
     """CLIP's cap: exp(clip_logit_scale) is clamped to [1, clip_max_scale] after the update; inf disables it."""
     mesh = one_device_mesh()
