@@ -164,3 +164,16 @@ def test_fsdp_gathers_parameters_not_activations():
         for array in re.findall(r"(?:f32|bf16|f16)\[16,(?:[2-9]|\d\d+),[\d,]+\]", kind)
     ]
     assert activations == []
+
+
+def test_activation_split_leaves_a_mesh_axis_the_rows_already_use():
+    """`split_batch` builds its spec with `logical_to_spec`, as for parameters: with a rule sending `mlp` to
+    `fsdp`, which the rows already use, the MLP dimension stays whole (a hand-built spec named `fsdp` twice and
+    jax refused it), and outside a train step's tracing nothing is constrained."""
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 4})
+    rules = sharding.rules_dict([("embed", "fsdp"), ("heads", "tensor"), ("mlp", "fsdp"), ("vocab", "tensor")])
+    split = jax.jit(lambda x: sharding.split_batch(2 * x, (None, "mlp")))
+    x = np.ones((8, 4, 16), np.float32)
+    with sharding.batch_split_activations(mesh, rules):
+        assert split.lower(x).compile().output_shardings.spec == P(("data", "fsdp"))
+    assert sharding.split_batch(x) is x

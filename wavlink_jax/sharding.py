@@ -273,6 +273,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 # The mesh and logical-axis rules the towers' activations follow while a train step is traced (see
 # `batch_split_activations`); None elsewhere (inference, tests of the modules), where nothing is constrained.
+# The rules gain `_ROWS` → the batch axes, the logical name of an activation's first dimension.
+_ROWS = "(activation rows)"
 _ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, dict[str, Any]] | None] = contextvars.ContextVar(
     "activations", default=None
 )
@@ -289,7 +291,7 @@ def batch_split_activations(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[No
     activations (base with `fsdp = 8` at batch 256, compiled for 8 H100s: 119 all-reduces of up to `[256, 80,
     2048]`, 3 GB per step and device). With the rows pinned XLA gathers the parameters and reduce-scatters the
     gradients instead (0.3 GB), which is what FSDP means, and each device's memory fell from 8.5 to 5.1 GiB."""
-    token = _ACTIVATIONS.set((mesh, dict(rules)))
+    token = _ACTIVATIONS.set((mesh, {**rules, _ROWS: BATCH_AXES}))
     try:
         yield
     finally:
@@ -299,17 +301,14 @@ def batch_split_activations(mesh: Mesh, rules: Mapping[str, Any]) -> Iterator[No
 def split_batch(x: jax.Array, names: Sequence[str | None] = ()) -> jax.Array:
     """`x` with its rows split over the batch axes of the mesh set by `batch_split_activations`, the dimensions
     after the first named by `names` (logical names, as on parameters; None or left out: whole) split as the
-    rules map them. Unchanged outside that context; a dimension its mesh axes do not divide stays whole."""
+    rules map them, by `logical_to_spec` as for parameters (a mesh axis the rows already use, or one that does
+    not divide a dimension, leaves it whole). Unchanged outside that context."""
     context = _ACTIVATIONS.get()
     if context is None:
         return x
     mesh, rules = context
-    names = tuple(names) + (None,) * (x.ndim - 1 - len(names))
-    spec = []
-    for size, axes in zip(x.shape, (BATCH_AXES, *(rules.get(name) if name else None for name in names))):
-        devices = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes or ()))
-        spec.append(axes if axes and size % devices == 0 else None)
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    logical = (_ROWS, *names) + (None,) * (x.ndim - 1 - len(names))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical, x.shape, rules, mesh)))
 
 
 def per_device_rows(fn: Callable[[jax.Array], jax.Array], mesh: Mesh) -> Callable[[jax.Array], jax.Array]:
