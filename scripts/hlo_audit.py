@@ -39,6 +39,14 @@ GB of element-wise traffic here against the 28.8 GiB peak measured on the H200 a
 (BENCHMARKS.md).
 
     .venv-gpu-compile/bin/python scripts/hlo_audit.py --model base --batch 128 --target h200
+
+`--mesh fsdp=8` (with `--target`; `data`, `fsdp`, `tensor` as in `config.mesh`) compiles the step for that many
+cards of one machine, the batch being the global batch: the memory and traffic are then each device's, and the
+report adds the collectives by kind (how many, the arrays they move, the bytes each device sends over the
+links by the ring algorithm) and the largest of them by source line. That is how activations crossing devices
+under FSDP were found (BENCHMARKS.md, "FSDP on 8 H100s").
+
+    .venv-gpu-compile/bin/python scripts/hlo_audit.py --model large --batch 128 --target h100 --mesh fsdp=8
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import benchmark  # noqa: E402
 import hlo_traffic  # noqa: E402
+
+from wavlink_jax.sharding import BATCH_AXES, MESH_AXES  # noqa: E402
 
 TARGETS_DIR = Path(__file__).resolve().parent / "gpu_targets"
 TARGETS = tuple(sorted(path.stem for path in TARGETS_DIR.glob("*.txtpb")))
@@ -85,6 +95,9 @@ _SIGNATURE = re.compile(r" : \(([^)]*)\) -> (.*)$")
 _DOT = re.compile(r"stablehlo\.dot_general .*?contracting_dims = \[([\d, ]*)\] x")
 _CONV = re.compile(r"stablehlo\.convolution\(.*?\bdim_numbers = \[[^\]]*\]x\[([^\]]*)\]->")
 _CUSTOM = re.compile(r"stablehlo\.custom_call @([\w$.]+)\(")
+# A custom call jax partitions itself (`custom_partitioning`, as cuDNN attention on a mesh of several devices):
+# lowered, it names a Python callback, not its kernel.
+PARTITIONED = "CustomSPMDPartitioning"
 _MASK = re.compile(r"\\22mask_type\\22: \\22(\w+)\\22")
 
 
@@ -146,6 +159,7 @@ def audit_text(text: str) -> dict[str, Any]:
     largest_other: list[tuple[int, str]] = []
     convolutions: collections.Counter = collections.Counter()
     attention: list[dict[str, Any]] = []
+    partitioned = 0
     for name, lines in bodies.items():
         times = runs.get(name, 0)
         for line in lines:
@@ -165,7 +179,9 @@ def audit_text(text: str) -> dict[str, Any]:
                 kernel_labels = [label.strip() for label in conv.group(1).split(",")]
                 per_output = math.prod(size for size, label in zip(kernel, kernel_labels) if label != "o")
                 convolutions[f"{lhs_dtype} -> {result_dtype}"] += 2 * math.prod(result) * per_output * times
-            elif (custom := _CUSTOM.search(line)) is not None and custom.group(1) in (CUDNN_FORWARD, CUDNN_BACKWARD):
+            elif (custom := _CUSTOM.search(line)) is not None and custom.group(1) == PARTITIONED:
+                partitioned += times
+            elif custom is not None and custom.group(1) in (CUDNN_FORWARD, CUDNN_BACKWARD):
                 (q, q_dtype), (k, _) = _signature(line)[0][:2]
                 batch, queries, heads, head_dim = q
                 matmuls = 2 if custom.group(1) == CUDNN_FORWARD else 4  # QKᵀ, AV; backward dQ, dK, dV, dP
@@ -190,6 +206,7 @@ def audit_text(text: str) -> dict[str, Any]:
         "largest_non_bf16_dots": [{"flops": f, "types": t} for f, t in largest_other[:8]],
         "convolution_flops": dict(convolutions),
         "cudnn_attention": attention,
+        "partitioned_calls": partitioned,
         "total_flops": dot_total + sum(convolutions.values()) + sum(a["flops"] for a in attention),
     }
 
@@ -211,25 +228,35 @@ def cudnn_version_answer(version: int) -> Iterator[None]:
         fused.check_cudnn_version = original
 
 
-def target_device(name: str) -> Any:
-    """A compile-only device of the card `name` (`gpu_targets/<name>.txtpb`): XLA's GPU compiler runs on this
-    machine for it; nothing runs on a GPU. A SystemExit saying what to install when jax has no CUDA plugin."""
+def target_devices(name: str, count: int = 1) -> list[Any]:
+    """`count` compile-only devices of the card `name` (`gpu_targets/<name>.txtpb`) on one machine: XLA's GPU
+    compiler runs here for them; nothing runs on a GPU. A SystemExit saying what to install when jax has no CUDA
+    plugin."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin's version check needs a driver
     from jax.experimental import topologies
 
     config = (TARGETS_DIR / f"{name}.txtpb").read_text()
     try:
-        topology = topologies.get_topology_desc(platform="cuda", target_config=config, topology="1x1x1")
+        # slices x hosts per slice x devices per host
+        topology = topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{count}")
     except Exception as error:  # noqa: BLE001 - jax's errors here name no remedy
         raise SystemExit(f"--target {name} needs {GPU_COMPILE_ENV}; jax said: {str(error)[:300]}") from error
-    return topology.devices[0]
+    return list(topology.devices)
 
 
 def lower_step(
-    model: str, batch: int, window: float, platform: str, cudnn_version: int, remat: str = "none", device: Any = None
+    model: str,
+    batch: int,
+    window: float,
+    platform: str,
+    cudnn_version: int,
+    remat: str = "none",
+    devices: list[Any] | None = None,
+    mesh: dict[str, int] | None = None,
 ) -> Any:
-    """The benchmark's train step traced with abstract arrays on `device` (default: this machine's first) and
-    lowered for `platform` (jax's `Lowered`: `.as_text()` is its StableHLO)."""
+    """The benchmark's train step at global batch `batch`, traced with abstract arrays on `devices` (default: this
+    machine's first) arranged as `mesh` (`config.mesh`; default all axes 1) and lowered for `platform` (jax's
+    `Lowered`: `.as_text()` is its StableHLO)."""
     import jax
     import numpy as np
 
@@ -241,9 +268,10 @@ def lower_step(
         ),
         benchmark.wavlink_config(model, tiny=False),
     )
-    mesh = sharding.create_mesh(dict(config.mesh), devices=[device or jax.devices()[0]])
-    setup = train_step.build(config, mesh, config.total_steps)
-    on_mesh = sharding.batch_sharding(mesh)
+    config.mesh = {**config.mesh, **(mesh or {})}
+    device_mesh = sharding.create_mesh(dict(config.mesh), devices=devices or jax.devices()[:1])
+    setup = train_step.build(config, device_mesh, config.total_steps)
+    on_mesh = sharding.batch_sharding(device_mesh)
     text = (batch, benchmark.TEXT_LENGTH)
     abstract_batch = {  # what benchmark.random_batch makes
         "waveform": jax.ShapeDtypeStruct((batch, int(window * benchmark.SAMPLE_RATE)), np.float32, sharding=on_mesh),
@@ -274,6 +302,7 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         hlo_traffic.write_hlo(Path(compiled_hlo), hlo)
     found = hlo_traffic.launches(hlo)
     elementwise = [launch for launch in found if hlo_traffic.is_elementwise(launch.group)]
+    exchanged = hlo_traffic.collectives(hlo)
     try:
         by, groups = "source", hlo_traffic.totals(elementwise, "source")
     except ValueError:  # a jax that writes no stack frames
@@ -284,11 +313,20 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         "compile_s": compile_s,
         **benchmark.program_memory(compiled),
         "launches": len(found),
+        "cudnn_calls": {
+            kind: sum(launch.group == f"custom call {target}" for launch in found)
+            for kind, target in (("forward", CUDNN_FORWARD), ("backward", CUDNN_BACKWARD))
+        },
         "elementwise_launches": len(elementwise),
         "elementwise_bytes": sum(launch.read + launch.written for launch in elementwise),
         "elementwise_grouped_by": by,
         "elementwise_groups": groups[:top],
         "not_counted": hlo_traffic.not_entered(hlo),
+        "collectives": hlo_traffic.collective_totals(exchanged),
+        "largest_collectives": [
+            {"op": c.op, "devices": c.group_size, "array_bytes": c.array_bytes, "source": c.source, "arrays": c.arrays}
+            for c in sorted(exchanged, key=lambda c: -c.array_bytes)[:top]
+        ],
     }
 
 
@@ -299,9 +337,11 @@ def expected_cudnn_layers(model: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    device = target_device(args.target) if args.target else None
+    devices = target_devices(args.target, math.prod(args.mesh.values())) if args.target else None
     start = time.perf_counter()
-    lowered = lower_step(args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, device)
+    lowered = lower_step(
+        args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, devices, args.mesh
+    )
     text = lowered.as_text()
     lower_s = time.perf_counter() - start
     result = audit_text(text)
@@ -317,6 +357,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         window=args.window,
         platform=args.platform,
         remat=args.remat,
+        mesh=args.mesh,
         lower_s=lower_s,
         analytic_flops=analytic,
         lowered_over_analytic=result["total_flops"] / analytic,
@@ -336,7 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']}, batch {r['batch']}, {r['window']:g} s, lowered for {r['platform']} in {r['lower_s']:.1f} s"
-        f" (remat {r['remat']})",
+        f" (remat {r['remat']}" + "".join(f", {axis}={size}" for axis, size in r["mesh"].items()) + ")",
         "matmuls (dot_general) by dtype:",
     ]
     total = sum(r["dot_flops"].values())
@@ -349,16 +390,22 @@ def report(r: dict[str, Any]) -> str:
     calls = r["cudnn_calls"]
     lines.append(
         f"cuDNN flash attention: {calls['forward']} forward, {calls['backward']} backward calls"
-        + (f" (expected {r['cudnn_expected']} each)" if r["platform"] == "cuda" else "")
+        + (f" (expected {r['cudnn_expected']} each)" if r["platform"] == "cuda" and not r["partitioned_calls"] else "")
     )
     shapes = collections.Counter(
         (a["kernel"], tuple(a["q"]), a["kv_length"], a["dtype"], a["mask"]) for a in r["cudnn_attention"]
     )
     for (kernel, q, kv, dtype, mask), n in sorted(shapes.items()):
         lines.append(f"  {n:3d} × {kernel:8s} q {q} kv {kv} {dtype} mask {mask}")
+    if r["partitioned_calls"]:
+        lines.append(
+            f"  and {r['partitioned_calls']} calls partitioned by jax (cuDNN attention on a mesh): neither their kind "
+            "nor their FLOPs can be read before compiling (the compiled program's cuDNN calls are below)"
+        )
     lines.append(
         f"FLOPs: lowered {r['total_flops'] / 1e12:.3f} T (matmul + conv + attention) vs analytic "
         f"{r['analytic_flops'] / 1e12:.3f} T: ratio {r['lowered_over_analytic']:.3f}"
+        + (" (without the partitioned calls)" if r["partitioned_calls"] else "")
     )
     if "compiled" in r:
         lines += compiled_report(r["compiled"])
@@ -369,18 +416,42 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
     """The lines of `compile_for_target`'s result."""
     gib = functools.partial(benchmark.gib, digits=2)
     lines = [
-        f"compiled for {c['target']} on this machine (no GPU) in {c['compile_s']:.1f} s:",
+        f"compiled for {c['target']} on this machine (no GPU) in {c['compile_s']:.1f} s (figures per device):",
         f"  device memory {gib(c['program_bytes'])}"
         + (f" of the card's {gib(c['card_memory_bytes'])}" if c["card_memory_bytes"] else "")
         + f": arguments {gib(c['argument_bytes'])} (donated and aliased {gib(c['aliased_bytes'])}), temporaries "
         f"{gib(c['temporary_bytes'])}, outputs {gib(c['output_bytes'])}",
+        f"  cuDNN flash attention: {c['cudnn_calls']['forward']} forward, {c['cudnn_calls']['backward']} backward "
+        "calls",
         f"  {c['launches']} launches; element-wise (not GEMMs or custom calls): {c['elementwise_launches']} moving "
         f"{c['elementwise_bytes'] / 1e9:.1f} GB; by {c['elementwise_grouped_by']} (launches, GB read + written):",
     ]
     lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {group}" for group, nbytes, count in c["elementwise_groups"]]
     if c["not_counted"]:
         lines.append(f"  NOT COUNTED: the bodies of {', '.join(c['not_counted'])}")
+    if c["collectives"]:
+        lines.append("  collectives (count, GB of arrays moved, GB each device sends):")
+        for op, row in sorted(c["collectives"].items(), key=lambda item: -item[1]["wire_bytes"]):
+            lines.append(f"  {op:20s} {row['count']:5d} {row['array_bytes'] / 1e9:8.3f} {row['wire_bytes'] / 1e9:8.3f}")
+        lines.append("  largest collectives (MB moved, devices, op, source line, arrays):")
+        lines += [
+            f"  {x['array_bytes'] / 1e6:8.1f} {x['devices']:3d} {x['op']:18s} {x['source']}  {x['arrays'][:100]}"
+            for x in c["largest_collectives"]
+        ]
     return lines
+
+
+def mesh_sizes(text: str) -> dict[str, int]:
+    """`--mesh`'s `fsdp=8` or `data=2,fsdp=4` as {axis: size}; an argparse error names a wrong item."""
+    sizes = {}
+    for item in text.split(","):
+        axis, _, size = item.partition("=")
+        if axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected AXIS=N with AXIS one of {', '.join(MESH_AXES)}, N ≥ 1"
+            )
+        sizes[axis] = int(size)
+    return sizes
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -403,6 +474,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compiled-hlo", metavar="FILE", help="with --target: write the optimised HLO here (.gz: gzipped)")
     parser.add_argument("--top", type=int, default=25, help="with --target: how many source lines to list")
+    parser.add_argument(
+        "--mesh", type=mesh_sizes, default={}, metavar="AXIS=N[,AXIS=N]",
+        help=f"with --target: compile for that many cards, arranged as config.mesh (axes {', '.join(MESH_AXES)})",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -413,6 +488,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--compiled-hlo needs --target (the program compiled for that card)")
     if args.top < 1:
         parser.error("--top must be ≥ 1")
+    if args.mesh and not args.target:
+        parser.error("--mesh needs --target (the cards to compile for)")
+    rows = math.prod(args.mesh.get(axis, 1) for axis in BATCH_AXES)
+    if args.batch % rows:
+        parser.error(f"--batch {args.batch} is the global batch: it must divide over {'×'.join(BATCH_AXES)} = {rows}")
     for flag, path in (("--hlo", args.hlo), ("--compiled-hlo", args.compiled_hlo)):
         if path and not Path(path).resolve().parent.is_dir():  # found before the minutes of lowering and compiling
             parser.error(f"{flag} {path}: the folder {Path(path).resolve().parent} does not exist")

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gzip
+import math
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -44,7 +45,18 @@ INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(?P<name>[\w.\-]+) = (?P<type>\(.*?\)|
 # Ops that launch no kernel of their own (views, bookkeeping) or whose bytes belong to someone else.
 NO_TRAFFIC = {"parameter", "constant", "bitcast", "tuple", "get-tuple-element", "after-all", "partition-id",
               "replica-id", "iota", "opt-barrier", "send", "recv", "send-done", "recv-done", "copy-start",
-              "copy-done", "async-start", "async-done", "async-update"}
+              "copy-done", "async-start", "async-done", "async-update", "all-gather-done", "all-reduce-done",
+              "reduce-scatter-done", "all-to-all-done", "collective-permute-done"}
+# Collectives between devices (each also an instruction `OP-start` + `OP-done` when XLA runs it asynchronously),
+# with the bytes each device sends per byte of the array it moves (the gathered result, the scattered operand,
+# the reduced array, the exchanged buffers) over a group of n devices, by the ring and direct algorithms.
+WIRE_FACTOR = {
+    "all-gather": lambda n: (n - 1) / n,
+    "reduce-scatter": lambda n: (n - 1) / n,
+    "all-reduce": lambda n: 2 * (n - 1) / n,
+    "all-to-all": lambda n: (n - 1) / n,
+    "collective-permute": lambda n: 1.0,
+}
 # Instructions whose work happens in other computations, which this count does not enter.
 NOT_ENTERED = {"while", "conditional", "call"}
 # Top-level directories of the project's own code, whose frames are named in preference to flax's or optax's.
@@ -69,6 +81,23 @@ class Launch:
     written: int
     op_name: str
     source: str = ""  # its group for `--by source` (see `source_of`); "" when the module has no stack frames
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of the entry computation: the array it moves and the group of devices it spans."""
+
+    name: str
+    op: str  # a key of WIRE_FACTOR
+    group_size: int
+    array_bytes: int  # the larger of its operands and results: the whole array gathered, scattered or reduced
+    arrays: str  # its result type (a tuple where XLA combined several arrays into one collective)
+    source: str  # forward or backward and our line that made it (see `source_of`); "" without stack frames
+
+    @property
+    def wire_bytes(self) -> float:
+        """Bytes each device of the group sends (and receives) for it."""
+        return self.array_bytes * WIRE_FACTOR[self.op](self.group_size)
 
 
 def array_bytes(hlo_type: str) -> int:
@@ -118,8 +147,9 @@ def direction(op_name: str) -> str:
 
 
 def is_elementwise(group: str) -> bool:
-    """Whether a launch of `group` is a fusion or other XLA kernel rather than a GEMM or a library call."""
-    return group != "GEMM" and not group.startswith("custom call")
+    """Whether a launch of `group` is a fusion or other XLA kernel rather than a GEMM, a library call or a
+    collective."""
+    return group != "GEMM" and not group.startswith(("custom call", "collective"))
 
 
 def group_of(name: str, op: str, line: str, op_name: str) -> str:
@@ -130,6 +160,8 @@ def group_of(name: str, op: str, line: str, op_name: str) -> str:
         return "GEMM"
     if target:
         return f"custom call {target.group(1)}"
+    if op.removesuffix("-start") in WIRE_FACTOR:
+        return f"collective {op.removesuffix('-start')}"
     kind = re.sub(r"\.\d+$", "", name) if op == "fusion" else op
     return f"{direction(op_name)} {kind}"
 
@@ -218,6 +250,61 @@ def launches(hlo_text: str) -> list[Launch]:
         source = source_of(hlo_text, line, group, sources) if sources else ""
         found.append(Launch(name, group, read, result_bytes[name], op_name, source))
     return found
+
+
+def group_size(hlo_text: str, line: str) -> int:
+    """How many devices the collective instruction `line` spans: one group of its `replica_groups` (listed, iota
+    `[groups,size]<=[...]`, or over named mesh axes), the module's `num_partitions` for an empty list (every
+    device), 2 for a `collective-permute` (device to device). A ValueError for a form this does not read."""
+    listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
+    if listed:
+        return len(listed[1].split(","))
+    iota = re.search(r"replica_groups=\[(?:\d+,)*(\d+)\]<=", line)
+    if iota:
+        return int(iota[1])
+    over_axes = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+    if over_axes:
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", over_axes[1]))
+        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", over_axes[2]))
+    if "source_target_pairs=" in line:  # each device sends to one other
+        return 2
+    every = re.search(r"num_partitions=(\d+)", hlo_text[: hlo_text.find("\n")])
+    if re.search(r"replica_groups=\{\}", line) and every:
+        return int(every[1])
+    raise ValueError(f"cannot read the device groups of this collective: {line.strip()[:300]}")
+
+
+def collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of the entry computation (an asynchronous pair counted once), with its array and group."""
+    types, results = {}, {}  # instruction → its type; a collective's start → its `-done`'s type (its result)
+    instructions = list(entry_instructions(hlo_text))
+    for match, _ in instructions:
+        types[match["name"]] = match["type"]
+        if match["op"].endswith("-done"):
+            results[re.match(r"%([\w.\-]+)", match["args"])[1]] = match["type"]
+    sources = source_lines(hlo_text)
+    found = []
+    for match, line in instructions:
+        op = match["op"].removesuffix("-start")
+        if op not in WIRE_FACTOR:
+            continue
+        operands = re.findall(r"%([\w.\-]+)", match["args"].split("), ")[0])
+        result = results.get(match["name"], match["type"])
+        moved = max(sum(array_bytes(types.get(operand, "")) for operand in operands), array_bytes(result))
+        source = source_of(hlo_text, line, "", sources) if sources else ""
+        found.append(Collective(match["name"], op, group_size(hlo_text, line), moved, result, source))
+    return found
+
+
+def collective_totals(found: Sequence[Collective]) -> dict[str, dict[str, float]]:
+    """{op: {count, array_bytes, wire_bytes}} over `found`."""
+    by_op: dict[str, dict[str, float]] = defaultdict(lambda: {"count": 0, "array_bytes": 0, "wire_bytes": 0.0})
+    for collective in found:
+        row = by_op[collective.op]
+        row["count"] += 1
+        row["array_bytes"] += collective.array_bytes
+        row["wire_bytes"] += collective.wire_bytes
+    return dict(by_op)
 
 
 def read_hlo(path: Path) -> str:

@@ -107,6 +107,10 @@ def test_target_without_jaxs_cuda_plugin_says_what_to_install(monkeypatch):
         (["--target", "h200", "--top", "0"], "--top must be ≥ 1"),
         (["--target", "h200", "--compiled-hlo", "/no/such/folder/x.hlo.gz"], "the folder /no/such/folder does not exist"),
         (["--hlo", "/no/such/folder/x.mlir"], "the folder /no/such/folder does not exist"),
+        (["--mesh", "fsdp=8"], "--mesh needs --target"),
+        (["--target", "h100", "--mesh", "fsdp=8,pipeline=2"], "'pipeline=2': expected AXIS=N with AXIS one of data"),
+        (["--target", "h100", "--mesh", "fsdp=0"], "'fsdp=0': expected AXIS=N"),
+        (["--target", "h100", "--mesh", "data=2,fsdp=3", "--batch", "8"], "it must divide over data×fsdp = 6"),
     ],
 )
 def test_target_arguments_are_checked(argv, message, capsys):
@@ -155,6 +159,53 @@ def test_compiled_program_report_reads_memory_and_traffic(tmp_path):
     assert len(hlo_audit.hlo_traffic.launches(hlo_audit.hlo_traffic.read_hlo(out))) == c["launches"]
     report = "\n".join(hlo_audit.compiled_report(c))
     assert "device memory" in report and rows[0][0] in report
+    assert c["collectives"] == {} and "collectives" not in report  # one device
+
+
+def test_compiled_program_on_several_devices_reports_its_collectives():
+    """The same report for a data-parallel update on 8 of this machine's CPU devices: the gradient is summed
+    over the devices (all-reduce of the [64, 256] weight, 64 KiB), listed by kind and as the largest, with the
+    line that made it."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def step(w, x):
+        return w - 0.1 * jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w)
+
+    lowered = jax.jit(step, in_shardings=(whole, rows), out_shardings=whole).lower(
+        jnp.ones((64, 256)), jnp.ones((128, 64))
+    )
+    c = hlo_audit.compile_for_target(lowered, "cpu", None, top=3)
+    [(op, row)] = c["collectives"].items()
+    assert (op, row["count"], row["array_bytes"]) == ("all-reduce", 1, 64 * 256 * 4)
+    assert row["wire_bytes"] == 64 * 256 * 4 * 2 * 7 / 8
+    [largest] = c["largest_collectives"]
+    assert largest["devices"] == 8 and "test_hlo_audit.py" in largest["source"]
+    report = "\n".join(hlo_audit.compiled_report(c))
+    assert "all-reduce" in report and "cuDNN flash attention: 0 forward, 0 backward calls" in report
+
+
+def test_calls_partitioned_by_jax_are_counted_and_named():
+    """On a mesh, jax lowers cuDNN attention as a `custom_partitioning` call whose kernel the lowered text does
+    not name: the audit counts such calls and says that their FLOPs are missing, instead of reporting a step
+    with no attention."""
+    from jax.experimental.custom_partitioning import custom_partitioning
+
+    @custom_partitioning
+    def double(x):
+        return 2 * x
+
+    double.def_partition(
+        infer_sharding_from_operands=lambda mesh, arg_shapes, result_shape: arg_shapes[0].sharding,
+        partition=lambda mesh, arg_shapes, result_shape: (mesh, lambda x: 2 * x, arg_shapes[0].sharding,
+                                                          (arg_shapes[0].sharding,)),
+        sharding_rule="i j -> i j",
+    )
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    text = jax.jit(lambda x: double(double(x)), in_shardings=rows).lower(jnp.ones((16, 4))).as_text()
+    assert hlo_audit.audit_text(text)["partitioned_calls"] == 2
 
 
 @pytest.mark.slow
@@ -176,3 +227,25 @@ def test_h200_program_keeps_no_fp32_gelu_or_layer_norm_intermediates(tmp_path):
         array for match, _ in instructions for array in re.findall(r"f32\[128,1504,\d+\]", match["type"])
     ]
     assert full_length_fp32 == []
+
+
+@pytest.mark.slow
+def test_fsdp_program_for_8_h100s_moves_parameters_not_activations():
+    """With jax's CUDA plugin (skipped without): base under `--mesh fsdp=8` at global batch 16, compiled for 8
+    H100s, runs every full-length attention layer in cuDNN on each device, and its collectives are parameter
+    all-gathers and gradient reduce-scatters, never a [16 rows, sequence, ...] activation (what the text
+    tower all-reduced before `sharding.split_batch`). The last audio block's global query, `[16, 4, 512]` (64
+    KB), is gathered in its backward: tiny, and not a sequence."""
+    pytest.importorskip(
+        "jax_plugins.xla_cuda13", reason="needs jax's CUDA plugin: make gpu-compile-env, then .venv-gpu-compile/bin/python -m pytest"
+    )
+    r = hlo_audit.run(hlo_audit.parse_args(
+        ["--model", "base", "--batch", "16", "--target", "h100", "--mesh", "fsdp=8", "--top", "1000"]
+    ))
+    c = r["compiled"]
+    assert r["partitioned_calls"] == 34 and c["cudnn_calls"] == {"forward": 17, "backward": 17}
+    assert {"all-gather", "reduce-scatter"} <= set(c["collectives"])
+    activations = [
+        x for x in c["largest_collectives"] if re.search(r"(?:f32|bf16)\[16,\d\d+,", x["arrays"])
+    ]
+    assert activations == []

@@ -179,3 +179,62 @@ def test_a_compiled_function_is_attributed_to_its_line_in_this_file():
     line = scaled_exp.__code__.co_firstlineno + 1
     assert launch.source.startswith(f"forward {Path(__file__).resolve()}:{line}:"), launch.source
     assert launch.source.endswith(" scaled_exp")
+
+
+def test_collectives_are_read_with_their_arrays_groups_and_wire_bytes():
+    """One of each collective on a 2 × 4 mesh of this machine's CPU devices: the array it moves (the gathered
+    result, the scattered operand, the reduced or exchanged array), the devices in its group, and what each
+    device sends for it; none of them counts as element-wise traffic."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2, 4), ("pair", "quad"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    def exchange(x, y):
+        return (
+            jax.lax.all_gather(x, "quad", axis=0, tiled=True),
+            jax.lax.psum(y, "pair"),
+            jax.lax.psum_scatter(y, "quad", scatter_dimension=0, tiled=True),
+            jax.lax.all_to_all(y, "quad", 0, 1, tiled=True),
+            jax.lax.ppermute(y, "quad", [(i, (i + 1) % 4) for i in range(4)]),
+        )
+
+    program = jax.jit(jax.shard_map(
+        exchange, mesh=mesh, in_specs=(P("quad"), P()), out_specs=(P(), P(), P("quad"), P("quad"), P("quad")),
+        check_vma=False,
+    ))
+    hlo = program.lower(jnp.ones((16, 8), jnp.float32), jnp.ones((8, 8), jnp.float32)).compile().as_text()
+    found = {c.op: c for c in hlo_traffic.collectives(hlo)}
+    array = 8 * 8 * 4  # each collective moves a [8, 8] f32 array: 16 × 8 gathered from 4 × 8 per device for the first
+    assert {op: (c.group_size, c.array_bytes) for op, c in found.items()} == {
+        "all-gather": (4, 2 * array), "all-reduce": (2, array), "reduce-scatter": (4, array),
+        "all-to-all": (4, array), "collective-permute": (2, array),
+    }
+    assert found["all-gather"].wire_bytes == 2 * array * 3 / 4  # the 3 quarters it does not have
+    assert found["all-reduce"].wire_bytes == array  # 2 (n - 1) / n of the array for n = 2
+    assert found["collective-permute"].wire_bytes == array
+    assert all(c.source.endswith("exchange") and "test_hlo_traffic.py" in c.source for c in found.values())
+    assert not any(
+        hlo_traffic.is_elementwise(launch.group) for launch in hlo_traffic.launches(hlo)
+        if launch.group.startswith("collective")
+    ) and {f"collective {op}" for op in found} <= {launch.group for launch in hlo_traffic.launches(hlo)}
+
+
+@pytest.mark.parametrize(
+    "groups, size",
+    [
+        ("replica_groups={{0,1,2,3},{4,5,6,7}}", 4),
+        ("replica_groups=[2,4]<=[8]", 4),
+        ("replica_groups=[4,2]<=[2,4]T(1,0)", 2),
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", 4),
+        ("replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=2] {'axis_0','axis_2'}", 4),
+        ("replica_groups={}", 8),
+    ],
+)
+def test_every_form_of_device_groups_is_read(groups, size):
+    line = f"  %all-reduce-start = f32[8]{{0}} all-reduce-start(%p), channel_id=1, {groups}, to_apply=%add"
+    assert hlo_traffic.group_size("HloModule m, num_partitions=8\n", line) == size
+
+
+def test_device_groups_it_cannot_read_are_refused():
+    with pytest.raises(ValueError, match="cannot read the device groups of this collective: %ar = f32"):
+        hlo_traffic.group_size("HloModule m\n", "  %ar = f32[8]{0} all-reduce(%p), replica_groups={}, to_apply=%add")

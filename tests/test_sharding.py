@@ -152,16 +152,14 @@ def test_fsdp_gathers_parameters_not_activations():
         for key, value in random_batch(0, 16).items()
     }
     hlo = train_step.make_train_step(setup).lower(setup.abstract_state, batch).compile().as_text()
-    collectives = [
-        (match["op"], match["type"]) for match, _ in hlo_traffic.entry_instructions(hlo)
-        if re.match(r"all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute", match["op"])
-    ]
-    assert {"all-gather", "reduce-scatter"} <= {op.removesuffix("-start") for op, _ in collectives}
+    collectives = hlo_traffic.collectives(hlo)
+    assert {"all-gather", "reduce-scatter"} <= {c.op for c in collectives}
     # Floating [16 rows, sequence > 1, ...] arrays: activations. (The 16 token ids gathered for the embedding
     # lookup, 1 KB, and the last audio block's single global row per clip are not what this is about.)
     activations = [
-        (op, array) for op, kind in collectives
-        for array in re.findall(r"(?:f32|bf16|f16)\[16,(?:[2-9]|\d\d+),[\d,]+\]", kind)
+        (c.op, array)
+        for c in collectives
+        for array in re.findall(r"(?:f32|bf16|f16)\[16,(?:[2-9]|\d\d+),[\d,]+\]", c.arrays)
     ]
     assert activations == []
 
