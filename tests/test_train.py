@@ -9,6 +9,7 @@ from pathlib import Path
 import grain
 import jax
 import numpy as np
+import optax
 import pytest
 import torch
 import transformers
@@ -236,6 +237,12 @@ def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):
     stage1 = tiny_config(str(data_dir), total_steps=2, **{"optim.mode": "lora"})
     train.train(stage1, str(tmp_path / "stage1"))
     saved = checkpoint.read_workdir_state(tmp_path / "stage1", items=("params",))[0]["params"]
+    # The logged param_norm is that of the trainable parameters (here the LoRA factors and what the mode trains
+    # besides) after the step's update: the final record's equals the final checkpoint's.
+    trainable = optim.partition(saved, train_step.build(stage1, one_device_mesh(), total_steps=2).trainable)[0]
+    final = json.loads((tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 2 and final["param_norm"] == pytest.approx(float(optax.tree.norm(trainable)), rel=1e-6)
+    assert float(optax.tree.norm(saved)) > 1.2 * final["param_norm"]  # the frozen towers are left out (21.4 vs 14.5)
     stage2 = tiny_config(str(data_dir), **{"init_from.workdir": str(tmp_path / "stage1")})
     setup = train_step.build(stage2, one_device_mesh(), total_steps=10)
     state = checkpoint.apply_init_from(train_step.init_state(setup, seed=1), setup)

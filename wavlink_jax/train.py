@@ -265,6 +265,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if start_step >= total_steps:
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
     step_fn = train_step.make_train_step(setup)
+    param_norm = train_step.make_param_norm(setup)
     log = metrics_log.MetricsLogger(
         workdir, total_steps=total_steps, start_step=start_step, progress=config.progress_bar
     )
@@ -293,6 +294,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if step % config.log_every_steps == 0 or is_last or eval_due:  # every record has the train metrics
                 record = {key: float(value) for key, value in jax.device_get(metrics).items()}
                 _finite_or_stop(step, record, checkpoints)
+                record["param_norm"] = float(param_norm(state["params"]))
                 elapsed = time.perf_counter() - window_start
                 record["samples_per_second"] = window_steps * config.batch_size / elapsed
                 skipped = skipped_by_all_hosts(data.skip_counts, share)
