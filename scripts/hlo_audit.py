@@ -44,7 +44,7 @@ GB of element-wise traffic here against the 28.8 GiB peak measured on the H200 a
 cards of one machine, the batch being the global batch: the memory and traffic are then each device's, and the
 report adds the collectives by kind (how many, the arrays they move, the bytes each device sends over the
 links by the ring algorithm) and the largest of them by source line. That is how activations crossing devices
-under FSDP were found (BENCHMARKS.md, "FSDP on 8 H100s").
+under FSDP were found (BENCHMARKS.md, "FSDP on 8 GPUs, compiled without them").
 
     .venv-gpu-compile/bin/python scripts/hlo_audit.py --model large --batch 128 --target h100 --mesh fsdp=8
 """
