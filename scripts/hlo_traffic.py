@@ -6,8 +6,10 @@
 
 For every kernel-launching instruction of the entry computation (fusions, custom calls, copies, ...), the bytes
 it reads (its operands) and writes (its result), grouped by kind: GEMMs (cuBLAS calls and XLA's GEMM fusions),
-each other custom call by target (cuDNN attention, convolutions), and every other fusion by its name without
-the number, forward or backward (XLA marks the backward pass's ops `transpose(jvp(...))` in their metadata).
+each other custom call by target (cuDNN attention, convolutions), collectives between devices by op, and every
+other fusion by its name without the number, forward or backward (XLA marks the backward pass's ops
+`transpose(jvp(...))` in their metadata). `collectives` reads a program of several devices' collectives
+themselves: the array each moves, its group of devices and the bytes each device sends.
 Bytes ÷ bandwidth is the time such a kernel needs at least if it is memory-bound, which element-wise and
 reduction fusions are: their total against the profile's "other" time says whether the kernels are slow or the
 program simply moves too much. A bitcast, tuple or parameter moves nothing and is not counted. Only the entry
