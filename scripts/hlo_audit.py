@@ -423,8 +423,8 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
         f"{gib(c['temporary_bytes'])}, outputs {gib(c['output_bytes'])}",
         f"  cuDNN flash attention: {c['cudnn_calls']['forward']} forward, {c['cudnn_calls']['backward']} backward "
         "calls",
-        f"  {c['launches']} launches; element-wise (not GEMMs or custom calls): {c['elementwise_launches']} moving "
-        f"{c['elementwise_bytes'] / 1e9:.1f} GB; by {c['elementwise_grouped_by']} (launches, GB read + written):",
+        f"  {c['launches']} launches; element-wise (not GEMMs, custom calls or collectives): "
+        f"{c['elementwise_launches']} moving {c['elementwise_bytes'] / 1e9:.1f} GB; by {c['elementwise_grouped_by']} (launches, GB read + written):",
     ]
     lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {group}" for group, nbytes, count in c["elementwise_groups"]]
     if c["not_counted"]:
@@ -446,6 +446,8 @@ def mesh_sizes(text: str) -> dict[str, int]:
     sizes = {}
     for item in text.split(","):
         axis, _, size = item.partition("=")
+        if axis in sizes:
+            raise argparse.ArgumentTypeError(f"{axis!r} is given twice")
         if axis not in MESH_AXES or not size.isdigit() or int(size) < 1:
             raise argparse.ArgumentTypeError(
                 f"{item!r}: expected AXIS=N with AXIS one of {', '.join(MESH_AXES)}, N ≥ 1"

@@ -217,17 +217,20 @@ def source_lines(hlo_text: str) -> dict[int, str]:
     return sources
 
 
-def source_of(hlo_text: str, line: str, group: str, sources: dict[int, str]) -> str:
-    """A launch's group for `--by source`: forward or backward and the source line of its stack frame, from its own
-    metadata or, where XLA left that without one (a fusion whose root is a reduce), from the last instruction with
-    one in the computation it calls; a GEMM or custom call adds its `group` in brackets."""
+def source_of(hlo_text: str, line: str, group: str, sources: dict[int, str], op_name: str | None = None) -> str:
+    """A launch's group for `--by source`: forward or backward (by `op_name`, default the line's own) and the
+    source line of its stack frame, from its own metadata or, where XLA left that without one (a fusion whose root
+    is a reduce), from the last instruction with one in the computation it calls; a GEMM or custom call adds its
+    `group` in brackets."""
     called = re.search(r"calls=%([\w.\-]+)", line)
     if "stack_frame_id=" not in line and called:
         inside = computation(hlo_text, f"%{called[1]} ")
         line = next((fused for fused in reversed(inside) if "stack_frame_id=" in fused), line)
     frame = re.search(r"stack_frame_id=(\d+)", line)
     site = sources.get(int(frame[1]), NO_STACK_FRAME) if frame else NO_STACK_FRAME
-    return f"{direction(op_name_of(line))} {site}" + ("" if is_elementwise(group) else f" [{group}]")
+    return f"{direction(op_name_of(line) if op_name is None else op_name)} {site}" + (
+        "" if is_elementwise(group) else f" [{group}]"
+    )
 
 
 def not_entered(hlo_text: str) -> list[str]:
@@ -235,22 +238,34 @@ def not_entered(hlo_text: str) -> list[str]:
     return [f"{match['name']} ({match['op']})" for match, _ in entry_instructions(hlo_text) if match["op"] in NOT_ENTERED]
 
 
+def operands_of(match: re.Match) -> list[str]:
+    """The names of an `INSTRUCTION` match's operands."""
+    return re.findall(r"%([\w.\-]+)", match["args"].split("), ")[0])
+
+
+def done_types(instructions: Sequence[tuple[re.Match, str]]) -> dict[str, str]:
+    """{`OP-start` instruction: the type of its `OP-done`}: an asynchronous op's result (the start's own type is a
+    tuple that repeats its operands)."""
+    return {operands_of(match)[0]: match["type"] for match, _ in instructions if match["op"].endswith("-done")}
+
+
 def launches(hlo_text: str) -> list[Launch]:
     """Every kernel-launching instruction of the entry computation with its bytes read and written."""
     result_bytes: dict[str, int] = {}
     sources = source_lines(hlo_text)
+    instructions = list(entry_instructions(hlo_text))
+    results = done_types(instructions)
     found = []
-    for match, line in entry_instructions(hlo_text):
+    for match, line in instructions:
         name, op = match["name"], match["op"]
         result_bytes[name] = array_bytes(match["type"])
         if op in NO_TRAFFIC or op in NOT_ENTERED:
             continue
-        operand_list = match["args"].split("), ")[0]
-        read = sum(result_bytes.get(operand, 0) for operand in re.findall(r"%([\w.\-]+)", operand_list))
+        read = sum(result_bytes.get(operand, 0) for operand in operands_of(match))
         op_name = op_name_of(line)
         group = group_of(name, op, line, op_name)
         source = source_of(hlo_text, line, group, sources) if sources else ""
-        found.append(Launch(name, group, read, result_bytes[name], op_name, source))
+        found.append(Launch(name, group, read, array_bytes(results.get(name, match["type"])), op_name, source))
     return found
 
 
@@ -277,23 +292,23 @@ def group_size(hlo_text: str, line: str) -> int:
 
 
 def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective of the entry computation (an asynchronous pair counted once), with its array and group."""
-    types, results = {}, {}  # instruction → its type; a collective's start → its `-done`'s type (its result)
+    """Every collective of the entry computation (an asynchronous pair counted once), with its array and group.
+    One that XLA made by combining several keeps no metadata; it is forward or backward as its operands are."""
     instructions = list(entry_instructions(hlo_text))
-    for match, _ in instructions:
-        types[match["name"]] = match["type"]
-        if match["op"].endswith("-done"):
-            results[re.match(r"%([\w.\-]+)", match["args"])[1]] = match["type"]
+    types = {match["name"]: match["type"] for match, _ in instructions}
+    op_names = {match["name"]: op_name_of(line) for match, line in instructions}
+    results = done_types(instructions)
     sources = source_lines(hlo_text)
     found = []
     for match, line in instructions:
         op = match["op"].removesuffix("-start")
         if op not in WIRE_FACTOR:
             continue
-        operands = re.findall(r"%([\w.\-]+)", match["args"].split("), ")[0])
+        operands = operands_of(match)
         result = results.get(match["name"], match["type"])
         moved = max(sum(array_bytes(types.get(operand, "")) for operand in operands), array_bytes(result))
-        source = source_of(hlo_text, line, "", sources) if sources else ""
+        op_name = op_names[match["name"]] or next(filter(None, (op_names.get(o, "") for o in operands)), "")
+        source = source_of(hlo_text, line, "", sources, op_name) if sources else ""
         found.append(Collective(match["name"], op, group_size(hlo_text, line), moved, result, source))
     return found
 
@@ -339,16 +354,16 @@ def totals(found: Sequence[Launch], by: str = "kind") -> list[tuple[str, int, in
 def report(
     found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = (), by: str = "kind"
 ) -> str:
-    """The table by group (`by` kind or by source line), the total outside GEMMs and custom calls, and the `top`
-    largest of those; `left_out` (from `not_entered`) is named first, since its bodies' traffic is missing from
-    every figure. A ValueError for `by="source"` when the program has no stack frames."""
+    """The table by group (`by` kind or by source line), the total outside GEMMs, custom calls and collectives,
+    and the `top` largest of those; `left_out` (from `not_entered`) is named first, since its bodies' traffic is
+    missing from every figure. A ValueError for `by="source"` when the program has no stack frames."""
     groups = totals(found, by)
     ms = lambda nbytes: nbytes / (bandwidth_tb_s * 1e12) * 1e3  # noqa: E731
     elementwise = [x for x in found if is_elementwise(x.group)]
     moved = sum(x.read + x.written for x in elementwise)
     lines = [f"NOT COUNTED: the bodies of {', '.join(left_out)}"] if left_out else []
     lines += [
-        f"{len(found)} launches; outside GEMMs and custom calls: {len(elementwise)} launches moving "
+        f"{len(found)} launches; outside GEMMs, custom calls and collectives: {len(elementwise)} launches moving "
         f"{moved / 1e9:.1f} GB = {ms(moved):.1f} ms at {bandwidth_tb_s} TB/s",
         "",
         "| group | launches | GB read + written | ms at the bandwidth |",
@@ -357,7 +372,9 @@ def report(
     for group, nbytes, count in groups:
         lines.append(f"| {group} | {count} | {nbytes / 1e9:.2f} | {ms(nbytes):.2f} |")
     labelled = "source line" if by == "source" else "op"
-    lines += ["", f"largest {top} outside GEMMs and custom calls (GB read, written; instruction; {labelled}):"]
+    lines += [
+        "", f"largest {top} outside GEMMs, custom calls and collectives (GB read, written; instruction; {labelled}):"
+    ]
     for x in sorted(elementwise, key=lambda x: -(x.read + x.written))[:top]:
         label = x.source if by == "source" else x.op_name[:100]
         lines.append(f"  {x.read / 1e9:6.2f} {x.written / 1e9:6.2f}  {x.name:36s} {label}")

@@ -40,7 +40,7 @@ def test_a_compiled_step_is_counted_by_launch_with_its_forward_and_backward(tmp_
         file.write(step)
     assert hlo_traffic.launches(hlo_traffic.read_hlo(dump)) == hlo_traffic.launches(step)
     text = hlo_traffic.report(hlo_traffic.launches(step), bandwidth_tb_s=4.0, top=5)
-    assert "| GEMM |" in text and "outside GEMMs and custom calls" in text
+    assert "| GEMM |" in text and "outside GEMMs, custom calls and collectives" in text
 
 
 def test_text_without_an_entry_computation_is_refused():
@@ -137,7 +137,7 @@ def test_each_launch_is_attributed_to_our_line_else_its_innermost_frame():
     }
     text = hlo_traffic.report(hlo_traffic.launches(WITH_FRAMES), 4.0, 3, by="source")
     assert "| backward wavlink_jax/models/layers.py:40:12 gelu_exact | 1 | 0.27 | 0.07 |" in text  # 2 × 8192² bf16
-    largest = text.split("largest 3 outside GEMMs and custom calls (GB read, written; instruction; source line):\n")[1]
+    largest = text.split("largest 3 outside GEMMs, custom calls and collectives (GB read, written; instruction; source line):\n")[1]
     assert "wavlink_jax/models/layers.py:40:12 gelu_exact" in largest  # the list names the same groups
 
 
@@ -238,3 +238,33 @@ def test_every_form_of_device_groups_is_read(groups, size):
 def test_device_groups_it_cannot_read_are_refused():
     with pytest.raises(ValueError, match="cannot read the device groups of this collective: %ar = f32"):
         hlo_traffic.group_size("HloModule m\n", "  %ar = f32[8]{0} all-reduce(%p), replica_groups={}, to_apply=%add")
+
+
+ASYNC_COLLECTIVES = """
+ENTRY %main.2 (x.2: bf16[64,8]) -> (bf16[8,8], bf16[64,8]) {
+  %x.2 = bf16[64,8]{1,0} parameter(0), metadata={op_name="x"}
+  %grad_fusion = bf16[64,8]{1,0} fusion(%x.2), kind=kLoop, calls=%fused_grad, metadata={op_name="jit(step)/transpose(jvp())/mul" stack_frame_id=2}
+  %reduce-scatter-start = ((bf16[64,8]{1,0}), bf16[8,8]{1,0}) reduce-scatter-start(%grad_fusion), channel_id=1, replica_groups=[1,8]<=[8], dimensions={0}, to_apply=%add, metadata={scheduling_name="reduce-scatter-start"}
+  %reduce-scatter-done = bf16[8,8]{1,0} reduce-scatter-done(%reduce-scatter-start), metadata={scheduling_name="reduce-scatter-done"}
+  %all-gather-start = ((bf16[8,8]{1,0}), bf16[64,8]{1,0}) all-gather-start(%reduce-scatter-done), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}, metadata={op_name="jit(step)/jvp()/all_gather" stack_frame_id=2}
+  %all-gather-done = bf16[64,8]{1,0} all-gather-done(%all-gather-start), metadata={op_name="jit(step)/jvp()/all_gather" stack_frame_id=2}
+  ROOT %tuple.2 = (bf16[8,8]{1,0}, bf16[64,8]{1,0}) tuple(%reduce-scatter-done, %all-gather-done)
+}
+"""
+
+
+def test_asynchronous_collectives_count_once_with_their_results_and_their_operands_direction():
+    """A GPU's collectives are `-start`/`-done` pairs, and one that XLA combined from several keeps no metadata
+    (the gradients' reduce-scatters): the pair is one launch whose result is the `-done`'s (not the start's tuple,
+    which repeats the operands), and the combined one is backward as its operands are."""
+    hlo = HEADER + STACK_FRAMES + ASYNC_COLLECTIVES
+    scatter, gather = hlo_traffic.collectives(hlo)
+    assert (scatter.op, scatter.group_size, scatter.array_bytes, scatter.arrays) == ("reduce-scatter", 8, 1024, "bf16[8,8]{1,0}")
+    assert scatter.source == f"backward {hlo_traffic.NO_STACK_FRAME}"
+    assert (gather.op, gather.array_bytes) == ("all-gather", 1024)
+    assert gather.source == "forward wavlink_jax/models/layers.py:276:30 EncoderBlock.__call__"
+    found = {launch.name: launch for launch in hlo_traffic.launches(hlo)}
+    assert "reduce-scatter-done" not in found and "all-gather-done" not in found
+    assert (found["reduce-scatter-start"].read, found["reduce-scatter-start"].written) == (1024, 128)
+    assert (found["all-gather-start"].read, found["all-gather-start"].written) == (128, 1024)
+    assert found["all-gather-start"].group == "collective all-gather"
