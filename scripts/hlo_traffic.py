@@ -271,15 +271,16 @@ def launches(hlo_text: str) -> list[Launch]:
 
 def group_size(hlo_text: str, line: str) -> int:
     """How many devices the collective instruction `line` spans: one group of its `replica_groups` (listed, iota
-    `[groups,size]<=[...]`, or over named mesh axes), the module's `num_partitions` for an empty list (every
-    device), 2 for a `collective-permute` (device to device). A ValueError for a form this does not read."""
+    `[groups,size]<=[...]`, or over named mesh axes, with or without `device_ids`), the module's `num_partitions`
+    for an empty list (every device), 2 for a `collective-permute` (device to device). A ValueError for a form
+    this does not read."""
     listed = re.search(r"replica_groups=\{\{([\d,]*)\}", line)
     if listed:
         return len(listed[1].split(","))
     iota = re.search(r"replica_groups=\[(?:\d+,)*(\d+)\]<=", line)
     if iota:
         return int(iota[1])
-    over_axes = re.search(r"replica_groups=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+    over_axes = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", line)
     if over_axes:
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", over_axes[1]))
         return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", over_axes[2]))

@@ -151,6 +151,23 @@ def test_adamw_matches_optax_adamw_with_mask_and_clipping():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("scale", [1e-3, 1e3])
+def test_clipping_is_optaxs_with_its_state_whatever_the_norm(scale):
+    """`optim.clip_by_global_norm` with optax's norm is `optax.clip_by_global_norm`, value for value, below and
+    above the threshold, with the same (empty) state, so checkpoints restore as before; the norm it is given
+    is the one it uses."""
+    grads = jax.tree.map(lambda p: scale * jnp.sin(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), PARAMS)
+    ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    assert jax.tree.structure(ours.init(PARAMS)) == jax.tree.structure(theirs.init(PARAMS))
+    got, expected = ours.update(grads, ours.init(PARAMS))[0], theirs.update(grads, theirs.init(PARAMS))[0]
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    doubled = optim.clip_by_global_norm(1.0, lambda tree: 2 * optax.tree.norm(tree))
+    halved = doubled.update(grads, doubled.init(PARAMS))[0]
+    if scale > 1:  # clipped to a norm of 1 against a norm counted twice: a norm of 1/2
+        assert float(optax.tree.norm(halved)) == pytest.approx(0.5, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "mode,towers,trains,frozen,lora_on",
     [

@@ -5,6 +5,7 @@ import re
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wavlink_jax import audio, sharding
@@ -175,3 +176,33 @@ def test_activation_split_leaves_a_mesh_axis_the_rows_already_use():
     with sharding.batch_split_activations(mesh, rules):
         assert split.lower(x).compile().output_shardings.spec == P(("data", "fsdp"))
     assert sharding.split_batch(x) is x
+
+
+def test_tree_norm_adds_each_block_once_with_one_all_reduce():
+    """`sharding.tree_norm` on a 2 × 2 × 2 mesh, leaves split over one axis, two axes, or none (copies on every
+    device): optax's norm of the same arrays, and one scalar all-reduce over all 8 devices in the compiled
+    program where optax's norm needs several."""
+    import sys
+    from pathlib import Path
+
+    import optax
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import hlo_traffic
+
+    mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    # No leaf is split over `data`: the devices' sums are equal along it, and the all-reduce still adds them all.
+    specs = {"split": P("fsdp"), "two_ways": P(None, ("fsdp", "tensor")), "whole": P()}
+    shapes = {"split": (8, 3), "two_ways": (3, 8), "whole": (5,)}
+    keys = iter(jax.random.split(jax.random.key(0), 3))
+    shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
+    tree = jax.tree.map(
+        lambda shape, s: jax.device_put(jax.random.normal(next(keys), shape), s), shapes, shardings,
+        is_leaf=lambda x: isinstance(x, tuple),
+    )
+    norm = jax.jit(sharding.tree_norm(shardings, mesh))
+    expected = float(optax.tree.norm(jax.device_get(tree)))
+    assert float(norm(tree)) == pytest.approx(expected, rel=1e-6)
+    exchanged = hlo_traffic.collectives(norm.lower(tree).compile().as_text())
+    assert [(c.op, c.group_size, c.array_bytes) for c in exchanged] == [("all-reduce", 8, 4)]
+    assert len(hlo_traffic.collectives(jax.jit(optax.tree.norm).lower(tree).compile().as_text())) > 1

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import numbers
 import re
-from typing import Any, Collection, Mapping, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -228,19 +228,20 @@ def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(
-    optim: Any, trainable: Tree, total_steps: int
+    optim: Any, trainable: Tree, total_steps: int, norm: Callable[[Tree], jax.Array] = optax.tree.norm
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW over the trainable parameters: clip → Adam → decoupled weight decay (masked) → −lr·multiplier.
 
     Returns the transformation and the learning-rate schedule (for logging). Settings out of their range
-    (`SETTING_RANGES`) are refused.
+    (`SETTING_RANGES`) are refused. `norm` is the gradients' global norm for the clipping (on a mesh,
+    `sharding.tree_norm` of the trainable parameters' shardings).
     """
     schedule = learning_rate_schedule(optim, total_steps)  # checks the schedule's settings
     check_settings(optim, [key for key in SETTING_RANGES if key not in SCHEDULE_SETTINGS])
     multipliers = lr_multipliers(trainable, optim.lr_rules)
     parts = []
     if optim.grad_clip_norm:
-        parts.append(optax.clip_by_global_norm(float(optim.grad_clip_norm)))
+        parts.append(clip_by_global_norm(float(optim.grad_clip_norm), norm))
     parts += [
         optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
         optax.add_decayed_weights(float(optim.weight_decay), mask=weight_decay_mask(trainable, optim.no_decay)),
@@ -249,6 +250,20 @@ def make_optimizer(
     if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
         parts.append(_scale_by_tree(multipliers))
     return optax.chain(*parts), schedule
+
+
+def clip_by_global_norm(
+    max_norm: float, norm: Callable[[Tree], jax.Array] = optax.tree.norm
+) -> optax.GradientTransformation:
+    """`optax.clip_by_global_norm` (updates scaled by max_norm / ‖updates‖ when that norm exceeds `max_norm`,
+    the same empty state) with the norm computed by `norm`."""
+
+    def clip(updates: Tree, params: Tree | None) -> Tree:
+        del params
+        total = norm(updates)
+        return jax.tree.map(lambda t: jnp.where(total < max_norm, t, (t / total.astype(t.dtype)) * max_norm), updates)
+
+    return optax.stateless(clip)
 
 
 def _scale_by_tree(multipliers: Tree) -> optax.GradientTransformation:

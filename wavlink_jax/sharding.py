@@ -24,6 +24,7 @@ import time
 from typing import Any, Callable, Iterator, Mapping, NamedTuple, NoReturn, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 # Its client's key-value store; no public API has it (orbax uses it too).
@@ -326,6 +327,35 @@ def replicated(mesh: Mesh) -> NamedSharding:
     """A full copy on every device of `mesh`: the step counter, the optimizer's scalars, the step's metrics,
     and the inference model's weights."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def tree_norm(shardings: Any, mesh: Mesh) -> Callable[[Any], jax.Array]:
+    """The L2 norm of a tree of arrays laid out as `shardings` (one NamedSharding on `mesh` per leaf): each device
+    sums the squares of its own blocks, each weighted by one over the number of devices holding a copy of it, and
+    one all-reduce adds the devices' sums.
+
+    Why: `optax.tree.norm` makes each leaf's sum of squares a reduction over the whole mesh; under FSDP XLA then
+    all-reduces the leaves' partial sums in combined buffers and slices them apart again, one launch per leaf
+    (base under `fsdp = 8` compiled for 8 H100s: 547 slice launches a step with optax's norm, 102 with this)."""
+    specs = jax.tree.map(lambda s: s.spec, shardings)
+    copies = jax.tree.map(lambda s: mesh.size // math.prod(mesh.shape[a] for a in _spec_axes(s.spec)), shardings)
+
+    def device_sum(tree: Any) -> jax.Array:
+        blocks = [
+            jnp.sum(jnp.square(x.astype(jnp.float32))) / n
+            for x, n in zip(jax.tree.leaves(tree), jax.tree.leaves(copies), strict=True)
+        ]
+        return jax.lax.psum(sum(blocks, jnp.float32(0)), mesh.axis_names)
+
+    # check_vma=False: the sum adds blocks that vary over different axes (or none), and each is already weighted
+    # by its copies, so the all-reduce must add every device's sum as it is.
+    summed = jax.shard_map(device_sum, mesh=mesh, in_specs=(specs,), out_specs=PartitionSpec(), check_vma=False)
+    return lambda tree: jnp.sqrt(summed(tree))
+
+
+def _spec_axes(spec: PartitionSpec) -> list[str]:
+    """The mesh axes a PartitionSpec splits over."""
+    return [axis for entry in spec if entry is not None for axis in ((entry,) if isinstance(entry, str) else entry)]
 
 
 def batch_divisor(mesh: Mesh) -> int:
