@@ -283,7 +283,9 @@ def group_size(hlo_text: str, line: str) -> int:
     over_axes = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\S+)? \{([^}]*)\}", line)
     if over_axes:
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", over_axes[1]))
-        return math.prod(int(sizes[axis]) for axis in re.findall(r"'(\w+)'", over_axes[2]))
+        # A whole axis ('fsdp') or a sub-axis of it ('fsdp':(1)2: size 2 starting at 1), as XLA writes them.
+        named = re.findall(r"'(\w+)'(?::\(\d+\)(\d+))?", over_axes[2])
+        return math.prod(int(size) if size else int(sizes[axis]) for axis, size in named)
     if "source_target_pairs=" in line:  # each device sends to one other
         return 2
     every = re.search(r"num_partitions=(\d+)", hlo_text[: hlo_text.find("\n")])

@@ -228,6 +228,8 @@ def test_collectives_are_read_with_their_arrays_groups_and_wire_bytes():
         ("replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}", 4),
         ("replica_groups=mesh['axis_0'=2,'axis_1'=2,'axis_2'=2] {'axis_0','axis_2'}", 4),
         ("replica_groups=mesh['axis_0'=2,'axis_1'=1,'axis_2'=4], device_ids=([2,2,2]T(1,0,2)) {'axis_0'}", 2),
+        ("replica_groups=mesh['data'=2,'fsdp'=4] {'fsdp':(1)2}", 2),
+        ("replica_groups=mesh['data'=2,'fsdp'=4] {'data','fsdp':(2)2}", 4),
         ("replica_groups={}", 8),
     ],
 )
