@@ -424,7 +424,8 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
         f"  cuDNN flash attention: {c['cudnn_calls']['forward']} forward, {c['cudnn_calls']['backward']} backward "
         "calls",
         f"  {c['launches']} launches; element-wise (not GEMMs, custom calls or collectives): "
-        f"{c['elementwise_launches']} moving {c['elementwise_bytes'] / 1e9:.1f} GB; by {c['elementwise_grouped_by']} (launches, GB read + written):",
+        f"{c['elementwise_launches']} moving {c['elementwise_bytes'] / 1e9:.1f} GB; "
+        f"by {c['elementwise_grouped_by']} (launches, GB read + written):",
     ]
     lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {group}" for group, nbytes, count in c["elementwise_groups"]]
     if c["not_counted"]:

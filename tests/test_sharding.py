@@ -1,14 +1,20 @@
 """Mesh construction from config and logical-axis rules → PartitionSpecs (8 host CPU devices)."""
 
 import re
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from wavlink_jax import audio, sharding
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import hlo_traffic  # noqa: E402
 
 RULES = sharding.rules_dict([("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"), ("vocab", None)])
 
@@ -133,11 +139,6 @@ def test_fsdp_gathers_parameters_not_activations():
     `sharding.split_batch` in the blocks, the text tower ran on all 16 rows on every device with its embed
     dimension split, and all-gathered or all-reduced `[16, 16, width]` and `[16, 16, mlp]` activations (base on
     8 H100s, compiled for them: 3 GB of activations a step that way, 0.3 GB of parameters and gradients after)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import hlo_traffic
     from train_fixtures import random_batch, tiny_config
 
     from wavlink_jax import train_step
@@ -182,14 +183,6 @@ def test_tree_norm_adds_each_block_once_with_one_all_reduce():
     """`sharding.tree_norm` on a 2 × 2 × 2 mesh, leaves split over one axis, two axes, or none (copies on every
     device): optax's norm of the same arrays, and one scalar all-reduce over all 8 devices in the compiled
     program where optax's norm needs several."""
-    import sys
-    from pathlib import Path
-
-    import optax
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    import hlo_traffic
-
     mesh = sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     # No leaf is split over `data`: the devices' sums are equal along it, and the all-reduce still adds them all.
     specs = {"split": P("fsdp"), "two_ways": P(None, ("fsdp", "tensor")), "whole": P()}

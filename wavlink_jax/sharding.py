@@ -338,7 +338,9 @@ def tree_norm(shardings: Any, mesh: Mesh) -> Callable[[Any], jax.Array]:
     all-reduces the leaves' partial sums in combined buffers and slices them apart again, one launch per leaf
     (base under `fsdp = 8` compiled for 8 H100s: 547 slice launches a step with optax's norm, 102 with this)."""
     specs = jax.tree.map(lambda s: s.spec, shardings)
-    copies = jax.tree.map(lambda s: mesh.size // math.prod(mesh.shape[a] for a in _spec_axes(s.spec)), shardings)
+    copies = jax.tree.map(
+        lambda s: mesh.size // math.prod(mesh.shape[a] for entry in s.spec for a in mesh_axes(entry)), shardings
+    )
 
     def device_sum(tree: Any) -> jax.Array:
         blocks = [
@@ -353,9 +355,9 @@ def tree_norm(shardings: Any, mesh: Mesh) -> Callable[[Any], jax.Array]:
     return lambda tree: jnp.sqrt(summed(tree))
 
 
-def _spec_axes(spec: PartitionSpec) -> list[str]:
-    """The mesh axes a PartitionSpec splits over."""
-    return [axis for entry in spec if entry is not None for axis in ((entry,) if isinstance(entry, str) else entry)]
+def mesh_axes(entry: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry or sharding rule target: None, one axis name, or several."""
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
 def batch_divisor(mesh: Mesh) -> int:
@@ -371,7 +373,7 @@ def process_batch_share(mesh: Mesh, batch_axes: str | Sequence[str] = BATCH_AXES
     process_count)`; when they span fewer (e.g. `tensor` across hosts), processes with the same index need,
     and read, the same rows. A mesh that gives one process rows that are not one block is an error.
     """
-    axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    axes = mesh_axes(batch_axes)
     shards = int(np.prod([mesh.shape[name] for name in axes]))
     rows = NamedSharding(mesh, PartitionSpec(axes)).addressable_devices_indices_map((shards,))
     held = sorted({index[0].indices(shards)[0] for index in rows.values()})
@@ -424,20 +426,18 @@ def logical_to_spec(
                 f"{name}: logical axis {axis_name!r} has no sharding rule; add "
                 f"({axis_name!r}, <mesh axis or None>) to config.sharding_rules (known: {sorted(rules)})"
             )
-        target = rules[axis_name]
-        mesh_axes = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
-        ways = int(np.prod([mesh.shape[a] for a in mesh_axes]))
-        if not mesh_axes or size % ways:
-            if mesh_axes:
-                not_divided.append((dim, axis_name, mesh_axes))
+        targets = tuple(a for a in mesh_axes(rules[axis_name]) if mesh.shape[a] > 1 and a not in used)
+        ways = int(np.prod([mesh.shape[a] for a in targets]))
+        if not targets or size % ways:
+            if targets:
+                not_divided.append((dim, axis_name, targets))
             spec.append(None)
             continue
-        used.update(mesh_axes)
-        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        used.update(targets)
+        spec.append(targets[0] if len(targets) == 1 else targets)
     if unsharded is not None:
-        for dim, axis_name, mesh_axes in not_divided:
-            lost = tuple(a for a in mesh_axes if a not in used)
+        for dim, axis_name, targets in not_divided:
+            lost = tuple(a for a in targets if a not in used)
             if lost:
                 unsharded.append(Unsharded(name, tuple(shape), dim, axis_name, lost))
     return PartitionSpec(*spec)
@@ -462,8 +462,7 @@ def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
         if len(rule) != 2:
             raise ValueError(f"config.sharding_rules: each rule is (logical_name, mesh_axes), got {rule!r}")
         logical, target = rule
-        targets = () if target is None else (target,) if isinstance(target, str) else tuple(target)
-        bad = [t for t in targets if t not in MESH_AXES]
+        bad = [t for t in mesh_axes(target) if t not in MESH_AXES]
         if bad:
             raise ValueError(f"config.sharding_rules: {logical!r} → unknown mesh axes {bad}; use {list(MESH_AXES)}")
         result[str(logical)] = target if target is None or isinstance(target, str) else tuple(target)
