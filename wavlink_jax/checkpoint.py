@@ -79,7 +79,7 @@ class Checkpoints:
                 max_to_keep=keep,
                 cleanup_tmp_directories=True,  # leftovers of a save that was killed
                 enable_async_checkpointing=async_save,
-                create=True,
+                create=False,  # the first save makes it: a run refused at start-up leaves no empty checkpoints/
             ),
         )
 
