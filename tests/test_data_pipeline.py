@@ -431,6 +431,15 @@ def test_eval_set_merges_manifest_lines_that_share_an_id(tmp_path):
     assert len(pipeline.make_eval_set(manifest, window_seconds=WINDOW, max_clips=2)) == 2  # counts merged clips
 
 
+@pytest.mark.parametrize("limit", [0, -1])
+def test_eval_set_refuses_a_clip_limit_below_one(tmp_path, limit):
+    """A slice by 0 would keep no clip and one by -1 drop the last clip silently: library callers are refused as
+    the command line and the trainer's config are."""
+    manifest = _manifest(tmp_path, [1, 2])
+    with pytest.raises(ValueError, match=rf"max_clips={limit}: give a number ≥ 1"):
+        pipeline.make_eval_set(manifest, window_seconds=WINDOW, max_clips=limit)
+
+
 @pytest.mark.parametrize("key, second", [("audio", "2.wav"), ("label", "cat"), ("fold", 2)])
 def test_eval_manifest_lines_sharing_an_id_must_be_one_clip(tmp_path, key, second):
     first = {"audio": "1.wav", "captions": ["a"], "id": "x", "label": "dog", "fold": 1}

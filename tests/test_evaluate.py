@@ -591,6 +591,8 @@ def test_airbench_max_clips_keeps_the_first_questions_and_decodes_only_their_aud
     assert data.summary()["skipped"] == {}
     whole = ev.open_dataset("airbench", _cli_args(tmp_path, airbench_dir=str(root)))[1](window_seconds=1.0)
     assert whole.summary()["skipped"] == {"not_audio": 2, "questions_dropped": 2}  # without the limit: all decoded
+    with pytest.raises(ValueError, match=r"max_questions=-1: give a number ≥ 1"):  # would drop the last question
+        eval_tasks.load_airbench_data(root, window_seconds=1.0, max_questions=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------

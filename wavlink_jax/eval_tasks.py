@@ -310,6 +310,7 @@ def load_airbench_data(
     `"{question} {choice}"` with `choices_with_question`. `max_questions` keeps the first questions only, and
     decodes only their audio (quick checks; never for reported numbers).
     """
+    pipeline.check_count_limit("max_questions", max_questions)
     questions = load_airbench_foundation(root, tasks=tasks)[:max_questions]
     paths = sorted({q.audio for q in questions})
     records = [{"id": path, "audio": path, "sample_rate": 0, "captions": [], "label": ""} for path in paths]

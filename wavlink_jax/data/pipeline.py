@@ -639,6 +639,13 @@ def check_records(
     return iter(checked)
 
 
+def check_count_limit(name: str, limit: int | None) -> None:
+    """A "keep the first N" limit (`max_clips`, `max_questions`) is None (keep all) or ≥ 1: a slice by 0 would keep
+    nothing and one by -1 silently drop the last item."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"{name}={limit}: give a number ≥ 1 of items to keep, or None to keep every one")
+
+
 def make_eval_set(
     source: Mapping[str, Any] | str | os.PathLike,
     *,
@@ -655,6 +662,7 @@ def make_eval_set(
     A manifest's lines that share an id are one clip with all their captions (AudioCaps-style manifests have a
     line per caption); `max_clips` counts merged clips. Memory: num_clips × window_seconds × sample_rate × 4 bytes.
     """
+    check_count_limit("max_clips", max_clips)
     records = open_source(source)
     if isinstance(records, ManifestSource):
         records = records.clips()
