@@ -17,6 +17,8 @@ from wavlink_jax.models import layers
 from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder
 
+from test_layers import tiny_stack
+
 TOL = 1e-5
 
 
@@ -113,22 +115,6 @@ def test_clip_text_padded_cudnn_path_matches_xla(cudnn_lengths):
     _assert_close(results["cudnn"], results["xla"])
 
 
-def _stack(num_layers: int, implementation: str) -> layers.EncoderStack:
-    return layers.EncoderStack(
-        num_layers,
-        width=32,
-        num_heads=4,
-        mlp_dim=64,
-        activation="gelu",
-        key_bias=True,
-        layer_norm_eps=1e-5,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        attention_implementation=implementation,
-        rngs=nnx.Rngs(0),
-    )
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
     """The stack itself, caller's kv_lengths shorter than the sequence: outputs and input gradients agree."""
@@ -140,7 +126,7 @@ def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
     def loss(stack, x):
         return jnp.sum(jnp.where(valid, stack(x, kv_lengths=kv_lengths, causal=causal), 0) * weights)
 
-    results = {impl: _value_and_grads(_stack(2, impl), loss, x) for impl in ("xla", "cudnn")}
+    results = {impl: _value_and_grads(tiny_stack(2, implementation=impl), loss, x) for impl in ("xla", "cudnn")}
     assert set(cudnn_lengths) == {32}
     _assert_close(results["cudnn"], results["xla"])
 
@@ -158,7 +144,7 @@ def test_differentiated_stack_pads_once_whatever_its_depth(cudnn_lengths):
     x = jax.random.normal(jax.random.key(7), (2, 21, 32))
 
     def pads(num_layers: int) -> int:
-        graphdef, params = nnx.split(_stack(num_layers, "cudnn"), nnx.Param)
+        graphdef, params = nnx.split(tiny_stack(num_layers, implementation="cudnn"), nnx.Param)
 
         def loss(params, x):
             return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)

@@ -41,10 +41,11 @@ def test_cudnn_path_pads_odd_lengths_and_masks_the_padding(monkeypatch, length):
     assert float(jnp.abs(out - reference).max()) < 1e-6
 
 
-def _stack(num_layers: int, seed: int = 0, remat: str = "none") -> layers.EncoderStack:
+def tiny_stack(num_layers: int, seed: int = 0, remat: str = "none", implementation: str = "xla") -> layers.EncoderStack:
+    """An fp32 stack of width 32 (4 heads, MLP 64): shared with test_cudnn_padding."""
     return layers.EncoderStack(
         num_layers, remat=remat, width=32, num_heads=4, mlp_dim=64, activation="gelu", key_bias=True,
-        layer_norm_eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, attention_implementation="xla",
+        layer_norm_eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, attention_implementation=implementation,
         rngs=nnx.Rngs(seed),
     )
 
@@ -52,7 +53,7 @@ def _stack(num_layers: int, seed: int = 0, remat: str = "none") -> layers.Encode
 def test_stack_blocks_are_initialised_independently_with_their_axes():
     """The vmapped creation gives every block its own draws (normal 0.02 kernels, zero biases, unit LayerNorm
     scales), keeps each parameter's logical axes, and is reproducible from the seed."""
-    stack = _stack(4)
+    stack = tiny_stack(4)
     kernels = np.stack([np.asarray(block.fc1.kernel[...]) for block in stack.layers])
     assert kernels.shape == (4, 32, 64)
     assert all(not np.allclose(kernels[i], kernels[j]) for i in range(4) for j in range(i))
@@ -62,7 +63,7 @@ def test_stack_blocks_are_initialised_independently_with_their_axes():
     axes = layers.logical_axes(stack)
     assert axes[("layers", 3, "fc1", "kernel")] == ("embed", "mlp")
     assert axes[("layers", 0, "attn", "out", "kernel")] == ("heads", "embed")
-    assert np.array_equal(kernels[2], np.asarray(_stack(4).layers[2].fc1.kernel[...]))
+    assert np.array_equal(kernels[2], np.asarray(tiny_stack(4).layers[2].fc1.kernel[...]))
 
 
 def test_stack_init_program_does_not_grow_random_draws_with_depth():
@@ -70,7 +71,7 @@ def test_stack_init_program_does_not_grow_random_draws_with_depth():
     block, whatever the depth: a loop of blocks made init compile time grow with the layer count."""
 
     def draws(num_layers: int) -> int:  # call sites of jax.random.normal in the lowered init program
-        init = jax.jit(lambda key: nnx.state(_stack(num_layers, seed=key)))
+        init = jax.jit(lambda key: nnx.state(tiny_stack(num_layers, seed=key)))
         return len(re.findall(r"call @_normal", init.lower(jax.random.key(0)).as_text()))
 
     assert draws(2) == draws(8) > 0
@@ -185,7 +186,7 @@ def test_block_gradients_are_the_same_under_remat(remat):
     """A rematerialised gelu block (the GELU's and LayerNorm's custom VJPs inside jax.checkpoint) gives the
     gradients of the plain one."""
     def grads(policy: str) -> list:
-        stack = _stack(1, remat=policy)
+        stack = tiny_stack(1, remat=policy)
         x = jax.random.normal(jax.random.key(1), (2, 8, 32))
         return jax.tree.leaves(nnx.grad(lambda model: (model(x) ** 2).sum())(stack))
 
@@ -332,4 +333,4 @@ def test_stack_refuses_a_last_query_start_outside_the_sequence(last_query_start)
     """Out of range it used to be clamped by a slice (rows 0: for -30 of 21) and would now count from a padded
     end: refused instead, naming the value and the length."""
     with pytest.raises(ValueError, match=f"last_query_start {last_query_start} is outside the sequence of 21 rows"):
-        _stack(1)(jnp.zeros((1, 21, 32)), last_query_start=last_query_start)
+        tiny_stack(1)(jnp.zeros((1, 21, 32)), last_query_start=last_query_start)
