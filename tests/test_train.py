@@ -67,6 +67,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
          r"config\.eval\.sets\[0\] \(long\) window_seconds"),
         (lambda data: {"init_from.audio": "/nonexistent/whisper"}, r"/nonexistent/whisper"),
         (lambda data: {"eval.max_clips": -1}, r"config: eval\.max_clips=-1; .*eval\.max_clips ≥ 0: 0 = every clip"),
+        (lambda data: {"loss.clip_weight": 0.0, "loss.sigmoid_weight": 0.0}, r"not both 0"),  # was: after config.json
+        (lambda data: {"accum_steps": 0}, r"config\.accum_steps = 0"),  # was: ZeroDivisionError
     ],
 )
 def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, overrides, message):

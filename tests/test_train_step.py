@@ -254,10 +254,23 @@ def test_clip_temperature_is_capped_after_each_update(max_scale):
     assert float(state["params"]["clip_logit_scale"]) == 0.0
 
 
-def test_clip_temperature_cap_below_one_is_refused():
-    setup = train_step.build(tiny_config(**{"loss.clip_max_scale": 0.5}), one_device_mesh(), total_steps=10)
-    with pytest.raises(ValueError, match="clip_max_scale"):
-        train_step.make_train_step(setup)
+@pytest.mark.parametrize(
+    "overrides,message",
+    [({"loss.clip_max_scale": 0.5}, r"config\.loss\.clip_max_scale must be ≥ 1 .* got 0\.5"),
+     ({"loss.clip_max_scale": float("nan")}, r"config\.loss\.clip_max_scale must be ≥ 1 .* got nan"),
+     ({"loss.clip_weight": float("nan")}, r"finite, ≥ 0 .*config\.loss\.clip_weight=nan"),
+     ({"loss.sigmoid_weight": -1.0}, r"finite, ≥ 0 .*config\.loss\.sigmoid_weight=-1\.0"),
+     ({"loss.clip_weight": 0.0, "loss.sigmoid_weight": 0.0}, r"not both 0"),
+     ({"accum_steps": 0}, r"config\.accum_steps = 0: must be ≥ 1"),
+     ({"optim.lr_rules": ((r"^audio_projection/", -1.0),)}, r"lr_rules: rule .*audio_projection.*finite number ≥ 0"),
+     ({"optim.lr_rules": ((r"^audio_projection/", float("nan")),)}, r"lr_rules: rule .*nan.*finite number ≥ 0"),
+     ({"optim.lr_rules": ((r"^audio_projection/", float("inf")),)}, r"lr_rules: rule .*inf.*finite number ≥ 0")],
+)
+def test_loss_accumulation_and_multiplier_settings_are_refused_by_build(overrides, message):
+    """Settings that would train wrongly (a NaN loss, gradient ascent on a parameter, a temperature clamped to
+    nonsense) or fail deep inside the step are refused by `build`, before the trainer writes anything."""
+    with pytest.raises(ValueError, match=message):
+        train_step.build(tiny_config(**overrides), one_device_mesh(), total_steps=10)
 
 
 @pytest.mark.parametrize(

@@ -166,12 +166,14 @@ def test_config_round_trips_through_json_and_rejects_bad_input():
         tiny_config(audio=WhisperConfig(n_mels=8, width=16, num_layers=1, num_heads=2, mlp_dim=32, global_token=False))
     with pytest.raises(ValueError, match="not divisible by 8"):
         tiny_config(embed_dim=20)
-    with pytest.raises(ValueError, match="distinct sizes"):
+    with pytest.raises(ValueError, match="distinct whole sizes"):
         tiny_config(matryoshka_dims=(24, 48))
-    with pytest.raises(ValueError, match="distinct sizes"):
+    with pytest.raises(ValueError, match="distinct whole sizes"):
         tiny_config(matryoshka_dims=(24, 12, 12))
-    with pytest.raises(ValueError, match="distinct sizes"):
+    with pytest.raises(ValueError, match="distinct whole sizes"):
         tiny_config(matryoshka_dims=(24, 0))
+    with pytest.raises(ValueError, match="distinct whole sizes"):  # was cut to (24, 12) silently
+        tiny_config(matryoshka_dims=(24, 12.7))
     with pytest.raises(ValueError, match="unknown WavLink preset"):
         WavLinkConfig.preset("huge")
 

@@ -36,6 +36,7 @@ cosines) by ~0.1. These matmuls are small (N×N×d per level), so full precision
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Callable, Sequence
 
@@ -96,6 +97,17 @@ def sigmoid_loss(
     )
 
 
+def check_loss_weights(clip_weight: float, sigmoid_weight: float, where: str = "") -> None:
+    """Both weights finite and ≥ 0, not both 0: a negative weight maximises its loss and a NaN one trains on a NaN
+    loss. `where` prefixes the names in the error (e.g. "config.loss.")."""
+    weights = (clip_weight, sigmoid_weight)
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or clip_weight == sigmoid_weight == 0:
+        raise ValueError(
+            f"loss weights must be finite, ≥ 0 and not both 0 (got {where}clip_weight={clip_weight}, "
+            f"{where}sigmoid_weight={sigmoid_weight})"
+        )
+
+
 def matryoshka_loss(
     za: jax.Array,
     zt: jax.Array,
@@ -123,10 +135,7 @@ def matryoshka_loss(
         raise ValueError("matryoshka_loss needs at least one dim")
     if len(set(dims)) != len(dims):
         raise ValueError(f"Matryoshka dims {dims} contain duplicates")
-    if clip_weight < 0 or sigmoid_weight < 0 or clip_weight == sigmoid_weight == 0:
-        raise ValueError(
-            f"loss weights must be ≥ 0 and not both 0 (got clip_weight={clip_weight}, sigmoid_weight={sigmoid_weight})"
-        )
+    check_loss_weights(clip_weight, sigmoid_weight)
     sharding = dict(mesh=mesh, impl=impl, batch_axes=batch_axes)
     aux: dict[str, jax.Array] = {}
     level_losses = []

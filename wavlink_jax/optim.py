@@ -188,6 +188,12 @@ def lr_multipliers(params: Tree, rules: Sequence[Sequence[Any]]) -> Tree:
     for rule in rules:
         if len(rule) != 2:
             raise ValueError(f"config.optim.lr_rules: each rule is (pattern, multiplier), got {rule!r}")
+        multiplier = rule[1]
+        if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not 0 <= multiplier < math.inf:
+            raise ValueError(
+                f"config.optim.lr_rules: rule {tuple(rule)!r}: the multiplier must be a finite number ≥ 0 "
+                "(0 = not updated; a negative one ascends the gradient)"
+            )
     patterns = _compile([pattern for pattern, _ in rules], "config.optim.lr_rules")
     compiled = list(zip(patterns, [float(multiplier) for _, multiplier in rules]))
     flat = flatten(params)
@@ -208,12 +214,13 @@ def check_settings(optim: Any, keys: Sequence[str] = tuple(SETTING_RANGES)) -> N
 
 
 def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
-    """Warm-up (linear from 0) for `warmup_fraction` of the steps, then cosine / linear decay or constant."""
+    """Warm-up (linear from 0) for `warmup_fraction` of the steps (to the nearest step), then cosine / linear decay
+    or constant."""
     check_settings(optim, SCHEDULE_SETTINGS)
     if optim.schedule not in SCHEDULES:
         raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
     peak = float(optim.learning_rate)
-    warmup = int(round(optim.warmup_fraction * total_steps))
+    warmup = math.floor(optim.warmup_fraction * total_steps + 0.5)  # nearest step, halves up
     end = peak * float(optim.end_lr_fraction)
     decay_steps = max(total_steps - warmup, 1)
     if optim.schedule == "cosine":

@@ -153,6 +153,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     axes `sharding.MESH_AXES`, as `sharding.create_mesh` builds)."""
     sharding.check_mesh(mesh)
     check_choices(config)
+    check_loss_settings(config.loss)
+    accum_steps(config)
     mconfig = model_config(config)
     mconfig.audio.check_window(config.data.window_seconds, "config.data.window_seconds")
     abstract_model = nnx.eval_shape(lambda: WavLink(mconfig, rngs=nnx.Rngs(0)))
@@ -358,9 +360,7 @@ def gradients(setup: TrainSetup) -> Callable:
     """(trainable, frozen, buffers, batch) → (loss, its parts, audio and text head outputs, gradients wrt
     `trainable`), over the whole batch at once (`accum_steps = 1`) or micro-batch by micro-batch with every
     negative kept."""
-    k = int(setup.config.accum_steps)
-    if k < 1:
-        raise ValueError(f"config.accum_steps must be ≥ 1, got {k}")
+    k = accum_steps(setup.config)
     project, loss = project_fn(setup), loss_fn(setup)
 
     def full_batch(trainable, frozen, buffers, batch):
@@ -398,9 +398,26 @@ def gradients(setup: TrainSetup) -> Callable:
     return full_batch if k == 1 else accumulated
 
 
+def accum_steps(config: ml_collections.ConfigDict) -> int:
+    """`config.accum_steps` (micro-batches per step), refused unless ≥ 1."""
+    if config.accum_steps < 1:
+        raise ValueError(f"config.accum_steps = {config.accum_steps}: must be ≥ 1 (micro-batches per step)")
+    return int(config.accum_steps)
+
+
+def check_loss_settings(loss: ml_collections.ConfigDict) -> None:
+    """`config.loss`'s weights (see `losses.check_loss_weights`) and CLIP's temperature cap, checked before
+    anything is built: a cap below 1 (or NaN) would clamp the temperature to nonsense."""
+    losses.check_loss_weights(loss.clip_weight, loss.sigmoid_weight, where="config.loss.")
+    if not loss.clip_max_scale >= 1.0:
+        raise ValueError(
+            f"config.loss.clip_max_scale must be ≥ 1 (CLIP uses 100; inf = no cap), got {loss.clip_max_scale}"
+        )
+
+
 def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
     """The global batch must split evenly into micro-batches and each of those over the batch devices."""
-    unit = sharding.batch_divisor(mesh) * int(config.accum_steps)
+    unit = sharding.batch_divisor(mesh) * accum_steps(config)
     if config.batch_size % unit:
         raise ValueError(
             f"config.batch_size {config.batch_size} must be a multiple of accum_steps ({config.accum_steps}) × "
@@ -434,9 +451,7 @@ def make_train_step(setup: TrainSetup) -> Callable[[dict, dict], tuple[dict, dic
     check_batch_size(setup.config, setup.mesh)
     compute_gradients = gradients(setup)
     tx, schedule = setup.tx, setup.schedule
-    max_clip_scale = float(setup.config.loss.clip_max_scale)
-    if not max_clip_scale >= 1.0:
-        raise ValueError(f"config.loss.clip_max_scale must be ≥ 1 (CLIP uses 100; inf = no cap), got {max_clip_scale}")
+    max_clip_scale = float(setup.config.loss.clip_max_scale)  # checked by `build`
 
     def step(state: dict, batch: dict) -> tuple[dict, dict]:
         trainable, frozen = optim.partition(state["params"], setup.trainable)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -68,10 +69,11 @@ class WavLinkConfig:
                 )
             dims = tuple(self.embed_dim // factor for factor in (1, 2, 4, 8))
         else:
-            dims = tuple(int(d) for d in self.matryoshka_dims)
+            whole = all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in self.matryoshka_dims)
+            dims = tuple(int(d) for d in self.matryoshka_dims) if whole else ()  # 256.7 is refused, not cut to 256
             if not dims or len(set(dims)) != len(dims) or not all(0 < d <= self.embed_dim for d in dims):
                 raise ValueError(
-                    f"WavLinkConfig.matryoshka_dims {self.matryoshka_dims} must be distinct sizes in "
+                    f"WavLinkConfig.matryoshka_dims {self.matryoshka_dims} must be distinct whole sizes in "
                     f"1..embed_dim ({self.embed_dim})"
                 )
             if max(dims) != self.embed_dim:
