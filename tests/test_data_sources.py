@@ -84,3 +84,8 @@ def test_open_source_specs(tmp_path):
         open_source({"kind": "csv", "path": str(path)})
     with pytest.raises(ValueError, match="needs 'name'"):
         open_source({"kind": "tfds", "split": "train"})
+    # A misspelt key is refused, not dropped (the mixture weight silently fell back to the source's size).
+    with pytest.raises(ValueError, match=r"has unknown keys \['wieght'\]; it takes \['kind', 'path', 'weight'\]"):
+        open_source({"kind": "manifest", "path": str(path), "wieght": 2.0})
+    with pytest.raises(ValueError, match=r"tfds source .* has unknown keys \['data-dir'\]"):
+        open_source({"kind": "tfds", "name": "clotho", "split": "train", "data-dir": "/data"})

@@ -69,6 +69,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
         (lambda data: {"eval.max_clips": -1}, r"config: eval\.max_clips=-1; .*eval\.max_clips ≥ 0: 0 = every clip"),
         (lambda data: {"loss.clip_weight": 0.0, "loss.sigmoid_weight": 0.0}, r"not both 0"),  # was: after config.json
         (lambda data: {"accum_steps": 0}, r"config\.accum_steps = 0"),  # was: ZeroDivisionError
+        (lambda data: {"data.sources": ({"kind": "manifest", "path": f"{data}/train.jsonl", "wieght": 2},)},
+         r"has unknown keys \['wieght'\]"),  # was: trained with the default weight
     ],
 )
 def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, overrides, message):

@@ -214,30 +214,39 @@ def write_manifest(path: str | os.PathLike, entries: Sequence[Mapping[str, Any]]
     return path
 
 
+# The keys each kind of source spec takes besides "kind" and the training mixture's "weight".
+SOURCE_KEYS = {"manifest": ("path",), "tfds": ("name", "split", "data_dir"), "source": ("source",)}
+
+
 def open_source(spec: Mapping[str, Any] | str | os.PathLike) -> Source:
     """The source a config entry describes.
 
     `spec` is a manifest path, or a dict with `kind`: `{"kind": "manifest", "path": ...}` or
     `{"kind": "tfds", "name": ..., "data_dir": ..., "split": ...}` (array_record data prepared by
     `wavlink_jax.data.tfds_builders`), or `{"kind": "source", "source": obj}` for any `Source` object built
-    in Python. Other keys (e.g. `weight`) are ignored here.
+    in Python. Each may hold a mixture `weight` (read by the training pipeline); any other key is refused (a
+    misspelt `wieght` would otherwise be dropped silently).
     """
     if isinstance(spec, (str, os.PathLike)):
         return ManifestSource(spec)
-    if spec.get("kind") == "source":
+    kind = spec.get("kind", "manifest")
+    if kind not in SOURCE_KEYS:
+        raise ValueError(f"unknown source kind {kind!r} in {dict(spec)!r}; expected one of {list(SOURCE_KEYS)}")
+    allowed = ("kind", *SOURCE_KEYS[kind], "weight")
+    unknown = sorted(set(spec.keys()) - set(allowed))
+    if unknown:
+        raise ValueError(f"{kind} source {dict(spec)!r} has unknown keys {unknown}; it takes {list(allowed)}")
+    if kind == "source":
         if not isinstance(spec.get("source"), Source):
             raise ValueError(f'a "source" spec needs a "source" object with __len__ and __getitem__, got {spec!r}')
         return spec["source"]
-    kind = spec.get("kind", "manifest")
     if kind == "manifest":
         if "path" not in spec:
             raise ValueError(f'manifest source {dict(spec)!r} needs a "path"')
         return ManifestSource(spec["path"])
-    if kind == "tfds":
-        missing = [key for key in ("name", "split") if key not in spec]
-        if missing:
-            raise ValueError(f"tfds source {dict(spec)!r} needs {', '.join(map(repr, missing))}")
-        from wavlink_jax.data import tfds_builders  # lazy: pulls in tensorflow_datasets
+    missing = [key for key in ("name", "split") if key not in spec]
+    if missing:
+        raise ValueError(f"tfds source {dict(spec)!r} needs {', '.join(map(repr, missing))}")
+    from wavlink_jax.data import tfds_builders  # lazy: pulls in tensorflow_datasets
 
-        return tfds_builders.load_source(spec["name"], spec.get("data_dir"), spec["split"])
-    raise ValueError(f"unknown source kind {kind!r} in {dict(spec)!r}; expected 'manifest', 'tfds' or 'source'")
+    return tfds_builders.load_source(spec["name"], spec.get("data_dir"), spec["split"])
