@@ -52,8 +52,17 @@ def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> 
             ("--config", "tests/train_fixtures.py", "--config.data.fenêtre=3"),
             "error: --config.data.fenêtre: the config has no key 'fenêtre'",
         ),
+        (  # a key inside a plain value: was a TypeError traceback (str) or a garbled KeyError line (int)
+            ("--config", "tests/train_fixtures.py", "--config.loss.impl.x=ring"),
+            "error: --config.loss.impl.x: --config.loss.impl is a value (str), not a group of keys",
+        ),
+        (
+            ("--config=tests/train_fixtures.py:steps=2", "--config.seed.x=1"),
+            "error: --config.seed.x: --config.seed is a value (int), not a group of keys",
+        ),
     ],
-    ids=["unknown-key", "config-file-error", "missing-config-file", "wrong-type", "unknown-non-ascii-key"],
+    ids=["unknown-key", "config-file-error", "missing-config-file", "wrong-type", "unknown-non-ascii-key",
+         "key-inside-a-string", "key-inside-a-number"],
 )
 def test_train_config_mistakes(args, message):
     assert_one_error_line(run_tool(*TRAIN, *args), message)

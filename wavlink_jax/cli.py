@@ -97,11 +97,44 @@ def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
     return f"{where}: the config has no key {name!r}{tail}"
 
 
+def _config_of(name: str, argv: Sequence[str]):
+    """The config that `--name=FILE[:ARG]` in `argv` loads (through the flag's own parser: the flag holds no
+    value while its overrides are being applied), or None."""
+    for arg, following in zip(argv, [*argv[1:], None]):
+        given = re.match(rf"^--?{re.escape(name)}(?:=(.*))?$", arg)
+        if given:
+            with contextlib.suppress(Exception):  # a file that cannot be loaded is reported elsewhere
+                return flags.FLAGS[name].parser.parse(given.group(1) if given.group(1) is not None else following)
+    return None
+
+
+def _override_into_value(argv: Sequence[str]) -> str | None:
+    """An override that reaches inside a plain value (`--config.seed.x=1`: seed is a number, not a group of keys)
+    → what is wrong with it; None when every override's path walks through groups as far as its keys exist
+    (ml_collections reports such an override as a TypeError or a garbled KeyError)."""
+    for name in flags.FLAGS:
+        if not is_config_flag(flags.FLAGS[name]):
+            continue
+        config = _config_of(name, argv)
+        for arg in argv if hasattr(config, "keys") else ():
+            override = re.match(rf"^--?(?:no)?{re.escape(name)}\.([^=]+)", arg)
+            node, walked = config, [name]
+            for key in override.group(1).split(".") if override else ():
+                if not hasattr(node, "keys"):
+                    value = f"--{'.'.join(walked)} is a value ({type(node).__name__})"
+                    return f"--{name}.{override.group(1)}: {value}, not a group of keys"
+                if key not in node:
+                    break
+                node = node[key]
+                walked.append(key)
+    return None
+
+
 def parse_absl_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_absl_flags)`) that reports mistakes in `--config`
     and its overrides as one `error:` line: an exception in the config file (its message, not the file's
-    traceback), an override of a key the config lacks (with ml_collections' did-you-mean), a value of the wrong
-    type, a config file that cannot be loaded."""
+    traceback), an override of a key the config lacks (with ml_collections' did-you-mean) or of a key inside a
+    plain value, a value of the wrong type, a config file that cannot be loaded."""
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as err:
@@ -109,10 +142,13 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
             raise
         message = str(err)
         _fail(_config_file_error(message) if "Error whilst parsing config file:" in message else message)
-    except (AttributeError, KeyError) as err:
+    except (AttributeError, KeyError, TypeError) as err:
         if show_tracebacks():
             raise
-        _fail(_unknown_key_error(err, argv))
+        into_value = _override_into_value(argv)
+        if into_value is None and isinstance(err, TypeError):
+            raise  # not an override's mistake
+        _fail(into_value or _unknown_key_error(err, argv))
     for name in flags.FLAGS:
         flag = flags.FLAGS[name]
         if is_config_flag(flag) and flag.value is not None:
