@@ -815,3 +815,28 @@ def test_cli_max_clips_must_be_positive(tmp_path, capsys, value):
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
         f"error: argument --max-clips: {value!r} is not a positive whole number")
+
+
+@pytest.mark.parametrize("value, message", [("64,a", "'a' is not a positive whole number"), ("64,64", "'64,64' repeats a size"),
+                                            ("0", "'0' is not a positive whole number")])
+def test_cli_dims_are_checked_by_the_parser(tmp_path, capsys, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        ev.main(["--workdir", "W", "--datasets", "synthetic", "--out", str(tmp_path / "res.json"), "--dims", value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument --dims: {message}")
+
+
+def test_cli_dims_must_be_trained_sizes(tmp_path, monkeypatch):
+    """A size the model was not trained at is refused once the model is loaded, before any set is decoded (the
+    library's `embed_*(dim=...)` refuses it too); a subset of the trained sizes is scored."""
+    from wavlink_jax import inference
+
+    manifest = _good_manifest(tmp_path)
+    monkeypatch.setattr(inference, "load", lambda *args, **kwargs: _fake_model())
+    out = tmp_path / "res.json"
+    with pytest.raises(SystemExit, match=r"^error: --dims 8,6: this model was trained at the sizes \[8, 4\]"):
+        ev.main(["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out), "--dims", "8,6"])
+    assert not out.exists()
+    ev.main(["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out), "--dims", "4"])
+    results = json.loads(out.read_text())
+    assert results["dims"] == [4] and set(results["datasets"]["good"]["metrics"]) == {"4"}

@@ -609,7 +609,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=True,
         window_seconds=args.window_seconds,
     )
-    dims = [int(d) for d in args.dims.split(",")] if args.dims else list(embedder.config.matryoshka_dims)
+    trained = list(embedder.config.matryoshka_dims)
+    dims = args.dims or trained
+    if not set(dims) <= set(trained):  # before any set is decoded
+        given = ",".join(map(str, dims))
+        raise ValueError(f"--dims {given}: this model was trained at the sizes {trained}; choose among them")
     window_seconds = embedder.window_seconds  # the model's training window unless --window-seconds
     templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
 
@@ -643,6 +647,14 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
     return value
+
+
+def size_list(text: str) -> list[int]:
+    """argparse type of --dims: comma-separated distinct positive whole numbers."""
+    sizes = [positive_int(part.strip()) for part in text.split(",")]
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a size")
+    return sizes
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -689,7 +701,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="per forward pass, over all local devices")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the towers (float32 or bfloat16)")
-    parser.add_argument("--dims", help="comma-separated Matryoshka sizes (default: all of the model's)")
+    parser.add_argument(
+        "--dims", type=size_list, help="comma-separated Matryoshka sizes, among the model's (default: all of them)"
+    )
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
     parser.add_argument(
         "--max-clips", type=positive_int,
