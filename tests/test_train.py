@@ -69,6 +69,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
         (lambda data: {"eval.max_clips": -1}, r"config: eval\.max_clips=-1; .*eval\.max_clips ≥ 0: 0 = every clip"),
         (lambda data: {"loss.clip_weight": 0.0, "loss.sigmoid_weight": 0.0}, r"not both 0"),  # was: after config.json
         (lambda data: {"accum_steps": 0}, r"config\.accum_steps = 0"),  # was: ZeroDivisionError
+        (lambda data: {"total_steps": -1}, r"config: total_steps=-1; .*total_steps ≥ 0: 0 = from epochs"),
         (lambda data: {"data.sources": ({"kind": "manifest", "path": f"{data}/train.jsonl", "wieght": 2},)},
          r"has unknown keys \['wieght'\]"),  # was: trained with the default weight
     ],
@@ -76,7 +77,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
 def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, overrides, message):
     """config.json is the config of a run that started: a config refused at start-up neither writes one in a new
     workdir nor replaces a resumed run's (which made the next, corrected run print 'note: the config differs')."""
-    config = tiny_config(str(data_dir), total_steps=2, **overrides(data_dir))
+    config = tiny_config(str(data_dir), **{"total_steps": 2, **overrides(data_dir)})
     with pytest.raises(ValueError, match=message):
         train.train(config, str(tmp_path / "new"))
     assert not (tmp_path / "new").exists()  # nothing written: no config.json, no empty checkpoints/

@@ -69,17 +69,17 @@ def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
 
 def check_intervals(config: ml_collections.ConfigDict) -> None:
     """Step intervals that the loop divides by must be positive (eval_every_steps 0 = only at the end), and
-    eval.max_clips not negative (0 = every clip; -1 dropped each evaluation set's last clip)."""
+    eval.max_clips and total_steps not negative (0 = every clip; 0 = from epochs: -1 ran `epochs` silently)."""
     bad = [f"{key}={config[key]}" for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
            if config[key] < 1]
-    if config.eval_every_steps < 0:
-        bad.append(f"eval_every_steps={config.eval_every_steps}")
-    if config.eval.max_clips < 0:
-        bad.append(f"eval.max_clips={config.eval.max_clips}")
+    for key, value in (("eval_every_steps", config.eval_every_steps), ("eval.max_clips", config.eval.max_clips),
+                       ("total_steps", config.total_steps)):
+        if value < 0:
+            bad.append(f"{key}={value}")
     if bad:
         raise ValueError(
             f"config: {', '.join(bad)}; these must be ≥ 1 (eval_every_steps ≥ 0: 0 = only at the end; "
-            "eval.max_clips ≥ 0: 0 = every clip)"
+            "eval.max_clips ≥ 0: 0 = every clip; total_steps ≥ 0: 0 = from epochs)"
         )
 
 
