@@ -238,7 +238,7 @@ def test_init_from_stage1_workdir_restores_buffers(tmp_path):
         checkpoint.apply_init_from(train_step.init_state(setup, seed=1), setup)
 
 
-def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):
+def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir, capsys):
     stage1 = tiny_config(str(data_dir), total_steps=2, **{"optim.mode": "lora"})
     train.train(stage1, str(tmp_path / "stage1"))
     saved = checkpoint.read_workdir_state(tmp_path / "stage1", items=("params",))[0]["params"]
@@ -257,6 +257,10 @@ def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir):
     for key in expected:
         np.testing.assert_allclose(loaded[key], expected[key], rtol=1e-6, atol=1e-7, err_msg=key)
     assert int(state["step"]) == 0  # a new stage starts its own schedule
+    # The trainer's start says what it loaded.
+    capsys.readouterr()
+    train.initial_state(setup, checkpoint.Checkpoints(tmp_path / "stage2", keep=1, every=1), data=None)
+    assert f"initialised from init_from.workdir={tmp_path / 'stage1'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name", ["wavlink_base", "wavlink_small", "wavlink_large"])

@@ -97,6 +97,17 @@ def test_url_workdirs_are_refused_before_anything_is_written(tmp_path, data_dir,
     assert not any(tmp_path.iterdir())
 
 
+def test_a_workdir_that_is_a_file_or_missing_is_named(tmp_path, data_dir):
+    """A file as workdir was `[Errno 17] File exists`; a missing workdir read back was 'no config.json'."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match=rf"workdir {notes} is a file; a workdir is a directory"):
+        train.train(tiny_config(str(data_dir)), str(notes))
+    assert notes.read_text() == "mine"
+    with pytest.raises(checkpoint.CheckpointError, match=rf"{tmp_path / 'gone'}: no such directory"):
+        checkpoint.read_workdir_state(tmp_path / "gone")
+
+
 def test_cli_reports_a_bad_choice_before_tracing_as_one_error_line(tmp_path, data_dir):
     """Any ValueError of the trainer (here train_step.build's check of config.remat) is one `error:` line."""
     import subprocess

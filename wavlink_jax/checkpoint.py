@@ -46,15 +46,18 @@ TENSORSTORE_READ_FAILURES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILE
 
 def workdir_path(workdir: str | os.PathLike) -> str:
     """`workdir` as an absolute path (orbax refuses relative ones; `~` expanded, which the shell does not do in
-    `--workdir=~/run`). URLs (gs://…) are refused: config.json,
-    metrics.jsonl and TensorBoard go through plain file I/O, which would write them to a local `gs:/…` folder."""
+    `--workdir=~/run`). A file is refused, and so are URLs (gs://…): config.json, metrics.jsonl and TensorBoard
+    go through plain file I/O, which would write them to a local `gs:/…` folder."""
     workdir = os.fspath(workdir)
     if "://" in workdir:
         raise ValueError(
             f"workdir {workdir!r}: URLs are not supported; mount the bucket (e.g. with gcsfuse) and give the mounted "
             "path (on a multi-host run, one every host sees)"
         )
-    return os.path.abspath(os.path.expanduser(workdir))
+    path = os.path.abspath(os.path.expanduser(workdir))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"workdir {path} is a file; a workdir is a directory (new, or a run's)")
+    return path
 
 
 def checkpoint_dir(workdir: str | os.PathLike) -> str:
@@ -295,6 +298,8 @@ def read_workdir_state(
         raise ValueError(f"read_workdir_state: items {unknown} are not in a train state; it holds {list(STATE_ITEMS)}")
     workdir = Path(workdir_path(workdir))
     config_file = workdir / "config.json"
+    if not workdir.is_dir():
+        raise CheckpointError(f"{workdir}: no such directory; expected a training workdir")
     if not config_file.exists():
         raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")
     config = json.loads(config_file.read_text())

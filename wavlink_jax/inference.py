@@ -93,8 +93,8 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
     except CheckpointError as err:
         raise CheckpointError(
             f"{workdir}: the run's tokenizer {config.data.tokenizer!r} (config.data.tokenizer in config.json) "
-            f"cannot be found from here ({err}); run from the directory the run was started in, or use an export "
-            "of the run (python -m wavlink_jax.export), which holds a copy of the tokenizer"
+            f"cannot be found from here ({err}); run from the directory the run was started in (an export made "
+            "there, python -m wavlink_jax.export, holds a copy of the tokenizer and loads from anywhere)"
         ) from err
     return LoadedModel(
         model=model,
@@ -151,7 +151,9 @@ def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str =
     if (path / checkpoint.CHECKPOINT_SUBDIR).is_dir():
         return read_workdir(path, step, dtype=dtype)
     if step is not None:
-        raise ValueError(f"{path}: step={step} applies to training workdirs only; this is not one (no checkpoints/)")
+        raise ValueError(
+            f"{path}: a step (--step {step}) applies to training workdirs only; this is not one (no checkpoints/)"
+        )
     config_file = path / "config.json"
     if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == export.MODEL_TYPE:
         return read_exported(path, dtype=dtype)

@@ -199,12 +199,16 @@ def _say(text: str, file: TextIO | None = None) -> None:
 def initial_state(
     setup: train_step.TrainSetup, checkpoints: checkpoint.Checkpoints, data: pipeline.TrainIterator
 ) -> dict:
-    """The latest checkpoint of the workdir (data iterator moved to its position), else a fresh state."""
+    """The latest checkpoint of the workdir (data iterator moved to its position), else a fresh state (with
+    `init_from`'s weights); says which."""
     if checkpoints.latest_step() is not None:
         _say(f"resuming from {checkpoints.directory}/{checkpoints.latest_step()}")
         return checkpoints.restore(setup.abstract_state, data)
-    state = train_step.init_state(setup, setup.config.seed)
-    return checkpoint.apply_init_from(state, setup)
+    state = checkpoint.apply_init_from(train_step.init_state(setup, setup.config.seed), setup)
+    init = setup.config.init_from
+    loaded = [f"init_from.{key}={init[key]}" for key in ("workdir", "audio", "text") if init[key]]
+    _say(f"initialised from {', '.join(loaded)}" if loaded else "initialised afresh (no init_from)")
+    return state
 
 
 def _finite_or_stop(step: int, metrics: dict[str, float], checkpoints: checkpoint.Checkpoints) -> None:
