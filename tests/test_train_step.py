@@ -274,11 +274,13 @@ def test_loss_accumulation_and_multiplier_settings_are_refused_by_build(override
 
 
 @pytest.mark.parametrize(
-    "key,value", [("optim.lr_rules", ((r"^audoi/", 0.1),)), ("optim.no_decay", ("posiiton_embedding",))]
+    "key,value,nearest",
+    [("optim.lr_rules", ((r"^audoi/", 0.1),), "audio/"),
+     ("optim.no_decay", ("posiiton_embedding",), "text/position_embedding'")],
 )
-def test_parameter_patterns_that_match_nothing_are_refused(key, value):
-    """A typo in a regex rule would otherwise silently change nothing."""
-    with pytest.raises(ValueError, match=rf"config.{key}: pattern .* matches no parameter"):
+def test_parameter_patterns_that_match_nothing_are_refused(key, value, nearest):
+    """A typo in a regex rule would otherwise silently change nothing; the error shows what it probably meant."""
+    with pytest.raises(ValueError, match=rf"config.{key}: pattern .* matches no parameter; the nearest: \['{nearest}"):
         train_step.build(tiny_config(**{key: value}), one_device_mesh(), total_steps=10)
 
 

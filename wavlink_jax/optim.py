@@ -18,6 +18,7 @@ that add freeze patterns and choose where LoRA adapters go; see `training_mode`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import numbers
 import re
@@ -99,6 +100,18 @@ def _compile(patterns: Sequence[str], what: str) -> list[re.Pattern]:
     return compiled
 
 
+def nearest(pattern: str, paths: Sequence[str], count: int = 3) -> list[str]:
+    """The `count` paths sharing the most characters, in order, with `pattern` (its regex syntax dropped), shorter
+    first among equals: what a mistyped pattern probably meant."""
+    plain = re.sub(r"[\^$\\.*+?()\[\]{}|]", "", pattern)
+
+    def shared(path: str) -> int:
+        blocks = difflib.SequenceMatcher(None, plain, path, autojunk=False).get_matching_blocks()
+        return sum(block.size for block in blocks)
+
+    return sorted(paths, key=lambda path: (-shared(path), len(path), path))[:count]
+
+
 def matching(
     paths: Sequence[str], patterns: Sequence[str], what: str, trainable: Collection[str] | None = None
 ) -> set[str]:
@@ -112,7 +125,10 @@ def matching(
     for pattern in compiled:
         hits = {path for path in paths if pattern.search(path)}
         if not hits:
-            raise ValueError(f"{what}: pattern {pattern.pattern!r} matches no parameter (e.g. {sorted(paths)[:3]})")
+            raise ValueError(
+                f"{what}: pattern {pattern.pattern!r} matches no parameter; the nearest: "
+                f"{nearest(pattern.pattern, paths)}"
+            )
         if trainable is not None and hits.isdisjoint(trainable):
             raise ValueError(
                 f"{what}: pattern {pattern.pattern!r} matches only frozen parameters ({len(hits)}, e.g. "
