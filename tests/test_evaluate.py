@@ -674,6 +674,7 @@ def _good_manifest(tmp_path):
         ("airbench", ["--airbench-dir", "TMP/nowhere"], "Foundation_meta.json not found"),
         ("clotho", ["--data-dir", "TMP"], "no prepared data set 'clotho'"),
         ("good=TMP/good.jsonl", [], r"names \['good'\] more than once"),
+        ("good2=TMP/good.jsonl", ["--template", "the sound of a"], r"template 'the sound of a' must contain exactly"),
     ],
 )
 def test_cli_checks_every_data_set_before_loading_the_model(tmp_path, monkeypatch, bad_entry, options, message):

@@ -228,11 +228,16 @@ def class_embeddings(template_emb: np.ndarray) -> np.ndarray:
     return _normalize(_normalize(template_emb, "template embeddings").mean(axis=1), "class embeddings")
 
 
-def prompt_texts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
-    """Every class name in every template, class-major: `(classes × templates)` texts."""
+def check_templates(templates: Sequence[str]) -> None:
+    """Each zero-shot prompt template holds exactly one `{}`, where the class name goes."""
     for template in templates:
         if template.count("{}") != 1:
             raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
+
+
+def prompt_texts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:
+    """Every class name in every template, class-major: `(classes × templates)` texts."""
+    check_templates(templates)
     return [template.format(name) for name in class_names for template in templates]
 
 
@@ -593,11 +598,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Evaluate a workdir's checkpoint (or an exported model) on the requested data sets; returns what is
     written to `--out`.
 
-    Every data set is opened before the model is loaded (a typo in any entry costs seconds), and `--out` is
-    written again after each set, so a set that fails later keeps the finished sets' results.
+    Every data set is opened and every template checked before the model is loaded (a typo in any entry costs
+    seconds), and `--out` is written again after each set, so a set that fails later keeps the finished sets'
+    results.
     """
     from wavlink_jax import eval_tasks, inference
 
+    templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
+    check_templates(templates)
     datasets = [open_dataset(entry, args) for entry in args.datasets.split(",")]
     eval_tasks.check_set_names([name for name, _ in datasets], "--datasets")
 
@@ -615,7 +623,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         given = ",".join(map(str, dims))
         raise ValueError(f"--dims {given}: this model was trained at the sizes {trained}; choose among them")
     window_seconds = embedder.window_seconds  # the model's training window unless --window-seconds
-    templates = tuple(args.template) if args.template else DEFAULT_TEMPLATES
 
     results: dict[str, Any] = {
         "model": embedder.loaded.source,
