@@ -497,10 +497,10 @@ def test_check_command_reports_every_bad_clip(tmp_path, tokenizer):
     result = subprocess.run(command + ["--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["examples"] == 17 and report["ok"] == 8 and report["clips_per_s"] > 0
-    assert report["skipped"] == {
-        "missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1, "no_captions": 2
-    }
+    # The two caption-less clips decode: ok, and counted apart (training skips them; a label-only set is all such).
+    assert report["examples"] == 17 and report["ok"] == 10 and report["clips_per_s"] > 0
+    assert report["skipped"] == {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1}
+    assert report["without_captions"] == 2
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log
 
 
@@ -533,10 +533,22 @@ def test_check_decodes_whole_clips(tmp_path, num_workers):
     with open(manifest, "a") as lines:
         lines.write(json.dumps({"audio": "tail.wav", "captions": ["clip 0 alpha"]}) + "\n")
     report = check(str(manifest), min_seconds=0.1, num_workers=num_workers, progress=False)
-    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 2, "too_short": 1, "no_captions": 2}
-    assert report["skipped"] == expected and report["ok"] == 8 and report["examples"] == 18
-    assert report["hours"] == round(8 * 0.5 / 3600, 3)
+    expected = {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 2, "too_short": 1}
+    assert report["skipped"] == expected and report["ok"] == 10 and report["examples"] == 18
+    assert report["without_captions"] == 2 and report["hours"] == round((8 * 0.5 + 2 * 1.0) / 3600, 3)
     assert multiprocessing.active_children() == []
+
+
+def test_check_decodes_a_label_only_set(tmp_path):
+    """A classification set (ESC-50 style: labels, no captions) was reported as all `no_captions`, ok 0, and a
+    missing file in it went unreported: its audio is checked like any other."""
+    from wavlink_jax.data.__main__ import check
+
+    _manifest(tmp_path, [1, 2])
+    entries = [{"audio": f"{i}.wav", "captions": [], "label": "dog"} for i in (1, 2)]
+    entries.append({"audio": "gone.wav", "captions": [], "label": "cat"})
+    report = check(str(write_manifest(tmp_path / "labels.jsonl", entries)), min_seconds=0.1, progress=False)
+    assert report["ok"] == 2 and report["without_captions"] == 2 and report["skipped"] == {"missing": 1}
 
 
 def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokenizer):
@@ -546,6 +558,7 @@ def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokeni
     tfds_builders.build_manifest("tiny_clips", {"train": _manifest(tmp_path / "clips", range(1, 7))}, tmp_path / "tfds")
     report = check("tiny_clips", data_dir=str(tmp_path / "tfds"), min_seconds=0.1, progress=False)
     assert report["examples"] == 6 and report["ok"] == 6 and report["skipped"] == {} and report["hours"] == round(3 / 3600, 3)
+    assert report["without_captions"] == 0
     spec = {"kind": "tfds", "name": "tiny_clips", "data_dir": str(tmp_path / "tfds"), "split": "train"}
     batch = next(_iterator(pipeline.DataConfig(sources=[spec], window_seconds=WINDOW, min_seconds=0.1), tokenizer, batch=6))
     for waveform, ids, clip_id in zip(batch["waveform"], batch["input_ids"], _ids(batch["waveform"])):

@@ -7,8 +7,11 @@ SOURCE is a manifest path, or the name of a data set prepared by `wavlink_jax.da
 all. Bad clips are logged (the first 20 per reason) and counted. A tqdm progress bar goes to stderr; the last
 line on stdout is one JSON object:
 
-    {"examples": n, "ok": n_ok, "skipped": {reason: count}, "hours": audio hours of the good clips,
-     "clips_per_s": x}
+    {"examples": n, "ok": n_ok, "skipped": {reason: count}, "without_captions": n, "hours": audio hours of the
+     good clips, "clips_per_s": x}
+
+`ok` counts the clips whose audio decodes; `without_captions` those of them with no (non-blank) caption, which
+training skips (`no_captions`) and a classification set (ESC-50, US8K, VGGSound: labels only) has throughout.
 
 The exit status is 1 when no clip is usable, or when the source cannot be opened (a manifest or prepared data set
 that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check`
@@ -56,7 +59,7 @@ def check(
         from wavlink_jax.tokenizer import load_tokenizer
 
         text = load_tokenizer(tokenizer, max_length=max_text_length)
-    ok, seconds, skipped = 0, 0.0, collections.Counter()
+    ok, without_captions, seconds, skipped = 0, 0, 0.0, collections.Counter()
     start = time.perf_counter()
     records = pipeline.check_records(source, min_seconds=min_seconds, num_workers=num_workers)
     try:
@@ -66,7 +69,9 @@ def check(
                 continue
             ok += 1
             seconds += record["seconds"]
-            if text is not None:
+            if not record["captions"]:
+                without_captions += 1
+            elif text is not None:
                 text(record["captions"])
     finally:
         records.close()  # also stops the worker processes when decoding fails
@@ -76,6 +81,7 @@ def check(
         "examples": examples,
         "ok": ok,
         "skipped": dict(skipped),
+        "without_captions": without_captions,
         "hours": round(seconds / 3600, 3),
         "clips_per_s": round(examples / max(elapsed, 1e-9), 1),
     }

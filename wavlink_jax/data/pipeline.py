@@ -628,9 +628,12 @@ def check_records(
 ) -> grain.DatasetIterator:
     """Every record of an opened `source` (`open_source(spec)`) in order, its whole clip decoded (a training crop
     can miss a damaged part, so this finds what any epoch could skip): {"seconds", "captions"} or
-    {"skip": reason, "message"}. For `python -m wavlink_jax.data check`; close the iterator when done if
-    `num_workers` > 0."""
-    whole_clips = _PrepareExample(None, samples(min_seconds, sample_rate), sample_rate, train=False)
+    {"skip": reason, "message"}. A clip without captions is decoded too (classification sets have none; training
+    skips them): its "captions" are empty. For `python -m wavlink_jax.data check`; close the iterator when done
+    if `num_workers` > 0."""
+    whole_clips = _PrepareExample(
+        None, samples(min_seconds, sample_rate), sample_rate, train=False, require_captions=False
+    )
     records = grain.MapDataset.source(source).map(_CheckRecord(whole_clips))
     checked = records.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
     if num_workers > 0:
