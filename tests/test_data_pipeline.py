@@ -482,6 +482,14 @@ def test_config_schema(tmp_path):
     assert coerced.window_samples == 80000 and coerced.sources[0]["weight"] == 2.0
     with pytest.raises(ValueError, match="unknown data config keys \\['window'\\]"):
         pipeline.DataConfig.coerce({"window": 3})
+    # Settings that fed the model wrong audio (8 kHz read as 16 kHz) or failed deep in numpy are refused by name.
+    with pytest.raises(ValueError, match=r"data\.sample_rate = 8000: the audio tower's log-mel takes 16000 Hz"):
+        pipeline.DataConfig.coerce({"sample_rate": 8000})
+    for window, minimum in ((-1.0, 0.5), (0.0, 0.5), (5.0, -0.1)):
+        with pytest.raises(ValueError, match=rf"data\.window_seconds = {window}, data\.min_seconds = {minimum}"):
+            pipeline.DataConfig.coerce({"window_seconds": window, "min_seconds": minimum})
+    with pytest.raises(ValueError, match=r"^window_seconds = 0\.0, min_seconds = 0\.0"):
+        pipeline.make_eval_set("unused.jsonl", window_seconds=0.0)
     with pytest.raises(ValueError, match="no sources"):
         pipeline.make_train_iterator({}, global_batch_size=2, seed=0, tokenizer=object(), process_index=0, process_count=1)
 

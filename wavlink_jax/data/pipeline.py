@@ -90,7 +90,8 @@ class DataConfig:
                      (relative to the others' weights, a "size" counting as that source's number of records)
     window_seconds   training crop (random) / evaluation crop (head) length; shorter clips are zero-padded
     min_seconds      clips shorter than this are skipped as "too_short"
-    sample_rate      the rate everything is resampled to (Whisper: 16000)
+    sample_rate      the rate everything is resampled to: Whisper's 16000, the only one the audio tower's log-mel
+                     takes (any other is refused)
     tokenizer        directory of the tokenizer (see wavlink_jax.tokenizer.load_tokenizer)
     max_text_length  token sequence length L (captions are cut / padded to it)
     num_workers      grain worker processes per host (0 = decode in the training process)
@@ -117,6 +118,14 @@ class DataConfig:
     prefetch_buffer: int = 64
     worker_buffer: int = 2
     max_consecutive_skips: int = 1000
+
+    def __post_init__(self):
+        check_crop(self.window_seconds, self.min_seconds, where="data.")
+        if self.sample_rate != SAMPLE_RATE:
+            raise ValueError(
+                f"data.sample_rate = {self.sample_rate}: the audio tower's log-mel takes {SAMPLE_RATE} Hz audio (audio "
+                "at another rate is resampled to it when decoded); leave it at its default"
+            )
 
     @classmethod
     def coerce(cls, config: Any) -> "DataConfig":
@@ -642,6 +651,16 @@ def check_records(
     return iter(checked)
 
 
+def check_crop(window_seconds: float, min_seconds: float, where: str = "") -> None:
+    """A crop window > 0 s and a minimum clip length ≥ 0 s (`where` prefixes the names in the error): a negative
+    window failed deep in numpy and a zero one gave empty waveforms."""
+    if not window_seconds > 0 or not min_seconds >= 0:
+        raise ValueError(
+            f"{where}window_seconds = {window_seconds}, {where}min_seconds = {min_seconds}: the window must be "
+            "more than 0 s and the minimum length at least 0 s"
+        )
+
+
 def check_count_limit(name: str, limit: int | None) -> None:
     """A "keep the first N" limit (`max_clips`, `max_questions`) is None (keep all) or ≥ 1: a slice by 0 would keep
     nothing and one by -1 silently drop the last item."""
@@ -666,6 +685,7 @@ def make_eval_set(
     line per caption); `max_clips` counts merged clips. Memory: num_clips × window_seconds × sample_rate × 4 bytes.
     """
     check_count_limit("max_clips", max_clips)
+    check_crop(window_seconds, min_seconds)
     records = open_source(source)
     if isinstance(records, ManifestSource):
         records = records.clips()
