@@ -312,6 +312,11 @@ def test_manifest_build_of_other_manifests_under_an_existing_name_is_refused(tmp
         tb.main(["manifest", "--manifest", str(other), "--name", "my_clips", "--data-dir", str(data),
                  "--num-workers", "0"])
     assert str(exit_info.value.code).startswith(f"error: {folder} holds data set 'my_clips'")
+    with pytest.raises(SystemExit) as exit_info:  # a split given twice kept only the last manifest
+        tb.main(["manifest", "--manifest", str(first), "--manifest", str(other), "--name", "twice",
+                 "--data-dir", str(data), "--num-workers", "0"])
+    assert str(exit_info.value.code).startswith(f"error: --manifest: split 'train' is given twice ({first} and {other})")
+    assert not tb.prepared_path("twice", data).exists()
 
 
 def test_entries_sharing_an_id_must_be_one_clip(tmp_path):

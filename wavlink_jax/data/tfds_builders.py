@@ -861,6 +861,20 @@ def _parse_manifest_argument(value: str) -> tuple[str, str]:
     return (split, path) if sep and re.fullmatch(r"\w+", split) else ("train", value)
 
 
+def _manifests_by_split(arguments: Sequence[str]) -> dict[str, str]:
+    """`--manifest [SPLIT=]PATH` arguments → {split: path}; a split given twice is refused (the last one silently
+    replaced the first)."""
+    manifests: dict[str, str] = {}
+    for split, path in map(_parse_manifest_argument, arguments):
+        if split in manifests:
+            raise ValueError(
+                f"--manifest: split {split!r} is given twice ({manifests[split]} and {path}); one manifest per split "
+                "(merge the two files into one, or give one another split name with SPLIT=PATH)"
+            )
+        manifests[split] = path
+    return manifests
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m wavlink_jax.data.tfds_builders",
@@ -890,7 +904,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 args.name, args.manual_dir, args.data_dir, num_workers=args.num_workers, compress=args.compress
             )
         else:
-            manifests = dict(map(_parse_manifest_argument, args.manifest))
+            manifests = _manifests_by_split(args.manifest)
             result = build_manifest(
                 args.name, manifests, args.data_dir, num_workers=args.num_workers, compress=args.compress
             )
