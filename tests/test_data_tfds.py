@@ -216,7 +216,8 @@ def check_prepared(name, data_dir, expected, skipped):
         assert source.build_skipped == skipped[split]
     summary = tb.summary(name, data_dir)
     assert summary["splits"] == {split: len(clips) for split, clips in expected.items()}
-    assert summary["skipped"] == skipped
+    clips_only = {split: {k: n for k, n in counts.items() if k != "blank_captions"} for split, counts in skipped.items()}
+    assert summary["skipped"] == clips_only
 
 
 @pytest.mark.parametrize("name", sorted(FAKES))
@@ -243,6 +244,7 @@ def test_blank_captions_are_dropped_and_counted(tmp_path):
     first.captions = [c for c in first.captions if c not in (first.captions[2], first.captions[4])]
     result = tb.build("clotho", manual, tmp_path / "data")
     assert result["blank_captions"] == {"train": 0, "validation": 2, "test": 0}
+    skipped["validation"] = {**skipped["validation"], "blank_captions": 2}
     check_prepared("clotho", tmp_path / "data", expected, skipped)
 
 
@@ -260,6 +262,7 @@ def test_manifest_command(tmp_path):
         {"audio": "clips/0.flac", "captions": ["a second caption"], "label": "low"},  # same id: merged
         {"audio": str(clips / "1.flac"), "captions": ["high tone"], "id": "high", "fold": 3},
         {"audio": "clips/nowhere.flac", "captions": ["gone"]},
+        {"audio": str(clips / "1.flac"), "captions": ["  "], "id": "high", "fold": 3},  # a blank caption: dropped
     ])
     test = sources.write_manifest(tmp_path / "eval" / "test.jsonl", [{"audio": "../clips/2.flac", "captions": []}])
     result = tb.main(["manifest", "--manifest", str(train), "--manifest", f"test={test}",
@@ -269,8 +272,12 @@ def test_manifest_command(tmp_path):
                   "high": Expected(f2, ["high tone"], fold=3)},
         "test": {"../clips/2.flac": Expected(f3, [])},
     }
-    check_prepared("my_clips", tmp_path / "data", expected, {"train": {"missing": 1}, "test": {}})
+    check_prepared("my_clips", tmp_path / "data", expected, {"train": {"missing": 1, "blank_captions": 1}, "test": {}})
     assert result["splits"] == {"train": 2, "test": 1}
+    # An evaluation on the prepared split counts what its build left out, as one on the manifest does.
+    spec = {"kind": "tfds", "name": "my_clips", "data_dir": str(tmp_path / "data"), "split": "train"}
+    prepared, direct = (pipeline.make_eval_set(s, window_seconds=1.0).skip_counts for s in (spec, train))
+    assert prepared == direct and prepared["missing"] == 1 and prepared["blank_captions"] == 1
     source = sources.open_source({"kind": "tfds", "name": "my_clips", "data_dir": str(tmp_path / "data"),
                                   "split": "train"})
     clone = pickle.loads(pickle.dumps(source))  # grain workers receive the source pickled

@@ -699,6 +699,8 @@ def make_eval_set(
     skipped = [e for e in elements if "skip" in e]
     skip_counts = dict(zip(SKIP_REASONS, map(int, _skip_vector(skipped))))
     skip_counts["blank_captions"] = sum(e["blank_captions"] for e in good)
+    for reason, count in getattr(records, "build_skipped", {}).items():  # a prepared set: left out by its build
+        skip_counts[reason] = skip_counts.get(reason, 0) + count
     if not good:
         last = f"; the last: {skipped[-1]['message']}" if skipped else ""
         raise DataError(

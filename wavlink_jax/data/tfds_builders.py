@@ -785,7 +785,8 @@ class PreparedSource:
     """One split of a prepared data set as a grain random-access source of `sources.Record`s (+ `fold`).
 
     `audio` is the stored 16 kHz int16 array (`sample_rate` 16000). Picklable: worker processes reopen the
-    files. `build_skipped` holds the clips skipped when the split was built ({reason: count}).
+    files. `build_skipped` holds what was left out when the split was built: clips by reason ({reason: count})
+    and blank captions (`blank_captions`, when there were any), as an evaluation set's `skip_counts` counts them.
     """
 
     def __init__(self, path: str | os.PathLike, split: str):
@@ -803,7 +804,10 @@ class PreparedSource:
                     f"{prepared}. Add its audio, delete {self.path} and build again"
                 )
             raise ValueError(f"{self.path}: no split {split!r}; prepared splits: {prepared}")
-        self.build_skipped = dict(builder.info.metadata.get("skipped", {}).get(base_split, {}))
+        metadata = builder.info.metadata
+        self.build_skipped = dict(metadata.get("skipped", {}).get(base_split, {}))
+        if metadata.get("blank_captions", {}).get(base_split):
+            self.build_skipped["blank_captions"] = metadata["blank_captions"][base_split]
         self._records = builder.as_data_source(split)
 
     def __len__(self) -> int:
