@@ -65,13 +65,20 @@ import math
 import numbers
 import os
 import zlib
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
 
 from wavlink_jax.data.audio_io import LOGGED_PER_REASON, SAMPLE_RATE, SKIP_REASONS, BadAudio, load_audio, samples
 from wavlink_jax.data.sources import ManifestSource, Source, open_source
+
+if TYPE_CHECKING:
+    import jax
+    import ml_collections
+
+# Captions → (input_ids, attention_mask), each (N, L) int32: `wavlink_jax.tokenizer.Tokenizer` or any such callable.
+CaptionTokenizer = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]
 
 logger = logging.getLogger(__name__)
 _logged = collections.Counter()
@@ -157,7 +164,7 @@ def source_spec(spec: Any) -> Any:
     return dict(spec) if isinstance(spec, Mapping) else spec
 
 
-def default_data_config():
+def default_data_config() -> ml_collections.ConfigDict:
     """`DataConfig`'s defaults as an `ml_collections.ConfigDict`, for `configs/*.py` (`config.data = ...`).
     `sources` is a tuple: `--config.data.sources=...` can override a tuple, not a list."""
     import ml_collections
@@ -272,7 +279,7 @@ class _FillBatchesIterator(grain.DatasetIterator):
         parent: grain.DatasetIterator,
         batch_size: int,
         window_samples: int,
-        tokenizer,
+        tokenizer: CaptionTokenizer | None,
         max_consecutive_skips: int,
         sources: Sequence[tuple[str, str]],
     ):
@@ -343,7 +350,7 @@ class _FillBatches(grain.IterDataset):
         parent: grain.IterDataset,
         batch_size: int,
         window_samples: int,
-        tokenizer,
+        tokenizer: CaptionTokenizer | None,
         max_consecutive_skips: int,
         sources: Sequence[tuple[str, str]],
     ):
@@ -493,7 +500,7 @@ def _open_sources(specs: Sequence[Any]) -> list[tuple[Source, float]]:
 def build_train_dataset(
     config: DataConfig | Any,
     *,
-    tokenizer,
+    tokenizer: CaptionTokenizer | None,
     batch_size: int,
     seed: int,
     num_epochs: int | None = None,
@@ -533,7 +540,7 @@ def make_train_iterator(
     *,
     global_batch_size: int,
     seed: int,
-    tokenizer=None,
+    tokenizer: CaptionTokenizer | None = None,
     num_epochs: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
@@ -568,7 +575,7 @@ def make_train_iterator(
 
 
 def to_global_batch(
-    local_batch: Mapping[str, np.ndarray], mesh, batch_axes: str | Sequence[str] | None = None
+    local_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh, batch_axes: str | Sequence[str] | None = None
 ) -> dict:
     """This host's batch → global `jax.Array`s, dimension 0 sharded over the mesh's `batch_axes` (default: the
     train step's, `wavlink_jax.sharding.BATCH_AXES`).
