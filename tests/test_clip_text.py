@@ -227,6 +227,10 @@ def test_clip_text_model_needs_an_explicit_new_projection(tmp_path):
     assert _max_diff(out.hidden_states, expected.last_hidden_state.numpy()) <= TOL
     assert _max_diff(out.pooled, expected.pooler_output.numpy()) <= TOL
     assert out.embedding.shape == (2, SMALL["projection_dim"])
+    with_projection = _reference(config, 1)
+    _save(with_projection, tmp_path / "projected", "safetensors")
+    with pytest.raises(CheckpointError, match="pretrained text_projection.weight; new_projection=True is for CLIPTextModel"):
+        load_clip_text(tmp_path / "projected", new_projection=True)
 
 
 def test_bad_checkpoints_name_the_problem(tmp_path):

@@ -118,6 +118,10 @@ def test_tower_directory_is_loaded_strictly(tmp_path, whisper_source):
         load_whisper(out)
     with pytest.raises(CheckpointError, match="no tower.json"):
         load_tower(tmp_path)
+    description["kind"], description["config"]["n_mel"] = "whisper", 80  # a field WhisperConfig does not have
+    (out / "tower.json").write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match=rf"{out / 'tower.json'}: its config is not one of a whisper tower .*n_mel"):
+        load_whisper(out)
 
 
 def test_clip_text_cli(tmp_path):

@@ -368,6 +368,11 @@ def test_export_tower_refuses_a_non_empty_directory_unless_overwrite(exported, t
     assert json.loads((out / "config.json").read_text())["model_type"] == "whisper"
 
 
+def test_export_tower_of_a_training_workdir_says_to_export_first(trained, tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{trained}: a training workdir: export it first"):
+        export.export_tower(trained, "audio", tmp_path / "tower")
+
+
 @pytest.mark.parametrize("damage", ["no_state", "empty_step", "cut_metadata"])
 def test_a_damaged_checkpoint_step_is_named_with_the_way_out(trained, tmp_path, damage):
     """A step directory that lost its state/, an empty step directory, or a state/_METADATA cut short: readers

@@ -393,6 +393,37 @@ def test_checkpoint_missing_or_extra_encoder_key(tmp_path, small_model):
     assert "decoder" not in message
 
 
+def test_mis_shaped_weights_are_listed_in_the_checkpoints_layout(tmp_path, small_model):
+    """A weight of another rank was numpy's 'axes don't match array' with no key; a mis-shaped one was shown in
+    our (transposed) layout as if it were the checkpoint's."""
+    small_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["encoder.conv1.weight"] = weights["encoder.conv1.weight"][:, :, 0].contiguous()  # 2-D, not 3-D
+    weights["encoder.layers.0.fc1.weight"] = weights["encoder.layers.0.fc1.weight"][:-1].contiguous()
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError) as error:
+        load_whisper(tmp_path)
+    message = str(error.value)
+    assert "shape mismatches (2)" in message
+    assert "encoder.conv1.weight: checkpoint (64, 80) vs model (3, 80, 64)" in message
+    assert "encoder.layers.0.fc1.weight: checkpoint (255, 64) (in our layout (64, 255)) vs model (64, 256)" in message
+
+
+def test_corrupt_json_files_are_named(tmp_path, small_model):
+    small_model.save_pretrained(tmp_path / "cut", max_shard_size="200KB")
+    index = tmp_path / "cut" / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:40])
+    with pytest.raises(CheckpointError, match=rf"{index}: not valid JSON"):
+        load_whisper(tmp_path / "cut")
+    index.write_text("{}")
+    with pytest.raises(CheckpointError, match=rf"{index}: no 'weight_map'"):
+        load_whisper(tmp_path / "cut")
+    config = tmp_path / "cut" / "config.json"
+    config.write_text("{bad")
+    with pytest.raises(CheckpointError, match=rf"{config}: not valid JSON"):
+        load_whisper(tmp_path / "cut")
+
+
 def test_openai_checkpoint_missing_key(tmp_path, small_model):
     _write_openai_checkpoint(small_model, tmp_path / "broken.pt", drop="encoder.blocks.1.mlp.0.weight")
     with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['encoder.blocks.1.mlp.0.weight'\]"):

@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from wavlink_jax import train_step
-from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.convert.common import CheckpointError, read_json
 from wavlink_jax.data.pipeline import WorkersMismatch
 from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
@@ -302,7 +302,7 @@ def read_workdir_state(
         raise CheckpointError(f"{workdir}: no such directory; expected a training workdir")
     if not config_file.exists():
         raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")
-    config = json.loads(config_file.read_text())
+    config = read_json(config_file)
     from wavlink_jax.export import MODEL_TYPE as EXPORTED_MODEL_TYPE
 
     if config.get("model_type") == EXPORTED_MODEL_TYPE:

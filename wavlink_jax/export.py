@@ -44,6 +44,7 @@ from wavlink_jax.convert.common import (
     Transform,
     identity,
     read_hf_config,
+    read_hf_directory,
     transpose,
     write_safetensors,
 )
@@ -267,6 +268,19 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | No
     return out
 
 
+def read_export_config(directory: Path) -> dict:
+    """config.json of a directory written by `export_model`; anything else (a training workdir, another model)
+    is a CheckpointError saying what it is and what to give."""
+    config = read_hf_config(directory)
+    if config.get("model_type") != MODEL_TYPE:
+        workdir = (directory / "checkpoints").is_dir()
+        what = "a training workdir: export it first (python -m wavlink_jax.export)" if workdir else (
+            f"config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}"
+        )
+        raise CheckpointError(f"{directory}: {what}; expected a directory written by python -m wavlink_jax.export")
+    return config
+
+
 def export_tower(
     export_dir: str | os.PathLike, tower: str, out: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
@@ -277,19 +291,13 @@ def export_tower(
     token is not part of Whisper; it stays in the WavLink directory). `text`: a `CLIPTextModelWithProjection`.
     `out` must be new or empty, as for `export_model`; `overwrite` replaces a previous tower export there.
     """
-    from safetensors.numpy import load_file
-
     if tower not in TOWER_PREFIXES:
         raise ValueError(f"tower must be one of {sorted(TOWER_PREFIXES)}, got {tower!r}")
     export_dir, out = Path(export_dir).expanduser(), Path(out).expanduser()
     check_output(out, overwrite=overwrite, model_types=TOWER_MODEL_TYPES)
-    config = read_hf_config(export_dir)
-    if config.get("model_type") != MODEL_TYPE:
-        raise CheckpointError(
-            f"{export_dir}: config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}"
-        )
+    config = read_export_config(export_dir)
     prefix = TOWER_PREFIXES[tower]
-    weights = load_file(str(export_dir / WEIGHTS_FILE))
+    weights = read_hf_directory(export_dir)
     tower_weights = {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
     tower_config = dict(config[f"{tower}_config"])
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -38,8 +37,8 @@ from wavlink_jax import audio, checkpoint, export, sharding, train_step
 from wavlink_jax.convert.common import (
     CheckpointError,
     assign_strict,
-    read_hf_config,
     read_hf_directory,
+    read_json,
     resolve_source,
 )
 from wavlink_jax.data import audio_io
@@ -122,12 +121,7 @@ def exported_model_config(hf_config: dict, *, dtype: str = "float32") -> WavLink
 def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
     """The model of a directory written by `wavlink_jax.export` (strict: every tensor used, none missing)."""
     directory = Path(directory)
-    hf_config = read_hf_config(directory)
-    if hf_config.get("model_type") != export.MODEL_TYPE:
-        raise CheckpointError(
-            f"{directory}: config.json has model_type {hf_config.get('model_type')!r}, not {export.MODEL_TYPE!r}; "
-            "expected a directory written by python -m wavlink_jax.export"
-        )
+    hf_config = export.read_export_config(directory)
     config = exported_model_config(hf_config, dtype=dtype)
     model = nnx.eval_shape(lambda: WavLink(config, rngs=nnx.Rngs(0)))
     assign_strict(model, read_hf_directory(directory), export.name_map(config), source=str(directory))
@@ -155,7 +149,7 @@ def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str =
             f"{path}: a step (--step {step}) applies to training workdirs only; this is not one (no checkpoints/)"
         )
     config_file = path / "config.json"
-    if config_file.exists() and json.loads(config_file.read_text()).get("model_type") == export.MODEL_TYPE:
+    if config_file.exists() and read_json(config_file).get("model_type") == export.MODEL_TYPE:
         return read_exported(path, dtype=dtype)
     raise CheckpointError(
         f"{path}: neither a training workdir (config.json + checkpoints/) nor an exported WavLink directory "

@@ -107,6 +107,12 @@ def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPText
             "projection: load the CLIPModel or CLIPTextModelWithProjection checkpoint of the same model, or pass "
             "new_projection=True to start the projection from random initialisation"
         )
+    if new_projection and PROJECTION_KEY in weights:
+        raise CheckpointError(
+            f"{source}: holds CLIP's pretrained {PROJECTION_KEY}; new_projection=True is for CLIPTextModel "
+            "checkpoints, which have none: leave it False to use this one"
+        )
+
     def build() -> CLIPTextEncoder:
         return CLIPTextEncoder(config, rngs=nnx.Rngs(0))
 

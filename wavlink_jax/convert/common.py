@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -114,7 +114,10 @@ def read_hf_directory(directory: Path, skip: NameFilter | None = None) -> dict[s
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_file = directory / index_name
         if index_file.exists():
-            shards = sorted(set(json.loads(index_file.read_text())["weight_map"].values()))
+            weight_map = read_json(index_file).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_file}: no 'weight_map' (tensor name → shard file); replace the file")
+            shards = sorted(set(weight_map.values()))
             weights: dict[str, np.ndarray] = {}
             for shard in shards:
                 weights.update(read_weight_file(directory / shard, skip))
@@ -152,11 +155,20 @@ def _umask() -> int:
     return umask
 
 
+def read_json(path: Path) -> Any:
+    """A JSON file's contents; a file that is not valid JSON is a CheckpointError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err}); the file may be cut short: replace it") from err
+
+
 def read_hf_config(directory: Path) -> dict:
+    """`directory/config.json` of a Hugging Face model directory."""
     config_file = directory / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
-    return json.loads(config_file.read_text())
+    return read_json(config_file)
 
 
 # transformers' self-attention Linears (Whisper and CLIP name them alike) → our `EncoderBlock.attn` parts.
@@ -218,11 +230,15 @@ def assign_strict(
             raise KeyError(f"converter bug: {path} is not a variable of {type(module).__name__}")
         if torch_name not in weights:
             continue
-        value = transform(weights[torch_name])
-        target = params[path]
+        raw, target = weights[torch_name], params[path]
         current = target.get_value()
-        if value.shape != current.shape:
-            mismatched.append(f"{torch_name}: checkpoint {value.shape} vs model {current.shape}")
+        try:
+            value = transform(raw)
+        except ValueError:  # e.g. a transpose of an array of another rank
+            value = None
+        if value is None or value.shape != current.shape:
+            ours = "" if value is None or value.shape == raw.shape else f" (in our layout {value.shape})"
+            mismatched.append(f"{torch_name}: checkpoint {raw.shape}{ours} vs model {current.shape}")
             continue
         target.set_value(jnp.asarray(value, dtype=current.dtype))
     missing = sorted(set(mapping) - set(weights))

@@ -93,7 +93,10 @@ def read_tower_module(
     random init of weights that are overwritten anyway) and every variable except the paths in `skip` is filled
     strictly from the saved state. Returns the module and the state (for the caller's use of `skip` entries)."""
     _, config, state = load_tower(directory, kind=kind)
-    module = nnx.eval_shape(lambda: build(config))
+    try:
+        module = nnx.eval_shape(lambda: build(config))
+    except (TypeError, ValueError) as err:  # an unknown or missing field, a value out of range
+        raise CheckpointError(f"{directory / TOWER_FILE}: its config is not one of a {kind} tower ({err})") from err
     assign_tower_state(module, state, source=str(directory), skip=skip)
     return module, state
 
