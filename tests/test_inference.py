@@ -159,7 +159,7 @@ def test_embed_cli_similarity_matrix(run, embedder, clips, capsys):
     assert lines[3:] == ["[0] a burst of noise", "[1] a tone"]
 
 
-def test_embed_cli_index_and_search(run, embedder, clips, tmp_path, capsys):
+def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, capsys):
     index_file = tmp_path / "clips.npz"
     embed.main(["--model", str(run[0]), "--index", str(clips), "--out", str(index_file)])
     captured = capsys.readouterr()
@@ -185,6 +185,17 @@ def test_embed_cli_index_and_search(run, embedder, clips, tmp_path, capsys):
         assert (int(got_rank), got_path) == (rank, index["paths"][i])
         assert abs(float(got_score) - scores[i]) < 1e-4
 
+    # The model is checked by its embeddings of a probe tone and text: the run's export is the same model, the
+    # run's step 2 (one LoRA step earlier, the same embedding size) is not, and was searched without a word.
+    full_scores = index["embeddings"] @ embedder.embed_text([query])[0]
+    expected = [index["paths"][i] for i in np.argsort(-full_scores, kind="stable")[:3]]
+    assert [hit.path for hit in embed.search(index, inference.load(exported), query, 3)] == expected
+    with pytest.raises(SystemExit, match=rf"^error: the index was built with another model \({run[0]}, step 3\)"):
+        embed.main(["--index-file", str(index_file), "--model", str(run[0]), "--step", "2", "--query", query])
+    with pytest.raises(SystemExit):  # --step alone would be ignored: the index names its model and step
+        embed.main(["--index-file", str(index_file), "--step", "2", "--query", query])
+    assert "--step needs --model (the index was built with" in capsys.readouterr().err
+
 
 def test_embed_cli_usage_errors(run, tmp_path):
     with pytest.raises(SystemExit):
@@ -207,3 +218,5 @@ def test_embed_cli_checks_the_index_file_before_loading_the_model(tmp_path, monk
                          (tmp_path, "a directory; give the index file's name")):
         with pytest.raises(SystemExit, match=message):
             embed.main(["--model", str(tmp_path), "--index", str(tmp_path), "--out", str(out)])
+    with pytest.raises(SystemExit, match=rf"{tmp_path / 'gone'}: not a directory"):  # the folder, too
+        embed.main(["--model", str(tmp_path), "--index", str(tmp_path / "gone"), "--out", str(tmp_path / "x.npz")])

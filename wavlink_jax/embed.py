@@ -14,7 +14,10 @@ size D everywhere (the index keeps full-size embeddings, so it serves every size
 
 The index is a NumPy `.npz`: `embeddings` (N, E) float32 L2-normalised, `paths` (relative to `folder`),
 `folder`, `model` (absolute path), `step` (the workdir checkpoint step that was read, the latest unless `--step`;
--1 for an exported directory), `skipped` ("path<TAB>reason: message" lines, one per unreadable file).
+-1 for an exported directory), `skipped` ("path<TAB>reason: message" lines, one per unreadable file),
+`probe_audio` and `probe_text` (the model's embeddings of a fixed tone and text) and `probe_setting` (the compute
+dtype and window they were made with): a search with the same setting refuses a model that embeds them otherwise,
+i.e. other weights, even of the same size (a workdir and its export embed them alike).
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64"}
 )
 DECODE_THREADS = 4
+PROBE_TEXT = "a probe of the model an index was built with"
+PROBE_TOLERANCE = 1e-3  # the same weights agree to ~1e-7 (workdir vs its export); one LoRA step moved them 2e-2
 
 
 @dataclasses.dataclass
@@ -88,6 +93,38 @@ def check_index_file(out: str | os.PathLike) -> None:
         raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist; create it first")
 
 
+def _probe_setting(embedder: inference.Embedder) -> str:
+    return f"{embedder.config.audio.dtype} {embedder.window_samples}"
+
+
+def probe_embeddings(embedder: inference.Embedder) -> dict[str, np.ndarray]:
+    """The model's full-size embeddings of a fixed 440 Hz tone (its window long) and of `PROBE_TEXT`, and the
+    setting they depend on besides the weights: what identifies the weights an index was built with, both towers
+    (one may have been frozen in training)."""
+    tone = 0.1 * np.sin(2 * np.pi * 440 * np.arange(embedder.window_samples) / 16000).astype(np.float32)
+    return {
+        "probe_audio": embedder.embed_audio([tone])[0],
+        "probe_text": embedder.embed_text([PROBE_TEXT])[0],
+        "probe_setting": np.array(_probe_setting(embedder)),
+    }
+
+
+def check_same_model(index: dict[str, np.ndarray], embedder: inference.Embedder) -> None:
+    """Refuse to search `index` with a model other than the one it was built with. Not checked: indexes written
+    before the probes existed, and a search in another dtype or window than the index's (the probes differ)."""
+    if "probe_setting" not in index or str(index["probe_setting"]) != _probe_setting(embedder):
+        return
+    probes = {name: value for name, value in probe_embeddings(embedder).items() if name != "probe_setting"}
+    difference = max(float(np.max(np.abs(index[name] - value))) for name, value in probes.items())
+    if difference > PROBE_TOLERANCE:
+        step = int(index["step"])
+        raise ValueError(
+            f"the index was built with another model ({index['model']}{'' if step < 0 else f', step {step}'}): "
+            f"this one embeds the probe tone and text {difference:.3f} apart; search with that model (leave out "
+            "--model and --step), or rebuild the index with this one"
+        )
+
+
 def build_index(
     embedder: inference.Embedder, folder: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True
 ) -> IndexReport:
@@ -123,6 +160,7 @@ def build_index(
             model=np.array(str(loaded.path.resolve())),
             step=np.array(-1 if loaded.step is None else loaded.step),
             skipped=np.array([f"{path}\t{reason}" for path, reason in skipped], dtype=str),
+            **probe_embeddings(embedder),
         )
     return IndexReport(indexed=len(paths), skipped=skipped, ignored=ignored)
 
@@ -145,13 +183,15 @@ def read_index(index_file: str | os.PathLike) -> dict[str, np.ndarray]:
 def search(
     index: dict[str, np.ndarray], embedder: inference.Embedder, query: str, top_k: int, dim: int | None = None
 ) -> list[Hit]:
-    """The `top_k` clips of `index` most similar to `query` (cosine), best first."""
+    """The `top_k` clips of `index` most similar to `query` (cosine), best first. `embedder` must be the model
+    the index was built with (checked: the embedding size, and the probes where the index has them)."""
     clips = index["embeddings"]
     if clips.shape[1] != embedder.config.embed_dim:
         raise ValueError(
             f"the index holds {clips.shape[1]}-d embeddings but the model makes {embedder.config.embed_dim}-d ones; "
             "query with the model the index was built with"
         )
+    check_same_model(index, embedder)
     query_embedding = embedder.embed_text([query], dim=dim)[0]  # refuses a dim that is not a trained size
     scores = (clips if dim is None else truncate_normalize(clips, dim)) @ query_embedding
     order = np.argsort(-scores, kind="stable")[:top_k]
@@ -228,7 +268,10 @@ def main(argv: list[str] | None = None) -> None:
         if args.index or args.out:
             if not (args.index and args.out and args.model):
                 parser.error("--index needs --model and --out")
+            if args.dim is not None:
+                parser.error("--dim applies to searching and --audio/--text; an index keeps full-size embeddings")
             check_index_file(args.out)
+            audio_files(args.index)  # a folder that is not there is refused before the model is loaded
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
             report = build_index(embedder, args.index, args.out)
             for path, reason in report.skipped:
@@ -241,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
             if args.top_k < 1:
                 parser.error(f"--top-k must be at least 1, got {args.top_k}")
             index = read_index(args.index_file)
+            if args.step is not None and not args.model:
+                built = f"{index['model']}, step {int(index['step'])}"
+                parser.error(f"--step needs --model (the index was built with {built})")
             step = args.step if args.model else (None if int(index["step"]) < 0 else int(index["step"]))
             embedder = inference.load(args.model or str(index["model"]), step, batch_size=args.batch_size)
             for query in args.query:
