@@ -453,3 +453,31 @@ def test_non_whisper_sources_are_clear_errors(tmp_path, small_model):
 
     with pytest.raises(CheckpointError, match="neither a local path nor a reachable Hugging Face hub id"):
         load_whisper("openai/whisper-not-downloaded-here")
+
+
+@pytest.mark.parametrize("repo_files, downloads", [
+    (["config.json", "model.safetensors", "pytorch_model.bin", "model.fp32-00001-of-00002.safetensors"], 1),
+    (["config.json", "pytorch_model.bin"], 2),
+])
+def test_hub_downloads_fetch_one_copy_of_the_weights(tmp_path, monkeypatch, repo_files, downloads):
+    """A repo with safetensors and .bin weights (and fp32 copies) was downloaded whole: each copy, GBs for large-v3."""
+    import fnmatch
+
+    import huggingface_hub
+
+    from wavlink_jax.convert.common import resolve_source
+
+    calls = []
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls.append(allow_patterns)
+        for name in repo_files:
+            if any(fnmatch.fnmatch(name, pattern) for pattern in allow_patterns):
+                (tmp_path / name).write_text("x")
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_source("openai/whisper-tiny") == tmp_path and len(calls) == downloads
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["config.json", "model.safetensors"] if downloads == 1 else ["config.json", "pytorch_model.bin"]
+    )

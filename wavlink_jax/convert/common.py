@@ -33,8 +33,13 @@ def transpose(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.T)
 
 
+HUB_SAFETENSORS = ("model.safetensors", "model-*-of-*.safetensors")  # whisper-large-v3 also has model.fp32-*
+
+
 def resolve_source(source: str | os.PathLike) -> Path:
-    """A local file or directory as is; otherwise a Hugging Face hub id, downloaded when online."""
+    """A local file or directory as is; otherwise a Hugging Face hub id, downloaded when online: its configs,
+    tokenizer files and safetensors weights (single or sharded; not the fp32 copies some repos add), or
+    `pytorch_model*.bin` only when it has no safetensors (repos holding both would be fetched twice)."""
     path = Path(source).expanduser()
     if path.exists():
         return path
@@ -44,9 +49,11 @@ def resolve_source(source: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"])
-        )
+        light = ["*.json", "*.txt", "*.model"]
+        directory = Path(snapshot_download(text, allow_patterns=[*light, *HUB_SAFETENSORS]))
+        if not any(directory.glob("*.safetensors")):
+            directory = Path(snapshot_download(text, allow_patterns=[*light, "pytorch_model*.bin"]))
+        return directory
     except Exception as err:  # offline, unknown id, gated repo: all end here with the reason
         raise CheckpointError(
             f"{text!r} is neither a local path nor a reachable Hugging Face hub id "
