@@ -203,5 +203,5 @@ def test_assign_strict_lists_missing_unexpected_and_mis_shaped_keys_in_one_error
         assign_strict(module, weights, mapping, source="ckpt.safetensors")
     assert str(caught.value) == (
         "ckpt.safetensors: checkpoint does not match the model; missing keys (1): ['bias']; unexpected keys (1): "
-        "['extra']; shape mismatches (1): ['weight: checkpoint (3, 5) vs model (3, 4)']"
+        "['extra']; shape mismatches (1): ['weight: checkpoint (5, 3) (in our layout (3, 5)) vs model (3, 4)']"
     )

@@ -37,6 +37,7 @@ from wavlink_jax import audio, checkpoint, export, sharding, train_step
 from wavlink_jax.convert.common import (
     CheckpointError,
     assign_strict,
+    check_filled,
     read_hf_directory,
     read_json,
     resolve_source,
@@ -125,10 +126,7 @@ def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> Lo
     config = exported_model_config(hf_config, dtype=dtype)
     model = nnx.eval_shape(lambda: WavLink(config, rngs=nnx.Rngs(0)))
     assign_strict(model, read_hf_directory(directory), export.name_map(config), source=str(directory))
-    flat = nnx.to_flat_state(nnx.state(model))
-    unfilled = [path for path, var in flat if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
-    if unfilled:
-        raise KeyError(f"exporter bug: {unfilled} are not in export.name_map")
+    check_filled(model, "export.name_map")
     return LoadedModel(
         model=model,
         tokenizer_dir=directory,
@@ -193,16 +191,6 @@ class Embedder:
         """The length every waveform is cut or zero-padded to (`window_seconds` at 16 kHz)."""
         return audio_io.samples(self.window_seconds)
 
-    def _check_dim(self, dim: int | None) -> int | None:
-        if dim is None or dim == self.config.embed_dim:
-            return None
-        if dim not in self.config.matryoshka_dims:
-            raise ValueError(
-                f"embedding dim {dim} is not a trained size of this model; choose one of "
-                f"{self.config.matryoshka_dims} or None for the full {self.config.embed_dim}"
-            )
-        return dim
-
     def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         """`(B, window_samples)` float32: each waveform (numpy, jax or torch arrays) cut to the head of the window
         or zero-padded."""
@@ -223,7 +211,7 @@ class Embedder:
 
     def embed_audio(self, waveforms: np.ndarray | Sequence[np.ndarray], dim: int | None = None) -> np.ndarray:
         """16 kHz waveforms → L2-normalised float32 `(B, dim or embed_dim)`."""
-        fn = functools.partial(self._audio_fn, self._state, dim=self._check_dim(dim))
+        fn = functools.partial(self._audio_fn, self._state, dim=self.config.served_dim(dim))
         batch = self.prepare_waveforms(waveforms)
         return embed_in_batches(fn, batch, self.batch_size, self.mesh, desc="audio", progress=self.progress)
 
@@ -233,7 +221,7 @@ class Embedder:
             raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
         if not texts:
             raise ValueError("embed_text got no texts")
-        fn = functools.partial(self._text_fn, self._state, dim=self._check_dim(dim))
+        fn = functools.partial(self._text_fn, self._state, dim=self.config.served_dim(dim))
         input_ids, attention_mask = self.tokenizer(list(texts))
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         return embed_in_batches(fn, tokens, self.batch_size, self.mesh, desc="text", progress=self.progress)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import jax
 from flax import nnx
 
 from wavlink_jax.convert.common import (
@@ -26,6 +25,7 @@ from wavlink_jax.convert.common import (
     CheckpointError,
     Transform,
     assign_strict,
+    check_filled,
     block_name_map,
     identity,
     read_hf_config,
@@ -79,12 +79,11 @@ def _text_config(hf_config: dict, source: str) -> tuple[dict, int | None]:
     )
 
 
-def _text_weights(weights: dict, model_type: str) -> dict:
-    """The text tower's tensors in `CLIPTextModelWithProjection` naming."""
+def _text_weights(weights: dict) -> dict:
+    """The text tower's tensors (a CLIPModel's vision tower already left out) in `CLIPTextModelWithProjection`
+    naming."""
     text = {}
     for name, value in weights.items():
-        if model_type == "clip" and name.startswith(IGNORED_CLIP_MODEL_PREFIXES):
-            continue
         if name.endswith("embeddings.position_ids"):  # a non-learned arange buffer in old checkpoints
             continue
         if name.startswith(BARE_TEXT_PREFIXES):
@@ -99,7 +98,10 @@ def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPText
     hf_config = read_hf_config(directory)
     text_config, projection_dim = _text_config(hf_config, f"{directory / 'config.json'}")
     config = CLIPTextConfig.from_hf(text_config, projection_dim, **overrides)
-    weights = _text_weights(read_hf_directory(directory), hf_config["model_type"])
+    model_type = hf_config["model_type"]
+    # A CLIPModel's vision tower (most of ViT-L/14's weights) is never converted: not even read into memory.
+    skip = (lambda name: name.startswith(IGNORED_CLIP_MODEL_PREFIXES)) if model_type == "clip" else None
+    weights = _text_weights(read_hf_directory(directory, skip=skip))
 
     if not new_projection and PROJECTION_KEY not in weights and any(k.startswith(TEXT_PREFIX) for k in weights):
         raise CheckpointError(
@@ -150,8 +152,5 @@ def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **c
             f"{directory}: expected a Hugging Face CLIP model directory (config.json + weights) or a converted "
             "tower directory, not a file"
         )
-    params = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    unfilled = [path for path, param in params if isinstance(param.get_value(), jax.ShapeDtypeStruct)]
-    if unfilled:
-        raise KeyError(f"converter bug: hf_text_name_map does not cover the parameters {unfilled}")
+    check_filled(module, "hf_text_name_map")
     return module

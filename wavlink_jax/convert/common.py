@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Collection, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -212,6 +213,15 @@ def block_name_map(
             mapping[f"{torch_layer}{torch_part}.weight"] = ((*our_layer, *our_part, "scale"), identity)
             mapping[f"{torch_layer}{torch_part}.bias"] = ((*our_layer, *our_part, "bias"), identity)
     return mapping
+
+
+def check_filled(module: nnx.Module, name_map: str) -> None:
+    """Every variable of a module built abstractly (`nnx.eval_shape`) was written from the checkpoint: one left
+    unwritten is a bug in `name_map`, the table that should have covered it."""
+    state = nnx.to_flat_state(nnx.state(module))
+    unfilled = [path for path, variable in state if isinstance(variable.get_value(), jax.ShapeDtypeStruct)]
+    if unfilled:
+        raise KeyError(f"bug: {name_map} does not cover the variables {unfilled}")
 
 
 def assign_strict(

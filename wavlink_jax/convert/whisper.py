@@ -31,6 +31,7 @@ from wavlink_jax.convert.common import (
     CheckpointError,
     Transform,
     assign_strict,
+    check_filled,
     block_name_map,
     identity,
     read_hf_config,
@@ -210,8 +211,5 @@ def load_whisper(
         model.global_token = init_global_token(jax.random.key(seed), model.config.width)
         if saved_token is not None:
             model.global_token.set_value(jnp.asarray(saved_token, jnp.float32))
-    state = nnx.to_flat_state(nnx.state(model))
-    unfilled = [where for where, var in state if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
-    if unfilled:
-        raise KeyError(f"converter bug: {unfilled} not covered by the name map")
+    check_filled(model, "hf_encoder_name_map")
     return model

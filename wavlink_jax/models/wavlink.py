@@ -86,6 +86,18 @@ class WavLinkConfig:
                 )
         object.__setattr__(self, "matryoshka_dims", tuple(sorted(dims, reverse=True)))
 
+    def served_dim(self, dim: int | None) -> int | None:
+        """A requested embedding size → None for the full size E (None or E), else `dim` if it is a trained
+        Matryoshka size; another prefix would work mechanically, but nothing trained it: refused."""
+        if dim is None or dim == self.embed_dim:
+            return None
+        if dim not in self.matryoshka_dims:
+            raise ValueError(
+                f"embedding dim {dim} is not a trained size of this model; choose one of "
+                f"{self.matryoshka_dims} (config.matryoshka_dims) or None for the full {self.embed_dim}"
+            )
+        return dim
+
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> WavLinkConfig:
         """The paper's `base`, `small` or `large` model, with field overrides.
@@ -167,13 +179,11 @@ class WavLink(nnx.Module):
 
     def embed_audio(self, mel: jax.Array, dim: int | None = None) -> jax.Array:
         """log-mel `(B, n_mels, frames)` → L2-normalised float32 `(B, dim or E)` audio embeddings."""
-        self._check_dim(dim)
-        return self._finish(self.project_audio(mel), dim)
+        return self._finish(self.project_audio(mel), self.config.served_dim(dim))
 
     def embed_text(self, input_ids: jax.Array, attention_mask: jax.Array | None, dim: int | None = None) -> jax.Array:
         """Token ids `(B, L)` and mask (1 = token, right padding) → L2-normalised float32 `(B, dim or E)`."""
-        self._check_dim(dim)
-        return self._finish(self.project_text(input_ids, attention_mask), dim)
+        return self._finish(self.project_text(input_ids, attention_mask), self.config.served_dim(dim))
 
     def __call__(
         self, mel: jax.Array, input_ids: jax.Array, attention_mask: jax.Array | None
@@ -182,16 +192,7 @@ class WavLink(nnx.Module):
         Matryoshka prefix itself (`wavlink_jax.losses.matryoshka_loss`), and training logs their norms."""
         return self.project_audio(mel), self.project_text(input_ids, attention_mask)
 
-    def _check_dim(self, dim: int | None) -> None:
-        """Only trained sizes are served: another prefix would work mechanically, but nothing trained it.
-        (`matryoshka_dims` always holds the full size E: `WavLinkConfig` refuses it otherwise.)"""
-        if dim is not None and dim not in self.config.matryoshka_dims:
-            raise ValueError(
-                f"embedding dim {dim} is not a trained size of this model; choose one of "
-                f"{self.config.matryoshka_dims} (config.matryoshka_dims) or None for the full {self.config.embed_dim}"
-            )
-
     def _finish(self, projected: jax.Array, dim: int | None) -> jax.Array:
-        if dim is None or dim == self.config.embed_dim:
+        if dim is None:
             return l2_normalize(projected)
         return matryoshka_prefix(projected, dim)
