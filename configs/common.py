@@ -33,8 +33,10 @@ from wavlink_jax.train_step import TOWER_RUNTIME_FIELDS
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-    """`"stage=2,size=base"` → ConfigDict of `defaults` updated from `arg` (values parsed as Python literals,
-    falling back to strings). A name not in `defaults` is an error."""
+    """`"stage=2,size=base"` → ConfigDict of `defaults` updated from `arg`. A value takes its default's type: text
+    as written for a string (a path such as `2024.10` stays that), a whole number for an int, a number for a
+    float, True/False for a bool (a Python literal, or text, where the default is None). A name not in
+    `defaults`, or a value not of its type (`steps=2.5`, `stage=abc`), is an error naming it."""
     result = ml_collections.ConfigDict(defaults)
     for item in filter(None, (part.strip() for part in (arg or "").split(","))):
         name, sep, text = item.partition("=")
@@ -42,12 +44,23 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             raise ValueError(f"config argument {item!r} is not name=value (full argument: {arg!r})")
         if name not in defaults:
             raise ValueError(f"unknown config argument {name!r}; known: {sorted(defaults)}")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        result[name] = type(defaults[name])(value) if defaults[name] is not None else value
+        result[name] = _argument_value(name, text, defaults[name])
     return result
+
+
+def _argument_value(name: str, text: str, default: object) -> object:
+    if isinstance(default, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if default is None:
+        return value
+    kinds = {bool: (bool,), int: (int,), float: (int, float)}[type(default)]
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        raise ValueError(f"config argument {name}={text!r}: expected {type(default).__name__} (like {default!r})")
+    return type(default)(value)
 
 
 def model_section(model: WavLinkConfig) -> ml_collections.ConfigDict:

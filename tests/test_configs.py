@@ -103,6 +103,23 @@ def test_the_stage_is_the_config_files_argument():
         parse("configs/wavlink_base.py:stage=2,stage1_workdir=W1", "--config.stage=1")
 
 
+def test_config_arguments_take_their_defaults_types():
+    """Text stays as written (a data_dir of 2024.10 became 2024.1, and 1_000 became 1000); a number that is not
+    of the argument's type is refused by name (stage=1.9 ran stage 1, steps=2.5 two steps)."""
+    from configs import common, quickstart
+
+    assert quickstart.get_config("data_dir=2024.10,steps=7").data.tokenizer == "2024.10/tokenizer"
+    assert quickstart.get_config("data_dir=1_000").data.tokenizer == "1_000/tokenizer"
+    for arg, message in (("steps=2.5", r"steps='2\.5': expected int \(like 500\)"),
+                         ("steps=True", r"steps='True': expected int"),
+                         ("steps=abc", r"steps='abc': expected int")):
+        with pytest.raises(ValueError, match=message):
+            quickstart.get_config(arg)
+    with pytest.raises(ValueError, match=r"stage='1\.9': expected int \(like 1\)"):
+        common.paper_config("base", "stage=1.9")
+    assert common.parse_arg("rate=3", rate=0.5).rate == 3.0 and common.parse_arg("on=False", on=True).on is False
+
+
 def readme_configs_section() -> str:
     text = (ROOT / "README.md").read_text()
     return text.split("\n## Configs\n", 1)[1].split("\n## ", 1)[0]
