@@ -54,6 +54,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
     assert checkpoint.Checkpoints(tmp_path, keep=1, every=1).latest_step() == 1
     resolved = json.loads((tmp_path / "config.json").read_text())
     assert resolved["optim"]["learning_rate"] == 1e30 and resolved["total_steps"] == 5
+    # Before any checkpoint, the message says so (it named "step None" in a checkpoints/ that did not exist).
+    config.checkpoint_every_steps = 5
+    with pytest.raises(train.NonFiniteLoss, match=r"at step 2: training stopped\. No checkpoint was saved before it"):
+        train.train(config, str(tmp_path / "fresh"))
 
 
 @pytest.mark.parametrize(
@@ -66,10 +70,10 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
             {"name": "long", "source": {"kind": "manifest", "path": f"{data}/eval.jsonl"}, "window_seconds": 60},)},
          r"config\.eval\.sets\[0\] \(long\) window_seconds"),
         (lambda data: {"init_from.audio": "/nonexistent/whisper"}, r"/nonexistent/whisper"),
-        (lambda data: {"eval.max_clips": -1}, r"config: eval\.max_clips=-1; .*eval\.max_clips ≥ 0: 0 = every clip"),
+        (lambda data: {"eval.max_clips": -1}, r"config: eval\.max_clips=-1 \(must be ≥ 0: 0 = every clip\)"),
         (lambda data: {"loss.clip_weight": 0.0, "loss.sigmoid_weight": 0.0}, r"not both 0"),  # was: after config.json
         (lambda data: {"accum_steps": 0}, r"config\.accum_steps = 0"),  # was: ZeroDivisionError
-        (lambda data: {"total_steps": -1}, r"config: total_steps=-1; .*total_steps ≥ 0: 0 = from epochs"),
+        (lambda data: {"total_steps": -1}, r"config: total_steps=-1 \(must be ≥ 0: 0 = from epochs\)"),
         (lambda data: {"data.sources": ({"kind": "manifest", "path": f"{data}/train.jsonl", "wieght": 2},)},
          r"has unknown keys \['wieght'\]"),  # was: trained with the default weight
     ],
@@ -100,6 +104,10 @@ def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch):
     run = tmp_path / "home" / "run"
     assert (run / "config.json").is_file() and (run / "checkpoints" / "1").is_dir()
     assert not (tmp_path / "~").exists()
+    # A re-run with nothing left to do leaves config.json that of the run that made the checkpoints.
+    before = (run / "config.json").read_text()
+    train.train(tiny_config(str(data_dir), total_steps=1, log_every_steps=5), "~/run")
+    assert (run / "config.json").read_text() == before
 
 
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):

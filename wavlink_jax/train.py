@@ -68,19 +68,22 @@ def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def check_intervals(config: ml_collections.ConfigDict) -> None:
-    """Step intervals that the loop divides by must be positive (eval_every_steps 0 = only at the end), and
-    eval.max_clips and total_steps not negative (0 = every clip; 0 = from epochs: -1 ran `epochs` silently)."""
-    bad = [f"{key}={config[key]}" for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints")
-           if config[key] < 1]
-    for key, value in (("eval_every_steps", config.eval_every_steps), ("eval.max_clips", config.eval.max_clips),
-                       ("total_steps", config.total_steps)):
-        if value < 0:
-            bad.append(f"{key}={value}")
+    """Step intervals that the loop divides by must be positive, and eval_every_steps, eval.max_clips and
+    total_steps not negative (0 = evaluate only at the end, every clip, steps from `epochs`)."""
+    limits = {
+        "log_every_steps": (config.log_every_steps, 1, ""),
+        "checkpoint_every_steps": (config.checkpoint_every_steps, 1, ""),
+        "keep_checkpoints": (config.keep_checkpoints, 1, ""),
+        "eval_every_steps": (config.eval_every_steps, 0, "0 = only at the end"),
+        "eval.max_clips": (config.eval.max_clips, 0, "0 = every clip"),
+        "total_steps": (config.total_steps, 0, "0 = from epochs"),
+    }
+    bad = [
+        f"{key}={value} (must be ≥ {least}{': ' + meaning if meaning else ''})"
+        for key, (value, least, meaning) in limits.items() if value < least
+    ]
     if bad:
-        raise ValueError(
-            f"config: {', '.join(bad)}; these must be ≥ 1 (eval_every_steps ≥ 0: 0 = only at the end; "
-            "eval.max_clips ≥ 0: 0 = every clip; total_steps ≥ 0: 0 = from epochs)"
-        )
+        raise ValueError(f"config: {'; '.join(bad)}")
 
 
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
@@ -215,10 +218,14 @@ def _finite_or_stop(step: int, metrics: dict[str, float], checkpoints: checkpoin
     bad = {key: metrics[key] for key in ("loss", "grad_norm") if not math.isfinite(metrics[key])}
     if bad:
         checkpoints.wait()
+        last = checkpoints.latest_step()
+        kept = (
+            "No checkpoint was saved before it (re-running starts afresh)." if last is None else
+            f"The last good checkpoint is step {last} in {checkpoints.directory} (kept; nothing later was saved)."
+        )
         raise NonFiniteLoss(
-            f"{bad} at step {step}: training stopped. The last good checkpoint is step "
-            f"{checkpoints.latest_step()} in {checkpoints.directory} (kept; nothing later was saved). "
-            "Lower config.optim.learning_rate, keep config.optim.grad_clip_norm on, or look for bad input."
+            f"{bad} at step {step}: training stopped. {kept} Lower config.optim.learning_rate, keep "
+            "config.optim.grad_clip_norm on, or look for bad input."
         )
 
 
@@ -226,7 +233,8 @@ def _save_checked(
     step: int, state: dict, metrics: dict, data: pipeline.TrainIterator, checkpoints: checkpoint.Checkpoints, *,
     force: bool,
 ) -> None:
-    """Save `state` after `step` (if due, or `force`), unless the step's loss or gradient norm is not finite."""
+    """Save `state` after `step` (if due, or `force`); a step whose loss or gradient norm is not finite is never
+    saved: NonFiniteLoss is raised instead."""
     _finite_or_stop(step, jax.device_get(metrics), checkpoints)
     checkpoints.save(step, state, data, force=force)
 
@@ -262,12 +270,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
     checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
     state = initial_state(setup, checkpoints, data)
-    # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too): a
-    # refused config leaves no config.json in a new workdir, and a resumed run's as it was.
-    write_config(config, workdir)
     start_step = int(jax.device_get(state["step"]))
-    if start_step >= total_steps:
+    if start_step >= total_steps:  # config.json stays that of the run that made the checkpoints
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
+    else:
+        # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too): a
+        # refused config leaves no config.json in a new workdir, and a resumed run's as it was.
+        write_config(config, workdir)
     step_fn = train_step.make_train_step(setup)
     param_norm = train_step.make_param_norm(setup)
     log = metrics_log.MetricsLogger(
@@ -306,7 +315,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             if eval_due:
                 try:
                     record.update(evaluator(state))
-                except Exception:  # a failing evaluation loses no training
+                except Exception:  # a failing evaluation loses no training, nor the step's training record
+                    log.write(step, record)
                     _save_checked(step, state, metrics, data, checkpoints, force=True)
                     raise
             if record:
