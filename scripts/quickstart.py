@@ -53,11 +53,18 @@ def replaceable(workdir: Path) -> bool:
     )
 
 
+def _positive(text: str) -> int:
+    """argparse type of --steps: a whole number ≥ 1 (0 trained the config's 500 steps)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
+    return int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO / "data" / "synthetic"))
     parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="deleted first (see above)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the config's)")
+    parser.add_argument("--steps", type=_positive, default=None, help="training steps (default: the config's)")
     args = parser.parse_args()
     workdir = Path(args.workdir)
     if not replaceable(workdir):
@@ -72,7 +79,7 @@ def main() -> int:
     flags.FLAGS.mark_as_parsed()
     absl_logging.set_verbosity(absl_logging.WARNING)
     from configs import quickstart
-    from wavlink_jax import train
+    from wavlink_jax import cli, train
     from wavlink_jax.data import synthetic
 
     data_dir = Path(args.data_dir)
@@ -82,13 +89,14 @@ def main() -> int:
         synthetic.generate(data_dir, NUM_TRAIN, NUM_EVAL, max_seconds=SECONDS)
         print(f"  done in {time.perf_counter() - start:.0f} s")
 
-    config = quickstart.get_config(f"data_dir={data_dir}" + (f",steps={args.steps}" if args.steps else ""))
+    config = quickstart.get_config(f"data_dir={data_dir}" + (f",steps={args.steps}" if args.steps is not None else ""))
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     (workdir / MARKER).write_text("made by scripts/quickstart.py, which deletes this folder when it runs again\n")
     print(f"training configs/quickstart.py for {config.total_steps} steps of {config.batch_size} into {workdir}")
     start = time.perf_counter()
-    metrics = train.train(config, str(workdir))
+    with cli.user_errors(train.NonFiniteLoss):  # one `error:` line, as the trainer's command gives
+        metrics = train.train(config, str(workdir))
     minutes = (time.perf_counter() - start) / 60
 
     name = config.eval.sets[0]["name"]

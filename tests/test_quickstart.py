@@ -28,3 +28,14 @@ def test_a_foreign_workdir_is_refused_and_left_alone(tmp_path):
     assert result.returncode == 2
     assert f"--workdir {tmp_path} exists, is not empty and is no quickstart workdir" in result.stderr
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_steps_must_be_a_positive_whole_number():
+    """--steps 0 trained the config's 500 steps; -5 ended in a traceback from the trainer's config check."""
+    for steps in ("0", "-5", "2.5"):
+        result = subprocess.run(
+            [sys.executable, str(quickstart.REPO / "scripts" / "quickstart.py"), "--steps", steps],
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert f"argument --steps: {steps!r} is not a whole number ≥ 1" in result.stderr

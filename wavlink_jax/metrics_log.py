@@ -80,11 +80,6 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(steps)
 
-    def message(self, text: str) -> None:
-        """Print a line without breaking the progress bar."""
-        if self.enabled:
-            (self._bar.write if self._bar is not None else print)(text)
-
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
