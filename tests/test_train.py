@@ -95,7 +95,7 @@ def test_a_refused_config_writes_no_config_json(tmp_path, data_dir, capsys, over
     assert earlier.read_text() == before and "note: the config differs" not in capsys.readouterr().out
 
 
-def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch):
+def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch, capsys):
     """`--workdir=~/run` (the shell leaves that ~ alone) is $HOME/run, not a folder named '~' in the current
     directory."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -108,6 +108,15 @@ def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch):
     before = (run / "config.json").read_text()
     train.train(tiny_config(str(data_dir), total_steps=1, log_every_steps=5), "~/run")
     assert (run / "config.json").read_text() == before
+    # Resumed with more steps, the run says how its learning-rate schedule changes (silent before, when the
+    # number came from `epochs` over sources that changed size).
+    assert json.loads((run / "schedule.json").read_text()) == {"total_steps": 1}
+    capsys.readouterr()
+    train.train(tiny_config(str(data_dir), total_steps=2), "~/run")
+    assert "note: this run has 2 steps, the run it resumes 1: the learning-rate schedule changes (at step 1: 0 → " in (
+        capsys.readouterr().out
+    )
+    assert json.loads((run / "schedule.json").read_text()) == {"total_steps": 2}
 
 
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):

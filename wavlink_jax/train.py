@@ -56,6 +56,26 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path.write_text(text)
 
 
+SCHEDULE_FILE = "schedule.json"  # {"total_steps": N}: the number of steps the run's schedule was made for
+
+
+def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int) -> None:
+    """Record the run's resolved number of steps in WORKDIR/schedule.json; a resumed run whose number differs
+    (total_steps changed, or `epochs` over sources that grew or shrank, which config.json cannot show) says what
+    its learning rate becomes: the schedule is stretched or squeezed from the resumed step on."""
+    path = Path(workdir) / SCHEDULE_FILE
+    if start_step and path.exists():
+        before = int(json.loads(path.read_text())["total_steps"])
+        if before != total_steps:
+            old, new = (float(optim.learning_rate_schedule(config.optim, n)(start_step)) for n in (before, total_steps))
+            _say(
+                f"note: this run has {total_steps} steps, the run it resumes {before}: the learning-rate schedule "
+                f"changes (at step {start_step}: {old:.3g} → {new:.3g})"
+            )
+    if jax.process_index() == 0:
+        path.write_text(json.dumps({"total_steps": total_steps}) + "\n")
+
+
 def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
     """`total_steps` if set, else `epochs` × (clips in all training sources) / `batch_size`."""
     if config.total_steps > 0:
@@ -277,6 +297,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too): a
         # refused config leaves no config.json in a new workdir, and a resumed run's as it was.
         write_config(config, workdir)
+        keep_schedule(config, workdir, total_steps, start_step)
     step_fn = train_step.make_train_step(setup)
     param_norm = train_step.make_param_norm(setup)
     log = metrics_log.MetricsLogger(
