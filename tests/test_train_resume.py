@@ -90,6 +90,32 @@ def run_script(name: str, source: str, workdir: Path, data_dir: Path) -> subproc
                           capture_output=True, text=True)
 
 
+# Runs the trainer, and sends it SIGTERM (what a preemption or a scheduler sends) during its first step.
+TERM_IN_FIRST_STEP = textwrap.dedent(
+    """
+    import os, signal
+    from absl import app
+    from wavlink_jax import train, train_step
+
+    make = train_step.make_train_step
+
+    def make_terminated(setup):
+        step_fn, calls = make(setup), []
+
+        def step(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step_fn(*args)
+
+        return step
+
+    train_step.make_train_step = make_terminated
+    app.run(train.main)
+    """
+)
+
+
 def test_killed_runs_resume_exactly(tmp_path, data_dir):
     reference = tmp_path / "reference"
     subprocess.run(command(reference, data_dir), cwd=REPO, env=ENV, check=True, capture_output=True)
@@ -111,7 +137,14 @@ def test_killed_runs_resume_exactly(tmp_path, data_dir):
     leftovers = [p.name for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
     assert leftovers, "the kill did not happen during a save"
 
-    # 3. Resume again and finish: every step's loss equals the uninterrupted run's.
+    # 3. Resume, and get SIGTERM (a preemption) in the first step: the run saves that step off the interval, says
+    # so and exits with 143 (128 + SIGTERM) instead of being killed by the signal and losing the step.
+    result = run_script("term_in_step", TERM_IN_FIRST_STEP, workdir, data_dir)
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert f"stopped at step 3 of {STEPS} on SIGTERM (preemption); checkpoint 3 is in" in result.stderr
+    assert finished_steps(workdir)[-1] == 3
+
+    # 4. Resume again and finish: every step's loss equals the uninterrupted run's.
     result = subprocess.run(command(workdir, data_dir), cwd=REPO, env=ENV, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     resumed, steps = losses(workdir)

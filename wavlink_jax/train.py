@@ -5,7 +5,8 @@ shardings and the optimizer → decode the evaluation sets → resume from the w
 initialise (from `init_from` if set) → write the resolved config (only now that every start-up check has
 passed) → loop: step, log, evaluate, checkpoint → final checkpoint and evaluation. Re-running the same
 command after a crash or preemption continues where the last checkpoint left off; the data iterator resumes at
-the same position, so the run's metrics are those of an uninterrupted run.
+the same position, so the run's metrics are those of an uninterrupted run. SIGTERM (a preemption) ends the run
+after its current step with a checkpoint of that step (`Preempted`, exit status 143).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
@@ -39,6 +42,38 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: config.json, met
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient became NaN/Inf: the run stops without saving the broken state."""
+
+
+class Preempted(RuntimeError):
+    """The job was asked to stop (SIGTERM): the run saved a checkpoint at the step it had reached and stopped;
+    the same command resumes there."""
+
+
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: what a process ended by the signal reports, so schedulers requeue it
+
+
+class PreemptionWatch:
+    """Whether the job was asked to stop, as preemptible TPU/GPU machines and schedulers do with SIGTERM. In a job
+    of several processes, jax's preemption service (started by `jax.distributed`) agrees on one step for all, through
+    orbax; a process alone notes the signal itself while inside the `with` block (the previous handler is restored
+    after it)."""
+
+    def __enter__(self) -> PreemptionWatch:
+        self.signalled, self._previous = False, None
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        return self
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def reached(self, step: int, checkpoints: checkpoint.Checkpoints) -> bool:
+        """Whether to save and stop after `step` (every process gets the same answer at the same step)."""
+        return self.signalled or (jax.process_count() > 1 and checkpoints.manager.reached_preemption(step))
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -308,44 +343,54 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     pending = None  # (step, metrics) of the previous step: checked for NaN/Inf while the next step runs
     window_start, window_steps = time.perf_counter(), 0
     try:
-        for step in range(start_step + 1, total_steps + 1):
-            local_batch = next(data)
-            batch = pipeline.to_global_batch(
-                {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
-            )
-            state, metrics = step_fn(state, batch)
-            if pending is not None:
-                _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
-            pending = (step, metrics)
-            window_steps += 1
-            log.advance()
+        with PreemptionWatch() as preemption:
+            for step in range(start_step + 1, total_steps + 1):
+                local_batch = next(data)
+                batch = pipeline.to_global_batch(
+                    {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
+                )
+                state, metrics = step_fn(state, batch)
+                if pending is not None:
+                    _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
+                pending = (step, metrics)
+                window_steps += 1
+                log.advance()
 
-            is_last = step == total_steps
-            eval_due = evaluator is not None and (
-                is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-            )
-            record: dict[str, float] = {}
-            if step % config.log_every_steps == 0 or is_last or eval_due:  # every record has the train metrics
-                record = {key: float(value) for key, value in jax.device_get(metrics).items()}
-                _finite_or_stop(step, record, checkpoints)
-                record["param_norm"] = float(param_norm(state["params"]))
-                elapsed = time.perf_counter() - window_start
-                record["samples_per_second"] = window_steps * config.batch_size / elapsed
-                skipped = skipped_by_all_hosts(data.skip_counts, share)
-                record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
-            if eval_due:
-                try:
-                    record.update(evaluator(state))
-                except Exception:  # a failing evaluation loses no training, nor the step's training record
+                is_last = step == total_steps
+                eval_due = evaluator is not None and (
+                    is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+                )
+                record: dict[str, float] = {}
+                if step % config.log_every_steps == 0 or is_last or eval_due:  # every record has the train metrics
+                    record = {key: float(value) for key, value in jax.device_get(metrics).items()}
+                    _finite_or_stop(step, record, checkpoints)
+                    record["param_norm"] = float(param_norm(state["params"]))
+                    elapsed = time.perf_counter() - window_start
+                    record["samples_per_second"] = window_steps * config.batch_size / elapsed
+                    skipped = skipped_by_all_hosts(data.skip_counts, share)
+                    record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
+                if eval_due:
+                    try:
+                        record.update(evaluator(state))
+                    except Exception:  # a failing evaluation loses no training, nor the step's training record
+                        log.write(step, record)
+                        _save_checked(step, state, metrics, data, checkpoints, force=True)
+                        raise
+                if record:
                     log.write(step, record)
-                    _save_checked(step, state, metrics, data, checkpoints, force=True)
-                    raise
-            if record:
-                log.write(step, record)
-                last = record
-                window_start, window_steps = time.perf_counter(), 0
-            if step % config.checkpoint_every_steps == 0 or is_last:
-                _save_checked(step, state, metrics, data, checkpoints, force=is_last)
+                    last = record
+                    window_start, window_steps = time.perf_counter(), 0
+                saved = step % config.checkpoint_every_steps == 0 or is_last
+                if saved:
+                    _save_checked(step, state, metrics, data, checkpoints, force=is_last)
+                if not is_last and preemption.reached(step, checkpoints):
+                    if not saved:
+                        _save_checked(step, state, metrics, data, checkpoints, force=True)
+                    checkpoints.wait()
+                    raise Preempted(
+                        f"stopped at step {step} of {total_steps} on SIGTERM (preemption); checkpoint {step} is in "
+                        f"{checkpoints.directory}: re-run the same command to resume"
+                    )
     finally:
         checkpoints.close()
         log.close()
@@ -361,7 +406,11 @@ def main(argv: list[str]) -> None:
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
         absl_logging.set_verbosity(absl_logging.WARNING)
     with cli.user_errors(NonFiniteLoss):  # one `error:` line; in a multi-host job, every process stops
-        train(_CONFIG.value, _WORKDIR.value)
+        try:
+            train(_CONFIG.value, _WORKDIR.value)
+        except Preempted as stop:
+            _say(str(stop), file=sys.stderr)
+            sys.exit(PREEMPTED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
