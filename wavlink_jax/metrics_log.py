@@ -45,7 +45,8 @@ class MetricsLogger:
 
     def _truncate_after(self, step: int) -> None:
         """Keep the records up to `step` (the checkpoint a run resumes from). A last line cut short by a killed
-        run is dropped; a damaged line elsewhere is an error naming it."""
+        run is dropped; a damaged line elsewhere is an error naming it. The file is replaced in one rename, so a
+        run killed while it is rewritten loses no record."""
         if not self.path.exists():
             return
         lines = [line for line in self.path.read_text().splitlines() if line]
@@ -59,7 +60,9 @@ class MetricsLogger:
                 raise ValueError(f"{self.path}: line {number} is not a JSON record ({err}); repair or remove it") from err
             if record["step"] <= step:
                 kept.append(line)
-        self.path.write_text("".join(line + "\n" for line in kept))
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        os.replace(partial, self.path)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal)."""
