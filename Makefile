@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 # Test files run in parallel worker processes, one file per worker at a time (module fixtures are built once).
-# Two workers: ~10–12.6 min of pytest for `make test` on the 2-core development machine (588 tests, 9.9 min of pytest and 11.3 min from a fresh clone of ba55d20, idle; 2618892 took 12.6 and 14.2: the ~15 min budget is near, new tests should be paid for); `make test TEST_WORKERS=0` runs one process.
+# Two workers: ~10–12.6 min of pytest for `make test` on the 2-core development machine (618 tests, 10.7 min of pytest and 12.2 min from a fresh clone of 74191cd, idle; 2618892 took 12.6 and 14.2: the ~15 min budget is near, new tests should be paid for); `make test TEST_WORKERS=0` runs one process.
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
