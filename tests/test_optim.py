@@ -69,6 +69,13 @@ def test_schedule_warmup_then_decay_to_end(kind, end_fraction):
         optim.learning_rate_schedule(optim_config(schedule="exp"), 10)
 
 
+@pytest.mark.parametrize("total, warmup_steps", [(10, 1), (30, 2), (50, 3), (70, 4)])
+def test_warmup_steps_are_rounded_halves_up(total, warmup_steps):
+    """5% of 10, 50 or 70 steps is a half step: Python's round() (halves to even) gave 0, 2 and 4 warm-up steps."""
+    schedule = optim.learning_rate_schedule(optim_config(warmup_fraction=0.05), total)
+    assert float(schedule(warmup_steps - 1)) < float(schedule(warmup_steps)) == pytest.approx(1e-2, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "key,value,allowed",
     [("learning_rate", 0.0, "(0, inf)"), ("learning_rate", -1e-4, "(0, inf)"), ("warmup_fraction", -0.1, "[0, 1]"),
