@@ -55,19 +55,17 @@ PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: what a process ended by the signal
 class PreemptionWatch:
     """Whether the job was asked to stop, as preemptible TPU/GPU machines and schedulers do with SIGTERM. In a job
     of several processes, jax's preemption service (started by `jax.distributed`) agrees on one step for all, through
-    orbax; a process alone notes the signal itself while inside the `with` block (the previous handler is restored
-    after it)."""
+    orbax; a process alone notes the signal itself from creation to `close` (which restores the previous handler)."""
 
-    def __enter__(self) -> PreemptionWatch:
+    def __init__(self):
         self.signalled, self._previous = False, None
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._note)
-        return self
 
     def _note(self, signum: int, frame: Any) -> None:
         self.signalled = True
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def close(self) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
@@ -342,56 +340,55 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     last: dict[str, float] = {}
     pending = None  # (step, metrics) of the previous step: checked for NaN/Inf while the next step runs
     window_start, window_steps = time.perf_counter(), 0
+    preemption = PreemptionWatch()  # from here on, SIGTERM saves and stops after the current step
     try:
-        with PreemptionWatch() as preemption:
-            for step in range(start_step + 1, total_steps + 1):
-                local_batch = next(data)
-                batch = pipeline.to_global_batch(
-                    {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
-                )
-                state, metrics = step_fn(state, batch)
-                if pending is not None:
-                    _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
-                pending = (step, metrics)
-                window_steps += 1
-                log.advance()
+        for step in range(start_step + 1, total_steps + 1):
+            local_batch = next(data)
+            batch = pipeline.to_global_batch(
+                {key: local_batch[key] for key in train_step.BATCH_KEYS}, mesh, sharding.BATCH_AXES
+            )
+            state, metrics = step_fn(state, batch)
+            if pending is not None:
+                _finite_or_stop(pending[0], jax.device_get(pending[1]), checkpoints)
+            pending = (step, metrics)
+            window_steps += 1
+            log.advance()
 
-                is_last = step == total_steps
-                eval_due = evaluator is not None and (
-                    is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-                )
-                record: dict[str, float] = {}
-                if step % config.log_every_steps == 0 or is_last or eval_due:  # every record has the train metrics
-                    record = {key: float(value) for key, value in jax.device_get(metrics).items()}
-                    _finite_or_stop(step, record, checkpoints)
-                    record["param_norm"] = float(param_norm(state["params"]))
-                    elapsed = time.perf_counter() - window_start
-                    record["samples_per_second"] = window_steps * config.batch_size / elapsed
-                    skipped = skipped_by_all_hosts(data.skip_counts, share)
-                    record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
-                if eval_due:
-                    try:
-                        record.update(evaluator(state))
-                    except Exception:  # a failing evaluation loses no training, nor the step's training record
-                        log.write(step, record)
-                        _save_checked(step, state, metrics, data, checkpoints, force=True)
-                        raise
-                if record:
+            is_last = step == total_steps
+            eval_due = evaluator is not None and (
+                is_last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+            )
+            record: dict[str, float] = {}
+            if step % config.log_every_steps == 0 or is_last or eval_due:  # every record has the train metrics
+                record = {key: float(value) for key, value in jax.device_get(metrics).items()}
+                _finite_or_stop(step, record, checkpoints)
+                record["param_norm"] = float(param_norm(state["params"]))
+                elapsed = time.perf_counter() - window_start
+                record["samples_per_second"] = window_steps * config.batch_size / elapsed
+                skipped = skipped_by_all_hosts(data.skip_counts, share)
+                record.update({f"data/skipped/{reason}": n for reason, n in skipped.items()})
+            if eval_due:
+                try:
+                    record.update(evaluator(state))
+                except Exception:  # a failing evaluation loses no training, nor the step's training record
                     log.write(step, record)
-                    last = record
-                    window_start, window_steps = time.perf_counter(), 0
-                saved = step % config.checkpoint_every_steps == 0 or is_last
-                if saved:
-                    _save_checked(step, state, metrics, data, checkpoints, force=is_last)
-                if not is_last and preemption.reached(step, checkpoints):
-                    if not saved:
-                        _save_checked(step, state, metrics, data, checkpoints, force=True)
-                    checkpoints.wait()
-                    raise Preempted(
-                        f"stopped at step {step} of {total_steps} on SIGTERM (preemption); checkpoint {step} is in "
-                        f"{checkpoints.directory}: re-run the same command to resume"
-                    )
+                    _save_checked(step, state, metrics, data, checkpoints, force=True)
+                    raise
+            if record:
+                log.write(step, record)
+                last = record
+                window_start, window_steps = time.perf_counter(), 0
+            stop = not is_last and preemption.reached(step, checkpoints)
+            if step % config.checkpoint_every_steps == 0 or is_last or stop:
+                _save_checked(step, state, metrics, data, checkpoints, force=is_last or stop)
+            if stop:
+                checkpoints.wait()
+                raise Preempted(
+                    f"stopped at step {step} of {total_steps} on SIGTERM (preemption); checkpoint {step} is in "
+                    f"{checkpoints.directory}: re-run the same command to resume"
+                )
     finally:
+        preemption.close()
         checkpoints.close()
         log.close()
         data.close()
