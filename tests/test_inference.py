@@ -189,7 +189,7 @@ def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, ca
     # run's step 2 (one LoRA step earlier, the same embedding size) is not, and was searched without a word.
     full_scores = index["embeddings"] @ embedder.embed_text([query])[0]
     expected = [index["paths"][i] for i in np.argsort(-full_scores, kind="stable")[:3]]
-    assert [hit.path for hit in embed.search(index, inference.load(exported), query, 3)] == expected
+    assert [hit.path for hit in embed.search(index, inference.load(exported), [query], 3)[0]] == expected
     with pytest.raises(SystemExit, match=rf"^error: the index was built with another model \({run[0]}, step 3\)"):
         embed.main(["--index-file", str(index_file), "--model", str(run[0]), "--step", "2", "--query", query])
     with pytest.raises(SystemExit):  # --step alone would be ignored: the index names its model and step

@@ -98,15 +98,11 @@ def _probe_setting(embedder: inference.Embedder) -> str:
 
 
 def probe_embeddings(embedder: inference.Embedder) -> dict[str, np.ndarray]:
-    """The model's full-size embeddings of a fixed 440 Hz tone (its window long) and of `PROBE_TEXT`, and the
-    setting they depend on besides the weights: what identifies the weights an index was built with, both towers
-    (one may have been frozen in training)."""
+    """The model's full-size embeddings of a fixed 440 Hz tone (its window long) and of `PROBE_TEXT`: what
+    identifies the weights an index was built with, both towers (one may have been frozen in training). They
+    depend on the dtype and window too (`_probe_setting`)."""
     tone = 0.1 * np.sin(2 * np.pi * 440 * np.arange(embedder.window_samples) / 16000).astype(np.float32)
-    return {
-        "probe_audio": embedder.embed_audio([tone])[0],
-        "probe_text": embedder.embed_text([PROBE_TEXT])[0],
-        "probe_setting": np.array(_probe_setting(embedder)),
-    }
+    return {"probe_audio": embedder.embed_audio([tone])[0], "probe_text": embedder.embed_text([PROBE_TEXT])[0]}
 
 
 def check_same_model(index: dict[str, np.ndarray], embedder: inference.Embedder) -> None:
@@ -114,7 +110,7 @@ def check_same_model(index: dict[str, np.ndarray], embedder: inference.Embedder)
     before the probes existed, and a search in another dtype or window than the index's (the probes differ)."""
     if "probe_setting" not in index or str(index["probe_setting"]) != _probe_setting(embedder):
         return
-    probes = {name: value for name, value in probe_embeddings(embedder).items() if name != "probe_setting"}
+    probes = probe_embeddings(embedder)
     difference = max(float(np.max(np.abs(index[name] - value))) for name, value in probes.items())
     if difference > PROBE_TOLERANCE:
         step = int(index["step"])
@@ -161,6 +157,7 @@ def build_index(
             step=np.array(-1 if loaded.step is None else loaded.step),
             skipped=np.array([f"{path}\t{reason}" for path, reason in skipped], dtype=str),
             **probe_embeddings(embedder),
+            probe_setting=np.array(_probe_setting(embedder)),
         )
     return IndexReport(indexed=len(paths), skipped=skipped, ignored=ignored)
 
@@ -181,10 +178,14 @@ def read_index(index_file: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def search(
-    index: dict[str, np.ndarray], embedder: inference.Embedder, query: str, top_k: int, dim: int | None = None
-) -> list[Hit]:
-    """The `top_k` clips of `index` most similar to `query` (cosine), best first. `embedder` must be the model
-    the index was built with (checked: the embedding size, and the probes where the index has them)."""
+    index: dict[str, np.ndarray],
+    embedder: inference.Embedder,
+    queries: Sequence[str],
+    top_k: int,
+    dim: int | None = None,
+) -> list[list[Hit]]:
+    """For each query, the `top_k` clips of `index` most similar to it (cosine), best first. `embedder` must be the
+    model the index was built with (checked once: the embedding size, and the probes where the index has them)."""
     clips = index["embeddings"]
     if clips.shape[1] != embedder.config.embed_dim:
         raise ValueError(
@@ -192,10 +193,14 @@ def search(
             "query with the model the index was built with"
         )
     check_same_model(index, embedder)
-    query_embedding = embedder.embed_text([query], dim=dim)[0]  # refuses a dim that is not a trained size
-    scores = (clips if dim is None else truncate_normalize(clips, dim)) @ query_embedding
-    order = np.argsort(-scores, kind="stable")[:top_k]
-    return [Hit(rank=rank + 1, score=float(scores[i]), path=str(index["paths"][i])) for rank, i in enumerate(order)]
+    query_embeddings = embedder.embed_text(list(queries), dim=dim)  # refuses a dim that is not a trained size
+    all_scores = query_embeddings @ (clips if dim is None else truncate_normalize(clips, dim)).T
+    paths = index["paths"]
+    orders = np.argsort(-all_scores, axis=1, kind="stable")[:, :top_k]
+    return [
+        [Hit(rank=rank + 1, score=float(scores[i]), path=str(paths[i])) for rank, i in enumerate(order)]
+        for scores, order in zip(all_scores, orders)
+    ]
 
 
 def similarity(
@@ -289,9 +294,9 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error(f"--step needs --model (the index was built with {built})")
             step = args.step if args.model else (None if int(index["step"]) < 0 else int(index["step"]))
             embedder = inference.load(args.model or str(index["model"]), step, batch_size=args.batch_size)
-            for query in args.query:
+            for query, hits in zip(args.query, search(index, embedder, args.query, args.top_k, args.dim)):
                 print(f"query: {query}")
-                for hit in search(index, embedder, query, args.top_k, args.dim):
+                for hit in hits:
                     print(f"{hit.rank:4d}  {hit.score:7.4f}  {hit.path}")
         else:
             if not args.model:
