@@ -53,18 +53,15 @@ def replaceable(workdir: Path) -> bool:
     )
 
 
-def _positive(text: str) -> int:
-    """argparse type of --steps: a whole number ≥ 1 (0 trained the config's 500 steps)."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number ≥ 1")
-    return int(text)
-
-
 def main() -> int:
+    from wavlink_jax import cli  # light (no jax): the flags are checked before anything heavy is imported
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", default=str(REPO / "data" / "synthetic"))
     parser.add_argument("--workdir", default=str(DEFAULT_WORKDIR), help="deleted first (see above)")
-    parser.add_argument("--steps", type=_positive, default=None, help="training steps (default: the config's)")
+    parser.add_argument(
+        "--steps", type=cli.positive_int, default=None, help="training steps (default: the config's; 0 is refused)"
+    )
     args = parser.parse_args()
     workdir = Path(args.workdir)
     if not replaceable(workdir):
@@ -79,7 +76,7 @@ def main() -> int:
     flags.FLAGS.mark_as_parsed()
     absl_logging.set_verbosity(absl_logging.WARNING)
     from configs import quickstart
-    from wavlink_jax import cli, train
+    from wavlink_jax import train
     from wavlink_jax.data import synthetic
 
     data_dir = Path(args.data_dir)

@@ -38,4 +38,4 @@ def test_steps_must_be_a_positive_whole_number():
             capture_output=True, text=True, timeout=60,
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr
-        assert f"argument --steps: {steps!r} is not a whole number ≥ 1" in result.stderr
+        assert f"argument --steps: {steps!r} is not a positive whole number" in result.stderr

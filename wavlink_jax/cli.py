@@ -13,6 +13,7 @@ bug provoked inside jax); the error line names the variable when the error was r
 
 from __future__ import annotations
 
+import argparse
 import codecs
 import contextlib
 import os
@@ -65,6 +66,18 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
         if sharding.has_peers():
             sharding.stop_job(traceback.format_exc())
         raise
+
+
+def positive_int(text: str) -> int:
+    """argparse type of counts (--max-clips, --steps, ...): a whole number ≥ 1 (0 and -1 meant "all" or dropped an
+    item without a word where such counts were plain ints)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
 
 
 def _fail(message: str) -> NoReturn:

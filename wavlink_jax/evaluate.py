@@ -645,20 +645,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts such as --max-clips: a whole number ≥ 1 (-1 dropped the last clip, 0 kept none)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
-    return value
-
-
 def size_list(text: str) -> list[int]:
     """argparse type of --dims: comma-separated distinct positive whole numbers."""
-    sizes = [positive_int(part.strip()) for part in text.split(",")]
+    sizes = [cli.positive_int(part.strip()) for part in text.split(",")]
     if len(set(sizes)) != len(sizes):
         raise argparse.ArgumentTypeError(f"{text!r} repeats a size")
     return sizes
@@ -713,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--template", action="append", help="zero-shot prompt template with {} (repeatable)")
     parser.add_argument(
-        "--max-clips", type=positive_int,
+        "--max-clips", type=cli.positive_int,
         help="evaluate the first N clips (AIR-Bench: questions) of each set only (smoke tests)",
     )
     parser.add_argument(
