@@ -378,16 +378,24 @@ def test_bad_mel_inputs_are_clear_errors():
     assert nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((1, 80, 20))).hidden_states.shape == (1, 10, 32)
 
 
-def test_checkpoint_missing_or_extra_encoder_key(tmp_path, small_model):
-    small_model.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    del weights["encoder.layers.1.fc1.weight"]
-    weights["encoder.layers.1.extra.weight"] = torch.zeros(3)
-    weights["decoder.layers.0.fc1.weight"] = torch.zeros(3)  # decoder keys are ignored
-    save_file(weights, tmp_path / "model.safetensors")
+def _refusal_of_edited_checkpoint(directory, model, edit) -> str:
+    """The CheckpointError message of loading `model` saved to `directory` with `edit(weights)` applied."""
+    model.save_pretrained(directory)
+    weights = load_file(directory / "model.safetensors")
+    edit(weights)
+    save_file(weights, directory / "model.safetensors")
     with pytest.raises(CheckpointError) as error:
-        load_whisper(tmp_path)
-    message = str(error.value)
+        load_whisper(directory)
+    return str(error.value)
+
+
+def test_checkpoint_missing_or_extra_encoder_key(tmp_path, small_model):
+    def edit(weights):
+        del weights["encoder.layers.1.fc1.weight"]
+        weights["encoder.layers.1.extra.weight"] = torch.zeros(3)
+        weights["decoder.layers.0.fc1.weight"] = torch.zeros(3)  # decoder keys are ignored
+
+    message = _refusal_of_edited_checkpoint(tmp_path, small_model, edit)
     assert "missing keys (1): ['encoder.layers.1.fc1.weight']" in message
     assert "unexpected keys (1): ['encoder.layers.1.extra.weight']" in message
     assert "decoder" not in message
@@ -396,14 +404,11 @@ def test_checkpoint_missing_or_extra_encoder_key(tmp_path, small_model):
 def test_mis_shaped_weights_are_listed_in_the_checkpoints_layout(tmp_path, small_model):
     """A weight of another rank was numpy's 'axes don't match array' with no key; a mis-shaped one was shown in
     our (transposed) layout as if it were the checkpoint's."""
-    small_model.save_pretrained(tmp_path)
-    weights = load_file(tmp_path / "model.safetensors")
-    weights["encoder.conv1.weight"] = weights["encoder.conv1.weight"][:, :, 0].contiguous()  # 2-D, not 3-D
-    weights["encoder.layers.0.fc1.weight"] = weights["encoder.layers.0.fc1.weight"][:-1].contiguous()
-    save_file(weights, tmp_path / "model.safetensors")
-    with pytest.raises(CheckpointError) as error:
-        load_whisper(tmp_path)
-    message = str(error.value)
+    def edit(weights):
+        weights["encoder.conv1.weight"] = weights["encoder.conv1.weight"][:, :, 0].contiguous()  # 2-D, not 3-D
+        weights["encoder.layers.0.fc1.weight"] = weights["encoder.layers.0.fc1.weight"][:-1].contiguous()
+
+    message = _refusal_of_edited_checkpoint(tmp_path, small_model, edit)
     assert "shape mismatches (2)" in message
     assert "encoder.conv1.weight: checkpoint (64, 80) vs model (3, 80, 64)" in message
     assert "encoder.layers.0.fc1.weight: checkpoint (255, 64) (in our layout (64, 255)) vs model (64, 256)" in message
