@@ -31,6 +31,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from wavlink_jax import checkpoint, cli, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
+from wavlink_jax.convert.common import read_json
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.tokenizer import load_tokenizer
@@ -98,7 +99,7 @@ def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: 
     its learning rate becomes: the schedule is stretched or squeezed from the resumed step on."""
     path = Path(workdir) / SCHEDULE_FILE
     if start_step and path.exists():
-        before = int(json.loads(path.read_text())["total_steps"])
+        before = int(read_json(path)["total_steps"])  # a file cut short is named, not a bare JSON error
         if before != total_steps:
             old, new = (float(optim.learning_rate_schedule(config.optim, n)(start_step)) for n in (before, total_steps))
             _say(
