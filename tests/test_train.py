@@ -119,6 +119,24 @@ def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch, capsy
     assert json.loads((run / "schedule.json").read_text()) == {"total_steps": 2}
 
 
+def test_only_process_zero_reads_and_writes_the_run_files(tmp_path, data_dir, monkeypatch):
+    """config.json and schedule.json are process 0's: another process that read them while process 0 replaced them
+    found a file cut short (a two-process resume failed on schedule.json in CI). Process 0 replaces them whole."""
+    config = tiny_config(str(data_dir), total_steps=4)
+    schedule = tmp_path / train.SCHEDULE_FILE
+    schedule.write_text("")  # what the other process saw: process 0 between truncating and writing
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    train.write_config(config, str(tmp_path))
+    train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2)
+    assert [p.name for p in tmp_path.iterdir()] == [train.SCHEDULE_FILE] and schedule.read_text() == ""
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    schedule.write_text('{"total_steps": 4}\n')
+    train.write_config(config, str(tmp_path))
+    train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", train.SCHEDULE_FILE]  # no .partial left
+    assert json.loads(schedule.read_text()) == {"total_steps": 4}
+
+
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):
     """Their metrics (eval/<name>/...) would overwrite each other's."""
     eval_set = {"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}}

@@ -30,6 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from wavlink_jax import cli, sharding
+from wavlink_jax.convert.common import replace_text
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
 # 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -589,9 +590,7 @@ def _write_results(
         plot = Path(args.plot) if args.plot else out.with_suffix(".png")
         plot_matryoshka(combined, str(plot))
         results["plot"] = str(plot)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(partial, out)
+    replace_text(out, json.dumps(results, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

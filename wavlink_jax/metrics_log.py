@@ -15,6 +15,8 @@ from typing import Mapping
 import jax
 import tqdm
 
+from wavlink_jax.convert.common import replace_text
+
 FLUSH_SECONDS = 2  # TensorBoard events reach the disk within this (see MetricsLogger)
 
 
@@ -60,9 +62,7 @@ class MetricsLogger:
                 raise ValueError(f"{self.path}: line {number} is not a JSON record ({err}); repair or remove it") from err
             if record["step"] <= step:
                 kept.append(line)
-        partial = self.path.with_name(self.path.name + ".partial")
-        partial.write_text("".join(line + "\n" for line in kept))
-        os.replace(partial, self.path)
+        replace_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal)."""

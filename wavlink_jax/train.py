@@ -31,7 +31,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from wavlink_jax import checkpoint, cli, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
-from wavlink_jax.convert.common import read_json
+from wavlink_jax.convert.common import read_json, replace_text
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.tokenizer import load_tokenizer
@@ -87,7 +87,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         _say(f"note: the config differs from {path} in {changed}; continuing with the new values")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_text(path, text)
 
 
 SCHEDULE_FILE = "schedule.json"  # {"total_steps": N}: the number of steps the run's schedule was made for
@@ -97,6 +97,8 @@ def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: 
     """Record the run's resolved number of steps in WORKDIR/schedule.json; a resumed run whose number differs
     (total_steps changed, or `epochs` over sources that grew or shrank, which config.json cannot show) says what
     its learning rate becomes: the schedule is stretched or squeezed from the resumed step on."""
+    if jax.process_index() != 0:  # the other processes would read it while process 0 replaces it
+        return
     path = Path(workdir) / SCHEDULE_FILE
     if start_step and path.exists():
         before = int(read_json(path)["total_steps"])  # a file cut short is named, not a bare JSON error
@@ -106,8 +108,7 @@ def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: 
                 f"note: this run has {total_steps} steps, the run it resumes {before}: the learning-rate schedule "
                 f"changes (at step {start_step}: {old:.3g} → {new:.3g})"
             )
-    if jax.process_index() == 0:
-        path.write_text(json.dumps({"total_steps": total_steps}) + "\n")
+    replace_text(path, json.dumps({"total_steps": total_steps}) + "\n")
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict) -> int:

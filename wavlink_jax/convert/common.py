@@ -171,6 +171,14 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file may be cut short: replace it") from err
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole through a temporary file and one rename: a reader (another process, or a run killed and
+    resumed) sees the old contents or the new, never a file cut short."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
 def read_hf_config(directory: Path) -> dict:
     """`directory/config.json` of a Hugging Face model directory."""
     config_file = directory / "config.json"
