@@ -111,6 +111,15 @@ def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch, capsy
     # Resumed with more steps, the run says how its learning-rate schedule changes (silent before, when the
     # number came from `epochs` over sources that changed size).
     assert json.loads((run / "schedule.json").read_text()) == {"total_steps": 1}
+    # A resume refused for a damaged metrics.jsonl leaves config.json and schedule.json as they were (it rewrote
+    # them, so the run after the repair no longer said what had changed).
+    records = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text('{"loss": 1.0}\n' + records)
+    with pytest.raises(ValueError, match=r'metrics.jsonl: line 1 has no integer "step"'):
+        train.train(tiny_config(str(data_dir), total_steps=2), "~/run")
+    assert (run / "config.json").read_text() == before
+    assert json.loads((run / "schedule.json").read_text()) == {"total_steps": 1}
+    (run / "metrics.jsonl").write_text(records)
     capsys.readouterr()
     train.train(tiny_config(str(data_dir), total_steps=2), "~/run")
     assert "note: this run has 2 steps, the run it resumes 1: the learning-rate schedule changes (at step 1: 0 → " in (
@@ -321,7 +330,7 @@ def test_paper_configs_build_sharded_states(name):
 
 
 def test_metrics_logger_jsonl_tensorboard_and_resume_truncation(tmp_path):
-    from wavlink_jax.metrics_log import FLUSH_SECONDS, MetricsLogger
+    from wavlink_jax.metrics_log import FLUSH_SECONDS, MetricsLogger, keep_records_through
 
     log = MetricsLogger(tmp_path, total_steps=4, start_step=0, progress=False)
     for step in range(1, 5):
@@ -339,7 +348,7 @@ def test_metrics_logger_jsonl_tensorboard_and_resume_truncation(tmp_path):
     assert records[3]["grad_norm"] == "nan"  # JSON has no NaN literal
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     # Resuming from step 2 drops what a killed run logged after its checkpoint.
-    MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False).close()
+    keep_records_through(tmp_path, 2)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 

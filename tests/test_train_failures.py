@@ -58,15 +58,15 @@ def test_a_failing_evaluation_keeps_the_training_in_a_checkpoint(tmp_path, data_
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
-    from wavlink_jax.metrics_log import MetricsLogger
+    from wavlink_jax.metrics_log import keep_records_through
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # killed mid-append
-    MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False).close()
+    keep_records_through(tmp_path, 2)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')  # damaged inside
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
-        MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False)
+        keep_records_through(tmp_path, 2)
 
 
 def test_cli_reports_an_unusable_source_as_one_error_line(tmp_path, data_dir):

@@ -1,7 +1,8 @@
 """Training metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files and a progress bar with rate and ETA.
 
 Only process 0 writes. On resume the JSONL keeps the records up to the restored step and drops the ones a
-killed run logged after its last checkpoint, so the file reads as if the run had never stopped.
+killed run logged after its last checkpoint (`keep_records_through`), so the file reads as if the run had never
+stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +21,29 @@ from wavlink_jax.convert.common import replace_text
 FLUSH_SECONDS = 2  # TensorBoard events reach the disk within this (see MetricsLogger)
 
 
+def keep_records_through(workdir: str | os.PathLike, step: int) -> None:
+    """Keep WORKDIR/metrics.jsonl's records up to `step` (the checkpoint a run resumes from; process 0 only). A last
+    line cut short by a killed run is dropped; a damaged line elsewhere is an error naming it. The file is replaced
+    in one rename, so a run killed while it is rewritten loses no record."""
+    path = Path(workdir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line]
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines):  # the append the run was killed in
+                break
+            raise ValueError(f"{path}: line {number} is not a JSON record ({err}); repair or remove it") from err
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}: line {number} has no integer \"step\" ({line[:80]}); repair or remove it")
+        if record["step"] <= step:
+            kept.append(line)
+    replace_text(path, "".join(line + "\n" for line in kept))
+
+
 class MetricsLogger:
     """Writes one JSON object per logged step (`{"step": s, "loss": ..., ...}`) and the same scalars to TensorBoard.
 
@@ -34,7 +58,6 @@ class MetricsLogger:
         self._bar = None
         if not self.enabled:
             return
-        self._truncate_after(start_step)
         from tensorboardX import SummaryWriter
 
         # Written to disk within FLUSH_SECONDS (tensorboardX's default, 120 s, would lose that much of a run ended
@@ -44,25 +67,6 @@ class MetricsLogger:
         )
         if progress:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
-
-    def _truncate_after(self, step: int) -> None:
-        """Keep the records up to `step` (the checkpoint a run resumes from). A last line cut short by a killed
-        run is dropped; a damaged line elsewhere is an error naming it. The file is replaced in one rename, so a
-        run killed while it is rewritten loses no record."""
-        if not self.path.exists():
-            return
-        lines = [line for line in self.path.read_text().splitlines() if line]
-        kept = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                if number == len(lines):  # the append the run was killed in
-                    break
-                raise ValueError(f"{self.path}: line {number} is not a JSON record ({err}); repair or remove it") from err
-            if record["step"] <= step:
-                kept.append(line)
-        replace_text(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal)."""

@@ -83,7 +83,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     path = Path(workdir) / "config.json"
     text = config.to_json_best_effort(indent=2, sort_keys=True) + "\n"
     if path.exists() and path.read_text() != text:
-        old, new = (optim.flatten(json.loads(t)) for t in (path.read_text(), text))
+        old, new = optim.flatten(read_json(path)), optim.flatten(json.loads(text))
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         _say(f"note: the config differs from {path} in {changed}; continuing with the new values")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +101,11 @@ def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: 
         return
     path = Path(workdir) / SCHEDULE_FILE
     if start_step and path.exists():
-        before = int(read_json(path)["total_steps"])  # a file cut short is named, not a bare JSON error
+        recorded = read_json(path)  # a file cut short is named, not a bare JSON error
+        before = recorded.get("total_steps") if isinstance(recorded, dict) else None
+        if not isinstance(before, int):
+            raise ValueError(f'{path}: no integer "total_steps"; write {{"total_steps": N}} with the number of steps '
+                             f"the resumed run was made for, or remove the file")
         if before != total_steps:
             old, new = (float(optim.learning_rate_schedule(config.optim, n)(start_step)) for n in (before, total_steps))
             _say(
@@ -329,8 +333,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if start_step >= total_steps:  # config.json stays that of the run that made the checkpoints
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
     else:
-        # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too): a
-        # refused config leaves no config.json in a new workdir, and a resumed run's as it was.
+        # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too, and
+        # metrics.jsonl is readable): a refused config leaves no config.json in a new workdir, and a resumed run's
+        # as it was.
+        metrics_log.keep_records_through(workdir, start_step)
         write_config(config, workdir)
         keep_schedule(config, workdir, total_steps, start_step)
     step_fn = train_step.make_train_step(setup)
