@@ -10,6 +10,7 @@ import re
 import statistics
 import types
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -841,3 +842,35 @@ def test_cli_dims_must_be_trained_sizes(tmp_path, monkeypatch):
     ev.main(["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out), "--dims", "4"])
     results = json.loads(out.read_text())
     assert results["dims"] == [4] and set(results["datasets"]["good"]["metrics"]) == {"4"}
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_cli_output_files_are_checked_by_the_parser(tmp_path, capsys, flag):
+    """An --out or --plot that is a folder, or under a file, failed only after the first set had been scored."""
+    (tmp_path / "file").write_text("")
+    for path, message in ((tmp_path, f"{tmp_path} is a directory; give the name of a file in it"),
+                          (tmp_path / "file" / "x", f"{tmp_path / 'file' / 'x'}: {tmp_path / 'file'} is a file, not a folder")):
+        argv = ["--workdir", "W", "--datasets", "synthetic", "--out", str(tmp_path / "res.json"), flag, str(path)]
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main(argv)
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {message}")
+
+
+def test_cli_writes_the_results_before_the_plot(tmp_path, monkeypatch):
+    """A plot that fails (a full disk, a broken font cache) loses no figures, and leaves no partial file."""
+    from wavlink_jax import inference
+
+    manifest = _good_manifest(tmp_path)
+    monkeypatch.setattr(inference, "load", lambda *args, **kwargs: _fake_model())
+
+    def broken(table, path, keys=None):
+        Path(path).write_bytes(b"\x89PNG half")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(ev, "plot_matryoshka", broken)
+    out = tmp_path / "res" / "res.json"
+    with pytest.raises(SystemExit, match="No space left on device"):
+        ev.main(["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out), "--plot", str(tmp_path / "p" / "m.png")])
+    assert set(json.loads(out.read_text())["datasets"]) == {"good"}
+    assert sorted(p.name for p in out.parent.iterdir()) == ["res.json"] and not any((tmp_path / "p").iterdir())

@@ -159,7 +159,7 @@ def test_embed_cli_similarity_matrix(run, embedder, clips, capsys):
     assert lines[3:] == ["[0] a burst of noise", "[1] a tone"]
 
 
-def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, capsys):
+def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, capsys, monkeypatch):
     index_file = tmp_path / "clips.npz"
     embed.main(["--model", str(run[0]), "--index", str(clips), "--out", str(index_file)])
     captured = capsys.readouterr()
@@ -196,6 +196,18 @@ def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, ca
         embed.main(["--index-file", str(index_file), "--step", "2", "--query", query])
     assert "--step needs --model (the index was built with" in capsys.readouterr().err
 
+    # An index is replaced whole: a write that fails part way (a full disk) keeps the previous one.
+    before = index_file.read_bytes()
+
+    def full_disk(handle, **arrays):
+        handle.write(b"PK\x03\x04 cut short")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(np, "savez", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        embed.build_index(embedder, clips, index_file, progress=False)
+    assert index_file.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["clips.npz"]
+
 
 def test_embed_cli_usage_errors(run, tmp_path):
     with pytest.raises(SystemExit):
@@ -208,15 +220,17 @@ def test_embed_cli_usage_errors(run, tmp_path):
         embed.main(["--index-file", str(tmp_path / "bogus.npz"), "--query", "a dog"])
 
 
-def test_embed_cli_checks_the_index_file_before_loading_the_model(tmp_path, monkeypatch):
+def test_embed_cli_checks_the_index_file_before_loading_the_model(tmp_path, monkeypatch, capsys):
     """An --out that cannot be written is refused first (it failed only after the whole folder was embedded)."""
     def load(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
     monkeypatch.setattr(inference, "load", load)
-    for out, message in ((tmp_path / "missing" / "x.npz", rf"{tmp_path / 'missing'} does not exist; create it first"),
-                         (tmp_path, "a directory; give the index file's name")):
-        with pytest.raises(SystemExit, match=message):
+    (tmp_path / "file").write_text("")
+    for out, message in ((tmp_path / "file" / "x.npz", f"{tmp_path / 'file'} is a file, not a folder"),
+                         (tmp_path, "is a directory; give the name of a file in it")):
+        with pytest.raises(SystemExit):
             embed.main(["--model", str(tmp_path), "--index", str(tmp_path), "--out", str(out)])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(message)
     with pytest.raises(SystemExit, match=rf"{tmp_path / 'gone'}: not a directory"):  # the folder, too
         embed.main(["--model", str(tmp_path), "--index", str(tmp_path / "gone"), "--out", str(tmp_path / "x.npz")])

@@ -80,6 +80,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def output_file(text: str) -> str:
+    """argparse type of a file a command writes (--out, --plot): ~ expanded, and refused at once if it is a folder
+    or a file stands where one of its folders would be (such a path failed only after the model had loaded and the
+    work was done). Folders that do not exist yet are made when it is written."""
+    path = Path(os.path.expanduser(text))
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a directory; give the name of a file in it")
+    in_the_way = next((folder for folder in path.absolute().parents if folder.exists()), None)
+    if in_the_way is not None and not in_the_way.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {in_the_way} is a file, not a folder")
+    return str(path)
+
+
 def _fail(message: str) -> NoReturn:
     sys.exit(f"error: {message}")
 

@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wavlink_jax import cli, inference
+from wavlink_jax.convert.common import replaced
 from wavlink_jax.data.audio_io import BadAudio, load_audio
 from wavlink_jax.evaluate import truncate_normalize
 
@@ -83,16 +84,6 @@ def decode_files(paths: Sequence[Path], window_samples: int) -> list[np.ndarray 
         return list(pool.map(lambda path: _decode(path, window_samples), paths))
 
 
-def check_index_file(out: str | os.PathLike) -> None:
-    """Refuse an index path that cannot be written (a directory, or in a directory that does not exist) before
-    anything is loaded or embedded, not after the whole folder has been."""
-    out = Path(out)
-    if out.is_dir():
-        raise IsADirectoryError(f"--out {out}: a directory; give the index file's name, e.g. {out / 'index.npz'}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"--out {out}: the directory {out.parent} does not exist; create it first")
-
-
 def _probe_setting(embedder: inference.Embedder) -> str:
     return f"{embedder.config.audio.dtype} {embedder.window_samples}"
 
@@ -125,7 +116,6 @@ def build_index(
     embedder: inference.Embedder, folder: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True
 ) -> IndexReport:
     """Embed every audio file under `folder` and save the index to `out` (see the module docstring)."""
-    check_index_file(out)
     folder = Path(folder).resolve()
     files, ignored = audio_files(folder)
     embeddings, paths, skipped = [], [], []
@@ -147,7 +137,11 @@ def build_index(
     if not paths:
         raise ValueError(f"{folder}: no readable audio files ({len(skipped)} unreadable, {ignored} not audio)")
     loaded = embedder.loaded
-    with open(out, "wb") as handle:  # a file object: np.savez would otherwise append ".npz" to the name
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Replaced whole (an index cut short by a full disk destroyed the previous one); a file object, since np.savez
+    # would otherwise append ".npz" to the name.
+    with replaced(out) as partial, open(partial, "wb") as handle:
         np.savez(
             handle,
             embeddings=np.concatenate(embeddings).astype(np.float32),
@@ -253,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--index", metavar="FOLDER", type=os.path.expanduser, help="embed every audio file under FOLDER into --out"
     )
-    parser.add_argument("--out", metavar="INDEX.npz", type=os.path.expanduser, help="index file written by --index")
+    parser.add_argument("--out", metavar="INDEX.npz", type=cli.output_file, help="index file written by --index")
     parser.add_argument(
         "--index-file", metavar="INDEX.npz", type=os.path.expanduser, help="index to search with --query"
     )
@@ -275,7 +269,6 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("--index needs --model and --out")
             if args.dim is not None:
                 parser.error("--dim applies to searching and --audio/--text; an index keeps full-size embeddings")
-            check_index_file(args.out)
             audio_files(args.index)  # a folder that is not there is refused before the model is loaded
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
             report = build_index(embedder, args.index, args.out)

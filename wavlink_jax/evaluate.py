@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from wavlink_jax import cli, sharding
-from wavlink_jax.convert.common import replace_text
+from wavlink_jax.convert.common import replace_text, replaced
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
 # 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -581,16 +581,20 @@ def format_table(name: str, table: Mapping[int, Mapping[str, float]]) -> str:
 def _write_results(
     results: dict[str, Any], combined: Mapping[int, Mapping[str, float]], args: argparse.Namespace
 ) -> None:
-    """`--out` (replaced whole, never left half-written) and, with several sizes, the Matryoshka plot."""
+    """`--out` and, with several sizes, the Matryoshka plot (results first: a plot that fails loses no figures),
+    each replaced whole, never left half-written."""
     if jax.process_index() != 0:
         return
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if len(combined) > 1:
-        plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-        plot_matryoshka(combined, str(plot))
+    plot = (Path(args.plot) if args.plot else out.with_suffix(".png")) if len(combined) > 1 else None
+    if plot is not None:
         results["plot"] = str(plot)
+    out.parent.mkdir(parents=True, exist_ok=True)
     replace_text(out, json.dumps(results, indent=1) + "\n")
+    if plot is not None:
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        with replaced(plot) as partial:
+            plot_matryoshka(combined, str(partial))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -673,7 +677,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "(--airbench-dir), synthetic (--synthetic-dir), or NAME=path/to/manifest.jsonl",
     )
     parser.add_argument(
-        "--out", required=True, type=os.path.expanduser,
+        "--out", required=True, type=cli.output_file,
         help="results JSON file (the Matryoshka plot goes beside it)",
     )
     parser.add_argument(
@@ -710,7 +714,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="head crop of every clip (default: the model's training window; at most the audio tower's 30 s)",
     )
     parser.add_argument(
-        "--plot", type=os.path.expanduser,
+        "--plot", type=cli.output_file,
         help="PNG of the headline metrics against dimension (default: OUT with .png)",
     )
     args = parser.parse_args(argv)
