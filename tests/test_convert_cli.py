@@ -95,6 +95,16 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, whisper_source):
     assert main(["whisper", str(whisper_source), "--out", str(out)]) == 0
     with pytest.raises(SystemExit, match="^error: .*already holds a converted tower"):  # one line, exit status 1
         main(["whisper", str(whisper_source), "--out", str(out)])
+    # The output is checked before the source is read (a source that cannot be read shows it): a conversion
+    # killed before tower.json was written is named as such, here and by the loader, and a file is refused.
+    (out / "tower.json").unlink()
+    with pytest.raises(SystemExit, match=r"^error: .*tower holds an interrupted conversion \(params/ without tower.json\)"):
+        main(["whisper", str(tmp_path / "no such source"), "--out", str(out)])
+    with pytest.raises(CheckpointError, match=r"no tower.json \(params/ without it: an interrupted conversion"):
+        load_tower(out)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=r"^error: --out .*file: a file, not a directory"):
+        main(["whisper", str(tmp_path / "no such source"), "--out", str(tmp_path / "file")])
 
     not_whisper = tmp_path / "not_whisper"
     not_whisper.mkdir()

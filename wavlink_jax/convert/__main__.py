@@ -15,7 +15,7 @@ import sys
 from flax import nnx
 
 from wavlink_jax import cli
-from wavlink_jax.convert.save import save_tower
+from wavlink_jax.convert.save import check_tower_out, save_tower
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +48,7 @@ def _load(args: argparse.Namespace) -> nnx.Module:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with cli.user_errors():
+        check_tower_out(args.out)  # before the source is read
         module = _load(args)
         out = save_tower(args.out, args.kind, module.config, module)
     params = sum(v.get_value().size for _, v in nnx.to_flat_state(nnx.state(module, nnx.Param)))

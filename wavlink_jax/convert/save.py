@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from wavlink_jax.convert.common import CheckpointError, assign_strict, identity
+from wavlink_jax.convert.common import CheckpointError, assign_strict, identity, replace_text
 
 TOWER_FILE = "tower.json"
 PARAMS_DIR = "params"
@@ -40,15 +40,29 @@ def save_tower(out_dir: str | os.PathLike, kind: str, config: Any, module: nnx.M
     """
     if kind not in TOWER_KINDS:
         raise ValueError(f"unknown tower kind {kind!r}; expected one of {TOWER_KINDS}")
-    out = Path(out_dir).expanduser().absolute()
-    if (out / TOWER_FILE).exists() or (out / PARAMS_DIR).exists():
-        raise FileExistsError(f"{out} already holds a converted tower; remove it or choose another output directory")
+    out = check_tower_out(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = nnx.state(module, nnx.Not(nnx.RngState)).to_pure_dict()
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out / PARAMS_DIR, state)
     # Written last: a directory without tower.json is an interrupted conversion, never mistaken for a tower.
-    (out / TOWER_FILE).write_text(json.dumps({"kind": kind, "config": dataclasses.asdict(config)}, indent=2) + "\n")
+    replace_text(out / TOWER_FILE, json.dumps({"kind": kind, "config": dataclasses.asdict(config)}, indent=2) + "\n")
+    return out
+
+
+def check_tower_out(out_dir: str | os.PathLike) -> Path:
+    """The absolute output directory of a conversion, refused if it cannot take one: a file, a converted tower
+    (a half-replaced directory would mix towers), or what an interrupted conversion left (`params/` without
+    tower.json). `python -m wavlink_jax.convert` checks it before reading the source (seconds to minutes, GBs)."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out}: a file, not a directory")
+    if (out / TOWER_FILE).exists():
+        raise FileExistsError(f"{out} already holds a converted tower; remove it or choose another output directory")
+    if (out / PARAMS_DIR).exists():
+        raise FileExistsError(
+            f"{out} holds an interrupted conversion ({PARAMS_DIR}/ without {TOWER_FILE}); remove it and convert again"
+        )
     return out
 
 
@@ -67,7 +81,11 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
     a tower of another kind is an error."""
     directory = Path(out_dir).expanduser()
     if not is_tower_dir(directory):
-        raise CheckpointError(f"{directory}: no {TOWER_FILE}; not a tower written by `python -m wavlink_jax.convert`")
+        interrupted = (directory / PARAMS_DIR).exists()
+        interrupted = f" ({PARAMS_DIR}/ without it: an interrupted conversion; convert again)" if interrupted else ""
+        raise CheckpointError(
+            f"{directory}: no {TOWER_FILE}{interrupted}; not a tower written by `python -m wavlink_jax.convert`"
+        )
     try:
         description = json.loads((directory / TOWER_FILE).read_text())
         saved_kind, config = description["kind"], description["config"]
