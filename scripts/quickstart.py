@@ -1,5 +1,6 @@
-"""`make quickstart`: generate the synthetic data set (if missing, or of other sizes), train configs/quickstart.py on the CPU,
-evaluate on the held-out split and print text→audio / audio→text recall beside chance.
+"""`make quickstart`: generate the synthetic data set (if missing, incomplete or of other sizes), train
+configs/quickstart.py on the CPU, evaluate on the held-out split and print text→audio / audio→text recall beside
+chance.
 
     python scripts/quickstart.py [--data-dir data/synthetic] [--workdir workdirs/quickstart] [--steps N]
 
@@ -43,6 +44,14 @@ def _split_sizes(data_dir: Path) -> tuple[int, int] | None:
     return tuple(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in files)
 
 
+def needs_data(data_dir: Path) -> bool:
+    """Whether the synthetic data set must be generated into `data_dir`: it is missing, incomplete (the generator
+    writes its marker last; a data set without one may be cut short) or of other sizes."""
+    from wavlink_jax.data import synthetic
+
+    return not (data_dir / synthetic.MARKER).is_file() or _split_sizes(data_dir) != (NUM_TRAIN, NUM_EVAL)
+
+
 def replaceable(workdir: Path) -> bool:
     """Whether the quickstart may delete `workdir` to start fresh: it is missing or empty, the default folder,
     or one an earlier quickstart marked as its own. Anything else may hold someone's work."""
@@ -80,10 +89,11 @@ def main() -> int:
     from wavlink_jax.data import synthetic
 
     data_dir = Path(args.data_dir)
-    if _split_sizes(data_dir) != (NUM_TRAIN, NUM_EVAL) or not (data_dir / "tokenizer").exists():
+    if needs_data(data_dir):
         print(f"generating the synthetic data set in {data_dir} ({NUM_TRAIN} training clips, {NUM_EVAL} held out)")
         start = time.perf_counter()
-        synthetic.generate(data_dir, NUM_TRAIN, NUM_EVAL, max_seconds=SECONDS)
+        with cli.user_errors():  # e.g. a --data-dir holding other files: refused
+            synthetic.generate(data_dir, NUM_TRAIN, NUM_EVAL, max_seconds=SECONDS)
         print(f"  done in {time.perf_counter() - start:.0f} s")
 
     config = quickstart.get_config(f"data_dir={data_dir}" + (f",steps={args.steps}" if args.steps is not None else ""))

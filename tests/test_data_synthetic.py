@@ -2,8 +2,10 @@
 
 import hashlib
 import json
+import re
 
 import numpy as np
+import pytest
 import soundfile as sf
 
 from wavlink_jax.data import synthetic
@@ -62,3 +64,56 @@ def test_clip_signal_has_events_at_planned_times():
     for event in events:
         segment = mono[int(event.start * rate) : int((event.start + event.duration) * rate)]
         assert np.abs(segment).max() > max(5 * floor, 0.1)
+
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _small(out, num_train, num_eval, seed=0):
+    return synthetic.generate(out, num_train, num_eval, seed, max_seconds=1.5, captions_per_clip=1)
+
+
+def test_a_rerun_replaces_the_earlier_data_set_whole(tmp_path, caplog):
+    """A rerun over an earlier run's folder kept that run's files it did not write (audio of higher indices, and
+    eval.jsonl with num_eval 0, which generate returned as this run's eval split)."""
+    out = tmp_path / "synth"
+    _small(out, 6, 4)
+    (out / synthetic.MARKER).unlink()  # as made before the marker existed: recognised by its classes.json
+    (tmp_path / ".synth.partial-99999").mkdir()  # what a killed run leaves beside the folder
+    paths = _small(out, 3, 0, seed=1)
+    assert paths.eval is None and not (out / "eval.jsonl").exists()
+    assert sorted(p.name for p in (out / "audio" / "train").iterdir()) == ["000000.flac", "000001.flac", "000002.flac"]
+    assert not any((out / "audio" / "eval").iterdir())
+    assert json.loads((out / synthetic.MARKER).read_text())["num_train"] == 3
+    assert f"{out} holds a data set generated earlier" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+def test_a_folder_holding_other_files_is_refused_and_left_alone(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("someone's work")
+    message = f"{mine} exists and is no data set made by this generator (no {synthetic.MARKER} in it)"
+    with pytest.raises(FileExistsError, match=re.escape(message)):
+        _small(mine, 2, 1)
+    with pytest.raises(SystemExit) as exit_info:  # the command line: one `error:` line
+        synthetic.main(["--out", str(mine), "--num-train", "2", "--num-eval", "1", "--seconds", "1.5"])
+    assert str(exit_info.value.code).startswith(f"error: {message}")
+    assert _files(tmp_path) == ["mine", "mine/notes.txt"]
+
+
+def test_a_failed_run_keeps_the_earlier_data_set(tmp_path, monkeypatch):
+    """A run that stops part way (killed, or an error) left a mix of both runs' files."""
+    out = tmp_path / "synth"
+    _small(out, 2, 1)
+    before = {name: (out / name).read_bytes() for name in _files(out) if (out / name).is_file()}
+
+    def fail(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("wavlink_jax.tokenizer.train_tokenizer", fail)
+    with pytest.raises(OSError, match="No space left"):
+        _small(out, 3, 2, seed=1)
+    assert {name: (out / name).read_bytes() for name in _files(out) if (out / name).is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]

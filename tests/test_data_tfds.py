@@ -461,3 +461,53 @@ def test_split_whose_clips_all_fail_to_decode_is_one_error(tmp_path):
     with pytest.raises(pipeline.DataError, match=r"^esc50/train: none of its 2 clips could be stored "
                                                  r"\(\{'not_audio': 2\}; e\.g\. 1-100032-A-0\.wav: .*expected layout:"):
         tb.build("esc50", manual, tmp_path / "data")
+
+
+def _one_clip_manifest(tmp_path):
+    soundfile.write(tmp_path / "a.wav", np.full(8000, 0.1, np.float32), 16000)  # not write_tone (see above)
+    return sources.write_manifest(tmp_path / "train.jsonl", [{"audio": "a.wav", "captions": ["a"]}])
+
+
+def test_a_stopped_uncompressed_rewrite_names_the_shard_and_the_next_build_completes_it(tmp_path, monkeypatch):
+    """A rewrite stopped part way (disk full, file-size limit) ended in array_record's RuntimeError and left
+    "<shard>.uncompressed-partial", which the next build's glob took for a shard and crashed on (AttributeError)."""
+    manifest, data = _one_clip_manifest(tmp_path), tmp_path / "data"
+    tb.build_manifest("my_clips", {"train": manifest}, data, compress=True)
+    folder = tb.prepared_path("my_clips", data)
+    (shard,) = folder.glob("my_clips-train.array_record-*")
+    zstd = shard.read_bytes()
+
+    class FullDisk:
+        def __init__(self, path, options):
+            open(path, "wb").write(b"part")
+
+        def write(self, record):
+            raise RuntimeError("write() failed: No space left on device")
+
+    monkeypatch.setattr(tb.array_record_module, "ArrayRecordWriter", FullDisk)
+    with pytest.raises(OSError) as error:
+        tb.rewrite_uncompressed(folder)
+    assert str(error.value).startswith(f"{shard}: rewriting this shard without compression failed (write() failed")
+    assert "run the same build again" in str(error.value) and "--compress" in str(error.value)
+    monkeypatch.undo()
+    assert shard.read_bytes() == zstd and sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+    # What a killed rewrite leaves: the temporary file of `replaced`, whose name also ends like a shard's.
+    leftover = folder / f".my_clips-train.partial-99999{shard.suffix}"
+    leftover.write_bytes(b"cut")
+    tb.build_manifest("my_clips", {"train": manifest}, data)
+    assert not leftover.exists()
+    assert "uncompressed" in array_record_module.ArrayRecordReader(str(shard)).writer_options_string().split(",")
+    assert tb.load_source("my_clips", data, "train")[0]["id"] == "a.wav"
+
+
+def test_a_damaged_metadata_json_is_named(tmp_path):
+    """A prepared folder whose metadata.json is not JSON: the build and load_source ended in a JSONDecodeError
+    naming no file."""
+    manifest, data = _one_clip_manifest(tmp_path), tmp_path / "data"
+    tb.build_manifest("my_clips", {"train": manifest}, data, compress=True)
+    folder = tb.prepared_path("my_clips", data)
+    (folder / "metadata.json").write_text('{"skipped": {')
+    with pytest.raises(ValueError, match=f"^{folder}/metadata.json: not valid JSON .* or delete {folder} to build"):
+        tb.build_manifest("my_clips", {"train": manifest}, data)
+    with pytest.raises(ValueError, match=f"^{folder}: not a readable prepared data set .* delete {folder} and build"):
+        tb.load_source("my_clips", data, "train")

@@ -15,6 +15,12 @@ Layout written by `generate` / `python -m wavlink_jax.data.synthetic --out DIR -
     DIR/audio/{train,eval}/NNNNNN.flac
     DIR/classes.json                  the ten class names, in a fixed order
     DIR/tokenizer/                    a CLIP-style BPE tokenizer trained on the training captions
+    DIR/generated.json                the settings (`MARKER`): written last, it marks a complete data set
+
+With `--num-eval 0` there is no eval.jsonl. The data set is written into `.DIR.partial-PID` beside DIR and moved
+into place when complete, so DIR never holds a partial data set nor files of an earlier run: a data set generated
+earlier in DIR is replaced whole (saying so), a DIR that holds anything else is refused, and what a killed run
+left beside DIR is deleted by the next run.
 
 Clip i of a split depends only on (seed, split, i): the eval set is the same whatever `num_train` is.
 """
@@ -24,7 +30,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -57,6 +65,8 @@ _SEQUENCES = {
 }
 _FRAMES = ["{}", "the sound of {}", "{} can be heard", "you hear {}", "a recording of {}", "{} in a quiet room"]
 _SAMPLE_RATES = (16000, 16000, 16000, 22050, 44100)  # drawn uniformly: 60% need no resampling
+MARKER = "generated.json"  # written last into a data set `generate` made
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +83,7 @@ class SyntheticPaths:
 
     root: Path
     train: Path
-    eval: Path
+    eval: Path | None  # None when there are no evaluation clips
     tokenizer: Path
     classes: Path
 
@@ -231,6 +241,24 @@ def _write_split(root: Path, split: str, num: int, seed: int, max_seconds: float
     return entries
 
 
+def _replaces_generated(target: Path) -> bool:
+    """Whether `target` holds a data set generated earlier (to be replaced whole) rather than nothing; a file or a
+    folder holding anything else is refused (FileExistsError naming it), never deleted."""
+    if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return False
+    if (target / MARKER).is_file():
+        return True
+    try:  # made before the marker existed: its classes.json is the generator's
+        if json.loads((target / "classes.json").read_text()) == list(CLASSES):
+            return True
+    except (OSError, ValueError):
+        pass
+    raise FileExistsError(
+        f"{target} exists and is no data set made by this generator (no {MARKER} in it); the generator replaces "
+        "its output folder whole, so choose a new or empty folder, or delete this one yourself"
+    )
+
+
 def generate(
     out_dir: str | os.PathLike,
     num_train: int,
@@ -241,7 +269,8 @@ def generate(
     captions_per_clip: int = 5,
     vocab_size: int = 1024,
 ) -> SyntheticPaths:
-    """Write the generated data set into `out_dir` (layout in the module docstring) and return its paths."""
+    """Write the generated data set into `out_dir` (layout and replacement rules in the module docstring) and
+    return its paths."""
     from wavlink_jax.data.sources import write_manifest
     from wavlink_jax.tokenizer import train_tokenizer
 
@@ -250,19 +279,44 @@ def generate(
     if max_seconds < 1.5:
         raise ValueError(f"max_seconds must be at least 1.5 (three events need room), got {max_seconds}")
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    train = _write_split(root, "train", num_train, seed, max_seconds, captions_per_clip)
-    evaluation = _write_split(root, "eval", num_eval, seed, max_seconds, captions_per_clip)
-    paths = SyntheticPaths(
+    target = Path(os.path.realpath(root))  # a symlink's target is replaced, not the link; "." has a name
+    if _replaces_generated(target):
+        log.warning("%s holds a data set generated earlier: it is replaced when the new one is complete", root)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}.partial-"
+    for leftover in target.parent.iterdir():  # of a killed run
+        if leftover.name.startswith(prefix):
+            shutil.rmtree(leftover)
+    staging = target.with_name(f"{prefix}{os.getpid()}")
+    try:
+        staging.mkdir()
+        train = _write_split(staging, "train", num_train, seed, max_seconds, captions_per_clip)
+        evaluation = _write_split(staging, "eval", num_eval, seed, max_seconds, captions_per_clip)
+        write_manifest(staging / "train.jsonl", train)
+        if evaluation:
+            write_manifest(staging / "eval.jsonl", evaluation)
+        (staging / "classes.json").write_text(json.dumps(list(CLASSES), indent=1) + "\n")
+        captions = (text for entry in train for text in entry["captions"])
+        train_tokenizer(captions, staging / "tokenizer", vocab_size=vocab_size)
+        settings = {"num_train": num_train, "num_eval": num_eval, "seed": seed, "max_seconds": max_seconds,
+                    "captions_per_clip": captions_per_clip, "vocab_size": vocab_size}
+        (staging / MARKER).write_text(json.dumps(settings, indent=1) + "\n")
+        if _replaces_generated(target):  # checked again: nothing else may have been written there meanwhile
+            old = target.with_name(f"{staging.name}-old")
+            target.rename(old)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)  # replaces an empty folder
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return SyntheticPaths(
         root=root,
-        train=write_manifest(root / "train.jsonl", train),
-        eval=write_manifest(root / "eval.jsonl", evaluation) if evaluation else root / "eval.jsonl",
+        train=root / "train.jsonl",
+        eval=root / "eval.jsonl" if num_eval else None,
         tokenizer=root / "tokenizer",
         classes=root / "classes.json",
     )
-    paths.classes.write_text(json.dumps(list(CLASSES), indent=1) + "\n")
-    train_tokenizer((text for entry in train for text in entry["captions"]), paths.tokenizer, vocab_size=vocab_size)
-    return paths
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
             max_seconds=args.seconds,
             captions_per_clip=args.captions_per_clip,
         )
-    print(json.dumps({k: str(v) for k, v in dataclasses.asdict(paths).items()}))
+    print(json.dumps({k: None if v is None else str(v) for k, v in dataclasses.asdict(paths).items()}))
 
 
 if __name__ == "__main__":

@@ -639,10 +639,15 @@ manifest mode — no manual directory; each split is a JSONL manifest (one clip 
     def prepare(self, manual_dir: str | None = None, *, compress: bool = False) -> None:
         """Build, or reuse a build of this name made from the same manifests (TFDS reuses any build of the
         name: one from other manifests would silently stand in for the requested ones, so it is refused)."""
+        from wavlink_jax.convert.common import CheckpointError, read_json
+
         folder = Path(self.data_dir)
         if folder.exists():
             metadata = folder / "metadata.json"
-            recorded = json.loads(metadata.read_text()).get("manifests") if metadata.exists() else None
+            try:
+                recorded = read_json(metadata).get("manifests") if metadata.exists() else None
+            except CheckpointError as err:
+                raise ValueError(f"{err}, or delete {folder} to build the data set again") from err
             if not _same_files(recorded, self._manifest_paths()):
                 raise ValueError(
                     f"{folder} holds data set {self.name!r} built from manifests {recorded}, not the requested "
@@ -701,22 +706,37 @@ def rewrite_uncompressed(folder: Path) -> None:
 
     TFDS writes zstd-compressed records; PCM audio shrinks little under zstd (~10% on noisy clips) while
     decompression is most of the cost of a random read (about 4x slower than reading uncompressed records).
-    Shards already uncompressed are left alone, so this is safe to repeat.
+    Shards already uncompressed are left alone, so this is safe to repeat. Each shard is written through a
+    temporary file (`replaced`), so a stopped rewrite keeps the compressed shard; the temporary file a killed
+    rewrite leaves (a dot file) is deleted here.
     """
+    from wavlink_jax.convert.common import replaced
+
     for path in sorted(folder.glob("*.array_record-*")):
-        reader = array_record_module.ArrayRecordReader(str(path))
-        if "uncompressed" in reader.writer_options_string().split(","):
-            reader.close()
+        if path.name.startswith("."):  # `replaced`'s temporary file, left by a rewrite that was killed
+            path.unlink()
             continue
-        partial = path.with_name(path.name + ".uncompressed-partial")
-        writer = array_record_module.ArrayRecordWriter(str(partial), "group_size:1,uncompressed")
-        total = reader.num_records()
-        for start in range(0, total, 256):
-            for record in reader.read(start, min(start + 256, total)):
-                writer.write(record)
-        writer.close()
-        reader.close()
-        os.replace(partial, path)
+        if not re.fullmatch(r".*\.array_record-\d+-of-\d+", path.name):
+            continue  # no shard: e.g. the "<shard>.uncompressed-partial" of an earlier version's stopped rewrite
+        reader = array_record_module.ArrayRecordReader(str(path))
+        try:
+            if "uncompressed" in reader.writer_options_string().split(","):
+                continue
+            with replaced(path) as partial:
+                writer = array_record_module.ArrayRecordWriter(str(partial), "group_size:1,uncompressed")
+                total = reader.num_records()
+                for start in range(0, total, 256):
+                    for record in reader.read(start, min(start + 256, total)):
+                        writer.write(record)
+                writer.close()
+        except RuntimeError as err:  # array_record's errors: a full disk, a file-size limit, an unreadable shard
+            raise OSError(
+                f"{path}: rewriting this shard without compression failed ({err}); the shard is kept as TFDS wrote "
+                "it. Free disk space (or raise the file-size limit) and run the same build again, which resumes "
+                "the rewrite, or build with --compress (compress=True) to keep the compressed shards"
+            ) from err
+        finally:
+            reader.close()
 
 
 def build(
@@ -781,6 +801,20 @@ def prepared_path(name: str, data_dir: str | os.PathLike | None) -> Path:
     return max(versions)[1]
 
 
+def open_prepared(path: Path) -> tfds.core.DatasetBuilder:
+    """TFDS's builder of the prepared data set in `path`; a damaged one (e.g. a metadata.json cut short) is a
+    ValueError naming the folder, where TFDS's own error names no file."""
+    try:
+        builder = tfds.builder_from_directory(path)
+        builder.info.metadata  # read lazily otherwise: at the first use, outside this check
+        return builder
+    except Exception as err:  # JSON, protobuf and TFDS errors alike: all mean the folder cannot be read
+        raise ValueError(
+            f"{path}: not a readable prepared data set ({type(err).__name__}: {err}); a file of it (dataset_info.json, "
+            f"features.json or metadata.json) is damaged or cut short: delete {path} and build it again"
+        ) from err
+
+
 class PreparedSource:
     """One split of a prepared data set as a grain random-access source of `sources.Record`s (+ `fold`).
 
@@ -792,7 +826,7 @@ class PreparedSource:
     def __init__(self, path: str | os.PathLike, split: str):
         self.path = Path(path)
         self.split = split
-        builder = tfds.builder_from_directory(self.path)
+        builder = open_prepared(self.path)
         base_split = split.split("[")[0]
         if base_split not in builder.info.splits:
             prepared = ", ".join(builder.info.splits)
@@ -845,7 +879,7 @@ def summary(name: str, data_dir: str | os.PathLike | None) -> dict:
     """Path, clips per split, skipped clips per split and reason, blank captions dropped per split, and the
     splits left out because none of their clips had an audio file ({split: {"clips": n, "example": ...}})."""
     path = prepared_path(name, data_dir)
-    info = tfds.builder_from_directory(path).info
+    info = open_prepared(path).info
     return {
         "name": name,
         "path": str(path),
