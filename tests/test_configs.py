@@ -1,6 +1,7 @@
 """Config files: every key can be overridden from the command line, the README documents every key, the stage is
 the config file's argument, and a key naming one of a few choices is checked before anything is traced."""
 
+import functools
 import re
 from pathlib import Path
 
@@ -52,6 +53,18 @@ def command_line_text(value) -> str:
     return value if isinstance(value, str) else repr(value)
 
 
+def another_value(value):
+    """A value of the kind a user would write in place of `value` (a float that is no whole number for a float, a
+    longer text for a text): overriding with the default itself would pass if overrides were ignored."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + (1 if isinstance(value, int) else 0.25)
+    if isinstance(value, str):
+        return value + "_x"
+    return value  # sequences: test_sequences_and_placeholders_take_new_values
+
+
 @pytest.mark.parametrize("config_file", CONFIG_FILES)
 def test_every_key_can_be_overridden_from_the_command_line(config_file):
     config = parse(config_file)
@@ -61,7 +74,10 @@ def test_every_key_can_be_overridden_from_the_command_line(config_file):
         if value is None:
             assert key in NONE_EXAMPLES, f"{key}: a None default must be a typed placeholder (config_dict.placeholder)"
             value = NONE_EXAMPLES[key]
-            expected[key] = value
+        else:
+            value = another_value(value)
+        *parents, leaf = key.split(".")
+        functools.reduce(lambda group, name: group[name], parents, expected)[leaf] = value
         overrides.append(f"--config.{key}={command_line_text(value)}")
     assert parse(config_file, *overrides).to_dict() == expected.to_dict()
 

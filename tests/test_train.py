@@ -15,7 +15,7 @@ import torch
 import transformers
 from train_fixtures import tiny_config
 
-from wavlink_jax import checkpoint, optim, sharding, train, train_step
+from wavlink_jax import checkpoint, eval_tasks, inference, optim, sharding, train, train_step
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.data import synthetic
 from wavlink_jax.models import lora
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("synthetic")
-    synthetic.generate(root, num_train=24, num_eval=1, max_seconds=1.5, captions_per_clip=2)
+    synthetic.generate(root, num_train=24, num_eval=8, max_seconds=1.5, captions_per_clip=2)
     return root
 
 
@@ -165,6 +165,13 @@ def test_an_evaluation_step_is_also_a_log_step(tmp_path, data_dir):
     assert [r["step"] for r in records] == [1, 2]
     for record in records:
         assert "loss" in record and "grad_norm" in record and "eval/synthetic/t2a_R@1" in record, record["step"]
+    # The evaluation scores the parameters of its step: step 2's figures are those of the final checkpoint, read
+    # back and scored by the standalone path (only the keys were checked, and scoring the initial state passed).
+    embedder = inference.load(str(tmp_path), batch_size=8)
+    data = eval_tasks.load_eval_data("synthetic", eval_set["source"], window_seconds=config.data.window_seconds)
+    (scored,) = eval_tasks.evaluate_data(embedder, data, [embedder.config.matryoshka_dims[0]]).values()
+    in_training = {key.removeprefix("eval/synthetic/"): value for key, value in records[1].items()}
+    assert {key: in_training[key] for key in scored} == pytest.approx(scored, abs=1e-4)
 
 
 def hf_towers(tmp_path, config, whisper_settings=None, text_settings=None):
