@@ -141,9 +141,13 @@ def test_only_process_zero_reads_and_writes_the_run_files(tmp_path, data_dir, mo
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     schedule.write_text('{"total_steps": 4}\n')
     train.write_config(config, str(tmp_path))
+    written = {path: path.stat().st_ino for path in (schedule, tmp_path / "config.json")}
+    train.write_config(config, str(tmp_path))
     train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", train.SCHEDULE_FILE]  # no .partial left
     assert json.loads(schedule.read_text()) == {"total_steps": 4}
+    # Replaced by a rename (another file), not truncated and written again in place.
+    assert all(path.stat().st_ino != inode for path, inode in written.items())
 
 
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):
