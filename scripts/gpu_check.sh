@@ -6,11 +6,15 @@
 #   bash scripts/gpu_check.sh base-10s-b128 ...   # only the runs with these labels (see the list below)
 #
 # Writes $OUT/bench.jsonl (one JSON object per benchmark run, or {"label", "error"} for one that failed or
-# was skipped) and $OUT/log.txt (everything printed), and ends with a Markdown table of the runs.
+# was skipped; a label's last row is its result) and $OUT/log.txt (everything printed), and ends with a
+# Markdown table of the runs.
 # Resumable: runs that succeeded are recorded in $STATE_DIR (default /tmp/gpu_check_state, which lives as long
 # as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
-# or xla, is kept there too; delete the folder to check again), so one device
-# session can be spent as two back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh`, then again.
+# or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
+# back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-3 by the estimates below:
+# 50 + 150 + 130 + 190 = 520 s), then again with BUDGET_S ≥ 290 (runs 4-5: 120 + 170 s; with less, run 5 is
+# skipped and recorded). The rows of every call since the state was fresh are kept there as well, so each
+# call's bench.jsonl and summary hold all of them (a device call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
@@ -26,12 +30,14 @@ OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 LOG=$OUT/log.txt
 JSONL=$OUT/bench.jsonl
-: >"$JSONL"
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-510}
 STATE_DIR=${STATE_DIR:-/tmp/gpu_check_state}
 mkdir -p "$STATE_DIR"
 touch "$STATE_DIR/done.txt"
+RECORD=$STATE_DIR/bench.jsonl  # every call's rows; emptied only on a fresh start (no run done yet)
+[ -s "$STATE_DIR/done.txt" ] || : >"$RECORD"
+cp "$RECORD" "$JSONL"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # Same compiled step again (the eager-baseline run re-times base) → cache hit instead of a second compile.
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
@@ -63,6 +69,13 @@ EOF
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $NEEDED 2>&1 | tee -a "$LOG"
         export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
     fi
+fi
+MISSING=$(python3 -c "import importlib.util as u
+print(*(n for n in ('grain', 'soundfile', 'soxr', 'ml_collections', 'optax') if u.find_spec(n) is None))" 2>&1)
+if [ -n "$MISSING" ]; then  # every run would die on importing configs/common.py, which imports the data pipeline
+    log "error: python3 has no $MISSING (configs/common.py needs them). On a machine with pip run" \
+        "\`bash scripts/fetch_device_wheels.sh\` and carry .whl with the device call."
+    exit 1
 fi
 
 # --- the machine ---------------------------------------------------------------------------------------------
@@ -111,7 +124,8 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     remaining=$(left)
     if [ "$remaining" -lt "$need" ]; then
         log "== $label: skipped ($remaining s left, needs ~$need s)"
-        echo "{\"label\": \"$label\", \"error\": \"skipped: ${remaining} s of the budget left\"}" >>"$JSONL"
+        echo "{\"label\": \"$label\", \"error\": \"skipped: ${remaining} s of the budget left\"}" >>"$RECORD"
+        cp "$RECORD" "$JSONL"
         return
     fi
     log "== $label: benchmark.py $* (limit $remaining s)"
@@ -119,16 +133,17 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     local separate=""
     [[ " $* " == *" --baseline "* ]] && separate=$SEPARATE
     timeout --kill-after=10 "$remaining" python3 scripts/benchmark.py --attention "$ATTENTION" --label "$label" \
-        --jsonl "$JSONL" $separate "$@" 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        --jsonl "$RECORD" $separate "$@" 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     log "== $label: exit $rc after $(($(date +%s) - t0)) s"
     if [ "$rc" -ne 0 ]; then
         local why="exit $rc"
         [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && why="out of time"
-        echo "{\"label\": \"$label\", \"error\": \"$why after $(($(date +%s) - t0)) s\"}" >>"$JSONL"
+        echo "{\"label\": \"$label\", \"error\": \"$why after $(($(date +%s) - t0)) s\"}" >>"$RECORD"
     else
         echo "$label" >>"$STATE_DIR/done.txt"
     fi
+    cp "$RECORD" "$JSONL"
 }
 
 # Estimated seconds (GPU run 2's timings, guesses for large and medium) are the skip thresholds. Order: what no
@@ -151,13 +166,16 @@ python3 - "$JSONL" <<'EOF' 2>&1 | tee -a "$LOG"
 import json, sys
 sys.path.insert(0, "scripts")
 rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+rows = list({row["label"]: row for row in rows}.values())  # a label's last row (a rerun after a failure or skip)
 print(f"\n{len(rows)} runs on {next((r['device'] for r in rows if 'device' in r), '?')}, "
       f"matmul peak {next((round(r['matmul_peak_tflops']) for r in rows if 'device' in r), '?')} TFLOP/s")
-print("| run | samples/s | ms/step | model TFLOP/s (% peak) | XLA TFLOP/s | peak GiB (program) | init s | compile s | torch samples/s (TFLOP/s) | torch GiB | ours/torch |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| run | samples/s | ms/step | model TFLOP/s (% peak) | XLA TFLOP/s | peak GiB (program) | init s | compile s | "
+      "torch samples/s (TFLOP/s) | torch GiB | ours/torch samples/s | ours/torch at equal work (each side's own FLOP count / time) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+regional = False
 for r in rows:
     if "error" in r:
-        print(f"| {r['label']} | {r['error']} ||||||||||")
+        print(f"| {r['label']} | {r['error']} |||||||||||")
         continue
     b = r["baseline"]
     gib = lambda x: "n/a" if x is None else f"{x / 2**30:.1f}"
@@ -166,10 +184,17 @@ for r in rows:
         torch, b = f"failed: {b['error'][:80]}", None
     else:
         torch = "" if b is None else f"{b['samples_per_s']:.1f} ({b['tflops_model']:.0f}) {'compile ' + b['compile'] if b['compile'] else 'eager'}"
+    # vs a baseline compiled per block, which gives up fusions across blocks: not the issue's torch.compile
+    against = "" if b is None or b["compile"] != "regional" else " vs regional compile*"
+    regional = regional or bool(against)
+    ratios = "| | |" if b is None else f"| {r['ratio']:.2f}{against} | {r['ratio_equal_work']:.2f}{against} |"
     print(f"| {r['label']} | {r['samples_per_s']:.1f} | {1e3 * r['step_time_s']:.1f} | {r['tflops_model']:.0f} "
           f"({100 * r['fraction_of_peak_model']:.0f}%) | {xla} | {gib(r['peak_memory_bytes'])} "
           f"({gib(r.get('program_memory', {}).get('program_bytes'))}) | {r['init_s']:.0f} | {r['compile_s']:.0f} | "
-          f"{torch} | {'' if b is None else gib(b['peak_memory_bytes'])} | {'' if b is None else format(r['ratio'], '.2f')} |")
+          f"{torch} | {'' if b is None else gib(b['peak_memory_bytes'])} {ratios}")
+if regional:
+    print("\n* against `--compile regional` (each block compiled, the rest eager), a weaker baseline than the issue's "
+          "torch.compile of the whole step: not a verdict on its ≥ 1.25× target, which full-compile rows give")
 for r in rows:
     profile = r.get("profile")
     if profile and "error" not in profile:

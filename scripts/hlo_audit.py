@@ -94,6 +94,7 @@ _TENSOR = re.compile(r"tensor<([^>]*)>")
 _SIGNATURE = re.compile(r" : \(([^)]*)\) -> (.*)$")
 _DOT = re.compile(r"stablehlo\.dot_general .*?contracting_dims = \[([\d, ]*)\] x")
 _CONV = re.compile(r"stablehlo\.convolution\(.*?\bdim_numbers = \[[^\]]*\]x\[([^\]]*)\]->")
+_LHS_DILATE = re.compile(r"\blhs_dilate = \[([\d, ]*)\]")
 _CUSTOM = re.compile(r"stablehlo\.custom_call @([\w$.]+)\(")
 # A custom call jax partitions itself (`custom_partitioning`, as cuDNN attention on a mesh of several devices):
 # lowered, it names a Python callback, not its kernel.
@@ -178,7 +179,15 @@ def audit_text(text: str) -> dict[str, Any]:
                 result, result_dtype = results[0]
                 kernel_labels = [label.strip() for label in conv.group(1).split(",")]
                 per_output = math.prod(size for size, label in zip(kernel, kernel_labels) if label != "o")
-                convolutions[f"{lhs_dtype} -> {result_dtype}"] += 2 * math.prod(result) * per_output * times
+                # An lhs-dilated input (a transposed convolution: the input gradient of a strided one) has
+                # d − 1 inserted zeros after each value along a dimension dilated by d, which multiply nothing:
+                # a window meets on average taps / d values, so that many multiply-adds per output (padding
+                # counted as work, as for every convolution here) — for the input gradient of a stride-d
+                # convolution, the forward's count.
+                dilate = _LHS_DILATE.search(line)
+                dilation = math.prod(int(d) for d in dilate.group(1).split(",")) if dilate else 1
+                flops = 2 * math.prod(result) * per_output * times // dilation
+                convolutions[f"{lhs_dtype} -> {result_dtype}"] += flops
             elif (custom := _CUSTOM.search(line)) is not None and custom.group(1) == PARTITIONED:
                 partitioned += times
             elif custom is not None and custom.group(1) in (CUDNN_FORWARD, CUDNN_BACKWARD):

@@ -32,18 +32,25 @@ POSITIVE_FIELDS = (
 
 
 @pytest.fixture(scope="module")
-def result() -> dict:
-    """One tiny run, ours (profiled for a step) and the eager PyTorch baseline, fp32 (CPUs have no fast bf16),
-    batch 8."""
+def result(tmp_path_factory) -> dict:
+    """One tiny run, ours (profiled for a step, its HLO dumped) and the eager PyTorch baseline, fp32 (CPUs have
+    no fast bf16), batch 8. The dump's path is added as `dumped_hlo`."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    dump = tmp_path_factory.mktemp("hlo") / "step.txt.gz"
     command = [
         sys.executable, str(ROOT / "scripts" / "benchmark.py"),
         "--tiny", "--steps", "2", "--json", "--dtype", "float32", "--batch", "8", "--baseline", "torch",
-        "--profile", "1",
+        "--profile", "1", "--dump-hlo", str(dump),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "dumped_hlo": str(dump)}
+
+
+def test_a_gz_dump_is_what_hlo_traffic_reads(result):
+    """--dump-hlo x.txt.gz (the README's name) was written as plain text, which hlo_traffic refused."""
+    launches = hlo_traffic.launches(hlo_traffic.read_hlo(Path(result["dumped_hlo"])))
+    assert launches
 
 
 def check_positive(result: dict, fields) -> None:
@@ -64,6 +71,17 @@ def test_tiny_benchmark_reports_every_figure(result):
     check_positive(baseline, ("step_time_s", "samples_per_s", "tflops_model", "compile_s"))
     assert baseline["name"] == "torch" and baseline["compile"] is None
     assert result["ratio"] == pytest.approx(result["samples_per_s"] / baseline["samples_per_s"])
+    # At equal work: each side's model TFLOP/s, its own FLOP count (the baseline's is the larger: it runs the
+    # whole last audio block) ÷ its time; so the samples/s ratio scaled by the two counts.
+    assert baseline["flops_per_step_model"] > result["flops_per_step_model"]
+    assert result["ratio_equal_work"] == pytest.approx(result["tflops_model"] / baseline["tflops_model"])
+    assert result["ratio_equal_work"] == pytest.approx(
+        result["ratio"] * result["flops_per_step_model"] / baseline["flops_per_step_model"]
+    )
+    assert (
+        f"ours / torch throughput: {result['ratio']:.2f}× (samples/s); {result['ratio_equal_work']:.2f}× at equal "
+        "work (each side's own FLOP count / time)"
+    ) in benchmark.report(result)
     # Both steps trained the same model on the same data from a random start: the loss is finite and of the
     # size of a fresh contrastive loss (4 levels of CLIP ≈ log 4 + sigmoid ≈ 10·… at bias −10), not 0.
     assert 0 < result["final_loss"] < 100 and 0 < baseline["final_loss"] < 100
@@ -85,6 +103,14 @@ def test_model_flops_match_xla_cost_analysis(result):
     (+13% here) or the backward pass (×3) would put the ratio outside the bounds."""
     ratio = result["flops_per_step_cost_analysis"] / result["flops_per_step_model"]
     assert 1.0 <= ratio < 1.3, ratio
+
+
+@pytest.mark.parametrize("flag", ["--matmul-size", "--batch", "--steps", "--warmup"])
+def test_sizes_and_counts_must_be_positive(flag, capsys):
+    """`--matmul-size 0` ran the whole benchmark and then divided by a zero peak; now argparse refuses it."""
+    with pytest.raises(SystemExit):
+        benchmark.parse_args([flag, "0"])
+    assert "'0' is not a positive whole number" in capsys.readouterr().err
 
 
 def test_model_flops_of_the_issue_baseline():
@@ -133,6 +159,45 @@ def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
             torch.from_numpy(batch["attention_mask"]).long(),
         )
     assert float(ours) == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_torch_baseline_heads_and_loss_run_in_fp32_under_the_towers_autocast():
+    """The towers run under bf16 autocast; the heads and the loss's logits, fp32 at full precision in ours, must
+    not: their outputs and every (batch × batch) similarity matmul are float32, while the towers' are bf16."""
+    import numpy as np
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from wavlink_jax import torch_baseline
+
+    class Matmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+                self.seen.append((tuple(out.shape), out.dtype))
+            return out
+
+    config = benchmark.wavlink_config("base", tiny=True)
+    torch.manual_seed(0)
+    module = torch_baseline.TrainingLoss(
+        torch_baseline.build_torch_wavlink(config, window_seconds=1.0, text_length=16), clip_weight=1.0,
+        sigmoid_weight=1.0,
+    )
+    heads = []
+    for head in (module.model.audio_projection, module.model.text_projection):
+        head.register_forward_hook(lambda _, __, out: heads.append(out.dtype))
+    batch = benchmark.random_batch(np.random.default_rng(1), 3, 16000, 16, config.text.vocab_size)
+    mel = module.log_mel(torch.from_numpy(batch["waveform"]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), Matmuls() as matmuls:
+        module(mel, torch.from_numpy(batch["input_ids"]).long(), torch.from_numpy(batch["attention_mask"]).long())
+    assert heads == [torch.float32, torch.float32]
+    logits = [dtype for shape, dtype in matmuls.seen if shape == (3, 3)]
+    assert logits == [torch.float32] * len(config.matryoshka_dims)
+    assert torch.bfloat16 in {dtype for _, dtype in matmuls.seen}  # the towers did run under autocast
 
 
 def meta(kind: str, pid: int, tid: int, name: str) -> dict:
@@ -258,6 +323,7 @@ def test_gpu_check_summary_prints_each_profile_by_source(result, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "\n".join(benchmark.source_table(profile)) in done.stdout
+    assert f"| {result['ratio']:.2f} | {result['ratio_equal_work']:.2f} |" in done.stdout  # by samples/s, equal work
     assert "  0.30 ms    1.0×     0.27 GB  0.89 TB/s  forward wavlink_jax/models/layers.py:276:30" in done.stdout
 
 

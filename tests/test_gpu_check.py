@@ -25,7 +25,14 @@ if label in os.environ.get("FAIL", "").split():
     sys.exit(3)
 row = dict(label=label, device="stand-in", matmul_peak_tflops=800.0, samples_per_s=10.0, step_time_s=0.1,
            tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
-           init_s=1.0, compile_s=2.0, baseline=None, ratio=None, profile=None)
+           init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None)
+if "--baseline" in args:
+    compile = None
+    if "--compile" in args:
+        following = args[args.index("--compile") + 1:]
+        compile = following[0] if following and not following[0].startswith("--") else "full"
+    row.update(baseline=dict(compile=compile, samples_per_s=8.0, tflops_model=260.0, peak_memory_bytes=2**31),
+               ratio=1.25, ratio_equal_work=1.15)
 with open(jsonl, "a") as out:
     out.write(json.dumps(row) + "\\n")
 '''
@@ -36,8 +43,8 @@ sys.exit(1 if "parity" in os.environ.get("FAIL", "").split() else 0)  # silent e
 '''
 
 
-def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "") -> tuple[list[str], list[dict], str]:
-    """Run a copy of gpu_check.sh whose scripts are the stand-ins; returns (calls made, bench.jsonl rows, log)."""
+def run_gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env: str) -> subprocess.CompletedProcess:
+    """Run a copy of gpu_check.sh whose scripts are the stand-ins, with `env` added to the environment."""
     root = tmp_path / "repository"
     if not root.exists():
         (root / "scripts").mkdir(parents=True)
@@ -45,14 +52,25 @@ def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "") -> tuple[
         (root / "scripts" / "benchmark.py").write_text(STAND_IN_BENCHMARK)
         (root / "scripts" / "attention_parity.py").write_text(STAND_IN_PARITY)
         (tmp_path / "bin").mkdir()
-        (tmp_path / "bin" / "python3").symlink_to(sys.executable)
+        python = tmp_path / "bin" / "python3"  # this venv's python (a symlink would lose the venv's packages)
+        python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+        python.chmod(0o755)
     calls = tmp_path / f"calls-{out}.txt"
     calls.touch()
     env = dict(
         os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", OUT=str(tmp_path / out), BUDGET_S=str(budget_s),
-        STATE_DIR=str(tmp_path / "state"), CALLS=str(calls), FAIL=fail, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"),
+        STATE_DIR=str(tmp_path / "state"), CALLS=str(calls), FAIL=fail,
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), **env,
     )
-    subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, check=True, capture_output=True, timeout=120)
+    return subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "") -> tuple[list[str], list[dict], str]:
+    """`run_gpu_check`, which must succeed; returns (calls made, bench.jsonl rows, log)."""
+    done = run_gpu_check(tmp_path, out, budget_s, fail)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    calls = tmp_path / f"calls-{out}.txt"
     rows = [json.loads(line) for line in (tmp_path / out / "bench.jsonl").read_text().splitlines()]
     return calls.read_text().split(), rows, (tmp_path / out / "log.txt").read_text()
 
@@ -65,11 +83,44 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("small-30s-b64-vs-compile")]["error"])
     assert "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log  # the summary table
 
+    # A new $OUT, as a second device call gets: its bench.jsonl and summary still hold the first call's rows.
     calls, rows, log = gpu_check(tmp_path, "second", budget_s=10_000)
     assert calls == ["small-30s-b64-vs-compile:cudnn"]  # neither the parity check nor a finished run again
-    assert [row["label"] for row in rows] == ["small-30s-b64-vs-compile"]
+    assert [row["label"] for row in rows] == [*RUNS, "small-30s-b64-vs-compile"]  # a label's last row counts
+    assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
     assert "== large-30s-b16: done in an earlier call on this machine" in log
+    assert "\n8 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log.split("8 runs on")[-1]
+    assert "| small-30s-b64-vs-compile | 10.0 |" in log.split("8 runs on")[-1]
+
+    shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
+    _, rows, _ = gpu_check(tmp_path, "second", budget_s=10_000)
+    assert [row["label"] for row in rows] == RUNS
+
+
+def test_the_summary_gives_both_ratios_and_marks_regional_compile(tmp_path):
+    """ours/torch by samples/s and at equal work; a ratio against `--compile regional` says so, with a note that
+    it is not the issue's torch.compile target."""
+    _, _, log = gpu_check(tmp_path, "first", budget_s=10_000)
+    assert "| ours/torch samples/s | ours/torch at equal work (each side's own FLOP count / time) |" in log
+    assert "| 8.0 (260) compile full | 2.0 | 1.25 | 1.15 |" in log  # base and small, full torch.compile
+    assert "| 8.0 (260) compile regional | 2.0 | 1.25 vs regional compile* | 1.15 vs regional compile* |" in log
+    assert "| 8.0 (260) eager | 2.0 | 1.25 | 1.15 |" in log
+    assert "| 1 | 2 |  |  | | |\n" in log  # no baseline: the four torch columns empty
+    assert "\n* against `--compile regional`" in log
+
+
+def test_a_machine_without_the_data_stack_stops_before_any_run(tmp_path):
+    """No carried wheels and no grain on the machine: one error line saying what to do, not eight runs dying on
+    `import grain`."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['grain'] = sys.modules['soxr'] = None\n")
+    done = run_gpu_check(tmp_path, "out", budget_s=10_000, PYTHONPATH=str(hidden))
+    assert done.returncode == 1
+    assert "error: python3 has no grain soxr (configs/common.py needs them)" in done.stdout
+    assert "bash scripts/fetch_device_wheels.sh" in done.stdout
+    assert (tmp_path / "calls-out.txt").read_text() == ""  # neither the parity check nor a benchmark ran
 
 
 def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
@@ -87,3 +138,13 @@ def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
     assert skipped == RUNS[:6]
     calls, _, _ = gpu_check(tmp_path, "rest", budget_s=10_000)
     assert calls == [f"{label}:cudnn" for label in RUNS[:6]]
+
+
+def test_carried_wheels_are_the_versions_requirements_pins():
+    """What gpu_check.sh and BENCHMARKS.md say is carried "as pinned" (optax, ml-collections, the data stack) is
+    fetched by scripts/fetch_device_wheels.sh, at requirements.txt's versions."""
+    script = (REPOSITORY / "scripts" / "fetch_device_wheels.sh").read_text()
+    fetched = dict(re.findall(r"([\w-]+)==([\w.]+)", re.search(r"PACKAGES=\((.*?)\)", script, re.S)[1]))
+    pinned = dict(re.findall(r"^([\w-]+)==([\w.]+)", (REPOSITORY / "requirements.txt").read_text(), re.M))
+    for package in ("optax", "ml-collections", "grain", "array-record", "soundfile", "soxr"):
+        assert fetched.get(package) == pinned[package], package

@@ -4,8 +4,9 @@ The model is our PyTorch WavLink (`wavlink_jax.torch_model.WavLinkModel`: `trans
 with the appended global token and `CLIPTextModelWithProjection`, SDPA attention, the two heads), built from
 the same `WavLinkConfig` through the exporter's config mapping, with random weights. The step is what a
 PyTorch user would write for it: Whisper's log-mel from the raw waveform on the device (`torch.stft`), both
-towers under bf16 autocast, CLIP + sigmoid losses at every Matryoshka level (the same formulas as
-`wavlink_jax.losses`), global-norm gradient clipping and fused AdamW.
+towers under bf16 autocast, the two heads and CLIP + sigmoid losses at every Matryoshka level (the same
+formulas as `wavlink_jax.losses`) in fp32 with autocast switched off, as ours computes them, global-norm
+gradient clipping and fused AdamW.
 
 Windows shorter than 30 s: `transformers`' `WhisperEncoder.forward` insists on `2 * max_source_positions`
 (3000) mel frames, but `WavLinkModel.encode_audio` calls the encoder's submodules itself and takes the first
@@ -58,7 +59,8 @@ def matryoshka_contrastive_loss(
     clip_weight: float,
     sigmoid_weight: float,
 ) -> torch.Tensor:
-    """Mean over Matryoshka prefixes of `clip_weight · CLIP + sigmoid_weight · sigmoid`, in fp32.
+    """Mean over Matryoshka prefixes of `clip_weight · CLIP + sigmoid_weight · sigmoid`, in fp32 when called
+    outside autocast (`TrainingLoss.forward` switches it off; under it the matmuls would run in bf16).
 
     CLIP: mean of the two cross-entropies with the diagonal as target; sigmoid: per row the sum over all
     columns of −log σ(±logit), mean over rows. A loss whose weight is 0 is not computed.
@@ -95,18 +97,20 @@ class TrainingLoss(nn.Module):
 
     def forward(self, mel: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         model = self.model
-        za = model.audio_projection(model.encode_audio(mel))
-        zt = model.text_projection(model.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds)
-        return matryoshka_contrastive_loss(
-            za,
-            zt,
-            model.config.matryoshka_dims,
-            model.clip_logit_scale,
-            model.sigmoid_logit_scale,
-            model.sigmoid_logit_bias,
-            clip_weight=self.clip_weight,
-            sigmoid_weight=self.sigmoid_weight,
-        )
+        audio = model.encode_audio(mel)
+        text = model.text(input_ids=input_ids, attention_mask=attention_mask).text_embeds
+        # The heads and the loss in fp32 whatever autocast the towers run under, as ours (Precision.HIGHEST).
+        with torch.autocast(mel.device.type, enabled=False):
+            return matryoshka_contrastive_loss(
+                model.audio_projection(audio.float()),
+                model.text_projection(text.float()),
+                model.config.matryoshka_dims,
+                model.clip_logit_scale,
+                model.sigmoid_logit_scale,
+                model.sigmoid_logit_bias,
+                clip_weight=self.clip_weight,
+                sigmoid_weight=self.sigmoid_weight,
+            )
 
 
 @dataclass(frozen=True)
@@ -167,9 +171,9 @@ def time_torch_step(
     """Train for `warmup` then `steps` steps over `batches` (waveform, ids, mask; already on the device),
     timing the latter.
 
-    The step is zero_grad → log-mel (eager) → towers and loss under bf16 autocast (`torch.compile`d as
-    `compile` says, see `compiled_forward`) → backward → clip the global gradient norm → AdamW (fused on CUDA; weight decay on ≥ 2-d
-    parameters, as our optimizer). The clock is read after a device
+    The step is zero_grad → log-mel (eager) → towers under bf16 autocast, heads and loss in fp32
+    (`torch.compile`d as `compile` says, see `compiled_forward`) → backward → clip the global gradient norm →
+    AdamW (fused on CUDA; weight decay on ≥ 2-d parameters, as our optimizer). The clock is read after a device
     synchronisation before and after the timed loop; nothing inside the loop syncs with the host.
     """
     device = batches[0][0].device
