@@ -150,6 +150,10 @@ def test_bad_arguments_raise_clear_errors():
         losses.sigmoid_loss(za, za, 0.0, 0.0, mesh=mesh, batch_axes=("fsdp",))
     with pytest.raises(ValueError, match="same shape"):
         losses.clip_loss(za, za[:, :2], 0.0)
+    explicit = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))  # make_mesh's default
+    for impl in losses.IMPLEMENTATIONS:  # shard_map's own error spoke of specs
+        with pytest.raises(ValueError, match=r"batch axes \['data'\] are of type \['Explicit'\], not AxisType.Auto"):
+            losses.clip_loss(jnp.zeros((8, 4)), jnp.zeros((8, 4)), 0.0, mesh=explicit, impl=impl)
 
 
 @pytest.mark.parametrize("kind", losses.LOSS_KINDS)

@@ -188,6 +188,13 @@ def _contrastive_loss(
     scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
     bias = jnp.asarray(logit_bias, jnp.float32)
     axes = resolve_batch_axes(mesh, batch_axes) if mesh is not None else ()
+    types = dict(zip(mesh.axis_names, mesh.axis_types)) if mesh is not None else {}
+    not_auto = sorted({types[name].name for name in axes if types[name] != jax.sharding.AxisType.Auto})
+    if not_auto:  # jax.make_mesh's default is Explicit; shard_map would fail with an error about specs
+        raise ValueError(
+            f"the loss's batch axes {list(axes)} are of type {not_auto}, not AxisType.Auto: build the mesh with "
+            "wavlink_jax.sharding.create_mesh, or pass axis_types=(jax.sharding.AxisType.Auto, ...) to jax.make_mesh"
+        )
     size = 1
     for name in axes:
         size *= mesh.shape[name]
