@@ -166,7 +166,7 @@ class PositionTable(nnx.Variable):
 
 
 class WhisperOutput(NamedTuple):
-    hidden_states: jax.Array  # (B, frames // 2, width): final-LayerNorm output at the audio frames
+    hidden_states: jax.Array  # (B, (frames + 1) // 2, width): final-LayerNorm output at the audio frames
     global_state: jax.Array | None  # (B, width): final-LayerNorm output at the global token; None without it
 
 
