@@ -498,6 +498,10 @@ def test_a_stopped_uncompressed_rewrite_names_the_shard_and_the_next_build_compl
     assert not leftover.exists()
     assert "uncompressed" in array_record_module.ArrayRecordReader(str(shard)).writer_options_string().split(",")
     assert tb.load_source("my_clips", data, "train")[0]["id"] == "a.wav"
+    for damaged in (zstd[:40], bytes(70_000)):  # a shard cut short, or damaged: an AttributeError on no options
+        shard.write_bytes(damaged)
+        with pytest.raises(OSError, match=rf"^{shard}: not a readable ArrayRecord shard \(cut short\?\); delete {folder}"):
+            tb.rewrite_uncompressed(folder)
 
 
 def test_a_damaged_metadata_json_is_named(tmp_path):

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import csv
 import dataclasses
 import json
@@ -720,7 +721,10 @@ def rewrite_uncompressed(folder: Path) -> None:
             continue  # no shard: e.g. the "<shard>.uncompressed-partial" of an earlier version's stopped rewrite
         reader = array_record_module.ArrayRecordReader(str(path))
         try:
-            if "uncompressed" in reader.writer_options_string().split(","):
+            options = reader.writer_options_string()
+            if options is None:  # a shard cut short or damaged: array_record finds no writer options in it
+                raise OSError(f"{path}: not a readable ArrayRecord shard (cut short?); delete {folder} and build again")
+            if "uncompressed" in options.split(","):
                 continue
             with replaced(path) as partial:
                 writer = array_record_module.ArrayRecordWriter(str(partial), "group_size:1,uncompressed")
@@ -736,7 +740,8 @@ def rewrite_uncompressed(folder: Path) -> None:
                 "the rewrite, or build with --compress (compress=True) to keep the compressed shards"
             ) from err
         finally:
-            reader.close()
+            with contextlib.suppress(RuntimeError):  # a damaged shard's reader fails to close as well
+                reader.close()
 
 
 def build(
