@@ -111,7 +111,7 @@ def test_data_set_tools(tmp_path):
     assert_one_error_line(result, f"error: {missing}: manifest not found")
     (tmp_path / "file").write_text("")
     result = run_tool("wavlink_jax.data.synthetic", "--out", str(tmp_path / "file" / "data"), "--num-train", "2")
-    assert_one_error_line(result, "error: [Errno 20] Not a directory")
+    assert_one_error_line(result, f"error: {tmp_path / 'file' / 'data'}: {tmp_path / 'file'} is a file, not a folder")
 
 
 def test_user_errors_in_process(monkeypatch):

@@ -87,10 +87,16 @@ def output_file(text: str) -> str:
     path = Path(os.path.expanduser(text))
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a directory; give the name of a file in it")
-    in_the_way = next((folder for folder in path.absolute().parents if folder.exists()), None)
-    if in_the_way is not None and not in_the_way.is_dir():
+    in_the_way = file_in_the_way(path)
+    if in_the_way is not None:
         raise argparse.ArgumentTypeError(f"{text}: {in_the_way} is a file, not a folder")
     return str(path)
+
+
+def file_in_the_way(path: Path) -> Path | None:
+    """The file that stands where one of `path`'s folders would be (so nothing can be written there), if any."""
+    existing = next((folder for folder in path.absolute().parents if folder.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def _fail(message: str) -> NoReturn:

@@ -271,6 +271,7 @@ def generate(
 ) -> SyntheticPaths:
     """Write the generated data set into `out_dir` (layout and replacement rules in the module docstring) and
     return its paths."""
+    from wavlink_jax.cli import file_in_the_way
     from wavlink_jax.data.sources import write_manifest
     from wavlink_jax.tokenizer import train_tokenizer
 
@@ -282,6 +283,9 @@ def generate(
     target = Path(os.path.realpath(root))  # a symlink's target is replaced, not the link; "." has a name
     if _replaces_generated(target):
         log.warning("%s holds a data set generated earlier: it is replaced when the new one is complete", root)
+    in_the_way = file_in_the_way(target)
+    if in_the_way is not None:
+        raise NotADirectoryError(f"{root}: {in_the_way} is a file, not a folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{target.name}.partial-"
     for leftover in target.parent.iterdir():  # of a killed run
