@@ -18,7 +18,7 @@ quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 # Test files run in parallel worker processes, one file per worker at a time (module fixtures are built once).
-# Two workers: ~10–12.6 min of pytest for `make test` on the 2-core development machine (618 tests, 10.7 min of pytest and 12.2 min from a fresh clone of 74191cd, idle; 2618892 took 12.6 and 14.2: the ~15 min budget is near, new tests should be paid for); `make test TEST_WORKERS=0` runs one process.
+# Two workers: 643 tests took 18.8 min of pytest from a fresh clone (2026-11-27) on a 2-core machine slower than the one before (the same quickstart code trained in 4.2 min against ~3), where 622 took 11.2 and the CI run of 2026-11-26 11.3: the ~15 min budget is near or past, so new tests should be paid for (`--durations` lists the slowest).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
