@@ -46,6 +46,8 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from wavlink_jax import sharding
+
 DEFAULT_BATCH_AXES = ("data", "fsdp")
 IMPLEMENTATIONS = ("dense", "ring")
 LOSS_KINDS = ("clip", "sigmoid")
@@ -188,8 +190,7 @@ def _contrastive_loss(
     scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
     bias = jnp.asarray(logit_bias, jnp.float32)
     axes = resolve_batch_axes(mesh, batch_axes) if mesh is not None else ()
-    types = dict(zip(mesh.axis_names, mesh.axis_types)) if mesh is not None else {}
-    not_auto = sorted({types[name].name for name in axes if types[name] != jax.sharding.AxisType.Auto})
+    not_auto = sorted(set(sharding.axes_not_auto(mesh, axes).values())) if mesh is not None else []
     if not_auto:  # jax.make_mesh's default is Explicit; shard_map would fail with an error about specs
         raise ValueError(
             f"the loss's batch axes {list(axes)} are of type {not_auto}, not AxisType.Auto: build the mesh with "

@@ -245,6 +245,13 @@ def create_mesh(axes: Mapping[str, int], devices: Sequence[jax.Device] | None = 
     )
 
 
+def axes_not_auto(mesh: Mesh, names: Sequence[str]) -> dict[str, str]:
+    """{axis: its type's name} for the axes among `names` that `mesh` has and that are not AxisType.Auto (what the
+    trainer and the loss's shard_map rely on; `jax.make_mesh` defaults to Explicit)."""
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    return {name: types[name].name for name in names if name in types and types[name] != jax.sharding.AxisType.Auto}
+
+
 def check_mesh(mesh: Mesh) -> None:
     """Refuse a mesh the trainer cannot use, naming what it lacks: the batch shardings, the ring loss and the
     sharding rules name all of `MESH_AXES` (size 1 for one that is not used), and the step relies on the
@@ -252,13 +259,12 @@ def check_mesh(mesh: Mesh) -> None:
     such a mesh from the sizes alone."""
     shape = dict(mesh.shape)
     missing = [name for name in MESH_AXES if name not in shape]
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    not_auto = [name for name in MESH_AXES if name in types and types[name] != jax.sharding.AxisType.Auto]
+    not_auto = axes_not_auto(mesh, MESH_AXES)
     if not missing and not not_auto:
         return
     problems = [f"lacks the axes {missing}"] if missing else []
     if not_auto:
-        problems.append(f"has axes {not_auto} of type {sorted({types[n].name for n in not_auto})}, not Auto")
+        problems.append(f"has axes {list(not_auto)} of type {sorted(set(not_auto.values()))}, not Auto")
     sizes = shape if set(shape) <= set(MESH_AXES) else {name: "..." for name in MESH_AXES}
     raise ValueError(
         f"mesh {shape} {' and '.join(problems)}: the trainer needs the axes {list(MESH_AXES)} (size 1 for an unused "

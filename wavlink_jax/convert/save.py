@@ -22,7 +22,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from wavlink_jax.convert.common import CheckpointError, assign_strict, identity, replace_text
+from wavlink_jax.convert.common import CheckpointError, assign_strict, identity
+from wavlink_jax.files import replace_text
 
 TOWER_FILE = "tower.json"
 PARAMS_DIR = "params"
@@ -82,9 +83,9 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
     directory = Path(out_dir).expanduser()
     if not is_tower_dir(directory):
         interrupted = (directory / PARAMS_DIR).exists()
-        interrupted = f" ({PARAMS_DIR}/ without it: an interrupted conversion; convert again)" if interrupted else ""
+        why = f" ({PARAMS_DIR}/ without it: an interrupted conversion; convert again)" if interrupted else ""
         raise CheckpointError(
-            f"{directory}: no {TOWER_FILE}{interrupted}; not a tower written by `python -m wavlink_jax.convert`"
+            f"{directory}: no {TOWER_FILE}{why}; not a tower written by `python -m wavlink_jax.convert`"
         )
     try:
         description = json.loads((directory / TOWER_FILE).read_text())
