@@ -35,9 +35,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wavlink_jax import cli, inference
-from wavlink_jax.convert.common import replaced
 from wavlink_jax.data.audio_io import BadAudio, load_audio
 from wavlink_jax.evaluate import truncate_normalize
+from wavlink_jax.files import replaced
 
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64"}

@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from wavlink_jax import cli, sharding
-from wavlink_jax.convert.common import replace_text, replaced
+from wavlink_jax.files import replace_text, replaced
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans), so a
 # 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.

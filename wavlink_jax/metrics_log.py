@@ -16,7 +16,7 @@ from typing import Mapping
 import jax
 import tqdm
 
-from wavlink_jax.convert.common import replace_text
+from wavlink_jax.files import replace_text
 
 FLUSH_SECONDS = 2  # TensorBoard events reach the disk within this (see MetricsLogger)
 

@@ -8,11 +8,10 @@ every shape fits; each failure is one error listing all offending keys. Nothing 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -170,25 +169,6 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except ValueError as err:
         raise CheckpointError(f"{path}: not valid JSON ({err}); the file may be cut short: replace it") from err
-
-
-@contextlib.contextmanager
-def replaced(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix, so writers that go by it still do) for the caller to write;
-    on success it replaces `path` in one rename, on failure it is removed. A reader (another process, or a run
-    killed and resumed) sees the old contents or the new, never a file cut short; a failed write keeps the old."""
-    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write `path` whole (see `replaced`)."""
-    with replaced(path) as partial:
-        partial.write_text(text)
 
 
 def read_hf_config(directory: Path) -> dict:

@@ -77,6 +77,7 @@ from array_record.python import array_record_module
 
 from wavlink_jax.data import audio_io
 from wavlink_jax.data.sources import ManifestSource, merge_by_id
+from wavlink_jax.files import replaced
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".opus", ".mp3")
 
@@ -711,8 +712,6 @@ def rewrite_uncompressed(folder: Path) -> None:
     temporary file (`replaced`), so a stopped rewrite keeps the compressed shard; the temporary file a killed
     rewrite leaves (a dot file) is deleted here.
     """
-    from wavlink_jax.convert.common import replaced
-
     for path in sorted(folder.glob("*.array_record-*")):
         if path.name.startswith("."):  # `replaced`'s temporary file, left by a rewrite that was killed
             path.unlink()
