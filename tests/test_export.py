@@ -24,6 +24,7 @@ from wavlink_jax import audio, export, inference, torch_model, waveform_layout
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.data import synthetic
+from xla_flags import host_devices
 
 REPO = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
@@ -39,7 +40,7 @@ def train_workdir(root: Path, *overrides: str, steps: int = 3) -> tuple[Path, Pa
         "--config", f"tests/train_fixtures.py:data_dir={data.root},steps={steps}",
         "--workdir", str(workdir), "--config.checkpoint_every_steps=2", *overrides,
     ]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": host_devices(1), "JAX_PLATFORMS": "cpu"}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-4000:]
     return workdir, data.root

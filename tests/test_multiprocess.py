@@ -23,6 +23,7 @@ import pytest
 from wavlink_jax import checkpoint, optim, sharding, train
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.data import synthetic
+from xla_flags import host_devices
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -56,7 +57,7 @@ def child_env(devices: int) -> dict:
         **env,
         "PYTHONPATH": str(REPO),
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": host_devices(devices),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
         "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
     }

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from wavlink_jax.data import synthetic
+from xla_flags import host_devices
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": host_devices(2), "JAX_PLATFORMS": "cpu",
        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 # Runs the trainer, but SIGKILLs the process between saves: once the step-2 checkpoint is committed, when step 4

@@ -40,7 +40,7 @@ def tiny_config(data_dir: str = "unused", **overrides):
     config.log_every_steps = 1
     config.checkpoint_every_steps = 2
     config.progress_bar = False
-    config.compilation_cache_dir = "off"  # tests write nothing outside their temporary folders
+    config.compilation_cache_dir = "auto"  # the test process's cache (conftest.compilation_cache)
     config.eval.sets = ()
     config.optim.warmup_fraction = 0.0
     for key, value in overrides.items():
