@@ -142,6 +142,18 @@ def test_retrieval_rejects_bad_input():
         ev.retrieval_metrics(audio, np.eye(3, 4, dtype=np.float32), [0, 1, 2])
 
 
+def test_retrieval_ranks_fp16_embeddings_in_fp32():
+    """fp16 model outputs are ranked in fp32 (`_as_embeddings`): scores 1 ± 2^-13 are distinct in fp32 but both
+    round to 1.0 in fp16, where the pessimistic tie-break would rank every correct item below its rival."""
+    audio = np.array([[1.0, 0.0], [1.0, 2.0**-4]], np.float16)
+    text = np.array([[1.0, 2.0**-9], [1.0, -(2.0**-9)]], np.float16)  # caption 0 → clip 1, caption 1 → clip 0
+    text_to_audio = [1, 0]
+    assert np.all(text @ audio.T == 1.0)  # near ties: every score is 1.0 in fp16 arithmetic
+    expected = ev.retrieval_metrics(audio.astype(np.float32), text.astype(np.float32), text_to_audio)
+    assert expected["t2a_R@1"] == 100.0  # and not ties in fp32
+    assert ev.retrieval_metrics(audio, text, text_to_audio) == expected
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Zero-shot classification
 
@@ -446,6 +458,19 @@ def test_evaluate_data_matches_metrics_on_prefixes():
     assert table[4] != table[8]
 
 
+def test_evaluate_data_averages_zero_shot_over_unequal_folds():
+    """A set with folds reports the mean of the per-fold accuracies, not the accuracy over all clips pooled: the
+    folds here differ in size (4 and 2 clips) and fold 1 holds a miss (clip 1, labelled siren, embeds like a dog)."""
+    data = dataclasses.replace(
+        _toy_data(), labels=["dog", "siren", "siren", "siren", "rain", "rain"], folds=np.array([1, 1, 1, 1, 2, 2])
+    )
+    embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]})
+    metrics = eval_tasks.evaluate_data(embedder, data, [8], templates=("{}",))[8]
+    assert metrics["top1"] == pytest.approx((75.0 + 100.0) / 2)  # fold 1: 3 of 4; fold 2: 2 of 2
+    assert metrics["top1"] != pytest.approx(100.0 * 5 / 6)  # pooled: 5 of 6
+    assert metrics["top5"] == 100.0
+
+
 class _RecordingEmbedder(_KeywordEmbedder):
     def embed_text(self, texts):
         # The last call's texts and embeddings: the choices, embedded after the captions and prompts.
@@ -616,6 +641,15 @@ def test_cli_dataset_errors(tmp_path):
         ev.open_dataset("airbench", args)
     with pytest.raises(ValueError, match="has no name"):
         ev.open_dataset("=x.jsonl", args)
+
+
+def test_cli_max_clips_reaches_a_manifest_set(tmp_path):
+    """`--max-clips N` keeps the first N clips of a NAME=manifest set (and of the named sets read the same way)."""
+    manifest = _good_manifest(tmp_path)  # 3 clips
+    name, decode = ev.open_dataset(f"good={manifest}", _cli_args(tmp_path, max_clips=2))
+    data = decode(window_seconds=1.0)
+    assert name == "good" and data.waveforms.shape == (2, 16000) and data.captions == ["clip 0", "clip 1"]
+    assert ev.open_dataset(f"good={manifest}", _cli_args(tmp_path))[1](window_seconds=1.0).waveforms.shape[0] == 3
 
 
 @pytest.mark.parametrize("flag", [False, True])

@@ -135,12 +135,36 @@ def test_automodel_loads_every_tensor(exported, torch_wavlink):
         np.testing.assert_array_equal(state[name].numpy(), value, err_msg=name)
 
 
+def test_exported_heads_and_scalars_are_the_trained_models_by_name(exported, jax_embedder):
+    """Each head, the global token and each loss scalar is exported under its own name (the loaders read the
+    same name map back, so a swap there would round-trip unnoticed): compared with the JAX model's attributes."""
+    model = jax_embedder.loaded.model
+    weights = load_file(str(exported / "model.safetensors"))
+    expected = {
+        "audio_global_token": model.audio.global_token,
+        "clip_logit_scale": model.clip_logit_scale,
+        "sigmoid_logit_scale": model.sigmoid_logit_scale,
+        "sigmoid_logit_bias": model.sigmoid_logit_bias,
+    }
+    for head in ("audio_projection", "text_projection"):
+        expected[f"{head}.bias"] = getattr(model, head).bias
+    expected = {name: np.asarray(variable.get_value()) for name, variable in expected.items()}
+    for head in ("audio_projection", "text_projection"):
+        expected[f"{head}.weight"] = np.asarray(getattr(model, head).kernel.get_value()).T  # torch: (out, in)
+    assert len({float(expected[name]) for name in export.SCALARS}) == 3  # distinct, so a swap would show
+    for name, value in expected.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+
+
 @pytest.mark.parametrize("dim", [None, 16])
 def test_pytorch_matches_jax(torch_wavlink, jax_embedder, dim):
     waves, texts = sample_inputs()
     jax_audio, jax_text = jax_embedder.embed_audio(waves, dim=dim), jax_embedder.embed_text(texts, dim=dim)
     torch_audio = torch_wavlink.embed_audio(waves, dim=dim, batch_size=2).numpy()
     torch_text = torch_wavlink.embed_text(texts, dim=dim).numpy()
+    batched = torch_wavlink.embed_text(texts, dim=dim, batch_size=3).numpy()  # 4 texts: batches of 3 and 1
+    assert batched.shape == torch_text.shape
+    np.testing.assert_allclose(batched, torch_text, rtol=0, atol=1e-6)
     size = dim or 32
     assert torch_audio.shape == (len(waves), size) and torch_text.shape == (len(texts), size)
     assert np.abs(torch_audio - jax_audio).max() <= TOLERANCE
@@ -201,8 +225,20 @@ def test_towers_round_trip_through_importers_and_transformers(exported, jax_embe
         hf_states = hf_encoder(torch.from_numpy(np.array(mel))).last_hidden_state.numpy()
     assert np.abs(hf_states - np.asarray(plain(mel).hidden_states)).max() <= TOLERANCE
 
+    from transformers import AutoTokenizer
+
     text_dir = export.export_tower(exported, "text", tmp_path / "clip")
     ids, mask = jax_embedder.tokenizer(sample_inputs()[1])
+    # The text tower carries the tokenizer, which transformers reads to the same ids as ours.
+    tokenizer_files = [name for name in export.TOKENIZER_FILES if (exported / name).exists()]
+    assert "tokenizer_config.json" in tokenizer_files and len(tokenizer_files) > 1
+    for name in tokenizer_files:
+        assert (text_dir / name).read_bytes() == (exported / name).read_bytes(), name
+    hf_tokens = AutoTokenizer.from_pretrained(str(text_dir))(
+        sample_inputs()[1], padding="max_length", truncation=True, return_tensors="np"
+    )
+    np.testing.assert_array_equal(hf_tokens["input_ids"], ids)
+    np.testing.assert_array_equal(hf_tokens["attention_mask"], mask)
     text = load_clip_text(text_dir)
     np.testing.assert_array_equal(np.asarray(text(ids, mask).embedding), np.asarray(model.text(ids, mask).embedding))
     hf_text = CLIPTextModelWithProjection.from_pretrained(str(text_dir)).eval()
