@@ -240,6 +240,22 @@ def test_matryoshka_zero_weight_skips_that_loss_and_ring_matches():
         losses.matryoshka_loss(za, zt, **{**kwargs, "sigmoid_weight": 0.0})
     with pytest.raises(ValueError, match="must be in 1..32"):
         losses.matryoshka_loss(za, zt, **{**kwargs, "dims": (64,)})
+    with pytest.raises(ValueError, match=r"dims \(32, 8, 32\) contain duplicates"):  # a level counted twice
+        losses.matryoshka_loss(za, zt, **{**kwargs, "dims": (32, 8, 32)})
+
+
+def test_zero_rows_and_zero_prefixes_normalise_to_zeros_not_nan():
+    """A head output of zeros (or one whose Matryoshka prefix is all zeros) has no direction: it normalises to
+    zeros, and the loss stays finite, instead of 0 · rsqrt(0) = NaN poisoning the whole batch."""
+    z = jnp.asarray([[3.0, 4.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]])
+    # rtol only (atol 0): the zero rows must be exactly 0.
+    np.testing.assert_allclose(losses.l2_normalize(z), [[0.6, 0.8, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0]], rtol=1e-6)
+    np.testing.assert_allclose(losses.matryoshka_prefix(z, 2), [[0.6, 0.8], [0, 0], [0, 0]], rtol=1e-6)
+    total, _ = losses.matryoshka_loss(
+        z, z[::-1], dims=(4, 2), logit_scale_clip=SCALES["clip"], logit_scale_sigmoid=SCALES["sigmoid"],
+        logit_bias=SIGMOID_BIAS,
+    )
+    assert np.isfinite(total)
 
 
 def dot_generals(fn, *args) -> list[JaxprEqn]:

@@ -18,8 +18,11 @@ PARAMS = {
         "global_token": jnp.ones((4,)),
         "conv1": {"kernel": jnp.ones((3, 2, 4))},
         "encoder": {
-            "layers": {"0": {"attn": {"query": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))}},
-                             "fc1": {"kernel": jnp.ones((4, 8))}, "attn_norm": {"scale": jnp.ones((4,))}}},
+            "layers": {"0": {"attn": {"query": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones((4,))},
+                                      "key": {"kernel": jnp.ones((4, 4))}, "value": {"kernel": jnp.ones((4, 4))},
+                                      "out": {"kernel": jnp.ones((4, 4))}},
+                             "fc1": {"kernel": jnp.ones((4, 8))}, "fc2": {"kernel": jnp.ones((8, 4))},
+                             "attn_norm": {"scale": jnp.ones((4,))}}},
         },
     },
     "text": {"encoder": {"layers": {"0": {"fc2": {"kernel": jnp.ones((8, 4))}}}},
@@ -33,7 +36,11 @@ PARAMS = {
 HEADS = ["audio/global_token", "audio_projection/kernel", "text_projection/kernel", "clip_logit_scale"]
 AUDIO_BODY = ["audio/conv1/kernel", "audio/encoder/layers/0/fc1/kernel"]
 TEXT_BODY = ["text/encoder/layers/0/fc2/kernel", "text/text_projection/kernel"]
-AUDIO_LORA = ["audio/encoder/layers/0/attn/query/kernel", "audio/encoder/layers/0/fc1/kernel"]
+# Every projection of the attention (query, key, value, out) and of the MLP (fc1, fc2) gets an adapter.
+AUDIO_LORA = [
+    f"audio/encoder/layers/0/{name}/kernel"
+    for name in ("attn/query", "attn/key", "attn/value", "attn/out", "fc1", "fc2")
+]
 
 
 def optim_config(**overrides):
@@ -80,7 +87,8 @@ def test_warmup_steps_are_rounded_halves_up(total, warmup_steps):
     "key,value,allowed",
     [("learning_rate", 0.0, "(0, inf)"), ("learning_rate", -1e-4, "(0, inf)"), ("warmup_fraction", -0.1, "[0, 1]"),
      ("warmup_fraction", 1.5, "[0, 1]"), ("end_lr_fraction", -1.0, "[0, 1]"), ("end_lr_fraction", 2.0, "[0, 1]"),
-     ("weight_decay", -0.1, "[0, inf)"), ("b1", 1.0, "[0, 1)"), ("b2", -0.5, "[0, 1)"), ("eps", 0.0, "(0, inf)"),
+     ("weight_decay", -0.1, "[0, inf)"), ("b1", 1.0, "[0, 1)"), ("b2", -0.5, "[0, 1)"), ("b2", 1.0, "[0, 1)"),
+     ("eps", 0.0, "(0, inf)"),
      ("grad_clip_norm", -1.0, "[0, inf)"), ("learning_rate", float("nan"), "(0, inf)")],
 )
 def test_settings_out_of_range_are_refused(key, value, allowed):
@@ -138,6 +146,32 @@ def test_lr_multipliers_first_match_wins_and_scale_updates():
         np.testing.assert_allclose(scaled[path], mult * plain[path], rtol=1e-6)
 
 
+def test_lr_multiplier_zero_is_accepted_and_freezes_the_parameter_exactly():
+    """0 = "not updated" (while the parameter keeps its optimizer state): no update at all, even with weight
+    decay, over several steps."""
+    config = optim_config(schedule="constant", warmup_fraction=0.0, lr_rules=[(r"^audio_projection/kernel$", 0.0)])
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), PARAMS)
+    tx, _ = optim.make_optimizer(config, PARAMS, 10)
+    state, params = tx.init(PARAMS), PARAMS
+    for _ in range(3):
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        assert not np.any(optim.flatten(updates)["audio_projection/kernel"])
+        assert np.any(optim.flatten(updates)["audio_projection/bias"])  # the rule's neighbour still trains
+    np.testing.assert_array_equal(params["audio_projection"]["kernel"], PARAMS["audio_projection"]["kernel"])
+
+
+def test_a_rule_matching_frozen_and_trainable_parameters_is_accepted():
+    """README's `("^audio/", 0.5)` in projector mode: the audio tower's body is frozen, its global token trains, so
+    the rule changes something and is accepted (only a rule that matches frozen parameters alone is refused)."""
+    mask = optim.flatten(optim.trainable_mask(PARAMS, optim.training_mode("projector", "both").freeze))
+    paths, trainable = list(mask), {path for path, trains in mask.items() if trains}
+    hits = optim.matching(paths, [r"^audio/"], "config.optim.lr_rules", trainable)
+    assert "audio/global_token" in hits & trainable and set(AUDIO_BODY) <= hits - trainable
+    with pytest.raises(ValueError, match="matches only frozen parameters"):
+        optim.matching(paths, [r"^audio/encoder/"], "config.optim.lr_rules", trainable)
+
+
 def test_adamw_matches_optax_adamw_with_mask_and_clipping():
     config = optim_config(schedule="constant", warmup_fraction=0.0)
     tx, _ = optim.make_optimizer(config, PARAMS, 10)
@@ -158,21 +192,22 @@ def test_adamw_matches_optax_adamw_with_mask_and_clipping():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("max_norm", [0.5, 3.0])  # not 1: a clip that forgets to multiply by max_norm would pass
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
-def test_clipping_is_optaxs_with_its_state_whatever_the_norm(scale):
+def test_clipping_is_optaxs_with_its_state_whatever_the_norm(scale, max_norm):
     """`optim.clip_by_global_norm` with optax's norm is `optax.clip_by_global_norm`, value for value, below and
     above the threshold, with the same (empty) state, so checkpoints restore as before; the norm it is given
     is the one it uses."""
     grads = jax.tree.map(lambda p: scale * jnp.sin(jnp.arange(p.size, dtype=jnp.float32)).reshape(p.shape), PARAMS)
-    ours, theirs = optim.clip_by_global_norm(1.0), optax.clip_by_global_norm(1.0)
+    ours, theirs = optim.clip_by_global_norm(max_norm), optax.clip_by_global_norm(max_norm)
     assert jax.tree.structure(ours.init(PARAMS)) == jax.tree.structure(theirs.init(PARAMS))
     got, expected = ours.update(grads, ours.init(PARAMS))[0], theirs.update(grads, theirs.init(PARAMS))[0]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
-    doubled = optim.clip_by_global_norm(1.0, lambda tree: 2 * optax.tree.norm(tree))
+    doubled = optim.clip_by_global_norm(max_norm, lambda tree: 2 * optax.tree.norm(tree))
     halved = doubled.update(grads, doubled.init(PARAMS))[0]
-    if scale > 1:  # clipped to a norm of 1 against a norm counted twice: a norm of 1/2
-        assert float(optax.tree.norm(halved)) == pytest.approx(0.5, rel=1e-6)
+    if scale > 1:  # clipped to a norm of max_norm against a norm counted twice: a norm of max_norm/2
+        assert float(optax.tree.norm(halved)) == pytest.approx(max_norm / 2, rel=1e-6)
 
 
 @pytest.mark.parametrize(

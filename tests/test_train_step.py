@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from train_fixtures import random_batch, tiny_config
 
-from wavlink_jax import audio, optim, sharding, train_step
+from wavlink_jax import audio, losses, optim, sharding, train_step
 from wavlink_jax.data.pipeline import to_global_batch
 from wavlink_jax.models import lora
 
@@ -119,21 +119,30 @@ def numpy_matryoshka_loss(audio, text, dims, clip_scale, sigmoid_scale, bias, cl
 
 
 def test_first_step_metrics_match_numpy(same_batch):
-    """The first step's loss, its parts and the `embed/*` metrics, recomputed in float64 numpy from the model's
-    head outputs on the same batch and the parameters the step started from (the seed-0 state)."""
+    """The first step's loss, its parts, the `embed/*` metrics and grad_norm, recomputed from the model's head outputs
+    on the same batch and the parameters the step started from (the seed-0 state): the loss in float64 numpy, the
+    gradients by `jax.grad` of the model and `losses` (not the train step's code)."""
     setup, _, history = same_batch
     metrics = history[0]
     start = jax.device_get(train_step.init_state(setup, seed=0))
     params = start["params"]
     batch = random_batch(0, 8)
-    model = setup.spec.module(params, start["buffers"])
-    heads = [
-        np.asarray(model.project_audio(audio.log_mel_spectrogram(batch["waveform"], setup.model_config.audio.n_mels))),
-        np.asarray(model.project_text(batch["input_ids"], batch["attention_mask"])),
-    ]
-    heads = [h.astype(np.float64) for h in heads]
     dims = setup.model_config.matryoshka_dims
     assert len(dims) > 1 and setup.config.loss.clip_weight != setup.config.loss.sigmoid_weight
+
+    def loss(params):
+        model = setup.spec.module(params, start["buffers"])
+        mel = audio.log_mel_spectrogram(batch["waveform"], setup.model_config.audio.n_mels)
+        heads = model.project_audio(mel), model.project_text(batch["input_ids"], batch["attention_mask"])
+        value, _ = losses.matryoshka_loss(
+            *heads, dims=dims, logit_scale_clip=params["clip_logit_scale"],
+            logit_scale_sigmoid=params["sigmoid_logit_scale"], logit_bias=params["sigmoid_logit_bias"],
+            clip_weight=setup.config.loss.clip_weight, sigmoid_weight=setup.config.loss.sigmoid_weight,
+        )
+        return value, heads
+
+    grads, heads = jax.jit(jax.grad(loss, has_aux=True))(params)
+    heads = [np.asarray(h, np.float64) for h in heads]
     total, parts = numpy_matryoshka_loss(
         *heads,
         dims,
@@ -159,6 +168,25 @@ def test_first_step_metrics_match_numpy(same_batch):
     assert not np.allclose(norms, 1.0, atol=0.05)  # the heads' outputs are not unit length: the norms say something
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, rel=1e-5), key
+
+    # The norm of the trainable parameters' gradients, not of the updates (observed: 4e-8 relative; Adam's first
+    # update is about lr·sign(g), so its norm is orders of magnitude off).
+    trainable_grads = jax.tree.leaves(optim.partition(grads, setup.trainable)[0])
+    grad_norm = np.sqrt(sum(np.sum(np.square(np.asarray(g, np.float64))) for g in trainable_grads))
+    assert metrics["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+
+
+def test_logged_learning_rate_and_temperatures_are_the_steps(same_batch):
+    """`learning_rate` is the schedule at the step taken (a decaying one: its value differs at every step), and
+    the temperatures and bias are those of the parameters the step ends with (1/exp of the log-scales)."""
+    setup, state, history = same_batch
+    rates = [float(setup.schedule(step)) for step in range(len(history))]
+    assert len(set(rates)) == len(rates), rates
+    assert [metrics["learning_rate"] for metrics in history] == pytest.approx(rates, rel=1e-6)
+    params, last = state["params"], history[-1]
+    assert last["clip/temperature"] == pytest.approx(1 / np.exp(float(params["clip_logit_scale"])), rel=1e-6)
+    assert last["sigmoid/temperature"] == pytest.approx(1 / np.exp(float(params["sigmoid_logit_scale"])), rel=1e-6)
+    assert last["sigmoid/bias"] == float(params["sigmoid_logit_bias"])
 
 
 def test_training_goes_downhill(same_batch):
@@ -260,6 +288,7 @@ def test_clip_temperature_is_capped_after_each_update(max_scale):
      ({"loss.clip_max_scale": float("nan")}, r"config\.loss\.clip_max_scale must be ≥ 1 .* got nan"),
      ({"loss.clip_weight": float("nan")}, r"finite, ≥ 0 .*config\.loss\.clip_weight=nan"),
      ({"loss.sigmoid_weight": -1.0}, r"finite, ≥ 0 .*config\.loss\.sigmoid_weight=-1\.0"),
+     ({"loss.sigmoid_weight": float("inf")}, r"finite, ≥ 0 .*config\.loss\.sigmoid_weight=inf"),
      ({"loss.clip_weight": 0.0, "loss.sigmoid_weight": 0.0}, r"not both 0"),
      ({"accum_steps": 0}, r"config\.accum_steps = 0: must be ≥ 1"),
      ({"optim.lr_rules": ((r"^audio_projection/", -1.0),)}, r"lr_rules: rule .*audio_projection.*finite number ≥ 0"),
