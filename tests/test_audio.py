@@ -4,6 +4,8 @@ Both fp32 implementations sit ~5e-5 from the float64 truth on the hardest signal
 max−8 floor carry the fp32 rounding of the loud bins); the tolerance 1e-4 is the issue's parity bound.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +101,17 @@ def test_short_clip_padded_to_30s(extractor, n_mels):
     diff = np.abs(ours - reference).max()
     assert ours.shape == (n_mels, audio.N_FRAMES)
     assert diff <= TOLERANCE, f"padded 10 s clip: max abs diff vs HF {diff:.2e}"
+
+
+def test_mel_filter_bank_matmul_is_full_precision_whatever_the_default():
+    """The filter bank's matmul asks for HIGHEST itself: under jax's default precision (TF32 on GPUs, bf16 passes
+    on TPUs) the log-mel would drift from Whisper's. Read in the program lowered under "default" (the context
+    manager overrides conftest's global "highest"), as test_inference does for the embedder."""
+    with jax.default_matmul_precision("default"):
+        program = jax.jit(audio.log_mel_spectrogram).lower(jnp.zeros((2, 1600), jnp.float32)).as_text()
+    ops = re.findall(r"stablehlo\.dot_general[^\n]*", program)
+    lower = [op for op in ops if op.count("HIGHEST") != 2]  # one precision per operand
+    assert ops and not lower, lower[:2]
 
 
 def test_normalisation_is_per_example():

@@ -16,6 +16,7 @@ import torch
 import transformers
 from flax import nnx
 from safetensors.torch import save_file
+from test_layers import layer_norm_epsilons
 
 from wavlink_jax.convert.clip_text import load_clip_text
 from wavlink_jax.convert.common import CheckpointError
@@ -283,6 +284,13 @@ def test_config_presets_defaults_and_length_check():
         module(jnp.zeros((1, 17), jnp.int32), jnp.ones((1, 17), jnp.int32))
 
 
+def test_every_layer_norm_takes_the_configured_epsilon():
+    """The blocks' and the final LayerNorm's epsilon is `layer_norm_eps` (a non-default value here)."""
+    config = CLIPTextConfig(**SMALL, layer_norm_eps=1e-3)
+    model = nnx.eval_shape(lambda: CLIPTextEncoder(config, rngs=nnx.Rngs(0)))
+    assert layer_norm_epsilons(model) == [1e-3] * (2 * config.num_layers + 1)
+
+
 @pytest.mark.parametrize(
     "field, value, message",
     [
@@ -297,6 +305,7 @@ def test_config_presets_defaults_and_length_check():
         ("attention_implementation", "flash", r"CLIPTextConfig.attention_implementation is 'flash'; expected one of"),
         ("eos_token_id", 49407, r"CLIPTextConfig.eos_token_id is 49407; it must be an integer token id below "
                                 r"vocab_size \(99\), or 2 for the legacy pooling"),
+        ("eos_token_id", 99, r"CLIPTextConfig.eos_token_id is 99; it must be an integer token id below vocab_size"),
         ("eos_token_id", -1, r"CLIPTextConfig.eos_token_id is -1; it must be an integer token id below vocab_size"),
         # None failed with TypeError "'<=' not supported"; True and 5.0 were accepted
         ("eos_token_id", None, r"CLIPTextConfig.eos_token_id is None; it must be an integer token id below vocab"),

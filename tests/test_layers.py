@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from flax import nnx
+from transformers.activations import ACT2FN
 
 from wavlink_jax.models import layers
 
@@ -15,6 +17,14 @@ from wavlink_jax.models import layers
 def test_none_resolves_to_xla_on_cpu_and_named_implementations_stay():
     assert layers.resolve_attention_implementation(None, jnp.bfloat16) == "xla"  # the tests run on CPU
     assert layers.resolve_attention_implementation("cudnn", jnp.float32) == "cudnn"
+
+
+def test_none_resolves_to_cudnn_on_gpu_for_half_precision_only(monkeypatch):
+    """On a GPU, None means cuDNN for bf16/fp16 compute only (jax's cuDNN flash attention takes half precision)."""
+    monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+    assert layers.resolve_attention_implementation(None, jnp.float32) == "xla"
+    assert layers.resolve_attention_implementation(None, jnp.bfloat16) == "cudnn"
+    assert layers.resolve_attention_implementation(None, jnp.float16) == "cudnn"
 
 
 @pytest.mark.parametrize("length", [31, 32])
@@ -48,6 +58,26 @@ def tiny_stack(num_layers: int, seed: int = 0, remat: str = "none", implementati
         layer_norm_eps=1e-5, dtype=jnp.float32, param_dtype=jnp.float32, attention_implementation=implementation,
         rngs=nnx.Rngs(seed),
     )
+
+
+def layer_norm_epsilons(module: nnx.Module) -> list[float]:
+    """The epsilon of every `layers.LayerNorm` in `module` (shared with test_whisper and test_clip_text)."""
+    return [norm.epsilon for _, norm in nnx.iter_modules(module) if isinstance(norm, layers.LayerNorm)]
+
+
+@pytest.mark.parametrize("remat", ["none", *sorted(layers.REMAT_POLICIES)])
+def test_stack_rematerialises_each_block_with_the_named_policy(remat):
+    """Each block of the traced stack is one jax.checkpoint equation (`remat2` in the jaxpr) carrying the policy
+    of jax's that the config names ("full": None, save nothing), and "none" has no such equation. The expected
+    policy is looked up in `jax.checkpoint_policies` by name, so a mix-up in REMAT_POLICIES shows too."""
+    graphdef, state = nnx.split(tiny_stack(2, remat=remat))
+    jaxpr = jax.make_jaxpr(lambda state, x: nnx.merge(graphdef, state)(x))(state, jnp.zeros((1, 4, 32))).jaxpr
+    policies = [eqn.params["policy"] for eqn in jaxpr.eqns if eqn.primitive.name == "remat2"]
+    if remat == "none":
+        assert policies == []
+    else:
+        expected = None if remat == "full" else getattr(jax.checkpoint_policies, remat)
+        assert policies == [expected, expected], policies
 
 
 def test_stack_blocks_are_initialised_independently_with_their_axes():
@@ -194,6 +224,15 @@ def test_block_gradients_are_the_same_under_remat(remat):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(plain), rtol=1e-5, atol=1e-6)
 
 
+def test_activations_match_transformers():
+    """Every activation a config may name is Hugging Face's of that name (`ACT2FN`) in fp32, within fp32 rounding:
+    e.g. "gelu_new" is the tanh approximation, 4.7e-4 from the exact GELU."""
+    x = np.linspace(-10, 10, 4001, dtype=np.float32)
+    for name, function in layers.ACTIVATIONS.items():
+        reference = ACT2FN[name](torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(np.asarray(function(jnp.asarray(x))), reference, rtol=1e-6, atol=2e-6, err_msg=name)
+
+
 def test_gelu_takes_integers_and_python_numbers_as_jax_does_and_refuses_forward_mode_clearly():
     """Integers and Python numbers become float32 (as in `jax.nn.gelu`), not truncated or an AttributeError;
     forward-mode autodiff, which a custom VJP cannot give, fails with jax's own message (documented)."""
@@ -326,6 +365,12 @@ def test_layer_norm_refuses_forward_mode_clearly():
     x = _layer_norm_inputs(jnp.float32)
     with pytest.raises(TypeError, match="forward-mode autodiff"):
         jax.jvp(lambda x: ours(x), (x,), (x,))
+
+
+def test_stack_refuses_last_query_start_with_a_causal_mask():
+    """Query rows cut from the end under a causal mask would see the wrong keys: refused, not computed."""
+    with pytest.raises(ValueError, match="query_start with a causal mask is not supported"):
+        tiny_stack(1)(jnp.zeros((1, 6, 32)), causal=True, last_query_start=-1)
 
 
 @pytest.mark.parametrize("last_query_start", [21, -22, 30])

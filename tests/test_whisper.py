@@ -18,6 +18,7 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.torch import load_file, save_file
+from test_layers import layer_norm_epsilons
 from transformers import WhisperConfig as HFWhisperConfig
 from transformers import WhisperForConditionalGeneration, WhisperModel
 from transformers.models.whisper.modeling_whisper import sinusoids as torch_sinusoids
@@ -158,6 +159,21 @@ def test_two_layer_widths_match_transformers(tmp_path, width, heads, n_mels):
     diff = _max_diff(_forward(ours, jnp.asarray(mel)).hidden_states, reference)
     print(f"\nwidth {width}, {n_mels} mels, 2 layers: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE, f"width {width} / {n_mels} mels: max abs diff {diff:.2e}"
+
+
+def test_relu_encoder_keeps_the_gelu_stem_and_matches_transformers(tmp_path):
+    """`activation_function` is the blocks' activation only: transformers' stem convolutions always use GELU."""
+    config = _hf_config(64, 4)
+    config.activation_function = "relu"
+    model = _hf_model(config, seed=7)
+    model.save_pretrained(tmp_path)
+    ours = load_whisper(tmp_path, global_token=False)
+    assert ours.config.activation == "relu"
+    mel = _mel(2, 80, 20, seed=7)
+    with torch.no_grad():
+        reference = model.encoder(torch.from_numpy(mel)).last_hidden_state.numpy()
+    diff = _max_diff(_forward(ours, jnp.asarray(mel)).hidden_states, reference)
+    assert diff <= TOLERANCE, f"relu blocks: max abs diff {diff:.2e}"
 
 
 @pytest.fixture(scope="module")
@@ -369,6 +385,13 @@ def test_config_refuses_bad_values_naming_the_field():
         WhisperConfig(**{**sizes, "width": 15, "num_heads": 1})
 
 
+def test_every_layer_norm_takes_the_configured_epsilon():
+    """The blocks' and the final LayerNorm's epsilon is `layer_norm_eps` (a non-default value here)."""
+    config = WhisperConfig(n_mels=8, width=16, num_layers=2, num_heads=2, mlp_dim=32, layer_norm_eps=1e-3)
+    model = nnx.eval_shape(lambda: WhisperEncoder(config, rngs=nnx.Rngs(0)))
+    assert layer_norm_epsilons(model) == [1e-3] * (2 * config.num_layers + 1)
+
+
 def test_bad_mel_inputs_are_clear_errors():
     config = WhisperConfig(n_mels=80, width=32, num_layers=1, num_heads=4, mlp_dim=64, max_positions=10)
     model = nnx.eval_shape(lambda: WhisperEncoder(config, rngs=nnx.Rngs(0)))  # the checks need no weights
@@ -377,6 +400,9 @@ def test_bad_mel_inputs_are_clear_errors():
     with pytest.raises(ValueError, match=r"22 mel frames need 11 positions .* holds 10"):
         model(jnp.zeros((1, 80, 22)))
     assert nnx.eval_shape(lambda m, x: m(x), model, jnp.zeros((1, 80, 20))).hidden_states.shape == (1, 10, 32)
+    plain = nnx.eval_shape(lambda: WhisperEncoder(dataclasses.replace(config, global_token=False), rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match="global_only=True needs an encoder built with global_token=True"):
+        nnx.eval_shape(lambda m, x: m(x, global_only=True), plain, jnp.zeros((1, 80, 20)))
 
 
 def _refusal_of_edited_checkpoint(directory, model, edit) -> str:
