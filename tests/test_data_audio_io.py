@@ -130,6 +130,16 @@ def test_every_bad_input_reason(tmp_path):
     assert len(load_audio(tmp_path / "good.flac", min_samples=8000)) == 32000
 
 
+def test_too_short_counts_samples_at_the_target_rate(tmp_path):
+    """0.3 s at 44.1 kHz is 13230 frames but 4800 samples at 16 kHz: shorter than a 0.5 s minimum (8000)."""
+    sf.write(tmp_path / "short.wav", _tone(500.0, 0.3, 44100), 44100)
+    sf.write(tmp_path / "long.wav", _tone(500.0, 0.6, 44100), 44100)
+    with pytest.raises(BadAudio, match=r"short\.wav: 0\.300 s, shorter than 0\.500 s") as err:
+        load_audio(tmp_path / "short.wav", min_samples=8000)
+    assert err.value.reason == "too_short"
+    assert len(load_audio(tmp_path / "long.wav", min_samples=8000)) == 9600
+
+
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
 def test_non_finite_samples_are_a_bad_clip(tmp_path, bad_value):
     """A damaged float file or array (a NaN or infinity would make the loss NaN, or a built data set's int16

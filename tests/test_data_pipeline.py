@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.audio_io import SKIP_REASONS
 from wavlink_jax.data.sources import ManifestError, write_manifest
-from wavlink_jax.tokenizer import train_tokenizer
+from wavlink_jax.tokenizer import load_tokenizer, train_tokenizer
 
 RATE = 16000
 WINDOW = 0.25  # seconds; the clips last 0.5 s
@@ -43,9 +43,17 @@ def _manifest(folder, clip_ids, name="m.jsonl", extra=()):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
+def tokenizer_dir(tmp_path_factory):
+    """A tokenizer of the clips' captions, saved with model_max_length 8."""
     texts = [f"clip {i} {w}" for i in range(100) for w in ("alpha", "beta", "gamma")]
-    return train_tokenizer(texts, tmp_path_factory.mktemp("tok"), vocab_size=600, max_length=8)
+    directory = tmp_path_factory.mktemp("tok")
+    train_tokenizer(texts, directory, vocab_size=600, max_length=8)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return load_tokenizer(tokenizer_dir)
 
 
 def _config(*manifests, weights=None, **overrides):
@@ -85,6 +93,57 @@ def test_epochs_shuffle_and_cover_every_clip(tmp_path, tokenizer):
     assert epochs[0] != epochs[1] != epochs[2]  # a new permutation every epoch
     captions = {tokenizer.decode(b["input_ids"][0]) for b in _iterator(_config(_manifest(tmp_path / "one", [7])), tokenizer, batch=1, num_epochs=12)}
     assert len(captions) > 1  # one random caption per clip per epoch
+
+
+def _captions_of_one_clip(folder, tokenizer, captions, epochs):
+    """The caption drawn for a clip listed alone, in each of `epochs` epochs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sf.write(folder / "7.wav", _clip(7), RATE, subtype="FLOAT")
+    manifest = write_manifest(folder / "m.jsonl", [{"audio": "7.wav", "captions": captions}])
+    batches = _iterator(_config(manifest), tokenizer, batch=1, num_epochs=epochs)
+    return [tokenizer.decode(b["input_ids"][0]) for b in batches]
+
+
+def test_every_caption_is_drawn_about_equally_often(tmp_path, tokenizer):
+    """A draw of range(n - 1) never picked the last caption."""
+    captions = [f"clip 7 {w}" for w in ("alpha", "beta", "gamma")]
+    drawn = collections.Counter(_captions_of_one_clip(tmp_path, tokenizer, captions, 60))
+    assert set(drawn) == {"clip 7 alpha", "clip 7 beta", "clip 7 gamma"}
+    assert all(12 <= count <= 28 for count in drawn.values()), drawn  # 20-47% each of the 60 (seeded)
+
+
+def test_a_blank_caption_is_never_drawn_for_training(tmp_path, tokenizer):
+    """The draw indexes the cleaned captions: indexing the record's (blanks included) gave the blank "  "."""
+    assert set(_captions_of_one_clip(tmp_path, tokenizer, ["  ", "clip 7 alpha", ""], 6)) == {"clip 7 alpha"}
+
+
+def test_training_crops_are_random(tmp_path, tokenizer):
+    """Each epoch crops a clip at a random start (the training rng reaches the decoder), not at its head."""
+    config = _config(_manifest(tmp_path, [7]))
+    starts = set()
+    for batch in _iterator(config, tokenizer, batch=1, num_epochs=8):
+        waveform = batch["waveform"][0]
+        start = int(np.argmin(np.abs(_clip(7) - waveform[0])))
+        np.testing.assert_array_equal(waveform, _clip(7)[start : start + 4000])
+        starts.add(start)
+    assert len(starts) > 4, starts
+
+
+def test_the_tokenizer_from_the_config_cuts_to_max_text_length(tmp_path, tokenizer_dir):
+    """Without tokenizer=, the config's tokenizer is loaded at max_text_length, not at its saved length (8)."""
+    config = _config(_manifest(tmp_path, range(1, 3)), tokenizer=str(tokenizer_dir), max_text_length=12)
+    batch = next(_iterator(config, None, batch=2))
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (2, 12)
+
+
+def test_sources_of_equal_size_are_shuffled_differently(tmp_path, tokenizer):
+    """Each source has its own shuffle seed: one seed for all walked equal-size sources in the same order."""
+    config = _config(_manifest(tmp_path / "a", range(1, 11)), _manifest(tmp_path / "b", range(51, 61)))
+    iterator = _iterator(config, tokenizer, batch=10)
+    ids = sum((_ids(next(iterator)["waveform"]) for _ in range(4)), [])
+    order_a, order_b = [i for i in ids if i < 50][:10], [i - 50 for i in ids if i > 50][:10]
+    assert sorted(order_a) == sorted(order_b) == list(range(1, 11))
+    assert order_a != order_b
 
 
 def test_resume_sees_exactly_the_same_batches(tmp_path, tokenizer):

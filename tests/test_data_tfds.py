@@ -142,6 +142,7 @@ def fake_vggsound(m):
     f1 = write_tone(m / "audio" / "---g-f_I2yQ_000001.wav", 44100)
     f2 = write_tone(m / "audio" / "sub" / "aaaaaaaaaaa_30.flac", 48000)  # unpadded start also accepted
     f3 = write_tone(m / "audio" / "bbbbbbbbbbb_000120.wav", 22050)
+    write_tone(m / "audio" / "ddddddddddd_000007.wav", 16000)  # a conflicting id's audio is not built
     write_csv(m / "vggsound.csv", [
         ["---g-f_I2yQ", 1, "people marching, drums", "test"],
         ["aaaaaaaaaaa", 30, "dog barking", "train"],
@@ -149,6 +150,7 @@ def fake_vggsound(m):
         ["ccccccccccc", 5, "rain", "train"],
         ["ddddddddddd", 7, "rain", "train"],  # one clip with two labels: left out and counted
         ["ddddddddddd", 7, "dog barking", "train"],
+        ["ddddddddddd", 7, "rain", "train"],  # agrees with the first row, but the id stays out
     ])  # the official file has no header
     expected = {
         "train": {"aaaaaaaaaaa_000030": Expected(f2, [], "dog barking"),

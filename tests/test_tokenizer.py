@@ -135,6 +135,13 @@ def test_bad_directories(tmp_path):
     bare.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(TokenizerError, match="does not wrap text in start/end tokens"):
         load_tokenizer(tmp_path)
+    for template in (f"{BOS_TOKEN} $A", f"$A {EOS_TOKEN}"):  # only one of the two is not enough
+        bare.post_processor = tokenizers.processors.TemplateProcessing(
+            single=template, special_tokens=[(BOS_TOKEN, 1), (EOS_TOKEN, 2)]
+        )
+        bare.save(str(tmp_path / "tokenizer.json"))
+        with pytest.raises(TokenizerError, match=r"does not wrap text in start/end tokens \(ids 1 … 2\); got \[(1, 0|0, 2)\]"):
+            load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
     with pytest.raises(TokenizerError, match="eos_token '<eos>' is not in the vocabulary"):
         load_tokenizer(tmp_path)
