@@ -85,7 +85,9 @@ def test_refuses_mismatched_tree_listing_every_key(tmp_path):
     with pytest.raises(CheckpointError) as err:
         manager.restore(other, data_iterator())
     message = str(err.value)
-    assert "params/new" in message and "params/layer/bias" in message
+    # `missing` = in the model, not in the checkpoint; `unexpected` = in the checkpoint, not in the model.
+    assert "missing keys (1): ['params/new']" in message
+    assert "unexpected keys (1): ['params/layer/bias']" in message
     assert "params/layer/kernel: checkpoint (8, 8) vs model (8, 4)" in message
     manager.close()
 
@@ -143,6 +145,20 @@ def test_read_workdir_state(tmp_path, caplog):
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match=r"items \['parms'\] are not in a train state; it holds \['step', 'params'"):
         checkpoint.read_workdir_state(tmp_path, items=("parms",))
+
+
+def test_read_workdir_state_defaults_to_the_numerically_latest_step(tmp_path):
+    # Steps 9 and 10: sorted by name, "9" > "10" and the older step would be read.
+    mesh = sharding.create_mesh({"data": -1})
+    state = make_state(mesh)
+    manager = checkpoint.Checkpoints(tmp_path, keep=2, every=1)
+    manager.save(9, state, data_iterator())
+    state["params"]["scale"] = state["params"]["scale"] + 1.0
+    manager.save(10, state, data_iterator())
+    manager.close()
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
+    items, _, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
+    assert step == 10 and float(items["params"]["scale"]) == 3.5
 
 
 def test_init_from_lists_every_mismatch_at_once(tmp_path):

@@ -8,6 +8,7 @@ different batch shapes).
 
 import re
 import shutil
+import types
 
 import jax
 import numpy as np
@@ -234,3 +235,24 @@ def test_embed_cli_checks_the_index_file_before_loading_the_model(tmp_path, monk
         assert capsys.readouterr().err.splitlines()[-1].endswith(message)
     with pytest.raises(SystemExit, match=rf"{tmp_path / 'gone'}: not a directory"):  # the folder, too
         embed.main(["--model", str(tmp_path), "--index", str(tmp_path / "gone"), "--out", str(tmp_path / "x.npz")])
+
+
+def test_check_same_model_compares_both_probes():
+    """An index whose audio probe alone differs (text tower frozen in training) is still another model."""
+    class Stub:  # what check_same_model reads of an Embedder; no model needed
+        config = types.SimpleNamespace(audio=types.SimpleNamespace(dtype="float32"))
+        window_samples = 160
+
+        def embed_audio(self, clips):
+            return np.ones((len(clips), 4), np.float32)
+
+        def embed_text(self, texts):
+            return np.full((len(texts), 4), 2.0, np.float32)
+
+    stub = Stub()
+    index = {"probe_setting": np.array(embed._probe_setting(stub)), "step": np.array(-1), "model": np.array("m"),
+             **embed.probe_embeddings(stub)}
+    embed.check_same_model(index, stub)  # the same model passes
+    index["probe_audio"] = index["probe_audio"] + 0.5
+    with pytest.raises(ValueError, match="the index was built with another model"):
+        embed.check_same_model(index, stub)

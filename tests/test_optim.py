@@ -257,3 +257,13 @@ def test_lora_merge_starts_at_base_and_adds_scaled_product():
     assert axes["audio/encoder/layers/0/attn/query/lora_b"] == (None, "heads")
     with pytest.raises(ValueError, match="2-D Linear kernels"):
         lora.targets(PARAMS, [r"conv1/kernel"])
+
+
+def test_lora_a_init_is_fan_in_scaled_and_differs_per_adapter():
+    # A ~ N(0, 1/fan_in): without the scaling A @ B would grow with the layer width.
+    fan_in = 256
+    params = {"one": {"kernel": jnp.zeros((fan_in, 8))}, "two": {"kernel": jnp.zeros((fan_in, 8))}}
+    adapters = lora.init(jax.random.key(0), params, ["one/kernel", "two/kernel"], rank=16)
+    a_one, a_two = adapters["one"]["lora_a"], adapters["two"]["lora_a"]
+    assert abs(float(jnp.std(a_one)) * np.sqrt(fan_in) - 1.0) < 0.2
+    assert not np.allclose(a_one, a_two)  # each adapter gets its own random draw

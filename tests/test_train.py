@@ -60,6 +60,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, data_dir):
         train.train(config, str(tmp_path / "fresh"))
 
 
+def test_non_finite_grad_norm_stops_even_with_finite_loss(tmp_path):
+    # An Inf/NaN gradient norm with a still-finite loss must stop the run too (the next update is broken).
+    checkpoints = checkpoint.Checkpoints(tmp_path, keep=1, every=1)
+    with pytest.raises(train.NonFiniteLoss, match=r"'grad_norm': inf\} at step 3"):
+        train._finite_or_stop(3, {"loss": 1.0, "grad_norm": float("inf")}, checkpoints)
+    train._finite_or_stop(4, {"loss": 1.0, "grad_norm": 2.0}, checkpoints)
+    checkpoints.close()
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
@@ -286,6 +295,14 @@ def test_init_from_stage1_workdir_restores_buffers(tmp_path):
             np.testing.assert_array_equal(got[key], expected[key], err_msg=f"{kind}/{key}")
     assert not np.array_equal(loaded["buffers"]["audio"]["position_embedding"],
                               np.asarray(fresh["buffers"]["audio"]["position_embedding"]))
+    # A LoRA stage 2 loads every model weight and keeps its fresh adapters (B = 0: it starts as stage 1's model).
+    lora_stage2 = tiny_config(**{"init_from.workdir": str(tmp_path / "stage1"), "optim.mode": "lora"})
+    setup = train_step.build(lora_stage2, one_device_mesh(), total_steps=10)
+    adapted = optim.flatten(jax.device_get(checkpoint.apply_init_from(train_step.init_state(setup, seed=1), setup)))
+    adapters = [key for key in adapted if lora.is_adapter(key)]
+    assert adapters and all(not np.any(adapted[key]) for key in adapters if key.endswith("lora_b"))
+    for key, value in optim.flatten({kind: state[kind] for kind in ("params", "buffers")}).items():
+        np.testing.assert_array_equal(adapted[key], value, err_msg=key)
     # A stage 2 whose towers are set up differently (same shapes) is refused, as for pretrained towers.
     other = tiny_config(**{"init_from.workdir": str(tmp_path / "stage1"), "model.text.activation": "gelu"})
     setup = train_step.build(other, one_device_mesh(), total_steps=10)
