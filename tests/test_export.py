@@ -204,7 +204,7 @@ def test_pytorch_config_requires_the_full_size_among_matryoshka_dims():
 
 
 def test_towers_round_trip_through_importers_and_transformers(exported, jax_embedder, tmp_path):
-    from transformers import CLIPTextModelWithProjection
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     model = jax_embedder.loaded.model
@@ -224,8 +224,6 @@ def test_towers_round_trip_through_importers_and_transformers(exported, jax_embe
     with torch.no_grad():
         hf_states = hf_encoder(torch.from_numpy(np.array(mel))).last_hidden_state.numpy()
     assert np.abs(hf_states - np.asarray(plain(mel).hidden_states)).max() <= TOLERANCE
-
-    from transformers import AutoTokenizer
 
     text_dir = export.export_tower(exported, "text", tmp_path / "clip")
     ids, mask = jax_embedder.tokenizer(sample_inputs()[1])

@@ -140,7 +140,8 @@ def test_bad_directories(tmp_path):
             single=template, special_tokens=[(BOS_TOKEN, 1), (EOS_TOKEN, 2)]
         )
         bare.save(str(tmp_path / "tokenizer.json"))
-        with pytest.raises(TokenizerError, match=r"does not wrap text in start/end tokens \(ids 1 … 2\); got \[(1, 0|0, 2)\]"):
+        message = r"does not wrap text in start/end tokens \(ids 1 … 2\); got \[(1, 0|0, 2)\]"
+        with pytest.raises(TokenizerError, match=message):
             load_tokenizer(tmp_path)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
     with pytest.raises(TokenizerError, match="eos_token '<eos>' is not in the vocabulary"):

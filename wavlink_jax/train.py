@@ -32,9 +32,9 @@ from ml_collections import config_flags
 
 from wavlink_jax import checkpoint, cli, eval_tasks, evaluate, metrics_log, optim, sharding, train_step
 from wavlink_jax.convert.common import read_json
-from wavlink_jax.files import replace_text
 from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
+from wavlink_jax.files import replace_text
 from wavlink_jax.tokenizer import load_tokenizer
 
 FLAGS = flags.FLAGS
