@@ -20,7 +20,8 @@
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
 #   2. large b16 (ours, profiled); large b64 with full remat; base 30 s b128 vs torch.compile (profiled, HLO
-#      dumped); large b16 vs regional torch.compile (our step from the JAX compile cache); medium b32 vs
+#      dumped); medium b32 (ours: its share of the peak); large b16 vs regional torch.compile (our step from the
+#      JAX compile cache); medium b32 vs
 #      regional torch.compile; small b64 vs torch.compile; base 10 s b128; base vs eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
 # would not fit its estimate is skipped and recorded as such (the next call on the machine runs it).
@@ -155,6 +156,7 @@ bench large-30s-b64-remat 130 --model large --batch 64 --window 30 --remat full 
 bench base-30s-b128-vs-compile 190 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2 \
     --dump-hlo "$OUT/hlo_base_30s_b128.txt"
 [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
+bench medium-30s-b32 110 --model medium --batch 32 --window 30 --steps 5
 bench large-30s-b16-vs-compile-regional 120 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
 bench medium-30s-b32-vs-compile-regional 170 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
 bench small-30s-b64-vs-compile 230 --model small --batch 64 --window 30 --baseline torch --compile --steps 10

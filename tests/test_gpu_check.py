@@ -11,7 +11,8 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 RUNS = [  # gpu_check.sh's labels, in its order
-    "large-30s-b16", "large-30s-b64-remat", "base-30s-b128-vs-compile", "large-30s-b16-vs-compile-regional",
+    "large-30s-b16", "large-30s-b64-remat", "base-30s-b128-vs-compile", "medium-30s-b32",
+    "large-30s-b16-vs-compile-regional",
     "medium-30s-b32-vs-compile-regional", "small-30s-b64-vs-compile", "base-10s-b128", "base-30s-b128-vs-eager",
 ]
 
@@ -90,8 +91,8 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
     assert "== large-30s-b16: done in an earlier call on this machine" in log
-    assert "\n8 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log.split("8 runs on")[-1]
-    assert "| small-30s-b64-vs-compile | 10.0 |" in log.split("8 runs on")[-1]
+    assert "\n9 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log.split("9 runs on")[-1]
+    assert "| small-30s-b64-vs-compile | 10.0 |" in log.split("9 runs on")[-1]
 
     shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
     _, rows, _ = gpu_check(tmp_path, "second", budget_s=10_000)
@@ -135,9 +136,9 @@ def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
     calls, rows, _ = gpu_check(tmp_path, "short", budget_s=100)
     assert calls == ["parity", "base-10s-b128:cudnn", "base-30s-b128-vs-eager:cudnn"]
     skipped = [row["label"] for row in rows if row.get("error", "").startswith("skipped")]
-    assert skipped == RUNS[:6]
+    assert skipped == RUNS[:7]
     calls, _, _ = gpu_check(tmp_path, "rest", budget_s=10_000)
-    assert calls == [f"{label}:cudnn" for label in RUNS[:6]]
+    assert calls == [f"{label}:cudnn" for label in RUNS[:7]]
 
 
 def test_carried_wheels_are_the_versions_requirements_pins():
