@@ -51,7 +51,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -231,7 +231,7 @@ def run_torch_in_child(argv: list[str]) -> dict[str, Any]:
     import subprocess
 
     child_args = [a for a in argv if a not in ("--separate-baseline", "--json")] + ["--baseline-only"]
-    for flag in ("--jsonl", "--dump-hlo"):  # options with a value that belong to this process only
+    for flag in ("--jsonl", "--dump-hlo", "--save-trace"):  # options with a value that belong to this process only
         if flag in child_args:
             index = child_args.index(flag)
             del child_args[index : index + 2]
@@ -314,10 +314,12 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
 
     Kernels are the complete events on the device's `Stream` lines. XLA gives identical fusions one kernel, so
     one kernel name can stand for many HLO ops (e.g. every layer's GELU): each kernel comes with its launches
-    per step, and the derived `XLA Ops` line, which names the HLO instruction of each launch, gives the same
-    time by op (it is not added to the totals). A trace without device lines (CPU) gives empty tables.
-    `op_time_us` holds every op's [microseconds, launches] over the `steps` (the `top_` tables keep the longest
-    only), for `time_by_source`."""
+    per step, and the HLO instruction of each launch gives the same time by op (not added to the totals). That
+    instruction is the event's name on a derived `XLA Ops` line where the trace has one; otherwise (jax 0.11.2
+    on an H200 wrote only the Stream line) the `hlo_op` argument of each kernel event. A trace without device
+    lines (CPU) gives empty tables. `op_time_us` holds every op's [microseconds, launches] over the `steps`
+    (the `top_` tables keep the longest only), for `time_by_source`; `kernel_arguments`, the argument names
+    the kernel events carry, says what a trace offered when it named no op."""
     import gzip
 
     with gzip.open(trace_file) as file:
@@ -340,17 +342,25 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     }
     op_lines = {key for key, name in device_lines.items() if name == "XLA Ops"}
 
-    def totals(lines: set) -> dict[str, list[float]]:
-        """name → [microseconds, launches] over the events on `lines`."""
+    def totals(lines: set, name_of: Callable[[dict], str | None] = lambda event: event["name"]) -> dict[str, list]:
+        """name → [microseconds, launches] over the events on `lines` that `name_of` names."""
         by_name: dict[str, list[float]] = {}
         for event in events:
             if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in lines:
-                entry = by_name.setdefault(event["name"], [0.0, 0])
+                name = name_of(event)
+                if name is None:
+                    continue
+                entry = by_name.setdefault(name, [0.0, 0])
                 entry[0] += float(event.get("dur", 0.0))
                 entry[1] += 1
         return by_name
 
-    by_kernel, by_op = totals(kernel_lines), totals(op_lines)
+    by_kernel = totals(kernel_lines)
+    by_op = totals(op_lines) or totals(kernel_lines, lambda event: event.get("args", {}).get("hlo_op"))
+    kernel_arguments = sorted({
+        name for event in events if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines
+        for name in event.get("args", {})
+    })
     total_us = sum(us for us, _ in by_kernel.values())
     by_kind: dict[str, float] = {}
     for name, (us, _) in by_kernel.items():
@@ -370,6 +380,7 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
         "top_kernels_ms_per_step": ranked(by_kernel),
         "top_ops_ms_per_step": ranked(by_op),
         "op_time_us": by_op,
+        "kernel_arguments": kernel_arguments,
     }
 
 
@@ -377,13 +388,15 @@ NOT_IN_HLO = "(op not in the HLO)"
 
 
 def time_by_source(
-    op_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch], steps: int, busy_ms: float, top: int = 25
+    op_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch], steps: int, busy_ms: float, top: int = 25,
+    kernel_arguments: list[str] = (),
 ) -> dict[str, Any]:
     """Device time per step by line of our code, with the bytes its launches move and the bandwidth achieved
     (GB/ms = TB/s), so that a slow kernel and a heavy line show up at once.
 
-    `op_time_us` is `summarize_trace`'s time per op of the trace's `XLA Ops` line, whose ops are named after the
-    HLO instructions of the compiled step (a leading '%' is dropped); `found` is `hlo_traffic.launches` of that
+    `op_time_us` is `summarize_trace`'s time per op, named after the HLO instructions of the compiled step (a
+    leading '%' is dropped), and `kernel_arguments` the argument names of its kernel events (for the note when
+    the trace named no op); `found` is `hlo_traffic.launches` of that
     step, which groups each launch by source line (by kind where the program has no stack frames). A launch of
     the entry computation runs once per step, so a line's bytes per step are those of its launches the trace
     ran. Time of ops that are no launch of the entry computation (another naming, a loop's body) is counted
@@ -415,7 +428,10 @@ def time_by_source(
     )
     notes = []
     if not op_time_us:
-        notes.append("the trace has no XLA Ops events (a CPU trace has no device lines): no device time by source")
+        offered = f"its kernel events' arguments: {', '.join(kernel_arguments)}" if kernel_arguments else (
+            "a CPU trace has no device lines")
+        notes.append(f"the trace names no HLO op (no XLA Ops line, no hlo_op argument; {offered}): no device time "
+                     "by source")
     if not_found:
         longest = ", ".join(sorted(not_found, key=lambda name: -not_found[name])[:5])
         notes.append(f"ops of the trace that are no launch of the HLO's entry computation ({len(not_found)}): "
@@ -437,10 +453,13 @@ def time_by_source(
     }
 
 
-def profile_steps(compiled, hlo_text: str, state, batches, steps: int) -> tuple[dict[str, Any], Any]:
+def profile_steps(
+    compiled, hlo_text: str, state, batches, steps: int, save_trace: Path | None = None
+) -> tuple[dict[str, Any], Any]:
     """Run `steps` more steps under the jax profiler and summarise the device trace, with its time by source line
     of `hlo_text`, `compiled`'s optimised HLO (`time_by_source`, in place of the per-op times); returns (summary,
-    state)."""
+    state). `save_trace` keeps a copy of the trace (gzipped perfetto JSON) for reading elsewhere."""
+    import shutil
     import tempfile
 
     import jax
@@ -450,9 +469,13 @@ def profile_steps(compiled, hlo_text: str, state, batches, steps: int) -> tuple[
             for i in range(steps):
                 state, metrics = compiled(state, batches[i % len(batches)])
             jax.block_until_ready((state, metrics))
-        summary = summarize_trace(next(Path(directory).rglob("perfetto_trace.json.gz")), steps)
+        trace = next(Path(directory).rglob("perfetto_trace.json.gz"))
+        if save_trace is not None:
+            shutil.copyfile(trace, save_trace)
+        summary = summarize_trace(trace, steps)
     found = hlo_traffic.launches(hlo_text)
-    summary.update(time_by_source(summary.pop("op_time_us"), found, steps, summary["device_busy_ms_per_step"]))
+    summary.update(time_by_source(summary.pop("op_time_us"), found, steps, summary["device_busy_ms_per_step"],
+                                  kernel_arguments=summary.pop("kernel_arguments")))
     return summary, state
 
 
@@ -517,7 +540,8 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
     profile = None
     if args.profile:
         try:
-            profile, state = profile_steps(compiled, hlo_text, state, batches, args.profile)
+            save_trace = Path(args.save_trace) if args.save_trace else None
+            profile, state = profile_steps(compiled, hlo_text, state, batches, args.profile, save_trace)
             progress(f"ours: profile {json.dumps(profile)}")
         except Exception as error:  # noqa: BLE001 - the timings above stand; the profile is extra
             progress(f"ours: profiling failed: {error!r}")
@@ -579,6 +603,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile", type=int, default=0, metavar="N",
         help="after timing, trace N more steps with the jax profiler and report device time by kernel",
     )
+    parser.add_argument("--save-trace", metavar="FILE", help="with --profile: keep the trace (gzipped JSON) here")
     parser.add_argument("--jsonl", metavar="FILE", help="also append the JSON object as one line to FILE")
     parser.add_argument("--label", default="", help="a name for this run, kept in the JSON")
     args = parser.parse_args(argv)

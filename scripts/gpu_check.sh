@@ -154,7 +154,7 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
 bench large-30s-b16 150 --model large --batch 16 --window 30 --steps 5 --profile 1
 bench large-30s-b64-remat 130 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
 bench base-30s-b128-vs-compile 190 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2 \
-    --dump-hlo "$OUT/hlo_base_30s_b128.txt"
+    --dump-hlo "$OUT/hlo_base_30s_b128.txt" --save-trace "$OUT/trace_base_30s_b128.json.gz"
 [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
 bench medium-30s-b32 110 --model medium --batch 32 --window 30 --steps 5
 bench large-30s-b16-vs-compile-regional 120 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5

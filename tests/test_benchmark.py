@@ -34,23 +34,31 @@ POSITIVE_FIELDS = (
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> dict:
     """One tiny run, ours (profiled for a step, its HLO dumped) and the eager PyTorch baseline, fp32 (CPUs have
-    no fast bf16), batch 8. The dump's path is added as `dumped_hlo`."""
+    no fast bf16), batch 8. The dump's and the saved trace's paths are added as `dumped_hlo`, `saved_trace`."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     dump = tmp_path_factory.mktemp("hlo") / "step.txt.gz"
+    trace = dump.with_name("trace.json.gz")
     command = [
         sys.executable, str(ROOT / "scripts" / "benchmark.py"),
         "--tiny", "--steps", "2", "--json", "--dtype", "float32", "--batch", "8", "--baseline", "torch",
-        "--profile", "1", "--dump-hlo", str(dump),
+        "--profile", "1", "--dump-hlo", str(dump), "--save-trace", str(trace),
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "dumped_hlo": str(dump)}
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "dumped_hlo": str(dump), "saved_trace": str(trace)}
 
 
 def test_a_gz_dump_is_what_hlo_traffic_reads(result):
     """--dump-hlo x.txt.gz (the README's name) was written as plain text, which hlo_traffic refused."""
     launches = hlo_traffic.launches(hlo_traffic.read_hlo(Path(result["dumped_hlo"])))
     assert launches
+
+
+def test_the_saved_trace_is_the_one_summarised(result):
+    """--save-trace keeps the profiler's trace, which gives the same summary as the run's."""
+    summary = benchmark.summarize_trace(Path(result["saved_trace"]), steps=1)
+    assert summary["device_busy_ms_per_step"] == result["profile"]["device_busy_ms_per_step"]
+    assert summary["lines"] == result["profile"]["lines"]
 
 
 def check_positive(result: dict, fields) -> None:
@@ -93,7 +101,8 @@ def test_a_cpu_profile_has_empty_tables_and_says_why(result):
     profile = result["profile"]
     assert profile["top_kernels_ms_per_step"] == [] and profile["by_source_ms_per_step"] == []
     assert "op_time_us" not in profile  # the full per-op times are replaced by the by-source table
-    assert profile["by_source_note"].startswith("the trace has no XLA Ops events")
+    assert profile["by_source_note"].startswith("the trace names no HLO op (no XLA Ops line, no hlo_op argument; a "
+                                                "CPU trace has no device lines)")
     assert f"    by source: {profile['by_source_note']}" in benchmark.report(result)
 
 
@@ -252,6 +261,38 @@ def test_trace_summary_counts_stream_kernels_once(tmp_path):
     assert summary["op_time_us"] == {  # all ops, not only the top 2, over both steps
         "loop_add_fusion.3": [500.0, 1], "loop_add_fusion.7": [500.0, 1], "custom-call.1": [3000.0, 1],
     }
+
+
+def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):
+    """jax 0.11.2 on an H200 wrote only the Stream line: each kernel event's `hlo_op` argument names its HLO
+    instruction (a cuDNN call's several kernels add up under one op). Where kernels carry no `hlo_op`, the
+    by-source note lists the arguments they do carry."""
+    def launch(name: str, dur: float, **arguments: str) -> dict:
+        return {**kernel(1, 7, name, dur), "args": {"correlation_id": "1", **arguments}}
+
+    stream_only = [line for line in LINES if line["args"]["name"] != "XLA Ops"]
+    events = [launch("input_reduce_fusion", 300, hlo_op="input_reduce_fusion.3"),
+              launch("input_reduce_fusion", 100, hlo_op="input_reduce_fusion.5"),
+              launch("cudnn_flash_bprop", 500, hlo_op="custom-call.2"), launch("dot_do_o", 100, hlo_op="custom-call.2"),
+              launch("memset", 20)]
+    with gzip.open(tmp_path / "named.json.gz", "wt") as file:
+        json.dump({"traceEvents": stream_only + events}, file)
+    summary = benchmark.summarize_trace(tmp_path / "named.json.gz", steps=1)
+    assert summary["op_time_us"] == {
+        "input_reduce_fusion.3": [300.0, 1], "input_reduce_fusion.5": [100.0, 1], "custom-call.2": [600.0, 2],
+    }
+    assert summary["device_busy_ms_per_step"] == 1.02  # the kernels' own time, the memset's too
+    assert summary["kernel_arguments"] == ["correlation_id", "hlo_op"]
+
+    with gzip.open(tmp_path / "unnamed.json.gz", "wt") as file:
+        json.dump({"traceEvents": stream_only + [launch("input_reduce_fusion", 300, kernel_details="grid:1")]}, file)
+    summary = benchmark.summarize_trace(tmp_path / "unnamed.json.gz", steps=1)
+    assert summary["op_time_us"] == {}
+    profile = benchmark.time_by_source(summary["op_time_us"], [], 1, 0.3, kernel_arguments=summary["kernel_arguments"])
+    assert profile["by_source_note"] == (
+        "the trace names no HLO op (no XLA Ops line, no hlo_op argument; its kernel events' arguments: "
+        "correlation_id, kernel_details): no device time by source"
+    )
 
 
 def test_device_time_is_attributed_to_source_lines_with_bytes_and_bandwidth(tmp_path):
