@@ -11,18 +11,19 @@
 # Resumable: runs that succeeded are recorded in $STATE_DIR (default /tmp/gpu_check_state, which lives as long
 # as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
 # or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
-# back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-3 by the estimates below:
-# 50 + 150 + 130 + 190 = 520 s), then again with BUDGET_S ≥ 290 (runs 4-5: 120 + 170 s; with less, run 5 is
-# skipped and recorded). The rows of every call since the state was fresh are kept there as well, so each
-# call's bench.jsonl and summary hold all of them (a device call may get a new, empty $OUT each time).
+# back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-4 by the estimates below:
+# 40 + 150 + 180 + 110 + 85 = 565 s; GPU run 3's first call did its runs in 545 s), then again with what the
+# session has left (BUDGET_S ≈ 250 s: runs 5-7; run 3's second call had 285 s). The rows of every call since the
+# state was fresh are kept there as well, so each call's bench.jsonl and summary hold all of them (a device
+# call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
-#   2. large b16 (ours, profiled); large b64 with full remat; base 30 s b128 vs torch.compile (profiled, HLO
-#      dumped); medium b32 (ours: its share of the peak); large b16 vs regional torch.compile (our step from the
-#      JAX compile cache); medium b32 vs
-#      regional torch.compile; small b64 vs torch.compile; base 10 s b128; base vs eager PyTorch
+#   2. the issue's targets first: base 30 s b128 vs torch.compile (profiled, HLO dumped, trace kept); small b64
+#      vs torch.compile; large b16 (ours, profiled) and medium b32 (ours): their share of the peak; then base 10 s
+#      b128; large and medium vs regional torch.compile (our steps from the JAX compile cache); large b64 with
+#      full remat; base vs eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
 # would not fit its estimate is skipped and recorded as such (the next call on the machine runs it).
 set -u -o pipefail
@@ -147,20 +148,19 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
     cp "$RECORD" "$JSONL"
 }
 
-# Estimated seconds (GPU run 2's timings, guesses for large and medium) are the skip thresholds. Order: what no
-# run has measured yet (large, its batch-64 remat run, medium), then base again (the fixes after run 2), small,
-# the 10 s window and the eager baseline. Large runs ours alone first (profiled), then against the baseline,
-# which finds our step in the JAX compile cache; so a slow PyTorch side cannot cost us our own figures.
-bench large-30s-b16 150 --model large --batch 16 --window 30 --steps 5 --profile 1
-bench large-30s-b64-remat 130 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
-bench base-30s-b128-vs-compile 190 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2 \
+# Estimated seconds (GPU run 3's timings plus ~5%) are the skip thresholds. Large and medium run ours alone
+# first, then against the regional baseline, which finds our step in the JAX compile cache; so a slow PyTorch
+# side cannot cost us our own figures.
+bench base-30s-b128-vs-compile 150 --model base --batch 128 --window 30 --baseline torch --compile --steps 10 --profile 2 \
     --dump-hlo "$OUT/hlo_base_30s_b128.txt" --save-trace "$OUT/trace_base_30s_b128.json.gz"
 [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
-bench medium-30s-b32 110 --model medium --batch 32 --window 30 --steps 5
-bench large-30s-b16-vs-compile-regional 120 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
-bench medium-30s-b32-vs-compile-regional 170 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
-bench small-30s-b64-vs-compile 230 --model small --batch 64 --window 30 --baseline torch --compile --steps 10
-bench base-10s-b128 45 --model base --batch 128 --window 10 --steps 10
+bench small-30s-b64-vs-compile 180 --model small --batch 64 --window 30 --baseline torch --compile --steps 10
+bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5 --profile 1
+bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
+bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
+bench large-30s-b16-vs-compile-regional 65 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
+bench medium-30s-b32-vs-compile-regional 110 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
+bench large-30s-b64-remat 110 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
 bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline torch --steps 10
 
 # --- summary -------------------------------------------------------------------------------------------------
