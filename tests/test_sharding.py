@@ -179,6 +179,20 @@ def test_activation_split_leaves_a_mesh_axis_the_rows_already_use():
     assert sharding.split_batch(x) is x
 
 
+def test_tree_norm_is_one_reduction_per_big_leaf_and_one_for_the_rest():
+    """Six leaves above `SMALL_BLOCK` and ten biases: the compiled norm reduces each big leaf to its row sums and
+    everything else in one last reduction, 7 reductions where one per leaf made 16 (on a GPU each is a launch,
+    and XLA splits a big leaf's into two). The value is the plain norm's."""
+    mesh = sharding.create_mesh({"data": 1}, devices=jax.devices()[:1])
+    rows = sharding.SMALL_BLOCK // 128
+    shapes = {f"w{i}": (rows, 256) for i in range(6)} | {f"b{i}": (300,) for i in range(10)}
+    keys = iter(jax.random.split(jax.random.key(1), len(shapes)))
+    tree = {name: jax.random.normal(next(keys), shape) for name, shape in shapes.items()}
+    norm = jax.jit(sharding.tree_norm({name: NamedSharding(mesh, P()) for name in shapes}, mesh))
+    assert float(norm(tree)) == pytest.approx(float(optax.tree.norm(tree)), rel=1e-6)
+    assert norm.lower(tree).compile().as_text().count(" reduce(") == 6 + 1
+
+
 def test_tree_norm_adds_each_block_once_with_one_all_reduce():
     """`sharding.tree_norm` on a 2 × 2 × 2 mesh, leaves split over one axis, two axes, or none (copies on every
     device): optax's norm of the same arrays, and one scalar all-reduce over all 8 devices in the compiled
