@@ -318,8 +318,9 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     instruction is the event's name on a derived `XLA Ops` line where the trace has one; otherwise (jax 0.11.2
     on an H200 wrote only the Stream line) the `hlo_op` argument of each kernel event. A trace without device
     lines (CPU) gives empty tables. `op_time_us` holds every op's [microseconds, launches] over the `steps`
-    (the `top_` tables keep the longest only), for `time_by_source`; `kernel_arguments`, the argument names
-    the kernel events carry, says what a trace offered when it named no op."""
+    (the `top_` tables keep the longest only), and `kernel_time_us` every kernel's, for `time_by_source`;
+    `kernel_arguments`, the argument names the kernel events carry, says what a trace offered when it named
+    no op."""
     import gzip
 
     with gzip.open(trace_file) as file:
@@ -380,6 +381,7 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
         "top_kernels_ms_per_step": ranked(by_kernel),
         "top_ops_ms_per_step": ranked(by_op),
         "op_time_us": by_op,
+        "kernel_time_us": by_kernel,
         "kernel_arguments": kernel_arguments,
     }
 
@@ -387,51 +389,68 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
 NOT_IN_HLO = "(op not in the HLO)"
 
 
+def ops_from_kernel_names(kernel_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch]) -> dict:
+    """Kernel times keyed by the HLO instruction each kernel is named after, for a trace that names no op: XLA
+    names a fusion's kernel after the fusion, '.' and '-' written '_' (`loop_add_fusion.4` runs
+    `loop_add_fusion_4`), and identical fusions (every layer's GELU) reuse the first one's kernel, so its
+    launches are theirs too. A kernel named after no instruction (cuBLAS, cuDNN) keeps its own name."""
+    instruction_of = {re.sub(r"[.-]", "_", launch.name): launch.name for launch in found}
+    return {instruction_of.get(kernel, kernel): times for kernel, times in kernel_time_us.items()}
+
+
 def time_by_source(
     op_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch], steps: int, busy_ms: float, top: int = 25,
-    kernel_arguments: list[str] = (),
+    kernel_time_us: dict[str, list[float]] | None = None, kernel_arguments: list[str] = (),
 ) -> dict[str, Any]:
     """Device time per step by line of our code, with the bytes its launches move and the bandwidth achieved
     (GB/ms = TB/s), so that a slow kernel and a heavy line show up at once.
 
     `op_time_us` is `summarize_trace`'s time per op, named after the HLO instructions of the compiled step (a
-    leading '%' is dropped), and `kernel_arguments` the argument names of its kernel events (for the note when
-    the trace named no op); `found` is `hlo_traffic.launches` of that
+    leading '%' is dropped). Where the trace named no op, each kernel of `kernel_time_us` stands for the
+    instruction it is named after (`ops_from_kernel_names`), and `kernel_arguments`, the argument names of its
+    kernel events, go into the note. `found` is `hlo_traffic.launches` of that
     step, which groups each launch by source line (by kind where the program has no stack frames). A launch of
     the entry computation runs once per step, so a line's bytes per step are those of its launches the trace
     ran. Time of ops that are no launch of the entry computation (another naming, a loop's body) is counted
     under NOT_IN_HLO and named in the note, never dropped. Returns the `top` rows [source, ms per step,
     launches per step, GB per step, TB/s] by time, the total attributed against `busy_ms` (the kernels' time
     per step), and a note ("" when there is nothing to say)."""
+    named_by_kernels = not op_time_us and bool(kernel_time_us)
+    if named_by_kernels:
+        op_time_us = ops_from_kernel_names(kernel_time_us, found)
     launch_of = {launch.name: launch for launch in found}
-    groups: dict[str, list] = {}  # source → [µs, launches, the instructions that ran]
+    groups: dict[str, list] = {}  # source → [µs, launches, {instruction that ran: its launches}]
     not_found: dict[str, float] = {}  # op name → µs
     for name, (us, launches) in op_time_us.items():
         launch = launch_of.get(name.lstrip("%"))
         if launch is None:
             not_found[name] = us
-        group = groups.setdefault(NOT_IN_HLO if launch is None else launch.source or launch.group, [0.0, 0, set()])
+        group = groups.setdefault(NOT_IN_HLO if launch is None else launch.source or launch.group, [0.0, 0, {}])
         group[0] += us
         group[1] += launches
-        group[2] |= {launch} if launch else set()
+        if launch:
+            group[2][launch] = group[2].get(launch, 0) + launches
 
-    def row(source: str, us: float, launches: int, ran: set[hlo_traffic.Launch]) -> list:
-        """[source, ms per step, launches per step, GB per step, TB/s (None without bytes or time)]."""
-        nbytes = sum(launch.read + launch.written for launch in ran)
+    def row(source: str, us: float, launches: int, ran: dict[hlo_traffic.Launch, int]) -> list:
+        """[source, ms per step, launches per step, GB per step, TB/s (None without bytes or time)]: each
+        instruction's bytes as many times per step as it was launched (once, but for a kernel that stands for
+        identical fusions)."""
+        nbytes = sum((launch.read + launch.written) * n / steps for launch, n in ran.items())
         tb_s = round(nbytes / 1e9 / (us / steps / 1e3), 2) if nbytes and us else None
         return [source[:160], ms_per_step(us, steps), round(launches / steps, 2), round(nbytes / 1e9, 3), tb_s]
 
     ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])
     attributed = [group for source, group in ranked if source != NOT_IN_HLO]
-    _, ms, launches, gb, tb_s = row(
-        "", sum(g[0] for g in attributed), sum(g[1] for g in attributed), set().union(*(g[2] for g in attributed))
-    )
+    ran = {launch: n for group in attributed for launch, n in group[2].items()}
+    _, ms, launches, gb, tb_s = row("", sum(g[0] for g in attributed), sum(g[1] for g in attributed), ran)
     notes = []
-    if not op_time_us:
-        offered = f"its kernel events' arguments: {', '.join(kernel_arguments)}" if kernel_arguments else (
-            "a CPU trace has no device lines")
-        notes.append(f"the trace names no HLO op (no XLA Ops line, no hlo_op argument; {offered}): no device time "
-                     "by source")
+    if named_by_kernels:
+        notes.append("ops named after their kernels (the trace names no HLO op: no XLA Ops line, no hlo_op "
+                     "argument): a kernel that serves identical fusions counts, with their launches, under the one "
+                     "it is named after; cuBLAS and cuDNN kernels are no HLO names; its kernel events' arguments: "
+                     f"{', '.join(kernel_arguments) or 'none'}")
+    elif not op_time_us:
+        notes.append("the trace has no device kernels (a CPU trace has no device lines): no device time by source")
     if not_found:
         longest = ", ".join(sorted(not_found, key=lambda name: -not_found[name])[:5])
         notes.append(f"ops of the trace that are no launch of the HLO's entry computation ({len(not_found)}): "
@@ -474,8 +493,10 @@ def profile_steps(
             shutil.copyfile(trace, save_trace)
         summary = summarize_trace(trace, steps)
     found = hlo_traffic.launches(hlo_text)
-    summary.update(time_by_source(summary.pop("op_time_us"), found, steps, summary["device_busy_ms_per_step"],
-                                  kernel_arguments=summary.pop("kernel_arguments")))
+    summary.update(time_by_source(
+        summary.pop("op_time_us"), found, steps, summary["device_busy_ms_per_step"],
+        kernel_time_us=summary.pop("kernel_time_us"), kernel_arguments=summary.pop("kernel_arguments"),
+    ))
     return summary, state
 
 

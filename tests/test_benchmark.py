@@ -101,8 +101,9 @@ def test_a_cpu_profile_has_empty_tables_and_says_why(result):
     profile = result["profile"]
     assert profile["top_kernels_ms_per_step"] == [] and profile["by_source_ms_per_step"] == []
     assert "op_time_us" not in profile  # the full per-op times are replaced by the by-source table
-    assert profile["by_source_note"].startswith("the trace names no HLO op (no XLA Ops line, no hlo_op argument; a "
-                                                "CPU trace has no device lines)")
+    assert profile["by_source_note"] == (
+        "the trace has no device kernels (a CPU trace has no device lines): no device time by source"
+    )
     assert f"    by source: {profile['by_source_note']}" in benchmark.report(result)
 
 
@@ -265,8 +266,8 @@ def test_trace_summary_counts_stream_kernels_once(tmp_path):
 
 def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):
     """jax 0.11.2 on an H200 wrote only the Stream line: each kernel event's `hlo_op` argument names its HLO
-    instruction (a cuDNN call's several kernels add up under one op). Where kernels carry no `hlo_op`, the
-    by-source note lists the arguments they do carry."""
+    instruction (a cuDNN call's several kernels add up under one op). Where kernels carry no `hlo_op`, the ops
+    are named after the kernels, and the by-source note says so and lists the arguments they do carry."""
     def launch(name: str, dur: float, **arguments: str) -> dict:
         return {**kernel(1, 7, name, dur), "args": {"correlation_id": "1", **arguments}}
 
@@ -288,11 +289,41 @@ def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):
         json.dump({"traceEvents": stream_only + [launch("input_reduce_fusion", 300, kernel_details="grid:1")]}, file)
     summary = benchmark.summarize_trace(tmp_path / "unnamed.json.gz", steps=1)
     assert summary["op_time_us"] == {}
-    profile = benchmark.time_by_source(summary["op_time_us"], [], 1, 0.3, kernel_arguments=summary["kernel_arguments"])
+    assert summary["kernel_time_us"] == {"input_reduce_fusion": [300.0, 1]}
+    profile = benchmark.time_by_source(summary["op_time_us"], [], 1, 0.3, kernel_time_us=summary["kernel_time_us"],
+                                       kernel_arguments=summary["kernel_arguments"])
+    assert profile["by_source_note"].startswith("ops named after their kernels")
+    assert "its kernel events' arguments: correlation_id, kernel_details;" in profile["by_source_note"]
+
+
+def test_a_trace_without_op_names_is_attributed_by_kernel_name():
+    """No XLA Ops line and no hlo_op (GPU run 3's trace): a kernel stands for the instruction it is named after
+    ('.' as '_'), with all its launches, so two identical GELU fusions sharing `loop_gelu_fusion`'s kernel put
+    two launches' time and bytes on its line; a cuBLAS kernel is named after no instruction and is counted
+    apart; the note says how the ops were named."""
+    found = hlo_traffic.launches(WITH_FRAMES)
+    kernels = {"loop_gelu_fusion": [400.0, 4], "loop_gelu_grad_fusion": [800.0, 2], "gemm_1": [600.0, 2],
+               "nvjet_sm90_tst_128x160": [100.0, 2]}  # µs and launches over 2 steps
+    assert benchmark.ops_from_kernel_names(kernels, found) == {
+        "loop_gelu_fusion": [400.0, 4], "loop_gelu_grad_fusion": [800.0, 2], "gemm.1": [600.0, 2],
+        "nvjet_sm90_tst_128x160": [100.0, 2],
+    }
+    profile = benchmark.time_by_source({}, found, 2, 1.0, kernel_time_us=kernels, kernel_arguments=["correlation_id"])
+    gb = 2 * 8192 * 8192 * 2 / 1e9  # a bf16 8192² array read and one written
+    rows = {source: (ms, n, gigabytes) for source, ms, n, gigabytes, _ in profile["by_source_ms_per_step"]}
+    assert rows["forward wavlink_jax/models/layers.py:40:12 gelu_exact"] == (0.2, 2.0, round(2 * gb, 3))
+    assert rows["backward wavlink_jax/models/layers.py:40:12 gelu_exact"] == (0.4, 1.0, round(gb, 3))
+    assert rows["(op not in the HLO)"] == (0.05, 1.0, 0.0)
+    assert profile["by_source_total"]["not_in_hlo_ms_per_step"] == 0.05
     assert profile["by_source_note"] == (
-        "the trace names no HLO op (no XLA Ops line, no hlo_op argument; its kernel events' arguments: "
-        "correlation_id, kernel_details): no device time by source"
+        "ops named after their kernels (the trace names no HLO op: no XLA Ops line, no hlo_op argument): a kernel "
+        "that serves identical fusions counts, with their launches, under the one it is named after; cuBLAS and "
+        "cuDNN kernels are no HLO names; its kernel events' arguments: correlation_id; ops of the trace that are no "
+        "launch of the HLO's entry computation (1): nvjet_sm90_tst_128x160"
     )
+    # Where the trace names its ops, the kernels are not needed.
+    named = benchmark.time_by_source({"loop_gelu_fusion": [200.0, 2]}, found, 2, 1.0, kernel_time_us=kernels)
+    assert [row[0] for row in named["by_source_ms_per_step"]] == ["forward wavlink_jax/models/layers.py:40:12 gelu_exact"]
 
 
 def test_device_time_is_attributed_to_source_lines_with_bytes_and_bandwidth(tmp_path):
