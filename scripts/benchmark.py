@@ -641,6 +641,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, name, defaults[name])
     if args.compile and not args.baseline:
         parser.error("--compile applies to the baseline: add --baseline torch")
+    if args.save_trace and not args.profile:
+        parser.error("--save-trace keeps the profiler's trace: add --profile N (the steps to trace)")
     return args
 
 

@@ -123,6 +123,17 @@ def test_sizes_and_counts_must_be_positive(flag, capsys):
     assert "'0' is not a positive whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--compile"], "--compile applies to the baseline: add --baseline torch"),
+    (["--save-trace", "t.json.gz"], "--save-trace keeps the profiler's trace: add --profile N (the steps to trace)"),
+])
+def test_an_option_without_the_one_it_needs_is_refused(argv, message, capsys):
+    """Options that would otherwise do nothing say what they need."""
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(argv)
+    assert message in capsys.readouterr().err
+
+
 def test_model_flops_of_the_issue_baseline():
     """The analytic count reproduces the FLOP rates of the performance issue's PyTorch table (samples/s ×
     FLOPs per sample = its TFLOP/s) to within 5%: base 689 samples/s ↔ 201 TFLOP/s, large 58 ↔ 405."""
