@@ -745,6 +745,31 @@ def test_cli_keeps_finished_sets_when_a_later_set_fails(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.parent.iterdir()) == ["res.json", "res.png"]  # no partial file left
 
 
+def test_a_one_size_rerun_removes_the_earlier_plot_and_refuses_plot(tmp_path, monkeypatch, capsys):
+    """Evaluated at 8 and 4, then again at 8 alone into the same --out: the first run's plot, which the new
+    results would no longer mention, is removed and the run says so (a PNG the results never named stays).
+    --plot with one size is refused before any set is scored."""
+    from wavlink_jax import inference
+
+    manifest = _good_manifest(tmp_path)
+    monkeypatch.setattr(inference, "load", lambda *args, **kwargs: _fake_model())
+    out = tmp_path / "res" / "res.json"
+    argv = ["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out)]
+    ev.main(argv)
+    assert json.loads(out.read_text())["plot"] == str(out.with_suffix(".png")) and out.with_suffix(".png").exists()
+    unrelated = tmp_path / "res" / "other.png"
+    unrelated.write_bytes(b"mine")
+    capsys.readouterr()
+    ev.main([*argv, "--dims", "8"])
+    assert "plot" not in json.loads(out.read_text()) and not out.with_suffix(".png").exists()
+    assert f"removed {out.with_suffix('.png')}, the plot of an earlier run into {out}" in capsys.readouterr().out
+    assert unrelated.read_bytes() == b"mine"
+    with pytest.raises(SystemExit, match=r"^error: --plot draws the metrics against the Matryoshka size, and this "
+                                         r"run has one \(8\): give --dims with two or more of \[8, 4\]"):
+        ev.main([*argv, "--dims", "8", "--plot", str(tmp_path / "p.png")])
+    assert not (tmp_path / "p.png").exists()
+
+
 def test_cli_window_seconds_reaches_the_model_and_the_crops(tmp_path, monkeypatch):
     from wavlink_jax import inference
 

@@ -589,12 +589,26 @@ def _write_results(
     plot = (Path(args.plot) if args.plot else out.with_suffix(".png")) if len(combined) > 1 else None
     if plot is not None:
         results["plot"] = str(plot)
+    else:
+        _remove_earlier_plot(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     replace_text(out, json.dumps(results, indent=1) + "\n")
     if plot is not None:
         plot.parent.mkdir(parents=True, exist_ok=True)
         with replaced(plot) as partial:
             plot_matryoshka(combined, str(partial))
+
+
+def _remove_earlier_plot(out: Path) -> None:
+    """A one-size run draws no plot, so the plot an earlier run recorded in `out` (about to be replaced) would
+    stay beside the new results, showing other figures: it is removed, and the run says so."""
+    try:
+        earlier = json.loads(out.read_text()).get("plot")
+    except (OSError, ValueError, AttributeError):  # no earlier results, or not ours
+        return
+    if isinstance(earlier, str) and Path(earlier).is_file():
+        Path(earlier).unlink()
+        print(f"removed {earlier}, the plot of an earlier run into {out}: one size has nothing to plot", flush=True)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -625,6 +639,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not set(dims) <= set(trained):  # before any set is decoded
         given = ",".join(map(str, dims))
         raise ValueError(f"--dims {given}: this model was trained at the sizes {trained}; choose among them")
+    if args.plot and len(dims) < 2:
+        raise ValueError(f"--plot draws the metrics against the Matryoshka size, and this run has one ({dims[0]}): "
+                         f"give --dims with two or more of {trained}, or leave --plot out")
     window_seconds = embedder.window_seconds  # the model's training window unless --window-seconds
 
     results: dict[str, Any] = {
