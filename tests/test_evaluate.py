@@ -764,6 +764,11 @@ def test_a_one_size_rerun_removes_the_earlier_plot_and_refuses_plot(tmp_path, mo
     assert "plot" not in json.loads(out.read_text()) and not out.with_suffix(".png").exists()
     assert f"removed {out.with_suffix('.png')}, the plot of an earlier run into {out}" in capsys.readouterr().out
     assert unrelated.read_bytes() == b"mine"
+    # A relative path recorded by an older version names a file relative to that run's folder: left alone.
+    out.write_text(json.dumps({"plot": "other.png"}))
+    monkeypatch.chdir(unrelated.parent)
+    ev.main([*argv, "--dims", "8"])
+    assert unrelated.read_bytes() == b"mine"
     with pytest.raises(SystemExit, match=r"^error: --plot draws the metrics against the Matryoshka size, and this "
                                          r"run has one \(8\): give --dims with two or more of \[8, 4\]"):
         ev.main([*argv, "--dims", "8", "--plot", str(tmp_path / "p.png")])

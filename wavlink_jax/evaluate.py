@@ -588,7 +588,7 @@ def _write_results(
     out = Path(args.out)
     plot = (Path(args.plot) if args.plot else out.with_suffix(".png")) if len(combined) > 1 else None
     if plot is not None:
-        results["plot"] = str(plot)
+        results["plot"] = str(plot.absolute())  # absolute: a later run from another folder finds the same file
     else:
         _remove_earlier_plot(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -601,12 +601,13 @@ def _write_results(
 
 def _remove_earlier_plot(out: Path) -> None:
     """A one-size run draws no plot, so the plot an earlier run recorded in `out` (about to be replaced) would
-    stay beside the new results, showing other figures: it is removed, and the run says so."""
+    stay beside the new results, showing other figures: it is removed, and the run says so. Only an absolute
+    path is trusted (a relative one was relative to the earlier run's folder)."""
     try:
         earlier = json.loads(out.read_text()).get("plot")
     except (OSError, ValueError, AttributeError):  # no earlier results, or not ours
         return
-    if isinstance(earlier, str) and Path(earlier).is_file():
+    if isinstance(earlier, str) and Path(earlier).is_absolute() and Path(earlier).is_file():
         Path(earlier).unlink()
         print(f"removed {earlier}, the plot of an earlier run into {out}: one size has nothing to plot", flush=True)
 
