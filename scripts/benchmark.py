@@ -51,7 +51,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -400,7 +400,7 @@ def ops_from_kernel_names(kernel_time_us: dict[str, list[float]], found: list[hl
 
 def time_by_source(
     op_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch], steps: int, busy_ms: float, top: int = 25,
-    kernel_time_us: dict[str, list[float]] | None = None, kernel_arguments: list[str] = (),
+    kernel_time_us: dict[str, list[float]] | None = None, kernel_arguments: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Device time per step by line of our code, with the bytes its launches move and the bandwidth achieved
     (GB/ms = TB/s), so that a slow kernel and a heavy line show up at once.
