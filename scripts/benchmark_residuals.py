@@ -11,8 +11,8 @@ op), with counts and bytes. This is the jaxpr's view, before XLA fuses or remate
 the platform's attention path (XLA's on a CPU: its softmax probabilities; cuDNN keeps only log-sum-exps).
 
 `--autodiff NAME` (repeatable) puts back what a custom VJP replaced, to compare: `gelu`, jax's autodiff of
-`jax.nn.gelu(approximate=False)` for `layers.gelu_exact`; `layer_norm`, flax's `nnx.LayerNorm` for
-`layers.LayerNorm`. `saved_residuals` is a private jax function (jax 0.10.x).
+`jax.nn.gelu(approximate=False)` for `layers.gelu_exact`; `layer_norm`, jax's autodiff of `layers.LayerNorm`'s
+own arithmetic (its custom VJP's forward). `saved_residuals` is a private jax function (jax 0.10.x).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import functools
 import sys
 from pathlib import Path
 from unittest import mock
@@ -42,7 +41,7 @@ from wavlink_jax.models.whisper import WhisperEncoder  # noqa: E402
 AUTODIFF = {
     "gelu": lambda: mock.patch.dict(layers.ACTIVATIONS, {"gelu": lambda x: jax.nn.gelu(x, approximate=False)}),
     "layer_norm": lambda: mock.patch.object(
-        layers, "LayerNorm", functools.partial(nnx.LayerNorm, use_fast_variance=False)  # as `layer_norm` built it
+        layers, "_layer_norm", lambda *args: layers._layer_norm_forward(*args)[0]  # its arithmetic, autodiffed
     ),
 }
 

@@ -3,8 +3,6 @@
 import sys
 from pathlib import Path
 
-from flax import nnx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 import benchmark_residuals  # noqa: E402
@@ -34,15 +32,17 @@ def test_custom_gelu_saves_two_fewer_tensors_per_gelu_than_autodiff(capsys):
     assert "autodiff for gelu: " in capsys.readouterr().out
 
 
-def test_custom_layer_norm_saves_its_bf16_input_instead_of_three_fp32_tensors(capsys):
+def test_custom_layer_norm_saves_its_bf16_input_instead_of_two_fp32_tensors(capsys):
     """The tiny tower's three full-length LayerNorms (both attention norms, the first MLP norm; the last MLP
-    norm sees only the global token's row): flax's autodiff saves x − mean and two products per norm, each an
-    fp32 [2, 51, 64]; the custom VJP saves the bf16 input (and row statistics, below the listing's size)."""
+    norm sees only the global token's row): autodiff of the same arithmetic saves x − mean and a product per
+    norm, each an fp32 [2, 51, 64]; the custom VJP saves the bf16 input (and row statistics, below the
+    listing's size). The patch is undone afterwards."""
+    custom_vjp = layers._layer_norm
     autodiff = benchmark_residuals.main([*TINY, "--autodiff", "layer_norm"])
-    assert layers.LayerNorm is not nnx.LayerNorm
+    assert layers._layer_norm is custom_vjp
     custom = benchmark_residuals.main(TINY)
     full_length = "float32[2,51,64]"
-    assert _count(autodiff, full_length, "sub") == 3 and _count(autodiff, full_length, "mul") == 6
+    assert _count(autodiff, full_length, "sub") == 3 and _count(autodiff, full_length, "mul") == 3
     assert not any(shape.startswith(full_length) for shape, _ in custom)
     inputs = _count(custom, "bfloat16[2,51,64]", "add") + _count(custom, "bfloat16[2,51,64]", "concatenate")
     assert inputs == 3 and _count(autodiff, "bfloat16[2,51,64]", "add") == 0

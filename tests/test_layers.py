@@ -373,6 +373,88 @@ def test_layer_norm_refuses_options_it_does_not_compute(option):
         layers.LayerNorm(8, rngs=nnx.Rngs(0), **option)
 
 
+# A LayerNorm folded into the Linears that read it (`LayerNorm.project`): the same function, fewer reductions.
+
+
+def _folded_loss(norm: layers.LayerNorm, linear: nnx.Linear, x: jax.Array, folded: bool) -> tuple[jax.Array, jax.Array]:
+    """A weighted sum of `linear(norm(x))`, computed folded or as written, and the projection itself."""
+    projected = norm.project(linear, norm.normalise(x)) if folded else linear(norm(x))
+    weights = jax.random.normal(jax.random.key(6), projected.shape)
+    return (projected * weights).sum(), projected
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_folded_projection_is_the_linear_of_the_layer_norm_with_the_same_gradients(use_bias):
+    """x̂·(γ ⊙ W) + (β·W + b) is `linear(norm(x))` in fp32: the values and the gradients of x, γ, β, W and b
+    (b absent for a key projection), within fp32 rounding."""
+    norm, _ = _layer_norms(jnp.float32)
+    linear = layers.dense(
+        64, 48, ("embed", "mlp"), use_bias=use_bias, dtype=jnp.float32, param_dtype=jnp.float32,
+        precision=jax.lax.Precision.HIGHEST, rngs=nnx.Rngs(5),
+    )
+    if use_bias:
+        linear.bias.set_value(0.3 * jax.random.normal(jax.random.key(7), (48,)))
+    x = _layer_norm_inputs(jnp.float32)
+    gradient = jax.jit(nnx.grad(_folded_loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    (folded_grads, folded), (plain_grads, plain) = (gradient(norm, linear, x, folded) for folded in (True, False))
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    got, expected = jax.tree.leaves(folded_grads), jax.tree.leaves(plain_grads)
+    assert len(got) == len(expected) == 4 + use_bias  # γ, β, W, (b), x
+    for ours, reference in zip(got, expected, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-5 * float(jnp.abs(reference).max())
+        )
+
+
+@pytest.mark.parametrize("masking", ["lengths", "causal"])
+def test_attention_over_a_folded_norm_is_attention_over_the_norm(masking):
+    """`Attention(x, norm=norm)` (β·W left out of the keys: softmax cancels a shift common to every key) gives
+    `Attention(norm(x))` and the same gradients for every parameter, β included, in fp32."""
+    norm, _ = _layer_norms(jnp.float32, width=32)
+    attention = layers.Attention(
+        32, 4, key_bias=True, dtype=jnp.float32, param_dtype=jnp.float32, implementation="xla", rngs=nnx.Rngs(2)
+    )
+    x = _layer_norm_inputs(jnp.float32)[..., :32]
+    options = {"kv_lengths": jnp.array([33, 20, 7, 33])} if masking == "lengths" else {"causal": True}
+    weights = jax.random.normal(jax.random.key(8), x.shape)
+
+    def loss(norm, attention, folded):
+        attended = attention(x, norm=norm, **options) if folded else attention(norm(x), **options)
+        return (attended * weights).sum(), attended
+
+    gradient = jax.jit(nnx.grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)
+    (folded_grads, folded), (plain_grads, plain) = (gradient(norm, attention, folded) for folded in (True, False))
+    np.testing.assert_allclose(np.asarray(folded), np.asarray(plain), rtol=1e-5, atol=1e-5)
+    got, expected = jax.tree.leaves(folded_grads), jax.tree.leaves(plain_grads)
+    scale = max(float(jnp.abs(reference).max()) for reference in expected)  # the key bias's gradient is 0 (±1e-9)
+    for ours, reference in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(reference), rtol=1e-5, atol=1e-6 * scale)
+
+
+def _row_reductions(jaxpr: jax.extend.core.Jaxpr, shape: tuple[int, ...]) -> int:
+    """How many `reduce_sum`s over every axis but the last take an operand of `shape`, sub-jaxprs included."""
+    count = 0
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "reduce_sum" and equation.invars[0].aval.shape == shape:
+            count += tuple(equation.params["axes"]) == tuple(range(len(shape) - 1))
+        for value in equation.params.values():
+            for inner in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(inner, jax.extend.core.ClosedJaxpr):
+                    count += _row_reductions(inner.jaxpr, shape)
+                elif isinstance(inner, jax.extend.core.Jaxpr):
+                    count += _row_reductions(inner, shape)
+    return count
+
+
+def test_block_backward_reduces_activations_over_rows_only_for_the_linears_biases():
+    """A block's backward sums a [batch, frames, width] gradient over its rows once per width-sized bias (query,
+    key, value, attention output, fc2): the LayerNorms' dγ and dβ are no longer four more such sums."""
+    block = tiny_stack(1).layers[0]
+    x = jnp.zeros((2, 8, 32))
+    jaxpr = jax.make_jaxpr(nnx.grad(lambda block: block(x).sum()))(block)
+    assert _row_reductions(jaxpr.jaxpr, x.shape) == 5
+
+
 def test_layer_norm_refuses_forward_mode_clearly():
     ours, _ = _layer_norms(jnp.float32)
     x = _layer_norm_inputs(jnp.float32)

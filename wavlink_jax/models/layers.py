@@ -208,6 +208,9 @@ class LayerNorm(nnx.LayerNorm):
     dx needs two independent row reductions. The forward is `nnx.LayerNorm`'s own arithmetic, value for value.
     The price, as for `gelu_exact`: reverse mode only, and no `mask` argument.
 
+    In a block, `normalise` and `project` replace the call: the scale and shift go into the Linear that reads
+    the output, and the backward keeps only dx's row reductions, one kernel per LayerNorm on an H200.
+
     `use_fast_variance` is flax's: σ² as E[x²] − E[x]² from one read of x (True) or from the centred values, a
     second read (False). Left at None it is True for a compute dtype narrower than fp32 and False for fp32:
     a bf16 x's squares are exact in fp32 and the subtraction's error (~1e-7 of E[x²]) stays far below bf16's
@@ -231,8 +234,39 @@ class LayerNorm(nnx.LayerNorm):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
-        one_pass = jnp.finfo(x.dtype).bits < 32 if self.use_fast_variance is None else self.use_fast_variance
-        return _layer_norm(x, scale, bias, self.epsilon, one_pass)
+        return _layer_norm(x, scale, bias, self.epsilon, self._one_pass(x))
+
+    def normalise(self, x: jax.Array) -> jax.Array:
+        """(x − mean) / σ per row, in the compute dtype: this LayerNorm without its scale and shift, which
+        `project` folds into the Linear that reads it."""
+        (x,) = self.promote_dtype((x,), dtype=self.dtype)
+        return _layer_norm(x, None, None, self.epsilon, self._one_pass(x))
+
+    def project(self, linear: nnx.Linear, normalised: jax.Array, *, shift: bool = True) -> jax.Array:
+        """`linear(self(x))` from `normalised = self.normalise(x)`, with this LayerNorm's scale γ and shift β
+        folded into `linear`'s kernel W and bias b: x̂·(γ ⊙ W) + (β·W + b), the same function.
+
+        Why: the backward then has no [batch, frames, width] column reductions for dγ and dβ, a second read of
+        x and dy per LayerNorm. dγ and dβ come from the folded kernel's and bias's gradients, [width, out]
+        arrays the backward computes anyway, and dx from the row reductions alone (base at batch 128 compiled
+        for an H200: element-wise traffic 75.2 → 66.4 GB a step, launches 1713 → 1611; BENCHMARKS.md). `shift=False` leaves out β·W: right for attention keys only, where a
+        bias common to every key adds the same number to each query's logits, which softmax cancels.
+
+        `linear` is a `dense` (no `preferred_element_type`); β·W is computed in the parameters' dtype."""
+        kernel = linear.kernel[...]
+        bias = linear.bias[...] if linear.bias is not None else None
+        if shift:
+            shifted = (self.bias[...][:, None] * kernel).sum(0)  # exact fp32 (a dot would be TF32 on a GPU)
+            bias = shifted if bias is None else bias + shifted
+        folded = self.scale[...][:, None] * kernel
+        normalised, folded, bias = linear.promote_dtype((normalised, folded, bias), dtype=linear.dtype)
+        dimensions = (((normalised.ndim - 1,), (0,)), ((), ()))
+        projected = linear.dot_general(normalised, folded, dimensions, precision=linear.precision)
+        return projected if bias is None else projected + bias
+
+    def _one_pass(self, x: jax.Array) -> bool:
+        """Whether σ² comes from one read of x (see the class docstring)."""
+        return jnp.finfo(x.dtype).bits < 32 if self.use_fast_variance is None else self.use_fast_variance
 
 
 def _row_statistics(x: jax.Array, epsilon: float, one_pass: bool) -> tuple[jax.Array, jax.Array]:
@@ -248,39 +282,49 @@ def _row_statistics(x: jax.Array, epsilon: float, one_pass: bool) -> tuple[jax.A
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, one_pass: bool) -> jax.Array:
+def _layer_norm(
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, epsilon: float, one_pass: bool
+) -> jax.Array:
+    """LayerNorm over the last axis; `scale` and `bias` None (together): the normalised x alone."""
     return _layer_norm_forward(x, scale, bias, epsilon, one_pass)[0]
 
 
 def _layer_norm_forward(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, one_pass: bool
+    x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, epsilon: float, one_pass: bool
 ) -> tuple[jax.Array, tuple]:
     mean, inverse_std = _row_statistics(x, epsilon, one_pass)
-    normalised = (x - mean) * (inverse_std * scale) + bias  # flax's `_normalize`, op for op
+    if scale is None:
+        normalised = (x - mean) * inverse_std
+    else:
+        normalised = (x - mean) * (inverse_std * scale) + bias  # flax's `_normalize`, op for op
     return normalised.astype(x.dtype), (x, scale, mean, inverse_std)
 
 
 def _layer_norm_backward(
     epsilon: float, one_pass: bool, residuals: tuple, grad: jax.Array
 ) -> tuple[jax.Array, ...]:
-    """Cotangents of x, scale and bias (bias has scale's dtype: `LayerNorm` promotes them together)."""
+    """Cotangents of x, scale and bias (bias has scale's dtype: `LayerNorm` promotes them together; None for
+    None)."""
     x, scale, mean, inverse_std = residuals
     # The barrier keeps XLA from merging this x - mean with the forward's (common subexpressions, as for the
     # GELU's erf, see `gelu_exact`): merged, the H200-targeted compile recomputed the row statistics from x
     # and wrote dy·x̂ as an fp32 [batch, frames, width] tensor, autodiff's pattern (the class docstring).
     x = jax.lax.optimization_barrier(x)
+    # All on a [rows, width] view: XLA sees dy as the GEMM's [rows, width] output, and with the reductions on
+    # that view and the rest on [batch, frames, width] it split the row reductions from dx into a second pass
+    # (compiled for an H200) instead of one Triton kernel doing both.
+    shape = x.shape
+    x, grad, mean, inverse_std = (a.reshape(-1, a.shape[-1]) for a in (x, grad, mean, inverse_std))
     normalised = (_wide(x) - mean) * inverse_std
     grad = _wide(grad)
-    scaled = grad * _wide(scale)
+    scaled = grad if scale is None else grad * _wide(scale)
     grad_x = inverse_std * (
         scaled - scaled.mean(-1, keepdims=True) - normalised * (scaled * normalised).mean(-1, keepdims=True)
     )
-    rows = tuple(range(x.ndim - 1))
-    return (
-        grad_x.astype(x.dtype),
-        (grad * normalised).sum(rows).astype(scale.dtype),
-        grad.sum(rows).astype(scale.dtype),
-    )
+    grad_x = grad_x.astype(x.dtype).reshape(shape)
+    if scale is None:
+        return grad_x, None, None
+    return grad_x, (grad * normalised).sum(0).astype(scale.dtype), grad.sum(0).astype(scale.dtype)
 
 
 _layer_norm.defvjp(_layer_norm_forward, _layer_norm_backward)
@@ -348,12 +392,14 @@ class Attention(nnx.Module):
         self,
         x: jax.Array,
         *,
+        norm: LayerNorm | None = None,
         kv_lengths: jax.Array | None = None,
         causal: bool = False,
         query_start: int | None = None,
     ) -> jax.Array:
         """x `(B, T, width)`; `kv_lengths` `(B,)` int32 = number of valid (leading) positions per row.
 
+        `norm`: attend over `norm(x)`, its scale and shift folded into the projections (`LayerNorm.project`).
         `query_start`: outputs only for rows `x[:, query_start:]` (keys and values still span every row), e.g.
         the last block when only the appended global token's output is needed.
         """
@@ -361,11 +407,17 @@ class Attention(nnx.Module):
             raise ValueError("query_start with a causal mask is not supported")
         batch, length, width = x.shape
         head_dim = width // self.num_heads
-        rows = x if query_start is None else x[:, query_start:]
-        heads = (None, "heads", None)  # rows over the batch axes, heads as their parameters (a train step's tracing)
-        q = sharding.split_batch(self.query(rows).reshape(batch, rows.shape[1], self.num_heads, head_dim), heads)
-        k = sharding.split_batch(self.key(x).reshape(batch, length, self.num_heads, head_dim), heads)
-        v = sharding.split_batch(self.value(x).reshape(batch, length, self.num_heads, head_dim), heads)
+        if norm is not None:
+            x = norm.normalise(x)
+
+        def project(linear: nnx.Linear, inputs: jax.Array, shift: bool = True) -> jax.Array:
+            projected = linear(inputs) if norm is None else norm.project(linear, inputs, shift=shift)
+            heads = (None, "heads", None)  # rows over the batch axes, heads as their parameters (a step's tracing)
+            return sharding.split_batch(projected.reshape(batch, inputs.shape[1], self.num_heads, head_dim), heads)
+
+        q = project(self.query, x if query_start is None else x[:, query_start:])
+        k = project(self.key, x, shift=False)  # a shift common to every key changes no attention weight
+        v = project(self.value, x)
         # A few query rows against all keys is tiny work, which XLA handles for any shape.
         implementation = "xla" if query_start is not None else resolve_attention_implementation(
             self.implementation, q.dtype
@@ -388,7 +440,8 @@ class Attention(nnx.Module):
 
 
 class EncoderBlock(nnx.Module):
-    """Pre-LN transformer block: x + attn(ln(x)); x + fc2(act(fc1(ln(x))))."""
+    """Pre-LN transformer block: x + attn(ln(x)); x + fc2(act(fc1(ln(x)))), each LayerNorm's scale and shift
+    folded into the Linears that read it (`LayerNorm.project`)."""
 
     def __init__(
         self,
@@ -432,10 +485,10 @@ class EncoderBlock(nnx.Module):
         """`query_start`: compute (and return) only rows `query_start:` — see `Attention`."""
         x = sharding.split_batch(x)  # rows over the batch axes while a train step is traced (see there)
         rows = x if query_start is None else x[:, query_start:]
-        attended = self.attn(self.attn_norm(x), kv_lengths=kv_lengths, causal=causal, query_start=query_start)
+        attended = self.attn(x, norm=self.attn_norm, kv_lengths=kv_lengths, causal=causal, query_start=query_start)
         x = sharding.split_batch(rows + attended)
-        hidden = sharding.split_batch(activation_fn(self.activation)(self.fc1(self.mlp_norm(x))), (None, "mlp"))
-        return x + self.fc2(hidden)
+        hidden = activation_fn(self.activation)(self.mlp_norm.project(self.fc1, self.mlp_norm.normalise(x)))
+        return x + self.fc2(sharding.split_batch(hidden, (None, "mlp")))
 
 
 def _create_blocks(num_layers: int, key: jax.Array, block_kwargs: dict) -> list[EncoderBlock]:
