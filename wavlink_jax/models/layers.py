@@ -38,9 +38,15 @@ def _wide(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def gelu_exact(x: jax.Array) -> jax.Array:
+def gelu_exact(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     """Exact GELU, 0.5·x·(1 + erf(x/√2)) (PyTorch's formula, whose weights we port), computed in fp32 and
     returned in `x`'s dtype (integers and Python numbers become float32, as with `jax.nn.gelu`).
+
+    `bias` (a vector over x's last axis): GELU(x + bias), the sum (rounded to x's dtype, as a Linear's output
+    is) formed inside the forward and the backward and never stored. Why: the backward needs the GELU's input,
+    and a Linear's biased output is one more [batch, frames, mlp] tensor to write. On an H200 (GPU run 3, whose
+    compiler put no bias into the fc1 GEMM) base's GELU forward wrote x + b beside GELU(x + b), 0.79 of its 2.36
+    GB per layer; given the GEMM's unbiased output and the bias, it reads one and writes one.
 
     Why erf and not `jax.nn.gelu(x, approximate=False)`'s 0.5·x·erfc(-x/√2): XLA lowers erf to one HLO op with
     a short rational approximation, but expands erfc into both of its branches (a polynomial, an exp and two
@@ -52,7 +58,7 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     Why a custom VJP: autodiff of the formula saves its intermediates for the backward (0.5·x, erfc(-x/√2),
     exp(-x²/2) in the jaxpr; on an H200 the fused forward wrote erfc(-x/√2) and -x/√2 besides the output),
     each a bf16 [batch, frames, mlp] tensor per layer (787 MB for base at batch 128 on 30 s audio). Here the
-    only residual is `x`, and the backward recomputes gelu'(x) = Φ(x) + x·φ(x) in fp32: elementwise work in
+    only residuals are `x` and the bias, and the backward recomputes gelu'(x) = Φ(x) + x·φ(x) in fp32: elementwise work in
     the kernel that reads `x` anyway. Computing in fp32 also matches PyTorch's GELU on bf16 inputs.
     The backward reads `x` through an optimization barrier: without it XLA's common-subexpression elimination
     sees the backward's erf(x/√2) equal the forward's, computes it once in the forward and keeps it, an fp32
@@ -64,23 +70,37 @@ def gelu_exact(x: jax.Array) -> jax.Array:
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         x = x.astype(jnp.float32)
-    return _gelu_exact(x)
+    return _gelu_exact(x, bias)
+
+
+def _biased(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """x + bias, rounded to x's dtype as a Linear's biased output is, then in at least fp32."""
+    return _wide(x if bias is None else x + bias)
 
 
 @jax.custom_vjp
-def _gelu_exact(x: jax.Array) -> jax.Array:
-    wide = _wide(x)
+def _gelu_exact(x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    wide = _biased(x, bias)
     return (0.5 * wide * (1 + jax.lax.erf(wide * _SQRT_HALF))).astype(x.dtype)
 
 
-def _gelu_forward(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    return _gelu_exact(x), x
+def _gelu_forward(x: jax.Array, bias: jax.Array | None) -> tuple[jax.Array, tuple]:
+    return _gelu_exact(x, bias), (x, bias)
 
 
-def _gelu_backward(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
-    wide = _wide(jax.lax.optimization_barrier(x))  # recompute, don't share the forward's erf (docstring)
+def _gelu_backward(residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    x, bias = jax.lax.optimization_barrier(residuals)  # recompute, don't share the forward's erf (docstring)
+    shape = x.shape
+    if bias is not None:  # a [rows, mlp] view, as for `_layer_norm_backward`'s reductions
+        x, g = x.reshape(-1, shape[-1]), g.reshape(-1, shape[-1])
+    wide = _biased(x, bias)
     derivative = 0.5 * (1 + jax.lax.erf(wide * _SQRT_HALF)) + wide * jnp.exp(-0.5 * wide * wide) * _INV_SQRT_2PI
-    return ((_wide(g) * derivative).astype(g.dtype),)
+    grad = (_wide(g) * derivative).astype(g.dtype)
+    if bias is None:
+        return grad, None
+    # The bias's gradient sums the rounded cotangent in its dtype, as autodiff of x + b does. Summed in fp32
+    # or over [batch, frames, mlp], XLA (compiled for an H200) wrote the fp32 product out for a second kernel.
+    return grad.reshape(shape), grad.sum(0).astype(bias.dtype)
 
 
 _gelu_exact.defvjp(_gelu_forward, _gelu_backward)
@@ -127,6 +147,14 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
+
+
+def activate(name: str, x: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """The activation `name` of x + bias: the exact GELU takes the bias into its custom VJP (`gelu_exact`)."""
+    function = activation_fn(name)
+    if function is gelu_exact:
+        return gelu_exact(x, bias)
+    return function(x if bias is None else x + bias)
 
 
 def check_tower_config(config: Any, sizes: Sequence[str]) -> None:
@@ -242,7 +270,9 @@ class LayerNorm(nnx.LayerNorm):
         (x,) = self.promote_dtype((x,), dtype=self.dtype)
         return _layer_norm(x, None, None, self.epsilon, self._one_pass(x))
 
-    def project(self, linear: nnx.Linear, normalised: jax.Array, *, shift: bool = True) -> jax.Array:
+    def project(
+        self, linear: nnx.Linear, normalised: jax.Array, *, shift: bool = True, activation: str | None = None
+    ) -> jax.Array:
         """`linear(self(x))` from `normalised = self.normalise(x)`, with this LayerNorm's scale γ and shift β
         folded into `linear`'s kernel W and bias b: x̂·(γ ⊙ W) + (β·W + b), the same function.
 
@@ -252,7 +282,9 @@ class LayerNorm(nnx.LayerNorm):
         for an H200: element-wise traffic 75.2 → 66.4 GB a step, launches 1713 → 1611; BENCHMARKS.md). `shift=False` leaves out β·W: right for attention keys only, where a
         bias common to every key adds the same number to each query's logits, which softmax cancels.
 
-        `linear` is a `dense` (no `preferred_element_type`); β·W is computed in the parameters' dtype."""
+        `activation` (an `ACTIVATIONS` name): that activation of the projection, given the bias apart
+        (`activate`). `linear` is a `dense` (no `preferred_element_type`); β·W is computed in the parameters'
+        dtype."""
         kernel = linear.kernel[...]
         bias = linear.bias[...] if linear.bias is not None else None
         if shift:
@@ -262,6 +294,8 @@ class LayerNorm(nnx.LayerNorm):
         normalised, folded, bias = linear.promote_dtype((normalised, folded, bias), dtype=linear.dtype)
         dimensions = (((normalised.ndim - 1,), (0,)), ((), ()))
         projected = linear.dot_general(normalised, folded, dimensions, precision=linear.precision)
+        if activation is not None:
+            return activate(activation, projected, bias)
         return projected if bias is None else projected + bias
 
     def _one_pass(self, x: jax.Array) -> bool:
@@ -487,7 +521,7 @@ class EncoderBlock(nnx.Module):
         rows = x if query_start is None else x[:, query_start:]
         attended = self.attn(x, norm=self.attn_norm, kv_lengths=kv_lengths, causal=causal, query_start=query_start)
         x = sharding.split_batch(rows + attended)
-        hidden = activation_fn(self.activation)(self.mlp_norm.project(self.fc1, self.mlp_norm.normalise(x)))
+        hidden = self.mlp_norm.project(self.fc1, self.mlp_norm.normalise(x), activation=self.activation)
         return x + self.fc2(sharding.split_batch(hidden, (None, "mlp")))
 
 
