@@ -217,16 +217,17 @@ def test_calls_partitioned_by_jax_are_counted_and_named():
 
 
 @pytest.mark.slow
-def test_h200_program_keeps_no_fp32_intermediates_and_one_kernel_per_layer_norm_backward(tmp_path):
+def test_h200_program_keeps_no_fp32_intermediates_and_one_kernel_per_layer_norm_pass(tmp_path):
     """With jax's CUDA plugin installed (`make gpu-compile-env`; skipped without): base at batch 128 compiled
     for an H200 materialises no fp32 [batch, frames, width or mlp] tensor. XLA's CSE had merged the GELU's and
     LayerNorm's backward recomputation with their forwards before the optimization barriers: 5 fp32 GELU and 11
     fp32 LayerNorm tensors. (At batch 2 XLA fuses differently and keeps some anyway: not the case to test.)
 
-    And each full-length LayerNorm's backward is one Triton kernel (row reductions and dx together), with no
-    column reduction for dγ, dβ (`LayerNorm.project`). Given its row reductions on a [rows, width] view of the
-    GEMM's output and the rest on [batch, frames, width], XLA made them a separate pass (1732 launches, 72.5 GB
-    of element-wise traffic; one kernel each: 1611, 66.4 GB)."""
+    And each full-length LayerNorm is one Triton kernel forward and one backward (row reductions and dx
+    together), with no column reduction for dγ, dβ (`LayerNorm.project`). Given its row reductions on a [rows,
+    width] view of the GEMM's output and the rest on [batch, frames, width], XLA made them a separate pass
+    (1732 launches, 72.5 GB of element-wise traffic; one kernel each: 1611, 66.4 GB). With E[x²] − E[x]² for
+    σ² the forward was a statistics kernel and a normalising kernel (one each: 1543, 64.2 GB)."""
     pytest.importorskip(
         "jax_plugins.xla_cuda13", reason="needs jax's CUDA plugin: make gpu-compile-env, then .venv-gpu-compile/bin/python -m pytest"
     )
@@ -241,12 +242,19 @@ def test_h200_program_keeps_no_fp32_intermediates_and_one_kernel_per_layer_norm_
     ]
     assert full_length_fp32 == []
     activation = 128 * 1504 * 512 * 2
+    launches = hlo_audit.hlo_traffic.launches(hlo)
     layer_norm_backward = [
-        launch.group for launch in hlo_audit.hlo_traffic.launches(hlo)
+        launch.group for launch in launches
         if launch.source.startswith("backward") and launch.source.endswith("LayerNorm.normalise")
         and launch.read >= 2 * activation
     ]
     assert len(layer_norm_backward) == 10 and set(layer_norm_backward) == {"backward fusion"}  # Triton's kind
+    layer_norm_forward = [
+        launch.group for launch in launches
+        if launch.source.startswith("forward") and launch.read >= activation
+        and launch.source.endswith(("_layer_norm_forward", "_row_statistics"))
+    ]
+    assert len(layer_norm_forward) == 11 and set(layer_norm_forward) == {"forward fusion"}
 
 
 @pytest.mark.slow
