@@ -37,8 +37,7 @@ def test_custom_gelu_saves_two_fewer_tensors_per_gelu_than_autodiff(capsys):
 def test_custom_layer_norm_saves_its_bf16_input_instead_of_two_fp32_tensors(capsys):
     """The tiny tower's three full-length LayerNorms (both attention norms, the first MLP norm; the last MLP
     norm sees only the global token's row): autodiff of the same arithmetic saves x − mean and a product per
-    norm, each an fp32 [2, 51, 64]; the custom VJP saves the bf16 input (and row statistics, below the
-    listing's size). The patch is undone afterwards."""
+    norm, each an fp32 [2, 51, 64]; the custom VJP saves only the bf16 input. The patch is undone afterwards."""
     custom_vjp = layers._layer_norm
     autodiff = benchmark_residuals.main([*TINY, "--autodiff", "layer_norm"])
     assert layers._layer_norm is custom_vjp
