@@ -58,8 +58,9 @@ def gelu_exact(x: jax.Array, bias: jax.Array | None = None) -> jax.Array:
     Why a custom VJP: autodiff of the formula saves its intermediates for the backward (0.5·x, erfc(-x/√2),
     exp(-x²/2) in the jaxpr; on an H200 the fused forward wrote erfc(-x/√2) and -x/√2 besides the output),
     each a bf16 [batch, frames, mlp] tensor per layer (787 MB for base at batch 128 on 30 s audio). Here the
-    only residuals are `x` and the bias, and the backward recomputes gelu'(x) = Φ(x) + x·φ(x) in fp32: elementwise work in
-    the kernel that reads `x` anyway. Computing in fp32 also matches PyTorch's GELU on bf16 inputs.
+    only residuals are `x` and the bias, and the backward recomputes gelu'(x) = Φ(x) + x·φ(x) in fp32:
+    elementwise work in the kernel that reads `x` anyway. Computing in fp32 also matches PyTorch's GELU on bf16
+    inputs.
     The backward reads `x` through an optimization barrier: without it XLA's common-subexpression elimination
     sees the backward's erf(x/√2) equal the forward's, computes it once in the forward and keeps it, an fp32
     [batch, frames, mlp] tensor (1.57 GB per layer for base at batch 128; seen in the H200-targeted compile
@@ -281,8 +282,9 @@ class LayerNorm(nnx.LayerNorm):
         Why: the backward then has no [batch, frames, width] column reductions for dγ and dβ, a second read of
         x and dy per LayerNorm. dγ and dβ come from the folded kernel's and bias's gradients, [width, out]
         arrays the backward computes anyway, and dx from the row reductions alone (base at batch 128 compiled
-        for an H200: element-wise traffic 75.2 → 66.4 GB a step, launches 1713 → 1611; BENCHMARKS.md). `shift=False` leaves out β·W: right for attention keys only, where a
-        bias common to every key adds the same number to each query's logits, which softmax cancels.
+        for an H200: element-wise traffic 75.2 → 66.4 GB a step, launches 1713 → 1611; BENCHMARKS.md).
+        `shift=False` leaves out β·W: right for attention keys only, where a bias common to every key adds the
+        same number to each query's logits, which softmax cancels.
 
         `activation` (an `ACTIVATIONS` name): that activation of the projection, given the bias apart
         (`activate`). `linear` is a `dense` (no `preferred_element_type`); β·W is computed in the parameters'
