@@ -292,7 +292,7 @@ class LayerNorm(nnx.LayerNorm):
         kernel = linear.kernel[...]
         bias = linear.bias[...] if linear.bias is not None else None
         if shift:
-            shifted = (self.bias[...][:, None] * kernel).sum(0)  # exact fp32 (a dot would be TF32 on a GPU)
+            shifted = (self.bias[...][:, None] * kernel).sum(0)  # in fp32 (a dot would be TF32 on a GPU)
             bias = shifted if bias is None else bias + shifted
         folded = self.scale[...][:, None] * kernel
         normalised, folded, bias = linear.promote_dtype((normalised, folded, bias), dtype=linear.dtype)
