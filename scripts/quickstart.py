@@ -102,7 +102,7 @@ def main() -> int:
     (workdir / MARKER).write_text("made by scripts/quickstart.py, which deletes this folder when it runs again\n")
     print(f"training configs/quickstart.py for {config.total_steps} steps of {config.batch_size} into {workdir}")
     start = time.perf_counter()
-    with cli.user_errors(train.NonFiniteLoss):  # one `error:` line, as the trainer's command gives
+    with cli.user_errors(train.NonFiniteLoss, out_of_memory=train.OUT_OF_MEMORY_ADVICE):  # as the trainer's command
         metrics = train.train(config, str(workdir))
     minutes = (time.perf_counter() - start) / 60
 

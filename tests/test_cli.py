@@ -136,3 +136,26 @@ def test_user_errors_in_process(monkeypatch):
     with pytest.raises(ValueError, match="unknown axes"):
         with cli.user_errors():
             sharding.create_mesh({"bogus": 2})
+
+
+def test_out_of_memory_is_one_line_with_what_to_change(monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED, raised deep inside jax, ends with its first line and the tool's advice; a real
+    one: a 64 TiB array on this machine. Other jax errors keep their traceback."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+    too_large = jax.jit(lambda: jnp.ones((2**22, 2**22), jnp.float32))
+    with pytest.raises(SystemExit, match=r"^error: RESOURCE_EXHAUSTED: Out of memory allocating \d+ bytes: lower it$"):
+        with cli.user_errors(out_of_memory="lower it"):
+            too_large().block_until_ready()
+    with pytest.raises(SystemExit, match=rf"^error: RESOURCE_EXHAUSTED: .*: {cli.OUT_OF_MEMORY_ADVICE}$"):
+        with cli.user_errors():
+            too_large().block_until_ready()
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INVALID_ARGUMENT"):  # not a user's mistake
+        with cli.user_errors():
+            raise jax.errors.JaxRuntimeError("INVALID_ARGUMENT: a bug")
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        with cli.user_errors():
+            too_large().block_until_ready()

@@ -2,10 +2,12 @@
 
 User errors are ValueError (ManifestError, DataError, CheckpointError, TokenizerError and the config checks are
 ValueErrors) and OSError (a missing file, an output that exists already, ...), plus what a tool adds (the
-trainer's NonFiniteLoss). Their messages say what to do, so a traceback would only hide them. In a job of several
-processes (`sharding.has_peers`) any error ends the whole job through `sharding.stop_job`, an unexpected one with
-its traceback. `WAVLINK_JAX_TRACEBACK=1` re-raises user errors with their traceback (e.g. a ValueError that a
-bug provoked inside jax); the error line names the variable when the error was raised outside wavlink_jax.
+trainer's NonFiniteLoss). Their messages say what to do, so a traceback would only hide them. So is an
+accelerator out of memory (XLA's RESOURCE_EXHAUSTED, raised deep inside jax): its line adds what the tool's user
+can change. In a job of several processes (`sharding.has_peers`) any error ends the whole job through
+`sharding.stop_job`, an unexpected one with its traceback. `WAVLINK_JAX_TRACEBACK=1` re-raises user errors with
+their traceback (e.g. a ValueError that a bug provoked inside jax); the error line names the variable when the
+error was raised outside wavlink_jax.
 
     with cli.user_errors():                               # argparse tools, around the body of main
     app.run(main, flags_parser=cli.parse_absl_flags)      # absl tools (the trainer): --config mistakes
@@ -30,6 +32,7 @@ from ml_collections.config_flags.config_flags import is_config_flag
 
 TRACEBACK_ENV = "WAVLINK_JAX_TRACEBACK"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+OUT_OF_MEMORY_ADVICE = "the work does not fit the accelerator's memory"
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -50,10 +53,17 @@ def error_line(err: BaseException) -> str:
     return f"error: {err}{hint}"
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is XLA finding no memory for a program or buffer (jax is imported if it raised it)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(err, jax.errors.JaxRuntimeError) and str(err).startswith("RESOURCE_EXHAUSTED")
+
+
 @contextlib.contextmanager
-def user_errors(*extra: type[BaseException]) -> Iterator[None]:
+def user_errors(*extra: type[BaseException], out_of_memory: str = OUT_OF_MEMORY_ADVICE) -> Iterator[None]:
     """Turn user errors (`USER_ERRORS` and `extra`) raised in the block into one `error: ...` line and exit
-    status 1; in a job of several processes, stop every process (any exception: the others must not wait)."""
+    status 1; in a job of several processes, stop every process (any exception: the others must not wait).
+    An accelerator out of memory gives XLA's first line and then `out_of_memory`, the tool's advice."""
     from wavlink_jax import sharding  # here: tools that import jax only when they need it stay quick to start
 
     try:
@@ -62,7 +72,9 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
         if show_tracebacks():
             raise
         sharding.stop_job(error_line(err))
-    except Exception:
+    except Exception as err:
+        if _out_of_memory(err) and not show_tracebacks():
+            sharding.stop_job(f"error: {str(err).splitlines()[0].rstrip('.')}: {out_of_memory}")
         if sharding.has_peers():
             sharding.stop_job(traceback.format_exc())
         raise

@@ -51,6 +51,16 @@ class Preempted(RuntimeError):
     the same command resumes there."""
 
 
+# What a user can change when the step or an evaluation does not fit (`cli.user_errors`): XLA's message only says
+# how many bytes it could not allocate.
+OUT_OF_MEMORY_ADVICE = (
+    "the step does not fit the accelerator. Each device holds config.batch_size / (config.mesh data × fsdp) "
+    "clips: lower batch_size, or raise accum_steps (the same update, one micro-batch's activations at a time); "
+    "recompute blocks in the backward pass (config.remat, e.g. full); split parameters and AdamW state over "
+    "devices (mesh.fsdp); evaluation holds config.eval.batch_size clips. jax takes 75% of each accelerator "
+    "unless XLA_PYTHON_CLIENT_MEM_FRACTION says more. scripts/hlo_audit.py --target h100|h200 gives a choice's "
+    "memory on that card from any machine"
+)
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: what a process ended by the signal reports, so schedulers requeue it
 
 
@@ -411,7 +421,7 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config and --workdir are required")
     if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; --verbosity=0 shows it
         absl_logging.set_verbosity(absl_logging.WARNING)
-    with cli.user_errors(NonFiniteLoss):  # one `error:` line; in a multi-host job, every process stops
+    with cli.user_errors(NonFiniteLoss, out_of_memory=OUT_OF_MEMORY_ADVICE):  # one `error:` line; every process stops
         try:
             train(_CONFIG.value, _WORKDIR.value)
         except Preempted as stop:
