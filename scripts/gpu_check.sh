@@ -13,17 +13,18 @@
 # or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
 # back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-4 by the estimates below:
 # 40 + 150 + 180 + 110 + 85 = 565 s; GPU run 3's first call did its runs in 545 s), then again with what the
-# session has left (BUDGET_S ≈ 250 s: runs 5-7; run 3's second call had 285 s). The rows of every call since the
-# state was fresh are kept there as well, so each call's bench.jsonl and summary hold all of them (a device
-# call may get a new, empty $OUT each time).
+# session has left (BUDGET_S ≈ 280 s: runs 5-7, 55 + 100 + 110 s; run 3's second call had 285 s). The rows of
+# every call since the state was fresh are kept there as well, so each call's bench.jsonl and summary hold all
+# of them (a device call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
 #   2. the issue's targets first: base 30 s b128 vs torch.compile (profiled, HLO dumped, trace kept); small b64
 #      vs torch.compile; large b16 (ours, profiled) and medium b32 (ours): their share of the peak; then base 10 s
-#      b128; large and medium vs regional torch.compile (our steps from the JAX compile cache); large b64 with
-#      full remat; base vs eager PyTorch
+#      b128; large b64 without remat (compiled for an H200 here it needs 107 of the card's 140 GiB), then with
+#      full remat; large and medium vs regional torch.compile (our steps from the JAX compile cache); base vs
+#      eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
 # would not fit its estimate is skipped and recorded as such (the next call on the machine runs it).
 set -u -o pipefail
@@ -158,9 +159,10 @@ bench small-30s-b64-vs-compile 180 --model small --batch 64 --window 30 --baseli
 bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5 --profile 1
 bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
 bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
+bench large-30s-b64 100 --model large --batch 64 --window 30 --steps 3 --warmup 1
+bench large-30s-b64-remat 110 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
 bench large-30s-b16-vs-compile-regional 65 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
 bench medium-30s-b32-vs-compile-regional 110 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
-bench large-30s-b64-remat 110 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
 bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline torch --steps 10
 
 # --- summary -------------------------------------------------------------------------------------------------
