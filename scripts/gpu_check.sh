@@ -26,7 +26,8 @@
 #      full remat; large and medium vs regional torch.compile (our steps from the JAX compile cache); base vs
 #      eager PyTorch
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script); a run that
-# would not fit its estimate is skipped and recorded as such (the next call on the machine runs it).
+# would not fit its estimate is skipped and recorded as such (the next call on the machine runs it), and so is
+# one that needs more memory than the card has (large b64 without remat on an H100).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -113,9 +114,18 @@ SEPARATE=""
 
 # --- benchmark runs ------------------------------------------------------------------------------------------
 SELECTED=" $* "
-bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on the command line, if any)
-    local label=$1 need=$2
+# The card's memory in GiB (run 3's H200: 140; an H100: 79), for runs that need more than an H100 has.
+CARD_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+[[ "$CARD_MIB" =~ ^[0-9]+$ ]] && CARD_GIB=$((CARD_MIB / 1024)) || CARD_GIB=""  # "": unknown, every run is tried
+skip() {  # skip LABEL WHY: recorded as the label's row, so the summary says why it has no figures
+    log "== $1: skipped ($2)"
+    echo "{\"label\": \"$1\", \"error\": \"skipped: $2\"}" >>"$RECORD"
+    cp "$RECORD" "$JSONL"
+}
+bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels given on the command line, if any)
+    local label=$1 need=$2 memory=0
     shift 2
+    [[ "${1:-}" =~ ^[0-9]+$ ]] && memory=$1 && shift
     if [ -n "${SELECTED// /}" ] && [[ "$SELECTED" != *" $label "* ]]; then
         return
     fi
@@ -123,12 +133,14 @@ bench() {  # bench LABEL MIN_SECONDS ARGS...   (runs only the labels given on th
         log "== $label: done in an earlier call on this machine"
         return
     fi
+    if [ -n "$CARD_GIB" ] && [ "$CARD_GIB" -lt "$memory" ]; then
+        skip "$label" "needs a card of ${memory} GiB or more, this one has ${CARD_GIB} GiB"
+        return
+    fi
     local remaining
     remaining=$(left)
     if [ "$remaining" -lt "$need" ]; then
-        log "== $label: skipped ($remaining s left, needs ~$need s)"
-        echo "{\"label\": \"$label\", \"error\": \"skipped: ${remaining} s of the budget left\"}" >>"$RECORD"
-        cp "$RECORD" "$JSONL"
+        skip "$label" "${remaining} s of the budget left, needs ~${need} s"
         return
     fi
     log "== $label: benchmark.py $* (limit $remaining s)"
@@ -159,7 +171,7 @@ bench small-30s-b64-vs-compile 180 --model small --batch 64 --window 30 --baseli
 bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5 --profile 1
 bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
 bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
-bench large-30s-b64 100 --model large --batch 64 --window 30 --steps 3 --warmup 1
+bench large-30s-b64 100 130 --model large --batch 64 --window 30 --steps 3 --warmup 1  # 107 GiB: an H200
 bench large-30s-b64-remat 110 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
 bench large-30s-b16-vs-compile-regional 65 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
 bench medium-30s-b32-vs-compile-regional 110 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5

@@ -12,8 +12,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parents[1]
 RUNS = [  # gpu_check.sh's labels, in its order
     "base-30s-b128-vs-compile", "small-30s-b64-vs-compile", "large-30s-b16", "medium-30s-b32", "base-10s-b128",
-    "large-30s-b16-vs-compile-regional", "medium-30s-b32-vs-compile-regional", "large-30s-b64-remat",
-    "base-30s-b128-vs-eager",
+    "large-30s-b64", "large-30s-b64-remat", "large-30s-b16-vs-compile-regional",
+    "medium-30s-b32-vs-compile-regional", "base-30s-b128-vs-eager",
 ]
 
 STAND_IN_BENCHMARK = '''
@@ -52,7 +52,7 @@ def run_gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env
         shutil.copy(REPOSITORY / "scripts" / "gpu_check.sh", root / "scripts")
         (root / "scripts" / "benchmark.py").write_text(STAND_IN_BENCHMARK)
         (root / "scripts" / "attention_parity.py").write_text(STAND_IN_PARITY)
-        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin").mkdir(exist_ok=True)
         python = tmp_path / "bin" / "python3"  # this venv's python (a symlink would lose the venv's packages)
         python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
         python.chmod(0o755)
@@ -91,8 +91,9 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
     assert "== large-30s-b16: done in an earlier call on this machine" in log
-    assert "\n9 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log.split("9 runs on")[-1]
-    assert "| small-30s-b64-vs-compile | 10.0 |" in log.split("9 runs on")[-1]
+    summary = log.split("10 runs on")[-1]
+    assert "\n10 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in summary
+    assert "| small-30s-b64-vs-compile | 10.0 |" in summary
 
     shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
     _, rows, _ = gpu_check(tmp_path, "second", budget_s=10_000)
@@ -140,6 +141,20 @@ def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
     assert skipped == expected
     calls, _, _ = gpu_check(tmp_path, "rest", budget_s=10_000)
     assert calls == [f"{label}:cudnn" for label in expected]
+
+
+def test_a_run_that_needs_more_memory_than_the_card_has_is_skipped_and_recorded(tmp_path):
+    """On an H100 (80 GB) large at batch 64 without remat (107 GiB compiled for an H200) is not started: its row
+    says why, and every other run goes ahead. Where nvidia-smi gives no size (as here), every run is tried."""
+    (tmp_path / "bin").mkdir()  # before the stand-ins: run_gpu_check adds python3 beside it
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.write_text('#!/bin/sh\necho 81559\n')  # an H100's memory.total in MiB
+    smi.chmod(0o755)
+    calls, rows, log = gpu_check(tmp_path, "h100", budget_s=10_000)
+    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS if label != "large-30s-b64")]
+    [row] = [row for row in rows if row["label"] == "large-30s-b64"]
+    assert row["error"] == "skipped: needs a card of 130 GiB or more, this one has 79 GiB"
+    assert "| large-30s-b64 | skipped: needs a card of 130 GiB or more" in log
 
 
 def test_carried_wheels_are_the_versions_requirements_pins():
