@@ -30,9 +30,10 @@ private jax function); a jax without it is reported as such.
 GPU compiler runs here on a compile-only device described by `scripts/gpu_targets/<card>.txtpb`, so every
 fusion, layout and buffer decision is the one the card's compiler makes (jax's CUDA plugin and its CUDA
 libraries are needed, not a GPU or a driver: `make gpu-compile-env` installs them into `.venv-gpu-compile`).
-It reports the program's device memory (arguments, temporaries, outputs not aliased to donated arguments)
-and the bytes every element-wise launch moves by source line (`hlo_traffic.py --by source`), and
-`--compiled-hlo FILE` keeps the optimised HLO for `hlo_traffic.py`. What differs from the card: no
+It reports the program's device memory (arguments, temporaries, outputs not aliased to donated arguments),
+the bytes every element-wise launch moves by source line (`hlo_traffic.py --by source`) and what XLA
+recomputed itself to fit the card (its rematerialisation: large at batch 64 without remat recomputes 23 blocks'
+GELU outputs), and `--compiled-hlo FILE` keeps the optimised HLO for `hlo_traffic.py`. What differs from the card: no
 autotuning (so XLA's Triton GEMM fusions are switched off and every GEMM is a cuBLAS call, as the profiled
 runs' top GEMMs were), and this machine's jax/XLA version. Calibrated on GPU run 2's code: 24.8 GiB and 110
 GB of element-wise traffic here against the 28.8 GiB peak measured on the H200 and 121 GB counted in its dump
@@ -311,6 +312,7 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         hlo_traffic.write_hlo(Path(compiled_hlo), hlo)
     found = hlo_traffic.launches(hlo)
     elementwise = [launch for launch in found if hlo_traffic.is_elementwise(launch.group)]
+    recomputed = hlo_traffic.rematerialised(found)
     exchanged = hlo_traffic.collectives(hlo)
     try:
         by, groups = "source", hlo_traffic.totals(elementwise, "source")
@@ -330,6 +332,8 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
         "elementwise_bytes": sum(launch.read + launch.written for launch in elementwise),
         "elementwise_grouped_by": by,
         "elementwise_groups": groups[:top],
+        "rematerialised_launches": len(recomputed),
+        "rematerialised_bytes": sum(launch.read + launch.written for launch in recomputed),
         "not_counted": hlo_traffic.not_entered(hlo),
         "collectives": hlo_traffic.collective_totals(exchanged),
         "largest_collectives": [
@@ -437,6 +441,11 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
         f"by {c['elementwise_grouped_by']} (launches, GB read + written):",
     ]
     lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {group}" for group, nbytes, count in c["elementwise_groups"]]
+    if c["rematerialised_launches"]:
+        lines.append(
+            f"  XLA's rematerialisation (the program is near the card's memory): {c['rematerialised_launches']} "
+            f"launches recompute values instead of keeping them, moving {c['rematerialised_bytes'] / 1e9:.1f} GB"
+        )
     if c["not_counted"]:
         lines.append(f"  NOT COUNTED: the bodies of {', '.join(c['not_counted'])}")
     if c["collectives"]:

@@ -14,7 +14,8 @@ Bytes ÷ bandwidth is the time such a kernel needs at least if it is memory-boun
 reduction fusions are: their total against the profile's "other" time says whether the kernels are slow or the
 program simply moves too much. A bitcast, tuple or parameter moves nothing and is not counted. Only the entry
 computation is read: the bodies of `while`, `conditional` and `call` instructions (a scanned or microbatched
-step) are not counted, and the report names each such instruction.
+step) are not counted, and the report names each such instruction. The launches XLA's rematerialisation pass
+added (`NAME.remat`: values recomputed because the program was near the device's memory) are also totalled apart.
 
 `--by source` groups the same launches by the call site in our Python that made them, forward or backward:
 `backward wavlink_jax/models/layers.py:278:60 EncoderBlock.__call__ > Linear.__call__` is line 278, column 60
@@ -61,6 +62,8 @@ WIRE_FACTOR = {
 }
 # Instructions whose work happens in other computations, which this count does not enter.
 NOT_ENTERED = {"while", "conditional", "call"}
+# The names XLA's rematerialisation pass gives the instructions it clones (see `rematerialised`).
+REMATERIALISED = re.compile(r"\.remat\d*(?:\.\d+)?$")
 # Top-level directories of the project's own code, whose frames are named in preference to flax's or optax's.
 PROJECT_DIRS = {"wavlink_jax", "scripts"}
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -354,6 +357,13 @@ def totals(found: Sequence[Launch], by: str = "kind") -> list[tuple[str, int, in
     return sorted(((name, nbytes, count) for name, (nbytes, count) in by_group.items()), key=lambda row: -row[1])
 
 
+def rematerialised(found: Sequence[Launch]) -> list[Launch]:
+    """The launches XLA's rematerialisation pass added (`NAME.remat`, `NAME.remat2`, `NAME.remat.3`): values it
+    recomputes in the backward pass instead of keeping them, which it does only when the program would not
+    otherwise fit the device's memory."""
+    return [launch for launch in found if REMATERIALISED.search(launch.name)]
+
+
 def report(
     found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = (), by: str = "kind"
 ) -> str:
@@ -365,9 +375,18 @@ def report(
     elementwise = [x for x in found if is_elementwise(x.group)]
     moved = sum(x.read + x.written for x in elementwise)
     lines = [f"NOT COUNTED: the bodies of {', '.join(left_out)}"] if left_out else []
-    lines += [
+    lines.append(
         f"{len(found)} launches; outside GEMMs, custom calls and collectives: {len(elementwise)} launches moving "
-        f"{moved / 1e9:.1f} GB = {ms(moved):.1f} ms at {bandwidth_tb_s} TB/s",
+        f"{moved / 1e9:.1f} GB = {ms(moved):.1f} ms at {bandwidth_tb_s} TB/s"
+    )
+    recomputed = rematerialised(found)
+    if recomputed:
+        nbytes = sum(x.read + x.written for x in recomputed)
+        lines.append(
+            f"XLA's rematerialisation (the program is near the device's memory): {len(recomputed)} "
+            f"launches recompute values instead of keeping them, moving {nbytes / 1e9:.1f} GB = {ms(nbytes):.1f} ms"
+        )
+    lines += [
         "",
         "| group | launches | GB read + written | ms at the bandwidth |",
         "|---|---:|---:|---:|",

@@ -168,6 +168,11 @@ def test_compiled_program_report_reads_memory_and_traffic(tmp_path):
     report = "\n".join(hlo_audit.compiled_report(c))
     assert "device memory" in report and rows[0][0] in report
     assert c["collectives"] == {} and "collectives (count" not in report  # one device
+    assert c["rematerialised_launches"] == 0 and "rematerialisation" not in report  # far from any memory limit
+    near_the_limit = {**c, "rematerialised_launches": 58, "rematerialised_bytes": 45.8e9}  # large b64 for an H200
+    assert "58 launches recompute values instead of keeping them, moving 45.8 GB" in "\n".join(
+        hlo_audit.compiled_report(near_the_limit)
+    )
 
 
 def test_compiled_program_on_several_devices_reports_its_collectives():

@@ -121,6 +121,21 @@ WITH_FRAMES = HEADER + STACK_FRAMES + COMPUTATIONS
 WITHOUT_FRAMES = HEADER + re.sub(r" stack_frame_id=\d+", "", COMPUTATIONS)
 
 
+def test_what_xla_rematerialised_is_reported_apart():
+    """Instructions XLA's rematerialisation pass cloned (`NAME.remat`, `.remat2`, `bitcast.remat.3`) are values
+    recomputed because the program was near the device's memory: listed with their traffic, and only they."""
+    remat = WITH_FRAMES.replace("%loop_gelu_fusion", "%loop_gelu_fusion.remat").replace("%copy.1", "%copy.1.remat2")
+    found = hlo_traffic.launches(remat)
+    assert [x.name for x in hlo_traffic.rematerialised(found)] == ["loop_gelu_fusion.remat", "copy.1.remat2"]
+    moved = 2 * 8192 * 8192 * 2 + 2 * 8192 * 4  # the GELU reads and writes a bf16 [8192, 8192], the copy f32 [8192]
+    report = hlo_traffic.report(found, 4.0, 3)
+    assert f"2 launches recompute values instead of keeping them, moving {moved / 1e9:.1f} GB" in report
+    assert hlo_traffic.rematerialised(hlo_traffic.launches(WITH_FRAMES)) == []
+    names = ["bitcast.remat.3", "wrapped_convert.7.remat", "fusion.remat12", "remat_fusion.2", "loop_fusion.rematch"]
+    assert [bool(hlo_traffic.REMATERIALISED.search(name)) for name in names] == [True, True, True, False, False]
+    assert "rematerialisation" not in hlo_traffic.report(hlo_traffic.launches(WITH_FRAMES), 4.0, 3)
+
+
 def test_each_launch_is_attributed_to_our_line_else_its_innermost_frame():
     """Our line that called flax is named (with the callee), not flax's; our GELU line forward and backward; a
     fusion with empty metadata takes its fused instructions' frame; an optax frame with no caller of ours is
