@@ -45,8 +45,6 @@ cp "$RECORD" "$JSONL"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 # Same compiled step again (the eager-baseline run re-times base) → cache hit instead of a second compile.
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
-# The PyTorch baseline runs first in each process and empties its cache; then JAX may take most of the card.
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.90}
 
 log() { echo "$*" | tee -a "$LOG"; }
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }

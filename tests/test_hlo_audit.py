@@ -265,9 +265,10 @@ def test_h200_program_keeps_no_fp32_intermediates_and_one_kernel_per_layer_norm_
 @pytest.mark.slow
 def test_large_at_batch_64_fits_an_h200_without_remat():
     """With jax's CUDA plugin (skipped without): WavLink-Large at batch 64, 30 s, no remat, compiled for an
-    H200, fits the 90% of the card that `gpu_check.sh` lets JAX take (XLA_PYTHON_CLIENT_MEM_FRACTION; jax's
-    default 75% is too little) with the 5% more that GPU run 3's card used than the compile-only figure (large
-    at batch 16: 39.5 vs 39.47 GiB; batch 64 with full remat: 22.9 vs 21.87). 106.9 GiB of 140.4 when written."""
+    H200, fits the 90% of the card that `scripts/benchmark.py` lets JAX take (XLA_PYTHON_CLIENT_MEM_FRACTION;
+    jax's default 75% is too little) with the 5% more that GPU run 3's card used than the compile-only figure
+    (large at batch 16: 39.5 vs 39.47 GiB; batch 64 with full remat: 22.9 vs 21.87). 106.9 GiB of 140.4 when
+    written."""
     pytest.importorskip(
         "jax_plugins.xla_cuda13", reason="needs jax's CUDA plugin: make gpu-compile-env, then .venv-gpu-compile/bin/python -m pytest"
     )
