@@ -13,7 +13,6 @@ import pytest
 from flax import nnx
 from jax.extend.core import subjaxprs
 
-from wavlink_jax.models import layers
 from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder
 

@@ -39,7 +39,6 @@ from wavlink_jax.convert.common import (
     read_torch_pickle,
     resolve_source,
     tensors_to_numpy,
-    transpose,
 )
 from wavlink_jax.convert.save import is_tower_dir, read_tower_module
 from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder, init_global_token

@@ -12,7 +12,7 @@ The trees are nested dicts with string keys, as `wavlink_jax.train_step` keeps p
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
