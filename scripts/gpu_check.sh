@@ -43,6 +43,8 @@ RECORD=$STATE_DIR/bench.jsonl  # every call's rows; emptied only on a fresh star
 [ -s "$STATE_DIR/done.txt" ] || : >"$RECORD"
 cp "$RECORD" "$JSONL"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+# A run that fails on the device keeps its whole traceback in log.txt: there is no second try to ask for it.
+export WAVLINK_JAX_TRACEBACK=1
 # Same compiled step again (the eager-baseline run re-times base) → cache hit instead of a second compile.
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 
