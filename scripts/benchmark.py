@@ -27,8 +27,10 @@ Figures:
 * peak device memory (`memory_stats()["peak_bytes_in_use"]`; the baseline: `torch.cuda.max_memory_allocated`);
 * the jitted log-mel alone on one batch (its share of the step);
 * with `--profile N`: N more steps under the jax profiler, device time per step by kind (attention, matmul,
-  convolution, FFT, other) and the top kernels — where the time goes; and by line of our code that made each
-  HLO op (`hlo_traffic`'s `--by source` groups), with the bytes those launches move and the bandwidth achieved.
+  convolution, FFT, other) and the top kernels — where the time goes; where the device sat idle between kernels
+  (by size of gap, and the pairs of kernels with the most idle time between them); and by line of our code that
+  made each HLO op (`hlo_traffic`'s `--by source` groups), with the bytes those launches move and the bandwidth
+  achieved.
 
 With `--baseline torch` the PyTorch step (`wavlink_jax.torch_baseline`) runs first in the same process, on the
 same device, with the same shapes, loss, optimizer settings and clipping, then frees its memory before JAX
@@ -309,6 +311,42 @@ def ms_per_step(us: float, steps: int) -> float:
     return round(us / steps / 1e3, 3)
 
 
+# Sizes of the device's idle gaps between kernels: launch latency (a few µs, what CUDA graphs shorten), then longer
+# waits (the host behind the device, a synchronisation).
+GAP_SIZES_US = ((5.0, "< 5 µs"), (50.0, "5–50 µs"), (float("inf"), "≥ 50 µs"))
+
+
+def idle_gaps(kernels: list[tuple[float, float, str]], steps: int, top: int = 10) -> dict[str, Any]:
+    """Where the device waited: the gaps in the union of `kernels` ((start, end, name) in µs, any order, on all
+    of the device's streams), per step. Their total (the profiled span less the busy time, the waits between the
+    profiled steps included), by size (`GAP_SIZES_US`: ms and gaps per step), and the `top` pairs of kernels with
+    the most idle time between them: [kernel before, kernel after, ms per step, gaps per step]."""
+    by_size = {label: [0.0, 0] for _, label in GAP_SIZES_US}
+    by_pair: dict[tuple[str, str], list[float]] = {}
+    end, last = None, ""
+    for start, stop, name in sorted(kernels):
+        if end is not None and start > end:
+            gap = start - end
+            size = by_size[next(label for limit, label in GAP_SIZES_US if gap < limit)]
+            size[0] += gap
+            size[1] += 1
+            pair = by_pair.setdefault((last[:80], name[:80]), [0.0, 0])
+            pair[0] += gap
+            pair[1] += 1
+        if end is None or stop > end:
+            end, last = stop, name
+    longest = sorted(by_pair.items(), key=lambda item: -item[1][0])[:top]
+    return {
+        "idle_ms_per_step": ms_per_step(sum(us for us, _ in by_size.values()), steps),
+        "idle_by_size_ms_per_step": {
+            label: [ms_per_step(us, steps), round(count / steps, 1)] for label, (us, count) in by_size.items()
+        },
+        "top_gaps_ms_per_step": [
+            [before, after, ms_per_step(us, steps), round(count / steps, 1)] for (before, after), (us, count) in longest
+        ],
+    }
+
+
 def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, Any]:
     """Device time per step from a jax profiler trace (Chrome/perfetto JSON): by kind, by kernel and by HLO op.
 
@@ -317,7 +355,8 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     per step, and the HLO instruction of each launch gives the same time by op (not added to the totals). That
     instruction is the event's name on a derived `XLA Ops` line where the trace has one; otherwise (jax 0.11.2
     on an H200 wrote only the Stream line) the `hlo_op` argument of each kernel event. A trace without device
-    lines (CPU) gives empty tables. `op_time_us` holds every op's [microseconds, launches] over the `steps`
+    lines (CPU) gives empty tables, and `idle_gaps` says where between the kernels the device waited.
+    `op_time_us` holds every op's [microseconds, launches] over the `steps`
     (the `top_` tables keep the longest only), and `kernel_time_us` every kernel's, for `time_by_source`;
     `kernel_arguments`, the argument names the kernel events carry, says what a trace offered when it named
     no op."""
@@ -372,9 +411,14 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
         items = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
         return [[name[:120], ms_per_step(us, steps), round(launches / steps, 2)] for name, (us, launches) in items]
 
+    spans = [
+        (float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0.0)), event["name"])
+        for event in events if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines
+    ]
     return {
         "lines": sorted(device_lines[key] for key in kernel_lines),
         "device_busy_ms_per_step": ms_per_step(total_us, steps),
+        **idle_gaps(spans, steps),
         "by_kind_ms_per_step": {
             kind: ms_per_step(us, steps) for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1])
         },
@@ -755,6 +799,17 @@ def gib(value: int | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value / 2**30:.{digits}f} GiB"
 
 
+def idle_table(profile: dict[str, Any]) -> list[str]:
+    """The lines of a profile's idle gaps (`idle_gaps`); none for a profile without them or without any."""
+    if not profile.get("idle_ms_per_step"):
+        return []
+    sizes = ", ".join(f"{label} {ms:.2f} ({n:g}×)" for label, (ms, n) in profile["idle_by_size_ms_per_step"].items())
+    idle = profile["idle_ms_per_step"]
+    lines = [f"  idle between kernels {idle:.2f} ms/step: {sizes}; longest (ms/step, gaps/step):"]
+    gaps = profile["top_gaps_ms_per_step"]
+    return lines + [f"    {ms:8.2f} ms {n:6.1f}×  {before} → {after}" for before, after, ms, n in gaps]
+
+
 def source_table(profile: dict[str, Any]) -> list[str]:
     """The lines of a profile's time by source line (`time_by_source`): each row, the total, the note."""
     total = profile["by_source_total"]
@@ -797,6 +852,7 @@ def report(r: dict[str, Any]) -> str:
     elif profile:
         kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms_per_step"].items())
         lines.append(f"  device busy {profile['device_busy_ms_per_step']:.2f} ms/step: {kinds or 'no device lines'}")
+        lines += idle_table(profile)
         for title, key in (("kernels", "top_kernels_ms_per_step"), ("HLO ops", "top_ops_ms_per_step")):
             if profile[key]:
                 lines.append(f"    {title} (ms/step, launches/step):")

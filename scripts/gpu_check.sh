@@ -219,8 +219,8 @@ for r in rows:
               f"({kinds}); log-mel alone {1e3 * r['log_mel_s']:.1f} ms; lines {profile['lines']}")
         for name, ms, launches in profile["top_kernels_ms_per_step"]:
             print(f"  {ms:8.2f} ms {launches:6.1f}×  {name}")
-        from benchmark import source_table  # by line of our code, with bytes and TB/s (imports jax: only here)
-        print("\n".join(source_table(profile)))
+        from benchmark import idle_table, source_table  # by line of our code, with bytes and TB/s (imports jax: here)
+        print("\n".join(idle_table(profile) + source_table(profile)))
     elif profile:
         print(f"\n{r['label']}: profile failed: {profile['error'][:300]}")
 EOF

@@ -275,6 +275,27 @@ def test_trace_summary_counts_stream_kernels_once(tmp_path):
     }
 
 
+def test_idle_gaps_say_where_the_device_waited(tmp_path):
+    """The gaps between kernels on all of a device's streams (a kernel overlapping another on a second stream
+    leaves none), per step, by size, and between which kernels; the report prints them. Microseconds: A 0–10,
+    B 12–20, C 100–150, D 140–160 (second stream), E 166–170 → gaps of 2 (A→B), 80 (B→C) and 6 (D→E)."""
+    second = meta("thread_name", 1, 6, "Stream #6(Compute)")
+    events = [{**kernel(1, tid, name, stop - start), "ts": start} for tid, name, start, stop in (
+        (7, "C", 100, 150), (7, "A", 0, 10), (7, "B", 12, 20), (6, "D", 140, 160), (7, "E", 166, 170),
+    )]
+    summary = benchmark.summarize_trace(write_trace(tmp_path / "t.json.gz", [second, *events]), steps=2)
+    assert summary["device_busy_ms_per_step"] == 0.046  # (10 + 8 + 50 + 20 + 4) µs over 2 steps
+    assert summary["idle_ms_per_step"] == 0.044
+    assert summary["idle_by_size_ms_per_step"] == {
+        "< 5 µs": [0.001, 0.5], "5–50 µs": [0.003, 0.5], "≥ 50 µs": [0.04, 0.5],
+    }
+    assert summary["top_gaps_ms_per_step"] == [["B", "C", 0.04, 0.5], ["D", "E", 0.003, 0.5], ["A", "B", 0.001, 0.5]]
+    lines = benchmark.idle_table(summary)
+    assert lines[0].startswith("  idle between kernels 0.04 ms/step: < 5 µs 0.00 (0.5×), 5–50 µs 0.00 (0.5×)")
+    assert lines[1] == "        0.04 ms    0.5×  B → C"
+    assert benchmark.idle_table({**summary, "idle_ms_per_step": 0.0}) == []  # no gaps (or no device lines)
+
+
 def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):
     """jax 0.11.2 on an H200 wrote only the Stream line: each kernel event's `hlo_op` argument names its HLO
     instruction (a cuDNN call's several kernels add up under one op). Where kernels carry no `hlo_op`, the ops
