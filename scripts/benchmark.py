@@ -311,8 +311,8 @@ def ms_per_step(us: float, steps: int) -> float:
     return round(us / steps / 1e3, 3)
 
 
-# Sizes of the device's idle gaps between kernels: launch latency (a few µs, what CUDA graphs shorten), then longer
-# waits (the host behind the device, a synchronisation).
+# Sizes of the device's idle gaps between kernels: launch latency (a few µs, what CUDA graphs shorten; the profiler
+# runs without them, see `idle_table`), then longer waits (the host behind the device, a synchronisation).
 GAP_SIZES_US = ((5.0, "< 5 µs"), (50.0, "5–50 µs"), (float("inf"), "≥ 50 µs"))
 
 
@@ -799,13 +799,22 @@ def gib(value: int | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value / 2**30:.{digits}f} GiB"
 
 
-def idle_table(profile: dict[str, Any]) -> list[str]:
-    """The lines of a profile's idle gaps (`idle_gaps`); none for a profile without them or without any."""
+def idle_table(profile: dict[str, Any], step_time_s: float) -> list[str]:
+    """The lines of a profile's idle gaps (`idle_gaps`); none for a profile without them or without any.
+
+    XLA runs its command buffers (CUDA graphs) kernel by kernel while a profiler is on (its flag
+    `xla_enable_command_buffers_during_profiling` is off by default), so the profile's gaps are those of separate
+    launches; what the timed step (`step_time_s`, graphs on) leaves idle is its time less the profile's busy time."""
     if not profile.get("idle_ms_per_step"):
         return []
     sizes = ", ".join(f"{label} {ms:.2f} ({n:g}×)" for label, (ms, n) in profile["idle_by_size_ms_per_step"].items())
     idle = profile["idle_ms_per_step"]
-    lines = [f"  idle between kernels {idle:.2f} ms/step: {sizes}; longest (ms/step, gaps/step):"]
+    timed_idle = 1e3 * step_time_s - profile["device_busy_ms_per_step"]
+    lines = [
+        f"  idle between kernels {idle:.2f} ms/step under the profiler, which launches the kernels of XLA's command "
+        f"buffers one by one; the timed step, in CUDA graphs, leaves {timed_idle:.2f} ms not busy",
+        f"  the profile's gaps: {sizes}; longest (ms/step, gaps/step):",
+    ]
     gaps = profile["top_gaps_ms_per_step"]
     return lines + [f"    {ms:8.2f} ms {n:6.1f}×  {before} → {after}" for before, after, ms, n in gaps]
 
@@ -852,7 +861,7 @@ def report(r: dict[str, Any]) -> str:
     elif profile:
         kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms_per_step"].items())
         lines.append(f"  device busy {profile['device_busy_ms_per_step']:.2f} ms/step: {kinds or 'no device lines'}")
-        lines += idle_table(profile)
+        lines += idle_table(profile, r["step_time_s"])
         for title, key in (("kernels", "top_kernels_ms_per_step"), ("HLO ops", "top_ops_ms_per_step")):
             if profile[key]:
                 lines.append(f"    {title} (ms/step, launches/step):")

@@ -220,7 +220,7 @@ for r in rows:
         for name, ms, launches in profile["top_kernels_ms_per_step"]:
             print(f"  {ms:8.2f} ms {launches:6.1f}×  {name}")
         from benchmark import idle_table, source_table  # by line of our code, with bytes and TB/s (imports jax: here)
-        print("\n".join(idle_table(profile) + source_table(profile)))
+        print("\n".join(idle_table(profile, r["step_time_s"]) + source_table(profile)))
     elif profile:
         print(f"\n{r['label']}: profile failed: {profile['error'][:300]}")
 EOF

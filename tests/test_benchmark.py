@@ -290,10 +290,12 @@ def test_idle_gaps_say_where_the_device_waited(tmp_path):
         "< 5 µs": [0.001, 0.5], "5–50 µs": [0.003, 0.5], "≥ 50 µs": [0.04, 0.5],
     }
     assert summary["top_gaps_ms_per_step"] == [["B", "C", 0.04, 0.5], ["D", "E", 0.003, 0.5], ["A", "B", 0.001, 0.5]]
-    lines = benchmark.idle_table(summary)
-    assert lines[0].startswith("  idle between kernels 0.04 ms/step: < 5 µs 0.00 (0.5×), 5–50 µs 0.00 (0.5×)")
-    assert lines[1] == "        0.04 ms    0.5×  B → C"
-    assert benchmark.idle_table({**summary, "idle_ms_per_step": 0.0}) == []  # no gaps (or no device lines)
+    lines = benchmark.idle_table(summary, step_time_s=80e-6)  # the timed step: 80 µs, 34 of them not busy
+    assert lines[0].startswith("  idle between kernels 0.04 ms/step under the profiler")
+    assert lines[0].endswith("the timed step, in CUDA graphs, leaves 0.03 ms not busy")
+    assert lines[1].startswith("  the profile's gaps: < 5 µs 0.00 (0.5×), 5–50 µs 0.00 (0.5×)")
+    assert lines[2] == "        0.04 ms    0.5×  B → C"
+    assert benchmark.idle_table({**summary, "idle_ms_per_step": 0.0}, 80e-6) == []  # no gaps (or no device lines)
 
 
 def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):

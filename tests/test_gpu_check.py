@@ -17,25 +17,72 @@ RUNS = [  # gpu_check.sh's labels, in its order
 ]
 
 STAND_IN_BENCHMARK = '''
-import json, os, sys
-args = sys.argv[1:]
-label, jsonl = args[args.index("--label") + 1], args[args.index("--jsonl") + 1]
-with open(os.environ["CALLS"], "a") as calls:
-    calls.write(f"{label}:{args[args.index('--attention') + 1]}\\n")
-if label in os.environ.get("FAIL", "").split():
-    sys.exit(3)
-row = dict(label=label, device="stand-in", matmul_peak_tflops=800.0, samples_per_s=10.0, step_time_s=0.1,
-           tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
-           init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None)
-if "--baseline" in args:
-    compile = None
-    if "--compile" in args:
-        following = args[args.index("--compile") + 1:]
-        compile = following[0] if following and not following[0].startswith("--") else "full"
-    row.update(baseline=dict(compile=compile, samples_per_s=8.0, tflops_model=260.0, peak_memory_bytes=2**31),
-               ratio=1.25, ratio_equal_work=1.15)
-with open(jsonl, "a") as out:
-    out.write(json.dumps(row) + "\\n")
+import gzip, importlib.util, json, os, sys, tempfile
+from pathlib import Path
+
+
+def real():
+    """The real scripts/benchmark.py, for the profile of a profiled run and for the summary's tables."""
+    sys.path.append(os.path.dirname(os.environ["REAL_BENCHMARK"]))  # its hlo_traffic
+    spec = importlib.util.spec_from_file_location("real_benchmark", os.environ["REAL_BENCHMARK"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def idle_table(*args):  # what gpu_check's summary imports from `benchmark`
+    return real().idle_table(*args)
+
+
+def source_table(*args):
+    return real().source_table(*args)
+
+
+def profile(steps):
+    """The real profile of a device trace with two kernels per step, 3 µs apart (a GPU's trace; no jax run)."""
+    benchmark = real()
+    events = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+              dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)"))]
+    for step in range(steps):
+        events += [dict(ph="X", pid=1, tid=7, name=name, ts=100 * step + start, dur=40)
+                   for name, start in (("loop_add_fusion", 0), ("sm90_xmma_gemm", 43))]
+    with tempfile.TemporaryDirectory() as directory:
+        trace = Path(directory) / "trace.json.gz"
+        with gzip.open(trace, "wt") as file:
+            json.dump(dict(traceEvents=events), file)
+        summary = benchmark.summarize_trace(trace, steps)
+    summary.update(benchmark.time_by_source(
+        summary.pop("op_time_us"), [], steps, summary["device_busy_ms_per_step"],
+        kernel_time_us=summary.pop("kernel_time_us"), kernel_arguments=summary.pop("kernel_arguments"),
+    ))
+    return summary
+
+
+def main():
+    args = sys.argv[1:]
+    label, jsonl = args[args.index("--label") + 1], args[args.index("--jsonl") + 1]
+    with open(os.environ["CALLS"], "a") as calls:
+        calls.write(f"{label}:{args[args.index('--attention') + 1]}\\n")
+    if label in os.environ.get("FAIL", "").split():
+        sys.exit(3)
+    row = dict(label=label, device="stand-in", matmul_peak_tflops=800.0, samples_per_s=10.0, step_time_s=0.1,
+               tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
+               init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None)
+    if "--profile" in args and "PROFILE" in os.environ:
+        row.update(profile=profile(int(args[args.index("--profile") + 1])), log_mel_s=0.001)
+    if "--baseline" in args:
+        compile = None
+        if "--compile" in args:
+            following = args[args.index("--compile") + 1:]
+            compile = following[0] if following and not following[0].startswith("--") else "full"
+        row.update(baseline=dict(compile=compile, samples_per_s=8.0, tflops_model=260.0, peak_memory_bytes=2**31),
+                   ratio=1.25, ratio_equal_work=1.15)
+    with open(jsonl, "a") as out:
+        out.write(json.dumps(row) + "\\n")
+
+
+if __name__ == "__main__":  # imported by the summary: the functions above only
+    main()
 '''
 STAND_IN_PARITY = '''
 import os, sys
@@ -61,6 +108,7 @@ def run_gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env
     env = dict(
         os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", OUT=str(tmp_path / out), BUDGET_S=str(budget_s),
         STATE_DIR=str(tmp_path / "state"), CALLS=str(calls), FAIL=fail,
+        REAL_BENCHMARK=str(REPOSITORY / "scripts" / "benchmark.py"),
         JAX_COMPILATION_CACHE_DIR=str(tmp_path / "cache"), **env,
     )
     return subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
@@ -165,3 +213,22 @@ def test_carried_wheels_are_the_versions_requirements_pins():
     pinned = dict(re.findall(r"^([\w-]+)==([\w.]+)", (REPOSITORY / "requirements.txt").read_text(), re.M))
     for package in ("optax", "ml-collections", "grain", "array-record", "soundfile", "soxr"):
         assert fetched.get(package) == pinned[package], package
+
+
+def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
+    """A profiled run's row (made by the real benchmark's trace functions from a device trace with two 40 µs
+    kernels 3 µs apart per 100 µs step) gets its kernels, its gaps under the profiler beside what the timed step
+    left idle, and its by-source note in the summary: the part of a GPU run's output no other test reaches."""
+    done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE="1")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = (tmp_path / "profiled" / "log.txt").read_text()
+    summary = log.split("10 runs on stand-in")[-1]
+    assert "\nbase-30s-b128-vs-compile: step 100.0 ms, device busy 0.1 ms (other 0.0, matmul 0.0)" in summary
+    assert "      0.04 ms    1.0×  sm90_xmma_gemm" in summary
+    # gaps of 3 µs in each step and 17 µs between the two profiled steps; the timed step is 100 ms
+    assert ("  idle between kernels 0.01 ms/step under the profiler, which launches the kernels of XLA's command "
+            "buffers one by one; the timed step, in CUDA graphs, leaves 99.92 ms not busy") in summary
+    assert "  the profile's gaps: < 5 µs 0.00 (1×), 5–50 µs 0.01 (0.5×), ≥ 50 µs 0.00 (0×)" in summary
+    assert "        0.01 ms    0.5×  sm90_xmma_gemm → loop_add_fusion" in summary
+    assert "\nlarge-30s-b16: step 100.0 ms" in summary  # profiled too (one step: one gap, no idle between steps)
+    assert "profile failed" not in summary
