@@ -171,8 +171,8 @@ bench small-30s-b64-vs-compile 180 --model small --batch 64 --window 30 --baseli
 bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5 --profile 1
 bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
 bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
-# Compiled here for an H200 it needs 107 GiB (XLA 0.10.2) or 119 GiB (the card's XLA 0.11.2 loaded by hand): more
-# than the 90% of the card (126 GiB) benchmark.py gives JAX, with run 3's 5% margin, in the second case. So 95%.
+# Compiled here for an H200 it needs 107 GiB (XLA 0.10.2) or 119 GiB (the card's XLA 0.11.2 loaded by hand); with
+# run 3's 5% margin the second is within 1.3 GiB of the 90% of the card (126 GiB) benchmark.py gives JAX. So 95%.
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64 100 130 --model large --batch 64 --window 30 --steps 3 \
     --warmup 1
 bench large-30s-b64-remat 110 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1

@@ -17,10 +17,11 @@ RUNS = [  # gpu_check.sh's labels, in its order
 ]
 
 STAND_IN_BENCHMARK = '''
-import gzip, importlib.util, json, os, sys, tempfile
+import functools, gzip, importlib.util, json, os, sys, tempfile
 from pathlib import Path
 
 
+@functools.cache
 def real():
     """The real scripts/benchmark.py, for the profile of a profiled run and for the summary's tables."""
     sys.path.append(os.path.dirname(os.environ["REAL_BENCHMARK"]))  # its hlo_traffic
@@ -235,5 +236,6 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
             "buffers one by one; the timed step, in CUDA graphs, leaves 99.92 ms not busy") in summary
     assert "  the profile's gaps: < 5 µs 0.00 (1×), 5–50 µs 0.01 (0.5×), ≥ 50 µs 0.00 (0×)" in summary
     assert "        0.01 ms    0.5×  sm90_xmma_gemm → loop_add_fusion" in summary
+    assert "    by source: ops named after their kernels (the trace names no HLO op" in summary
     assert "\nlarge-30s-b16: step 100.0 ms" in summary  # profiled too (one step: one gap, no idle between steps)
     assert "profile failed" not in summary
