@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh's bookkeeping, with stand-ins for the benchmark and the parity check: the budget, the
 record of failed and skipped runs, and the resume that lets one time-boxed GPU session be spent in two calls."""
 
+import gzip
 import json
 import os
 import re
@@ -10,6 +11,10 @@ import sys
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY / "scripts"))
+
+import benchmark  # noqa: E402  (for a profile made by its trace functions)
+
 RUNS = [  # gpu_check.sh's labels, in its order
     "base-30s-b128-vs-compile", "small-30s-b64-vs-compile", "large-30s-b16", "medium-30s-b32", "base-10s-b128",
     "large-30s-b64", "large-30s-b64-remat", "large-30s-b16-vs-compile-regional",
@@ -17,13 +22,12 @@ RUNS = [  # gpu_check.sh's labels, in its order
 ]
 
 STAND_IN_BENCHMARK = '''
-import functools, gzip, importlib.util, json, os, sys, tempfile
-from pathlib import Path
+import functools, importlib.util, json, os, sys
 
 
 @functools.cache
 def real():
-    """The real scripts/benchmark.py, for the profile of a profiled run and for the summary's tables."""
+    """The real scripts/benchmark.py, for the summary's tables of a profile."""
     sys.path.append(os.path.dirname(os.environ["REAL_BENCHMARK"]))  # its hlo_traffic
     spec = importlib.util.spec_from_file_location("real_benchmark", os.environ["REAL_BENCHMARK"])
     module = importlib.util.module_from_spec(spec)
@@ -39,26 +43,6 @@ def source_table(*args):
     return real().source_table(*args)
 
 
-def profile(steps):
-    """The real profile of a device trace with two kernels per step, 3 µs apart (a GPU's trace; no jax run)."""
-    benchmark = real()
-    events = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
-              dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)"))]
-    for step in range(steps):
-        events += [dict(ph="X", pid=1, tid=7, name=name, ts=100 * step + start, dur=40)
-                   for name, start in (("loop_add_fusion", 0), ("sm90_xmma_gemm", 43))]
-    with tempfile.TemporaryDirectory() as directory:
-        trace = Path(directory) / "trace.json.gz"
-        with gzip.open(trace, "wt") as file:
-            json.dump(dict(traceEvents=events), file)
-        summary = benchmark.summarize_trace(trace, steps)
-    summary.update(benchmark.time_by_source(
-        summary.pop("op_time_us"), [], steps, summary["device_busy_ms_per_step"],
-        kernel_time_us=summary.pop("kernel_time_us"), kernel_arguments=summary.pop("kernel_arguments"),
-    ))
-    return summary
-
-
 def main():
     args = sys.argv[1:]
     label, jsonl = args[args.index("--label") + 1], args[args.index("--jsonl") + 1]
@@ -70,8 +54,9 @@ def main():
                tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
                init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None,
                memory_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
-    if "--profile" in args and "PROFILE" in os.environ:
-        row.update(profile=profile(int(args[args.index("--profile") + 1])), log_mel_s=0.001)
+    if "--profile" in args and "PROFILE" in os.environ:  # a profile the test made, as a JSON file
+        with open(os.environ["PROFILE"]) as file:
+            row.update(profile=json.load(file), log_mel_s=0.001)
     if "--baseline" in args:
         compile = None
         if "--compile" in args:
@@ -225,7 +210,20 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
     """A profiled run's row (made by the real benchmark's trace functions from a device trace with two 40 µs
     kernels 3 µs apart per 100 µs step) gets its kernels, its gaps under the profiler beside what the timed step
     left idle, and its by-source note in the summary: the part of a GPU run's output no other test reaches."""
-    done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE="1")
+    events = [dict(ph="M", name="process_name", pid=1, args=dict(name="/device:GPU:0")),
+              dict(ph="M", name="thread_name", pid=1, tid=7, args=dict(name="Stream #7(Compute)"))]
+    for step in range(2):
+        events += [dict(ph="X", pid=1, tid=7, name=name, ts=100 * step + start, dur=40)
+                   for name, start in (("loop_add_fusion", 0), ("sm90_xmma_gemm", 43))]
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as file:
+        json.dump(dict(traceEvents=events), file)
+    profile = benchmark.summarize_trace(tmp_path / "trace.json.gz", steps=2)
+    profile.update(benchmark.time_by_source(
+        profile.pop("op_time_us"), [], 2, profile["device_busy_ms_per_step"],
+        kernel_time_us=profile.pop("kernel_time_us"), kernel_arguments=profile.pop("kernel_arguments"),
+    ))
+    (tmp_path / "profile.json").write_text(json.dumps(profile))
+    done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE=str(tmp_path / "profile.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "profiled" / "log.txt").read_text()
     summary = log.split("10 runs on stand-in")[-1]
@@ -237,5 +235,5 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
     assert "  the profile's gaps: < 5 µs 0.00 (1×), 5–50 µs 0.01 (0.5×), ≥ 50 µs 0.00 (0×)" in summary
     assert "        0.01 ms    0.5×  sm90_xmma_gemm → loop_add_fusion" in summary
     assert "    by source: ops named after their kernels (the trace names no HLO op" in summary
-    assert "\nlarge-30s-b16: step 100.0 ms" in summary  # profiled too (one step: one gap, no idle between steps)
+    assert "\nlarge-30s-b16: step 100.0 ms" in summary  # profiled too
     assert "profile failed" not in summary
