@@ -33,6 +33,8 @@ from ml_collections.config_flags.config_flags import is_config_flag
 TRACEBACK_ENV = "WAVLINK_JAX_TRACEBACK"
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
 OUT_OF_MEMORY_ADVICE = "the work does not fit the accelerator's memory"
+# The advice of the tools whose only memory knob is their --batch-size (evaluate, embed).
+LOWER_BATCH_SIZE_ADVICE = f"{OUT_OF_MEMORY_ADVICE}: lower --batch-size"
 _PACKAGE = Path(__file__).resolve().parent
 
 

@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if sum(modes) != 1:
         parser.error("choose one of: --audio/--text (similarity), --index FOLDER --out INDEX.npz, "
                      "or --index-file INDEX.npz --query TEXT")
-    with cli.user_errors(out_of_memory=f"{cli.OUT_OF_MEMORY_ADVICE}: lower --batch-size"):
+    with cli.user_errors(out_of_memory=cli.LOWER_BATCH_SIZE_ADVICE):
         if args.index or args.out:
             if not (args.index and args.out and args.model):
                 parser.error("--index needs --model and --out")

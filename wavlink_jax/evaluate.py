@@ -736,7 +736,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="PNG of the headline metrics against dimension (default: OUT with .png)",
     )
     args = parser.parse_args(argv)
-    with cli.user_errors(out_of_memory=f"{cli.OUT_OF_MEMORY_ADVICE}: lower --batch-size"):
+    with cli.user_errors(out_of_memory=cli.LOWER_BATCH_SIZE_ADVICE):
         run(args)
 
 
