@@ -442,10 +442,10 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
     ]
     lines += [f"  {count:6d} {nbytes / 1e9:8.2f}  {group}" for group, nbytes, count in c["elementwise_groups"]]
     if c["rematerialised_launches"]:
-        lines.append(
-            f"  XLA's rematerialisation (the program is near the card's memory): {c['rematerialised_launches']} "
-            f"launches recompute values instead of keeping them, moving {c['rematerialised_bytes'] / 1e9:.1f} GB"
+        recomputed = hlo_traffic.rematerialisation_line(
+            c["rematerialised_launches"], c["rematerialised_bytes"], memory="card"
         )
+        lines.append(f"  {recomputed}")
     if c["not_counted"]:
         lines.append(f"  NOT COUNTED: the bodies of {', '.join(c['not_counted'])}")
     if c["collectives"]:

@@ -364,6 +364,15 @@ def rematerialised(found: Sequence[Launch]) -> list[Launch]:
     return [launch for launch in found if REMATERIALISED.search(launch.name)]
 
 
+def rematerialisation_line(launches: int, nbytes: int, memory: str = "device") -> str:
+    """The sentence that reports `rematerialised` launches (`launches` of them moving `nbytes`), near the memory
+    of `memory` (the device, or a card compiled for); `report` and hlo_audit's compiled report both print it."""
+    return (
+        f"XLA's rematerialisation (the program is near the {memory}'s memory): {launches} launches recompute values "
+        f"instead of keeping them, moving {nbytes / 1e9:.1f} GB"
+    )
+
+
 def report(
     found: list[Launch], bandwidth_tb_s: float, top: int, left_out: Sequence[str] = (), by: str = "kind"
 ) -> str:
@@ -382,10 +391,7 @@ def report(
     recomputed = rematerialised(found)
     if recomputed:
         nbytes = sum(x.read + x.written for x in recomputed)
-        lines.append(
-            f"XLA's rematerialisation (the program is near the device's memory): {len(recomputed)} "
-            f"launches recompute values instead of keeping them, moving {nbytes / 1e9:.1f} GB = {ms(nbytes):.1f} ms"
-        )
+        lines.append(f"{rematerialisation_line(len(recomputed), nbytes)} = {ms(nbytes):.1f} ms")
     lines += [
         "",
         "| group | launches | GB read + written | ms at the bandwidth |",
