@@ -354,7 +354,10 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     one kernel name can stand for many HLO ops (e.g. every layer's GELU): each kernel comes with its launches
     per step, and the HLO instruction of each launch gives the same time by op (not added to the totals). That
     instruction is the event's name on a derived `XLA Ops` line where the trace has one; otherwise (jax 0.11.2
-    on an H200 wrote only the Stream line) the `hlo_op` argument of each kernel event. A trace without device
+    on an H200 wrote only the Stream line) the `hlo_op` argument of each kernel event. That argument can name
+    no instruction: 0.11.2 names a kernel that runs inside one of XLA's command buffers (a CUDA graph, made after
+    the HLO) after the buffer (`command_buffer_18`), so `kernels_of_op_us` splits each such op's time by kernel
+    for `time_by_source`, which names those kernels' instructions by the kernels' names. A trace without device
     lines (CPU) gives empty tables, and `idle_gaps` says where between the kernels the device waited.
     `op_time_us` holds every op's [microseconds, launches] over the `steps`
     (the `top_` tables keep the longest only), and `kernel_time_us` every kernel's, for `time_by_source`;
@@ -382,8 +385,8 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     }
     op_lines = {key for key, name in device_lines.items() if name == "XLA Ops"}
 
-    def totals(lines: set, name_of: Callable[[dict], str | None] = lambda event: event["name"]) -> dict[str, list]:
-        """name → [microseconds, launches] over the events on `lines` that `name_of` names."""
+    def totals(lines: set, name_of: Callable[[dict], Any] = lambda event: event["name"]) -> dict[Any, list]:
+        """key → [microseconds, launches] over the events on `lines` that `name_of` keys (None: left out)."""
         by_name: dict[str, list[float]] = {}
         for event in events:
             if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in lines:
@@ -396,7 +399,17 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
         return by_name
 
     by_kernel = totals(kernel_lines)
-    by_op = totals(op_lines) or totals(kernel_lines, lambda event: event.get("args", {}).get("hlo_op"))
+    by_op = totals(op_lines)
+    kernels_of_op: dict[str, dict[str, list[float]]] = {}  # hlo_op → kernel → [µs, launches]
+    if not by_op:  # no XLA Ops line: the kernels' hlo_op arguments
+
+        def hlo_op(event: dict) -> str | None:
+            return event.get("args", {}).get("hlo_op")
+
+        by_op = totals(kernel_lines, hlo_op)
+        for (op, kernel), times in totals(kernel_lines, lambda event: (hlo_op(event), event["name"])).items():
+            if op is not None:
+                kernels_of_op.setdefault(op, {})[kernel] = times
     kernel_arguments = sorted({
         name for event in events if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines
         for name in event.get("args", {})
@@ -425,6 +438,7 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
         "top_kernels_ms_per_step": ranked(by_kernel),
         "top_ops_ms_per_step": ranked(by_op),
         "op_time_us": by_op,
+        "kernels_of_op_us": kernels_of_op,
         "kernel_time_us": by_kernel,
         "kernel_arguments": kernel_arguments,
     }
@@ -434,8 +448,8 @@ NOT_IN_HLO = "(op not in the HLO)"
 
 
 def ops_from_kernel_names(kernel_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch]) -> dict:
-    """Kernel times keyed by the HLO instruction each kernel is named after, for a trace that names no op: XLA
-    names a fusion's kernel after the fusion, '.' and '-' written '_' (`loop_add_fusion.4` runs
+    """Kernel times keyed by the HLO instruction each kernel is named after, for kernels the trace names no op
+    of: XLA names a fusion's kernel after the fusion, '.' and '-' written '_' (`loop_add_fusion.4` runs
     `loop_add_fusion_4`), and identical fusions (every layer's GELU) reuse the first one's kernel, so its
     launches are theirs too. A kernel named after no instruction (cuBLAS, cuDNN) keeps its own name."""
     instruction_of = {re.sub(r"[.-]", "_", launch.name): launch.name for launch in found}
@@ -445,6 +459,7 @@ def ops_from_kernel_names(kernel_time_us: dict[str, list[float]], found: list[hl
 def time_by_source(
     op_time_us: dict[str, list[float]], found: list[hlo_traffic.Launch], steps: int, busy_ms: float, top: int = 25,
     kernel_time_us: dict[str, list[float]] | None = None, kernel_arguments: Sequence[str] = (),
+    kernels_of_op_us: dict[str, dict[str, list[float]]] | None = None,
 ) -> dict[str, Any]:
     """Device time per step by line of our code, with the bytes its launches move and the bandwidth achieved
     (GB/ms = TB/s), so that a slow kernel and a heavy line show up at once.
@@ -452,7 +467,8 @@ def time_by_source(
     `op_time_us` is `summarize_trace`'s time per op, named after the HLO instructions of the compiled step (a
     leading '%' is dropped). Where the trace named no op, each kernel of `kernel_time_us` stands for the
     instruction it is named after (`ops_from_kernel_names`), and `kernel_arguments`, the argument names of its
-    kernel events, go into the note. `found` is `hlo_traffic.launches` of that
+    kernel events, go into the note; so does an op that is no instruction but whose kernels `kernels_of_op_us`
+    gives (a command buffer's), whose time goes to its kernels' instructions. `found` is `hlo_traffic.launches` of that
     step, which groups each launch by source line (by kind where the program has no stack frames). A launch of
     the entry computation runs once per step, so a line's bytes per step are those of its launches the trace
     ran. Time of ops that are no launch of the entry computation (another naming, a loop's body) is counted
@@ -463,6 +479,15 @@ def time_by_source(
     if named_by_kernels:
         op_time_us = ops_from_kernel_names(kernel_time_us, found)
     launch_of = {launch.name: launch for launch in found}
+    buffers = sorted(op for op in op_time_us if op.lstrip("%") not in launch_of and op in (kernels_of_op_us or {}))
+    if buffers:
+        named = [(op, times) for op, times in op_time_us.items() if op not in buffers]
+        named += [item for op in buffers for item in ops_from_kernel_names(kernels_of_op_us[op], found).items()]
+        op_time_us = {}
+        for name, (us, launches) in named:  # a kernel run both inside a buffer and on its own adds up
+            entry = op_time_us.setdefault(name, [0.0, 0])
+            entry[0] += us
+            entry[1] += launches
     groups: dict[str, list] = {}  # source → [µs, launches, {instruction that ran: its launches}]
     not_found: dict[str, float] = {}  # op name → µs
     for name, (us, launches) in op_time_us.items():
@@ -495,6 +520,10 @@ def time_by_source(
                      f"{', '.join(kernel_arguments) or 'none'}")
     elif not op_time_us:
         notes.append("the trace has no device kernels (a CPU trace has no device lines): no device time by source")
+    if buffers:
+        notes.append(f"kernels run in ops that are no HLO instruction (XLA's command buffers, {len(buffers)}: "
+                     f"{', '.join(buffers[:5])}) are named after their kernels; cuBLAS and cuDNN kernels are no "
+                     "HLO names")
     if not_found:
         longest = ", ".join(sorted(not_found, key=lambda name: -not_found[name])[:5])
         notes.append(f"ops of the trace that are no launch of the HLO's entry computation ({len(not_found)}): "
@@ -536,12 +565,19 @@ def profile_steps(
         if save_trace is not None:
             shutil.copyfile(trace, save_trace)
         summary = summarize_trace(trace, steps)
-    found = hlo_traffic.launches(hlo_text)
-    summary.update(time_by_source(
-        summary.pop("op_time_us"), found, steps, summary["device_busy_ms_per_step"],
-        kernel_time_us=summary.pop("kernel_time_us"), kernel_arguments=summary.pop("kernel_arguments"),
+    return with_time_by_source(summary, hlo_traffic.launches(hlo_text), steps), state
+
+
+def with_time_by_source(summary: dict[str, Any], found: list[hlo_traffic.Launch], steps: int) -> dict[str, Any]:
+    """`summarize_trace`'s `summary` with its per-op and per-kernel times (which only `time_by_source` reads)
+    replaced by the time by source line of `found`, the step's launches."""
+    raw = {key: summary[key] for key in ("op_time_us", "kernel_time_us", "kernel_arguments", "kernels_of_op_us")}
+    profile = {key: value for key, value in summary.items() if key not in raw}
+    profile.update(time_by_source(
+        raw["op_time_us"], found, steps, summary["device_busy_ms_per_step"], kernel_time_us=raw["kernel_time_us"],
+        kernel_arguments=raw["kernel_arguments"], kernels_of_op_us=raw["kernels_of_op_us"],
     ))
-    return summary, state
+    return profile
 
 
 def time_log_mel(waveform, n_mels: int, repeats: int = 5) -> float:

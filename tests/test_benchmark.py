@@ -360,6 +360,36 @@ def test_a_trace_without_op_names_is_attributed_by_kernel_name():
     assert [row[0] for row in named["by_source_ms_per_step"]] == ["forward wavlink_jax/models/layers.py:40:12 gelu_exact"]
 
 
+def test_a_command_buffers_kernels_are_attributed_by_kernel_name(tmp_path):
+    """jax 0.11.2 on an H200 (GPU run 4) named a kernel run inside one of XLA's command buffers after the buffer
+    (`hlo_op` "command_buffer_4", no HLO instruction): such an op's time is split by kernel, each fusion's kernel
+    goes to the instruction it is named after, adding up with the same kernel's launches named by their own op,
+    and a cuBLAS kernel stays apart; the note names the buffers."""
+    def launch(name: str, dur: float, op: str) -> dict:
+        return {**kernel(1, 7, name, dur), "args": {"hlo_op": op, "cuda_graph_id": "1380"}}
+
+    events = [launch("loop_gelu_fusion", 100, "command_buffer_4"), launch("nvjet_sm90_tst", 300, "command_buffer_4"),
+              launch("loop_gelu_fusion", 50, "loop_gelu_fusion"),
+              launch("loop_gelu_grad_fusion", 200, "loop_gelu_grad_fusion")]
+    summary = benchmark.summarize_trace(write_trace(tmp_path / "buffers.json.gz", events), steps=1)  # no Ops events
+    assert summary["kernels_of_op_us"] == {
+        "command_buffer_4": {"loop_gelu_fusion": [100.0, 1], "nvjet_sm90_tst": [300.0, 1]},
+        "loop_gelu_fusion": {"loop_gelu_fusion": [50.0, 1]},
+        "loop_gelu_grad_fusion": {"loop_gelu_grad_fusion": [200.0, 1]},
+    }
+    profile = benchmark.with_time_by_source(summary, hlo_traffic.launches(WITH_FRAMES), steps=1)
+    assert [row[:3] for row in profile["by_source_ms_per_step"]] == [
+        ["(op not in the HLO)", 0.3, 1.0], ["backward wavlink_jax/models/layers.py:40:12 gelu_exact", 0.2, 1.0],
+        ["forward wavlink_jax/models/layers.py:40:12 gelu_exact", 0.15, 2.0],
+    ]
+    assert profile["by_source_note"] == (
+        "kernels run in ops that are no HLO instruction (XLA's command buffers, 1: command_buffer_4) are named after "
+        "their kernels; cuBLAS and cuDNN kernels are no HLO names; ops of the trace that are no launch of the HLO's "
+        "entry computation (1): nvjet_sm90_tst"
+    )
+    assert not {"op_time_us", "kernel_time_us", "kernels_of_op_us"} & set(profile)
+
+
 def test_device_time_is_attributed_to_source_lines_with_bytes_and_bandwidth(tmp_path):
     """Two steps of test_hlo_traffic's module (bf16 8192² arrays), with a second GELU launch of the same line
     (another layer's): each XLA op's time goes to its launch's source line, whatever its leading '%', with the

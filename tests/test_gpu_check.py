@@ -217,11 +217,7 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
                    for name, start in (("loop_add_fusion", 0), ("sm90_xmma_gemm", 43))]
     with gzip.open(tmp_path / "trace.json.gz", "wt") as file:
         json.dump(dict(traceEvents=events), file)
-    profile = benchmark.summarize_trace(tmp_path / "trace.json.gz", steps=2)
-    profile.update(benchmark.time_by_source(
-        profile.pop("op_time_us"), [], 2, profile["device_busy_ms_per_step"],
-        kernel_time_us=profile.pop("kernel_time_us"), kernel_arguments=profile.pop("kernel_arguments"),
-    ))
+    profile = benchmark.with_time_by_source(benchmark.summarize_trace(tmp_path / "trace.json.gz", steps=2), [], 2)
     (tmp_path / "profile.json").write_text(json.dumps(profile))
     done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE=str(tmp_path / "profile.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
