@@ -71,6 +71,10 @@ DEFAULT_BATCH = {"base": 128, "small": 64, "medium": 32, "large": 16}
 SAMPLE_RATE = 16_000
 FRAMES_PER_SECOND = 100  # Whisper's hop of 160 samples
 TEXT_LENGTH = 77
+# XLA's compile options for `--command-buffers`. Off clears XLA's list of what may go into a command buffer (a
+# CUDA graph): GPU run 4's profile (kernels launched one by one) left 0.9 ms of base's step idle, the timed step,
+# in graphs, 5.3 ms (BENCHMARKS.md). No effect on a CPU.
+COMMAND_BUFFER_OPTIONS: dict[str, dict[str, str] | None] = {"on": None, "off": {"xla_gpu_enable_command_buffer": ""}}
 TINY = dict(window=1.0, text_length=16, batch=4, steps=2, warmup=1, matmul_size=256)
 
 
@@ -614,7 +618,7 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
 
     progress(f"ours: compiling on {device.device_kind}")
     start = time.perf_counter()
-    compiled = step.lower(state, batches[0]).compile()
+    compiled = step.lower(state, batches[0]).compile(compiler_options=COMMAND_BUFFER_OPTIONS[args.command_buffers])
     compile_s = time.perf_counter() - start
     progress(f"ours: compiled in {compile_s:.1f} s")
     hlo_text = compiled.as_text() if args.dump_hlo or args.profile else ""  # seconds for a large model: once
@@ -695,6 +699,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--remat", default="none",
         choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "nothing_saveable"),
         help="rematerialisation policy of every transformer block",
+    )
+    parser.add_argument(
+        "--command-buffers", choices=("on", "off"), default="on",
+        help="on: XLA runs a GPU step's kernels in CUDA graphs where it can (its default); off: one by one",
     )
     parser.add_argument(
         "--matmul-size", type=cli.positive_int, help="N of the N³ bf16 peak matmul (default 8192; --tiny 256)"
@@ -789,6 +797,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "attention": args.attention,
         "remat": args.remat,
+        "command_buffers": args.command_buffers,
         "platform": device.platform,
         "device": device.device_kind,
         "date": time.strftime("%Y-%m-%d"),
@@ -835,20 +844,25 @@ def gib(value: int | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value / 2**30:.{digits}f} GiB"
 
 
-def idle_table(profile: dict[str, Any], step_time_s: float) -> list[str]:
+def idle_table(profile: dict[str, Any], step_time_s: float, command_buffers: str) -> list[str]:
     """The lines of a profile's idle gaps (`idle_gaps`); none for a profile without them or without any.
 
     XLA runs its command buffers (CUDA graphs) kernel by kernel while a profiler is on (its flag
     `xla_enable_command_buffers_during_profiling` is off by default), so the profile's gaps are those of separate
-    launches; what the timed step (`step_time_s`, graphs on) leaves idle is its time less the profile's busy time."""
+    launches; what the timed step (`step_time_s`, compiled with `--command-buffers` `command_buffers`) leaves idle
+    is its time less the profile's busy time."""
     if not profile.get("idle_ms_per_step"):
         return []
     sizes = ", ".join(f"{label} {ms:.2f} ({n:g}×)" for label, (ms, n) in profile["idle_by_size_ms_per_step"].items())
     idle = profile["idle_ms_per_step"]
     timed_idle = 1e3 * step_time_s - profile["device_busy_ms_per_step"]
+    if command_buffers == "on":
+        how = ("under the profiler, which launches the kernels of XLA's command buffers one by one; the timed step, "
+               "in CUDA graphs,")
+    else:
+        how = "under the profiler; the timed step, without command buffers,"
     lines = [
-        f"  idle between kernels {idle:.2f} ms/step under the profiler, which launches the kernels of XLA's command "
-        f"buffers one by one; the timed step, in CUDA graphs, leaves {timed_idle:.2f} ms not busy",
+        f"  idle between kernels {idle:.2f} ms/step {how} leaves {timed_idle:.2f} ms not busy",
         f"  the profile's gaps: {sizes}; longest (ms/step, gaps/step):",
     ]
     gaps = profile["top_gaps_ms_per_step"]
@@ -880,7 +894,8 @@ def report(r: dict[str, Any]) -> str:
     )
     lines = [
         f"WavLink {r['model']}, batch {r['batch']}, {r['window_s']:g} s window, {r['dtype']}, attention "
-        f"{r['attention']}, remat {r['remat']} on {r['device']} ({r['platform']}), {r['date']}",
+        f"{r['attention']}, remat {r['remat']}, command buffers {r['command_buffers']} on {r['device']} "
+        f"({r['platform']}), {r['date']}",
         "  versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
         f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.3g} TFLOP/s",
         f"  ours:  {1e3 * r['step_time_s']:.2f} ms/step, {r['samples_per_s']:.1f} samples/s, model "
@@ -897,7 +912,7 @@ def report(r: dict[str, Any]) -> str:
     elif profile:
         kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms_per_step"].items())
         lines.append(f"  device busy {profile['device_busy_ms_per_step']:.2f} ms/step: {kinds or 'no device lines'}")
-        lines += idle_table(profile, r["step_time_s"])
+        lines += idle_table(profile, r["step_time_s"], r["command_buffers"])
         for title, key in (("kernels", "top_kernels_ms_per_step"), ("HLO ops", "top_ops_ms_per_step")):
             if profile[key]:
                 lines.append(f"    {title} (ms/step, launches/step):")

@@ -16,9 +16,10 @@ sys.path.insert(0, str(REPOSITORY / "scripts"))
 import benchmark  # noqa: E402  (for a profile made by its trace functions)
 
 RUNS = [  # gpu_check.sh's labels, in its order
-    "base-30s-b128-vs-compile", "small-30s-b64-vs-compile", "large-30s-b16", "medium-30s-b32", "base-10s-b128",
-    "large-30s-b64", "large-30s-b64-remat", "large-30s-b16-vs-compile-regional",
-    "medium-30s-b32-vs-compile-regional", "base-30s-b128-vs-eager",
+    "small-30s-b64-vs-compile-no-graphs", "small-30s-b64", "base-30s-b128-vs-compile-no-graphs", "base-30s-b128",
+    "large-30s-b16-no-graphs", "medium-30s-b32-no-graphs", "base-10s-b128-no-graphs", "large-30s-b64-no-graphs",
+    "large-30s-b16", "medium-30s-b32", "base-10s-b128", "large-30s-b64", "large-30s-b64-remat",
+    "large-30s-b16-vs-compile-regional", "medium-30s-b32-vs-compile-regional", "base-30s-b128-vs-eager",
 ]
 
 STAND_IN_BENCHMARK = '''
@@ -53,7 +54,8 @@ def main():
     row = dict(label=label, device="stand-in", matmul_peak_tflops=800.0, samples_per_s=10.0, step_time_s=0.1,
                tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
                init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None,
-               memory_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"))
+               memory_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
+               command_buffers=args[args.index("--command-buffers") + 1] if "--command-buffers" in args else "on")
     if "--profile" in args and "PROFILE" in os.environ:  # a profile the test made, as a JSON file
         with open(os.environ["PROFILE"]) as file:
             row.update(profile=json.load(file), log_mel_s=0.001)
@@ -112,27 +114,26 @@ def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "") -> tuple[
 
 
 def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
-    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64-vs-compile")
+    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64-vs-compile-no-graphs")
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # a silent, passing check keeps cuDNN
     assert [row["label"] for row in rows] == RUNS
     # recorded, not done (the seconds depend on the machine's load)
-    assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("small-30s-b64-vs-compile")]["error"])
+    assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("small-30s-b64-vs-compile-no-graphs")]["error"])
     assert "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log  # the summary table
-    # large at batch 64 without remat gets 95% of the card (119 GiB compiled by the card's XLA); the rest
-    # benchmark.py's default
+    # large at batch 64 without remat gets 95% of the card (GPU run 4: 129.8 GiB); the rest benchmark.py's default
     fractions = {row["label"]: row["memory_fraction"] for row in rows if row.get("memory_fraction")}
-    assert fractions == {"large-30s-b64": "0.95"}
+    assert fractions == {"large-30s-b64-no-graphs": "0.95", "large-30s-b64": "0.95"}
 
     # A new $OUT, as a second device call gets: its bench.jsonl and summary still hold the first call's rows.
     calls, rows, log = gpu_check(tmp_path, "second", budget_s=10_000)
-    assert calls == ["small-30s-b64-vs-compile:cudnn"]  # neither the parity check nor a finished run again
-    assert [row["label"] for row in rows] == [*RUNS, "small-30s-b64-vs-compile"]  # a label's last row counts
+    assert calls == ["small-30s-b64-vs-compile-no-graphs:cudnn"]  # neither the parity check nor a finished run again
+    assert [row["label"] for row in rows] == [*RUNS, "small-30s-b64-vs-compile-no-graphs"]  # a label's last row counts
     assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
     assert "== large-30s-b16: done in an earlier call on this machine" in log
-    summary = log.split("10 runs on")[-1]
-    assert "\n10 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in summary
-    assert "| small-30s-b64-vs-compile | 10.0 |" in summary
+    summary = log.split("16 runs on")[-1]
+    assert "\n16 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in summary
+    assert "| small-30s-b64-vs-compile-no-graphs | 10.0 |" in summary
 
     shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
     _, rows, _ = gpu_check(tmp_path, "second", budget_s=10_000)
@@ -171,28 +172,32 @@ def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
 
 
 def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
-    """With 60 s, only the two runs estimated at ≤ 60 s start (the 10 s window, the eager baseline); the
-    others are recorded as skipped, so the next call runs them."""
+    """With 60 s, only the three runs estimated at ≤ 60 s start (the 10 s window with and without graphs, the
+    eager baseline); the others are recorded as skipped, so the next call runs them."""
     calls, rows, _ = gpu_check(tmp_path, "short", budget_s=60)
-    assert calls == ["parity", "base-10s-b128:cudnn", "base-30s-b128-vs-eager:cudnn"]
+    short = ("base-10s-b128-no-graphs", "base-10s-b128", "base-30s-b128-vs-eager")
+    assert calls == ["parity", *(f"{label}:cudnn" for label in short)]
     skipped = [row["label"] for row in rows if row.get("error", "").startswith("skipped")]
-    expected = [label for label in RUNS if label not in ("base-10s-b128", "base-30s-b128-vs-eager")]
+    expected = [label for label in RUNS if label not in short]
     assert skipped == expected
     calls, _, _ = gpu_check(tmp_path, "rest", budget_s=10_000)
     assert calls == [f"{label}:cudnn" for label in expected]
 
 
 def test_a_run_that_needs_more_memory_than_the_card_has_is_skipped_and_recorded(tmp_path):
-    """On an H100 (80 GB) large at batch 64 without remat (107 GiB compiled for an H200) is not started: its row
-    says why, and every other run goes ahead. Where nvidia-smi gives no size (as here), every run is tried."""
+    """On an H100 (80 GB) large at batch 64 without remat (GPU run 4: 129.8 GiB) is not started, with or without
+    command buffers: its rows say why, and every other run goes ahead. Where nvidia-smi gives no size (as here),
+    every run is tried."""
     (tmp_path / "bin").mkdir()  # before the stand-ins: run_gpu_check adds python3 beside it
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.write_text('#!/bin/sh\necho 81559\n')  # an H100's memory.total in MiB
     smi.chmod(0o755)
     calls, rows, log = gpu_check(tmp_path, "h100", budget_s=10_000)
-    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS if label != "large-30s-b64")]
-    [row] = [row for row in rows if row["label"] == "large-30s-b64"]
-    assert row["error"] == "skipped: needs a card of 130 GiB or more, this one has 79 GiB"
+    unfit = ("large-30s-b64-no-graphs", "large-30s-b64")
+    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS if label not in unfit)]
+    for label in unfit:
+        [row] = [row for row in rows if row["label"] == label]
+        assert row["error"] == "skipped: needs a card of 130 GiB or more, this one has 79 GiB"
     assert "| large-30s-b64 | skipped: needs a card of 130 GiB or more" in log
 
 
@@ -222,14 +227,15 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
     done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE=str(tmp_path / "profile.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "profiled" / "log.txt").read_text()
-    summary = log.split("10 runs on stand-in")[-1]
-    assert "\nbase-30s-b128-vs-compile: step 100.0 ms, device busy 0.1 ms (other 0.0, matmul 0.0)" in summary
+    summary = log.split("16 runs on stand-in")[-1]
+    assert "\nbase-30s-b128-vs-compile-no-graphs: step 100.0 ms, device busy 0.1 ms (other 0.0, matmul 0.0)" in summary
     assert "      0.04 ms    1.0×  sm90_xmma_gemm" in summary
     # gaps of 3 µs in each step and 17 µs between the two profiled steps; the timed step is 100 ms
-    assert ("  idle between kernels 0.01 ms/step under the profiler, which launches the kernels of XLA's command "
-            "buffers one by one; the timed step, in CUDA graphs, leaves 99.92 ms not busy") in summary
+    assert ("  idle between kernels 0.01 ms/step under the profiler; the timed step, without command buffers, "
+            "leaves 99.92 ms not busy") in summary  # --command-buffers off
+    assert "\nlarge-30s-b16: step 100.0 ms" not in summary  # only its run without graphs is profiled
     assert "  the profile's gaps: < 5 µs 0.00 (1×), 5–50 µs 0.01 (0.5×), ≥ 50 µs 0.00 (0×)" in summary
     assert "        0.01 ms    0.5×  sm90_xmma_gemm → loop_add_fusion" in summary
     assert "    by source: ops named after their kernels (the trace names no HLO op" in summary
-    assert "\nlarge-30s-b16: step 100.0 ms" in summary  # profiled too
+    assert "\nlarge-30s-b16-no-graphs: step 100.0 ms" in summary  # profiled too
     assert "profile failed" not in summary
