@@ -71,10 +71,10 @@ DEFAULT_BATCH = {"base": 128, "small": 64, "medium": 32, "large": 16}
 SAMPLE_RATE = 16_000
 FRAMES_PER_SECOND = 100  # Whisper's hop of 160 samples
 TEXT_LENGTH = 77
-# XLA's compile options for `--command-buffers`. Off clears XLA's list of what may go into a command buffer (a
-# CUDA graph): GPU run 4's profile (kernels launched one by one) left 0.9 ms of base's step idle, the timed step,
-# in graphs, 5.3 ms (BENCHMARKS.md). No effect on a CPU.
-COMMAND_BUFFER_OPTIONS: dict[str, dict[str, str] | None] = {"on": None, "off": {"xla_gpu_enable_command_buffer": ""}}
+# The `--xla-option` that turns XLA's command buffers (CUDA graphs) off: an empty list of what may go into one.
+# GPU run 4's profile (kernels launched one by one) left 0.9 ms of base's step idle, the timed step, in graphs,
+# 5.3 ms (BENCHMARKS.md).
+NO_COMMAND_BUFFERS = ("xla_gpu_enable_command_buffer", "")
 TINY = dict(window=1.0, text_length=16, batch=4, steps=2, warmup=1, matmul_size=256)
 
 
@@ -618,7 +618,13 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
 
     progress(f"ours: compiling on {device.device_kind}")
     start = time.perf_counter()
-    compiled = step.lower(state, batches[0]).compile(compiler_options=COMMAND_BUFFER_OPTIONS[args.command_buffers])
+    lowered = step.lower(state, batches[0])
+    try:
+        compiled = lowered.compile(compiler_options=dict(args.xla_option) or None)
+    except jax.errors.JaxRuntimeError as error:  # XLA's own words name the option and what is wrong
+        if args.xla_option and "option" in str(error):
+            raise ValueError(f"--xla-option: {str(error).splitlines()[0]}") from error
+        raise
     compile_s = time.perf_counter() - start
     progress(f"ours: compiled in {compile_s:.1f} s")
     hlo_text = compiled.as_text() if args.dump_hlo or args.profile else ""  # seconds for a large model: once
@@ -669,6 +675,15 @@ def run_ours(args: argparse.Namespace, config, host_batches) -> dict[str, Any]:
 # Command line
 
 
+def xla_option(text: str) -> tuple[str, str | bool]:
+    """argparse type of --xla-option: NAME=VALUE, an XLA option's name (`xla_...`) and its value, true/false (any
+    case) as a boolean; XLA itself refuses a name or value it does not know when the step compiles."""
+    name, equals, value = text.partition("=")
+    if not equals or not name.startswith("xla_"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE with an XLA option's name (xla_...)")
+    return name, {"true": True, "false": False}.get(value.lower(), value)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="base", help="audio tower size (text: CLIP B/32, L/14 for large)")
@@ -701,8 +716,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="rematerialisation policy of every transformer block",
     )
     parser.add_argument(
-        "--command-buffers", choices=("on", "off"), default="on",
-        help="on: XLA runs a GPU step's kernels in CUDA graphs where it can (its default); off: one by one",
+        "--xla-option", type=xla_option, action="append", default=[], metavar="NAME=VALUE",
+        help="an XLA option for our step's compile alone (repeatable; true/false for a flag): e.g. "
+        "xla_gpu_enable_command_buffer= (no CUDA graphs), xla_gpu_enable_triton_gemm=false",
     )
     parser.add_argument(
         "--matmul-size", type=cli.positive_int, help="N of the N³ bf16 peak matmul (default 8192; --tiny 256)"
@@ -797,7 +813,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": args.dtype,
         "attention": args.attention,
         "remat": args.remat,
-        "command_buffers": args.command_buffers,
+        "xla_options": dict(args.xla_option),
         "platform": device.platform,
         "device": device.device_kind,
         "date": time.strftime("%Y-%m-%d"),
@@ -844,19 +860,19 @@ def gib(value: int | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value / 2**30:.{digits}f} GiB"
 
 
-def idle_table(profile: dict[str, Any], step_time_s: float, command_buffers: str) -> list[str]:
+def idle_table(profile: dict[str, Any], step_time_s: float, xla_options: dict[str, Any]) -> list[str]:
     """The lines of a profile's idle gaps (`idle_gaps`); none for a profile without them or without any.
 
     XLA runs its command buffers (CUDA graphs) kernel by kernel while a profiler is on (its flag
     `xla_enable_command_buffers_during_profiling` is off by default), so the profile's gaps are those of separate
-    launches; what the timed step (`step_time_s`, compiled with `--command-buffers` `command_buffers`) leaves idle
-    is its time less the profile's busy time."""
+    launches; what the timed step (`step_time_s`, compiled with `xla_options`, which may turn the graphs off)
+    leaves idle is its time less the profile's busy time."""
     if not profile.get("idle_ms_per_step"):
         return []
     sizes = ", ".join(f"{label} {ms:.2f} ({n:g}×)" for label, (ms, n) in profile["idle_by_size_ms_per_step"].items())
     idle = profile["idle_ms_per_step"]
     timed_idle = 1e3 * step_time_s - profile["device_busy_ms_per_step"]
-    if command_buffers == "on":
+    if NO_COMMAND_BUFFERS not in xla_options.items():
         how = ("under the profiler, which launches the kernels of XLA's command buffers one by one; the timed step, "
                "in CUDA graphs,")
     else:
@@ -885,6 +901,13 @@ def source_table(profile: dict[str, Any]) -> list[str]:
     return lines + ([f"    by source: {profile['by_source_note']}"] if profile["by_source_note"] else [])
 
 
+def xla_options_text(xla_options: dict[str, Any]) -> str:
+    """", XLA options a=False, b=''" for the report's first line; "" without any."""
+    if not xla_options:
+        return ""
+    return ", XLA options " + ", ".join(f"{name}={value!r}" for name, value in xla_options.items())
+
+
 def report(r: dict[str, Any]) -> str:
     """The human-readable summary of `main`'s result."""
     cost = (
@@ -894,8 +917,8 @@ def report(r: dict[str, Any]) -> str:
     )
     lines = [
         f"WavLink {r['model']}, batch {r['batch']}, {r['window_s']:g} s window, {r['dtype']}, attention "
-        f"{r['attention']}, remat {r['remat']}, command buffers {r['command_buffers']} on {r['device']} "
-        f"({r['platform']}), {r['date']}",
+        f"{r['attention']}, remat {r['remat']}{xla_options_text(r['xla_options'])} on {r['device']} ({r['platform']}), "
+        f"{r['date']}",
         "  versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
         f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.3g} TFLOP/s",
         f"  ours:  {1e3 * r['step_time_s']:.2f} ms/step, {r['samples_per_s']:.1f} samples/s, model "
@@ -912,7 +935,7 @@ def report(r: dict[str, Any]) -> str:
     elif profile:
         kinds = ", ".join(f"{kind} {ms:.2f}" for kind, ms in profile["by_kind_ms_per_step"].items())
         lines.append(f"  device busy {profile['device_busy_ms_per_step']:.2f} ms/step: {kinds or 'no device lines'}")
-        lines += idle_table(profile, r["step_time_s"], r["command_buffers"])
+        lines += idle_table(profile, r["step_time_s"], r["xla_options"])
         for title, key in (("kernels", "top_kernels_ms_per_step"), ("HLO ops", "top_ops_ms_per_step")):
             if profile[key]:
                 lines.append(f"    {title} (ms/step, launches/step):")

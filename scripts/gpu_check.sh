@@ -12,18 +12,19 @@
 # as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
 # or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
 # back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-4 by the estimates below:
-# 40 + 180 + 95 + 150 + 80 = 545 s; GPU run 4's first call did parity and four runs in 536 s), then again with
-# what the session has left (BUDGET_S ≈ 265 s: runs 5-7, 100 + 85 + 55 s; run 4's second call had 265 s). The rows of
+# 40 + 180 + 95 + 95 + 150 = 560 s; GPU run 4's first call did parity and four runs in 536 s), then again with
+# what the session has left (BUDGET_S ≈ 265 s: runs 5-7, 80 + 80 + 100 s; run 4's second call had 265 s). The rows of
 # every call since the state was fresh are kept there as well, so each call's bench.jsonl and summary hold all
 # of them (a device call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
-#   2. the step with XLA's command buffers (CUDA graphs) off, the question GPU run 4 left, and with them on,
-#      where the issue's targets are judged: small b64 vs torch.compile without graphs, then ours with them;
-#      base 30 s b128 the same (profiled, HLO dumped, trace kept); then without graphs large b16 (profiled),
-#      medium b32, base 10 s b128 and large b64 without remat (GPU run 4: 129.8 of the card's 140 GiB)
+#   2. the questions GPU run 4 left: is the step faster with XLA's command buffers (CUDA graphs) off, and with
+#      its Triton GEMMs off too? small b64 vs torch.compile without graphs, then ours with them (XLA's default),
+#      then without either; base 30 s b128 the same (profiled, HLO dumped, trace kept); then without graphs
+#      large b16 (profiled), medium b32, base 10 s b128 and large b64 without remat (GPU run 4: 129.8 of the
+#      card's 140 GiB)
 #   3. GPU run 4's runs with the graphs on: large b16, medium b32, base 10 s, large b64 without remat and with
 #      full remat; large and medium vs regional torch.compile (our steps from the JAX compile cache); base vs
 #      eager PyTorch
@@ -166,25 +167,34 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
 # Estimated seconds (GPU runs 3 and 4's timings plus 5–10%) are the skip thresholds. Large and medium run ours
 # alone first, then against the regional baseline, which finds our step in the JAX compile cache; so a slow
 # PyTorch side cannot cost us our own figures.
-# First the question GPU run 4 left (BENCHMARKS.md): does the step run faster with XLA's command buffers (CUDA
-# graphs) off? Its profile, kernels launched one by one, left 0.9 ms of base's step idle; the timed step, in
-# graphs, 5.3 ms. Small, the target still open, against torch.compile without graphs, then ours with them; base
-# the same (profiled and dumped without graphs: no kernel runs under a command buffer's name).
+# First the questions GPU run 4 left (BENCHMARKS.md). Is the step faster with XLA's command buffers (CUDA graphs)
+# off? Its profile, kernels launched one by one, left 0.9 ms of base's step idle; the timed step, in graphs, 5.3 ms.
+# And with XLA's Triton GEMMs off? Its cuBLAS GEMMs then take biases and residual adds as epilogues, which the
+# card's run-4 step wrote and read again in kernels of their own (base: 72.0 GB of element-wise traffic against
+# 62.9 GB compiled here with Triton GEMMs off). Small, the target still open, first: against torch.compile without
+# graphs, then ours with them, then without either; base the same (profiled and dumped without graphs: no kernel
+# runs under a command buffer's name).
+NO_GRAPHS="--xla-option xla_gpu_enable_command_buffer="
+NO_TRITON_GEMM="--xla-option xla_gpu_enable_triton_gemm=false"
 bench small-30s-b64-vs-compile-no-graphs 180 --model small --batch 64 --window 30 --baseline torch --compile \
-    --steps 10 --command-buffers off
+    --steps 10 $NO_GRAPHS
 bench small-30s-b64 95 --model small --batch 64 --window 30 --steps 10
+bench small-30s-b64-no-graphs-no-triton-gemm 95 --model small --batch 64 --window 30 --steps 10 $NO_GRAPHS \
+    $NO_TRITON_GEMM
 bench base-30s-b128-vs-compile-no-graphs 150 --model base --batch 128 --window 30 --baseline torch --compile \
     --steps 10 --profile 2 --dump-hlo "$OUT/hlo_base_30s_b128.txt" --save-trace "$OUT/trace_base_30s_b128.json.gz" \
-    --command-buffers off
+    $NO_GRAPHS
 [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
 bench base-30s-b128 80 --model base --batch 128 --window 30 --steps 10
-bench large-30s-b16-no-graphs 100 --model large --batch 16 --window 30 --steps 5 --profile 1 --command-buffers off
-bench medium-30s-b32-no-graphs 85 --model medium --batch 32 --window 30 --steps 5 --command-buffers off
-bench base-10s-b128-no-graphs 55 --model base --batch 128 --window 10 --steps 10 --command-buffers off
+bench base-30s-b128-no-graphs-no-triton-gemm 80 --model base --batch 128 --window 30 --steps 10 $NO_GRAPHS \
+    $NO_TRITON_GEMM
+bench large-30s-b16-no-graphs 100 --model large --batch 16 --window 30 --steps 5 --profile 1 $NO_GRAPHS
+bench medium-30s-b32-no-graphs 85 --model medium --batch 32 --window 30 --steps 5 $NO_GRAPHS
+bench base-10s-b128-no-graphs 55 --model base --batch 128 --window 10 --steps 10 $NO_GRAPHS
 # Large b64's program took 129.8 GiB of the card in GPU run 4, more than the 126.4 GiB (90%) that benchmark.py gives
 # JAX: so 95% (133.4 GiB).
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64-no-graphs 100 130 --model large --batch 64 --window 30 \
-    --steps 3 --warmup 1 --command-buffers off
+    --steps 3 --warmup 1 $NO_GRAPHS
 # Then GPU run 4's runs with the graphs on, and the baselines it had no time for.
 bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5
 bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
@@ -239,7 +249,7 @@ for r in rows:
         for name, ms, launches in profile["top_kernels_ms_per_step"]:
             print(f"  {ms:8.2f} ms {launches:6.1f}×  {name}")
         from benchmark import idle_table, source_table  # by line of our code, with bytes and TB/s (imports jax: here)
-        print("\n".join(idle_table(profile, r["step_time_s"], r["command_buffers"]) + source_table(profile)))
+        print("\n".join(idle_table(profile, r["step_time_s"], r["xla_options"]) + source_table(profile)))
     elif profile:
         print(f"\n{r['label']}: profile failed: {profile['error'][:300]}")
 EOF

@@ -33,7 +33,7 @@ POSITIVE_FIELDS = (
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory) -> dict:
-    """One tiny run, ours (profiled for a step, its HLO dumped, compiled with XLA's command buffers off) and the
+    """One tiny run, ours (profiled for a step, its HLO dumped, compiled with two XLA options) and the
     eager PyTorch baseline, fp32 (CPUs have no fast bf16), batch 8. The dump's and the saved trace's paths are
     added as `dumped_hlo`, `saved_trace`."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
@@ -42,7 +42,8 @@ def result(tmp_path_factory) -> dict:
     command = [
         sys.executable, str(ROOT / "scripts" / "benchmark.py"),
         "--tiny", "--steps", "2", "--json", "--dtype", "float32", "--batch", "8", "--baseline", "torch",
-        "--profile", "1", "--dump-hlo", str(dump), "--save-trace", str(trace), "--command-buffers", "off",
+        "--profile", "1", "--dump-hlo", str(dump), "--save-trace", str(trace),
+        "--xla-option", "xla_gpu_enable_command_buffer=", "--xla-option", "xla_gpu_enable_triton_gemm=False",
     ]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -76,8 +77,10 @@ def test_tiny_benchmark_reports_every_figure(result):
     ) > 0
     assert 0 < memory["aliased_bytes"] <= memory["output_bytes"]  # the donated state is updated in place
     assert result["batch"] == 8 and result["frames"] == 100 and result["attention"] == "xla"
-    assert result["command_buffers"] == "off"  # the compile option a GPU's XLA reads; a CPU's accepts it
-    assert ", remat none, command buffers off on cpu (cpu), " in benchmark.report(result)
+    # compile options a GPU's XLA reads, which a CPU's accepts; true/false (any case) a flag's value
+    assert result["xla_options"] == {"xla_gpu_enable_command_buffer": "", "xla_gpu_enable_triton_gemm": False}
+    assert (", remat none, XLA options xla_gpu_enable_command_buffer='', xla_gpu_enable_triton_gemm=False on cpu "
+            "(cpu), ") in benchmark.report(result)
     baseline = result["baseline"]
     check_positive(baseline, ("step_time_s", "samples_per_s", "tflops_model", "compile_s"))
     assert baseline["name"] == "torch" and baseline["compile"] is None
@@ -124,6 +127,32 @@ def test_sizes_and_counts_must_be_positive(flag, capsys):
     with pytest.raises(SystemExit):
         benchmark.parse_args([flag, "0"])
     assert "'0' is not a positive whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["xla_gpu_enable_command_buffer", "gpu_enable_command_buffer=", "=1"])
+def test_an_xla_option_is_name_equals_value(text, capsys):
+    """--xla-option takes NAME=VALUE with an XLA option's name; a value may be empty (an empty list)."""
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--xla-option", text])
+    assert f"{text!r} is not NAME=VALUE with an XLA option's name (xla_...)" in capsys.readouterr().err
+    assert benchmark.parse_args(["--xla-option", "xla_a=", "--xla-option", "xla_b=TRUE"]).xla_option == [
+        ("xla_a", ""), ("xla_b", True),
+    ]
+
+
+def test_an_option_xla_does_not_know_is_one_error_line():
+    """XLA refuses an unknown option when the step compiles; the benchmark says so in one line, no traceback."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env.pop("WAVLINK_JAX_TRACEBACK", None)
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--tiny", "--steps", "1",
+               "--xla-option", "xla_no_such_option=1"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --xla-option: INVALID_ARGUMENT: No such compile option: 'xla_no_such_option' "
+        "(WAVLINK_JAX_TRACEBACK=1 shows the traceback)"
+    )
+    assert "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -293,16 +322,16 @@ def test_idle_gaps_say_where_the_device_waited(tmp_path):
         "< 5 µs": [0.001, 0.5], "5–50 µs": [0.003, 0.5], "≥ 50 µs": [0.04, 0.5],
     }
     assert summary["top_gaps_ms_per_step"] == [["B", "C", 0.04, 0.5], ["D", "E", 0.003, 0.5], ["A", "B", 0.001, 0.5]]
-    lines = benchmark.idle_table(summary, 80e-6, "on")  # the timed step: 80 µs, 34 of them not busy
+    lines = benchmark.idle_table(summary, 80e-6, {})  # the timed step: 80 µs, 34 of them not busy
     assert lines[0].startswith("  idle between kernels 0.04 ms/step under the profiler")
     assert lines[0].endswith("the timed step, in CUDA graphs, leaves 0.03 ms not busy")
-    assert benchmark.idle_table(summary, 80e-6, "off")[0] == (
+    assert benchmark.idle_table(summary, 80e-6, {"xla_gpu_enable_command_buffer": ""})[0] == (
         "  idle between kernels 0.04 ms/step under the profiler; the timed step, without command buffers, leaves "
         "0.03 ms not busy"
     )
     assert lines[1].startswith("  the profile's gaps: < 5 µs 0.00 (0.5×), 5–50 µs 0.00 (0.5×)")
     assert lines[2] == "        0.04 ms    0.5×  B → C"
-    assert benchmark.idle_table({**summary, "idle_ms_per_step": 0.0}, 80e-6, "on") == []  # no gaps (or no device lines)
+    assert benchmark.idle_table({**summary, "idle_ms_per_step": 0.0}, 80e-6, {}) == []  # no gaps (or no device lines)
 
 
 def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):

@@ -16,7 +16,8 @@ sys.path.insert(0, str(REPOSITORY / "scripts"))
 import benchmark  # noqa: E402  (for a profile made by its trace functions)
 
 RUNS = [  # gpu_check.sh's labels, in its order
-    "small-30s-b64-vs-compile-no-graphs", "small-30s-b64", "base-30s-b128-vs-compile-no-graphs", "base-30s-b128",
+    "small-30s-b64-vs-compile-no-graphs", "small-30s-b64", "small-30s-b64-no-graphs-no-triton-gemm",
+    "base-30s-b128-vs-compile-no-graphs", "base-30s-b128", "base-30s-b128-no-graphs-no-triton-gemm",
     "large-30s-b16-no-graphs", "medium-30s-b32-no-graphs", "base-10s-b128-no-graphs", "large-30s-b64-no-graphs",
     "large-30s-b16", "medium-30s-b32", "base-10s-b128", "large-30s-b64", "large-30s-b64-remat",
     "large-30s-b16-vs-compile-regional", "medium-30s-b32-vs-compile-regional", "base-30s-b128-vs-eager",
@@ -55,7 +56,7 @@ def main():
                tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
                init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None,
                memory_fraction=os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
-               command_buffers=args[args.index("--command-buffers") + 1] if "--command-buffers" in args else "on")
+               xla_options=dict(args[i + 1].split("=", 1) for i, arg in enumerate(args) if arg == "--xla-option"))
     if "--profile" in args and "PROFILE" in os.environ:  # a profile the test made, as a JSON file
         with open(os.environ["PROFILE"]) as file:
             row.update(profile=json.load(file), log_mel_s=0.001)
@@ -131,8 +132,8 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
     assert "== large-30s-b16: done in an earlier call on this machine" in log
-    summary = log.split("16 runs on")[-1]
-    assert "\n16 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in summary
+    summary = log.split("18 runs on")[-1]
+    assert "\n18 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in summary
     assert "| small-30s-b64-vs-compile-no-graphs | 10.0 |" in summary
 
     shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
@@ -227,12 +228,12 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
     done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE=str(tmp_path / "profile.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "profiled" / "log.txt").read_text()
-    summary = log.split("16 runs on stand-in")[-1]
+    summary = log.split("18 runs on stand-in")[-1]
     assert "\nbase-30s-b128-vs-compile-no-graphs: step 100.0 ms, device busy 0.1 ms (other 0.0, matmul 0.0)" in summary
     assert "      0.04 ms    1.0×  sm90_xmma_gemm" in summary
     # gaps of 3 µs in each step and 17 µs between the two profiled steps; the timed step is 100 ms
     assert ("  idle between kernels 0.01 ms/step under the profiler; the timed step, without command buffers, "
-            "leaves 99.92 ms not busy") in summary  # --command-buffers off
+            "leaves 99.92 ms not busy") in summary  # xla_gpu_enable_command_buffer=
     assert "\nlarge-30s-b16: step 100.0 ms" not in summary  # only its run without graphs is profiled
     assert "  the profile's gaps: < 5 µs 0.00 (1×), 5–50 µs 0.01 (0.5×), ≥ 50 µs 0.00 (0×)" in summary
     assert "        0.01 ms    0.5×  sm90_xmma_gemm → loop_add_fusion" in summary
