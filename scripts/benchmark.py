@@ -764,9 +764,9 @@ def versions() -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    # jax takes 75% of a GPU unless told otherwise, too little for large at batch 64 without remat (107 of an
-    # H200's 140 GiB). The step is all this process runs on the device: the PyTorch baseline, run first, frees
-    # its memory before JAX starts. (Read when JAX first touches the GPU, below.)
+    # jax takes 75% of a GPU unless told otherwise, too little for large at batch 64 without remat (GPU run 4:
+    # 129.9 of an H200's 140 GiB, given 95%). The step is all this process runs on the device: the PyTorch
+    # baseline, run first, frees its memory before JAX starts. (Read when JAX first touches the GPU, below.)
     os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
     import numpy as np
 

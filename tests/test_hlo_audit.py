@@ -265,16 +265,16 @@ def test_h200_program_keeps_no_fp32_intermediates_and_one_kernel_per_layer_norm_
 @pytest.mark.slow
 def test_large_at_batch_64_fits_an_h200_without_remat():
     """With jax's CUDA plugin (skipped without): WavLink-Large at batch 64, 30 s, no remat, compiled for an
-    H200, fits the 90% of the card that `scripts/benchmark.py` lets JAX take (XLA_PYTHON_CLIENT_MEM_FRACTION;
-    jax's default 75% is too little) with the 5% more that GPU run 3's card used than the compile-only figure
-    (large at batch 16: 39.5 vs 39.47 GiB; batch 64 with full remat: 22.9 vs 21.87). 106.9 GiB of 140.4 when
-    written."""
+    H200, fits the 95% of the card that `scripts/gpu_check.sh` lets JAX take for it (XLA_PYTHON_CLIENT_MEM_FRACTION)
+    with the margin GPU run 4 showed: the card's program, 129.8 GiB, was 1.215× this compile's 106.9. A compile
+    without a device plans for less memory (80% of the card, against the allocator's 95% on the card: XLA's
+    scheduler memory limit), so it recomputes more and comes out smaller (BENCHMARKS.md)."""
     pytest.importorskip(
         "jax_plugins.xla_cuda13", reason="needs jax's CUDA plugin: make gpu-compile-env, then .venv-gpu-compile/bin/python -m pytest"
     )
     c = hlo_audit.run(hlo_audit.parse_args(["--model", "large", "--batch", "64", "--target", "h200"]))["compiled"]
     assert c["cudnn_calls"] == {"forward": 43, "backward": 43}  # no forward recomputed
-    assert c["program_bytes"] < 0.9 * c["card_memory_bytes"] / 1.05
+    assert c["program_bytes"] * (129.8 / 106.9) < 0.95 * c["card_memory_bytes"]
 
 
 @pytest.mark.slow
