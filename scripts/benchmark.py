@@ -389,35 +389,35 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
     }
     op_lines = {key for key, name in device_lines.items() if name == "XLA Ops"}
 
-    def totals(lines: set, name_of: Callable[[dict], Any] = lambda event: event["name"]) -> dict[Any, list]:
-        """key → [microseconds, launches] over the events on `lines` that `name_of` keys (None: left out)."""
-        by_name: dict[str, list[float]] = {}
-        for event in events:
-            if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in lines:
-                name = name_of(event)
-                if name is None:
-                    continue
-                entry = by_name.setdefault(name, [0.0, 0])
+    def complete(lines: set) -> list[dict]:
+        """The complete ("X") events on `lines`."""
+        return [event for event in events if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in lines]
+
+    def totals(chosen: list[dict], key: Callable[[dict], Any] = lambda event: event["name"]) -> dict[Any, list]:
+        """key → [microseconds, launches] over the `chosen` events that `key` keys (None: left out)."""
+        by_key: dict[Any, list[float]] = {}
+        for event in chosen:
+            name = key(event)
+            if name is not None:
+                entry = by_key.setdefault(name, [0.0, 0])
                 entry[0] += float(event.get("dur", 0.0))
                 entry[1] += 1
-        return by_name
+        return by_key
 
-    by_kernel = totals(kernel_lines)
-    by_op = totals(op_lines)
+    kernels = complete(kernel_lines)
+    by_kernel = totals(kernels)
+    by_op = totals(complete(op_lines))
     kernels_of_op: dict[str, dict[str, list[float]]] = {}  # hlo_op → kernel → [µs, launches]
     if not by_op:  # no XLA Ops line: the kernels' hlo_op arguments
-
-        def hlo_op(event: dict) -> str | None:
-            return event.get("args", {}).get("hlo_op")
-
-        by_op = totals(kernel_lines, hlo_op)
-        for (op, kernel), times in totals(kernel_lines, lambda event: (hlo_op(event), event["name"])).items():
+        for (op, kernel), times in totals(kernels, lambda event: (event.get("args", {}).get("hlo_op"),
+                                                                  event["name"])).items():
             if op is not None:
                 kernels_of_op.setdefault(op, {})[kernel] = times
-    kernel_arguments = sorted({
-        name for event in events if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines
-        for name in event.get("args", {})
-    })
+        by_op = {
+            op: [sum(us for us, _ in times.values()), sum(n for _, n in times.values())]
+            for op, times in kernels_of_op.items()
+        }
+    kernel_arguments = sorted({name for event in kernels for name in event.get("args", {})})
     total_us = sum(us for us, _ in by_kernel.values())
     by_kind: dict[str, float] = {}
     for name, (us, _) in by_kernel.items():
@@ -428,10 +428,7 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
         items = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
         return [[name[:120], ms_per_step(us, steps), round(launches / steps, 2)] for name, (us, launches) in items]
 
-    spans = [
-        (float(event["ts"]), float(event["ts"]) + float(event.get("dur", 0.0)), event["name"])
-        for event in events if event.get("ph") == "X" and (event.get("pid"), event.get("tid")) in kernel_lines
-    ]
+    spans = [(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)), e["name"]) for e in kernels]
     return {
         "lines": sorted(device_lines[key] for key in kernel_lines),
         "device_busy_ms_per_step": ms_per_step(total_us, steps),
