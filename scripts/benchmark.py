@@ -469,13 +469,13 @@ def time_by_source(
     leading '%' is dropped). Where the trace named no op, each kernel of `kernel_time_us` stands for the
     instruction it is named after (`ops_from_kernel_names`), and `kernel_arguments`, the argument names of its
     kernel events, go into the note; so does an op that is no instruction but whose kernels `kernels_of_op_us`
-    gives (a command buffer's), whose time goes to its kernels' instructions. `found` is `hlo_traffic.launches` of that
-    step, which groups each launch by source line (by kind where the program has no stack frames). A launch of
-    the entry computation runs once per step, so a line's bytes per step are those of its launches the trace
-    ran. Time of ops that are no launch of the entry computation (another naming, a loop's body) is counted
-    under NOT_IN_HLO and named in the note, never dropped. Returns the `top` rows [source, ms per step,
-    launches per step, GB per step, TB/s] by time, the total attributed against `busy_ms` (the kernels' time
-    per step), and a note ("" when there is nothing to say)."""
+    gives (a command buffer's), whose time goes to its kernels' instructions. `found` is `hlo_traffic.launches`
+    of that step, which groups each launch by source line (by kind where the program has no stack frames). A
+    launch of the entry computation runs once per step, so a line's bytes per step are those of its launches the
+    trace ran. Time of ops that are no launch of the entry computation (another naming, a loop's body) is counted
+    under NOT_IN_HLO and named in the note, never dropped. Returns the `top` rows [source, ms per step, launches
+    per step, GB per step, TB/s] by time, the total attributed against `busy_ms` (the kernels' time per step),
+    and a note ("" when there is nothing to say)."""
     named_by_kernels = not op_time_us and bool(kernel_time_us)
     if named_by_kernels:
         op_time_us = ops_from_kernel_names(kernel_time_us, found)
