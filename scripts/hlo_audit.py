@@ -37,7 +37,10 @@ GELU outputs), and `--compiled-hlo FILE` keeps the optimised HLO for `hlo_traffi
 autotuning (so XLA's Triton GEMM fusions are switched off and every GEMM is a cuBLAS call, as the profiled
 runs' top GEMMs were), and this machine's jax/XLA version. Calibrated on GPU run 2's code: 24.8 GiB and 110
 GB of element-wise traffic here against the 28.8 GiB peak measured on the H200 and 121 GB counted in its dump
-(BENCHMARKS.md).
+(BENCHMARKS.md). XLA plans the program for the share of the card JAX is given, `--memory-fraction` (default
+0.75, jax's; XLA_PYTHON_CLIENT_MEM_FRACTION on the card), which matters near the card's size: large at batch 64
+given 0.95 compiles here with the card's XLA version to the 129.78 GiB GPU run 4 measured, and the report says
+whether the program fits that share.
 
     .venv-gpu-compile/bin/python scripts/hlo_audit.py --model base --batch 128 --target h200
 
@@ -78,6 +81,14 @@ TARGETS = tuple(sorted(path.stem for path in TARGETS_DIR.glob("*.txtpb")))
 # XLA options of the compile for a target: without a device XLA cannot autotune, and its untuned Triton GEMM
 # tiling fails on some of the step's dots ("Couldn't find output tile sizes"); cuBLAS takes every GEMM.
 TARGET_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+# XLA plans a program (its scheduler and rematerialisation aim below a memory limit) for the memory the module's
+# config gives, which on a card is what the client's allocator holds: XLA_PYTHON_CLIENT_MEM_FRACTION of the card,
+# jax's default 75%. A compile-only device has no allocator, and XLA takes 80% of its described memory instead
+# (`GetSchedulerMemoryLimit`, xla/service/gpu/gpu_hlo_schedule.cc). So the description handed to XLA carries the
+# card's memory × fraction / 80%, and the compile plans as the card would at that fraction (GPU run 4: large at
+# batch 64 given 95%, 129.78 GiB on the card and compiled here by its XLA version).
+JAX_DEFAULT_MEMORY_FRACTION = 0.75
+COMPILE_ONLY_MEMORY_SHARE = 0.8
 GPU_COMPILE_ENV = (
     "jax's CUDA plugin with its CUDA libraries: `make gpu-compile-env`, then run this script with "
     ".venv-gpu-compile/bin/python (no GPU or driver needed)"
@@ -238,14 +249,22 @@ def cudnn_version_answer(version: int) -> Iterator[None]:
         fused.check_cudnn_version = original
 
 
-def target_devices(name: str, count: int = 1) -> list[Any]:
-    """`count` compile-only devices of the card `name` (`gpu_targets/<name>.txtpb`) on one machine: XLA's GPU
-    compiler runs here for them; nothing runs on a GPU. A SystemExit saying what to install when jax has no CUDA
-    plugin."""
+def planned_description(description: str, memory_fraction: float) -> str:
+    """A card's description (`gpu_targets/<card>.txtpb` text) with its memory scaled so that XLA, compiling
+    without the card, plans for `memory_fraction` of it as it does on the card (`COMPILE_ONLY_MEMORY_SHARE`)."""
+    size = int(re.search(r"device_memory_size: (\d+)", description)[1])
+    planned = int(size * memory_fraction / COMPILE_ONLY_MEMORY_SHARE)
+    return re.sub(r"device_memory_size: \d+", f"device_memory_size: {planned}", description, count=1)
+
+
+def target_devices(name: str, count: int = 1, memory_fraction: float = JAX_DEFAULT_MEMORY_FRACTION) -> list[Any]:
+    """`count` compile-only devices of the card `name` (`gpu_targets/<name>.txtpb`) on one machine, for which
+    XLA plans `memory_fraction` of the card's memory (`planned_description`): XLA's GPU compiler runs here for
+    them; nothing runs on a GPU. A SystemExit saying what to install when jax has no CUDA plugin."""
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # the plugin's version check needs a driver
     from jax.experimental import topologies
 
-    config = (TARGETS_DIR / f"{name}.txtpb").read_text()
+    config = planned_description((TARGETS_DIR / f"{name}.txtpb").read_text(), memory_fraction)
     try:
         # slices x hosts per slice x devices per host
         topology = topologies.get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{count}")
@@ -301,9 +320,12 @@ def card_memory_bytes(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: int) -> dict[str, Any]:
-    """Compile `lowered` (traced on `target_device(name)`) and read the program: its device memory and the
-    element-wise traffic by source line; the optimised HLO goes to `compiled_hlo` (gzipped for .gz)."""
+def compile_for_target(
+    lowered: Any, name: str, compiled_hlo: str | None, top: int, memory_fraction: float = JAX_DEFAULT_MEMORY_FRACTION
+) -> dict[str, Any]:
+    """Compile `lowered` (traced on `target_devices(name, memory_fraction=memory_fraction)`) and read the program:
+    its device memory and the element-wise traffic by source line; the optimised HLO goes to `compiled_hlo`
+    (gzipped for .gz)."""
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
     compile_s = time.perf_counter() - start
@@ -321,6 +343,7 @@ def compile_for_target(lowered: Any, name: str, compiled_hlo: str | None, top: i
     return {
         "target": name,
         "card_memory_bytes": card_memory_bytes(name),
+        "memory_fraction": memory_fraction,
         "compile_s": compile_s,
         **benchmark.program_memory(compiled),
         "launches": len(found),
@@ -350,7 +373,7 @@ def expected_cudnn_layers(model: str) -> int:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    devices = target_devices(args.target, math.prod(args.mesh.values())) if args.target else None
+    devices = target_devices(args.target, math.prod(args.mesh.values()), args.memory_fraction) if args.target else None
     start = time.perf_counter()
     lowered = lower_step(
         args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, devices, args.mesh
@@ -383,7 +406,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.hlo:
         Path(args.hlo).write_text(text)
     if args.target:
-        result["compiled"] = compile_for_target(lowered, args.target, args.compiled_hlo, args.top)
+        result["compiled"] = compile_for_target(
+            lowered, args.target, args.compiled_hlo, args.top, args.memory_fraction
+        )
     return result
 
 
@@ -425,6 +450,20 @@ def report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def fit_lines(c: dict[str, Any]) -> list[str]:
+    """Whether the program fits the share of the card JAX is given, which XLA planned it for (none for a card
+    whose memory its description does not give)."""
+    if not c["card_memory_bytes"]:
+        return []
+    given = c["memory_fraction"] * c["card_memory_bytes"]
+    verdict = "fits it" if c["program_bytes"] <= given else (
+        "does NOT fit it: give JAX more of the card (XLA_PYTHON_CLIENT_MEM_FRACTION, --memory-fraction), recompute "
+        "blocks (--remat) or lower the batch"
+    )
+    return [f"  planned for the {c['memory_fraction']:.0%} of the card JAX is given ({benchmark.gib(given, 2)}, "
+            f"XLA_PYTHON_CLIENT_MEM_FRACTION={c['memory_fraction']:g}): the program {verdict}"]
+
+
 def compiled_report(c: dict[str, Any]) -> list[str]:
     """The lines of `compile_for_target`'s result."""
     gib = functools.partial(benchmark.gib, digits=2)
@@ -434,6 +473,7 @@ def compiled_report(c: dict[str, Any]) -> list[str]:
         + (f" of the card's {gib(c['card_memory_bytes'])}" if c["card_memory_bytes"] else "")
         + f": arguments {gib(c['argument_bytes'])} (donated and aliased {gib(c['aliased_bytes'])}), temporaries "
         f"{gib(c['temporary_bytes'])}, outputs {gib(c['output_bytes'])}",
+        *fit_lines(c),
         f"  cuDNN flash attention: {c['cudnn_calls']['forward']} forward, {c['cudnn_calls']['backward']} backward "
         "calls",
         f"  {c['launches']} launches; element-wise (not GEMMs, custom calls or collectives): "
@@ -499,6 +539,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--mesh", type=mesh_sizes, default={}, metavar="AXIS=N[,AXIS=N]",
         help=f"with --target: compile for that many cards, arranged as config.mesh (axes {', '.join(MESH_AXES)})",
     )
+    parser.add_argument(
+        "--memory-fraction", type=float, metavar="F",
+        help=f"with --target: the share of the card JAX is given (XLA_PYTHON_CLIENT_MEM_FRACTION), which XLA plans "
+        f"the program for (default {JAX_DEFAULT_MEMORY_FRACTION}, jax's)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     args = parser.parse_args(argv)
     if args.batch < 1:
@@ -511,6 +556,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--top must be ≥ 1")
     if args.mesh and not args.target:
         parser.error("--mesh needs --target (the cards to compile for)")
+    if args.memory_fraction is not None and not args.target:
+        parser.error("--memory-fraction needs --target (the card whose memory it shares)")
+    if args.memory_fraction is None:
+        args.memory_fraction = JAX_DEFAULT_MEMORY_FRACTION
+    if not 0 < args.memory_fraction <= 1:
+        parser.error(f"--memory-fraction {args.memory_fraction} is not a share of the card: give 0 < F ≤ 1")
     rows = math.prod(args.mesh.get(axis, 1) for axis in BATCH_AXES)
     if args.batch % rows:
         parser.error(f"--batch {args.batch} is the global batch: it must divide over {'×'.join(BATCH_AXES)} = {rows}")
