@@ -323,9 +323,9 @@ def card_memory_bytes(name: str) -> int | None:
 def compile_for_target(
     lowered: Any, name: str, compiled_hlo: str | None, top: int, memory_fraction: float = JAX_DEFAULT_MEMORY_FRACTION
 ) -> dict[str, Any]:
-    """Compile `lowered` (traced on `target_devices(name, memory_fraction=memory_fraction)`) and read the program:
-    its device memory and the element-wise traffic by source line; the optimised HLO goes to `compiled_hlo`
-    (gzipped for .gz)."""
+    """Compile `lowered` (traced on `target_devices(name, ..., memory_fraction)`, the share of the card XLA plans
+    for, which the result records for the report) and read the program: its device memory and the element-wise
+    traffic by source line; the optimised HLO goes to `compiled_hlo` (gzipped for .gz)."""
     start = time.perf_counter()
     compiled = lowered.compile(compiler_options=TARGET_COMPILER_OPTIONS)
     compile_s = time.perf_counter() - start
