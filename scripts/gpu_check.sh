@@ -174,26 +174,26 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
 # 62.9 GB compiled here with Triton GEMMs off). Small, the target still open, first: against torch.compile without
 # graphs, then ours with them, then without either; base the same three ways, ours alone (its target is met; it is
 # profiled and dumped without graphs: no kernel runs under a command buffer's name).
-NO_GRAPHS="--xla-option xla_gpu_enable_command_buffer="
-NO_TRITON_GEMM="--xla-option xla_gpu_enable_triton_gemm=false"
+NO_GRAPHS=(--xla-option xla_gpu_enable_command_buffer=)
+NO_TRITON_GEMM=(--xla-option xla_gpu_enable_triton_gemm=false)
 bench small-30s-b64-vs-compile-no-graphs 180 --model small --batch 64 --window 30 --baseline torch --compile \
-    --steps 10 $NO_GRAPHS
+    --steps 10 "${NO_GRAPHS[@]}"
 bench small-30s-b64 95 --model small --batch 64 --window 30 --steps 10
-bench small-30s-b64-no-graphs-no-triton-gemm 95 --model small --batch 64 --window 30 --steps 10 $NO_GRAPHS \
-    $NO_TRITON_GEMM
+bench small-30s-b64-no-graphs-no-triton-gemm 95 --model small --batch 64 --window 30 --steps 10 "${NO_GRAPHS[@]}" \
+    "${NO_TRITON_GEMM[@]}"
 bench base-30s-b128-no-graphs 100 --model base --batch 128 --window 30 --steps 10 --profile 2 \
-    --dump-hlo "$OUT/hlo_base_30s_b128.txt" --save-trace "$OUT/trace_base_30s_b128.json.gz" $NO_GRAPHS
+    --dump-hlo "$OUT/hlo_base_30s_b128.txt" --save-trace "$OUT/trace_base_30s_b128.json.gz" "${NO_GRAPHS[@]}"
 [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
 bench base-30s-b128 80 --model base --batch 128 --window 30 --steps 10
-bench base-30s-b128-no-graphs-no-triton-gemm 80 --model base --batch 128 --window 30 --steps 10 $NO_GRAPHS \
-    $NO_TRITON_GEMM
-bench large-30s-b16-no-graphs 100 --model large --batch 16 --window 30 --steps 5 --profile 1 $NO_GRAPHS
-bench medium-30s-b32-no-graphs 85 --model medium --batch 32 --window 30 --steps 5 $NO_GRAPHS
-bench base-10s-b128-no-graphs 55 --model base --batch 128 --window 10 --steps 10 $NO_GRAPHS
+bench base-30s-b128-no-graphs-no-triton-gemm 80 --model base --batch 128 --window 30 --steps 10 "${NO_GRAPHS[@]}" \
+    "${NO_TRITON_GEMM[@]}"
+bench large-30s-b16-no-graphs 100 --model large --batch 16 --window 30 --steps 5 --profile 1 "${NO_GRAPHS[@]}"
+bench medium-30s-b32-no-graphs 85 --model medium --batch 32 --window 30 --steps 5 "${NO_GRAPHS[@]}"
+bench base-10s-b128-no-graphs 55 --model base --batch 128 --window 10 --steps 10 "${NO_GRAPHS[@]}"
 # Large b64's program took 129.8 GiB of the card in GPU run 4, more than the 126.4 GiB (90%) that benchmark.py gives
 # JAX: so 95% (133.4 GiB).
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64-no-graphs 100 130 --model large --batch 64 --window 30 \
-    --steps 3 --warmup 1 $NO_GRAPHS
+    --steps 3 --warmup 1 "${NO_GRAPHS[@]}"
 # Then GPU run 4's runs with the graphs on, and the baselines it had no time for.
 bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5
 bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
