@@ -124,6 +124,13 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     # large at batch 64 without remat gets 95% of the card (GPU run 4: 129.8 GiB); the rest benchmark.py's default
     fractions = {row["label"]: row["memory_fraction"] for row in rows if row.get("memory_fraction")}
     assert fractions == {"large-30s-b64-no-graphs": "0.95", "large-30s-b64": "0.95"}
+    # the runs named for an XLA option, and only they, compile with it (all but the one that failed)
+    options = {row["label"]: row["xla_options"] for row in rows if row.get("xla_options")}
+    no_graphs, no_triton_gemm = {"xla_gpu_enable_command_buffer": ""}, {"xla_gpu_enable_triton_gemm": "false"}
+    assert options == {
+        label: no_graphs | (no_triton_gemm if label.endswith("-no-triton-gemm") else {})
+        for label in RUNS if "-no-graphs" in label and label != "small-30s-b64-vs-compile-no-graphs"
+    }
 
     # A new $OUT, as a second device call gets: its bench.jsonl and summary still hold the first call's rows.
     calls, rows, log = gpu_check(tmp_path, "second", budget_s=10_000)
