@@ -89,6 +89,7 @@ TARGET_COMPILER_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
 # batch 64 given 95%, 129.78 GiB on the card and compiled here by its XLA version).
 JAX_DEFAULT_MEMORY_FRACTION = 0.75
 COMPILE_ONLY_MEMORY_SHARE = 0.8
+_MEMORY_SIZE = re.compile(r"device_memory_size: (\d+)")  # a description's memory in bytes
 GPU_COMPILE_ENV = (
     "jax's CUDA plugin with its CUDA libraries: `make gpu-compile-env`, then run this script with "
     ".venv-gpu-compile/bin/python (no GPU or driver needed)"
@@ -252,9 +253,8 @@ def cudnn_version_answer(version: int) -> Iterator[None]:
 def planned_description(description: str, memory_fraction: float) -> str:
     """A card's description (`gpu_targets/<card>.txtpb` text) with its memory scaled so that XLA, compiling
     without the card, plans for `memory_fraction` of it as it does on the card (`COMPILE_ONLY_MEMORY_SHARE`)."""
-    size = int(re.search(r"device_memory_size: (\d+)", description)[1])
-    planned = int(size * memory_fraction / COMPILE_ONLY_MEMORY_SHARE)
-    return re.sub(r"device_memory_size: \d+", f"device_memory_size: {planned}", description, count=1)
+    planned = int(int(_MEMORY_SIZE.search(description)[1]) * memory_fraction / COMPILE_ONLY_MEMORY_SHARE)
+    return _MEMORY_SIZE.sub(f"device_memory_size: {planned}", description, count=1)
 
 
 def target_devices(name: str, count: int = 1, memory_fraction: float = JAX_DEFAULT_MEMORY_FRACTION) -> list[Any]:
@@ -316,7 +316,7 @@ def lower_step(
 def card_memory_bytes(name: str) -> int | None:
     """The device memory of the card `name` as its description gives it (None for a name with no description)."""
     card = TARGETS_DIR / f"{name}.txtpb"
-    found = re.search(r"device_memory_size: (\d+)", card.read_text()) if card.is_file() else None
+    found = _MEMORY_SIZE.search(card.read_text()) if card.is_file() else None
     return int(found.group(1)) if found else None
 
 
