@@ -53,7 +53,7 @@ import re
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -310,6 +310,17 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, pattern in KERNEL_KINDS if pattern.search(lower)), "other")
 
 
+def summed(times: Iterable[tuple[Any, Sequence[float]]]) -> dict[Any, list]:
+    """key → [microseconds, launches] added up over (key, [microseconds, launches]) pairs: a trace's events, a
+    kernel's launches under several names."""
+    total: dict[Any, list] = {}
+    for key, (us, launches) in times:
+        entry = total.setdefault(key, [0.0, 0])
+        entry[0] += us
+        entry[1] += launches
+    return total
+
+
 def ms_per_step(us: float, steps: int) -> float:
     """Microseconds over `steps` steps as milliseconds per step, to the microsecond."""
     return round(us / steps / 1e3, 3)
@@ -395,14 +406,8 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
 
     def totals(chosen: list[dict], key: Callable[[dict], Any] = lambda event: event["name"]) -> dict[Any, list]:
         """key → [microseconds, launches] over the `chosen` events that `key` keys (None: left out)."""
-        by_key: dict[Any, list[float]] = {}
-        for event in chosen:
-            name = key(event)
-            if name is not None:
-                entry = by_key.setdefault(name, [0.0, 0])
-                entry[0] += float(event.get("dur", 0.0))
-                entry[1] += 1
-        return by_key
+        keyed = ((key(event), [float(event.get("dur", 0.0)), 1]) for event in chosen)
+        return summed((name, times) for name, times in keyed if name is not None)
 
     kernels = complete(kernel_lines)
     by_kernel = totals(kernels)
@@ -413,10 +418,7 @@ def summarize_trace(trace_file: Path, steps: int, top: int = 25) -> dict[str, An
                                                                   event["name"])).items():
             if op is not None:
                 kernels_of_op.setdefault(op, {})[kernel] = times
-        by_op = {
-            op: [sum(us for us, _ in times.values()), sum(n for _, n in times.values())]
-            for op, times in kernels_of_op.items()
-        }
+        by_op = summed((op, times) for op, kernels in kernels_of_op.items() for times in kernels.values())
     kernel_arguments = sorted({name for event in kernels for name in event.get("args", {})})
     total_us = sum(us for us, _ in by_kernel.values())
     by_kind: dict[str, float] = {}
@@ -481,14 +483,11 @@ def time_by_source(
         op_time_us = ops_from_kernel_names(kernel_time_us, found)
     launch_of = {launch.name: launch for launch in found}
     buffers = sorted(op for op in op_time_us if op.lstrip("%") not in launch_of and op in (kernels_of_op_us or {}))
-    if buffers:
-        named = [(op, times) for op, times in op_time_us.items() if op not in buffers]
-        named += [item for op in buffers for item in ops_from_kernel_names(kernels_of_op_us[op], found).items()]
-        op_time_us = {}
-        for name, (us, launches) in named:  # a kernel run both inside a buffer and on its own adds up
-            entry = op_time_us.setdefault(name, [0.0, 0])
-            entry[0] += us
-            entry[1] += launches
+    if buffers:  # a kernel run both inside a buffer and on its own adds up
+        op_time_us = summed([
+            *((op, times) for op, times in op_time_us.items() if op not in buffers),
+            *(item for op in buffers for item in ops_from_kernel_names(kernels_of_op_us[op], found).items()),
+        ])
     groups: dict[str, list] = {}  # source → [µs, launches, {instruction that ran: its launches}]
     not_found: dict[str, float] = {}  # op name → µs
     for name, (us, launches) in op_time_us.items():
