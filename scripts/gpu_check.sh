@@ -164,16 +164,14 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
     cp "$RECORD" "$JSONL"
 }
 
-# Estimated seconds (GPU runs 3 and 4's timings plus 5–10%) are the skip thresholds. Large and medium run ours
-# alone first, then against the regional baseline, which finds our step in the JAX compile cache; so a slow
-# PyTorch side cannot cost us our own figures.
+# Estimated seconds (GPU runs 3 and 4's timings plus 5–10%) are the skip thresholds.
 # First the questions GPU run 4 left (BENCHMARKS.md). Is the step faster with XLA's command buffers (CUDA graphs)
 # off? Its profile, kernels launched one by one, left 0.9 ms of base's step idle; the timed step, in graphs, 5.3 ms.
-# And with XLA's Triton GEMMs off? Its cuBLAS GEMMs then take biases and residual adds as epilogues, which the
-# card's run-4 step wrote and read again in kernels of their own (base: 72.0 GB of element-wise traffic against
-# 62.9 GB compiled here with Triton GEMMs off). Small, the target still open, first: against torch.compile without
-# graphs, then ours with them, then without either; base the same three ways, ours alone (its target is met; it is
-# profiled and dumped without graphs: no kernel runs under a command buffer's name).
+# And with XLA's Triton GEMMs off? Its cuBLAS GEMMs then take biases and residual adds as epilogues, which the card's
+# run-4 step wrote and read again in kernels of their own (base: 72.0 GB of element-wise traffic against 64.2 GB
+# compiled here, XLA 0.10.2, with Triton GEMMs off). Small, the target still open, first: against torch.compile
+# without graphs, then ours with them, then without either; base the same three ways, ours alone (its target is met;
+# it is profiled and dumped without graphs: no kernel runs under a command buffer's name).
 NO_GRAPHS=(--xla-option xla_gpu_enable_command_buffer=)
 NO_TRITON_GEMM=(--xla-option xla_gpu_enable_triton_gemm=false)
 bench small-30s-b64-vs-compile-no-graphs 180 --model small --batch 64 --window 30 --baseline torch --compile \
@@ -194,7 +192,9 @@ bench base-10s-b128-no-graphs 55 --model base --batch 128 --window 10 --steps 10
 # JAX: so 95% (133.4 GiB).
 XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64-no-graphs 100 130 --model large --batch 64 --window 30 \
     --steps 3 --warmup 1 "${NO_GRAPHS[@]}"
-# Then GPU run 4's runs with the graphs on, and the baselines it had no time for.
+# Then GPU run 4's runs with the graphs on, and the baselines it had no time for. Large and medium run ours alone
+# first, then against the regional baseline, which finds our step in the JAX compile cache; so a slow PyTorch side
+# cannot cost us our own figures.
 bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5
 bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
 bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
