@@ -1,12 +1,17 @@
 """metrics_log: the TensorBoard tags of the logged keys, read back from the event file, are the ones the README
-names (metrics.jsonl keeps the public keys, e.g. retrieval_metrics' `t2a_R@1`)."""
+names (metrics.jsonl keeps the public keys, e.g. retrieval_metrics' `t2a_R@1`); TensorBoard shows a resumed run
+without what a killed run logged after its checkpoint; the logger does not import torch."""
 
 import json
 import re
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from tensorboardX.proto import event_pb2
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto import event_pb2
 
 from wavlink_jax.metrics_log import MetricsLogger
 
@@ -39,3 +44,34 @@ def test_tensorboard_tags_are_the_keys_the_readme_names(tmp_path):
     example = re.search(r"`eval/<set>/t2a_R@1` is\s+the tag `([^`]+)`", README.read_text())
     assert example, "README.md no longer says which TensorBoard tag eval/<set>/t2a_R@1 becomes"
     assert example.group(1).replace("<set>", "x") == tags[1] == "eval/x/t2a_R_1"
+
+
+def test_tensorboard_shows_a_resumed_run_without_what_the_killed_run_logged_after_its_checkpoint(tmp_path):
+    first = MetricsLogger(tmp_path, total_steps=4, start_step=0, progress=False)
+    for step in range(1, 5):  # killed after step 4, its last checkpoint step 2
+        first.write(step, {"loss": float(step), "eval/x/t2a_R@1": 0.5})
+    first.close()
+    # TensorBoard reads a run's files in name order, and a name starts with the second the file was opened in: a
+    # resumed run, a new process, opens its file seconds later (in the same second the order falls to a counter).
+    time.sleep(1.01 - time.time() % 1)
+    resumed = MetricsLogger(tmp_path, total_steps=4, start_step=2, progress=False)
+    for step in (3, 4):
+        resumed.write(step, {"loss": 10.0 * step})
+    resumed.close()
+    seen = EventAccumulator(str(tmp_path / "tensorboard"))  # TensorBoard's reader, as the viewer loads a run
+    seen.Reload()
+    assert [(point.step, point.value) for point in seen.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert [point.step for point in seen.Scalars("eval/x/t2a_R_1")] == [1, 2]
+
+
+def test_a_training_process_does_not_import_torch(tmp_path):
+    """tensorboardX, the writer before, imported torch (2.3 s and its memory in every training process)."""
+    script = (
+        "import sys; from wavlink_jax import train; from wavlink_jax.metrics_log import MetricsLogger; "
+        f"MetricsLogger({str(tmp_path)!r}, total_steps=1, start_step=0, progress=False).close(); "
+        "print(sorted(name for name in ('torch', 'tensorboardX', 'tensorflow') if name in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "[]", done.stdout
