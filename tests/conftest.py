@@ -12,6 +12,9 @@ os.environ.setdefault("XLA_FLAGS", host_devices(8))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every program into the cache, not only those that took ≥ 1 s to compile: a trainer the tests start as a new
+# process loads its ~80 small programs instead of compiling them (a tiny `train` from a warm cache: 9.9 s, not 12.0).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 

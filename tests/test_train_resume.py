@@ -16,8 +16,7 @@ from xla_flags import host_devices
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 8
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": host_devices(2), "JAX_PLATFORMS": "cpu",
-       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "XLA_FLAGS": host_devices(2), "JAX_PLATFORMS": "cpu"}
 
 # Runs the trainer, but SIGKILLs the process between saves: once the step-2 checkpoint is committed, when step 4
 # would be saved (a kill from outside at that moment raced the trainer: on a loaded machine the run could finish
