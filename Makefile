@@ -18,10 +18,11 @@ quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 # Test files run in parallel worker processes, one file per worker at a time (module fixtures are built once).
-# Two workers: 668 tests took 11.8 min of pytest on this repository's 2-core machine (2026-11-27; 643 had taken
-# 18.8 before the tests cached their compiled programs and compiled them without LLVM's optimisations:
-# tests/conftest.py, tests/xla_flags.py). The README's ~15 min budget includes the install: new tests should be
-# paid for (`--durations`).
+# Two workers: 714 tests took 11.3 min of pytest on this repository's 2-core machine (2026-11-28; 12.9 min before
+# training processes stopped importing torch through tensorboardX and the tests cached every compiled program;
+# 643 had taken 18.8 before the tests cached their programs and compiled them without LLVM's optimisations:
+# tests/conftest.py, tests/xla_flags.py). The README's ~15 min budget includes the install (~2 min): new tests
+# should be paid for (`--durations`).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
