@@ -64,7 +64,7 @@ def test_tensorboard_shows_a_resumed_run_without_what_the_killed_run_logged_afte
     assert [point.step for point in seen.Scalars("eval/x/t2a_R_1")] == [1, 2]
 
 
-def test_a_training_process_does_not_import_torch(tmp_path):
+def test_the_trainer_and_its_logger_do_not_import_torch(tmp_path):
     """tensorboardX, the writer before, imported torch (2.3 s and its memory in every training process)."""
     script = (
         "import sys; from wavlink_jax import train; from wavlink_jax.metrics_log import MetricsLogger; "
