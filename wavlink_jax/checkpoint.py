@@ -77,10 +77,10 @@ def register_array_handler() -> None:
     device, so that several hosts write in parallel. In one process every replica is on the same host: it buys
     nothing and costs a slicing program per part (compiled at the first save) and a dispatch per slice. The tiny
     test model on 8 CPU devices: the first save's blocking part took 5.6 s with it and 0.15 s without, later ones
-    1.1-1.6 s and 0.4-0.9 s (2-core CPU, 2026-11-28). Orbax turns it off for GPUs itself, but only where
-    JAX_PLATFORMS names them. The handler is otherwise orbax's default (array metadata kept; the files a step
-    holds are the same), and goes into orbax's global registry, where orbax takes such options: every later orbax
-    save of a jax.Array in this process uses it."""
+    1.1-1.6 s and 0.4-0.9 s (2-core CPU, 2026-11-28; BENCHMARKS.md, "Starting and checkpointing a run"). Orbax
+    turns it off for GPUs itself, but only where JAX_PLATFORMS names them. The handler is otherwise orbax's
+    default (array metadata kept; the files a step holds are the same), and goes into orbax's global registry,
+    where orbax takes such options: every later orbax save of a jax.Array in this process uses it."""
     handler = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=None if jax.process_count() > 1 else False,  # None: orbax's choice
         array_metadata_store=array_metadata_store.Store(),

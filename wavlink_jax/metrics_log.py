@@ -63,7 +63,8 @@ class MetricsLogger:
 
     The event file is written by TensorBoard's own writer (the package of the `tensorboard` viewer). tensorboardX,
     used before, imports torch when it is installed, as it is here for the converter: 2.3 s and the memory of
-    torch in every training process (2-core CPU, 2026-11-28), against 0.4 s for this writer."""
+    torch in every training process (2-core CPU, 2026-11-28), against 0.4 s for this writer (BENCHMARKS.md,
+    "Starting and checkpointing a run")."""
 
     def __init__(self, workdir: str | os.PathLike, *, total_steps: int, start_step: int, progress: bool = True):
         self.enabled = jax.process_index() == 0
