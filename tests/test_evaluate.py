@@ -130,6 +130,32 @@ def test_retrieval_constant_embeddings_rank_last():
     assert metrics["a2t_R@10"] == 0.0 and metrics["a2t_medR"] == 36.0
 
 
+def test_float_duplicates_tie_whatever_their_places_in_the_matrix_product():
+    """Copies of one float vector tie, so ties count against the model with real embeddings too.
+
+    A float32 BLAS product gives copies in different columns scores a unit in the last place apart, which
+    would settle the ties by rounding.
+    """
+    rng = np.random.default_rng(0)
+    num_clips, dim = 1037, 512
+
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+    audio = unit(rng.normal(size=(num_clips, dim)))
+    audio[-1] = audio[0]  # the same clip twice in the set
+    text = unit(np.repeat(audio, 5, axis=0) + 0.5 * rng.normal(size=(5 * num_clips, dim)))
+    text_to_audio = np.repeat(np.arange(num_clips), 5)
+    ranks = ev.single_target_ranks(text, audio, text_to_audio)
+    assert ranks[:5].min() >= 2 and ranks[-5:].min() >= 2  # each copy's captions tie with the other copy
+    # A collapsed model (one vector for every clip, another for every caption) is at the bottom.
+    collapsed = ev.retrieval_metrics(
+        np.repeat(audio[:1], num_clips, axis=0), np.repeat(text[:1], 5 * num_clips, axis=0), text_to_audio
+    )
+    assert collapsed["t2a_R@10"] == 0.0 and collapsed["t2a_medR"] == num_clips
+    assert collapsed["a2t_R@10"] == 0.0 and collapsed["a2t_medR"] == 5 * num_clips - 4
+
+
 def test_retrieval_rejects_bad_input():
     audio = np.eye(3, dtype=np.float32)
     with pytest.raises(ValueError, match="1 clips have no caption.*\\[2\\]"):
@@ -486,7 +512,7 @@ def test_evaluate_data_choice_texts(with_question):
     embedder = _RecordingEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.6)
     table = eval_tasks.evaluate_data(embedder, data, [8], templates=("{}",))
     choices = [choice for q in data.questions for choice in q.choices]
-    assert embedder.texts == [f"what is it? {c}" for c in choices] if with_question else choices
+    assert embedder.texts == ([f"what is it? {c}" for c in choices] if with_question else choices)
     assert data.summary()["choice_text"] == ("{question} {choice}" if with_question else "{choice}")
     # The same choice embeddings, scored by hand.
     flat = embedder.embedded

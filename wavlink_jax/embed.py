@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from wavlink_jax import cli, inference
 from wavlink_jax.data.audio_io import BadAudio, load_audio
-from wavlink_jax.evaluate import truncate_normalize
+from wavlink_jax.evaluate import scores_of, truncate_normalize
 from wavlink_jax.files import replaced
 
 AUDIO_EXTENSIONS = frozenset(
@@ -188,7 +188,8 @@ def search(
         )
     check_same_model(index, embedder)
     query_embeddings = embedder.embed_text(list(queries), dim=dim)  # refuses a dim that is not a trained size
-    all_scores = query_embeddings @ (clips if dim is None else truncate_normalize(clips, dim)).T
+    # Copies of one clip score equally, so they keep the index's order.
+    all_scores = scores_of(query_embeddings, clips if dim is None else truncate_normalize(clips, dim))
     paths = index["paths"]
     orders = np.argsort(-all_scores, axis=1, kind="stable")[:, :top_k]
     return [

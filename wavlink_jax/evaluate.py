@@ -12,7 +12,9 @@ items with equal scores, puts every wrong item before every correct one. So the 
 captions), the k-th best correct item (k = 1, 2, ...; correct items tied with each other take consecutive
 places, and their order among themselves changes no metric) has rank `k + #(wrong items with score >= its
 score)`. Ranks are 1-based. A model that outputs a constant embedding therefore scores at the bottom, never
-at the top.
+at the top. Equal embeddings must get equal scores for this: a float32 matrix product can give two copies of one
+vector scores a unit in the last place apart, by their columns' places in BLAS's blocks. So scores are computed in
+float64 and rounded to float32 (`scores_of`), where that noise vanishes.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ def _rows_per_chunk(row_elements: int, chunk_elements: int) -> int:
     return max(1, chunk_elements // max(1, row_elements))
 
 
+def scores_of(queries: np.ndarray, gallery: np.ndarray) -> np.ndarray:
+    """`queries @ gallery.T` as float32, equal wherever the embeddings are equal (the product is taken in float64,
+    whose rounding differences lie far below float32's; see the module docstring)."""
+    return (queries.astype(np.float64) @ gallery.T.astype(np.float64)).astype(np.float32)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Ranks
 
@@ -92,7 +100,7 @@ def single_target_ranks(
     ranks = np.empty(queries.shape[0], np.int64)
     step = _rows_per_chunk(gallery.shape[0], chunk_elements)
     for start in range(0, queries.shape[0], step):
-        scores = queries[start : start + step] @ gallery.T
+        scores = scores_of(queries[start : start + step], gallery)
         rows = np.arange(scores.shape[0])
         correct = scores[rows, targets[start : start + step]]
         # Counts the target itself once, plus every other item scoring at least as high.
@@ -130,7 +138,7 @@ def multi_target_ranks(
     step = _rows_per_chunk(gallery.shape[0] * width, chunk_elements)
     for start in range(0, num_queries, step):
         stop = min(start + step, num_queries)
-        scores = queries[start:stop] @ gallery.T
+        scores = scores_of(queries[start:stop], gallery)
         mask = target_mask[start:stop]
         correct = np.take_along_axis(scores, targets[start:stop], axis=1)
         correct = np.where(mask, correct, -np.inf)
