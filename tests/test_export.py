@@ -466,6 +466,23 @@ def test_stereo_arrays_are_refused_alike_and_batches_still_work(torch_wavlink, j
         np.testing.assert_array_equal(jax_embedder.embed_audio(kind(batch[1])), ours[1:])  # was "shape ()"
 
 
+def test_integer_pcm_is_refused_alike_and_window_batches_are_not_copied(torch_wavlink, jax_embedder):
+    """int16 samples (scipy.io.wavfile.read) were embedded as floats 32768 times too loud, by JAX and PyTorch
+    alike; both refuse them with the same words, in any kind of array and inside a list. A float32 batch of
+    windows reaches the JAX model as it is (an evaluation set's windows were copied whole)."""
+    pcm = np.random.default_rng(0).integers(-3000, 3000, (2, 16000)).astype(np.int16)
+    messages = []
+    for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):
+        for waveforms in (pcm, torch.from_numpy(pcm), [pcm[0] / 32768, pcm[1]]):
+            with pytest.raises(ValueError, match=r"^waveform \d has (torch\.)?int16 samples; expected floats") as caught:
+                embed_audio(waveforms)
+            messages.append(re.sub(r"torch\.|waveform \d", "", str(caught.value)))
+    assert len(set(messages)) == 1, messages
+    windows = np.random.default_rng(1).uniform(-0.5, 0.5, (3, jax_embedder.window_samples)).astype(np.float32)
+    assert jax_embedder.prepare_waveforms(windows) is windows
+    np.testing.assert_array_equal(jax_embedder.embed_audio(windows), jax_embedder.embed_audio(list(windows)))
+
+
 def test_pytorch_model_files_import_neither_jax_nor_our_package():
     """The exported directory's code runs where only torch and transformers are installed: modeling_wavlink.py
     imports those, the standard library and (relatively) waveform_layout.py, which imports the standard library

@@ -49,7 +49,7 @@ from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.models.whisper import WhisperConfig
 from wavlink_jax.tokenizer import load_tokenizer
-from wavlink_jax.waveform_layout import check_not_channels_last
+from wavlink_jax.waveform_layout import check_float_samples, check_not_channels_last
 
 
 @dataclasses.dataclass
@@ -196,12 +196,16 @@ class Embedder:
         or zero-padded."""
         if not isinstance(waveforms, (list, tuple)):  # one array of any kind (numpy, jax, torch): a clip or a batch
             waveforms = np.asarray(waveforms)
-            check_not_channels_last(waveforms.shape)  # the exported PyTorch model's rule and words
+            check_not_channels_last(waveforms.shape)  # the exported PyTorch model's rules and words
+            if waveforms.size and waveforms.shape[1:] == (self.window_samples,) and waveforms.dtype == np.float32:
+                return waveforms  # already windows: not copied (an evaluation set's can take tens of GB)
             if waveforms.ndim <= 1:
                 waveforms = [waveforms]
         rows = []
         for index, waveform in enumerate(waveforms):
-            waveform = np.asarray(waveform, dtype=np.float32)
+            waveform = np.asarray(waveform)
+            check_float_samples(index, waveform.dtype, np.issubdtype(waveform.dtype, np.floating))
+            waveform = waveform.astype(np.float32, copy=False)
             if waveform.ndim != 1:
                 raise ValueError(f"waveform {index} has shape {waveform.shape}; expected 1-D mono 16 kHz samples")
             rows.append(audio.pad_or_trim(waveform, self.window_samples))

@@ -40,8 +40,8 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-# Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rule).
-from .waveform_layout import check_not_channels_last
+# Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rules).
+from .waveform_layout import check_float_samples, check_not_channels_last
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -202,7 +202,9 @@ class WavLinkModel(PreTrainedModel):
             waveforms = [tensor] if tensor.dim() == 1 else list(tensor)
         rows = []
         for index, waveform in enumerate(waveforms):
-            waveform = torch.as_tensor(waveform, dtype=torch.float32)
+            waveform = torch.as_tensor(waveform)
+            check_float_samples(index, waveform.dtype, waveform.is_floating_point())
+            waveform = waveform.to(torch.float32)
             if waveform.dim() != 1:
                 raise ValueError(
                     f"waveform {index} has shape {tuple(waveform.shape)}; expected 1-D mono 16 kHz samples"
