@@ -408,6 +408,20 @@ def test_export_tower_of_a_training_workdir_says_to_export_first(trained, tmp_pa
         export.export_tower(trained, "audio", tmp_path / "tower")
 
 
+def test_an_export_whose_config_lacks_keys_is_named_with_the_way_out(exported, tmp_path):
+    """A config.json without keys inference reads (edited by hand, cut short) named neither its directory nor
+    the remedy (window_seconds: a bare KeyError)."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    del config["embed_dim"], config["window_seconds"]
+    (damaged / "config.json").write_text(json.dumps(config))
+    message = re.escape(f"{damaged / 'config.json'} lacks ['embed_dim', 'window_seconds'], which every export "
+                        "writes; export the training workdir again (python -m wavlink_jax.export --workdir W")
+    with pytest.raises(CheckpointError, match=f"^{message}"):
+        inference.load(damaged)
+
+
 @pytest.mark.parametrize("damage", ["no_state", "empty_step", "cut_metadata"])
 def test_a_damaged_checkpoint_step_is_named_with_the_way_out(trained, tmp_path, damage):
     """A step directory that lost its state/, an empty step directory, or a state/_METADATA cut short: readers

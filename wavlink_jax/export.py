@@ -54,6 +54,8 @@ from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 WEIGHTS_FILE = "model.safetensors"
 MODELING_FILE = "modeling_wavlink.py"
 MODEL_TYPE = "wavlink"
+# The config.json keys JAX inference reads back (besides model_type); torch_model.WavLinkConfig writes them all.
+CONFIG_KEYS = ("audio_config", "text_config", "embed_dim", "matryoshka_dims", "window_seconds", "max_text_length")
 AUTO_MAP = {"AutoConfig": "modeling_wavlink.WavLinkConfig", "AutoModel": "modeling_wavlink.WavLinkModel"}
 TOWER_PREFIXES = {"audio": "audio.", "text": "text."}
 TOWER_MODEL_TYPES = ("whisper", "clip_text_model")  # the model_type of export_tower's config.json
@@ -278,6 +280,12 @@ def read_export_config(directory: Path) -> dict:
             f"config.json has model_type {config.get('model_type')!r}, not {MODEL_TYPE!r}"
         )
         raise CheckpointError(f"{directory}: {what}; expected a directory written by python -m wavlink_jax.export")
+    missing = [key for key in CONFIG_KEYS if key not in config]
+    if missing:
+        raise CheckpointError(
+            f"{directory / 'config.json'} lacks {missing}, which every export writes; export the training workdir "
+            "again (python -m wavlink_jax.export --workdir W --out DIR)"
+        )
     return config
 
 

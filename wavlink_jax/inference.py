@@ -107,16 +107,13 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
 
 
 def exported_model_config(hf_config: dict, *, dtype: str = "float32") -> WavLinkConfig:
-    """The `WavLinkConfig` described by an exported `config.json`."""
-    try:
-        return WavLinkConfig(
-            audio=WhisperConfig.from_hf(hf_config["audio_config"], **_runtime_overrides(dtype)),
-            text=CLIPTextConfig.from_hf(hf_config["text_config"], **_runtime_overrides(dtype)),
-            embed_dim=int(hf_config["embed_dim"]),
-            matryoshka_dims=tuple(hf_config["matryoshka_dims"]),
-        )
-    except KeyError as err:
-        raise CheckpointError(f"exported config.json lacks {err.args[0]!r}") from err
+    """The `WavLinkConfig` described by an exported `config.json` (its keys checked by `export.read_export_config`)."""
+    return WavLinkConfig(
+        audio=WhisperConfig.from_hf(hf_config["audio_config"], **_runtime_overrides(dtype)),
+        text=CLIPTextConfig.from_hf(hf_config["text_config"], **_runtime_overrides(dtype)),
+        embed_dim=int(hf_config["embed_dim"]),
+        matryoshka_dims=tuple(hf_config["matryoshka_dims"]),
+    )
 
 
 def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
