@@ -897,16 +897,17 @@ def test_cli_evaluates_a_workdir(tmp_path):
     assert exported["step"] is None and exported["datasets"]["toy"]["metrics"] == toy["metrics"]
 
 
+@pytest.mark.parametrize("option", ["--max-clips", "--batch-size"])
 @pytest.mark.parametrize("value", ["-1", "0", "two"])
-def test_cli_max_clips_must_be_positive(tmp_path, capsys, value):
-    """-1 silently dropped each set's last clip (AIR-Bench: its last question), 0 failed with 'no usable clip
-    among 0': both are refused by the parser, before anything is loaded, in one line."""
+def test_cli_counts_must_be_positive(tmp_path, capsys, option, value):
+    """--max-clips -1 silently dropped each set's last clip (AIR-Bench: its last question), 0 failed with 'no usable
+    clip among 0'; --batch-size 0 or -64 ran with one clip per device. All are refused by the parser, before
+    anything is loaded, in one line."""
     with pytest.raises(SystemExit) as exit_info:
-        ev.main(["--workdir", "W", "--datasets", "synthetic", "--out", str(tmp_path / "res.json"),
-                 "--max-clips", value])
+        ev.main(["--workdir", "W", "--datasets", "synthetic", "--out", str(tmp_path / "res.json"), option, value])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.splitlines()[-1].endswith(
-        f"error: argument --max-clips: {value!r} is not a positive whole number")
+        f"error: argument {option}: {value!r} is not a positive whole number")
 
 
 @pytest.mark.parametrize("value, message", [("64,a", "'a' is not a positive whole number"), ("64,64", "'64,64' repeats a size"),

@@ -140,6 +140,8 @@ def test_bad_requests(run, embedder, tmp_path):
         inference.load(run[0], step=5)
     with pytest.raises(CheckpointError, match="neither a training workdir"):
         inference.load(tmp_path)
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        inference.Embedder(embedder.loaded, batch_size=0)
     with pytest.raises(ValueError, match="not a trained size"):
         embedder.embed_audio(sample_inputs()[0], dim=8)
     with pytest.raises(ValueError, match="expected 1-D mono"):
@@ -219,6 +221,17 @@ def test_embed_cli_usage_errors(run, tmp_path):
     np.savez(tmp_path / "bogus.npz", embeddings=np.zeros((1, 32)))
     with pytest.raises(SystemExit, match="not an index written by --index"):
         embed.main(["--index-file", str(tmp_path / "bogus.npz"), "--query", "a dog"])
+
+
+
+@pytest.mark.parametrize("option", ["--top-k", "--batch-size"])
+def test_embed_cli_counts_must_be_positive(capsys, option):
+    """--top-k -1 listed every clip but the last; --batch-size 0 ran with one clip per device."""
+    for value in ("-1", "0"):
+        with pytest.raises(SystemExit):
+            embed.main(["--index-file", "x.npz", "--query", "a dog", option, value])
+        assert capsys.readouterr().err.splitlines()[-1].endswith(
+            f"error: argument {option}: {value!r} is not a positive whole number")
 
 
 def test_embed_cli_checks_the_index_file_before_loading_the_model(tmp_path, monkeypatch, capsys):

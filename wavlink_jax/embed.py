@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> None:
         "--index-file", metavar="INDEX.npz", type=os.path.expanduser, help="index to search with --query"
     )
     parser.add_argument("--query", action="append", default=[], help="text query (repeatable)")
-    parser.add_argument("--top-k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--top-k", type=cli.positive_int, default=10, help="results per query (default 10)")
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka embedding size (default: full)")
-    parser.add_argument("--batch-size", type=int, default=32,
+    parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="clips or texts per forward pass over all local devices, rounded up to a multiple of "
                              "their number (default 32)")
     args = parser.parse_args(argv)
@@ -280,8 +280,6 @@ def main(argv: list[str] | None = None) -> None:
         elif args.index_file or args.query:
             if not (args.index_file and args.query):
                 parser.error("searching needs --index-file and --query")
-            if args.top_k < 1:
-                parser.error(f"--top-k must be at least 1, got {args.top_k}")
             index = read_index(args.index_file)
             if args.step is not None and not args.model:
                 built = f"{index['model']}, step {int(index['step'])}"

@@ -724,7 +724,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="store_true",
         help='embed each AIR-Bench choice as "{question} {choice}" (default: the choice text alone, as in the paper)',
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="per forward pass, over all local devices")
+    parser.add_argument(
+        "--batch-size", type=cli.positive_int, default=64, help="per forward pass, over all local devices"
+    )
     parser.add_argument("--dtype", default="float32", help="compute dtype of the towers (float32 or bfloat16)")
     parser.add_argument(
         "--dims", type=size_list, help="comma-separated Matryoshka sizes, among the model's (default: all of them)"

@@ -164,8 +164,10 @@ class Embedder:
         self.config.audio.check_window(self.window_seconds, "window_seconds")
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir, max_length=loaded.max_text_length)
         self.mesh = sharding.create_mesh({"data": -1}, devices=jax.local_devices())
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         divisor = sharding.batch_divisor(self.mesh)
-        self.batch_size = -(-max(1, batch_size) // divisor) * divisor
+        self.batch_size = -(-batch_size // divisor) * divisor
         self.progress = progress
         graphdef, state = nnx.split(loaded.model)
         self._state = jax.device_put(state, sharding.replicated(self.mesh))
