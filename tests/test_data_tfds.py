@@ -9,8 +9,10 @@ id, resampled to 16 kHz int16.
 
 import csv
 import dataclasses
+import itertools
 import json
 import pickle
+import shutil
 import sys
 
 import numpy as np
@@ -22,7 +24,9 @@ from wavlink_jax.data import pipeline, sources
 from wavlink_jax.data import tfds_builders as tb
 
 SECONDS = 0.5
-_next_frequency = iter(range(300, 8000, 170))
+# Distinct within a test, and below 7 kHz, where resampling to 16 kHz keeps the amplitude (the counter runs on
+# across the tests, so a module with more tones would otherwise reach the resampler's cut-off at 8 kHz).
+_next_frequency = itertools.cycle(range(300, 7000, 170))
 
 
 @dataclasses.dataclass
@@ -222,6 +226,23 @@ def check_prepared(name, data_dir, expected, skipped):
     assert summary["skipped"] == clips_only
 
 
+def test_audio_files_are_found_whatever_their_suffix(tmp_path):
+    """An AIFF (libsndfile reads it) was counted as missing, and so was a downloader's .m4a, which libsndfile cannot
+    read: now it is not_audio, named. A file with an audio suffix wins over another file of its stem (a thumbnail
+    sorted first)."""
+    manual = tmp_path / "manual"
+    f1 = write_tone(manual / "audio" / "aaaaaaaaaaa.aiff", 44100)
+    (manual / "audio" / "bbbbbbbbbbb.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))
+    (manual / "audio" / "ccccccccccc.jpg").write_bytes(b"\xff\xd8\xff\xe0")
+    f3 = write_tone(manual / "audio" / "ccccccccccc.wav", 16000)
+    rows = [["aaaaaaaaaaa", "an aiff"], ["bbbbbbbbbbb", "an m4a"], ["ccccccccccc", "a wav"]]
+    write_csv(manual / "train.csv", rows, ["youtube_id", "caption"])
+    result = tb.build("autoacd", manual, tmp_path / "data")
+    assert result["skipped"] == {"train": {"not_audio": 1}}
+    expected = {"aaaaaaaaaaa": Expected(f1, ["an aiff"]), "ccccccccccc": Expected(f3, ["a wav"])}
+    check_prepared("autoacd", tmp_path / "data", {"train": expected}, {"train": {"not_audio": 1}})
+
+
 @pytest.mark.parametrize("name", sorted(FAKES))
 def test_builder_reads_official_layout(tmp_path, name):
     assert sorted(FAKES) == sorted(tb.BUILDERS)
@@ -381,6 +402,10 @@ def test_csv_errors_name_file_and_line(tmp_path):
     write_csv(manual / "train.csv", [["oPRC3zComfA_000117"]], ["youtube_id", "caption"])
     with pytest.raises(ValueError, match=r"train\.csv:2: no value for column\(s\) \['caption'\]"):
         tb.build("autoacd", manual, tmp_path / "data")
+    # A comma in a caption that is not quoted: the caption was cut at it, the rest dropped without a word.
+    (manual / "train.csv").write_text("youtube_id,caption\noPRC3zComfA,A dog barks, then a car passes by\n")
+    with pytest.raises(ValueError, match=r"train\.csv:2: 1 field\(s\) more than the 2 columns \(a comma in a value"):
+        tb.build("autoacd", manual, tmp_path / "data")
 
 
 def test_split_without_audio_is_left_out_and_named(tmp_path, caplog):
@@ -421,6 +446,19 @@ def test_split_without_audio_is_left_out_and_named(tmp_path, caplog):
     assert {split: left["clips"] for split, left in result["splits_left_out"].items()} == {"train": 1, "validation": 1}
     check_prepared("audiocaps", tmp_path / "data", {"test": {"ttttttttttt": Expected(f2, ["a tone"])}},
                    {"test": {"missing": 1}})
+
+    # Clotho's three caption CSVs are small and come together; without a split's audio folder (here only the
+    # evaluation archive is extracted) that split is left out too (the build stopped on the missing folder).
+    manual = tmp_path / "clotho"
+    expected, _ = fake_clotho(manual)
+    shutil.rmtree(manual / "clotho_audio_development")
+    shutil.rmtree(manual / "validation")
+    result = tb.build("clotho", manual, tmp_path / "data")
+    assert result["splits"] == {"test": 2}
+    assert {split: left["clips"] for split, left in result["splits_left_out"].items()} == {"train": 3, "validation": 2}
+    assert result["splits_left_out"]["train"]["example"] == (
+        f"development one.wav looked for as {manual / 'clotho_audio_development' / 'development one.wav'}")
+    check_prepared("clotho", tmp_path / "data", {"test": expected["test"]}, {"test": {}})
 
 
 def test_no_audio_for_any_split_is_one_error(tmp_path, capsys):

@@ -155,6 +155,11 @@ def read_csv(
                 empty = [name for name in columns if row.get(name) is None]
                 if empty:
                     raise ValueError(f"{path}:{line}: no value for column(s) {empty} (too few fields)")
+                if row.get(None):  # csv.DictReader's key for the fields past the last column
+                    raise ValueError(
+                        f"{path}:{line}: {len(row[None])} field(s) more than the {len(reader.fieldnames)} columns "
+                        "(a comma in a value that is not quoted?)"
+                    )
                 yield line, {name: row[name].strip() for name in columns}
         except UnicodeDecodeError as err:
             raise ValueError(f"{path}: not UTF-8 text ({err})") from err
@@ -170,25 +175,27 @@ def find_path(root: Path, candidates: Sequence[str], what: str) -> Path:
 
 
 class AudioIndex:
-    """Every audio file under a folder (recursively), looked up by file stem or file name.
+    """Every file under a folder (recursively), looked up by file stem or file name.
 
     Names are compared in Unicode NFC, so files extracted on a file system that stores NFD (macOS) match
-    the names in the CSVs. When two files share a stem, the first in sorted path order wins.
+    the names in the CSVs. When two files share a stem, one with an `AUDIO_SUFFIXES` suffix wins, then the
+    first in sorted path order. Files of any suffix are indexed: one libsndfile reads (`.aiff`, `.caf`) is
+    used, and one it cannot (a downloader's `.m4a`, `.webm`) is skipped as `not_audio`, not as `missing`.
     """
 
     def __init__(self, folder: Path):
         if not folder.is_dir():
             raise FileNotFoundError(f"audio folder {folder} not found")
         self.folder = folder
-        self._paths: dict[str, str] = {}
+        files = []
         for dirpath, dirnames, filenames in os.walk(folder):
             dirnames.sort()
-            for filename in sorted(filenames):
-                if filename.lower().endswith(AUDIO_SUFFIXES):
-                    path = os.path.join(dirpath, filename)
-                    name = unicodedata.normalize("NFC", filename)
-                    self._paths.setdefault(name, path)
-                    self._paths.setdefault(os.path.splitext(name)[0], path)
+            files += [(os.path.join(dirpath, name), unicodedata.normalize("NFC", name)) for name in sorted(filenames)]
+        files.sort(key=lambda file: not file[1].lower().endswith(AUDIO_SUFFIXES))  # stable: path order kept
+        self._paths: dict[str, str] = {}
+        for path, name in files:
+            self._paths.setdefault(name, path)
+            self._paths.setdefault(os.path.splitext(name)[0], path)
 
     def find(self, names: Sequence[str]) -> str:
         """The path of the first of `names` (stems or file names) present, "" if none is."""
@@ -473,8 +480,10 @@ clotho — Clotho v2.1 from Zenodo, the CSVs and the extracted 7z archives:
                 log.warning("clotho: clotho_captions_%s.csv not in %s, split %r left out", part, manual_dir, split)
                 continue
             csv_path = find_path(manual_dir, names, f"Clotho {part} captions")
-            folders = [f"clotho_audio_{part}", part, f"clotho_audio_files/{part}"]
-            audio_dir = find_path(manual_dir, folders, f"Clotho {part} audio folder")
+            folders = [manual_dir / name for name in (f"clotho_audio_{part}", part, f"clotho_audio_files/{part}")]
+            # Without its folder every clip of the split is missing, and the split is left out with the others'
+            # build going on (as a split of only the evaluation audio downloaded).
+            audio_dir = next((folder for folder in folders if folder.is_dir()), folders[0])
             clips[split] = [  # empty caption columns are dropped and counted by _generate_examples
                 file_clip(audio_dir / row["file_name"], row["file_name"], [row[c] for c in columns[1:]])
                 for _, row in read_csv(csv_path, columns)
@@ -707,7 +716,7 @@ def rewrite_uncompressed(folder: Path) -> None:
     """Rewrite the array_record shards in `folder` without compression (same records, same order).
 
     TFDS writes zstd-compressed records; PCM audio shrinks little under zstd (~10% on noisy clips) while
-    decompression is most of the cost of a random read (about 4x slower than reading uncompressed records).
+    decompression is most of the cost of a random read (3.3x slower than reading uncompressed records: BENCHMARKS.md).
     Shards already uncompressed are left alone, so this is safe to repeat. Each shard is written through a
     temporary file (`replaced`), so a stopped rewrite keeps the compressed shard; the temporary file a killed
     rewrite leaves (a dot file) is deleted here.
