@@ -391,6 +391,13 @@ def test_runs_of_skips_survive_a_resume(tmp_path, tokenizer):
     resumed.set_state(state)
     assert _until_error(resumed)[0] == 3
 
+    # Resumed with a lower limit than the saved run's length: it stops at its first batch (the run only grew past
+    # the limit, never equal to it, and trained on with the broken source unreported).
+    lower = _iterator(dataclasses.replace(config, max_consecutive_skips=8), tokenizer, batch=4)
+    lower.set_state(state)
+    assert max(run and sum(run["reasons"].values()) or 0 for run in state["pipeline"]["skip_runs"]) > 8
+    assert _until_error(lower)[0] == 0
+
     state["pipeline"] = state["pipeline"]["parent"]  # the earlier format: runs start afresh, batches are the same
     earlier = _iterator(config, tokenizer, batch=4)
     earlier.set_state(state)

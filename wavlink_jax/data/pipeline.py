@@ -310,7 +310,8 @@ class _FillBatchesIterator(grain.DatasetIterator):
             run = self._runs[source] = self._runs[source] or {"reasons": {}, "last": ""}
             run["reasons"][element["skip"]] = run["reasons"].get(element["skip"], 0) + 1
             run["last"] = element["message"]
-            if sum(run["reasons"].values()) == self._max_consecutive_skips:
+            # At or past the limit: a resumed run with a lower limit than the saved run's would never equal it.
+            if self._max_consecutive_skips and sum(run["reasons"].values()) >= self._max_consecutive_skips:
                 self._too_many_skips(source)
         batch = {
             "waveform": np.stack([e["waveform"] for e in good]) if good else np.zeros((0, self._window_samples), np.float32),
