@@ -568,11 +568,14 @@ def test_check_command_reports_every_bad_clip(tmp_path, tokenizer):
     tokenizer_dir = tmp_path / "tok"
     train_tokenizer(["clip 1 alpha", "clip 2 beta"] * 3, tokenizer_dir, vocab_size=600)
     command = [sys.executable, "-m", "wavlink_jax.data", "check", str(manifest), "--min-seconds", "0.1"]
-    result = subprocess.run(command + ["--tokenizer", str(tokenizer_dir)], capture_output=True, text=True, timeout=120)
+    # "clip i gamma" is 9 tokens with this tokenizer ("gamma" is not in its vocabulary), the other captions 5.
+    command += ["--tokenizer", str(tokenizer_dir), "--max-text-length", "8"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     # The two caption-less clips decode: ok, and counted apart (training skips them; a label-only set is all such).
     assert report["examples"] == 17 and report["ok"] == 10 and report["clips_per_s"] > 0
+    assert report["captions_cut"] == 8  # each good clip's gamma caption
     assert report["skipped"] == {"missing": 2, "empty": 1, "not_audio": 1, "truncated": 1, "not_finite": 1, "too_short": 1}
     assert report["without_captions"] == 2
     assert "nope.wav: file not found" in result.stderr  # the skipped files are named in the log

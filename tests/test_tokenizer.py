@@ -76,6 +76,11 @@ def test_truncation_keeps_end_of_text(trained_dir):
     assert mask[1].sum() == 4 and ids[1, 3] == tok.eos_token_id
     hf_ids, _ = _hf_ids(trained_dir, ["a dog barks loudly in the distance while rain falls on a tin roof", "a dog"], 8)
     np.testing.assert_array_equal(ids, hf_ids)
+    # `truncated` names the cut texts: a text of exactly max_length tokens is whole.
+    assert tok.truncated(["a dog barks loudly in the distance while rain falls on a tin roof", "a dog"]).tolist() == [
+        True, False]
+    fits = load_tokenizer(trained_dir, max_length=4)
+    assert fits.truncated(["a dog", "a dog barks"]).tolist() == [False, True]
 
 
 def test_pickle_round_trip(trained_dir):

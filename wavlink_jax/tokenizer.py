@@ -93,6 +93,11 @@ class Tokenizer:
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int32).reshape(input_ids.shape)
         return input_ids, mask
 
+    def truncated(self, texts: Sequence[str]) -> np.ndarray:
+        """Which of `texts` (a bool per text) are longer than `max_length` tokens, start and end included, and so
+        lose their end to `__call__`."""
+        return np.array([bool(e.overflowing) for e in self._backend.encode_batch(list(texts))], dtype=bool)
+
     def decode(self, input_ids: Sequence[int]) -> str:
         """Token ids → text, without special tokens (for inspecting batches)."""
         text = self._backend.decode(list(map(int, input_ids)), skip_special_tokens=True)

@@ -2,16 +2,18 @@
 
 SOURCE is a manifest path, or the name of a data set prepared by `wavlink_jax.data.tfds_builders` (with
 `--data-dir` and `--split`). Every clip is decoded whole, mixed to mono and resampled as in training (and with
-`--tokenizer` its captions tokenized); training reads only a random window of each clip, so a damaged part
-(a truncation, NaN samples) outside one epoch's window would be skipped in another epoch: `check` finds them
-all. Bad clips are logged (the first 20 per reason) and counted. A tqdm progress bar goes to stderr; the last
-line on stdout is one JSON object:
+`--tokenizer` its captions tokenized, counting those cut at `--max-text-length`); training reads only a random
+window of each clip, so a damaged part (a truncation, NaN samples) outside one epoch's window would be skipped in
+another epoch: `check` finds them all. Bad clips are logged (the first 20 per reason) and counted. A tqdm progress
+bar goes to stderr; the last line on stdout is one JSON object:
 
     {"examples": n, "ok": n_ok, "skipped": {reason: count}, "without_captions": n, "hours": audio hours of the
-     good clips, "clips_per_s": x}
+     good clips, "clips_per_s": x[, "captions_cut": n with --tokenizer]}
 
 `ok` counts the clips whose audio decodes; `without_captions` those of them with no (non-blank) caption, which
 training skips (`no_captions`) and a classification set (ESC-50, US8K, VGGSound: labels only) has throughout.
+`captions_cut` counts the good clips' captions longer than `--max-text-length` tokens (start and end included),
+whose end training never sees: many of them call for a longer `data.max_text_length`.
 
 The exit status is 1 when no clip is usable, or when the source cannot be opened (a manifest or prepared data set
 that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check`
@@ -59,7 +61,7 @@ def check(
         from wavlink_jax.tokenizer import load_tokenizer
 
         text = load_tokenizer(tokenizer, max_length=max_text_length)
-    ok, without_captions, seconds, skipped = 0, 0, 0.0, collections.Counter()
+    ok, without_captions, captions_cut, seconds, skipped = 0, 0, 0, 0.0, collections.Counter()
     start = time.perf_counter()
     records = pipeline.check_records(source, min_seconds=min_seconds, num_workers=num_workers)
     try:
@@ -72,12 +74,12 @@ def check(
             if not record["captions"]:
                 without_captions += 1
             elif text is not None:
-                text(record["captions"])
+                captions_cut += int(text.truncated(record["captions"]).sum())
     finally:
         records.close()  # also stops the worker processes when decoding fails
     elapsed = time.perf_counter() - start
     examples = ok + sum(skipped.values())
-    return {
+    report = {
         "examples": examples,
         "ok": ok,
         "skipped": dict(skipped),
@@ -85,6 +87,9 @@ def check(
         "hours": round(seconds / 3600, 3),
         "clips_per_s": round(examples / max(elapsed, 1e-9), 1),
     }
+    if text is not None:
+        report["captions_cut"] = captions_cut
+    return report
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,8 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command.add_argument("--split", default="train", help="TFDS split (default: train)")
     command.add_argument("--min-seconds", type=float, default=0.5, help="shorter clips count as too_short")
     command.add_argument("--num-workers", type=int, default=0, help="grain worker processes")
-    command.add_argument("--tokenizer", type=os.path.expanduser, help="tokenizer directory: also tokenize the captions")
-    command.add_argument("--max-text-length", type=int, default=77)
+    command.add_argument("--tokenizer", type=os.path.expanduser,
+                         help="tokenizer directory: also tokenize the captions and count those cut")
+    command.add_argument("--max-text-length", type=cli.positive_int, default=77,
+                         help="tokens a caption is cut to, start and end included (the run's data.max_text_length)")
     command.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
