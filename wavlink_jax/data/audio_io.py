@@ -1,9 +1,10 @@
 """Clip loading: decode (libsndfile) → mono → resample to 16 kHz (soxr) → crop → zero-pad, and bad-input reasons.
 
 `load_audio` reads only the part of a file it needs (the crop window plus a 20 ms margin for the resampler,
-and for MP3 a decoder pre-roll, see `_mp3_preroll`), so the cost of a training example does not grow with the
-length of the file; a crop equals the same samples of a whole-file decode. Anything wrong with a clip raises
-`BadAudio` with one of `SKIP_REASONS`; the pipeline skips and counts it:
+and for MP3 a decoder pre-roll), so the cost of a training example does not grow with the length of the file;
+Ogg Vorbis is the exception, decoded from its start (`_preroll` says why). A crop equals the same samples of a
+whole-file decode. Anything wrong with a clip raises `BadAudio` with one of `SKIP_REASONS`; the pipeline skips
+and counts it:
 
     missing      the file does not exist
     empty        a zero-byte file, or an audio file / array with no samples (or too few for one sample at the
@@ -80,16 +81,24 @@ def _as_float(samples: np.ndarray) -> np.ndarray:
     raise TypeError(f"audio arrays must be int16, int32 or float, got {samples.dtype}")
 
 
-def _mp3_preroll(rate: int) -> int:
-    """Source frames to decode, and drop, before an MP3 read window.
+def _preroll(file: sf.SoundFile) -> int:
+    """Source frames to decode, and drop, before a read window: where a seek does not land on the same samples as
+    a whole-file decode.
 
-    libsndfile's MP3 decoder (mpg123) restarts at a seek without the bit reservoir and the overlap of the frames
+    MP3: libsndfile's decoder (mpg123) restarts at a seek without the bit reservoir and the overlap of the frames
     before, so the first samples after a seek come out as zeros and a fade-in. Measured with libsndfile 1.2.2 on
     LAME-encoded CBR/VBR files (tones, noise, bursts, clicks; 8-48 kHz, down to ~10 kb/s), the samples after a seek
     match a whole-file decode once at most 4 MPEG-1 frames of 1152 samples (32-48 kHz) or 18 MPEG-2/2.5 frames
     of 576 samples (8-24 kHz) were decoded before them; this is twice that.
+
+    Ogg Vorbis: libsndfile 1.2.2's seek past ~119k frames of a 44.1/48 kHz file lands ~300 frames late (a crop
+    shifted by 7 ms), so the file is decoded from its start (all its frames as pre-roll).
     """
-    return 8 * 1152 if rate >= 32000 else 36 * 576
+    if file.format == "MP3":  # any MPEG layer
+        return 8 * 1152 if file.samplerate >= 32000 else 36 * 576
+    if file.subtype == "VORBIS":
+        return file.frames
+    return 0
 
 
 def _open_file(path: str) -> tuple[sf.SoundFile, int, int]:
@@ -139,9 +148,8 @@ def load_audio(
         name = os.fspath(audio)
         file, frames, rate = _open_file(name)
         floating = file.subtype in _FLOAT_SUBTYPES
-        mp3 = file.format == "MP3"  # any MPEG layer
-        preroll = _mp3_preroll(rate) if mp3 else 0
-        slack = math.ceil(_MP3_LENGTH_SLACK * frames) if mp3 else 0
+        preroll = _preroll(file)
+        slack = math.ceil(_MP3_LENGTH_SLACK * frames) if file.format == "MP3" else 0  # any MPEG layer
 
         def read(start: int, stop: int) -> np.ndarray:
             lead = min(start, preroll)  # decoded and dropped: the decoder's state at `start`
