@@ -117,3 +117,12 @@ def test_a_failed_run_keeps_the_earlier_data_set(tmp_path, monkeypatch):
         _small(out, 3, 2, seed=1)
     assert {name: (out / name).read_bytes() for name in _files(out) if (out / name).is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["synth"]
+
+
+@pytest.mark.parametrize("option, value", [("--num-train", "0"), ("--num-eval", "-1"), ("--captions-per-clip", "0")])
+def test_counts_out_of_range_are_refused_before_anything_is_written(tmp_path, option, value):
+    """--captions-per-clip 0 wrote a data set of caption-less clips, which training skips to its 1000-skip limit."""
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(tmp_path / "out"), option, value, "--seconds", "1.5"])
+    assert str(exit_info.value.code).startswith("error: need num_train >= 1, num_eval >= 0 and captions_per_clip >= 1")
+    assert _files(tmp_path) == []

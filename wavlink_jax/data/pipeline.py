@@ -15,8 +15,9 @@ orbax saves it with `grain.checkpoint.CheckpointSave(iterator)` / `CheckpointRes
     → `TrainIterator` (sums the skip counts, drops a last partial batch)
 
 A source's weight defaults to `"size"`, its number of records: every source is then drawn in proportion to its
-size, so the mixture is the sources' concatenation, shuffled, and an epoch of the stream (the records of all
-sources) is an epoch of every source (the trainer's `epochs` counts that way). An explicit number is a relative
+size (grain interleaves the sources' own shuffles in these proportions, so every stretch of the stream, a batch
+too, holds them in about this ratio), and an epoch of the stream (the records of all sources) is an epoch of
+every source (the trainer's `epochs` counts that way). An explicit number is a relative
 weight on the same scale (a source of weight w is drawn as often as one of w records at "size"), which over- or
 under-samples it. grain rounds the weights to integers with the smallest at 100, so the shares are exact to
 within 1%. With a finite `num_epochs`, a mixture ends when its first source runs out (grain mix).

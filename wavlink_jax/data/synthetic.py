@@ -275,8 +275,11 @@ def generate(
     from wavlink_jax.data.sources import write_manifest
     from wavlink_jax.tokenizer import train_tokenizer
 
-    if num_train < 1 or num_eval < 0:
-        raise ValueError(f"need num_train >= 1 and num_eval >= 0, got {num_train} and {num_eval}")
+    if num_train < 1 or num_eval < 0 or captions_per_clip < 1:
+        raise ValueError(
+            f"need num_train >= 1, num_eval >= 0 and captions_per_clip >= 1, got {num_train}, {num_eval} and "
+            f"{captions_per_clip}"
+        )
     if max_seconds < 1.5:
         raise ValueError(f"max_seconds must be at least 1.5 (three events need room), got {max_seconds}")
     root = Path(out_dir)
