@@ -129,6 +129,7 @@ def base_config(model: WavLinkConfig) -> ml_collections.ConfigDict:
     config.data = default_data_config()
     config.init_from = ml_collections.ConfigDict({"workdir": "", "audio": "", "text": ""})
     config.eval = ml_collections.ConfigDict({"sets": (), "batch_size": 64, "max_clips": 0})
+    config.lock()  # a config file's typo (config.optim.learing_rate = ...) is an error, not a key nothing reads
     return config
 
 

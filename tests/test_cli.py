@@ -159,3 +159,16 @@ def test_out_of_memory_is_one_line_with_what_to_change(monkeypatch):
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         with cli.user_errors():
             too_large().block_until_ready()
+
+
+def test_a_typo_in_a_config_file_is_one_error_line(tmp_path):
+    """A mistyped key in a config file made a new key that nothing read (the run trained at the default learning
+    rate): the configs are locked, and the error names the file, its line and the key meant."""
+    config_file = tmp_path / "my_config.py"
+    config_file.write_text(
+        "from configs import quickstart\n\n\ndef get_config(arg=None):\n"
+        "    config = quickstart.get_config(arg)\n    config.optim.learing_rate = 3e-4\n    return config\n"
+    )
+    result = run_tool(*TRAIN, "--config", str(config_file))
+    assert_one_error_line(result, f"error: {config_file}:6: config.optim.learing_rate = 3e-4: the config has no key "
+                                  """'learing_rate'; did you mean "learning_rate"?""")

@@ -129,18 +129,44 @@ def _config_file_error(message: str) -> str:
     return f"{head.strip()} {text}"
 
 
-def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
-    """An override of a key the config lacks (ml_collections raises KeyError/AttributeError with the key's last
-    name and, sometimes, a did-you-mean) → the override as typed, and the suggestion."""
+def _no_such_key(err: BaseException) -> tuple[str, str]:
+    """(the key, `the config has no key ...; did you mean ...?`) of ml_collections' error for a key a config lacks:
+    a KeyError/AttributeError whose message is the key's last name or, from a locked config, `Key "name" does not
+    exist and cannot be added ...`, sometimes with a did-you-mean."""
     # The message is a repr of a repr: undo one level of escapes, keeping the characters that are not escaped.
     text = codecs.decode(str(err).encode("latin-1", "backslashreplace"), "unicode_escape")
-    key = re.match(r"""^['"\\]*([^'"\\\n]+)""", text)
+    key = re.search(r"""Key "([^"]+)" does not exist""", text) or re.match(r"""^['"\\]*([^'"\\\n]+)""", text)
     name = key.group(1) if key else text
-    overrides = [arg.split("=", 1)[0] for arg in argv if re.match(rf"^--?(no)?config\.(.*\.)?{re.escape(name)}([.=]|$)", arg)]
-    where = overrides[-1] if overrides else f"--config.…{name}"
     suggestion = re.search(r'Did you mean "([^"]+)"', text)
     tail = f'; did you mean "{suggestion.group(1)}"?' if suggestion else ""
-    return f"{where}: the config has no key {name!r}{tail}"
+    return name, f"the config has no key {name!r}{tail}"
+
+
+def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
+    """An override of a key the config lacks → the override as typed, and ml_collections' suggestion."""
+    name, problem = _no_such_key(err)
+    overrides = [arg.split("=", 1)[0] for arg in argv if re.match(rf"^--?(no)?config\.(.*\.)?{re.escape(name)}([.=]|$)", arg)]
+    where = overrides[-1] if overrides else f"--config.…{name}"
+    return f"{where}: {problem}"
+
+
+def _config_file_line(err: BaseException) -> str | None:
+    """`FILE:LINE: the line: what is wrong` when `err` was raised by a config file's own code (the deepest frame
+    outside absl, ml_collections, the import machinery and this module), e.g. a locked config refusing a mistyped
+    key; None when absl or ml_collections raised it applying an override."""
+    import absl
+    import ml_collections
+
+    libraries = [Path(module.__file__).resolve().parent for module in (absl, ml_collections)]
+    for frame in reversed(traceback.extract_tb(err.__traceback__)):
+        path = Path(frame.filename).resolve()
+        if frame.filename.startswith("<") or path == Path(__file__).resolve():
+            continue
+        if any(path.is_relative_to(library) for library in libraries):
+            continue
+        problem = _no_such_key(err)[1] if "does not exist" in str(err) else str(err)
+        return f"{frame.filename}:{frame.lineno}: {frame.line}: {problem}"
+    return None
 
 
 def _config_of(name: str, argv: Sequence[str]):
@@ -191,6 +217,9 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
     except (AttributeError, KeyError, TypeError) as err:
         if show_tracebacks():
             raise
+        in_config_file = _config_file_line(err)
+        if in_config_file:
+            _fail(in_config_file)
         into_value = _override_into_value(argv)
         if into_value is None and isinstance(err, TypeError):
             raise  # not an override's mistake
