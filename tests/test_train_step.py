@@ -202,6 +202,9 @@ def test_accumulation_rejects_indivisible_batch():
     setup = train_step.build(tiny_config(accum_steps=3), mesh, total_steps=10)
     with pytest.raises(ValueError, match="multiple of accum_steps"):
         train_step.make_train_step(setup)
+    for batch_size in (0, -8):  # 0 failed inside the data pipeline; -8 passed, and training hung
+        with pytest.raises(ValueError, match=rf"config.batch_size {batch_size} must be a positive multiple"):
+            train_step.check_batch_size(tiny_config(batch_size=batch_size), mesh)
 
 
 def changed(before, after):

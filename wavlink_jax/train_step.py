@@ -416,12 +416,13 @@ def check_loss_settings(loss: ml_collections.ConfigDict) -> None:
 
 
 def check_batch_size(config: ml_collections.ConfigDict, mesh: Mesh) -> None:
-    """The global batch must split evenly into micro-batches and each of those over the batch devices."""
+    """The global batch must be positive and split evenly into micro-batches and each of those over the batch
+    devices (0 failed inside the data pipeline; a negative batch was never filled, and training hung)."""
     unit = sharding.batch_divisor(mesh) * accum_steps(config)
-    if config.batch_size % unit:
+    if config.batch_size < 1 or config.batch_size % unit:
         raise ValueError(
-            f"config.batch_size {config.batch_size} must be a multiple of accum_steps ({config.accum_steps}) × "
-            f"the {sharding.batch_divisor(mesh)} devices on the batch axes {sharding.BATCH_AXES} = {unit}"
+            f"config.batch_size {config.batch_size} must be a positive multiple of accum_steps ({config.accum_steps}) "
+            f"× the {sharding.batch_divisor(mesh)} devices on the batch axes {sharding.BATCH_AXES} = {unit}"
         )
 
 
