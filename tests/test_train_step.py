@@ -296,7 +296,10 @@ def test_clip_temperature_is_capped_after_each_update(max_scale):
      ({"accum_steps": 0}, r"config\.accum_steps = 0: must be ≥ 1"),
      ({"optim.lr_rules": ((r"^audio_projection/", -1.0),)}, r"lr_rules: rule .*audio_projection.*finite number ≥ 0"),
      ({"optim.lr_rules": ((r"^audio_projection/", float("nan")),)}, r"lr_rules: rule .*nan.*finite number ≥ 0"),
-     ({"optim.lr_rules": ((r"^audio_projection/", float("inf")),)}, r"lr_rules: rule .*inf.*finite number ≥ 0")],
+     ({"optim.lr_rules": ((r"^audio_projection/", float("inf")),)}, r"lr_rules: rule .*inf.*finite number ≥ 0"),
+     # One rule without the outer tuple, and a rule of three: "too many values to unpack (expected 2)".
+     ({"optim.lr_rules": (r"^audio_projection/", 0.5)}, r"each rule is \(pattern, multiplier\), got '\^audio_proj"),
+     ({"optim.lr_rules": ((r"^audio/", 0.5, 2),)}, r"each rule is \(pattern, multiplier\), got \('\^audio/', 0\.5, 2\)")],
 )
 def test_loss_accumulation_and_multiplier_settings_are_refused_by_build(overrides, message):
     """Settings that would train wrongly (a NaN loss, gradient ascent on a parameter, a temperature clamped to

@@ -199,19 +199,30 @@ def weight_decay_mask(params: Tree, no_decay: Sequence[str]) -> Tree:
     )
 
 
-def lr_multipliers(params: Tree, rules: Sequence[Sequence[Any]]) -> Tree:
-    """Per-parameter learning-rate multiplier: the first matching `(pattern, multiplier)` rule, else 1."""
+def lr_rules(rules: Sequence[Any]) -> list[tuple[str, float]]:
+    """`config.optim.lr_rules` checked: `(pattern, multiplier)` pairs, each multiplier a finite number ≥ 0."""
+    checked = []
     for rule in rules:
-        if len(rule) != 2:
-            raise ValueError(f"config.optim.lr_rules: each rule is (pattern, multiplier), got {rule!r}")
-        multiplier = rule[1]
+        if isinstance(rule, str) or not isinstance(rule, Sequence) or len(rule) != 2:
+            raise ValueError(
+                f"config.optim.lr_rules: each rule is (pattern, multiplier), got {rule!r} (the rules are a sequence "
+                "of pairs: one rule is written ((pattern, multiplier),))"
+            )
+        pattern, multiplier = rule
         if isinstance(multiplier, bool) or not isinstance(multiplier, numbers.Real) or not 0 <= multiplier < math.inf:
             raise ValueError(
                 f"config.optim.lr_rules: rule {tuple(rule)!r}: the multiplier must be a finite number ≥ 0 "
                 "(0 = not updated; a negative one ascends the gradient)"
             )
+        checked.append((pattern, float(multiplier)))
+    return checked
+
+
+def lr_multipliers(params: Tree, rules: Sequence[Any]) -> Tree:
+    """Per-parameter learning-rate multiplier: the first matching `(pattern, multiplier)` rule, else 1."""
+    rules = lr_rules(rules)
     patterns = _compile([pattern for pattern, _ in rules], "config.optim.lr_rules")
-    compiled = list(zip(patterns, [float(multiplier) for _, multiplier in rules]))
+    compiled = list(zip(patterns, [multiplier for _, multiplier in rules]))
     flat = flatten(params)
 
     def multiplier(path: str) -> float:

@@ -172,7 +172,8 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     # A pattern that matches no parameter is refused (likely a typo), and so is one that matches only frozen ones.
     flat_trainable = optim.flatten(trainable)
     paths, trainable_paths = list(flat_trainable), {path for path, trains in flat_trainable.items() if trains}
-    optim.matching(paths, [p for p, _ in config.optim.lr_rules], "config.optim.lr_rules", trainable_paths)
+    lr_patterns = [pattern for pattern, _ in optim.lr_rules(config.optim.lr_rules)]
+    optim.matching(paths, lr_patterns, "config.optim.lr_rules", trainable_paths)
     optim.matching(paths, config.optim.no_decay, "config.optim.no_decay", trainable_paths)
 
     rules = sharding.rules_dict(config.sharding_rules)
