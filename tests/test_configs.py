@@ -108,6 +108,14 @@ def test_attention_auto_is_the_towers_fastest_and_other_words_are_refused():
         train_step.check_choices(config)
 
 
+def test_float16_compute_is_not_offered_for_training():
+    """float16 was a choice: on a CPU its attention failed inside XLA's lowering, and on a GPU its gradients would
+    underflow without the loss scaling this trainer does not do."""
+    config = parse("tests/train_fixtures.py:data_dir=D", "--config.dtype=float16")
+    with pytest.raises(ValueError, match=r"^config.dtype = 'float16' is not one of \('float32', 'bfloat16'\)$"):
+        train_step.check_choices(config)
+
+
 def test_the_stage_is_the_config_files_argument():
     stage1, stage2 = (parse(f"configs/wavlink_base.py:{arg}") for arg in ("stage=1", "stage=2,stage1_workdir=W1"))
     assert "stage" not in stage1 and "stage" not in stage2  # no key that nothing reads

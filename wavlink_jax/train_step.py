@@ -124,9 +124,11 @@ def _init_fn(setup: TrainSetup) -> Callable[[jax.Array], dict]:
 
 
 # Keys that name one of a few choices, and the choices: checked before anything is traced (an unknown name would
-# otherwise surface deep inside jit's trace of the train step).
+# otherwise surface deep inside jit's trace of the train step). No float16 compute for training: this trainer has no
+# loss scaling, without which float16 gradients underflow, and a CPU cannot run its attention; bfloat16 has
+# float32's range.
 CONFIG_CHOICES: dict[str, tuple] = {
-    "dtype": ("float32", "bfloat16", "float16"),
+    "dtype": ("float32", "bfloat16"),
     "remat": ("none", *layers.REMAT_POLICIES),
     "attention_implementation": ("auto", *(name for name in layers.ATTENTION_IMPLEMENTATIONS if name)),
     "loss.impl": losses.IMPLEMENTATIONS,
