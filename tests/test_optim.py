@@ -76,10 +76,13 @@ def test_schedule_warmup_then_decay_to_end(kind, end_fraction):
         optim.learning_rate_schedule(optim_config(schedule="exp"), 10)
 
 
-@pytest.mark.parametrize("total, warmup_steps", [(10, 1), (30, 2), (50, 3), (70, 4)])
-def test_warmup_steps_are_rounded_halves_up(total, warmup_steps):
-    """5% of 10, 50 or 70 steps is a half step: Python's round() (halves to even) gave 0, 2 and 4 warm-up steps."""
-    schedule = optim.learning_rate_schedule(optim_config(warmup_fraction=0.05), total)
+@pytest.mark.parametrize(
+    "fraction, total, warmup_steps", [(0.05, 10, 1), (0.05, 30, 2), (0.05, 50, 3), (0.05, 70, 4), (0.29, 50, 15)]
+)
+def test_warmup_steps_are_rounded_halves_up(fraction, total, warmup_steps):
+    """5% of 10, 50 or 70 steps is a half step: Python's round() (halves to even) gave 0, 2 and 4 warm-up steps.
+    29% of 50 is 14.499999999999998 in floating point, which rounded to 14."""
+    schedule = optim.learning_rate_schedule(optim_config(warmup_fraction=fraction), total)
     assert float(schedule(warmup_steps - 1)) < float(schedule(warmup_steps)) == pytest.approx(1e-2, rel=1e-6)
 
 

@@ -247,7 +247,8 @@ def learning_rate_schedule(optim: Any, total_steps: int) -> optax.Schedule:
     if optim.schedule not in SCHEDULES:
         raise ValueError(f"config.optim.schedule must be one of {SCHEDULES}, got {optim.schedule!r}")
     peak = float(optim.learning_rate)
-    warmup = math.floor(optim.warmup_fraction * total_steps + 0.5)  # nearest step, halves up
+    # The nearest step, halves up; rounded to 9 places first, so that 0.29 × 50 = 14.499999999999998 is a half.
+    warmup = math.floor(round(optim.warmup_fraction * total_steps, 9) + 0.5)
     end = peak * float(optim.end_lr_fraction)
     decay_steps = max(total_steps - warmup, 1)
     if optim.schedule == "cosine":
