@@ -134,18 +134,19 @@ def test_the_trainer_warns_of_parameters_the_mesh_does_not_divide(tmp_path, data
 
 
 def test_fsdp_gathers_parameters_not_activations():
-    """The train step under `fsdp = 8`, compiled for 8 devices: its collectives move parameters (all-gathers)
-    and gradients (reduce-scatters), never a tower's activations over the global batch. Without
+    """The train step on data = 2 × fsdp = 4, compiled for 8 devices: its collectives move parameters
+    (all-gathers) and gradients (reduce-scatters), never a tower's activations over the global batch. Without
     `sharding.split_batch` in the blocks, the text tower ran on all 16 rows on every device with its embed
     dimension split, and all-gathered or all-reduced `[16, 16, width]` and `[16, 16, mlp]` activations (base on
-    8 H100s, compiled for them: 3 GB of activations a step that way, 0.3 GB of parameters and gradients after)."""
+    8 H100s, compiled for them: 3 GB of activations a step that way, 0.3 GB of parameters and gradients after).
+    Without `sharding.look_up`, the token embedding's looked-up rows were all-gathered (data = 1 was spared)."""
     from train_fixtures import random_batch, tiny_config
 
     from wavlink_jax import train_step
 
     config = tiny_config()
     config.batch_size = 16
-    config.mesh = {"data": 1, "fsdp": 8, "tensor": 1}
+    config.mesh = {"data": 2, "fsdp": 4, "tensor": 1}
     mesh = sharding.create_mesh(dict(config.mesh), devices=jax.devices()[:8])
     setup = train_step.build(config, mesh, total_steps=10)
     on_mesh = sharding.batch_sharding(mesh)

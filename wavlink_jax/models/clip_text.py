@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from wavlink_jax import sharding
 from wavlink_jax.models import layers
 from wavlink_jax.models.hf_fields import RUN_SETTINGS_NOT_IN_HF, HFField, HFFields
 
@@ -164,7 +165,8 @@ class CLIPTextEncoder(nnx.Module):
         if length > self.config.max_positions:
             raise ValueError(f"sequence length {length} exceeds the model's max_positions {self.config.max_positions}")
         dtype = layers.resolve_dtype(self.config.dtype)
-        x = self.token_embedding(input_ids) + self.position_embedding[:length].astype(dtype)
+        table = self.token_embedding.embedding[...].astype(dtype)  # nnx.Embed's lookup, placed for the mesh
+        x = sharding.look_up(table, input_ids, ("vocab", "embed")) + self.position_embedding[:length].astype(dtype)
         kv_lengths = None if attention_mask is None else jnp.sum(attention_mask, axis=-1, dtype=jnp.int32)
         x = self.final_norm(self.encoder(x, kv_lengths=kv_lengths, causal=True))
 
