@@ -393,6 +393,21 @@ def test_overwrite_never_deletes_what_is_not_an_export(jax_embedder, exported, t
         export_loaded(jax_embedder.loaded, mine / "notes.txt", overwrite=True)
     assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
+    # A transformers checkpoint of a tower's model_type is not an export either: it held someone's fine-tuned
+    # Whisper, whose generation config and notes --overwrite deleted.
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    theirs = tmp_path / "my-whisper-finetune"
+    tiny = WhisperConfig(d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1)
+    WhisperForConditionalGeneration(tiny).save_pretrained(theirs)
+    (theirs / "training_notes.txt").write_text("keep me")
+    before = sorted(p.name for p in theirs.iterdir())
+    with pytest.raises(FileExistsError, match=r"not a previous export \(config.json of model_type 'whisper' or "):
+        export.export_tower(exported, "audio", theirs, overwrite=True)
+    assert sorted(p.name for p in theirs.iterdir()) == before
+
 
 def test_export_tower_refuses_a_non_empty_directory_unless_overwrite(exported, tmp_path):
     out = export.export_tower(exported, "text", tmp_path / "tower")

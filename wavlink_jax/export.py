@@ -35,6 +35,7 @@ from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
+import safetensors
 from flax import nnx
 
 from wavlink_jax import cli
@@ -59,6 +60,10 @@ CONFIG_KEYS = ("audio_config", "text_config", "embed_dim", "matryoshka_dims", "w
 AUTO_MAP = {"AutoConfig": "modeling_wavlink.WavLinkConfig", "AutoModel": "modeling_wavlink.WavLinkModel"}
 TOWER_PREFIXES = {"audio": "audio.", "text": "text."}
 TOWER_MODEL_TYPES = ("whisper", "clip_text_model")  # the model_type of export_tower's config.json
+# In the metadata of every export's model.safetensors: what tells an earlier export, which --overwrite may replace,
+# from a transformers checkpoint of the same model_type (someone's fine-tuned Whisper), which it may not.
+WRITTEN_BY_KEY, WRITTEN_BY = "written_by", "wavlink_jax.export"
+WEIGHTS_METADATA = {"format": "pt", WRITTEN_BY_KEY: WRITTEN_BY}
 GLOBAL_TOKEN = "audio_global_token"
 SCALARS = ("clip_logit_scale", "sigmoid_logit_scale", "sigmoid_logit_bias")
 HEADS = ("audio_projection", "text_projection")
@@ -166,13 +171,15 @@ def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) ->
         raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
     try:
         model_type = json.loads((out / "config.json").read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        model_type = None
-    if model_type not in model_types:
+        with safetensors.safe_open(out / WEIGHTS_FILE, "np") as weights:
+            written_by = (weights.metadata() or {}).get(WRITTEN_BY_KEY)
+    except (OSError, ValueError, AttributeError, safetensors.SafetensorError):
+        model_type = written_by = None
+    if model_type not in model_types or written_by != WRITTEN_BY:
         raise FileExistsError(
-            f"{out} is not a previous export (no config.json of model_type {' or '.join(map(repr, model_types))}) "
-            "and is not empty; --overwrite replaces an export's directory only, never other files: choose a new "
-            "directory, or empty this one yourself"
+            f"{out} is not a previous export (config.json of model_type {' or '.join(map(repr, model_types))} and "
+            f"{WEIGHTS_FILE} written by {WRITTEN_BY}) and is not empty; --overwrite replaces an export's directory "
+            "only, never other files: choose a new directory, or empty this one yourself"
         )
 
 
@@ -244,7 +251,7 @@ def export_model(
     with _staged_output(out, overwrite=overwrite, model_types=(MODEL_TYPE,)) as staging:
         _write_tokenizer(tokenizer_dir, staging, max_text_length)
         (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        write_safetensors(weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_safetensors(weights, staging / WEIGHTS_FILE, metadata=WEIGHTS_METADATA)
         shutil.copyfile(torch_model.__file__, staging / MODELING_FILE)
         shutil.copyfile(waveform_layout.__file__, staging / Path(waveform_layout.__file__).name)
     return out
@@ -311,7 +318,7 @@ def export_tower(
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]
     with _staged_output(out, overwrite=overwrite, model_types=TOWER_MODEL_TYPES) as staging:
         (staging / "config.json").write_text(json.dumps(tower_config, indent=2, sort_keys=True) + "\n")
-        write_safetensors(tower_weights, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        write_safetensors(tower_weights, staging / WEIGHTS_FILE, metadata=WEIGHTS_METADATA)
         if tower == "text":
             for name in TOKENIZER_FILES:
                 if (export_dir / name).exists():
