@@ -82,9 +82,15 @@ def _read_safetensors(file: Path, skip: NameFilter | None) -> dict[str, np.ndarr
 
 
 def read_torch_pickle(file: Path) -> object:
-    """A PyTorch pickle (`.bin`/`.pt`), loaded safely (`weights_only`) on the CPU."""
+    """A PyTorch pickle (`.bin`/`.pt`), loaded safely (`weights_only`) on the CPU, memory-mapped: a tensor is read
+    from disk when used, so the tensors a converter skips (Whisper's decoder, CLIP's vision tower) never are.
+    A file from before PyTorch 1.6 (not a zip archive, which mapping needs) is read whole."""
     import torch
 
+    try:
+        return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not mappable; any other problem shows again below
+        pass
     try:
         return torch.load(str(file), map_location="cpu", weights_only=True)
     except Exception as err:
