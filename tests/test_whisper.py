@@ -187,9 +187,13 @@ def _save_torch_bin(model, directory):
     torch.save(model.state_dict(), directory / "pytorch_model.bin")
 
 
-@pytest.mark.parametrize("layout", ["conditional_generation", "sharded", "pytorch_bin", "float16", "bfloat16"])
+@pytest.mark.parametrize(
+    "layout", ["conditional_generation", "sharded", "pytorch_bin", "float16", "bfloat16", "safetensors_and_bin_index"]
+)
 def test_checkpoint_layouts(tmp_path, small_model, layout):
-    """ForConditionalGeneration naming, sharded safetensors, pytorch_model.bin, and half-precision upcast."""
+    """ForConditionalGeneration naming, sharded safetensors, pytorch_model.bin, and half-precision upcast. A
+    model.safetensors is read before a .bin index (a hub download of *.safetensors and *.json has the index
+    without its shards, which were read and not found)."""
     model = small_model
     if layout == "conditional_generation":
         full = WhisperForConditionalGeneration(model.config).eval()
@@ -201,6 +205,10 @@ def test_checkpoint_layouts(tmp_path, small_model, layout):
         assert (tmp_path / "model.safetensors.index.json").exists()
     elif layout == "pytorch_bin":
         _save_torch_bin(model, tmp_path)
+    elif layout == "safetensors_and_bin_index":
+        model.save_pretrained(tmp_path)
+        shards = {"weight_map": {"encoder.conv1.weight": "pytorch_model-00001-of-00002.bin"}}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(shards))
     else:
         dtype = getattr(torch, layout)
         model = _hf_model(model.config, seed=3).to(dtype)

@@ -123,22 +123,28 @@ def read_weight_file(file: Path, skip: NameFilter | None = None) -> dict[str, np
     return tensors_to_numpy(read_torch_pickle(file), file, skip)
 
 
+# In transformers' order of preference: safetensors, sharded or not, before any PyTorch pickle. (A hub download of
+# `*.safetensors` and `*.json` has the .bin index but not its shards.)
+HF_WEIGHT_FILES = (
+    "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"
+)
+
+
 def read_hf_directory(directory: Path, skip: NameFilter | None = None) -> dict[str, np.ndarray]:
-    """A Hugging Face model directory: single or index-sharded safetensors, else pytorch_model.bin."""
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index_file = directory / index_name
-        if index_file.exists():
-            weight_map = read_json(index_file).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{index_file}: no 'weight_map' (tensor name → shard file); replace the file")
-            shards = sorted(set(weight_map.values()))
-            weights: dict[str, np.ndarray] = {}
-            for shard in shards:
-                weights.update(read_weight_file(directory / shard, skip))
-            return weights
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).exists():
-            return read_weight_file(directory / name, skip)
+    """A Hugging Face model directory: the first of `HF_WEIGHT_FILES` it has (an index: all of its shards)."""
+    for name in HF_WEIGHT_FILES:
+        file = directory / name
+        if not file.exists():
+            continue
+        if not name.endswith(".index.json"):
+            return read_weight_file(file, skip)
+        weight_map = read_json(file).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{file}: no 'weight_map' (tensor name → shard file); replace the file")
+        weights: dict[str, np.ndarray] = {}
+        for shard in sorted(set(weight_map.values())):
+            weights.update(read_weight_file(directory / shard, skip))
+        return weights
     raise CheckpointError(
         f"{directory}: no model.safetensors, pytorch_model.bin or sharded index found; "
         "expected a Hugging Face model directory"
