@@ -1,8 +1,8 @@
 """WavLink in PyTorch: the model a `python -m wavlink_jax.export` directory loads into, with `transformers` only.
 
-This file imports torch and transformers, never jax: the exporter copies it into the exported directory as
-`modeling_wavlink.py` (with `waveform_layout.py`, which it imports relatively), and `config.json`'s `auto_map`
-points there, so
+This file imports torch and transformers (5.x: 4.x has no `PreTrainedConfig`), never jax: the exporter copies it
+into the exported directory as `modeling_wavlink.py` (with `waveform_layout.py`, which it imports relatively),
+and `config.json`'s `auto_map` points there, so
 
     from transformers import AutoModel
     model = AutoModel.from_pretrained("exported/", trust_remote_code=True)
