@@ -2,7 +2,8 @@
 
 A config file's `get_config(arg)` calls `base_config(...)` and changes what differs. Every key is listed here,
 so `--config.some.key=value` on the command line can only change a key that exists (ml_collections refuses
-unknown keys), and the config is locked, so a config file cannot add one either (a typo is an error). Keys (see the README section "Configs" for more):
+unknown keys), and the config is locked, so a config file cannot add one either (a typo is an error). Keys (see
+the README section "Configs" for more):
 
     seed, batch_size (global), total_steps (0 = from epochs), epochs, accum_steps
     log_every_steps, checkpoint_every_steps, eval_every_steps (0 = only at the end), keep_checkpoints

@@ -503,7 +503,8 @@ def test_integer_pcm_is_refused_alike_and_window_batches_are_not_copied(torch_wa
     messages = []
     for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):
         for waveforms in (pcm, torch.from_numpy(pcm), [pcm[0] / 32768, pcm[1]]):
-            with pytest.raises(ValueError, match=r"^waveform \d has (torch\.)?int16 samples; expected floats") as caught:
+            refused = r"^waveform \d has (torch\.)?int16 samples; expected floats"
+            with pytest.raises(ValueError, match=refused) as caught:
                 embed_audio(waveforms)
             messages.append(re.sub(r"torch\.|waveform \d", "", str(caught.value)))
     assert len(set(messages)) == 1, messages

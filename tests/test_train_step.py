@@ -299,7 +299,8 @@ def test_clip_temperature_is_capped_after_each_update(max_scale):
      ({"optim.lr_rules": ((r"^audio_projection/", float("inf")),)}, r"lr_rules: rule .*inf.*finite number ≥ 0"),
      # One rule without the outer tuple, and a rule of three: "too many values to unpack (expected 2)".
      ({"optim.lr_rules": (r"^audio_projection/", 0.5)}, r"each rule is \(pattern, multiplier\), got '\^audio_proj"),
-     ({"optim.lr_rules": ((r"^audio/", 0.5, 2),)}, r"each rule is \(pattern, multiplier\), got \('\^audio/', 0\.5, 2\)")],
+     ({"optim.lr_rules": ((r"^audio/", 0.5, 2),)},
+      r"each rule is \(pattern, multiplier\), got \('\^audio/', 0\.5, 2\)")],
 )
 def test_loss_accumulation_and_multiplier_settings_are_refused_by_build(overrides, message):
     """Settings that would train wrongly (a NaN loss, gradient ascent on a parameter, a temperature clamped to
