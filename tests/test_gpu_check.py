@@ -52,6 +52,9 @@ def main():
         calls.write(f"{label}:{args[args.index('--attention') + 1]}\\n")
     if label in os.environ.get("FAIL", "").split():
         sys.exit(3)
+    if label in os.environ.get("HANG", "").split():
+        import time
+        time.sleep(600)
     row = dict(label=label, device="stand-in", matmul_peak_tflops=800.0, samples_per_s=10.0, step_time_s=0.1,
                tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
                init_s=1.0, compile_s=2.0, baseline=None, ratio=None, ratio_equal_work=None, profile=None,
@@ -89,6 +92,8 @@ def run_gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env
         shutil.copy(REPOSITORY / "scripts" / "gpu_check.sh", root / "scripts")
         (root / "scripts" / "benchmark.py").write_text(STAND_IN_BENCHMARK)
         (root / "scripts" / "attention_parity.py").write_text(STAND_IN_PARITY)
+        (root / "configs").mkdir()  # what gpu_check.sh imports once for every run (the real one: the data stack)
+        (root / "configs" / "common.py").write_text("import soundfile, soxr\n")
         (tmp_path / "bin").mkdir(exist_ok=True)
         python = tmp_path / "bin" / "python3"  # this venv's python (a symlink would lose the venv's packages)
         python.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
@@ -105,9 +110,9 @@ def run_gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env
                           timeout=120)
 
 
-def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "") -> tuple[list[str], list[dict], str]:
+def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env: str) -> tuple[list[str], list[dict], str]:
     """`run_gpu_check`, which must succeed; returns (calls made, bench.jsonl rows, log)."""
-    done = run_gpu_check(tmp_path, out, budget_s, fail)
+    done = run_gpu_check(tmp_path, out, budget_s, fail, **env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     calls = tmp_path / f"calls-{out}.txt"
     rows = [json.loads(line) for line in (tmp_path / out / "bench.jsonl").read_text().splitlines()]
@@ -168,9 +173,21 @@ def test_a_machine_without_the_data_stack_stops_before_any_run(tmp_path):
     (hidden / "sitecustomize.py").write_text("import sys\nsys.modules['grain'] = sys.modules['soxr'] = None\n")
     done = run_gpu_check(tmp_path, "out", budget_s=10_000, PYTHONPATH=str(hidden))
     assert done.returncode == 1
-    assert "error: python3 has no grain soxr (configs/common.py needs them)" in done.stdout
+    assert "error: python3 cannot import configs/common.py (ModuleNotFoundError: import of soxr halted" in done.stdout
     assert "bash scripts/fetch_device_wheels.sh" in done.stdout
     assert (tmp_path / "calls-out.txt").read_text() == ""  # neither the parity check nor a benchmark ran
+
+
+def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call(tmp_path):
+    """A run may take RUN_LIMIT_PERCENT of its estimate, not the whole call (one that hung took all of what was
+    left, and in the next call, started first again, all of that one too)."""
+    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64 base-30s-b128-vs-eager",
+                                 HANG="base-10s-b128-no-graphs", RUN_LIMIT_PERCENT="4")  # 55 s → a limit of 2 s
+    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
+    [row] = [row for row in rows if row["label"] == "base-10s-b128-no-graphs"]
+    assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
+    calls, _, _ = gpu_check(tmp_path, "second", budget_s=10_000)
+    assert calls == ["small-30s-b64:cudnn", "base-30s-b128-vs-eager:cudnn", "base-10s-b128-no-graphs:cudnn"]
 
 
 def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
