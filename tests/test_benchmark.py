@@ -542,6 +542,22 @@ def test_attention_parity_check_fails_on_a_wrong_kernel(monkeypatch, capsys):
     assert status == 1 and not summary["ok"] and summary["worst"] > 2e-2
 
 
+def test_attention_parity_check_fails_on_a_nan_gradient(monkeypatch, capsys):
+    """A NaN error fails the check wherever it comes (Python's max passed over one that was not first, and every
+    benchmark run would have died on a NaN loss after compiling)."""
+    import attention_parity
+
+    def compare(case, batch, candidate):
+        nan_backward = case.startswith("clip")
+        return {"case": case, "length": 80, "heads": 8, "causal": nan_backward, "out": 4e-3, "cudnn_custom_calls": 2,
+                "d_input": float("nan") if nan_backward else 4e-3, "d_params": float("nan") if nan_backward else 4e-3}
+
+    monkeypatch.setattr(attention_parity, "cudnn_unavailable", lambda: None)
+    monkeypatch.setattr(attention_parity, "compare", compare)
+    status = attention_parity.main(["--batch", "1", "--cases", "whisper-base-30s", "clip-text-b32-causal-padded"])
+    assert status == 1 and "attention parity FAILED (worst nan" in capsys.readouterr().out
+
+
 def test_attention_parity_without_cudnn_says_it_needs_a_gpu(capsys):
     """On a machine without cuDNN (this CPU, nothing routed) the check ends with one line saying why, and exit
     status 1, instead of a per-case `FAILED with RuntimeError('cuDNN is not detected.')` and `worst inf`."""
