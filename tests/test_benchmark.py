@@ -57,10 +57,14 @@ def test_a_gz_dump_is_what_hlo_traffic_reads(result):
 
 
 def test_the_saved_trace_is_the_one_summarised(result):
-    """--save-trace keeps the profiler's trace, which gives the same summary as the run's."""
+    """--save-trace keeps the profiler's trace, which gives the same summary as the run's, and in which the train
+    step ran (a CPU trace has no device lines, so its summary alone would match any trace)."""
     summary = benchmark.summarize_trace(Path(result["saved_trace"]), steps=1)
     assert summary["device_busy_ms_per_step"] == result["profile"]["device_busy_ms_per_step"]
     assert summary["lines"] == result["profile"]["lines"]
+    with gzip.open(result["saved_trace"]) as file:
+        events = json.load(file)["traceEvents"]
+    assert any(event.get("name") == "PjitFunction(jit(step))" for event in events)
 
 
 def check_positive(result: dict, fields) -> None:
