@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PACKAGES=(array-record==0.8.6 cffi==2.1.1 grain==0.2.18 ml-collections==1.1.0 optax==0.2.8 portpicker==1.6.0
           pycparser==3.12 soundfile==0.14.0 soxr==1.1.0)
+# Only these versions: a wheel left from an earlier pin would make gpu_check.sh's pip install two versions of one
+# package, which it refuses (ResolutionImpossible), installing nothing.
+rm -rf .whl
 mkdir -p .whl
 for package in "${PACKAGES[@]}"; do
     python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
