@@ -38,7 +38,8 @@ autotuning (so XLA's Triton GEMM fusions are switched off and every GEMM is a cu
 runs' top GEMMs were), and this machine's jax/XLA version. Calibrated on GPU run 2's code: 24.8 GiB and 110
 GB of element-wise traffic here against the 28.8 GiB peak measured on the H200 and 121 GB counted in its dump
 (BENCHMARKS.md). XLA plans the program for the share of the card JAX is given, `--memory-fraction` (default
-0.75, jax's; XLA_PYTHON_CLIENT_MEM_FRACTION on the card), which matters near the card's size: large at batch 64
+0.75, jax's, which the trainer runs with; XLA_PYTHON_CLIENT_MEM_FRACTION on the card; benchmark.py sets 0.90, so
+give 0.9 to compare with its runs), which matters near the card's size: large at batch 64
 given 0.95 compiles here with the card's XLA version to the 129.78 GiB GPU run 4 measured, and the report says
 whether the program fits that share.
 
