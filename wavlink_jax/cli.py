@@ -21,6 +21,7 @@ import contextlib
 import os
 import re
 import sys
+import sysconfig
 import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -152,12 +153,11 @@ def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
 
 def _config_file_line(err: BaseException) -> str | None:
     """`FILE:LINE: the line: what is wrong` when `err` was raised by a config file's own code (the deepest frame
-    outside absl, ml_collections, the import machinery and this module), e.g. a locked config refusing a mistyped
-    key; None when absl or ml_collections raised it applying an override."""
-    import absl
-    import ml_collections
-
-    libraries = [Path(module.__file__).resolve().parent for module in (absl, ml_collections)]
+    outside the standard library, the installed packages (absl, ml_collections), the import machinery and this
+    module), e.g. a locked config refusing a mistyped key; None when absl or ml_collections raised it applying an
+    override."""
+    folders = sysconfig.get_paths()
+    libraries = {Path(folders[key]).resolve() for key in ("stdlib", "platstdlib", "purelib", "platlib")}
     for frame in reversed(traceback.extract_tb(err.__traceback__)):
         path = Path(frame.filename).resolve()
         if frame.filename.startswith("<") or path == Path(__file__).resolve():
