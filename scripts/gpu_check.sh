@@ -216,8 +216,10 @@ runs() {
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64 100 130 --model large --batch 64 --window 30 --steps 3 \
         --warmup 1
     bench large-30s-b64-remat 75 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
-    bench large-30s-b16-vs-compile-regional 65 --model large --batch 16 --window 30 --baseline torch --compile regional --steps 5
-    bench medium-30s-b32-vs-compile-regional 110 --model medium --batch 32 --window 30 --baseline torch --compile regional --steps 5
+    bench large-30s-b16-vs-compile-regional 65 --model large --batch 16 --window 30 --baseline torch --compile regional \
+        --steps 5
+    bench medium-30s-b32-vs-compile-regional 110 --model medium --batch 32 --window 30 --baseline torch --compile regional \
+        --steps 5
     bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline torch --steps 10
 }
 PASS=first runs

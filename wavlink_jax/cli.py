@@ -146,7 +146,8 @@ def _no_such_key(err: BaseException) -> tuple[str, str]:
 def _unknown_key_error(err: BaseException, argv: Sequence[str]) -> str:
     """An override of a key the config lacks → the override as typed, and ml_collections' suggestion."""
     name, problem = _no_such_key(err)
-    overrides = [arg.split("=", 1)[0] for arg in argv if re.match(rf"^--?(no)?config\.(.*\.)?{re.escape(name)}([.=]|$)", arg)]
+    override = re.compile(rf"^--?(no)?config\.(.*\.)?{re.escape(name)}([.=]|$)")
+    overrides = [arg.split("=", 1)[0] for arg in argv if override.match(arg)]
     where = overrides[-1] if overrides else f"--config.…{name}"
     return f"{where}: {problem}"
 
