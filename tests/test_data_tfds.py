@@ -381,8 +381,14 @@ def test_build_command_and_errors(tmp_path, capsys):
         tb.load_source("clotho", data, "train")
     with pytest.raises(ValueError, match="unknown data set 'esc"):
         tb.build("esc", tmp_path / "manual", data)
-    with pytest.raises(AssertionError, match="meta/esc50.csv"):  # TFDS shows the layout when M is absent
-        tb.build("esc50", tmp_path / "nowhere", tmp_path / "other")
+    # A manual directory that is not there or empty: TFDS raised an AssertionError (a traceback on the command
+    # line) and left empty folders in the data directory.
+    (tmp_path / "empty").mkdir()
+    for manual, state in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "is empty")):
+        refused = rf"(?s)^esc50: the manual directory {manual} {state}; expected layout:\n.*meta/esc50\.csv"
+        with pytest.raises(FileNotFoundError, match=refused):
+            tb.build("esc50", manual, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
     with pytest.raises(ValueError, match="data set name"):
         tb.build_manifest("My-Clips", tmp_path / "m.jsonl", data)
 

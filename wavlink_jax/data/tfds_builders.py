@@ -768,8 +768,15 @@ def build(
     if name not in BUILDERS:
         raise ValueError(f"unknown data set {name!r}; known: {', '.join(BUILDERS)} (or use build_manifest)")
     data_dir = os.path.expanduser(os.fspath(data_dir))
+    manual_dir = Path(os.path.expanduser(os.fspath(manual_dir)))
+    if not (manual_dir.is_dir() and any(manual_dir.iterdir())):  # TFDS: an AssertionError, and empty folders made
+        state = "is empty" if manual_dir.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"{name}: the manual directory {manual_dir} {state}; expected layout:\n"
+            f"{BUILDERS[name].MANUAL_DOWNLOAD_INSTRUCTIONS}"
+        )
     builder = BUILDERS[name](data_dir=data_dir, file_format="array_record", num_workers=num_workers)
-    builder.prepare(os.path.expanduser(os.fspath(manual_dir)), compress=compress)
+    builder.prepare(os.fspath(manual_dir), compress=compress)
     return summary(name, data_dir)
 
 
