@@ -168,7 +168,9 @@ def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) ->
     if not _entries(out):
         return
     if not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass --overwrite")
+        raise FileExistsError(
+            f"{out} exists and is not empty; choose a new directory or pass --overwrite (overwrite=True)"
+        )
     try:
         model_type = json.loads((out / "config.json").read_text()).get("model_type")
         with safetensors.safe_open(out / WEIGHTS_FILE, "np") as weights:

@@ -107,12 +107,13 @@ def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPText
         raise CheckpointError(
             f"{source}: no {PROJECTION_KEY} (a CLIPTextModel checkpoint). WavLink reuses CLIP's pretrained text "
             "projection: load the CLIPModel or CLIPTextModelWithProjection checkpoint of the same model, or pass "
-            "new_projection=True to start the projection from random initialisation"
+            "new_projection=True (on the command line: --new-projection) to start the projection from random "
+            "initialisation"
         )
     if new_projection and PROJECTION_KEY in weights:
         raise CheckpointError(
-            f"{source}: holds CLIP's pretrained {PROJECTION_KEY}; new_projection=True is for CLIPTextModel "
-            "checkpoints, which have none: leave it False to use this one"
+            f"{source}: holds CLIP's pretrained {PROJECTION_KEY}; new_projection=True (--new-projection) is for "
+            "CLIPTextModel checkpoints, which have none: leave it out to use this one"
         )
 
     def build() -> CLIPTextEncoder:
