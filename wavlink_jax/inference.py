@@ -158,14 +158,14 @@ class Embedder:
     def __init__(
         self, loaded: LoadedModel, *, batch_size: int = 32, progress: bool = False, window_seconds: float | None = None
     ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.loaded = loaded
         self.config: WavLinkConfig = loaded.model.config
         self.window_seconds = loaded.window_seconds if window_seconds is None else float(window_seconds)
         self.config.audio.check_window(self.window_seconds, "window_seconds")
         self.tokenizer = load_tokenizer(loaded.tokenizer_dir, max_length=loaded.max_text_length)
         self.mesh = sharding.create_mesh({"data": -1}, devices=jax.local_devices())
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         divisor = sharding.batch_divisor(self.mesh)
         self.batch_size = -(-batch_size // divisor) * divisor
         self.progress = progress
