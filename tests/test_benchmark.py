@@ -182,8 +182,10 @@ def test_model_flops_of_the_issue_baseline():
 
 @pytest.mark.parametrize(
     "clip_weight, sigmoid_weight",
-    [  # each loss alone: `make test-all` (both together, which `make test` runs, covers both)
-        pytest.param(1.0, 0.0, marks=pytest.mark.slow), pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0)
+    [  # each loss alone: `make test-all` (both together, which `make test` runs, covers both; unequal weights
+        # catch the two weights swapped)
+        pytest.param(1.0, 0.0, marks=pytest.mark.slow), pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0),
+        (0.7, 1.3),
     ],
 )
 def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
@@ -216,6 +218,56 @@ def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):
             torch.from_numpy(batch["attention_mask"]).long(),
         )
     assert float(ours) == pytest.approx(theirs.item(), rel=1e-5)
+
+
+def test_torch_baseline_step_updates_as_our_optimizer():
+    """The baseline's AdamW (clipping, weight decay on ≥ 2-d parameters only, betas, eps, lr) updates as ours
+    (`optim.make_optimizer`, constant schedule, no `no_decay` patterns: the benchmark config's) over four steps of
+    a toy loss whose gradients are the batch, clipped at 0.5 on some steps and not on others."""
+    import ml_collections
+    import numpy as np
+    import optax
+    import torch
+
+    from wavlink_jax import optim, torch_baseline
+
+    class Toy(torch.nn.Module):
+        """`kernel`, `bias`, `scale` get the gradients `mel[:2]`, `mel[2]`, `mel[3, 0]`."""
+
+        def __init__(self, start):
+            super().__init__()
+            self.params = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()})
+
+        def log_mel(self, waveform):
+            return waveform
+
+        def forward(self, mel, input_ids, attention_mask):
+            p = self.params
+            return (p["kernel"] * mel[:2]).sum() + (p["bias"] * mel[2]).sum() + p["scale"] * mel[3, 0]
+
+    rng = np.random.default_rng(0)
+    start = {"kernel": rng.normal(size=(2, 3)), "bias": rng.normal(size=3), "scale": np.array(0.5)}
+    start = {k: v.astype(np.float32) for k, v in start.items()}
+    mels = [(size * rng.normal(size=(4, 3))).astype(np.float32) for size in (3.0, 0.05)]
+    settings = torch_baseline.OptimizerSettings(lr=1e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.3,
+                                                grad_clip_norm=0.5)
+    toy, unused = Toy(start), torch.zeros(1)
+    torch_baseline.time_torch_step(toy, [(torch.from_numpy(m), unused, unused) for m in mels], steps=2, warmup=2,
+                                   bf16=False, compile=None, optimizer=settings)
+
+    config = ml_collections.ConfigDict(dict(
+        learning_rate=1e-2, schedule="constant", warmup_fraction=0.0, end_lr_fraction=0.0, b1=0.8, b2=0.95,
+        eps=1e-3, weight_decay=0.3, grad_clip_norm=0.5, lr_rules=(), no_decay=()))
+    tx, _ = optim.make_optimizer(config, start, 4)
+    params, state, norms = start, tx.init(start), []
+    for mel in mels * 2:  # the batches as the step takes them: 0 (compilation), 1 (warm-up), then 0, 1 timed
+        grads = {"kernel": mel[:2], "bias": mel[2], "scale": mel[3, 0]}
+        norms.append(float(optax.tree.norm(grads)))
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    assert min(norms) < 0.5 < max(norms), norms
+    for name, value in params.items():  # clipping: torch divides by the norm + 1e-6, optax by the norm
+        np.testing.assert_allclose(toy.params[name].detach().numpy(), value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
 def test_torch_baseline_heads_and_loss_run_in_fp32_under_the_towers_autocast():

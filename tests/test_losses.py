@@ -258,6 +258,28 @@ def test_zero_rows_and_zero_prefixes_normalise_to_zeros_not_nan():
     assert np.isfinite(total)
 
 
+def test_small_rows_normalise_to_unit_length_and_the_loss_ignores_the_heads_scale():
+    """Only rows of norm < sqrt(eps) = 1e-6 are left short of unit length: heads whose outputs (or Matryoshka
+    prefixes) are small, as early in training, still give unit embeddings and the loss of the same directions."""
+    z = jnp.asarray([[3e-5, 4e-5], [6e-3, 8e-3], [3e3, 4e3]])
+    np.testing.assert_allclose(losses.l2_normalize(z), [[0.6, 0.8]] * 3, rtol=1e-6)
+    za, zt = (jnp.asarray(z, jnp.float32) for z in prefix_sensitive_embeddings())
+    kwargs = dict(dims=(32, 8), logit_scale_clip=SCALES["clip"], logit_scale_sigmoid=SCALES["sigmoid"],
+                  logit_bias=SIGMOID_BIAS)
+    loss = jax.jit(lambda a, t: losses.matryoshka_loss(a, t, **kwargs)[0])
+    # The 8-dim prefixes of the scaled rows have norms from 1e-5 to 3e-5.
+    assert_close(loss(1e-4 * za, 1e-4 * zt), loss(za, zt), what="total at 1e-4 × the scale")
+
+
+def test_default_batch_axes_are_data_and_fsdp_of_the_mesh():
+    """Without `batch_axes` the loss splits the batch over every one of data and fsdp the mesh has (as the
+    trainer's batch is split): on data only, a 4 × 2 mesh would repeat each device's loss on both fsdp devices."""
+    assert losses.resolve_batch_axes(make_mesh(*MESHES["4x2"])) == ("data", "fsdp")
+    assert losses.resolve_batch_axes(make_mesh(*MESHES["2x2x2"])) == ("data", "fsdp")
+    assert losses.resolve_batch_axes(make_mesh((2, 4), ("data", "tensor"))) == ("data",)
+    assert losses.resolve_batch_axes(make_mesh((8,), ("fsdp",))) == ("fsdp",)
+
+
 def dot_generals(fn, *args) -> list[JaxprEqn]:
     """Every dot_general in `fn(*args)`'s jaxpr (nested ones included: shard_map, loops, custom_vjp), traced
     under the platform's default matmul precision (not conftest's global `highest`), so that a matmul left

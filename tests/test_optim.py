@@ -195,6 +195,34 @@ def test_adamw_matches_optax_adamw_with_mask_and_clipping():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_adamw_matches_optax_adamw_over_changing_gradients():
+    """Gradients that change direction and size from step to step, clipped at 0.5 on some steps and not on others:
+    with one gradient repeated, as above, Adam's bias-corrected moments are that gradient whatever b1 and b2 (b1 and
+    b2 swapped passed), and every other test clips at 1 (a make_optimizer clipping at 1 whatever grad_clip_norm
+    says passed)."""
+    config = optim_config(schedule="constant", warmup_fraction=0.0, grad_clip_norm=0.5)
+    tx, _ = optim.make_optimizer(config, PARAMS, 10)
+    reference = optax.chain(
+        optax.clip_by_global_norm(0.5),
+        optax.adamw(1e-2, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                    mask=optim.weight_decay_mask(PARAMS, config.no_decay)),
+    )
+    ours, ref = tx.init(PARAMS), reference.init(PARAMS)
+    params_ours = params_ref = PARAMS
+    norms = []
+    for step, size in enumerate([3.0, 0.01, 1.0, 0.02]):
+        grads = jax.tree.map(lambda p: size * np.sin(np.arange(p.size, dtype=np.float32) * (step + 1)).reshape(p.shape),
+                             PARAMS)
+        norms.append(float(optax.tree.norm(grads)))
+        update, ours = tx.update(grads, ours, params_ours)
+        params_ours = optax.apply_updates(params_ours, update)
+        update, ref = reference.update(grads, ref, params_ref)
+        params_ref = optax.apply_updates(params_ref, update)
+    assert min(norms) < 0.5 < max(norms), norms  # clipped on some steps only
+    for a, b in zip(jax.tree.leaves(params_ours), jax.tree.leaves(params_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 3.0])  # not 1: a clip that forgets to multiply by max_norm would pass
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_clipping_is_optaxs_with_its_state_whatever_the_norm(scale, max_norm):

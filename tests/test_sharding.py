@@ -27,6 +27,13 @@ def test_mesh_resolves_minus_one_and_is_auto():
     assert dict(sharding.create_mesh({"data": 1}, devices=jax.devices()[:1]).shape)["data"] == 1
 
 
+def test_batch_divisor_counts_the_batch_axes_only():
+    """The batch is split over data × fsdp and replicated over tensor: on 2 × 2 × 2 devices a batch of 4 splits
+    evenly (counting all 8 devices, the training and evaluation batch checks refused it)."""
+    assert sharding.batch_divisor(sharding.create_mesh({"data": 2, "fsdp": 2, "tensor": 2})) == 4
+    assert sharding.batch_divisor(sharding.create_mesh({"data": 1, "fsdp": 2, "tensor": 4})) == 2
+
+
 @pytest.mark.parametrize(
     "axes,message",
     [({"data": 3}, "needs 3 devices"), ({"data": -1, "fsdp": -1}, "at most one"), ({"model": 8}, "unknown axes"),

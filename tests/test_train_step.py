@@ -309,6 +309,12 @@ def test_loss_accumulation_and_multiplier_settings_are_refused_by_build(override
         train_step.build(tiny_config(**overrides), one_device_mesh(), total_steps=10)
 
 
+@pytest.mark.parametrize("max_scale", [1.0, float("inf")])
+def test_clip_max_scale_at_the_ends_of_its_range_is_accepted(max_scale):
+    """1 (the temperature multiplier held at exactly 1) and inf (no cap) are allowed: the check is ≥ 1, not > 1."""
+    train_step.check_loss_settings(tiny_config(**{"loss.clip_max_scale": max_scale}).loss)
+
+
 @pytest.mark.parametrize(
     "key,value,nearest",
     [("optim.lr_rules", ((r"^audoi/", 0.1),), "audio/"),
