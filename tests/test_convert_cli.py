@@ -20,7 +20,7 @@ from train_fixtures import tiny_config
 from wavlink_jax import checkpoint, optim, sharding, train_step
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.__main__ import main
-from wavlink_jax.convert.common import CheckpointError, assign_strict, identity, transpose
+from wavlink_jax.convert.common import CheckpointError, assign_strict, check_filled, identity, transpose
 from wavlink_jax.convert.save import assign_tower_state, load_tower
 from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from wavlink_jax.models.whisper import init_global_token
@@ -215,3 +215,17 @@ def test_assign_strict_lists_missing_unexpected_and_mis_shaped_keys_in_one_error
         "ckpt.safetensors: checkpoint does not match the model; missing keys (1): ['bias']; unexpected keys (1): "
         "['extra']; shape mismatches (1): ['weight: checkpoint (5, 3) (in our layout (3, 5)) vs model (3, 4)']"
     )
+
+
+def test_check_filled_names_variables_no_mapping_entry_wrote():
+    """A loader builds its module abstractly and fills it from the checkpoint; a variable its name map forgot
+    (here the bias: neither mapped nor in the checkpoint, so `assign_strict` sees nothing wrong) would stay a
+    shape placeholder. `check_filled` refuses it, naming the table and the variable."""
+    module = nnx.eval_shape(lambda: nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
+    assign_strict(
+        module, {"weight": np.ones((4, 3), np.float32)}, {"weight": (("kernel",), transpose)}, source="ckpt"
+    )
+    with pytest.raises(KeyError, match=r"bug: the_map does not cover the variables \[\('bias',\)\]"):
+        check_filled(module, "the_map")
+    assign_strict(module, {"bias": np.zeros(4, np.float32)}, {"bias": (("bias",), identity)}, source="ckpt")
+    check_filled(module, "the_map")  # every variable written

@@ -220,6 +220,21 @@ def test_zero_shot_metrics_constructed():
     assert metrics == {"top1": 25.0, "top5": 75.0}
 
 
+def test_negative_indices_are_refused_not_read_from_the_end():
+    """A label, caption owner or answer of -1 (e.g. "unknown" in a hand-made label column) is an error: numpy
+    indexing would read it as the last class / clip / choice and score the example against a target nobody gave."""
+    class_emb = np.eye(3, dtype=np.float32)
+    audio = class_emb[[0, 2]]  # clip 1 is nearest to class 2, the last one: label -1 would count as a hit
+    outside = r"has entries outside \[0, 3\) \({}\) at positions \[1\]"
+    with pytest.raises(ValueError, match="labels " + outside.format("number of classes")):
+        ev.zero_shot_metrics(audio, [0, -1], class_emb)
+    with pytest.raises(ValueError, match=r"text_to_audio has entries outside \[0, 2\) \(number of clips\) at .*\[2\]"):
+        ev.retrieval_metrics(audio, audio[[0, 1, 1]], [0, 1, -1])
+    choices = np.stack([class_emb, class_emb])  # 2 questions × 3 choices
+    with pytest.raises(ValueError, match="answers " + outside.format("number of choice slots")):
+        ev.multiple_choice_metrics(audio, choices, np.ones((2, 3), bool), [0, -1], ["a", "a"])
+
+
 def test_fold_average_and_zero_shot_by_fold():
     assert ev.fold_average([{"top1": 50.0, "top5": 100.0}, {"top1": 100.0, "top5": 100.0}]) == {
         "top1": 75.0,

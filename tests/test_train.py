@@ -231,6 +231,25 @@ def test_init_from_towers_loads_both_and_keeps_global_token(tmp_path):
     np.testing.assert_array_equal(state["audio/global_token"], fresh_token)  # no checkpoint has it
 
 
+def test_init_from_towers_into_a_bfloat16_remat_run(tmp_path):
+    """The run settings (compute dtype, remat, attention implementation) say how to compute, not what: a bfloat16
+    run with remat (the paper configs compute in bfloat16) starts from the float32 checkpoints as they are."""
+    config = tiny_config()
+    config.dtype, config.remat, config.attention_implementation = "bfloat16", "full", "xla"
+    whisper, clip = hf_towers(tmp_path, config)
+    config.init_from.audio, config.init_from.text = str(tmp_path / "whisper"), str(tmp_path / "clip")
+    setup = train_step.build(config, one_device_mesh(), total_steps=10)
+    assert setup.model_config.audio.dtype == "bfloat16" and setup.model_config.text.remat == "full"
+    state = optim.flatten(jax.device_get(checkpoint.apply_init_from(train_step.init_state(setup, seed=0), setup)))
+    np.testing.assert_array_equal(
+        state["params/audio/encoder/layers/0/fc1/kernel"], whisper.state_dict()["encoder.layers.0.fc1.weight"].numpy().T
+    )
+    np.testing.assert_array_equal(
+        state["params/text/token_embedding/embedding"],
+        clip.state_dict()["text_model.embeddings.token_embedding.weight"].numpy(),
+    )
+
+
 def test_init_from_tower_with_wrong_shape_lists_keys(tmp_path):
     config = tiny_config()
     hf_towers(tmp_path, config)
