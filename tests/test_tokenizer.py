@@ -124,6 +124,32 @@ def test_config_pad_token_and_max_length(tmp_path):
     assert ids[0, mask[0].sum():].tolist() == [0] * (10 - mask[0].sum())
 
 
+@pytest.mark.parametrize("config_lists_added_tokens", [False, True])
+def test_special_tokens_map_and_config_take_transformers_precedence(tmp_path, config_lists_added_tokens):
+    """Both files name special tokens and disagree: a config with `added_tokens_decoder` (transformers ≥ 4.34) is
+    the whole truth; an older one is overridden by special_tokens_map.json. Either way the ids are transformers'."""
+    vocab = _handmade_clip_pair(tmp_path, pad_token="!")  # tokenizer_config.json: pad "!", model_max_length 10
+    if config_lists_added_tokens:
+        config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+        config["added_tokens_decoder"] = {
+            str(vocab[token]): {"content": token, "special": True} for token in (BOS_TOKEN, EOS_TOKEN)
+        }
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"pad_token": EOS_TOKEN, "bos_token": BOS_TOKEN}))
+    tok = load_tokenizer(tmp_path)
+    pad = vocab["!"] if config_lists_added_tokens else vocab[EOS_TOKEN]
+    assert (tok.pad_token_id, tok.bos_token_id, tok.max_length) == (pad, vocab[BOS_TOKEN], 10)
+    theirs = CLIPTokenizer.from_pretrained(str(tmp_path))
+    assert (theirs.pad_token_id, theirs.bos_token_id) == (pad, vocab[BOS_TOKEN])
+
+
+def test_trained_vocab_size_is_exact_given_enough_merges(tmp_path):
+    """512 byte symbols + merges + 2 special tokens make `vocab_size`, no more: configs/quickstart.py sizes the text
+    tower's embedding table by it, and a tokenizer with one token more is refused at the start of training."""
+    tok = train_tokenizer(CORPUS, tmp_path, vocab_size=520)
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id) == (520, 518, 519)
+
+
 def test_bad_directories(tmp_path):
     with pytest.raises(TokenizerError, match="no such file or directory"):
         load_tokenizer(tmp_path / "absent")

@@ -117,17 +117,24 @@ def _token_content(value: str | dict | None) -> str | None:
     return value
 
 
+def _read_json_settings(file: Path) -> dict:
+    """The settings in `file` that are not null; none if it does not exist."""
+    if not file.exists():
+        return {}
+    try:
+        content = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise TokenizerError(f"{file}: not valid JSON ({err})") from err
+    return {key: value for key, value in content.items() if value is not None}
+
+
 def _read_settings(directory: Path) -> dict:
-    """Special tokens and max length from `tokenizer_config.json` / `special_tokens_map.json`, if present."""
-    settings: dict = {}
-    for name in ("special_tokens_map.json", CONFIG_FILE):  # the config wins where both say something
-        file = directory / name
-        if file.exists():
-            try:
-                content = json.loads(file.read_text())
-            except json.JSONDecodeError as err:
-                raise TokenizerError(f"{file}: not valid JSON ({err})") from err
-            settings.update({key: value for key, value in content.items() if value is not None})
+    """Special tokens and max length from `tokenizer_config.json` / `special_tokens_map.json`, with transformers'
+    precedence: a config that lists its `added_tokens_decoder` (written since transformers 4.34) is the whole
+    truth; an older one is overridden by the special tokens map where the two disagree."""
+    settings = _read_json_settings(directory / CONFIG_FILE)
+    if "added_tokens_decoder" not in settings:
+        settings.update(_read_json_settings(directory / "special_tokens_map.json"))
     return settings
 
 
