@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from wavlink_jax.data import audio_io
 from wavlink_jax.data.audio_io import BadAudio, load_audio
 
 
@@ -94,6 +95,20 @@ def test_short_clips_are_zero_padded_and_arrays_accepted():
     np.testing.assert_array_equal(y[:8000], samples / 32768.0)
     with pytest.raises(ValueError, match="sample_rate"):
         load_audio(samples, 0)
+
+
+def test_integer_arrays_are_read_at_their_full_scale():
+    """An int16 array is scaled by 2**15, an int32 one by 2**31, to the float samples they stand for."""
+    x = _tone(500.0, 0.5, 16000)
+    for dtype, full_scale in ((np.int16, 2**15), (np.int32, 2**31)):
+        y = load_audio(np.round(x * full_scale).astype(dtype), 16000)
+        np.testing.assert_allclose(y, x, atol=1e-6 + 1 / full_scale, err_msg=str(dtype))
+
+
+def test_seconds_are_rounded_to_samples():
+    """2.01 * 16000 is 32159.999… in floating point: truncated, a 2.01 s window was one sample short."""
+    assert audio_io.samples(2.01) == 32160 and audio_io.samples(8.12) == 129920
+    assert audio_io.samples(0.7, 44100) == 30870
 
 
 def test_every_bad_input_reason(tmp_path):

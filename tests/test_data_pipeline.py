@@ -182,6 +182,9 @@ def test_host_shares_of_a_finite_stream():
     # Blocks of 4 in turn; the last, partial round goes to the hosts in order.
     shares = [list(pipeline._HostShare(grain.MapDataset.range(22), 4, index, 2)) for index in range(2)]
     assert shares == [[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19], [4, 5, 6, 7, 12, 13, 14, 15, 20, 21]]
+    # A last round shorter than one block: the hosts past its end get none of it (their length must not shrink).
+    shares = [list(pipeline._HostShare(grain.MapDataset.range(18), 4, index, 2)) for index in range(2)]
+    assert shares == [[0, 1, 2, 3, 8, 9, 10, 11, 16, 17], [4, 5, 6, 7, 12, 13, 14, 15]]
 
 
 def test_mixture_weights_are_honoured(tmp_path, tokenizer):
@@ -402,6 +405,22 @@ def test_runs_of_skips_survive_a_resume(tmp_path, tokenizer):
     earlier = _iterator(config, tokenizer, batch=4)
     earlier.set_state(state)
     np.testing.assert_array_equal(next(earlier)["waveform"], next(original)["waveform"])
+
+
+def test_a_saved_state_does_not_change_as_the_iterator_goes_on(tmp_path, tokenizer):
+    """`get_state` is a snapshot: the runs of skips in it must not be the iterator's own, which it updates."""
+    config = _config(
+        _manifest(tmp_path / "good", range(1, 11)), _missing_manifest(tmp_path, 300), weights=[1.0, 1.0],
+        max_consecutive_skips=0,
+    )
+    iterator = _iterator(config, tokenizer, batch=4)
+    next(iterator)
+    state = iterator.get_state()
+    saved = json.loads(json.dumps(state))
+    assert any(state["pipeline"]["skip_runs"])  # the broken source's run goes on
+    for _ in range(3):
+        next(iterator)
+    assert state == saved
 
 
 def test_limit_zero_reads_an_all_bad_source_to_its_end(tmp_path, tokenizer):

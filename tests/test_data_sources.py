@@ -30,8 +30,9 @@ def test_manifest_records_resolve_paths(tmp_path):
     }
     assert source[1]["audio"] == str(absolute) and source[1]["id"] == "clip-b" and source[1]["label"] == ""
     assert source[2]["captions"] == [] and source[2]["audio"] == str(tmp_path / "data" / "c.ogg")
-    with pytest.raises(IndexError):
-        source[3]
+    for index in (3, -1):  # a negative index is out of range too, not the last line
+        with pytest.raises(IndexError):
+            source[index]
     clone = pickle.loads(pickle.dumps(source))
     assert [clone[i] for i in range(3)] == [source[i] for i in range(3)]
 
@@ -56,6 +57,15 @@ def test_manifest_errors_name_file_and_line(tmp_path, bad_line, message):
     with pytest.raises(ManifestError) as err:
         ManifestSource(manifest)
     assert f"{manifest}:3" in str(err.value) and message in str(err.value)
+
+
+def test_blank_lines_count_in_the_offsets(tmp_path):
+    """Records are re-read at their byte offsets: blank lines (several, or of spaces or CR) between entries count."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": "a.wav"}\n\n  \n\r\n{"audio": "b.wav", "captions": ["x"]}\n\n\n{"audio": "c.wav"}\n')
+    source = ManifestSource(manifest)
+    assert [source[i]["id"] for i in range(len(source))] == ["a.wav", "b.wav", "c.wav"]
+    assert source[1]["captions"] == ["x"]
 
 
 def test_manifest_paths_expand_home_and_follow_the_path_as_given(tmp_path, monkeypatch):

@@ -28,6 +28,9 @@ def test_generate_is_deterministic_and_well_formed(tmp_path):
     train_a, train_b = _digest(a.root, a.train), _digest(b.root, b.train)
     assert (train_a[0][:5], train_a[1][:5]) == train_b
     assert _digest(a.root, a.eval)[1] != _digest(c.root, c.eval)[1]  # another seed, other clips
+    assert not set(train_a[1]) & set(_digest(a.root, a.eval)[1])  # the split is in the seed: eval clips are not train's
+    for line in train_a[0]:  # the label is the class of the first event ("events": "<class> x<count>", in order)
+        assert line["label"] == line["events"][0].rsplit(" x", 1)[0], line
     assert json.loads(a.classes.read_text()) == list(synthetic.CLASSES) and len(synthetic.CLASSES) == 10
 
     source = ManifestSource(a.train)

@@ -14,6 +14,7 @@ import json
 import pickle
 import shutil
 import sys
+import unicodedata
 
 import numpy as np
 import pytest
@@ -366,6 +367,20 @@ def test_entries_sharing_an_id_must_be_one_clip(tmp_path):
     clips[1].fold = 1
     assert tb.merge_clips(clips, "esc50 train metadata") == [tb.Clip("a.wav", "/m/a.wav", ["one", "two"], label="dog", fold=1)]
     assert clips[0].captions == ["one"]  # the inputs are left as they were
+
+
+def test_full_scale_samples_are_stored_at_the_int16_limits(tmp_path):
+    """+1.0 scales to 32768, one past int16: it is clipped to 32767, not wrapped to -32768 (a full-scale click)."""
+    soundfile.write(tmp_path / "loud.wav", np.array([1.0, -1.0, 0.5, -0.5, 0.0] * 400), 16000, subtype="FLOAT")
+    assert tb.decode_to_16k_int16(str(tmp_path / "loud.wav"))[:5].tolist() == [32767, -32768, 16384, -16384, 0]
+
+
+def test_audio_index_matches_names_in_either_unicode_form(tmp_path):
+    """A file extracted on a file system that stores names decomposed (NFD, macOS) is found by its CSV name (NFC)."""
+    name = unicodedata.normalize("NFD", "Bird song \u00e9")
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio" / f"{name}.wav").write_bytes(b"")
+    assert tb.AudioIndex(tmp_path / "audio").find(["Bird song \u00e9"]) == str(tmp_path / "audio" / f"{name}.wav")
 
 
 def test_build_command_and_errors(tmp_path, capsys):
