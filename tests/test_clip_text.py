@@ -152,6 +152,18 @@ def small_module():
     return CLIPTextEncoder(CLIPTextConfig(**SMALL, eos_token_id=1), rngs=nnx.Rngs(0))
 
 
+def test_fresh_encoder_takes_clips_initialisation(small_module):
+    """Trained from scratch (the quickstart's small tokenizer) the tower starts as CLIP does: token embeddings
+    N(0, 0.02), positions N(0, 0.01), the text projection N(0, width^-0.5); each std within 15% (1000+ draws)."""
+    for name, variable, std in [
+        ("token", small_module.token_embedding.embedding, 0.02),
+        ("position", small_module.position_embedding, 0.01),
+        ("projection", small_module.text_projection.kernel, SMALL["width"] ** -0.5),
+    ]:
+        values = np.asarray(variable[...])
+        assert abs(values.std() / std - 1) < 0.15 and abs(values.mean()) < 0.2 * std, (name, values.std(), std)
+
+
 def test_results_do_not_depend_on_batch_padding(small_module):
     lengths = [5, 2, 9]
     short_ids, short_mask = _batch(lengths, 9, bos=0, eos=1, pad=1, vocab_size=99, seed=7)

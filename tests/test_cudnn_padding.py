@@ -130,6 +130,19 @@ def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
     _assert_close(results["cudnn"], results["xla"])
 
 
+def test_stack_returns_only_the_last_rows_it_was_asked_for(cudnn_lengths):
+    """`last_query_start=-1` (the global token) at an odd length: the padded stack returns the true last row, that
+    of plain XLA attention, and none of the padded rows after it."""
+    x = jax.random.normal(jax.random.key(8), (2, 21, 32))
+    outputs = {
+        impl: jax.jit(lambda x, impl=impl: tiny_stack(2, implementation=impl)(x, last_query_start=-1))(x)
+        for impl in ("xla", "cudnn")
+    }
+    assert outputs["cudnn"].shape == outputs["xla"].shape == (2, 1, 32)
+    assert set(cudnn_lengths) == {32}
+    _assert_close(outputs["cudnn"], outputs["xla"])
+
+
 def _count_primitive(jaxpr, name: str) -> int:
     """Occurrences of primitive `name` in `jaxpr` and every jaxpr nested in it (remat, pjit, custom_vjp...)."""
     own = sum(eqn.primitive.name == name for eqn in jaxpr.eqns)

@@ -28,15 +28,17 @@ def test_none_resolves_to_cudnn_on_gpu_for_half_precision_only(monkeypatch):
     assert layers.resolve_attention_implementation(None, jnp.float16) == "cudnn"
 
 
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length", [31, 32])
-def test_cudnn_path_pads_odd_lengths_and_masks_the_padding(monkeypatch, length):
+def test_cudnn_path_pads_odd_lengths_and_masks_the_padding(monkeypatch, length, causal):
     """cuDNN flash attention refuses odd lengths (Whisper's 1500 frames + token = 1501): the padded call, run
-    here through XLA, must give the unpadded result — padded keys masked out, padded query rows dropped."""
+    here through XLA, must give the unpadded result — padded keys masked out, padded query rows dropped, a
+    causal mask kept (a block called on its own pads here; `EncoderStack` pads before its blocks)."""
     attention = layers.Attention(
         64, 4, key_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, implementation="xla", rngs=nnx.Rngs(0)
     )
     x = jax.random.normal(jax.random.key(1), (2, length, 64))
-    reference = attention(x)
+    reference = attention(x, causal=causal)
     original = jax.nn.dot_product_attention
     shapes = []
 
@@ -47,7 +49,7 @@ def test_cudnn_path_pads_odd_lengths_and_masks_the_padding(monkeypatch, length):
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", as_if_cudnn)
     attention.implementation = "cudnn"
-    out = attention(x)
+    out = attention(x, causal=causal)
     assert shapes == [32]
     assert float(jnp.abs(out - reference).max()) < 1e-6
 
@@ -362,9 +364,16 @@ def _layer_norm_gradients(norm: nnx.Module, x: jax.Array) -> list:
     return [grad_x.astype(jnp.float32), grad_norm["scale"].get_value(), grad_norm["bias"].get_value()]
 
 
-def test_layer_norm_gradients_match_autodiff_in_float32():
-    ours, flax_norm = _layer_norms(jnp.float32)
-    x = _layer_norm_inputs(jnp.float32)
+@pytest.mark.parametrize(
+    "fast, spread, offset", [(False, 1, 0), (False, 1e-3, 0), (True, 1, 300)], ids=["rows", "quiet", "offset_one_pass"]
+)
+def test_layer_norm_gradients_match_autodiff_in_float32(fast, spread, offset):
+    """The hand-written backward against flax's autodiff with the same variance. "quiet": rows with σ² ≈ ε
+    (σ = 3e-3, ε = 1e-5: near-silence), where a backward whose statistics leave ε out is ~50% off. "offset": rows
+    whose mean is ~100 σ with the one-pass variance, whose rounding the backward must share with the forward
+    (its statistics taken from the centred values instead, dx is ~1e-3 off)."""
+    ours, flax_norm = _layer_norms(jnp.float32, fast=fast)
+    x = _layer_norm_inputs(jnp.float32) * spread + offset
     for got, expected in zip(_layer_norm_gradients(ours, x), _layer_norm_gradients(flax_norm, x), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5 * float(jnp.abs(expected).max()))
 
@@ -380,6 +389,20 @@ def test_layer_norm_bfloat16_gradients_are_as_close_to_float32_as_autodiffs():
         error, autodiff_error = (float(jnp.abs(g - reference).max()) / scale for g in (got, autodiff))
         assert error < 1e-2, (name, error)
         assert error <= 1.5 * autodiff_error + 1e-3, (name, error, autodiff_error)
+
+
+def test_layer_norm_one_pass_variance_is_clamped_at_zero():
+    """With `use_fast_variance=True`, E[x²] − E[x]² of a constant row rounds below zero in fp32 (−0.012 for rows
+    of 123.456, beyond −ε): clamped at 0 as flax does, the output is flax's and it and the gradients are finite,
+    not NaN."""
+    ours, flax_norm = _layer_norms(jnp.float32, fast=True)
+    x = jnp.full((2, 3, 64), 123.456, jnp.float32)
+    apply = jax.jit(lambda norm, x: norm(x))
+    got = apply(ours, x)
+    assert bool(jnp.all(jnp.isfinite(got)))
+    np.testing.assert_array_equal(got, apply(flax_norm, x))
+    for gradient in _layer_norm_gradients(ours, x):
+        assert bool(jnp.all(jnp.isfinite(gradient)))
 
 
 def test_layer_norm_saves_only_its_input_for_the_backward():
