@@ -132,6 +132,10 @@ def test_user_errors_in_process(monkeypatch):
     with pytest.raises(RuntimeError, match="a bug"):  # not a user error: the traceback stays
         with cli.user_errors():
             raise RuntimeError("a bug")
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "0")  # off, as unset
+    with pytest.raises(SystemExit, match=r"^error: config.mesh: unknown axes"):
+        with cli.user_errors():
+            sharding.create_mesh({"bogus": 2})
     monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
     with pytest.raises(ValueError, match="unknown axes"):
         with cli.user_errors():

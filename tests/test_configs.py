@@ -144,6 +144,31 @@ def test_config_arguments_take_their_defaults_types():
     assert common.parse_arg("rate=3", rate=0.5).rate == 3.0 and common.parse_arg("on=False", on=True).on is False
 
 
+# The paper configs' recipe as README.md's Configs table states it ("paper configs" column, and the paragraph
+# after it): the optimizer's values are not in the paper, so nothing else pins them.
+PAPER_RECIPE = {
+    "batch_size": 768, "total_steps": 0, "epochs": 3.0, "accum_steps": 1, "dtype": "bfloat16",
+    "log_every_steps": 50, "eval_every_steps": 2000, "checkpoint_every_steps": 1000, "keep_checkpoints": 3,
+    "optim.learning_rate": 1e-4, "optim.schedule": "cosine", "optim.warmup_fraction": 0.05,
+    "optim.end_lr_fraction": 0.0, "optim.b1": 0.9, "optim.b2": 0.98, "optim.eps": 1e-6, "optim.weight_decay": 0.1,
+    "optim.grad_clip_norm": 1.0, "optim.mode": "full", "optim.towers": "both", "lora.rank": 8, "lora.alpha": 16.0,
+    "loss.clip_weight": 1.0, "loss.sigmoid_weight": 1.0, "loss.impl": "dense", "loss.clip_max_scale": 100.0,
+    "data.window_seconds": 10.0,
+}
+
+
+@pytest.mark.parametrize("config_file", [name for name in CONFIG_FILES if name.startswith("configs/wavlink_")])
+def test_the_paper_configs_hold_the_readmes_recipe(config_file):
+    """Each stage mixes its two training sources by size (so 3 epochs are 3 epochs of each; equal weights would
+    give Clotho ~20) and is scored on the AudioCaps and Clotho test splits."""
+    config = dict(leaves(parse(config_file)))
+    assert {key: config[key] for key in PAPER_RECIPE} == PAPER_RECIPE
+    sources = config["data.sources"]
+    assert len(sources) == 2 and all(source["weight"] == "size" and source["split"] == "train" for source in sources)
+    assert [(s["name"], s["source"]["name"], s["source"]["split"]) for s in config["eval.sets"]] == [
+        ("audiocaps", "audiocaps", "test"), ("clotho", "clotho", "test")]
+
+
 def readme_configs_section() -> str:
     text = (ROOT / "README.md").read_text()
     return text.split("\n## Configs\n", 1)[1].split("\n## ", 1)[0]

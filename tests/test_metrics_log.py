@@ -13,7 +13,7 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto import event_pb2
 
-from wavlink_jax.metrics_log import MetricsLogger
+from wavlink_jax.metrics_log import MetricsLogger, tensorboard_tag
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -31,7 +31,8 @@ def event_tags(folder: Path) -> list[str]:
 
 
 def test_tensorboard_tags_are_the_keys_the_readme_names(tmp_path):
-    keys = ["loss", "eval/x/t2a_R@1", "eval/x/16/a2t_mAP@10", "eval/air/acc/Sound_AQA clotho", "data/skipped/not_audio"]
+    keys = ["loss", "eval/x/t2a_R@1", "eval/x/16/a2t_mAP@10", "eval/air/acc/Sound_AQA clotho", "data/skipped/not_audio",
+            "eval/clotho_v2.1/t2a_R@1"]  # a set's name may hold a dot, which a tag keeps
     log = MetricsLogger(tmp_path, total_steps=1, start_step=0, progress=False)
     log.write(1, {key: 1.0 for key in keys})
     log.close()
@@ -44,6 +45,8 @@ def test_tensorboard_tags_are_the_keys_the_readme_names(tmp_path):
     example = re.search(r"`eval/<set>/t2a_R@1` is\s+the tag `([^`]+)`", README.read_text())
     assert example, "README.md no longer says which TensorBoard tag eval/<set>/t2a_R@1 becomes"
     assert example.group(1).replace("<set>", "x") == tags[1] == "eval/x/t2a_R_1"
+    # ... and, as in TensorFlow's writers, leading slashes go.
+    assert tensorboard_tag("/loss") == "loss" and tensorboard_tag("//eval/x") == "eval/x"
 
 
 def test_tensorboard_shows_a_resumed_run_without_what_the_killed_run_logged_after_its_checkpoint(tmp_path):

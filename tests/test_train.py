@@ -1,9 +1,12 @@
 """The trainer around the step: CLI config handling, NaN stop, init_from (towers and stage-1 workdirs), configs."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import grain
@@ -17,8 +20,9 @@ from train_fixtures import tiny_config
 
 from wavlink_jax import checkpoint, eval_tasks, inference, optim, sharding, train, train_step
 from wavlink_jax.convert.common import CheckpointError
-from wavlink_jax.data import synthetic
+from wavlink_jax.data import pipeline, synthetic
 from wavlink_jax.models import lora
+from wavlink_jax.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,6 +163,18 @@ def test_only_process_zero_reads_and_writes_the_run_files(tmp_path, data_dir, mo
     assert all(path.stat().st_ino != inode for path, inode in written.items())
 
 
+def test_total_steps_from_epochs_cover_every_clip_of_every_source(data_dir):
+    """total_steps = 0: ceil(epochs × clips of all training sources / batch_size), so a last partial batch's worth
+    of clips is trained on; a set total_steps stands; no step at all is refused."""
+    manifest = {"kind": "manifest", "path": f"{data_dir}/train.jsonl"}  # 24 clips, batch 8
+    for epochs, sources, steps in ((1.0, (manifest,), 3), (1.1, (manifest,), 4), (1.1, (manifest, manifest), 7)):
+        config = tiny_config(str(data_dir), total_steps=0, epochs=epochs, **{"data.sources": sources})
+        assert train.resolve_total_steps(config) == steps, (epochs, len(sources))
+    assert train.resolve_total_steps(tiny_config(str(data_dir), total_steps=5, epochs=1.0)) == 5
+    with pytest.raises(ValueError, match=r"config.epochs=0.0 over 24 clips gives no steps; set total_steps"):
+        train.resolve_total_steps(tiny_config(str(data_dir), total_steps=0, epochs=0.0))
+
+
 def test_eval_sets_sharing_a_name_are_refused_before_training(tmp_path, data_dir):
     """Their metrics (eval/<name>/...) would overwrite each other's."""
     eval_set = {"name": "synthetic", "source": {"kind": "manifest", "path": f"{data_dir}/eval.jsonl"}}
@@ -185,6 +201,67 @@ def test_an_evaluation_step_is_also_a_log_step(tmp_path, data_dir):
     (scored,) = eval_tasks.evaluate_data(embedder, data, [embedder.config.matryoshka_dims[0]]).values()
     in_training = {key.removeprefix("eval/synthetic/"): value for key, value in records[1].items()}
     assert {key: in_training[key] for key in scored} == pytest.approx(scored, abs=1e-4)
+
+
+def test_sigterm_saves_its_step_and_the_resumed_run_logs_what_an_uninterrupted_one_would(
+    tmp_path, data_dir, monkeypatch
+):
+    """In process (tests/test_train_resume.py does it with the CLI): SIGTERM in step 1 (off the checkpoint
+    interval) saves step 1 and stops with Preempted, and the previous SIGTERM handler is back; SIGTERM in the last
+    step finishes the run as usual. The resumed run's records: samples_per_second over each record's own steps
+    (a clock that only the steps advance, 0.5 s each) and every skip count of the data read up to the record's
+    step, counted across the resume (two clips of the manifest are missing)."""
+    records = [json.loads(line) for line in (data_dir / "train.jsonl").read_text().splitlines()]
+    gone = [{"audio": str(tmp_path / f"gone{i}.wav"), "captions": ["nothing"]} for i in range(2)]
+    manifest = tmp_path / "train.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in
+                                [{**r, "audio": str(data_dir / r["audio"])} for r in records] + gone))
+    config = tiny_config(str(data_dir), total_steps=4, log_every_steps=2, checkpoint_every_steps=2,
+                         **{"data.sources": ({"kind": "manifest", "path": str(manifest)},)})
+    clock = [0.0]
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    make = train_step.make_train_step
+
+    def terminated_at(call):
+        def make_terminated(setup):
+            step_fn, calls = make(setup), []
+
+            def step(*args):
+                calls.append(1)
+                clock[0] += 0.5
+                if len(calls) == call:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step_fn(*args)
+
+            return step
+
+        return make_terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_step, "make_train_step", terminated_at(1))
+    with pytest.raises(train.Preempted, match=r"^stopped at step 1 of 4 on SIGTERM \(preemption\); checkpoint 1 is"):
+        train.train(config, str(tmp_path / "run"))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert checkpoint.Checkpoints(tmp_path / "run", keep=1, every=1).latest_step() == 1
+    monkeypatch.setattr(train_step, "make_train_step", terminated_at(3))  # steps 2, 3, 4: the last
+    last = train.train(config, str(tmp_path / "run"))
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert checkpoint.Checkpoints(tmp_path / "run", keep=1, every=1).latest_step() == 4
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4] and logged[-1] == {"step": 4, **last}
+    assert [r["samples_per_second"] for r in logged] == [8 / 0.5, 8 / 0.5]  # windows of 1 and 2 steps
+    tokenizer = load_tokenizer(config.data.tokenizer, max_length=config.data.max_text_length)
+    data = pipeline.make_train_iterator(config.data, global_batch_size=8, seed=config.seed, tokenizer=tokenizer,
+                                        process_index=0, process_count=1)
+    counts = []  # after each batch of an uninterrupted read
+    for _ in range(4):
+        next(data)
+        counts.append(data.skip_counts)
+    data.close()
+    assert counts[-1]["missing"] >= 2  # the first epoch, both missing clips in it, is read by step 4
+    for record in logged:
+        skipped = {key.removeprefix("data/skipped/"): n for key, n in record.items() if key.startswith("data/skipped/")}
+        assert skipped == counts[record["step"] - 1], record["step"]
 
 
 def hf_towers(tmp_path, config, whisper_settings=None, text_settings=None):
@@ -248,6 +325,14 @@ def test_init_from_towers_into_a_bfloat16_remat_run(tmp_path):
         state["params/text/token_embedding/embedding"],
         clip.state_dict()["text_model.embeddings.token_embedding.weight"].numpy(),
     )
+
+
+@pytest.mark.parametrize("tower", ["audio", "text"])
+def test_init_from_a_workdir_and_a_tower_is_refused(tower):
+    """A stage-1 workdir already holds both towers: a pretrained tower besides it is one or the other too many."""
+    config = tiny_config(**{"init_from.workdir": "/runs/stage1", f"init_from.{tower}": "/towers/pretrained"})
+    with pytest.raises(ValueError, match=r"^config.init_from: set either workdir, or audio/text, not both$"):
+        checkpoint.apply_init_from({}, types.SimpleNamespace(config=config))
 
 
 def test_init_from_tower_with_wrong_shape_lists_keys(tmp_path):

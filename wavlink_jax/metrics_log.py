@@ -73,8 +73,10 @@ class MetricsLogger:
         self._bar = None
         if not self.enabled:
             return
-        # Written to disk within FLUSH_SECONDS (the writer's default, 120 s, would lose that much of a run ended
-        # without close: a process stopped by another one's failure, sharding.stop_job, exits at once).
+        # Written to disk within FLUSH_SECONDS. Without TensorFlow each event is appended to the file as it comes;
+        # with it, TensorBoard writes through tf.io.gfile, which buffers until a flush, and the writer's default,
+        # 120 s, would lose that much of a run ended without close (a process stopped by another one's failure,
+        # sharding.stop_job, exits at once).
         self._writer = EventFileWriter(str(Path(workdir) / "tensorboard"), flush_secs=FLUSH_SECONDS)
         # A (re)start at this step: TensorBoard drops the events of earlier files from this step on, which a
         # killed run logged after the checkpoint this one resumes from (as `keep_records_through` does).
