@@ -180,6 +180,175 @@ def test_model_flops_of_the_issue_baseline():
         assert per_sample * samples_per_s / 1e12 == pytest.approx(tflops, rel=0.05), model
 
 
+def test_model_flops_count_both_losses_logits_at_every_matryoshka_level():
+    """The only part of the count that grows with the batch's square: each Matryoshka level's (batch × batch)
+    logits, for the CLIP and the sigmoid loss, forward and backward (too small a share of a step for any ratio
+    above to see one of them missing)."""
+    config = benchmark.wavlink_config("base", tiny=False)
+
+    def flops(batch):
+        return benchmark.model_flops(config, batch, 3000, 77)
+
+    def logits(batch):  # one loss's similarity matmuls at every level, forward
+        return 2 * batch * batch * sum(config.matryoshka_dims)
+
+    # two losses, forward and backward; the rest of the count is linear in the batch
+    assert flops(16) - 2 * flops(8) == 3 * 2 * (logits(16) - 2 * logits(8))
+
+
+class FakeDevice:
+    """An asynchronous device on a fake clock (for time.perf_counter): `launch` queues `seconds` of work behind
+    what is queued and returns at once, after 1 ms of the host's time; the clock reaches the end of the work only
+    where the host waits for a result (`block_until_ready`, or `float` of one, as for a jax array)."""
+
+    def __init__(self):
+        self.now = self.done_at = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def launch(self, seconds: float) -> "FakeResult":
+        self.done_at = max(self.now, self.done_at) + seconds
+        self.now += 1e-3
+        return FakeResult(self)
+
+
+class FakeResult:
+    def __init__(self, device):
+        self.device = device
+
+    def block_until_ready(self):
+        self.device.now = max(self.device.now, self.device.done_at)
+        return self
+
+    def __float__(self):
+        self.block_until_ready()
+        return 1.0
+
+
+def test_the_matmul_peak_times_its_repeats_to_their_end_after_warm_up(monkeypatch):
+    """The peak is 2·N³ FLOPs per product over the time of `repeats` products from the first's launch to the
+    last's end on the device: warm-up (a first call 5 s, the others 1 s each) outside the timed span."""
+    import jax
+
+    device = FakeDevice()
+    calls = []
+
+    def jit(function):
+        def run(a, b):
+            calls.append(a.shape)
+            return device.launch(5.0 if len(calls) == 1 else 1.0)
+
+        return run
+
+    monkeypatch.setattr(benchmark.time, "perf_counter", device.clock)
+    monkeypatch.setattr(jax, "jit", jit)
+    tflops = benchmark.measure_matmul_peak(16, repeats=4)
+    assert calls == [(16, 16)] * 7  # 3 warm-up, 4 timed
+    assert tflops == pytest.approx(2 * 16**3 / 1.0 / 1e12)
+
+
+def test_the_step_is_timed_after_its_warm_up_to_the_end_of_its_last_step(monkeypatch):
+    """`run_ours` times `--steps` calls of the compiled step after `--warmup` untimed ones, from the first timed
+    launch to the end of the last step on the device, alternating the two batches: with the first call 5 s and
+    every other 1 s on the device, 1 s per step. The compiled step here stands in for the trainer's (no compile):
+    cost analysis and memory are the compiled program's."""
+    import types
+
+    import numpy as np
+
+    from wavlink_jax import train_step
+
+    device = FakeDevice()
+    calls = []
+
+    class Compiled:
+        def __call__(self, state, batch):
+            calls.append(batch["input_ids"][0, 0].item())
+            result = device.launch(5.0 if len(calls) == 1 else 1.0)
+            return result, {"loss": result}
+
+        def cost_analysis(self):
+            return {"flops": 7e9}
+
+        def memory_analysis(self):
+            return types.SimpleNamespace(argument_size_in_bytes=40, temp_size_in_bytes=30, output_size_in_bytes=20,
+                                         alias_size_in_bytes=10)
+
+    step = types.SimpleNamespace(lower=lambda state, batch: types.SimpleNamespace(
+        compile=lambda compiler_options: Compiled()))
+    monkeypatch.setattr(train_step, "build", lambda config, mesh, steps: None)
+    monkeypatch.setattr(train_step, "init_state", lambda setup, seed: {"step": 0})
+    monkeypatch.setattr(train_step, "make_train_step", lambda setup: step)
+    monkeypatch.setattr(benchmark, "time_log_mel", lambda waveform, n_mels: 0.25)
+    monkeypatch.setattr(benchmark.time, "perf_counter", device.clock)
+    args = benchmark.parse_args(["--tiny", "--steps", "3", "--warmup", "2"])
+    config = benchmark.bench_config(args, benchmark.wavlink_config("base", tiny=True))
+    batches = [benchmark.random_batch(np.random.default_rng(0), 4, 16000, 16, 1000) for _ in range(2)]
+    for i, batch in enumerate(batches):
+        batch["input_ids"][0, 0] = i  # which batch a call was given
+    ours = benchmark.run_ours(args, config, batches)
+    assert calls == [0, 1, 0, 1, 0]  # 2 warm-up steps, then 3 timed
+    assert ours["step_time_s"] == pytest.approx(1.0)
+    assert ours["flops_per_step_cost_analysis"] == 7e9 and ours["log_mel_s"] == 0.25
+    assert ours["program_memory"]["program_bytes"] == 80 and ours["final_loss"] == 1.0
+
+
+def test_every_figure_is_the_step_time_against_the_counts_and_the_peak(monkeypatch, capsys):
+    """`main`'s figures from the measured times (ours 0.5 s per step, the baseline's 0.8 s), the analytic
+    counts, the compiled step's cost analysis and the matmul peak: samples/s, TFLOP/s, fractions of the peak
+    and both ratios, as --json prints them."""
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.9")  # which main would set for this process
+    monkeypatch.setattr(benchmark, "measure_matmul_peak", lambda size: 50.0)
+    monkeypatch.setattr(benchmark, "run_torch", lambda args, model, config, batches: dict(
+        name="torch", compile=None, step_time_s=0.8, peak_memory_bytes=None, compile_s=1.0, final_loss=5.0))
+    ours = dict(log_mel_s=0.01, profile=None, init_s=1.0, compile_s=2.0, step_time_s=0.5,
+                flops_per_step_cost_analysis=3e12, peak_memory_bytes=None, program_memory={}, final_loss=5.0)
+    monkeypatch.setattr(benchmark, "run_ours", lambda args, config, batches: ours)
+    result = benchmark.main(["--tiny", "--batch", "8", "--baseline", "torch", "--json"])
+    assert json.loads(capsys.readouterr().out) == result
+
+    model = benchmark.wavlink_config("base", tiny=True)
+    flops, theirs = (benchmark.model_flops(model, 8, 100, 16, global_only=only) for only in (True, False))
+    assert theirs > flops and result["flops_per_step_model"] == flops
+    assert result["matmul_peak_tflops"] == 50.0 and result["samples_per_s"] == 16.0
+    assert result["tflops_model"] == pytest.approx(flops / 0.5 / 1e12)
+    assert result["fraction_of_peak_model"] == pytest.approx(flops / 0.5 / 1e12 / 50.0)
+    assert result["tflops_cost_analysis"] == pytest.approx(6.0)
+    assert result["fraction_of_peak_cost_analysis"] == pytest.approx(6.0 / 50.0)
+    baseline = result["baseline"]
+    assert baseline["flops_per_step_model"] == theirs and baseline["samples_per_s"] == pytest.approx(10.0)
+    assert baseline["tflops_model"] == pytest.approx(theirs / 0.8 / 1e12)
+    assert baseline["fraction_of_peak_model"] == pytest.approx(theirs / 0.8 / 1e12 / 50.0)
+    assert result["ratio"] == pytest.approx(1.6)
+    assert result["ratio_equal_work"] == pytest.approx((flops / 0.5) / (theirs / 0.8))
+
+    ours["flops_per_step_cost_analysis"] = None  # a backend whose cost analysis gives none
+    result = benchmark.main(["--tiny", "--batch", "8", "--json"])
+    assert result["tflops_cost_analysis"] is None and result["fraction_of_peak_cost_analysis"] is None
+    assert result["baseline"] is None and result["ratio"] is None and result["ratio_equal_work"] is None
+
+
+def test_a_separate_baseline_s_child_gets_none_of_this_process_s_files(monkeypatch):
+    """`--separate-baseline` runs the baseline as `benchmark.py ... --baseline-only` in a child: without the
+    options whose files belong to this process (each with its value) and without --json, whose object the
+    child prints on its last line."""
+    import subprocess as subprocess_module
+
+    seen = []
+
+    def run(command, **kwargs):
+        seen.append(command[2:])
+        printed = 'warming up\n{"name": "torch", "step_time_s": 2}\n'
+        return subprocess_module.CompletedProcess(command, 0, stdout=printed)
+
+    monkeypatch.setattr(subprocess_module, "run", run)
+    argv = ["--tiny", "--jsonl", "runs.jsonl", "--baseline", "torch", "--separate-baseline", "--dump-hlo", "step.txt",
+            "--profile", "1", "--save-trace", "t.json.gz", "--json", "--steps", "3"]
+    assert benchmark.run_torch_in_child(argv) == {"name": "torch", "step_time_s": 2}
+    assert seen == [["--tiny", "--baseline", "torch", "--profile", "1", "--steps", "3", "--baseline-only"]]
+
+
 @pytest.mark.parametrize(
     "clip_weight, sigmoid_weight",
     [  # each loss alone: `make test-all` (both together, which `make test` runs, covers both; unequal weights
@@ -390,6 +559,31 @@ def test_idle_gaps_say_where_the_device_waited(tmp_path):
     assert benchmark.idle_table({**summary, "idle_ms_per_step": 0.0}, 80e-6, {}) == []  # no gaps (or no device lines)
 
 
+def test_idle_gaps_start_where_the_busy_span_ends_and_a_size_limit_is_the_next_size_s():
+    """A kernel inside another's span (on a second stream) ends no busy span: the gap after it starts where the
+    longer one ends, and follows it; a gap of exactly 5 or 50 µs is one of the next size. Microseconds: A 0–100, B
+    10–20 (inside A), C 105–110, D 160–170 → gaps of 5 (A→C) and 50 (C→D)."""
+    gaps = benchmark.idle_gaps([(0.0, 100.0, "A"), (10.0, 20.0, "B"), (105.0, 110.0, "C"), (160.0, 170.0, "D")], 1)
+    assert gaps["idle_ms_per_step"] == 0.055
+    assert gaps["idle_by_size_ms_per_step"] == {"< 5 µs": [0.0, 0.0], "5–50 µs": [0.005, 1.0], "≥ 50 µs": [0.05, 1.0]}
+    assert gaps["top_gaps_ms_per_step"] == [["C", "D", 0.05, 1.0], ["A", "C", 0.005, 1.0]]
+
+
+def test_a_trace_without_stream_lines_reads_every_device_line_but_the_derived_ones(tmp_path):
+    """Where no device line is named `Stream`, the kernels are on the device's other lines: not the derived XLA
+    Ops, XLA Modules and Steps lines, which repeat the same time (the busy time would be counted twice)."""
+    lines = [meta("process_name", 1, 0, "/device:GPU:0"), meta("thread_name", 1, 5, "Kernels"),
+             meta("thread_name", 1, 8, "XLA Ops"), meta("thread_name", 1, 9, "XLA Modules"),
+             meta("thread_name", 1, 10, "Steps")]
+    events = [kernel(1, 5, "loop_add_fusion", 300), kernel(1, 8, "loop_add_fusion.3", 300),
+              kernel(1, 9, "jit_step", 400), kernel(1, 10, "0", 400)]
+    with gzip.open(tmp_path / "trace.json.gz", "wt") as file:
+        json.dump({"traceEvents": lines + events}, file)
+    summary = benchmark.summarize_trace(tmp_path / "trace.json.gz", steps=1)
+    assert summary["lines"] == ["Kernels"] and summary["device_busy_ms_per_step"] == 0.3
+    assert summary["op_time_us"] == {"loop_add_fusion.3": [300.0, 1]}
+
+
 def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):
     """jax 0.11.2 on an H200 wrote only the Stream line: each kernel event's `hlo_op` argument names its HLO
     instruction (a cuDNN call's several kernels add up under one op). Where kernels carry no `hlo_op`, the ops
@@ -410,6 +604,13 @@ def test_without_an_xla_ops_line_the_kernels_hlo_op_names_the_ops(tmp_path):
     }
     assert summary["device_busy_ms_per_step"] == 1.02  # the kernels' own time, the memset's too
     assert summary["kernel_arguments"] == ["correlation_id", "hlo_op"]
+
+    # Two steps of the cuDNN call: each of its kernels' launches add up, 2 per step, as its time does.
+    with gzip.open(tmp_path / "two_steps.json.gz", "wt") as file:
+        json.dump({"traceEvents": stream_only + events[2:4] * 2}, file)
+    summary = benchmark.summarize_trace(tmp_path / "two_steps.json.gz", steps=2)
+    assert summary["op_time_us"] == {"custom-call.2": [1200.0, 4]}
+    assert summary["top_ops_ms_per_step"] == [["custom-call.2", 0.6, 2.0]]
 
     with gzip.open(tmp_path / "unnamed.json.gz", "wt") as file:
         json.dump({"traceEvents": stream_only + [launch("input_reduce_fusion", 300, kernel_details="grid:1")]}, file)
@@ -433,6 +634,11 @@ def test_a_trace_without_op_names_is_attributed_by_kernel_name():
     assert benchmark.ops_from_kernel_names(kernels, found) == {
         "loop_gelu_fusion": [400.0, 4], "loop_gelu_grad_fusion": [800.0, 2], "gemm.1": [600.0, 2],
         "nvjet_sm90_tst_128x160": [100.0, 2],
+    }
+    # '-' is written '_' as '.' is: the fusion wrapper's `wrapped_dynamic-slice.3` runs `wrapped_dynamic_slice_3`
+    sliced = dataclasses.replace(found[0], name="wrapped_dynamic-slice.3")
+    assert benchmark.ops_from_kernel_names({"wrapped_dynamic_slice_3": [50.0, 2]}, [sliced]) == {
+        "wrapped_dynamic-slice.3": [50.0, 2],
     }
     profile = benchmark.time_by_source({}, found, 2, 1.0, kernel_time_us=kernels, kernel_arguments=["correlation_id"])
     gb = 2 * 8192 * 8192 * 2 / 1e9  # a bf16 8192² array read and one written
@@ -612,6 +818,60 @@ def test_attention_parity_check_fails_on_a_nan_gradient(monkeypatch, capsys):
     monkeypatch.setattr(attention_parity, "compare", compare)
     status = attention_parity.main(["--batch", "1", "--cases", "whisper-base-30s", "clip-text-b32-causal-padded"])
     assert status == 1 and "attention parity FAILED (worst nan" in capsys.readouterr().out
+
+
+def test_attention_parity_check_fails_on_a_case_that_raises(monkeypatch, capsys):
+    """A case that raises (a shape cuDNN has no plan for) fails the check, though the cases that ran agree."""
+    import attention_parity
+
+    def compare(case, batch, candidate):
+        if case.startswith("clip"):
+            raise RuntimeError("no cuDNN plan for this shape")
+        return {"case": case, "length": 1504, "heads": 8, "causal": False, "out": 4e-3, "cudnn_custom_calls": 2,
+                "d_input": 4e-3, "d_params": 4e-3}
+
+    monkeypatch.setattr(attention_parity, "cudnn_unavailable", lambda: None)
+    monkeypatch.setattr(attention_parity, "compare", compare)
+    status = attention_parity.main(["--batch", "1", "--cases", "whisper-base-30s", "clip-text-b32-causal-padded"])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "  clip-text-b32-causal-padded: FAILED with RuntimeError('no cuDNN plan for this shape')" in out
+    assert "attention parity FAILED (worst 4.00e-03, bound 0.02)" in out
+
+
+def test_data_benchmark_rates_are_of_the_fastest_pass_per_cpu_and_per_wall_second(monkeypatch):
+    """scripts/benchmark_data.py's stage rows: clips per CPU-second and per wall-second, each of its fastest pass
+    (4 clips; CPU 0.5 s and wall 2 s a clip in the first pass, 0.25 s and 3 s in the second)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))  # what importing it sets
+    import benchmark_data
+
+    clock = {"cpu": 0.0, "wall": 0.0}
+    costs = iter([(0.5, 2.0)] * 4 + [(0.25, 3.0)] * 4)
+
+    def decode(clip):
+        cpu, wall = next(costs)
+        clock["cpu"] += cpu
+        clock["wall"] += wall
+
+    monkeypatch.setattr(benchmark_data.time, "process_time", lambda: clock["cpu"])
+    monkeypatch.setattr(benchmark_data.time, "perf_counter", lambda: clock["wall"])
+    assert benchmark_data._best_rate(decode, ["a", "b", "c", "d"], repeats=2) == (4.0, 0.5)
+
+
+def test_loss_benchmark_ratios_are_ring_over_dense(monkeypatch, capsys):
+    """scripts/benchmark_loss.py's table: the time ratio column is ring ÷ dense (medians of 2 and 3 ms here, for
+    the dense and the ring form, timed in that order), on this process's 8 host devices."""
+    import statistics
+
+    import benchmark_loss
+
+    medians = iter([0.002, 0.003])
+    monkeypatch.setattr(statistics, "median", lambda times: next(medians))
+    monkeypatch.setattr(sys, "argv", ["benchmark_loss.py", "--sizes", "16", "--dim", "8", "--kinds", "clip",
+                                      "--repeats", "1"])
+    benchmark_loss.main()
+    [row] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| clip |")]
+    assert row.startswith("| clip | 16 | 2.0 | 3.0 | 1.50 | ")
 
 
 def test_attention_parity_without_cudnn_says_it_needs_a_gpu(capsys):

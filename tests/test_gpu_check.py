@@ -52,6 +52,9 @@ def main():
         calls.write(f"{label}:{args[args.index('--attention') + 1]}\\n")
     if label in os.environ.get("FAIL", "").split():
         sys.exit(3)
+    if label in os.environ.get("KILLED", "").split():  # as a run that `timeout` had to KILL after its TERM
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
     if label in os.environ.get("HANG", "").split():
         import time
         time.sleep(600)
@@ -180,14 +183,19 @@ def test_a_machine_without_the_data_stack_stops_before_any_run(tmp_path):
 
 def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call(tmp_path):
     """A run may take RUN_LIMIT_PERCENT of its estimate, not the whole call (one that hung took all of what was
-    left, and in the next call, started first again, all of that one too)."""
+    left, and in the next call, started first again, all of that one too). One that `timeout` had to KILL (status
+    137: it did not end on the TERM) ran out of time too."""
     calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64 base-30s-b128-vs-eager",
-                                 HANG="base-10s-b128-no-graphs", RUN_LIMIT_PERCENT="4")  # 55 s → a limit of 2 s
+                                 HANG="base-10s-b128-no-graphs", KILLED="medium-30s-b32",
+                                 RUN_LIMIT_PERCENT="4")  # 55 s → a limit of 2 s, 85 s → 3 s
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
     [row] = [row for row in rows if row["label"] == "base-10s-b128-no-graphs"]
     assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
+    [row] = [row for row in rows if row["label"] == "medium-30s-b32"]
+    assert re.fullmatch(r"out of time \(limit 3 s\) after \d+ s", row["error"]), row
     calls, _, _ = gpu_check(tmp_path, "second", budget_s=10_000)
-    assert calls == ["small-30s-b64:cudnn", "base-30s-b128-vs-eager:cudnn", "base-10s-b128-no-graphs:cudnn"]
+    assert calls == ["small-30s-b64:cudnn", "base-30s-b128-vs-eager:cudnn", "base-10s-b128-no-graphs:cudnn",
+                     "medium-30s-b32:cudnn"]
 
 
 def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
@@ -199,9 +207,12 @@ def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
 def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
     """With 60 s, only the three runs estimated at ≤ 60 s start (the 10 s window with and without graphs, the
     eager baseline); the others are recorded as skipped, so the next call runs them."""
-    calls, rows, _ = gpu_check(tmp_path, "short", budget_s=60)
+    calls, rows, log = gpu_check(tmp_path, "short", budget_s=60)
     short = ("base-10s-b128-no-graphs", "base-10s-b128", "base-30s-b128-vs-eager")
     assert calls == ["parity", *(f"{label}:cudnn" for label in short)]
+    # each within what was left of the budget, though 150% of 55 s is 82 s
+    limits = [int(limit) for limit in re.findall(r"\(limit (\d+) s\)", log)]
+    assert len(limits) == 3 and max(limits) <= 60, limits
     skipped = [row["label"] for row in rows if row.get("error", "").startswith("skipped")]
     expected = [label for label in RUNS if label not in short]
     assert skipped == expected

@@ -46,6 +46,22 @@ def test_counts_matmuls_convolutions_and_repeated_calls_exactly():
     assert result["bf16_dot_share"] == 1.0
 
 
+def test_a_function_called_by_a_repeated_call_runs_once_per_call_of_its_caller():
+    """A helper that a function calls twice, itself called twice, runs four times."""
+    @jax.jit
+    def inner(x, w):
+        return x @ w
+
+    @jax.jit
+    def outer(x, w):
+        return inner(inner(x, w), w)
+
+    x, w = jnp.zeros((6, 40), jnp.bfloat16), jnp.zeros((40, 40), jnp.bfloat16)
+    text = jax.jit(lambda x, w: outer(outer(x, w), w)).lower(x, w).as_text()
+    assert hlo_audit.multiplicities(hlo_audit.functions(text)) == {"main": 1, "outer": 2, "inner": 4}
+    assert hlo_audit.audit_text(text)["dot_flops"] == {"bf16 x bf16 -> bf16": 4 * (2 * 6 * 40 * 40)}
+
+
 def test_refuses_programs_with_loops():
     text = jax.jit(lambda x: jax.lax.fori_loop(0, 3, lambda i, v: v @ v, x)).lower(jnp.eye(4)).as_text()
     with pytest.raises(ValueError, match="loops"):
@@ -196,6 +212,8 @@ def test_compiled_program_report_reads_memory_and_traffic(tmp_path):
         "blocks (--remat) or lower the batch"
     ]
     assert hlo_audit.fit_lines({**on_a_card, "memory_fraction": 0.95})[0].endswith("=0.95): the program fits it")
+    all_of_it = {**on_a_card, "program_bytes": 75 * 2**30}
+    assert hlo_audit.fit_lines(all_of_it)[0].endswith("the program fits it")
 
 
 def test_compiled_program_on_several_devices_reports_its_collectives():

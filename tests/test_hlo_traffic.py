@@ -154,6 +154,63 @@ def test_each_launch_is_attributed_to_our_line_else_its_innermost_frame():
     assert "| backward wavlink_jax/models/layers.py:40:12 gelu_exact | 1 | 0.27 | 0.07 |" in text  # 2 × 8192² bf16
     largest = text.split("largest 3 outside GEMMs, custom calls and collectives (GB read, written; instruction; source line):\n")[1]
     assert "wavlink_jax/models/layers.py:40:12 gelu_exact" in largest  # the list names the same groups
+    # the total outside GEMMs leaves out the GEMM's 0.27 GB (with it: 1.2 GB = 0.3 ms)
+    assert text.startswith(
+        "7 launches; outside GEMMs, custom calls and collectives: 6 launches moving 0.9 GB = 0.2 ms at 4.0 TB/s\n"
+    )
+
+
+# A fusion whose own metadata XLA left empty, fused from two lines (LayerNorm's, then our GELU's): it is named after
+# the last instruction inside with a frame, the one nearest its root.
+TWO_FRAMES_FUSED = """
+%fused_two (param_0.2: f32[64]) -> f32[] {
+  %param_0.2 = f32[64]{0} parameter(0)
+  %multiply.2 = f32[64]{0} multiply(%param_0.2, %param_0.2), metadata={op_name="jit(step)/jvp()/mul" stack_frame_id=3}
+  %exponential.2 = f32[64]{0} exponential(%multiply.2), metadata={op_name="jit(step)/jvp()/exp" stack_frame_id=4}
+  %constant.2 = f32[] constant(0)
+  ROOT %reduce.2 = f32[] reduce(%exponential.2, %constant.2), dimensions={0}, to_apply=%region_add
+}
+
+ENTRY %main.3 (p.3: f32[64]) -> f32[] {
+  %p.3 = f32[64]{0} parameter(0), metadata={op_name="p"}
+  ROOT %input_reduce_fusion.2 = f32[] fusion(%p.3), kind=kInput, calls=%fused_two, metadata={scheduling_name="r"}
+}
+"""
+
+
+def test_a_fusion_without_a_frame_is_named_after_the_last_instruction_inside_with_one():
+    [launch] = hlo_traffic.launches(HEADER + STACK_FRAMES + TWO_FRAMES_FUSED)
+    assert launch.source == "forward wavlink_jax/models/layers.py:40:12 gelu_exact"
+
+
+# Views and bookkeeping (a bitcast, a tuple and its elements) launch nothing; two numbered copies of a fusion are one
+# kind, each forward or backward; a fusion of XLA's GEMM emitter is a GEMM by its name alone.
+VIEWS_AND_FUSIONS = """
+ENTRY %main.4 (x.4: bf16[64,64]) -> (bf16[4096], bf16[64,64]) {
+  %x.4 = bf16[64,64]{1,0} parameter(0), metadata={op_name="x"}
+  %bitcast.4 = bf16[4096]{0} bitcast(%x.4)
+  %loop_add_fusion.3 = bf16[4096]{0} fusion(%bitcast.4), kind=kLoop, calls=%f3, metadata={op_name="jvp()/add"}
+  %loop_add_fusion.7 = bf16[4096]{0} fusion(%bitcast.4), kind=kLoop, calls=%f7, metadata={op_name="transpose(jvp())"}
+  %gemm_fusion_dot.2 = bf16[64,64]{1,0} fusion(%x.4, %x.4), kind=kCustom, calls=%g, metadata={op_name="jvp()/dot"}
+  %tuple.4 = (bf16[4096]{0}, bf16[64,64]{1,0}) tuple(%loop_add_fusion.7, %gemm_fusion_dot.2)
+  %get-tuple-element.4 = bf16[4096]{0} get-tuple-element(%tuple.4), index=0
+  %get-tuple-element.5 = bf16[64,64]{1,0} get-tuple-element(%tuple.4), index=1
+  ROOT %tuple.5 = (bf16[4096]{0}, bf16[64,64]{1,0}) tuple(%get-tuple-element.4, %get-tuple-element.5)
+}
+"""
+
+
+def test_only_kernels_are_launches_and_a_fusion_s_kind_is_its_name_without_the_number():
+    found = hlo_traffic.launches(HEADER + VIEWS_AND_FUSIONS)
+    array = 64 * 64 * 2
+    assert [(x.name, x.group, x.read, x.written) for x in found] == [
+        ("loop_add_fusion.3", "forward loop_add_fusion", array, array),  # the bitcast's bytes, read through the view
+        ("loop_add_fusion.7", "backward loop_add_fusion", array, array),
+        ("gemm_fusion_dot.2", "GEMM", 2 * array, array),
+    ]
+    assert [row[0] for row in hlo_traffic.totals(found)] == [
+        "GEMM", "forward loop_add_fusion", "backward loop_add_fusion",
+    ]
 
 
 @pytest.mark.parametrize("file_name, shown", [
