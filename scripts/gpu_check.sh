@@ -32,7 +32,8 @@
 # RUN_LIMIT_PERCENT (default 150) of its estimate, so that one run that hangs cannot take the call; a run that
 # would not fit its estimate is skipped and recorded as such (the next call on the machine runs it), and so is
 # one that needs more memory than the card has (large b64 without remat on an H100). A run that ran out of time
-# goes last in the next call on the machine, after the runs that have not had their turn.
+# goes last in the next call on the machine, after the runs that have not had their turn. At its limit a run gets
+# TERM, and KILL_AFTER_S (default 10) later KILL.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -42,6 +43,7 @@ JSONL=$OUT/bench.jsonl
 START=$(date +%s)
 BUDGET_S=${BUDGET_S:-510}
 RUN_LIMIT_PERCENT=${RUN_LIMIT_PERCENT:-150}
+KILL_AFTER_S=${KILL_AFTER_S:-10}
 STATE_DIR=${STATE_DIR:-/tmp/gpu_check_state}
 mkdir -p "$STATE_DIR"
 touch "$STATE_DIR/done.txt" "$STATE_DIR/out_of_time.txt"
@@ -160,17 +162,21 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
     local t0=$(date +%s)
     local separate=""
     [[ " $* " == *" --baseline "* ]] && separate=$SEPARATE
-    timeout --kill-after=10 "$limit" python3 scripts/benchmark.py --attention "$ATTENTION" --label "$label" \
+    timeout --kill-after="$KILL_AFTER_S" "$limit" python3 scripts/benchmark.py --attention "$ATTENTION" --label "$label" \
         --jsonl "$RECORD" $separate "$@" 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
-    local rc=${PIPESTATUS[0]}
-    log "== $label: exit $rc after $(($(date +%s) - t0)) s"
+    local rc=${PIPESTATUS[0]} took=$(($(date +%s) - t0))
+    log "== $label: exit $rc after $took s"
     if [ "$rc" -ne 0 ]; then
         local why="exit $rc"
-        if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        # 124: stopped by timeout's TERM; 137 at the limit: KILLed by timeout after ignoring it. A KILL before the
+        # limit came from elsewhere (the kernel's OOM killer: host memory), which another call would meet again.
+        if [ "$rc" -eq 124 ] || { [ "$rc" -eq 137 ] && [ "$took" -ge "$limit" ]; }; then
             why="out of time (limit $limit s)"
             echo "$label" >>"$STATE_DIR/out_of_time.txt"
+        elif [ "$rc" -eq 137 ]; then
+            why="killed (status 137) before its limit of $limit s: out of host memory?"
         fi
-        echo "{\"label\": \"$label\", \"error\": \"$why after $(($(date +%s) - t0)) s\"}" >>"$RECORD"
+        echo "{\"label\": \"$label\", \"error\": \"$why after $took s\"}" >>"$RECORD"
     else
         echo "$label" >>"$STATE_DIR/done.txt"
     fi

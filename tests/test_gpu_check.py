@@ -52,11 +52,13 @@ def main():
         calls.write(f"{label}:{args[args.index('--attention') + 1]}\\n")
     if label in os.environ.get("FAIL", "").split():
         sys.exit(3)
-    if label in os.environ.get("KILLED", "").split():  # as a run that `timeout` had to KILL after its TERM
-        import signal
+    import signal, time
+    if label in os.environ.get("KILLED", "").split():  # as by the OOM killer
         os.kill(os.getpid(), signal.SIGKILL)
+    if label in os.environ.get("DEAF", "").split():  # a hung run that ignores TERM: `timeout` KILLs it
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
     if label in os.environ.get("HANG", "").split():
-        import time
         time.sleep(600)
     row = dict(label=label, device="stand-in", matmul_peak_tflops=800.0, samples_per_s=10.0, step_time_s=0.1,
                tflops_model=300.0, fraction_of_peak_model=0.375, tflops_cost_analysis=None, peak_memory_bytes=2**30,
@@ -183,19 +185,21 @@ def test_a_machine_without_the_data_stack_stops_before_any_run(tmp_path):
 
 def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call(tmp_path):
     """A run may take RUN_LIMIT_PERCENT of its estimate, not the whole call (one that hung took all of what was
-    left, and in the next call, started first again, all of that one too). One that `timeout` had to KILL (status
-    137: it did not end on the TERM) ran out of time too."""
+    left, and in the next call, started first again, all of that one too). One KILLed before its limit (status
+    137, not from `timeout`: the OOM killer) did not run out of time: the next call runs it in its turn."""
     calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64 base-30s-b128-vs-eager",
-                                 HANG="base-10s-b128-no-graphs", KILLED="medium-30s-b32",
-                                 RUN_LIMIT_PERCENT="4")  # 55 s → a limit of 2 s, 85 s → 3 s
+                                 HANG="base-10s-b128-no-graphs", DEAF="base-10s-b128", KILLED="medium-30s-b32",
+                                 RUN_LIMIT_PERCENT="4", KILL_AFTER_S="1")  # 55 s → a limit of 2 s, 85 s → 3 s
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
-    [row] = [row for row in rows if row["label"] == "base-10s-b128-no-graphs"]
-    assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
+    for label in ("base-10s-b128-no-graphs", "base-10s-b128"):  # TERMinated; KILLed a second after ignoring it
+        [row] = [row for row in rows if row["label"] == label]
+        assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
     [row] = [row for row in rows if row["label"] == "medium-30s-b32"]
-    assert re.fullmatch(r"out of time \(limit 3 s\) after \d+ s", row["error"]), row
+    assert re.fullmatch(r"killed \(status 137\) before its limit of 3 s: out of host memory\? after \d+ s",
+                        row["error"]), row
     calls, _, _ = gpu_check(tmp_path, "second", budget_s=10_000)
-    assert calls == ["small-30s-b64:cudnn", "base-30s-b128-vs-eager:cudnn", "base-10s-b128-no-graphs:cudnn",
-                     "medium-30s-b32:cudnn"]
+    assert calls == ["small-30s-b64:cudnn", "medium-30s-b32:cudnn", "base-30s-b128-vs-eager:cudnn",
+                     "base-10s-b128-no-graphs:cudnn", "base-10s-b128:cudnn"]
 
 
 def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
