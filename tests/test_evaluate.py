@@ -372,6 +372,14 @@ def test_airbench_parsing(tmp_path):
     assert metrics["overall"] == pytest.approx(200 / 3) and metrics["acc/Speaker_Gender_Recognition_common_voice"] == 0.0
 
 
+def test_airbench_empty_choices_are_not_choices(tmp_path):
+    """A two-choice question whose metadata holds `choice_c: ""` / `choice_d: null` has two choices, not four
+    (an empty text would be embedded and could be picked)."""
+    item = _airbench_item(1, "Sound_AQA", "clotho", "a.wav", "What?", ["a dog", "rain", "", None], "rain")
+    (question,) = eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "Foundation", [item]))
+    assert question.choices == ("a dog", "rain") and question.answer == 1
+
+
 def test_airbench_bad_metadata(tmp_path):
     bad_answer = [dict(AIRBENCH_ITEMS[0], answer_gt="a cat")]
     with pytest.raises(ValueError, match=r"Foundation_meta.json\[0\].*answer_gt 'a cat' is none of the choices"):
@@ -538,6 +546,12 @@ def test_evaluate_data_choice_texts(with_question):
     assert {key: table[8][key] for key in expected} == expected
 
 
+def test_evaluate_data_refuses_a_set_with_nothing_to_score():
+    data = eval_tasks.EvalData(name="bare", waveforms=_toy_data().waveforms)
+    with pytest.raises(ValueError, match="'bare' has no captions, labels or questions: nothing to score"):
+        eval_tasks.evaluate_data(_KeywordEmbedder({}), data, [8])
+
+
 def test_evaluate_during_training_keys():
     data = _toy_data()
     embedder = _KeywordEmbedder({"dog": [0, 1], "siren": [2, 3], "rain": [4, 5]}, noise=0.05)
@@ -626,6 +640,7 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
         _airbench_item(2, "Sound_AQA", "clotho", "a.wav", "Which?", ["x", "y"], "y"),
         _airbench_item(3, "Sound_AQA", "clotho", "b.wav", "What?", ["x", "y"], "y"),
         _airbench_item(4, "Audio_Grounding", "audiogrounding", "g.wav", "When?", ["0-1s", "2-3s"], "0-1s"),
+        _airbench_item(5, "Sound_AQA", "clotho", "b.wav", "Which?", ["x", "y"], "x"),
     ]
     root = _write_airbench(tmp_path / "Foundation", items)
     _write_clip(root / "Sound_AQA_clotho" / "a.wav", 1.0)
@@ -635,7 +650,8 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
     assert data.waveforms.shape == (2, 16000)
     assert [q.id for q in data.questions] == ["1", "2", "4"]
     assert data.question_audio.tolist() == [1, 1, 0]  # files in sorted path order: Audio_Grounding first
-    assert data.summary()["skipped"] == {"not_audio": 1, "questions_dropped": 1}
+    # One unreadable file, two questions about it: both dropped questions counted (not the one file).
+    assert data.summary()["skipped"] == {"not_audio": 1, "questions_dropped": 2}
 
 
 def test_airbench_max_clips_keeps_the_first_questions_and_decodes_only_their_audio(tmp_path):

@@ -565,6 +565,16 @@ def test_stereo_arrays_are_refused_alike_and_batches_still_work(torch_wavlink, j
         np.testing.assert_array_equal(jax_embedder.embed_audio(kind(batch[1])), ours[1:])  # was "shape ()"
 
 
+def test_channels_last_is_told_from_a_batch_by_its_shape():
+    """Up to 8 channels (7.1 surround), and more samples than channels, is (samples, channels); a wider or
+    shorter array is a (clips, samples) batch, however short its clips."""
+    for shape in ((16000, 1), (16000, 2), (16000, 8), (9, 8)):
+        with pytest.raises(ValueError, match=re.escape(f"audio of shape {shape} looks like (samples, channels)")):
+            waveform_layout.check_not_channels_last(shape)
+    for shape in ((16000, 9), (2, 16000), (8, 8), (2, 5), (16000,), (2, 3, 4)):
+        waveform_layout.check_not_channels_last(shape)
+
+
 def test_integer_pcm_is_refused_alike_and_window_batches_are_not_copied(torch_wavlink, jax_embedder):
     """int16 samples (scipy.io.wavfile.read) were embedded as floats 32768 times too loud, by JAX and PyTorch
     alike; both refuse them with the same words, in any kind of array and inside a list. A float32 batch of

@@ -6,6 +6,7 @@ merged. fp32; the batched path is compared with a direct unbatched call of the m
 different batch shapes).
 """
 
+import dataclasses
 import re
 import shutil
 import types
@@ -16,9 +17,10 @@ import pytest
 from flax import nnx
 from test_export import sample_inputs, train_workdir
 
-from wavlink_jax import audio, checkpoint, embed, export, inference
+from wavlink_jax import audio, checkpoint, embed, export, files, inference
 from wavlink_jax.convert.common import CheckpointError
 from wavlink_jax.models import lora
+from wavlink_jax.models.wavlink import WavLink
 from wavlink_jax.optim import flatten
 
 BATCH_TOLERANCE = 1e-5
@@ -105,6 +107,44 @@ def test_batched_padded_embeddings_match_direct_calls(embedder):
     assert short.shape == (len(texts), 16) and np.abs(short - expected).max() <= BATCH_TOLERANCE
 
 
+def test_batch_size_is_rounded_up_to_a_multiple_of_the_device_count(embedder):
+    """A batch of 8 on the tests' 8 devices stays 8 (one clip per device), not 16; 9 becomes 16."""
+    sizes = {n: inference.Embedder(embedder.loaded, batch_size=n).batch_size for n in (1, 8, 9, 16)}
+    assert sizes == {1: 8, 8: 8, 9: 16, 16: 16}
+
+
+def test_a_128_mel_model_gets_128_mel_spectrograms(embedder):
+    """Whisper large-v3's audio tower reads 128 mel bins, the others 80 (the log-mel default): the spectrogram
+    is computed with the model's `n_mels`."""
+    config = embedder.config
+    config = dataclasses.replace(config, audio=dataclasses.replace(config.audio, n_mels=128))
+    # The trained weights, but a first convolution with 128 input channels (initialising a model takes seconds).
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: WavLink(config, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    trained = nnx.to_pure_dict(nnx.state(embedder.loaded.model))
+    nnx.replace_by_pure_dict(state, jax.tree.map(
+        lambda new, old: old if new.shape == old.shape else 0.1 * rng.standard_normal(new.shape, np.float32),
+        nnx.to_pure_dict(state), trained))
+    loaded = dataclasses.replace(embedder.loaded, model=nnx.merge(graphdef, state))
+    assert loaded.model.audio.conv1.kernel.shape[1] == 128
+    waves, window = sample_inputs()[0][:2], embedder.window_samples
+    by_hand = np.stack([np.pad(w[:window], (0, max(0, window - len(w)))) for w in waves])
+    direct = nnx.jit(lambda m, x: m.embed_audio(audio.log_mel_spectrogram(x, 128)))(loaded.model, by_hand)
+    got = inference.Embedder(loaded, batch_size=8).embed_audio(waves)
+    assert np.abs(got - np.asarray(direct)).max() <= BATCH_TOLERANCE
+
+
+def test_dtype_reaches_both_towers(run, exported, embedder):
+    """`dtype=` is the compute dtype of both towers, from a workdir and from an export; a bfloat16 embedder's
+    embeddings are near the float32 ones but not the same."""
+    for path in (run[0], exported):
+        config = inference.read_model(path, dtype="bfloat16").model.config
+        assert (config.audio.dtype, config.text.dtype) == ("bfloat16", "bfloat16"), path
+    texts = sample_inputs()[1]
+    half, full = inference.load(exported, dtype="bfloat16").embed_text(texts), embedder.embed_text(texts)
+    assert half.dtype == np.float32 and 0 < np.abs(half - full).max() < 0.05
+
+
 def test_window_override(run, embedder):
     """`window_seconds` replaces the training window (1 s) by any window the position table covers (the tiny
     model's covers exactly 1 s: 50 positions); clips are cut to it and embedded at that length."""
@@ -135,9 +175,11 @@ def test_export_and_steps_load_the_same_model(run, embedder, exported, monkeypat
                   - np.asarray(embedder.loaded.model.audio.global_token.get_value())).max() > 0
 
 
-def test_bad_requests(run, embedder, tmp_path):
+def test_bad_requests(run, embedder, exported, tmp_path):
     with pytest.raises(CheckpointError, match="steps available"):
         inference.load(run[0], step=5)
+    with pytest.raises(ValueError, match=r"--step 2\) applies to training workdirs only"):  # not ignored
+        inference.load(exported, step=2)
     with pytest.raises(CheckpointError, match="neither a training workdir"):
         inference.load(tmp_path)
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
@@ -160,6 +202,12 @@ def test_embed_cli_similarity_matrix(run, embedder, clips, capsys):
     expected = embedder.embed_audio(decoded) @ embedder.embed_text(texts).T
     np.testing.assert_allclose(printed, expected, atol=5e-4)  # printed with 3 decimals
     assert lines[3:] == ["[0] a burst of noise", "[1] a tone"]
+    # --dim: both kinds at that Matryoshka size.
+    embed.main(["--model", str(run[0]), "--audio", *files, "--text", *texts, "--dim", "16"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = np.array([[float(v) for v in line.split()[-2:]] for line in lines[1:3]])
+    expected = embedder.embed_audio(decoded, dim=16) @ embedder.embed_text(texts, dim=16).T
+    np.testing.assert_allclose(printed, expected, atol=5e-4)
 
 
 def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, capsys, monkeypatch):
@@ -269,3 +317,65 @@ def test_check_same_model_compares_both_probes():
     index["probe_audio"] = index["probe_audio"] + 0.5
     with pytest.raises(ValueError, match="the index was built with another model"):
         embed.check_same_model(index, stub)
+
+
+def test_audio_files_are_found_by_extension_in_any_case(tmp_path):
+    """`.WAV` and `.Flac` are audio files too (cameras and recorders write upper-case names)."""
+    (tmp_path / "deep").mkdir()
+    for name in ("a.WAV", "deep/b.Flac", "c.mp3", "notes.txt", "wav"):
+        (tmp_path / name).write_bytes(b"")
+    found, ignored = embed.audio_files(tmp_path)
+    assert [str(path.relative_to(tmp_path)) for path in found] == ["a.WAV", "c.mp3", "deep/b.Flac"] and ignored == 2
+
+
+def test_an_index_of_more_files_than_one_batch_holds_every_file(embedder, clips, tmp_path):
+    """Files are decoded and embedded a batch at a time (8 here): 11 files, an unreadable one among them, give
+    10 rows in order, each the embedding of its own file."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    sources = sorted(clips.glob("clip*.flac")) + [clips / "sub" / "clip4.flac"]
+    for index in range(10):
+        shutil.copyfile(sources[index % 5], folder / f"{index:02d}.flac")
+    shutil.copyfile(clips / "broken.flac", folder / "05b.flac")
+    report = embed.build_index(embedder, folder, tmp_path / "many.npz", progress=False)
+    index = embed.read_index(tmp_path / "many.npz")
+    assert report.indexed == 10 and [path for path, _ in report.skipped] == ["05b.flac"]
+    assert list(index["paths"]) == [f"{i:02d}.flac" for i in range(10)]
+    decoded = embed.decode_files([folder / p for p in index["paths"]], embedder.window_samples)
+    assert np.abs(index["embeddings"] - embedder.embed_audio(decoded)).max() <= BATCH_TOLERANCE
+
+
+def test_a_search_without_model_uses_the_model_and_step_the_index_names(run, exported, clips, tmp_path, capsys,
+                                                                        monkeypatch):
+    """An index records its model as an absolute path (built here from a relative one) with the step that was
+    read (2, not the latest 3) or -1 for an export; a search without --model, from another folder, loads that
+    model at that step (the latest step is another model, whose probes the search would refuse)."""
+    query = "a burst of pink noise"
+    monkeypatch.chdir(run[0].parent)
+    embed.main(["--model", run[0].name, "--step", "2", "--index", str(clips), "--out", str(tmp_path / "two.npz")])
+    embed.build_index(inference.load(exported), clips, tmp_path / "export.npz", progress=False)
+    monkeypatch.chdir(tmp_path)
+    for name, model, step in (("two.npz", run[0], 2), ("export.npz", exported, None)):
+        index = embed.read_index(tmp_path / name)
+        assert (str(index["model"]), int(index["step"])) == (str(model.resolve()), -1 if step is None else step)
+        capsys.readouterr()
+        embed.main(["--index-file", name, "--query", query, "--top-k", "1"])  # another model would be refused
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0] == f"query: {query}" and lines[1].split()[2] in index["paths"]
+
+
+def test_replaced_writes_beside_the_target_with_its_suffix(tmp_path):
+    """`files.replaced` hands out a path in the target's folder (one rename, never a copy across file systems)
+    with the target's suffix, so a writer that adds a missing suffix (np.save) writes where it is told; a failed
+    write keeps the old file and leaves nothing behind."""
+    target = tmp_path / "index.npy"
+    target.write_bytes(b"old")
+    with files.replaced(target) as partial:
+        assert partial.parent == target.parent and partial.name.startswith(".")
+        np.save(partial, np.arange(3))
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+    with pytest.raises(RuntimeError, match="disk full"), files.replaced(target) as partial:
+        partial.write_bytes(b"cut")
+        raise RuntimeError("disk full")
+    np.testing.assert_array_equal(np.load(target), np.arange(3))
+    assert [path.name for path in tmp_path.iterdir()] == ["index.npy"]
