@@ -163,7 +163,8 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
     local separate=""
     [[ " $* " == *" --baseline "* ]] && separate=$SEPARATE
     timeout --kill-after="$KILL_AFTER_S" "$limit" python3 scripts/benchmark.py --attention "$ATTENTION" \
-        --label "$label" --jsonl "$RECORD" $separate "$@" 2>&1 | grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        --label "$label" --jsonl "$RECORD" $separate "$@" 2>&1 |
+        grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
     local rc=${PIPESTATUS[0]} took=$(($(date +%s) - t0))
     log "== $label: exit $rc after $took s"
     if [ "$rc" -ne 0 ]; then
