@@ -630,18 +630,26 @@ def test_pytorch_model_without_tokenizer_files_names_them(torch_wavlink, tmp_pat
     assert resaved.embed_audio([np.zeros(8000, np.float32)]).shape == (1, 32)  # the audio side needs none
 
 
-def test_a_tokenizer_without_settings_exports_the_special_tokens_jax_uses(jax_embedder, tmp_path):
-    """A tokenizer directory without tokenizer_config.json or special_tokens_map.json: `load_tokenizer` falls back
-    to CLIP's tokens (pad = end-of-text), and the export writes those into its tokenizer_config.json, so that
-    transformers begins, ends and pads captions with the ids JAX used."""
+@pytest.mark.parametrize("settings", ["none", "a current config without pad, an old map with one"])
+def test_a_tokenizer_without_a_pad_token_exports_the_special_tokens_jax_uses(jax_embedder, tmp_path, settings):
+    """A tokenizer directory whose settings name no pad token, as transformers reads them: no settings files, or a
+    tokenizer_config.json with `added_tokens_decoder` (whose special_tokens_map.json transformers ignores, and so
+    does `load_tokenizer`). JAX falls back to CLIP's tokens (pad = end-of-text), and the export writes those into
+    its tokenizer_config.json, so that transformers begins, ends and pads captions with the ids JAX used."""
     from transformers import AutoTokenizer
 
-    from wavlink_jax.tokenizer import load_tokenizer
+    from wavlink_jax.tokenizer import BOS_TOKEN, EOS_TOKEN, load_tokenizer
 
     bare = tmp_path / "tokenizer"
     bare.mkdir()
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):
         shutil.copyfile(jax_embedder.loaded.tokenizer_dir / name, bare / name)
+    if settings != "none":
+        tok = load_tokenizer(bare)
+        decoder = {str(i): {"content": t, "special": True} for i, t in ((tok.bos_token_id, BOS_TOKEN),
+                                                                         (tok.eos_token_id, EOS_TOKEN))}
+        (bare / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": decoder}))
+        (bare / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
     out = export_loaded(jax_embedder.loaded, tmp_path / "wavlink", tokenizer_dir=bare)
     texts = sample_inputs()[1]
     ids, mask = load_tokenizer(bare, max_length=16)(texts)

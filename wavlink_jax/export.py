@@ -133,18 +133,19 @@ def hf_tower_configs(config: WavLinkConfig, *, bos_token_id: int, pad_token_id: 
 
 def _write_tokenizer(tokenizer_dir: Path, out: Path, max_text_length: int) -> None:
     """Copy the tokenizer files; `tokenizer_config.json` gets the training text length and the special tokens
-    `load_tokenizer` falls back to when the directory names none."""
-    from wavlink_jax.tokenizer import BOS_TOKEN, CONFIG_FILE, EOS_TOKEN
+    `load_tokenizer` falls back to where the files, read with transformers' precedence (`read_settings`), name
+    none."""
+    from wavlink_jax.tokenizer import BOS_TOKEN, CONFIG_FILE, EOS_TOKEN, read_settings
 
     for name in TOKENIZER_FILES:
         if (tokenizer_dir / name).exists():
             shutil.copyfile(tokenizer_dir / name, out / name)
-    config_file, special_file = out / CONFIG_FILE, out / "special_tokens_map.json"
+    config_file = out / CONFIG_FILE
     settings = json.loads(config_file.read_text()) if config_file.exists() else {"tokenizer_class": "CLIPTokenizer"}
-    special = json.loads(special_file.read_text()) if special_file.exists() else {}
-    eos = settings.get("eos_token") or special.get("eos_token") or EOS_TOKEN
+    named = read_settings(out)
+    eos = named.get("eos_token") or EOS_TOKEN
     for role, token in (("bos_token", BOS_TOKEN), ("eos_token", eos), ("pad_token", eos)):
-        if not (settings.get(role) or special.get(role)):
+        if not named.get(role):
             settings[role] = token
     settings["model_max_length"] = max_text_length
     config_file.write_text(json.dumps(settings, indent=2) + "\n")

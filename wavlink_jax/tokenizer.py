@@ -128,7 +128,7 @@ def _read_json_settings(file: Path) -> dict:
     return {key: value for key, value in content.items() if value is not None}
 
 
-def _read_settings(directory: Path) -> dict:
+def read_settings(directory: Path) -> dict:
     """Special tokens and max length from `tokenizer_config.json` / `special_tokens_map.json`, with transformers'
     precedence: a config that lists its `added_tokens_decoder` (written since transformers 4.34) is the whole
     truth; an older one is overridden by the special tokens map where the two disagree."""
@@ -163,7 +163,7 @@ def load_tokenizer(path: str | os.PathLike, max_length: int | None = None) -> To
         raise TokenizerError(
             f"{directory}: not a directory; expected one holding tokenizer.json or vocab.json + merges.txt"
         )
-    settings = _read_settings(directory)
+    settings = read_settings(directory)
     tokens = {
         "bos_token": _token_content(settings.get("bos_token")) or BOS_TOKEN,
         "eos_token": _token_content(settings.get("eos_token")) or EOS_TOKEN,
