@@ -489,6 +489,10 @@ def test_eval_set_keeps_order_captions_and_labels(tmp_path):
     assert zero_shot.labels[-1] == "c2" and len(zero_shot.captions) == 13 and zero_shot.waveforms.shape == (6, 9600)
     assert not zero_shot.waveforms[:, 8000:].any()  # padded
     assert eval_set.folds is None
+    whole = pipeline.make_eval_set(manifest, window_seconds=None)  # every clip whole, a list (lengths may differ)
+    assert isinstance(whole.waveforms, list) and whole.ids == eval_set.ids
+    for clip_id, waveform in zip((1, 2, 3, 4, 1), whole.waveforms):
+        np.testing.assert_array_equal(waveform, _clip(clip_id))
 
 
 def test_eval_set_from_int16_records_with_folds():

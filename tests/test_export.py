@@ -175,6 +175,62 @@ def test_pytorch_matches_jax(torch_wavlink, jax_embedder, dim):
     assert np.abs(jax_audio[0] - jax_audio[1]).max() > 1e-3 and np.abs(jax_text[0] - jax_text[1]).max() > 1e-3
 
 
+@pytest.mark.parametrize("dim", [None, 16])
+def test_long_clips_mean_is_the_weighted_mean_of_the_windows_in_pytorch_and_jax(torch_wavlink, jax_embedder, dim):
+    """`long_clips="mean"` embeds each 1 s window of a clip and averages the window embeddings weighted by the
+    audio each holds: 2 full windows equally, a quarter-window tail at a quarter, a 5-sample tail next to
+    nothing; a clip within one window as "head" does. 9 windows: two JAX batches of 8, three PyTorch ones of 4.
+    PyTorch and JAX agree; `dim` is the prefix of the full-size mean."""
+    window = jax_embedder.window_samples
+    rng = np.random.default_rng(3)
+    noise = (0.1 * rng.standard_normal(2 * window)).astype(np.float32)
+    tone = np.sin(np.arange(3 * window + 5) * 0.03).astype(np.float32)
+    waves = [np.concatenate([noise[:window], tone[:window]]), np.concatenate([tone[:window], noise[: window // 4]]),
+             noise[:7000], tone]
+    ours = jax_embedder.embed_audio(waves, dim, long_clips="mean")
+    theirs = torch_wavlink.embed_audio(waves, dim, batch_size=4, long_clips="mean").numpy()
+    size = dim or 32
+    assert ours.shape == theirs.shape == (4, size) and np.abs(ours - theirs).max() <= TOLERANCE
+
+    def weighted_mean(wave: np.ndarray, weights: list[float]) -> np.ndarray:
+        pieces = [wave[start : start + window] for start in range(0, len(wave), window)]
+        mean = np.einsum("w,we->e", weights, jax_embedder.embed_audio(pieces).astype(np.float64))
+        return mean / np.linalg.norm(mean)
+
+    expected = np.stack([
+        weighted_mean(waves[0], [1, 1]),
+        weighted_mean(waves[1], [1, 0.25]),
+        jax_embedder.embed_audio(waves[2:3])[0],
+        weighted_mean(waves[3], [1, 1, 1, 5 / window]),
+    ])
+    if dim is not None:
+        expected = expected[:, :dim] / np.linalg.norm(expected[:, :dim], axis=1, keepdims=True)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
+    head = jax_embedder.embed_audio(waves, dim)
+    np.testing.assert_allclose(ours[2], head[2], rtol=0, atol=1e-6)  # the same, re-normalised in float64
+    assert np.abs(ours[:2] - head[:2]).max(axis=1).min() > 1e-3  # what follows the first window counts
+
+
+def test_long_clips_are_checked_alike(torch_wavlink, jax_embedder):
+    """An unknown `long_clips` and an untrained `dim` are refused with the same words, before any embedding."""
+    for long_clips, dim, words in (("average", None, "long_clips must be one of 'head', 'mean', got 'average'"),
+                                   ("mean", 7, "embedding dim 7 is not a trained size of this model")):
+        messages = []
+        for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):
+            with pytest.raises(ValueError, match=re.escape(words)) as caught:
+                embed_audio([np.zeros(40000, np.float32)], dim, long_clips=long_clips)
+            messages.append(str(caught.value).split(";")[0])
+        assert len(set(messages)) == 1, messages
+
+
+def test_window_plan_covers_a_clip_with_windows_weighted_by_their_audio():
+    assert waveform_layout.window_plan(0, 10) == [(0, 1)]
+    assert waveform_layout.window_plan(7, 10) == [(0, 7)]
+    assert waveform_layout.window_plan(10, 10) == [(0, 10)]
+    assert waveform_layout.window_plan(11, 10) == [(0, 10), (10, 1)]
+    assert waveform_layout.window_plan(30, 10) == [(0, 10), (10, 10), (20, 10)]
+
+
 def test_pytorch_matches_jax_with_large_weights(exported, tmp_path):
     """The tiny model trained 3 steps has small weights and activations, where the two implementations may differ
     in a function and still agree far inside TOLERANCE (a tanh-approximated GELU in the stem: 1.3e-6 on the

@@ -19,6 +19,7 @@ from test_export import sample_inputs, train_workdir
 
 from wavlink_jax import audio, checkpoint, embed, export, files, inference
 from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data.audio_io import load_audio
 from wavlink_jax.models import lora
 from wavlink_jax.models.wavlink import WavLink
 from wavlink_jax.optim import flatten
@@ -221,6 +222,7 @@ def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, ca
     index = embed.read_index(index_file)
     assert list(index["paths"]) == ["clip0.flac", "clip1.flac", "clip2.flac", "clip3.flac", "sub/clip4.flac"]
     assert [line.split("\t")[0] for line in index["skipped"]] == ["broken.flac"]
+    assert str(index["long_clips"]) == "head"
     decoded = embed.decode_files([clips / p for p in index["paths"]], embedder.window_samples)
     assert np.abs(index["embeddings"] - embedder.embed_audio(decoded)).max() <= BATCH_TOLERANCE
 
@@ -258,6 +260,33 @@ def test_embed_cli_index_and_search(run, embedder, exported, clips, tmp_path, ca
     with pytest.raises(OSError, match="No space left"):
         embed.build_index(embedder, clips, index_file, progress=False)
     assert index_file.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["clips.npz"]
+
+
+def test_embed_cli_long_clips_mean_embeds_each_file_whole(run, embedder, clips, tmp_path, capsys):
+    """`--long-clips mean` decodes each file whole and embeds it as the mean of its windows (1 s here; the clips
+    are 1-1.5 s), in an index (which records the choice) and in the similarity matrix; a search refuses it."""
+    index_file = tmp_path / "mean.npz"
+    embed.main(["--model", str(run[0]), "--index", str(clips), "--out", str(index_file), "--long-clips", "mean"])
+    assert "indexed 5 clips" in capsys.readouterr().out
+    index = embed.read_index(index_file)
+    assert str(index["long_clips"]) == "mean"
+    whole = [load_audio(clips / path) for path in index["paths"]]
+    assert {len(waveform) for waveform in whole} == {24000}  # two windows each, the second half full
+    expected = embedder.embed_audio(whole, long_clips="mean")
+    assert np.abs(index["embeddings"] - expected).max() <= BATCH_TOLERANCE
+    assert (np.abs(expected - embedder.embed_audio(whole)).max(axis=1) > 10 * BATCH_TOLERANCE).all()  # not the heads
+
+    texts = ["a burst of noise", "a tone"]
+    chosen = [clips / path for path in index["paths"][:2]]
+    embed.main(["--model", str(run[0]), "--audio", *map(str, chosen), "--text", *texts, "--long-clips", "mean"])
+    lines = capsys.readouterr().out.splitlines()
+    printed = np.array([[float(v) for v in line.split()[-2:]] for line in lines[1 : 1 + len(chosen)]])
+    mean = embedder.embed_audio([load_audio(path) for path in chosen], long_clips="mean")
+    np.testing.assert_allclose(printed, mean @ embedder.embed_text(texts).T, atol=5e-4)  # 3 decimals
+
+    with pytest.raises(SystemExit):
+        embed.main(["--index-file", str(index_file), "--query", "a tone", "--long-clips", "mean"])
+    assert "--long-clips applies to --audio and --index" in capsys.readouterr().err
 
 
 def test_embed_cli_usage_errors(run, tmp_path):

@@ -9,15 +9,16 @@
 
 Only audio files, by extension (`AUDIO_EXTENSIONS`), are indexed; a file that cannot be decoded (truncated,
 not audio, empty) is skipped and listed with its reason, and the count is printed. Clips are cut to the
-head of the model's window or zero-padded, as `wavlink_jax.inference` does. `--dim D` uses the Matryoshka
-size D everywhere (the index keeps full-size embeddings, so it serves every size).
+head of the model's window or zero-padded, as `wavlink_jax.inference` does; with `--long-clips mean` a longer
+clip is decoded whole and embedded as the mean of its windows (`inference.Embedder.embed_audio`). `--dim D`
+uses the Matryoshka size D everywhere (the index keeps full-size embeddings, so it serves every size).
 
 The index is a NumPy `.npz`: `embeddings` (N, E) float32 L2-normalised, `paths` (relative to `folder`),
 `folder`, `model` (absolute path), `step` (the workdir checkpoint step that was read, the latest unless `--step`;
--1 for an exported directory), `skipped` ("path<TAB>reason: message" lines, one per unreadable file),
-`probe_audio` and `probe_text` (the model's embeddings of a fixed tone and text) and `probe_setting` (the compute
-dtype and window they were made with): a search with the same setting refuses a model that embeds them otherwise,
-i.e. other weights, even of the same size (a workdir and its export embed them alike).
+-1 for an exported directory), `long_clips` ("head" or "mean"), `skipped` ("path<TAB>reason: message" lines, one
+per unreadable file), `probe_audio` and `probe_text` (the model's embeddings of a fixed tone and text) and
+`probe_setting` (the compute dtype and window they were made with): a search with the same setting refuses a model
+that embeds them otherwise, i.e. other weights, even of the same size (a workdir and its export embed them alike).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from wavlink_jax import cli, inference
 from wavlink_jax.data.audio_io import BadAudio, load_audio
 from wavlink_jax.evaluate import scores_of, truncate_normalize
 from wavlink_jax.files import replaced
+from wavlink_jax.waveform_layout import LONG_CLIPS, check_long_clips
 
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64"}
@@ -71,17 +73,24 @@ def audio_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
     return audio, len(files) - len(audio)
 
 
-def _decode(path: Path, window_samples: int) -> np.ndarray | BadAudio:
+def _decode(path: Path, window_samples: int | None) -> np.ndarray | BadAudio:
     try:
         return load_audio(path, window_samples=window_samples)
     except BadAudio as err:
         return err
 
 
-def decode_files(paths: Sequence[Path], window_samples: int) -> list[np.ndarray | BadAudio]:
-    """Each file's head window at 16 kHz (zero-padded), or the `BadAudio` it raised; decoded in threads."""
+def decode_files(paths: Sequence[Path], window_samples: int | None) -> list[np.ndarray | BadAudio]:
+    """Each file at 16 kHz, its head window (zero-padded) or whole (`window_samples=None`), or the `BadAudio` it
+    raised; decoded in threads."""
     with concurrent.futures.ThreadPoolExecutor(DECODE_THREADS) as pool:
         return list(pool.map(lambda path: _decode(path, window_samples), paths))
+
+
+def _decoded_length(embedder: inference.Embedder, long_clips: str) -> int | None:
+    """What `decode_files` needs of each file: the head window, or the whole clip for `long_clips="mean"`."""
+    check_long_clips(long_clips)
+    return embedder.window_samples if long_clips == "head" else None
 
 
 def _probe_setting(embedder: inference.Embedder) -> str:
@@ -113,18 +122,24 @@ def check_same_model(index: dict[str, np.ndarray], embedder: inference.Embedder)
 
 
 def build_index(
-    embedder: inference.Embedder, folder: str | os.PathLike, out: str | os.PathLike, *, progress: bool = True
+    embedder: inference.Embedder,
+    folder: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    long_clips: str = "head",
+    progress: bool = True,
 ) -> IndexReport:
     """Embed every audio file under `folder` and save the index to `out` (see the module docstring)."""
     folder = Path(folder).resolve()
     files, ignored = audio_files(folder)
+    decoded_length = _decoded_length(embedder, long_clips)
     embeddings, paths, skipped = [], [], []
     chunk = embedder.batch_size
     with tqdm(total=len(files), desc="indexing", unit="file", disable=not progress) as bar:
         for start in range(0, len(files), chunk):
             batch_files = files[start : start + chunk]
             good = []
-            for path, result in zip(batch_files, decode_files(batch_files, embedder.window_samples)):
+            for path, result in zip(batch_files, decode_files(batch_files, decoded_length)):
                 relative = str(path.relative_to(folder))
                 if isinstance(result, BadAudio):
                     skipped.append((relative, f"{result.reason}: {result}"))
@@ -132,7 +147,7 @@ def build_index(
                     good.append(result)
                     paths.append(relative)
             if good:
-                embeddings.append(embedder.embed_audio(good))
+                embeddings.append(embedder.embed_audio(good, long_clips=long_clips))
             bar.update(len(batch_files))
     if not paths:
         raise ValueError(f"{folder}: no readable audio files ({len(skipped)} unreadable, {ignored} not audio)")
@@ -149,6 +164,7 @@ def build_index(
             folder=np.array(str(folder)),
             model=np.array(str(loaded.path.resolve())),
             step=np.array(-1 if loaded.step is None else loaded.step),
+            long_clips=np.array(long_clips),
             skipped=np.array([f"{path}\t{reason}" for path, reason in skipped], dtype=str),
             **probe_embeddings(embedder),
             probe_setting=np.array(_probe_setting(embedder)),
@@ -199,7 +215,12 @@ def search(
 
 
 def similarity(
-    embedder: inference.Embedder, audio: Sequence[str], texts: Sequence[str], dim: int | None = None
+    embedder: inference.Embedder,
+    audio: Sequence[str],
+    texts: Sequence[str],
+    dim: int | None = None,
+    *,
+    long_clips: str = "head",
 ) -> tuple[np.ndarray, list[str], list[str]]:
     """Cosine similarities of the audio files and texts: (matrix, row labels, column labels).
 
@@ -207,11 +228,11 @@ def similarity(
     """
     embedded = []
     if audio:
-        decoded = decode_files([Path(p) for p in audio], embedder.window_samples)
+        decoded = decode_files([Path(p) for p in audio], _decoded_length(embedder, long_clips))
         bad = [f"{path}: {result.reason}: {result}" for path, result in zip(audio, decoded) if isinstance(result, BadAudio)]
         if bad:
             raise ValueError("cannot read " + "; ".join(bad))
-        embedded.append((embedder.embed_audio(decoded, dim=dim), list(audio)))
+        embedded.append((embedder.embed_audio(decoded, dim=dim, long_clips=long_clips), list(audio)))
     if texts:
         embedded.append((embedder.embed_text(list(texts), dim=dim), list(texts)))
     if not embedded:
@@ -255,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--query", action="append", default=[], help="text query (repeatable)")
     parser.add_argument("--top-k", type=cli.positive_int, default=10, help="results per query (default 10)")
     parser.add_argument("--dim", type=int, default=None, help="Matryoshka embedding size (default: full)")
+    parser.add_argument(
+        "--long-clips", choices=LONG_CLIPS, default=None,
+        help="a clip longer than the model's window: 'head' embeds its first window (the default), 'mean' the "
+        "mean of the embeddings of its consecutive windows, weighted by the audio in each (--audio, --index)",
+    )
     parser.add_argument("--batch-size", type=cli.positive_int, default=32,
                         help="clips or texts per forward pass over all local devices, rounded up to a multiple of "
                              "their number (default 32)")
@@ -272,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                 parser.error("--dim applies to searching and --audio/--text; an index keeps full-size embeddings")
             audio_files(args.index)  # a folder that is not there is refused before the model is loaded
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
-            report = build_index(embedder, args.index, args.out)
+            report = build_index(embedder, args.index, args.out, long_clips=args.long_clips or "head")
             for path, reason in report.skipped:
                 print(f"skipped {path}: {reason}", file=sys.stderr)
             print(f"indexed {report.indexed} clips into {args.out}; skipped {len(report.skipped)} unreadable "
@@ -280,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
         elif args.index_file or args.query:
             if not (args.index_file and args.query):
                 parser.error("searching needs --index-file and --query")
+            if args.long_clips:
+                parser.error("--long-clips applies to --audio and --index: a search embeds only its queries")
             index = read_index(args.index_file)
             if args.step is not None and not args.model:
                 built = f"{index['model']}, step {int(index['step'])}"
@@ -294,7 +322,8 @@ def main(argv: list[str] | None = None) -> None:
             if not args.model:
                 parser.error("--audio/--text need --model")
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
-            print(format_matrix(*similarity(embedder, args.audio, args.text, args.dim)))
+            matrix = similarity(embedder, args.audio, args.text, args.dim, long_clips=args.long_clips or "head")
+            print(format_matrix(*matrix))
 
 
 if __name__ == "__main__":

@@ -157,10 +157,11 @@ PAPER_SETS: dict[str, tuple[str, str]] = {
 
 class SupportsEmbedding(Protocol):
     """What evaluation needs from a model: full-size, L2-normalised numpy embeddings (e.g.
-    `inference.Embedder`, `train_step.StateEmbedder`)."""
+    `inference.Embedder`, `train_step.StateEmbedder`). A set of whole clips (`EvalData.long_clips == "mean"`)
+    needs an `embed_audio` that takes `long_clips="mean"` (`inference.Embedder`)."""
 
     def embed_audio(self, waveforms: np.ndarray) -> np.ndarray:
-        """(N, samples) float32 16 kHz waveforms → (N, E)."""
+        """(N, samples) float32 16 kHz waveforms (or N whole clips, with `long_clips="mean"`) → (N, E)."""
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """N strings → (N, E)."""
@@ -173,11 +174,13 @@ class EvalData:
     Retrieval when it has captions (`text_to_audio[i]` = clip of caption i), zero-shot classification when
     its clips have labels (classes = its distinct labels; per-fold accuracy averaged when `folds` is given),
     multiple choice when it has `questions` (question i is about clip `question_audio[i]`; each choice's
-    text embedded alone, or after its question with `choices_with_question`).
+    text embedded alone, or after its question with `choices_with_question`). `long_clips` says how its clips
+    are embedded: "head", `waveforms` holds their head windows `(N, samples)`; "mean", it holds the whole clips
+    (a list), each embedded as the mean of its windows' embeddings (`inference.Embedder.embed_audio`).
     """
 
     name: str
-    waveforms: np.ndarray
+    waveforms: np.ndarray | list[np.ndarray]
     captions: list[str] = dataclasses.field(default_factory=list)
     text_to_audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     labels: list[str] = dataclasses.field(default_factory=list)
@@ -186,6 +189,7 @@ class EvalData:
     question_audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int64))
     choices_with_question: bool = False
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    long_clips: str = "head"
 
     @property
     def class_names(self) -> list[str]:
@@ -266,15 +270,16 @@ def load_eval_data(
     name: str,
     source: Mapping[str, Any] | str | os.PathLike,
     *,
-    window_seconds: float,
+    window_seconds: float | None,
     max_clips: int | None = None,
     read_threads: int = 4,
 ) -> EvalData:
     """Decode a source (a `DataConfig.sources` spec: manifest, prepared TFDS data set, ...) for evaluation.
 
-    Clips are head-cropped to `window_seconds` (shorter ones zero-padded); unreadable clips are skipped and
-    counted in `skipped` (by reason), never silently. `max_clips` keeps the first clips only (quick checks
-    during training; never for reported numbers).
+    Clips are head-cropped to `window_seconds` (shorter ones zero-padded), or kept whole with `None`, to be
+    embedded as the means of their windows (`long_clips="mean"`); unreadable clips are skipped and counted in
+    `skipped` (by reason), never silently. `max_clips` keeps the first clips only (quick checks during training;
+    never for reported numbers).
     """
     data = pipeline.make_eval_set(
         source, window_seconds=window_seconds, require_captions=False, max_clips=max_clips, read_threads=read_threads
@@ -291,19 +296,21 @@ def load_eval_data(
         labels=labels,
         folds=data.folds,
         skipped=dict(data.skip_counts),
+        long_clips="mean" if window_seconds is None else "head",
     )
 
 
 def load_airbench_data(
     root: str | os.PathLike,
     *,
-    window_seconds: float,
+    window_seconds: float | None,
     tasks: Sequence[str] | None = None,
     choices_with_question: bool = False,
     max_questions: int | None = None,
     read_threads: int = 4,
 ) -> EvalData:
-    """AIR-Bench foundation questions with their audio decoded (each distinct file once).
+    """AIR-Bench foundation questions with their audio decoded (each distinct file once), head-cropped to
+    `window_seconds` or whole (`None`), as `load_eval_data` decodes clips.
 
     A question whose audio cannot be decoded is dropped and counted in `skipped["questions_dropped"]` (its
     clip's reason is counted too). Each choice is scored by its text alone (the paper's protocol), or by
@@ -329,6 +336,7 @@ def load_airbench_data(
         question_audio=np.array([row[q.audio] for q in kept], np.int64),
         choices_with_question=choices_with_question,
         skipped={**data.skip_counts, "questions_dropped": len(questions) - len(kept)},
+        long_clips="mean" if window_seconds is None else "head",
     )
 
 
@@ -374,7 +382,11 @@ def evaluate_data(
     templates: Sequence[str] = evaluate.DEFAULT_TEMPLATES,
 ) -> dict[int, dict[str, float]]:
     """Embed `data` once at full size and score it at every Matryoshka size in `dims` ({dim: metrics})."""
-    embeddings = {"audio_emb": np.asarray(embedder.embed_audio(data.waveforms))}
+    if data.long_clips == "head":
+        audio_emb = embedder.embed_audio(data.waveforms)
+    else:
+        audio_emb = embedder.embed_audio(data.waveforms, long_clips=data.long_clips)
+    embeddings = {"audio_emb": np.asarray(audio_emb)}
     if data.captions:
         embeddings["text_emb"] = np.asarray(embedder.embed_text(data.captions))
     if data.labels:

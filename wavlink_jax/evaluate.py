@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from wavlink_jax import cli, sharding
 from wavlink_jax.files import replace_text, replaced
+from wavlink_jax.waveform_layout import LONG_CLIPS
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans, and the float64
 # product they are rounded from), so a 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -225,7 +226,8 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _normalize(x: np.ndarray, name: str) -> np.ndarray:
+def normalize_rows(x: np.ndarray, name: str) -> np.ndarray:
+    """`x` L2-normalised along its last axis; an all-zero vector is an error naming `name` (what `x` holds)."""
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
     if np.any(norms == 0):
         raise ValueError(f"{name} has all-zero vectors, which cannot be L2-normalised")
@@ -237,7 +239,7 @@ def class_embeddings(template_emb: np.ndarray) -> np.ndarray:
     template_emb = np.asarray(template_emb, np.float32)
     if template_emb.ndim != 3:
         raise ValueError(f"template embeddings must be (classes, templates, dim); got shape {template_emb.shape}")
-    return _normalize(_normalize(template_emb, "template embeddings").mean(axis=1), "class embeddings")
+    return normalize_rows(normalize_rows(template_emb, "template embeddings").mean(axis=1), "class embeddings")
 
 
 def check_templates(templates: Sequence[str]) -> None:
@@ -368,7 +370,7 @@ def truncate_normalize(embeddings: np.ndarray, dim: int) -> np.ndarray:
     embeddings = np.asarray(embeddings, np.float32)
     if not 1 <= dim <= embeddings.shape[-1]:
         raise ValueError(f"Matryoshka dim {dim} is outside [1, {embeddings.shape[-1]}] (the embedding size)")
-    return _normalize(embeddings[..., :dim], f"the {dim}-dim prefix")
+    return normalize_rows(embeddings[..., :dim], f"the {dim}-dim prefix")
 
 
 def matryoshka_table(
@@ -661,12 +663,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "step": embedder.loaded.step,
         "dims": sorted(dims, reverse=True),
         "window_seconds": window_seconds,
+        "long_clips": args.long_clips,
         "templates": list(templates),
         "datasets": {},
     }
     combined: dict[int, dict[str, float]] = {dim: {} for dim in dims}
     for name, decode in datasets:
-        data = decode(window_seconds=window_seconds)
+        data = decode(window_seconds=window_seconds if args.long_clips == "head" else None)  # None: whole clips
         table = eval_tasks.evaluate_data(embedder, data, dims, templates=templates)
         if jax.process_index() == 0:
             print(format_table(name, table), flush=True)
@@ -743,6 +746,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--window-seconds",
         type=float,
         help="head crop of every clip (default: the model's training window; at most the audio tower's 30 s)",
+    )
+    parser.add_argument(
+        "--long-clips", choices=LONG_CLIPS, default="head",
+        help="a clip longer than the window: 'head' scores its first window (default), 'mean' decodes it whole and "
+        "scores the mean of the embeddings of its consecutive windows, weighted by the audio in each",
     )
     parser.add_argument(
         "--plot", type=cli.output_file,

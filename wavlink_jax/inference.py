@@ -7,8 +7,10 @@ the tokenizer is the run's (a workdir's `config.data.tokenizer`, an export's own
 Audio: 16 kHz float waveforms, one 1-D array, a list of 1-D arrays of any lengths, or a `(B, samples)`
 array. Each is brought to the model's window as evaluation does during training: cut to the head of the
 window (`config.data.window_seconds`; an export's `window_seconds`; or `window_seconds=` up to the audio
-tower's 30 s, e.g. to embed long clips whole) or zero-padded at the end. The log-mel
-spectrogram is computed inside the jitted function. Decode files with `wavlink_jax.data.audio_io.load_audio`.
+tower's 30 s, e.g. to embed long clips whole) or zero-padded at the end. `embed_audio(..., long_clips="mean")`
+covers a longer waveform with consecutive windows instead and averages their embeddings (`mean_of_windows`,
+`waveform_layout.window_plan`). The log-mel spectrogram is computed inside the jitted function. Decode files
+with `wavlink_jax.data.audio_io.load_audio`.
 
 Text: captions are tokenized as in training (cut / padded to the training text length).
 
@@ -43,13 +45,13 @@ from wavlink_jax.convert.common import (
     resolve_source,
 )
 from wavlink_jax.data import audio_io
-from wavlink_jax.evaluate import embed_in_batches
+from wavlink_jax.evaluate import embed_in_batches, normalize_rows, truncate_normalize
 from wavlink_jax.models import lora
 from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.models.whisper import WhisperConfig
 from wavlink_jax.tokenizer import load_tokenizer
-from wavlink_jax.waveform_layout import check_float_samples, check_not_channels_last
+from wavlink_jax.waveform_layout import check_float_samples, check_long_clips, check_not_channels_last, window_plan
 
 
 @dataclasses.dataclass
@@ -152,6 +154,14 @@ def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str =
     )
 
 
+def mean_of_windows(embeddings: np.ndarray, owners: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each clip's embedding from its windows' (`window_waveforms`): the mean of the unit-length window embeddings
+    `(W, E)` weighted by `weights`, per clip `owners[w]` (clips 0..max, each with a window), L2-normalised."""
+    pooled = np.zeros((int(owners.max()) + 1, embeddings.shape[1]), np.float64)
+    np.add.at(pooled, owners, embeddings * weights[:, None])
+    return normalize_rows(pooled, "the mean of a clip's window embeddings").astype(np.float32)
+
+
 class Embedder:
     """Jitted, batched embedding of waveforms and texts with one loaded model (see the module docstring)."""
 
@@ -190,33 +200,67 @@ class Embedder:
         """The length every waveform is cut or zero-padded to (`window_seconds` at 16 kHz)."""
         return audio_io.samples(self.window_seconds)
 
-    def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-        """`(B, window_samples)` float32: each waveform (numpy, jax or torch arrays) cut to the head of the window
-        or zero-padded."""
+    def _checked_clips(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+        """The waveforms (numpy, jax or torch arrays) as float32 mono clips: a 2-D float32 array as it is (its rows
+        are the clips), anything else as a list of 1-D arrays. Refuses `(samples, channels)` arrays, integer PCM
+        and clips that are not 1-D, with the exported PyTorch model's rules and words."""
         if not isinstance(waveforms, (list, tuple)):  # one array of any kind (numpy, jax, torch): a clip or a batch
             waveforms = np.asarray(waveforms)
-            check_not_channels_last(waveforms.shape)  # the exported PyTorch model's rules and words
-            if waveforms.size and waveforms.shape[1:] == (self.window_samples,) and waveforms.dtype == np.float32:
-                return waveforms  # already windows: not copied (an evaluation set's can take tens of GB)
+            check_not_channels_last(waveforms.shape)
+            if waveforms.ndim == 2 and waveforms.size and waveforms.dtype == np.float32:
+                return waveforms  # not copied (an evaluation set's windows can take tens of GB)
             if waveforms.ndim <= 1:
                 waveforms = [waveforms]
-        rows = []
+        clips = []
         for index, waveform in enumerate(waveforms):
             waveform = np.asarray(waveform)
             check_float_samples(index, waveform.dtype, np.issubdtype(waveform.dtype, np.floating))
-            waveform = waveform.astype(np.float32, copy=False)
             if waveform.ndim != 1:
                 raise ValueError(f"waveform {index} has shape {waveform.shape}; expected 1-D mono 16 kHz samples")
-            rows.append(audio.pad_or_trim(waveform, self.window_samples))
-        if not rows:
+            clips.append(waveform.astype(np.float32, copy=False))
+        if not clips:
             raise ValueError("embed_audio got no waveforms")
-        return np.stack(rows)
+        return clips
 
-    def embed_audio(self, waveforms: np.ndarray | Sequence[np.ndarray], dim: int | None = None) -> np.ndarray:
-        """16 kHz waveforms → L2-normalised float32 `(B, dim or embed_dim)`."""
-        fn = functools.partial(self._audio_fn, self._state, dim=self.config.served_dim(dim))
-        batch = self.prepare_waveforms(waveforms)
-        return embed_in_batches(fn, batch, self.batch_size, self.mesh, desc="audio", progress=self.progress)
+    def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+        """`(B, window_samples)` float32: each waveform cut to the head of the window or zero-padded (a float32
+        batch of windows is returned as it is)."""
+        clips = self._checked_clips(waveforms)
+        if isinstance(clips, np.ndarray) and clips.shape[1] == self.window_samples:
+            return clips
+        return np.stack([audio.pad_or_trim(clip, self.window_samples) for clip in clips])
+
+    def window_waveforms(
+        self, waveforms: np.ndarray | Sequence[np.ndarray]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`long_clips="mean"`'s input: every window of every waveform (`waveform_layout.window_plan`), as
+        `(W, window_samples)` float32, with the index of the waveform each window belongs to and its weight."""
+        windows, owners, weights = [], [], []
+        for index, clip in enumerate(self._checked_clips(waveforms)):
+            for start, weight in window_plan(len(clip), self.window_samples):
+                windows.append(audio.pad_or_trim(clip[start:], self.window_samples))
+                owners.append(index)
+                weights.append(weight)
+        return np.stack(windows), np.array(owners), np.array(weights, np.float64)
+
+    def _embed_windows(self, windows: np.ndarray, dim: int | None) -> np.ndarray:
+        fn = functools.partial(self._audio_fn, self._state, dim=dim)
+        return embed_in_batches(fn, windows, self.batch_size, self.mesh, desc="audio", progress=self.progress)
+
+    def embed_audio(
+        self, waveforms: np.ndarray | Sequence[np.ndarray], dim: int | None = None, *, long_clips: str = "head"
+    ) -> np.ndarray:
+        """16 kHz waveforms → L2-normalised float32 `(B, dim or embed_dim)`. A waveform longer than the window is
+        cut to its head (`long_clips="head"`), or embedded window by window and the windows' embeddings averaged,
+        weighted by the audio each holds, and re-normalised (`"mean"`; `dim` then takes the prefix of that mean,
+        re-normalised, as from an index of full-size embeddings)."""
+        check_long_clips(long_clips)
+        dim = self.config.served_dim(dim)
+        if long_clips == "head":
+            return self._embed_windows(self.prepare_waveforms(waveforms), dim)
+        windows, owners, weights = self.window_waveforms(waveforms)
+        pooled = mean_of_windows(self._embed_windows(windows, None), owners, weights)
+        return pooled if dim is None else truncate_normalize(pooled, dim)
 
     def embed_text(self, texts: Sequence[str], dim: int | None = None) -> np.ndarray:
         """Texts → L2-normalised float32 `(len(texts), dim or embed_dim)`."""

@@ -41,7 +41,7 @@ from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rules).
-from .waveform_layout import check_float_samples, check_not_channels_last
+from .waveform_layout import check_float_samples, check_long_clips, check_not_channels_last, window_plan
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -57,7 +57,8 @@ class WavLinkConfig(PreTrainedConfig):
     embed_dim (`int`): size of the shared embedding space.
     matryoshka_dims (`list[int]`): the trained embedding sizes, largest first, the largest being `embed_dim`
         (`dim=` accepts these).
-    window_seconds (`float`): the audio window: longer waveforms are cut to its head, shorter ones zero-padded.
+    window_seconds (`float`): the audio window: longer waveforms are cut to its head (or, with
+        `embed_audio(..., long_clips="mean")`, covered by consecutive windows), shorter ones zero-padded.
     max_text_length (`int`): token sequence length (captions are cut / padded to it, as in training).
     """
 
@@ -192,38 +193,71 @@ class WavLinkModel(PreTrainedModel):
         """log-mel `(B, n_mels, frames)` → L2-normalised `(B, dim or embed_dim)` audio embeddings."""
         return self._finish(self.audio_projection(self.encode_audio(input_features)), dim)
 
-    def prepare_waveforms(self, waveforms) -> torch.Tensor:
-        """One waveform or a sequence / batch of them (16 kHz float; numpy or torch) → `(B, window_samples)`:
-        each cut to the head of the model's window or zero-padded at the end, as in evaluation."""
-        window = self.config.window_samples
+    def _checked_clips(self, waveforms) -> list[torch.Tensor]:
+        """One waveform or a sequence / batch of them (16 kHz float; numpy or torch) → float32 1-D tensors, with
+        the JAX embedder's rules and words for `(samples, channels)` arrays, integer PCM and other shapes."""
         if not isinstance(waveforms, (list, tuple)):
             tensor = torch.as_tensor(waveforms)
             check_not_channels_last(tensor.shape)
             waveforms = [tensor] if tensor.dim() == 1 else list(tensor)
-        rows = []
+        clips = []
         for index, waveform in enumerate(waveforms):
             waveform = torch.as_tensor(waveform)
             check_float_samples(index, waveform.dtype, waveform.is_floating_point())
-            waveform = waveform.to(torch.float32)
             if waveform.dim() != 1:
                 raise ValueError(
                     f"waveform {index} has shape {tuple(waveform.shape)}; expected 1-D mono 16 kHz samples"
                 )
-            waveform = waveform[:window]
-            rows.append(nn.functional.pad(waveform, (0, window - waveform.shape[0])))
-        if not rows:
+            clips.append(waveform.to(torch.float32))
+        if not clips:
             raise ValueError("embed_audio got no waveforms")
-        return torch.stack(rows)
+        return clips
+
+    def _window(self, clip: torch.Tensor) -> torch.Tensor:
+        """The head of `clip`, cut or zero-padded to the model's window."""
+        window = self.config.window_samples
+        return nn.functional.pad(clip[:window], (0, max(0, window - clip.shape[0])))
+
+    def prepare_waveforms(self, waveforms) -> torch.Tensor:
+        """One waveform or a sequence / batch of them (16 kHz float; numpy or torch) → `(B, window_samples)`:
+        each cut to the head of the model's window or zero-padded at the end, as in evaluation."""
+        return torch.stack([self._window(clip) for clip in self._checked_clips(waveforms)])
+
+    def window_waveforms(self, waveforms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`long_clips="mean"`'s input: every window of every waveform (`waveform_layout.window_plan`) as
+        `(W, window_samples)`, the index of the waveform each belongs to `(W,)` and its weight `(W,)`."""
+        windows, owners, weights = [], [], []
+        for index, clip in enumerate(self._checked_clips(waveforms)):
+            for start, weight in window_plan(clip.shape[0], self.config.window_samples):
+                windows.append(self._window(clip[start:]))
+                owners.append(index)
+                weights.append(weight)
+        return torch.stack(windows), torch.tensor(owners), torch.tensor(weights, dtype=torch.float32)
 
     @torch.no_grad()
-    def embed_audio(self, waveforms, dim: int | None = None, batch_size: int = 32) -> torch.Tensor:
+    def embed_audio(
+        self, waveforms, dim: int | None = None, batch_size: int = 32, long_clips: str = "head"
+    ) -> torch.Tensor:
         """16 kHz waveforms (one 1-D array, a list of them of any lengths, or a `(B, samples)` batch) →
-        L2-normalised float32 `(B, dim or embed_dim)`; `dim` is a Matryoshka size of the model."""
-        batch = self.prepare_waveforms(waveforms)
+        L2-normalised float32 `(B, dim or embed_dim)`; `dim` is a Matryoshka size of the model. A waveform longer
+        than the window is cut to its head (`long_clips="head"`), or embedded window by window and the windows'
+        embeddings averaged, weighted by the audio each holds, and re-normalised (`"mean"`; `dim` then takes the
+        prefix of that mean, re-normalised), as the JAX embedder does."""
+        check_long_clips(long_clips)
+        if long_clips == "head":
+            return self._embed_windows(self.prepare_waveforms(waveforms), dim, batch_size)
+        self._served_dim(dim)  # refused before any window is embedded
+        windows, owners, weights = self.window_waveforms(waveforms)
+        embeddings = self._embed_windows(windows, None, batch_size)
+        pooled = embeddings.new_zeros(int(owners.max()) + 1, embeddings.shape[1])
+        pooled.index_add_(0, owners.to(embeddings.device), embeddings * weights.to(embeddings)[:, None])
+        return self._finish(pooled, dim)
+
+    def _embed_windows(self, windows: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
         n_mels = self.config.audio_config.num_mel_bins
         outputs = []
-        for start in range(0, batch.shape[0], batch_size):
-            chunk = batch[start : start + batch_size].to(self.device)
+        for start in range(0, windows.shape[0], batch_size):
+            chunk = windows[start : start + batch_size].to(self.device)
             outputs.append(self.audio_embeds(log_mel_spectrogram(chunk, n_mels), dim).float())
         return torch.cat(outputs)
 
@@ -301,12 +335,17 @@ class WavLinkModel(PreTrainedModel):
             outputs["text_embeds"] = self.text_embeds(input_ids, attention_mask, dim)
         return outputs
 
+    def _served_dim(self, dim: int | None) -> int | None:
+        """A requested embedding size → None for the full size, else `dim` if it is a trained Matryoshka size."""
+        if dim is None or dim == self.config.embed_dim:
+            return None
+        if dim not in (self.config.matryoshka_dims or ()):
+            raise ValueError(
+                f"embedding dim {dim} is not a trained size of this model; choose one of "
+                f"{self.config.matryoshka_dims} or None for the full {self.config.embed_dim}"
+            )
+        return dim
+
     def _finish(self, projected: torch.Tensor, dim: int | None) -> torch.Tensor:
-        if dim is not None and dim != self.config.embed_dim:
-            if dim not in (self.config.matryoshka_dims or ()):
-                raise ValueError(
-                    f"embedding dim {dim} is not a trained size of this model; choose one of "
-                    f"{self.config.matryoshka_dims} or None for the full {self.config.embed_dim}"
-                )
-            projected = projected[..., :dim]
-        return l2_normalize(projected)
+        dim = self._served_dim(dim)
+        return l2_normalize(projected if dim is None else projected[..., :dim])

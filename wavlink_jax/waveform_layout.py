@@ -1,6 +1,6 @@
-"""The rules on waveforms given to the embedders, with their messages: a `(samples, channels)` array is not a
-`(clips, samples)` batch, and samples are floats. One definition for JAX inference (`wavlink_jax.inference`) and
-the PyTorch model (`wavlink_jax.torch_model`).
+"""The rules on waveforms given to the embedders, with their messages (a `(samples, channels)` array is not a
+`(clips, samples)` batch, and samples are floats), and how a clip longer than the model's window is covered. One
+definition for JAX inference (`wavlink_jax.inference`) and the PyTorch model (`wavlink_jax.torch_model`).
 
 Standard library only (no jax, no torch): the exporter copies this file beside `modeling_wavlink.py`, which
 imports it relatively, and `transformers`' remote code loads and `save_pretrained` copies such files with it.
@@ -9,6 +9,9 @@ imports it relatively, and `transformers`' remote code loads and `save_pretraine
 from collections.abc import Sequence
 
 MAX_CHANNELS = 8  # a 2-D input this narrow (and longer than wide) is (samples, channels), not (clips, samples)
+# How a clip longer than the window is embedded: "head", its first window (as evaluation during training does);
+# "mean", every window of it, their embeddings averaged with `window_plan`'s weights and re-normalised.
+LONG_CLIPS = ("head", "mean")
 
 
 def check_not_channels_last(shape: Sequence[int]) -> None:
@@ -30,3 +33,20 @@ def check_float_samples(index: int, dtype: object, floating: bool) -> None:
             f"waveform {index} has {dtype} samples; expected floats in [-1, 1]: divide integer PCM by its full scale "
             "(32768 for int16), or read the file with soundfile.read(path, dtype='float32')"
         )
+
+
+def check_long_clips(long_clips: str) -> None:
+    """Refuse a `long_clips` that is not one of `LONG_CLIPS`."""
+    if long_clips not in LONG_CLIPS:
+        raise ValueError(f"long_clips must be one of {', '.join(map(repr, LONG_CLIPS))}, got {long_clips!r}")
+
+
+def window_plan(length: int, window: int) -> list[tuple[int, int]]:
+    """`long_clips="mean"`'s windows over a waveform of `length` samples, as `(start, weight)` pairs: consecutive,
+    non-overlapping windows of `window` samples from the start, the last one zero-padded as a short clip is. A
+    window's weight is the number of the waveform's samples in it, so a 0.5 s tail counts for a twentieth of a
+    full 10 s window. A waveform of at most one window is that one window (weight 1 if it is empty), so it embeds
+    as with `long_clips="head"`."""
+    if length <= window:
+        return [(0, max(length, 1))]
+    return [(start, min(window, length - start)) for start in range(0, length, window)]

@@ -51,8 +51,8 @@ Batches are dicts of numpy arrays: `waveform` float32 (b, window_samples), `inpu
 `attention_mask` int32 (b, L). `to_global_batch` turns a host's batch into global `jax.Array`s sharded over
 the mesh's batch axes.
 
-Evaluation (`make_eval_set`): every clip of one source in order, head-cropped to the window, all captions
-kept, labels, and `text_to_audio` (caption i → its clip), with the skips counted; a source without one usable
+Evaluation (`make_eval_set`): every clip of one source in order, head-cropped to the window (or whole), all
+captions kept, labels, and `text_to_audio` (caption i → its clip), with the skips counted; a source without one usable
 clip is a `DataError`. A manifest's lines that share an id are one clip (`ManifestSource.clips()`).
 """
 
@@ -604,14 +604,15 @@ def to_global_batch(
 class EvalSet:
     """A retrieval / zero-shot evaluation set, in source order (skipped clips left out).
 
-    waveforms (num_clips, window_samples) float32 head crops; captions flat over the clips, with
+    waveforms (num_clips, window_samples) float32 head crops, or a list of whole float32 clips (made with
+    `window_seconds=None`); captions flat over the clips, with
     text_to_audio[i] = index of caption i's clip; labels per clip ("" if none); folds per clip when the
     source has them (ESC-50, US8K: records with a non-zero "fold"), else None. skip_counts: the clips skipped, by
     reason (SKIP_REASONS), and "blank_captions": the blank captions dropped from the kept clips.
     """
 
     ids: list[str]
-    waveforms: np.ndarray
+    waveforms: np.ndarray | list[np.ndarray]
     captions: list[str]
     text_to_audio: np.ndarray
     labels: list[str]
@@ -680,7 +681,7 @@ def check_count_limit(name: str, limit: int | None) -> None:
 def make_eval_set(
     source: Mapping[str, Any] | str | os.PathLike,
     *,
-    window_seconds: float,
+    window_seconds: float | None,
     min_seconds: float = 0.0,
     sample_rate: int = SAMPLE_RATE,
     require_captions: bool = True,
@@ -691,17 +692,18 @@ def make_eval_set(
 
     `require_captions=False` keeps clips without captions (zero-shot classification sets such as ESC-50).
     A manifest's lines that share an id are one clip with all their captions (AudioCaps-style manifests have a
-    line per caption); `max_clips` counts merged clips. Memory: num_clips × window_seconds × sample_rate × 4 bytes.
+    line per caption); `max_clips` counts merged clips. `window_seconds=None` keeps every clip whole (a list of
+    arrays). Memory: num_clips × window_seconds (or the clips' mean length) × sample_rate × 4 bytes.
     """
     check_count_limit("max_clips", max_clips)
-    check_crop(window_seconds, min_seconds)
+    check_crop(math.inf if window_seconds is None else window_seconds, min_seconds)  # None: no crop
     records = open_source(source)
     if isinstance(records, ManifestSource):
         records = records.clips()
     data = grain.MapDataset.source(records)
     if max_clips is not None:
         data = data[:max_clips]
-    window = samples(window_seconds, sample_rate)
+    window = None if window_seconds is None else samples(window_seconds, sample_rate)
     prepare = _PrepareExample(window, samples(min_seconds, sample_rate), sample_rate, train=False, require_captions=require_captions)
     elements = list(data.map(prepare).to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=64)))
     good = [e for e in elements if "skip" not in e]
@@ -719,7 +721,7 @@ def make_eval_set(
         )
     return EvalSet(
         ids=[e["id"] for e in good],
-        waveforms=np.stack([e["waveform"] for e in good]),
+        waveforms=[e["waveform"] for e in good] if window is None else np.stack([e["waveform"] for e in good]),
         captions=[c for e in good for c in e["captions"]],
         text_to_audio=np.array([i for i, e in enumerate(good) for _ in e["captions"]], dtype=np.int32),
         labels=[e["label"] for e in good],
