@@ -236,11 +236,16 @@ def run_torch_in_child(argv: list[str]) -> dict[str, Any]:
     share one process's GPU. Its memory is the driver's again when the child exits."""
     import subprocess
 
-    child_args = [a for a in argv if a not in ("--separate-baseline", "--json")] + ["--baseline-only"]
-    for flag in ("--jsonl", "--dump-hlo", "--save-trace"):  # options with a value that belong to this process only
-        if flag in child_args:
-            index = child_args.index(flag)
-            del child_args[index : index + 2]
+    child_args, value_follows = [], False
+    for arg in argv:  # this process's own options left out: flags, and options with a value (`--opt V`, `--opt=V`)
+        name = arg.split("=", 1)[0]
+        if value_follows or arg in ("--separate-baseline", "--json"):
+            value_follows = False
+        elif name in ("--jsonl", "--dump-hlo", "--save-trace"):
+            value_follows = "=" not in arg
+        else:
+            child_args.append(arg)
+    child_args.append("--baseline-only")
     done = subprocess.run([sys.executable, __file__, *child_args], stdout=subprocess.PIPE, text=True)
     lines = done.stdout.strip().splitlines()
     if done.returncode != 0 or not lines:

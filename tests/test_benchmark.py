@@ -347,6 +347,9 @@ def test_a_separate_baseline_s_child_gets_none_of_this_process_s_files(monkeypat
             "--profile", "1", "--save-trace", "t.json.gz", "--json", "--steps", "3"]
     assert benchmark.run_torch_in_child(argv) == {"name": "torch", "step_time_s": 2}
     assert seen == [["--tiny", "--baseline", "torch", "--profile", "1", "--steps", "3", "--baseline-only"]]
+    # The `--option=value` form too (the child would have appended to the same --jsonl file).
+    benchmark.run_torch_in_child(["--jsonl=runs.jsonl", "--steps=3", "--dump-hlo=step.txt", "--save-trace=t.json.gz"])
+    assert seen[-1] == ["--steps=3", "--baseline-only"]
 
 
 @pytest.mark.parametrize(
