@@ -6,6 +6,7 @@ included: in both implementations a padded query attends causally to the valid k
 there too.
 """
 
+import dataclasses
 import json
 
 import jax
@@ -222,6 +223,30 @@ def test_clip_model_directory_ignores_vision_tower(tmp_path):
         features = reference.get_text_features(
             input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
         ).pooler_output  # transformers 5: the projected text features
+    assert _max_diff(_apply(module, ids, mask).embedding, features.numpy()) <= TOL
+
+
+def test_a_legacy_text_config_dict_overrides_text_config_as_in_transformers(tmp_path):
+    """OpenAI's ViT-L/14 config.json holds both `text_config` and a legacy `text_config_dict`; transformers builds
+    the text tower from `text_config_dict` (its missing fields at their defaults). Ours read `text_config`: here,
+    where the two disagree on the activation and the LayerNorm epsilon, that was another function."""
+    text = CLIPTextConfig(**{**SMALL, "projection_dim": 40}, eos_token_id=2)
+    _save(_tiny_clip_model(text), tmp_path, "safetensors")
+    config = json.loads((tmp_path / "config.json").read_text())
+    shape_fields = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "max_position_embeddings", "eos_token_id")
+    legacy = {key: config["text_config"][key] for key in shape_fields}
+    config["text_config_dict"] = {**legacy, "hidden_act": "gelu", "layer_norm_eps": 0.1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    reference = transformers.CLIPModel.from_pretrained(tmp_path).eval()
+    assert (reference.config.text_config.hidden_act, reference.config.text_config.layer_norm_eps) == ("gelu", 0.1)
+    module = load_clip_text(tmp_path)
+    assert module.config == dataclasses.replace(text, activation="gelu", layer_norm_eps=0.1)
+    ids, mask = _batch([6, 16], 16, bos=97, eos=98, pad=0, vocab_size=99)
+    with torch.no_grad():
+        features = reference.get_text_features(
+            input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)
+        ).pooler_output
     assert _max_diff(_apply(module, ids, mask).embedding, features.numpy()) <= TOL
 
 

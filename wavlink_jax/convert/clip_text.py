@@ -69,7 +69,11 @@ def _text_config(hf_config: dict, source: str) -> tuple[dict, int | None]:
     """(text config dict, projection_dim) of a `CLIPModel` or CLIP text model config."""
     model_type = hf_config.get("model_type")
     if model_type == "clip":
-        text_config = hf_config.get("text_config") or hf_config.get("text_config_dict") or {}
+        # transformers' CLIPConfig: a legacy `text_config_dict` (OpenAI's ViT-L/14 has both) is the whole text config,
+        # its missing fields at their defaults, overriding `text_config` field by field.
+        text_config = hf_config.get("text_config_dict")
+        if text_config is None:
+            text_config = hf_config.get("text_config") or {}
         return text_config, hf_config.get("projection_dim", 512)
     if model_type == "clip_text_model":
         return hf_config, None
