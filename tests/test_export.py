@@ -208,11 +208,24 @@ def test_long_clips_mean_is_the_weighted_mean_of_the_windows_in_pytorch_and_jax(
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
     head = jax_embedder.embed_audio(waves, dim)
     np.testing.assert_allclose(ours[2], head[2], rtol=0, atol=1e-6)  # the same, re-normalised in float64
+    # A (B, samples) batch: each row is a clip to its end, in numpy, jax and torch arrays alike.
+    batch = np.stack([waves[0], tone[: 2 * window]])
+    rows = jax_embedder.embed_audio(batch, dim, long_clips="mean")
+    np.testing.assert_allclose(rows[0], ours[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(jax_embedder.embed_audio(jnp.asarray(batch), dim, long_clips="mean"), rows, atol=1e-6)
+    from_torch = torch_wavlink.embed_audio(torch.from_numpy(batch), dim, long_clips="mean").numpy()
+    assert np.abs(from_torch - rows).max() <= TOLERANCE
     assert np.abs(ours[:2] - head[:2]).max(axis=1).min() > 1e-3  # what follows the first window counts
 
 
-def test_long_clips_are_checked_alike(torch_wavlink, jax_embedder):
+def test_long_clips_are_checked_alike(torch_wavlink, jax_embedder, monkeypatch):
     """An unknown `long_clips` and an untrained `dim` are refused with the same words, before any embedding."""
+
+    def embedded(*args, **kwargs):
+        raise AssertionError("embedded before the request was checked")
+
+    monkeypatch.setattr(jax_embedder, "_embed_windows", embedded)
+    monkeypatch.setattr(torch_wavlink, "_embed_batches", embedded)
     for long_clips, dim, words in (("average", None, "long_clips must be one of 'head', 'mean', got 'average'"),
                                    ("mean", 7, "embedding dim 7 is not a trained size of this model")):
         messages = []

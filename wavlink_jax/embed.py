@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if not args.model:
                 parser.error("--audio/--text need --model")
+            if args.long_clips and not args.audio:
+                parser.error("--long-clips applies to --audio and --index: texts have no windows")
             embedder = inference.load(args.model, args.step, batch_size=args.batch_size)
             matrix = similarity(embedder, args.audio, args.text, args.dim, long_clips=args.long_clips or "head")
             print(format_matrix(*matrix))

@@ -745,7 +745,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--window-seconds",
         type=float,
-        help="head crop of every clip (default: the model's training window; at most the audio tower's 30 s)",
+        help="the audio window: the head crop of every clip, or with --long-clips mean the length of each of its "
+        "windows (default: the model's training window; at most the audio tower's 30 s)",
     )
     parser.add_argument(
         "--long-clips", choices=LONG_CLIPS, default="head",

@@ -8,9 +8,10 @@ Audio: 16 kHz float waveforms, one 1-D array, a list of 1-D arrays of any length
 array. Each is brought to the model's window as evaluation does during training: cut to the head of the
 window (`config.data.window_seconds`; an export's `window_seconds`; or `window_seconds=` up to the audio
 tower's 30 s, e.g. to embed long clips whole) or zero-padded at the end. `embed_audio(..., long_clips="mean")`
-covers a longer waveform with consecutive windows instead and averages their embeddings (`mean_of_windows`,
-`waveform_layout.window_plan`). The log-mel spectrogram is computed inside the jitted function. Decode files
-with `wavlink_jax.data.audio_io.load_audio`.
+covers a longer waveform with consecutive windows instead and averages their embeddings (`ClipWindows`,
+`waveform_layout.window_plan`); every row of a `(B, samples)` array is then audio to its end, so clips of
+different lengths go in a list, not zero-padded into one array. The log-mel spectrogram is computed inside the
+jitted function. Decode files with `wavlink_jax.data.audio_io.load_audio`.
 
 Text: captions are tokenized as in training (cut / padded to the training text length).
 
@@ -154,12 +155,32 @@ def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str =
     )
 
 
-def mean_of_windows(embeddings: np.ndarray, owners: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Each clip's embedding from its windows' (`window_waveforms`): the mean of the unit-length window embeddings
-    `(W, E)` weighted by `weights`, per clip `owners[w]` (clips 0..max, each with a window), L2-normalised."""
-    pooled = np.zeros((int(owners.max()) + 1, embeddings.shape[1]), np.float64)
-    np.add.at(pooled, owners, embeddings * weights[:, None])
-    return normalize_rows(pooled, "the mean of a clip's window embeddings").astype(np.float32)
+class ClipWindows:
+    """`long_clips="mean"`'s windows over `clips` (`waveform_layout.window_plan`), with the clip each belongs to
+    (`owners`) and its weight. Sliced (`windows[a:b]`, as `evaluate.embed_in_batches` takes a batch), it cuts and
+    zero-pads those windows only, so no more than a batch of them is held beside the clips."""
+
+    def __init__(self, clips: Sequence[np.ndarray], window_samples: int):
+        self.clips, self.window_samples = clips, window_samples
+        plan = [(index, start, weight) for index, clip in enumerate(clips) for start, weight in
+                window_plan(len(clip), window_samples)]
+        self.starts = [(index, start) for index, start, _ in plan]
+        self.owners = np.array([index for index, _, _ in plan])
+        self.weights = np.array([weight for _, _, weight in plan], np.float64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return np.stack([audio.pad_or_trim(self.clips[index][start:], self.window_samples)
+                         for index, start in self.starts[rows]])
+
+    def mean(self, embeddings: np.ndarray) -> np.ndarray:
+        """Each clip's embedding from its windows' `(W, E)` unit-length embeddings: their mean weighted by
+        `weights`, L2-normalised."""
+        pooled = np.zeros((len(self.clips), embeddings.shape[1]), np.float64)
+        np.add.at(pooled, self.owners, embeddings * self.weights[:, None])
+        return normalize_rows(pooled, "the mean of a clip's window embeddings").astype(np.float32)
 
 
 class Embedder:
@@ -230,20 +251,7 @@ class Embedder:
             return clips
         return np.stack([audio.pad_or_trim(clip, self.window_samples) for clip in clips])
 
-    def window_waveforms(
-        self, waveforms: np.ndarray | Sequence[np.ndarray]
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """`long_clips="mean"`'s input: every window of every waveform (`waveform_layout.window_plan`), as
-        `(W, window_samples)` float32, with the index of the waveform each window belongs to and its weight."""
-        windows, owners, weights = [], [], []
-        for index, clip in enumerate(self._checked_clips(waveforms)):
-            for start, weight in window_plan(len(clip), self.window_samples):
-                windows.append(audio.pad_or_trim(clip[start:], self.window_samples))
-                owners.append(index)
-                weights.append(weight)
-        return np.stack(windows), np.array(owners), np.array(weights, np.float64)
-
-    def _embed_windows(self, windows: np.ndarray, dim: int | None) -> np.ndarray:
+    def _embed_windows(self, windows: np.ndarray | ClipWindows, dim: int | None) -> np.ndarray:
         fn = functools.partial(self._audio_fn, self._state, dim=dim)
         return embed_in_batches(fn, windows, self.batch_size, self.mesh, desc="audio", progress=self.progress)
 
@@ -252,14 +260,15 @@ class Embedder:
     ) -> np.ndarray:
         """16 kHz waveforms → L2-normalised float32 `(B, dim or embed_dim)`. A waveform longer than the window is
         cut to its head (`long_clips="head"`), or embedded window by window and the windows' embeddings averaged,
-        weighted by the audio each holds, and re-normalised (`"mean"`; `dim` then takes the prefix of that mean,
-        re-normalised, as from an index of full-size embeddings)."""
+        weighted by the audio each holds, and re-normalised (`"mean"`: a `(B, samples)` array's rows count to
+        their end, zeros too; `dim` then takes the prefix of that mean, re-normalised, as from an index of
+        full-size embeddings)."""
         check_long_clips(long_clips)
         dim = self.config.served_dim(dim)
         if long_clips == "head":
             return self._embed_windows(self.prepare_waveforms(waveforms), dim)
-        windows, owners, weights = self.window_waveforms(waveforms)
-        pooled = mean_of_windows(self._embed_windows(windows, None), owners, weights)
+        windows = ClipWindows(self._checked_clips(waveforms), self.window_samples)
+        pooled = windows.mean(self._embed_windows(windows, None))
         return pooled if dim is None else truncate_normalize(pooled, dim)
 
     def embed_text(self, texts: Sequence[str], dim: int | None = None) -> np.ndarray:

@@ -223,17 +223,6 @@ class WavLinkModel(PreTrainedModel):
         each cut to the head of the model's window or zero-padded at the end, as in evaluation."""
         return torch.stack([self._window(clip) for clip in self._checked_clips(waveforms)])
 
-    def window_waveforms(self, waveforms) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`long_clips="mean"`'s input: every window of every waveform (`waveform_layout.window_plan`) as
-        `(W, window_samples)`, the index of the waveform each belongs to `(W,)` and its weight `(W,)`."""
-        windows, owners, weights = [], [], []
-        for index, clip in enumerate(self._checked_clips(waveforms)):
-            for start, weight in window_plan(clip.shape[0], self.config.window_samples):
-                windows.append(self._window(clip[start:]))
-                owners.append(index)
-                weights.append(weight)
-        return torch.stack(windows), torch.tensor(owners), torch.tensor(weights, dtype=torch.float32)
-
     @torch.no_grad()
     def embed_audio(
         self, waveforms, dim: int | None = None, batch_size: int = 32, long_clips: str = "head"
@@ -241,25 +230,33 @@ class WavLinkModel(PreTrainedModel):
         """16 kHz waveforms (one 1-D array, a list of them of any lengths, or a `(B, samples)` batch) →
         L2-normalised float32 `(B, dim or embed_dim)`; `dim` is a Matryoshka size of the model. A waveform longer
         than the window is cut to its head (`long_clips="head"`), or embedded window by window and the windows'
-        embeddings averaged, weighted by the audio each holds, and re-normalised (`"mean"`; `dim` then takes the
-        prefix of that mean, re-normalised), as the JAX embedder does."""
+        embeddings averaged, weighted by the audio each holds, and re-normalised (`"mean"`: a `(B, samples)`
+        batch's rows count to their end, zeros too; `dim` then takes the prefix of that mean, re-normalised), as
+        the JAX embedder does. Windows are cut a batch at a time."""
         check_long_clips(long_clips)
         if long_clips == "head":
-            return self._embed_windows(self.prepare_waveforms(waveforms), dim, batch_size)
+            batch = self.prepare_waveforms(waveforms)
+            return self._embed_batches((batch[i : i + batch_size] for i in range(0, len(batch), batch_size)), dim)
         self._served_dim(dim)  # refused before any window is embedded
-        windows, owners, weights = self.window_waveforms(waveforms)
-        embeddings = self._embed_windows(windows, None, batch_size)
-        pooled = embeddings.new_zeros(int(owners.max()) + 1, embeddings.shape[1])
-        pooled.index_add_(0, owners.to(embeddings.device), embeddings * weights.to(embeddings)[:, None])
-        return self._finish(pooled, dim)
+        clips = self._checked_clips(waveforms)
+        plan = [(index, start, weight) for index, clip in enumerate(clips) for start, weight in
+                window_plan(clip.shape[0], self.config.window_samples)]
+        batches = (
+            torch.stack([self._window(clips[index][start:]) for index, start, _ in plan[i : i + batch_size]])
+            for i in range(0, len(plan), batch_size)
+        )
+        embeddings = self._embed_batches(batches, None)
+        owners = torch.tensor([index for index, _, _ in plan], device=embeddings.device)
+        weights = torch.tensor([weight for _, _, weight in plan], dtype=embeddings.dtype, device=embeddings.device)
+        pooled = embeddings.new_zeros(len(clips), embeddings.shape[1])
+        return self._finish(pooled.index_add_(0, owners, embeddings * weights[:, None]), dim)
 
-    def _embed_windows(self, windows: torch.Tensor, dim: int | None, batch_size: int) -> torch.Tensor:
+    def _embed_batches(self, batches, dim: int | None) -> torch.Tensor:
+        """`(b, window_samples)` waveform batches → their embeddings, concatenated."""
         n_mels = self.config.audio_config.num_mel_bins
-        outputs = []
-        for start in range(0, windows.shape[0], batch_size):
-            chunk = windows[start : start + batch_size].to(self.device)
-            outputs.append(self.audio_embeds(log_mel_spectrogram(chunk, n_mels), dim).float())
-        return torch.cat(outputs)
+        return torch.cat(
+            [self.audio_embeds(log_mel_spectrogram(batch.to(self.device), n_mels), dim).float() for batch in batches]
+        )
 
     # ------------------------------------------------------------------------------------------------ text
     @property
