@@ -648,8 +648,9 @@ def test_load_airbench_data_decodes_each_file_once(tmp_path):
     _write_clip(root / "Audio_Grounding_audiogrounding" / "g.flac", 2.0)
     data = eval_tasks.load_airbench_data(root, window_seconds=1.0)
     assert data.waveforms.shape == (2, 16000) and data.long_clips == "head"
-    whole = eval_tasks.load_airbench_data(root, window_seconds=None)  # for long_clips="mean"
+    whole = eval_tasks.load_airbench_data(root, window_seconds=1.0, long_clips="mean")
     assert [len(w) for w in whole.waveforms] == [32000, 16000] and whole.long_clips == "mean"
+    assert whole.window_samples == 16000
     assert [q.id for q in data.questions] == ["1", "2", "4"]
     assert data.question_audio.tolist() == [1, 1, 0]  # files in sorted path order: Audio_Grounding first
     # One unreadable file, two questions about it: both dropped questions counted (not the one file).
@@ -856,24 +857,27 @@ def test_cli_window_seconds_reaches_the_model_and_the_crops(tmp_path, monkeypatc
     assert requested == [None, 0.25]
 
 
-def test_cli_long_clips_mean_decodes_clips_whole_and_asks_for_the_mean(tmp_path, monkeypatch):
-    """`--long-clips mean` hands the model each clip whole (0.5 s here: 8000 samples, where the 0.25 s window's head
-    crops have 4000) with `long_clips="mean"`, and the results record it; by default the model gets head windows
-    and no option (the trainer's `StateEmbedder` takes none)."""
+def test_cli_long_clips_mean_gives_the_model_every_window_of_every_clip(tmp_path, monkeypatch):
+    """`--long-clips mean` decodes each clip whole (0.5 s here) and gives the model its 0.25 s windows, two a clip,
+    as `ClipWindows` (cut as they are read); the results record the choice. By default the model gets the clips'
+    head windows."""
     from wavlink_jax import inference
 
     manifest = _good_manifest(tmp_path)
     model = _fake_model()
     model.window_seconds = 0.25
-    embed_audio, calls = model.embed_audio, []
-    model.embed_audio = lambda waveforms, **options: calls.append(({len(w) for w in waveforms}, options)) or (
-        embed_audio(waveforms))
+    embed_audio, given = model.embed_audio, []
+    model.embed_audio = lambda waveforms: given.append(waveforms) or embed_audio(waveforms)
     monkeypatch.setattr(inference, "load", lambda *args, **kwargs: model)
     out = tmp_path / "res.json"
-    for flag, call, recorded in (([], ({4000}, {}), "head"),
-                                 (["--long-clips", "mean"], ({8000}, {"long_clips": "mean"}), "mean")):
+    for flag, recorded in (([], "head"), (["--long-clips", "mean"], "mean")):
         ev.main(["--workdir", "W", "--datasets", f"good={manifest}", "--out", str(out), *flag])
-        assert calls[-1] == call and json.loads(out.read_text())["long_clips"] == recorded
+        assert json.loads(out.read_text())["long_clips"] == recorded
+    head, windows = given
+    assert head.shape == (3, 4000)
+    assert isinstance(windows, ev.ClipWindows) and windows.window_samples == 4000 and len(windows) == 6
+    assert windows.owners.tolist() == [0, 0, 1, 1, 2, 2] and windows.weights.tolist() == [4000] * 6
+    np.testing.assert_array_equal(windows[1:3], np.stack([windows.clips[0][4000:], windows.clips[1][:4000]]))
 
 
 def test_format_table():

@@ -143,9 +143,30 @@ def test_an_evaluation_set_can_have_its_own_window(tmp_path, data_dir, monkeypat
     assert last["eval/synthetic/clips"] == 4 and 0 <= last["eval/synthetic/t2a_R@1"] <= 100
 
 
+def test_an_evaluation_set_scored_by_the_mean_of_windows_as_the_evaluate_command_scores_it(
+    tmp_path, data_dir, monkeypatch
+):
+    """`long_clips: "mean"` keeps a set's clips whole (up to 1.5 s, in 1 s windows) and scores each as the mean of
+    its windows' embeddings: the figures `python -m wavlink_jax.evaluate --long-clips mean` gives the checkpoint."""
+    from wavlink_jax import eval_tasks, inference
+
+    config = with_eval(tiny_config(str(data_dir), total_steps=1), data_dir, batch_size=8)
+    config.eval.sets = ({**config.eval.sets[0], "long_clips": "mean"},)
+    decoded = []
+    load = eval_tasks.load_eval_data
+    monkeypatch.setattr(eval_tasks, "load_eval_data", lambda *a, **k: decoded.append(load(*a, **k)) or decoded[-1])
+    last = train.train(config, str(tmp_path))
+    (data,) = decoded
+    assert data.long_clips == "mean" and max(len(clip) for clip in data.waveforms) > data.window_samples == 16000
+    embedder = inference.load(str(tmp_path), batch_size=8)
+    (scored,) = eval_tasks.evaluate_data(embedder, data, [embedder.config.matryoshka_dims[0]]).values()
+    assert {key: last[f"eval/synthetic/{key}"] for key in scored} == pytest.approx(scored, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "change, message",
     [
+        ({"long_clips": "avg"}, r"config.eval.sets\[1\] \(synthetic\) long_clips = 'avg': choose 'head'"),
         ({"window_seconds": 2.0}, r"config.eval.sets\[1\] \(synthetic\) window_seconds = 2 s: .* at most 1 s \(50 positions\)"),
         ({"window_seconds": 0}, r"config.eval.sets\[1\] \(synthetic\) window_seconds = 0 s: .* more than 0"),
         ({"windows": 0.5}, r"config.eval.sets\[1\] has unknown keys \['windows'\] / lacks \[\]"),

@@ -32,7 +32,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 import numpy as np
 
 from wavlink_jax import evaluate
-from wavlink_jax.data import pipeline
+from wavlink_jax.data import audio_io, pipeline
+from wavlink_jax.waveform_layout import check_long_clips
 
 AIRBENCH_METADATA = "Foundation_meta.json"
 _CHOICE_FIELDS = ("choice_a", "choice_b", "choice_c", "choice_d")
@@ -157,11 +158,11 @@ PAPER_SETS: dict[str, tuple[str, str]] = {
 
 class SupportsEmbedding(Protocol):
     """What evaluation needs from a model: full-size, L2-normalised numpy embeddings (e.g.
-    `inference.Embedder`, `train_step.StateEmbedder`). A set of whole clips (`EvalData.long_clips == "mean"`)
-    needs an `embed_audio` that takes `long_clips="mean"` (`inference.Embedder`)."""
+    `inference.Embedder`, `train_step.StateEmbedder`)."""
 
-    def embed_audio(self, waveforms: np.ndarray) -> np.ndarray:
-        """(N, samples) float32 16 kHz waveforms (or N whole clips, with `long_clips="mean"`) → (N, E)."""
+    def embed_audio(self, waveforms: np.ndarray | evaluate.ClipWindows) -> np.ndarray:
+        """(N, samples) float32 16 kHz windows, an array or `evaluate.ClipWindows` (which `embed_in_batches`
+        slices) → (N, E)."""
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
         """N strings → (N, E)."""
@@ -175,8 +176,8 @@ class EvalData:
     its clips have labels (classes = its distinct labels; per-fold accuracy averaged when `folds` is given),
     multiple choice when it has `questions` (question i is about clip `question_audio[i]`; each choice's
     text embedded alone, or after its question with `choices_with_question`). `long_clips` says how its clips
-    are embedded: "head", `waveforms` holds their head windows `(N, samples)`; "mean", it holds the whole clips
-    (a list), each embedded as the mean of its windows' embeddings (`inference.Embedder.embed_audio`).
+    are embedded: "head", `waveforms` holds their head windows `(N, window_samples)`; "mean", it holds the whole
+    clips (a list), each embedded as the mean of its `window_samples` windows' embeddings (`evaluate.ClipWindows`).
     """
 
     name: str
@@ -190,6 +191,7 @@ class EvalData:
     choices_with_question: bool = False
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     long_clips: str = "head"
+    window_samples: int = 0  # "mean": the windows' length ("head": the rows' length)
 
     @property
     def class_names(self) -> list[str]:
@@ -266,23 +268,34 @@ def _check_captions(name: str, text_to_audio: np.ndarray, ids: Sequence[str]) ->
         )
 
 
+def _decoded_window(window_seconds: float, long_clips: str) -> float | None:
+    """What `pipeline.make_eval_set` keeps of each clip: the head window, or all of it (None) for "mean"."""
+    check_long_clips(long_clips)
+    return window_seconds if long_clips == "head" else None
+
+
 def load_eval_data(
     name: str,
     source: Mapping[str, Any] | str | os.PathLike,
     *,
-    window_seconds: float | None,
+    window_seconds: float,
+    long_clips: str = "head",
     max_clips: int | None = None,
     read_threads: int = 4,
 ) -> EvalData:
     """Decode a source (a `DataConfig.sources` spec: manifest, prepared TFDS data set, ...) for evaluation.
 
-    Clips are head-cropped to `window_seconds` (shorter ones zero-padded), or kept whole with `None`, to be
-    embedded as the means of their windows (`long_clips="mean"`); unreadable clips are skipped and counted in
+    Clips are head-cropped to `window_seconds` (shorter ones zero-padded), or with `long_clips="mean"` kept whole,
+    to be embedded as the means of their windows of `window_seconds`; unreadable clips are skipped and counted in
     `skipped` (by reason), never silently. `max_clips` keeps the first clips only (quick checks during training;
     never for reported numbers).
     """
     data = pipeline.make_eval_set(
-        source, window_seconds=window_seconds, require_captions=False, max_clips=max_clips, read_threads=read_threads
+        source,
+        window_seconds=_decoded_window(window_seconds, long_clips),
+        require_captions=False,
+        max_clips=max_clips,
+        read_threads=read_threads,
     )
     _check_captions(name, np.asarray(data.text_to_audio), data.ids)
     labels = _check_labels(name, data.labels, data.ids)
@@ -296,21 +309,23 @@ def load_eval_data(
         labels=labels,
         folds=data.folds,
         skipped=dict(data.skip_counts),
-        long_clips="mean" if window_seconds is None else "head",
+        long_clips=long_clips,
+        window_samples=audio_io.samples(window_seconds),
     )
 
 
 def load_airbench_data(
     root: str | os.PathLike,
     *,
-    window_seconds: float | None,
+    window_seconds: float,
+    long_clips: str = "head",
     tasks: Sequence[str] | None = None,
     choices_with_question: bool = False,
     max_questions: int | None = None,
     read_threads: int = 4,
 ) -> EvalData:
     """AIR-Bench foundation questions with their audio decoded (each distinct file once), head-cropped to
-    `window_seconds` or whole (`None`), as `load_eval_data` decodes clips.
+    `window_seconds` or whole (`long_clips="mean"`), as `load_eval_data` decodes clips.
 
     A question whose audio cannot be decoded is dropped and counted in `skipped["questions_dropped"]` (its
     clip's reason is counted too). Each choice is scored by its text alone (the paper's protocol), or by
@@ -323,7 +338,7 @@ def load_airbench_data(
     records = [{"id": path, "audio": path, "sample_rate": 0, "captions": [], "label": ""} for path in paths]
     data = pipeline.make_eval_set(
         {"kind": "source", "source": records},
-        window_seconds=window_seconds,
+        window_seconds=_decoded_window(window_seconds, long_clips),
         require_captions=False,
         read_threads=read_threads,
     )
@@ -336,7 +351,8 @@ def load_airbench_data(
         question_audio=np.array([row[q.audio] for q in kept], np.int64),
         choices_with_question=choices_with_question,
         skipped={**data.skip_counts, "questions_dropped": len(questions) - len(kept)},
-        long_clips="mean" if window_seconds is None else "head",
+        long_clips=long_clips,
+        window_samples=audio_io.samples(window_seconds),
     )
 
 
@@ -383,10 +399,11 @@ def evaluate_data(
 ) -> dict[int, dict[str, float]]:
     """Embed `data` once at full size and score it at every Matryoshka size in `dims` ({dim: metrics})."""
     if data.long_clips == "head":
-        audio_emb = embedder.embed_audio(data.waveforms)
+        audio_emb = np.asarray(embedder.embed_audio(data.waveforms))
     else:
-        audio_emb = embedder.embed_audio(data.waveforms, long_clips=data.long_clips)
-    embeddings = {"audio_emb": np.asarray(audio_emb)}
+        windows = evaluate.ClipWindows(data.waveforms, data.window_samples)
+        audio_emb = windows.mean(embedder.embed_audio(windows))
+    embeddings = {"audio_emb": audio_emb}
     if data.captions:
         embeddings["text_emb"] = np.asarray(embedder.embed_text(data.captions))
     if data.labels:

@@ -20,6 +20,7 @@ float64 and rounded to float32 (`scores_of`), where that noise vanishes.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import functools
 import json
 import os
@@ -31,9 +32,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from wavlink_jax import cli, sharding
+from wavlink_jax import audio, cli, sharding
 from wavlink_jax.files import replace_text, replaced
-from wavlink_jax.waveform_layout import LONG_CLIPS
+from wavlink_jax.waveform_layout import LONG_CLIPS, window_plan
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans, and the float64
 # product they are rounded from), so a 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -447,6 +448,39 @@ def check_eval_batch_size(batch_size: int, mesh: jax.sharding.Mesh) -> None:
         )
 
 
+class ClipWindows(collections.abc.Sequence):
+    """`long_clips="mean"`'s windows over `clips` (`waveform_layout.window_plan`), with the clip each belongs to
+    (`owners`) and its weight: a sequence of `(window_samples,)` float32 windows, each cut and zero-padded when it
+    is read, so that `embed_in_batches`, slicing a batch at a time, holds no more than a batch of them beside the
+    clips. `mean` turns the windows' embeddings into the clips'."""
+
+    def __init__(self, clips: Sequence[np.ndarray], window_samples: int):
+        self.clips, self.window_samples = clips, window_samples
+        plan = [(index, start, weight) for index, clip in enumerate(clips) for start, weight in
+                window_plan(len(clip), window_samples)]
+        self.starts = [(index, start) for index, start, _ in plan]
+        self.owners = np.array([index for index, _, _ in plan])
+        self.weights = np.array([weight for _, _, weight in plan], np.float64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, rows: int | slice) -> np.ndarray:
+        if isinstance(rows, slice):
+            return np.stack([self._window(index, start) for index, start in self.starts[rows]])
+        return self._window(*self.starts[rows])
+
+    def _window(self, index: int, start: int) -> np.ndarray:
+        return audio.pad_or_trim(np.asarray(self.clips[index][start:], np.float32), self.window_samples)
+
+    def mean(self, embeddings: np.ndarray) -> np.ndarray:
+        """Each clip's embedding from its windows' `(len(self), E)` unit-length embeddings: their mean weighted by
+        `weights`, L2-normalised."""
+        pooled = np.zeros((len(self.clips), embeddings.shape[1]), np.float64)
+        np.add.at(pooled, self.owners, np.asarray(embeddings) * self.weights[:, None])
+        return normalize_rows(pooled, "the mean of a clip's window embeddings").astype(np.float32)
+
+
 def embed_in_batches(
     fn: Callable[[Any], Any],
     inputs: Any,
@@ -541,7 +575,8 @@ def evaluate_during_training(
 
 
 def open_dataset(entry: str, args: argparse.Namespace) -> tuple[str, Callable[..., Any]]:
-    """One `--datasets` entry → its name and `decode(window_seconds=...)`, which returns its `eval_tasks.EvalData`.
+    """One `--datasets` entry → its name and `decode(window_seconds=..., long_clips=...)`, which returns its
+    `eval_tasks.EvalData`.
 
     The entry's source is opened here (a manifest read and checked, a prepared data set's split found, AIR-Bench's
     metadata parsed and its audio files found), so that a bad entry stops the run before the model is loaded
@@ -669,7 +704,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     combined: dict[int, dict[str, float]] = {dim: {} for dim in dims}
     for name, decode in datasets:
-        data = decode(window_seconds=window_seconds if args.long_clips == "head" else None)  # None: whole clips
+        data = decode(window_seconds=window_seconds, long_clips=args.long_clips)
         table = eval_tasks.evaluate_data(embedder, data, dims, templates=templates)
         if jax.process_index() == 0:
             print(format_table(name, table), flush=True)

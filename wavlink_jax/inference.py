@@ -46,13 +46,13 @@ from wavlink_jax.convert.common import (
     resolve_source,
 )
 from wavlink_jax.data import audio_io
-from wavlink_jax.evaluate import embed_in_batches, normalize_rows, truncate_normalize
+from wavlink_jax.evaluate import ClipWindows, embed_in_batches, truncate_normalize
 from wavlink_jax.models import lora
 from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.models.whisper import WhisperConfig
 from wavlink_jax.tokenizer import load_tokenizer
-from wavlink_jax.waveform_layout import check_float_samples, check_long_clips, check_not_channels_last, window_plan
+from wavlink_jax.waveform_layout import check_float_samples, check_long_clips, check_not_channels_last
 
 
 @dataclasses.dataclass
@@ -155,34 +155,6 @@ def read_model(path: str | os.PathLike, step: int | None = None, *, dtype: str =
     )
 
 
-class ClipWindows:
-    """`long_clips="mean"`'s windows over `clips` (`waveform_layout.window_plan`), with the clip each belongs to
-    (`owners`) and its weight. Sliced (`windows[a:b]`, as `evaluate.embed_in_batches` takes a batch), it cuts and
-    zero-pads those windows only, so no more than a batch of them is held beside the clips."""
-
-    def __init__(self, clips: Sequence[np.ndarray], window_samples: int):
-        self.clips, self.window_samples = clips, window_samples
-        plan = [(index, start, weight) for index, clip in enumerate(clips) for start, weight in
-                window_plan(len(clip), window_samples)]
-        self.starts = [(index, start) for index, start, _ in plan]
-        self.owners = np.array([index for index, _, _ in plan])
-        self.weights = np.array([weight for _, _, weight in plan], np.float64)
-
-    def __len__(self) -> int:
-        return len(self.starts)
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        return np.stack([audio.pad_or_trim(self.clips[index][start:], self.window_samples)
-                         for index, start in self.starts[rows]])
-
-    def mean(self, embeddings: np.ndarray) -> np.ndarray:
-        """Each clip's embedding from its windows' `(W, E)` unit-length embeddings: their mean weighted by
-        `weights`, L2-normalised."""
-        pooled = np.zeros((len(self.clips), embeddings.shape[1]), np.float64)
-        np.add.at(pooled, self.owners, embeddings * self.weights[:, None])
-        return normalize_rows(pooled, "the mean of a clip's window embeddings").astype(np.float32)
-
-
 class Embedder:
     """Jitted, batched embedding of waveforms and texts with one loaded model (see the module docstring)."""
 
@@ -243,9 +215,11 @@ class Embedder:
             raise ValueError("embed_audio got no waveforms")
         return clips
 
-    def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | ClipWindows:
         """`(B, window_samples)` float32: each waveform cut to the head of the window or zero-padded (a float32
-        batch of windows is returned as it is)."""
+        batch of windows, or `ClipWindows` of this window, is returned as it is)."""
+        if isinstance(waveforms, ClipWindows) and waveforms.window_samples == self.window_samples:
+            return waveforms  # cut a batch at a time by `embed_in_batches`
         clips = self._checked_clips(waveforms)
         if isinstance(clips, np.ndarray) and clips.shape[1] == self.window_samples:
             return clips

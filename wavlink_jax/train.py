@@ -36,6 +36,7 @@ from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.files import replace_text
 from wavlink_jax.tokenizer import load_tokenizer
+from wavlink_jax.waveform_layout import LONG_CLIPS
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/wavlink_base.py:stage=1")
@@ -194,9 +195,11 @@ class Evaluator:
     out when the set was decoded, zeros included).
 
     Each set is head-cropped to the training window, or to its own `window_seconds` (e.g. 30 to score long
-    clips whole with a model trained on 10 s crops)."""
+    clips whole with a model trained on 10 s crops); with `long_clips: "mean"` its clips are kept whole and each
+    is scored as the mean of its windows' embeddings (`evaluate.ClipWindows`), as `python -m wavlink_jax.evaluate
+    --long-clips mean` scores them."""
 
-    SET_KEYS = ("name", "source", "window_seconds")
+    SET_KEYS = ("name", "source", "window_seconds", "long_clips")
 
     def __init__(self, config: ml_collections.ConfigDict, setup: train_step.TrainSetup, tokenizer):
         self.dims = setup.model_config.matryoshka_dims
@@ -206,7 +209,11 @@ class Evaluator:
         eval_tasks.check_set_names([spec["name"] for spec in config.eval.sets], "config.eval.sets")
         self.sets = [
             eval_tasks.load_eval_data(
-                spec["name"], dict(spec["source"]), window_seconds=window, max_clips=config.eval.max_clips or None
+                spec["name"],
+                dict(spec["source"]),
+                window_seconds=window,
+                long_clips=spec.get("long_clips") or "head",
+                max_clips=config.eval.max_clips or None,
             )
             for spec, window in zip(config.eval.sets, windows)
         ]
@@ -215,12 +222,18 @@ class Evaluator:
     def _window_seconds(
         cls, index: int, spec: dict, config: ml_collections.ConfigDict, setup: train_step.TrainSetup
     ) -> float:
-        """The window of `config.eval.sets[index]`, after checking the set's keys and that window."""
+        """The window of `config.eval.sets[index]`, after checking the set's keys, its `long_clips` and that window."""
         unknown, missing = sorted(set(spec) - set(cls.SET_KEYS)), sorted({"name", "source"} - set(spec))
         if unknown or missing:
             raise ValueError(
                 f"config.eval.sets[{index}] has unknown keys {unknown} / lacks {missing}; an evaluation set is "
-                f"{{'name': ..., 'source': <a data source spec>, 'window_seconds': (optional)}}"
+                f"{{'name': ..., 'source': <a data source spec>, 'window_seconds': (optional), 'long_clips': "
+                "(optional) 'head' or 'mean'}"
+            )
+        if spec.get("long_clips") not in (None, *LONG_CLIPS):
+            raise ValueError(
+                f"config.eval.sets[{index}] ({spec['name']}) long_clips = {spec['long_clips']!r}: choose 'head' (the "
+                "first window of a clip, the default) or 'mean' (the mean of its windows' embeddings)"
             )
         seconds = float(config.data.window_seconds if spec.get("window_seconds") is None else spec["window_seconds"])
         setup.model_config.audio.check_window(seconds, f"config.eval.sets[{index}] ({spec['name']}) window_seconds")
