@@ -375,6 +375,25 @@ def test_an_index_of_more_files_than_one_batch_holds_every_file(embedder, clips,
     assert np.abs(index["embeddings"] - embedder.embed_audio(decoded)).max() <= BATCH_TOLERANCE
 
 
+def test_an_index_of_whole_files_embeds_them_a_batch_of_windows_at_a_time(embedder, clips, tmp_path, monkeypatch):
+    """With `long_clips="mean"` files are decoded whole, `DECODE_THREADS` (4) at a time, and embedded once they hold
+    a batch of windows (8 here; each 1.5 s file has two 1 s windows), not a batch of files at a time: 6 files are
+    embedded as 4 and 2, and each row is its own file's mean."""
+    folder = tmp_path / "whole"
+    folder.mkdir()
+    for index in range(6):
+        shutil.copyfile(clips / f"clip{index % 4}.flac", folder / f"{index}.flac")
+    calls = []
+    embed_audio = embedder.embed_audio
+    monkeypatch.setattr(embedder, "embed_audio", lambda waves, **options: calls.append(len(waves)) or (
+        embed_audio(waves, **options)))
+    embed.build_index(embedder, folder, tmp_path / "whole.npz", long_clips="mean", progress=False)
+    index = embed.read_index(tmp_path / "whole.npz")
+    assert calls == [4, 2, 1] and embedder.batch_size == 8  # the files, then the probe tone
+    expected = embed_audio([load_audio(folder / path) for path in index["paths"]], long_clips="mean")
+    assert np.abs(index["embeddings"] - expected).max() <= BATCH_TOLERANCE
+
+
 def test_a_search_without_model_uses_the_model_and_step_the_index_names(run, exported, clips, tmp_path, capsys,
                                                                         monkeypatch):
     """An index records its model as an absolute path (built here from a relative one) with the step that was

@@ -39,7 +39,7 @@ from wavlink_jax import cli, inference
 from wavlink_jax.data.audio_io import BadAudio, load_audio
 from wavlink_jax.evaluate import scores_of, truncate_normalize
 from wavlink_jax.files import replaced
-from wavlink_jax.waveform_layout import LONG_CLIPS, check_long_clips
+from wavlink_jax.waveform_layout import LONG_CLIPS, check_long_clips, window_plan
 
 AUDIO_EXTENSIONS = frozenset(
     {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au", ".snd", ".w64", ".caf", ".rf64"}
@@ -129,26 +129,37 @@ def build_index(
     long_clips: str = "head",
     progress: bool = True,
 ) -> IndexReport:
-    """Embed every audio file under `folder` and save the index to `out` (see the module docstring)."""
+    """Embed every audio file under `folder` and save the index to `out` (see the module docstring).
+
+    Decoded files are embedded once they hold a batch of windows. Head windows are decoded a batch of files at a
+    time; whole files (`long_clips="mean"`) `DECODE_THREADS` at a time, so that memory holds about a batch of
+    windows' audio beside the last few files, however long the files are."""
     folder = Path(folder).resolve()
     files, ignored = audio_files(folder)
     decoded_length = _decoded_length(embedder, long_clips)
+    group_size = embedder.batch_size if long_clips == "head" else DECODE_THREADS
     embeddings, paths, skipped = [], [], []
-    chunk = embedder.batch_size
+    pending: list[np.ndarray] = []  # decoded, not yet embedded
+
+    def embed_pending() -> None:
+        if pending:
+            embeddings.append(embedder.embed_audio(pending, long_clips=long_clips))
+            pending.clear()
+
     with tqdm(total=len(files), desc="indexing", unit="file", disable=not progress) as bar:
-        for start in range(0, len(files), chunk):
-            batch_files = files[start : start + chunk]
-            good = []
-            for path, result in zip(batch_files, decode_files(batch_files, decoded_length)):
+        for start in range(0, len(files), group_size):
+            group = files[start : start + group_size]
+            for path, result in zip(group, decode_files(group, decoded_length)):
                 relative = str(path.relative_to(folder))
                 if isinstance(result, BadAudio):
                     skipped.append((relative, f"{result.reason}: {result}"))
                 else:
-                    good.append(result)
+                    pending.append(result)
                     paths.append(relative)
-            if good:
-                embeddings.append(embedder.embed_audio(good, long_clips=long_clips))
-            bar.update(len(batch_files))
+            if sum(len(window_plan(len(clip), embedder.window_samples)) for clip in pending) >= embedder.batch_size:
+                embed_pending()
+            bar.update(len(group))
+        embed_pending()
     if not paths:
         raise ValueError(f"{folder}: no readable audio files ({len(skipped)} unreadable, {ignored} not audio)")
     loaded = embedder.loaded
