@@ -17,9 +17,9 @@ the README section "Configs" for more):
     lora           rank, alpha (used when optim.mode = "lora")
     data           wavlink_jax.data.pipeline.DataConfig fields (sources, window_seconds, tokenizer, ...)
     init_from      workdir (a stage-1 run) | audio, text (converted or Hugging Face tower checkpoints)
-    eval           sets ({"name": ..., "source": <a data source spec>, "window_seconds": optional head crop,
-                   "long_clips": optional "head" | "mean"}, ...) scored every eval_every_steps, batch_size,
-                   max_clips (0 = all)
+    eval           sets ({"name": ..., "source": <a data source spec>, "window_seconds": optional window (head
+                   crop, or with "mean" each window's length), "long_clips": optional "head" | "mean"}, ...) scored
+                   every eval_every_steps, batch_size, max_clips (0 = all)
 """
 
 from __future__ import annotations

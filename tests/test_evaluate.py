@@ -880,6 +880,21 @@ def test_cli_long_clips_mean_gives_the_model_every_window_of_every_clip(tmp_path
     np.testing.assert_array_equal(windows[1:3], np.stack([windows.clips[0][4000:], windows.clips[1][:4000]]))
 
 
+def test_long_clips_settings_are_checked_before_anything_is_decoded(tmp_path):
+    """A `long_clips` or window that cannot work is refused by name: before decoding (the manifest does not even
+    exist), and when an `EvalData` is made by hand."""
+    missing = tmp_path / "missing.jsonl"
+    for window, long_clips, words in ((None, "mean", "window_seconds = None: give the window in seconds"),
+                                      (0.0, "head", "window_seconds = 0.0"),
+                                      (1.0, "avg", "long_clips must be one of 'head', 'mean', got 'avg'")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            eval_tasks.load_eval_data("toy", missing, window_seconds=window, long_clips=long_clips)
+    with pytest.raises(ValueError, match=re.escape("long_clips must be one of 'head', 'mean', got 'avg'")):
+        eval_tasks.EvalData("toy", [np.zeros(10, np.float32)], long_clips="avg")
+    with pytest.raises(ValueError, match=r"'toy': long_clips='mean' needs the windows' length, window_samples = 0"):
+        eval_tasks.EvalData("toy", [np.zeros(10, np.float32)], long_clips="mean")
+
+
 def test_format_table():
     text = ev.format_table("clotho", {512: {"t2a_R@1": 17.6, "t2a_medR": 7.0}, 64: {"t2a_R@1": 16.95, "t2a_medR": 8.0}})
     assert text.splitlines() == [

@@ -208,10 +208,13 @@ def test_long_clips_mean_is_the_weighted_mean_of_the_windows_in_pytorch_and_jax(
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-6)
     head = jax_embedder.embed_audio(waves, dim)
     np.testing.assert_allclose(ours[2], head[2], rtol=0, atol=1e-6)  # the same, re-normalised in float64
-    # A (B, samples) batch: each row is a clip to its end, in numpy, jax and torch arrays alike.
-    batch = np.stack([waves[0], tone[: 2 * window]])
+    # A (B, samples) batch: each row is a clip to its end, zeros too, in numpy, jax and torch arrays alike.
+    padded = np.pad(waves[1], (0, 2 * window - len(waves[1])))
+    batch = np.stack([waves[0], tone[: 2 * window], padded])
     rows = jax_embedder.embed_audio(batch, dim, long_clips="mean")
     np.testing.assert_allclose(rows[0], ours[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(rows[2], jax_embedder.embed_audio([padded], dim, long_clips="mean")[0], atol=1e-6)
+    assert np.abs(rows[2] - ours[1]).max() > 1e-4  # the padding's zeros count: not waves[1]'s own mean
     np.testing.assert_allclose(jax_embedder.embed_audio(jnp.asarray(batch), dim, long_clips="mean"), rows, atol=1e-6)
     from_torch = torch_wavlink.embed_audio(torch.from_numpy(batch), dim, long_clips="mean").numpy()
     assert np.abs(from_torch - rows).max() <= TOLERANCE

@@ -394,6 +394,19 @@ def test_an_index_of_whole_files_embeds_them_a_batch_of_windows_at_a_time(embedd
     assert np.abs(index["embeddings"] - expected).max() <= BATCH_TOLERANCE
 
 
+def test_clip_windows_of_another_window_are_refused(embedder):
+    """`evaluate.ClipWindows` reach the model as they are, so windows cut for another window length are refused
+    (they were cut or padded again, and weighted by the wrong length), and so is averaging them a second time."""
+    from wavlink_jax.evaluate import ClipWindows
+
+    clips = [np.zeros(24000, np.float32)]
+    with pytest.raises(ValueError, match=r"^windows of 8000 samples given to an embedder whose window is 16000"):
+        embedder.embed_audio(ClipWindows(clips, 8000))
+    with pytest.raises(ValueError, match=r"^ClipWindows are windows already"):
+        embedder.embed_audio(ClipWindows(clips, 16000), long_clips="mean")
+    assert embedder.embed_audio(ClipWindows(clips, 16000)).shape == (2, 32)
+
+
 def test_a_search_without_model_uses_the_model_and_step_the_index_names(run, exported, clips, tmp_path, capsys,
                                                                         monkeypatch):
     """An index records its model as an absolute path (built here from a relative one) with the step that was

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
@@ -193,6 +194,12 @@ class EvalData:
     long_clips: str = "head"
     window_samples: int = 0  # "mean": the windows' length ("head": the rows' length)
 
+    def __post_init__(self):
+        check_long_clips(self.long_clips)
+        if self.long_clips == "mean" and self.window_samples < 1:
+            raise ValueError(f"evaluation set {self.name!r}: long_clips='mean' needs the windows' length, "
+                             f"window_samples = {self.window_samples}")
+
     @property
     def class_names(self) -> list[str]:
         return sorted(set(self.labels))
@@ -269,8 +276,12 @@ def _check_captions(name: str, text_to_audio: np.ndarray, ids: Sequence[str]) ->
 
 
 def _decoded_window(window_seconds: float, long_clips: str) -> float | None:
-    """What `pipeline.make_eval_set` keeps of each clip: the head window, or all of it (None) for "mean"."""
+    """What `pipeline.make_eval_set` keeps of each clip: the head window, or all of it (None) for "mean"; the
+    settings are checked before anything is decoded."""
     check_long_clips(long_clips)
+    if isinstance(window_seconds, bool) or not isinstance(window_seconds, numbers.Real) or not window_seconds > 0:
+        raise ValueError(f"window_seconds = {window_seconds!r}: give the window in seconds, more than 0 (with "
+                         "long_clips='mean' it is the length of each window)")
     return window_seconds if long_clips == "head" else None
 
 

@@ -218,12 +218,22 @@ class Embedder:
     def prepare_waveforms(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | ClipWindows:
         """`(B, window_samples)` float32: each waveform cut to the head of the window or zero-padded (a float32
         batch of windows, or `ClipWindows` of this window, is returned as it is)."""
-        if isinstance(waveforms, ClipWindows) and waveforms.window_samples == self.window_samples:
+        if isinstance(waveforms, ClipWindows):
+            self._check_clip_windows(waveforms)
             return waveforms  # cut a batch at a time by `embed_in_batches`
         clips = self._checked_clips(waveforms)
         if isinstance(clips, np.ndarray) and clips.shape[1] == self.window_samples:
             return clips
         return np.stack([audio.pad_or_trim(clip, self.window_samples) for clip in clips])
+
+    def _check_clip_windows(self, windows: ClipWindows) -> None:
+        """`ClipWindows` are embedded as they are, so their windows must be this embedder's."""
+        if windows.window_samples != self.window_samples:
+            raise ValueError(
+                f"windows of {windows.window_samples} samples given to an embedder whose window is "
+                f"{self.window_samples} samples ({self.window_seconds} s): cut the clips with this window, or load "
+                "the model with window_seconds to match"
+            )
 
     def _embed_windows(self, windows: np.ndarray | ClipWindows, dim: int | None) -> np.ndarray:
         fn = functools.partial(self._audio_fn, self._state, dim=dim)
@@ -241,6 +251,9 @@ class Embedder:
         dim = self.config.served_dim(dim)
         if long_clips == "head":
             return self._embed_windows(self.prepare_waveforms(waveforms), dim)
+        if isinstance(waveforms, ClipWindows):
+            raise ValueError("ClipWindows are windows already: embed them with long_clips='head' and average them "
+                             "with their .mean")
         windows = ClipWindows(self._checked_clips(waveforms), self.window_samples)
         pooled = windows.mean(self._embed_windows(windows, None))
         return pooled if dim is None else truncate_normalize(pooled, dim)

@@ -195,9 +195,9 @@ class Evaluator:
     out when the set was decoded, zeros included).
 
     Each set is head-cropped to the training window, or to its own `window_seconds` (e.g. 30 to score long
-    clips whole with a model trained on 10 s crops); with `long_clips: "mean"` its clips are kept whole and each
-    is scored as the mean of its windows' embeddings (`evaluate.ClipWindows`), as `python -m wavlink_jax.evaluate
-    --long-clips mean` scores them."""
+    clips whole with a model trained on 10 s crops); with `long_clips: "mean"` its clips are kept whole (in
+    memory, for the run) and each is scored as the mean of the embeddings of its windows of that length
+    (`evaluate.ClipWindows`), as `python -m wavlink_jax.evaluate --long-clips mean` scores them."""
 
     SET_KEYS = ("name", "source", "window_seconds", "long_clips")
 
