@@ -72,8 +72,7 @@ SAMPLE_RATE = 16_000
 FRAMES_PER_SECOND = 100  # Whisper's hop of 160 samples
 TEXT_LENGTH = 77
 # The `--xla-option` that turns XLA's command buffers (CUDA graphs) off: an empty list of what may go into one.
-# GPU run 4's profile (kernels launched one by one) left 0.9 ms of base's step idle, the timed step, in graphs,
-# 5.3 ms (BENCHMARKS.md).
+# GPU run 5 (BENCHMARKS.md): without them base's step took 98.1 ms instead of 87.5, and XLA's default stays.
 NO_COMMAND_BUFFERS = ("xla_gpu_enable_command_buffer", "")
 TINY = dict(window=1.0, text_length=16, batch=4, steps=2, warmup=1, matmul_size=256)
 
@@ -867,7 +866,8 @@ def idle_table(profile: dict[str, Any], step_time_s: float, xla_options: dict[st
     XLA runs its command buffers (CUDA graphs) kernel by kernel while a profiler is on (its flag
     `xla_enable_command_buffers_during_profiling` is off by default), so the profile's gaps are those of separate
     launches; what the timed step (`step_time_s`, compiled with `xla_options`, which may turn the graphs off)
-    leaves idle is its time less the profile's busy time."""
+    leaves idle is its time less the profile's busy time. That is the figure to read: the profiler's gaps miss the
+    host falling behind the card (GPU run 5: base without graphs left 12.5 ms of its step idle, its profile 1.0)."""
     if not profile.get("idle_ms_per_step"):
         return []
     sizes = ", ".join(f"{label} {ms:.2f} ({n:g}×)" for label, (ms, n) in profile["idle_by_size_ms_per_step"].items())
@@ -879,7 +879,7 @@ def idle_table(profile: dict[str, Any], step_time_s: float, xla_options: dict[st
     else:
         how = "under the profiler; the timed step, without command buffers,"
     lines = [
-        f"  idle between kernels {idle:.2f} ms/step {how} leaves {timed_idle:.2f} ms not busy",
+        f"  idle between kernels {idle:.2f} ms/step {how} leaves {timed_idle:.2f} ms not busy (the figure to read)",
         f"  the profile's gaps: {sizes}; longest (ms/step, gaps/step):",
     ]
     gaps = profile["top_gaps_ms_per_step"]

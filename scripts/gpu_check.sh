@@ -11,23 +11,23 @@
 # Resumable: runs that succeeded are recorded in $STATE_DIR (default /tmp/gpu_check_state, which lives as long
 # as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
 # or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
-# back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-4 by the estimates below:
-# 40 + 180 + 95 + 95 + 100 = 510 s; GPU run 4's first call did parity and four runs in 536 s), then again with
-# what the session has left (BUDGET_S ≈ 265 s: runs 5-7, 80 + 80 + 100 s; run 4's second call had 265 s). The rows of
+# back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-2 by the estimates below:
+# 40 + 260 + 230 = 530 s; GPU run 5's first call did parity and seven runs in 533 s), then again with what the
+# session has left (BUDGET_S ≈ 290 s: runs 3-5, 170 + 50 + 55 s; run 5's second call had 290 s). The rows of
 # every call since the state was fresh are kept there as well, so each call's bench.jsonl and summary hold all
 # of them (a device call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails)
-#   2. the questions GPU run 4 left: is the step faster with XLA's command buffers (CUDA graphs) off, and with
-#      its Triton GEMMs off too? small b64 vs torch.compile without graphs, then ours with them (XLA's default),
-#      then without either; base 30 s b128 the same, ours alone (profiled, HLO dumped, trace kept); then without graphs
-#      large b16 (profiled), medium b32, base 10 s b128 and large b64 without remat (GPU run 4: 129.8 of the
-#      card's 140 GiB)
-#   3. GPU run 4's runs with the graphs on: large b16, medium b32, base 10 s, large b64 without remat and with
-#      full remat; large and medium vs regional torch.compile (our steps from the JAX compile cache); base vs
-#      eager PyTorch
+#   2. the verdicts no run has given: large b16 and medium b32 against torch.compile of the whole step, in one
+#      process (runs 3 and 4 compared them with the regional compile or the issue's table only)
+#   3. small b64, the target still open, against torch.compile with our step in its default form (run 5 measured
+#      the ratio without XLA's command buffers; profiled, HLO dumped, trace kept); then without Triton GEMMs,
+#      which run 5 found 2% faster for small without command buffers
+#   4. base 10 s b128 (its 2.5× target needs the command buffers: run 5, without them, 2.10×); base 30 s b128
+#      against torch.compile and eager PyTorch; large b64 without remat; large b16 against the regional compile
+#      (our steps from the JAX compile cache)
 # Every run is bounded by what is left of BUDGET_S (default 510 s from the start of this script) and by
 # RUN_LIMIT_PERCENT (default 150) of its estimate, so that one run that hangs cannot take the call; a run that
 # would not fit its estimate is skipped and recorded as such (the next call on the machine runs it), and so is
@@ -184,50 +184,26 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
     cp "$RECORD" "$JSONL"
 }
 
-# Estimated seconds (GPU runs 3 and 4's timings plus 5–10%) are the skip thresholds, and RUN_LIMIT_PERCENT of them
-# each run's time limit.
-# First the questions GPU run 4 left (BENCHMARKS.md). Is the step faster with XLA's command buffers (CUDA graphs)
-# off? Its profile, kernels launched one by one, left 0.9 ms of base's step idle; the timed step, in graphs, 5.3 ms.
-# And with XLA's Triton GEMMs off? Its cuBLAS GEMMs then take biases and residual adds as epilogues, which the card's
-# run-4 step wrote and read again in kernels of their own (base: 72.0 GB of element-wise traffic against 64.2 GB
-# compiled here, XLA 0.10.2, with Triton GEMMs off). Small, the target still open, first: against torch.compile
-# without graphs, then ours with them, then without either; base the same three ways, ours alone (its target is met;
-# it is profiled and dumped without graphs: no kernel runs under a command buffer's name).
-NO_GRAPHS=(--xla-option xla_gpu_enable_command_buffer=)
+# Estimated seconds (GPU runs 4 and 5's timings plus 5–10%; the full compile of large and medium by small's, 54–70 s
+# for its 24 blocks, scaled to their 44 and 36) are the skip thresholds, and RUN_LIMIT_PERCENT of them each run's
+# time limit. XLA's defaults everywhere (command buffers and Triton GEMMs on: GPU run 5), but where a label says.
 NO_TRITON_GEMM=(--xla-option xla_gpu_enable_triton_gemm=false)
 runs() {
-    bench small-30s-b64-vs-compile-no-graphs 180 --model small --batch 64 --window 30 --baseline torch --compile \
-        --steps 10 "${NO_GRAPHS[@]}"
-    bench small-30s-b64 95 --model small --batch 64 --window 30 --steps 10
-    bench small-30s-b64-no-graphs-no-triton-gemm 95 --model small --batch 64 --window 30 --steps 10 "${NO_GRAPHS[@]}" \
-        "${NO_TRITON_GEMM[@]}"
-    bench base-30s-b128-no-graphs 100 --model base --batch 128 --window 30 --steps 10 --profile 2 \
-        --dump-hlo "$OUT/hlo_base_30s_b128.txt" --save-trace "$OUT/trace_base_30s_b128.json.gz" "${NO_GRAPHS[@]}"
-    [ -f "$OUT/hlo_base_30s_b128.txt" ] && gzip -f "$OUT/hlo_base_30s_b128.txt"
-    bench base-30s-b128 80 --model base --batch 128 --window 30 --steps 10
-    bench base-30s-b128-no-graphs-no-triton-gemm 80 --model base --batch 128 --window 30 --steps 10 "${NO_GRAPHS[@]}" \
-        "${NO_TRITON_GEMM[@]}"
-    bench large-30s-b16-no-graphs 100 --model large --batch 16 --window 30 --steps 5 --profile 1 "${NO_GRAPHS[@]}"
-    bench medium-30s-b32-no-graphs 85 --model medium --batch 32 --window 30 --steps 5 "${NO_GRAPHS[@]}"
-    bench base-10s-b128-no-graphs 55 --model base --batch 128 --window 10 --steps 10 "${NO_GRAPHS[@]}"
+    bench large-30s-b16-vs-compile 260 --model large --batch 16 --window 30 --baseline torch --compile --steps 5
+    bench medium-30s-b32-vs-compile 230 --model medium --batch 32 --window 30 --baseline torch --compile --steps 5
+    bench small-30s-b64-vs-compile 170 --model small --batch 64 --window 30 --baseline torch --compile --steps 10 \
+        --profile 1 --dump-hlo "$OUT/hlo_small_30s_b64.txt" --save-trace "$OUT/trace_small_30s_b64.json.gz"
+    [ -f "$OUT/hlo_small_30s_b64.txt" ] && gzip -f "$OUT/hlo_small_30s_b64.txt"
+    bench small-30s-b64-no-triton-gemm 50 --model small --batch 64 --window 30 --steps 10 "${NO_TRITON_GEMM[@]}"
+    bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
+    bench base-30s-b128-vs-compile 150 --model base --batch 128 --window 30 --baseline torch --compile --steps 10
+    bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline torch --steps 10
     # Large b64's program took 129.8 GiB of the card in GPU run 4, more than the 126.4 GiB (90%) that benchmark.py gives
     # JAX: so 95% (133.4 GiB).
-    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64-no-graphs 100 130 --model large --batch 64 --window 30 \
-        --steps 3 --warmup 1 "${NO_GRAPHS[@]}"
-    # Then GPU run 4's runs with the graphs on, and the baselines it had no time for. Large and medium run ours alone
-    # first, then against the regional baseline, which finds our step in the JAX compile cache; so a slow PyTorch side
-    # cannot cost us our own figures.
-    bench large-30s-b16 110 --model large --batch 16 --window 30 --steps 5
-    bench medium-30s-b32 85 --model medium --batch 32 --window 30 --steps 5
-    bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 bench large-30s-b64 100 130 --model large --batch 64 --window 30 --steps 3 \
         --warmup 1
-    bench large-30s-b64-remat 75 --model large --batch 64 --window 30 --remat full --steps 3 --warmup 1
     bench large-30s-b16-vs-compile-regional 65 --model large --batch 16 --window 30 --baseline torch --compile regional \
         --steps 5
-    bench medium-30s-b32-vs-compile-regional 110 --model medium --batch 32 --window 30 --baseline torch --compile regional \
-        --steps 5
-    bench base-30s-b128-vs-eager 40 --model base --batch 128 --window 30 --baseline torch --steps 10
 }
 PASS=first runs
 PASS=retry runs  # the runs that ran out of time in an earlier call on this machine

@@ -552,10 +552,10 @@ def test_idle_gaps_say_where_the_device_waited(tmp_path):
     assert summary["top_gaps_ms_per_step"] == [["B", "C", 0.04, 0.5], ["D", "E", 0.003, 0.5], ["A", "B", 0.001, 0.5]]
     lines = benchmark.idle_table(summary, 80e-6, {})  # the timed step: 80 µs, 34 of them not busy
     assert lines[0].startswith("  idle between kernels 0.04 ms/step under the profiler")
-    assert lines[0].endswith("the timed step, in CUDA graphs, leaves 0.03 ms not busy")
+    assert lines[0].endswith("the timed step, in CUDA graphs, leaves 0.03 ms not busy (the figure to read)")
     assert benchmark.idle_table(summary, 80e-6, {"xla_gpu_enable_command_buffer": ""})[0] == (
         "  idle between kernels 0.04 ms/step under the profiler; the timed step, without command buffers, leaves "
-        "0.03 ms not busy"
+        "0.03 ms not busy (the figure to read)"
     )
     assert lines[1].startswith("  the profile's gaps: < 5 µs 0.00 (0.5×), 5–50 µs 0.00 (0.5×)")
     assert lines[2] == "        0.04 ms    0.5×  B → C"

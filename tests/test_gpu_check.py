@@ -16,11 +16,9 @@ sys.path.insert(0, str(REPOSITORY / "scripts"))
 import benchmark  # noqa: E402  (for a profile made by its trace functions)
 
 RUNS = [  # gpu_check.sh's labels, in its order
-    "small-30s-b64-vs-compile-no-graphs", "small-30s-b64", "small-30s-b64-no-graphs-no-triton-gemm",
-    "base-30s-b128-no-graphs", "base-30s-b128", "base-30s-b128-no-graphs-no-triton-gemm",
-    "large-30s-b16-no-graphs", "medium-30s-b32-no-graphs", "base-10s-b128-no-graphs", "large-30s-b64-no-graphs",
-    "large-30s-b16", "medium-30s-b32", "base-10s-b128", "large-30s-b64", "large-30s-b64-remat",
-    "large-30s-b16-vs-compile-regional", "medium-30s-b32-vs-compile-regional", "base-30s-b128-vs-eager",
+    "large-30s-b16-vs-compile", "medium-30s-b32-vs-compile", "small-30s-b64-vs-compile", "small-30s-b64-no-triton-gemm",
+    "base-10s-b128", "base-30s-b128-vs-compile", "base-30s-b128-vs-eager", "large-30s-b64",
+    "large-30s-b16-vs-compile-regional",
 ]
 
 STAND_IN_BENCHMARK = '''
@@ -125,33 +123,29 @@ def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env: st
 
 
 def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
-    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64-vs-compile-no-graphs")
+    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="large-30s-b16-vs-compile")
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # a silent, passing check keeps cuDNN
     assert [row["label"] for row in rows] == RUNS
     # recorded, not done (the seconds depend on the machine's load)
-    assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("small-30s-b64-vs-compile-no-graphs")]["error"])
-    assert "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in log  # the summary table
+    assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("large-30s-b16-vs-compile")]["error"])
+    assert "| medium-30s-b32-vs-compile | 10.0 | 100.0 | 300 (38%)" in log  # the summary table
     # large at batch 64 without remat gets 95% of the card (GPU run 4: 129.8 GiB); the rest benchmark.py's default
     fractions = {row["label"]: row["memory_fraction"] for row in rows if row.get("memory_fraction")}
-    assert fractions == {"large-30s-b64-no-graphs": "0.95", "large-30s-b64": "0.95"}
-    # the runs named for an XLA option, and only they, compile with it (all but the one that failed)
+    assert fractions == {"large-30s-b64": "0.95"}
+    # the run named for an XLA option, and only it, compiles with it: the others with XLA's defaults (GPU run 5)
     options = {row["label"]: row["xla_options"] for row in rows if row.get("xla_options")}
-    no_graphs, no_triton_gemm = {"xla_gpu_enable_command_buffer": ""}, {"xla_gpu_enable_triton_gemm": "false"}
-    assert options == {
-        label: no_graphs | (no_triton_gemm if label.endswith("-no-triton-gemm") else {})
-        for label in RUNS if "-no-graphs" in label and label != "small-30s-b64-vs-compile-no-graphs"
-    }
+    assert options == {"small-30s-b64-no-triton-gemm": {"xla_gpu_enable_triton_gemm": "false"}}
 
     # A new $OUT, as a second device call gets: its bench.jsonl and summary still hold the first call's rows.
     calls, rows, log = gpu_check(tmp_path, "second", budget_s=10_000)
-    assert calls == ["small-30s-b64-vs-compile-no-graphs:cudnn"]  # neither the parity check nor a finished run again
-    assert [row["label"] for row in rows] == [*RUNS, "small-30s-b64-vs-compile-no-graphs"]  # a label's last row counts
+    assert calls == ["large-30s-b16-vs-compile:cudnn"]  # neither the parity check nor a finished run again
+    assert [row["label"] for row in rows] == [*RUNS, "large-30s-b16-vs-compile"]  # a label's last row counts
     assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
-    assert "== large-30s-b16: done in an earlier call on this machine" in log
-    summary = log.split("18 runs on")[-1]
-    assert "\n18 runs on stand-in" in log and "| large-30s-b16 | 10.0 | 100.0 | 300 (38%)" in summary
-    assert "| small-30s-b64-vs-compile-no-graphs | 10.0 |" in summary
+    assert "== medium-30s-b32-vs-compile: done in an earlier call on this machine" in log
+    summary = log.split("9 runs on")[-1]
+    assert "\n9 runs on stand-in" in log and "| medium-30s-b32-vs-compile | 10.0 | 100.0 | 300 (38%)" in summary
+    assert "| large-30s-b16-vs-compile | 10.0 |" in summary
 
     shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
     _, rows, _ = gpu_check(tmp_path, "second", budget_s=10_000)
@@ -187,19 +181,20 @@ def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call
     """A run may take RUN_LIMIT_PERCENT of its estimate, not the whole call (one that hung took all of what was
     left, and in the next call, started first again, all of that one too). One KILLed before its limit (status
     137, not from `timeout`: the OOM killer) did not run out of time: the next call runs it in its turn."""
-    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="small-30s-b64 base-30s-b128-vs-eager",
-                                 HANG="base-10s-b128-no-graphs", DEAF="base-10s-b128", KILLED="medium-30s-b32",
-                                 RUN_LIMIT_PERCENT="4", KILL_AFTER_S="1")  # 55 s → a limit of 2 s, 85 s → 3 s
+    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="large-30s-b16-vs-compile large-30s-b64",
+                                 HANG="small-30s-b64-no-triton-gemm", DEAF="base-10s-b128",
+                                 KILLED="base-30s-b128-vs-compile",
+                                 RUN_LIMIT_PERCENT="4", KILL_AFTER_S="1")  # 50 and 55 s → a limit of 2 s, 150 → 6
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
-    for label in ("base-10s-b128-no-graphs", "base-10s-b128"):  # TERMinated; KILLed a second after ignoring it
+    for label in ("small-30s-b64-no-triton-gemm", "base-10s-b128"):  # TERMinated; KILLed a second after ignoring it
         [row] = [row for row in rows if row["label"] == label]
         assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
-    [row] = [row for row in rows if row["label"] == "medium-30s-b32"]
-    assert re.fullmatch(r"killed \(status 137\) before its limit of 3 s: out of host memory\? after \d+ s",
+    [row] = [row for row in rows if row["label"] == "base-30s-b128-vs-compile"]
+    assert re.fullmatch(r"killed \(status 137\) before its limit of 6 s: out of host memory\? after \d+ s",
                         row["error"]), row
     calls, _, _ = gpu_check(tmp_path, "second", budget_s=10_000)
-    assert calls == ["small-30s-b64:cudnn", "medium-30s-b32:cudnn", "base-30s-b128-vs-eager:cudnn",
-                     "base-10s-b128-no-graphs:cudnn", "base-10s-b128:cudnn"]
+    assert calls == ["large-30s-b16-vs-compile:cudnn", "base-30s-b128-vs-compile:cudnn", "large-30s-b64:cudnn",
+                     "small-30s-b64-no-triton-gemm:cudnn", "base-10s-b128:cudnn"]
 
 
 def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
@@ -209,10 +204,10 @@ def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
 
 
 def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
-    """With 60 s, only the three runs estimated at ≤ 60 s start (the 10 s window with and without graphs, the
+    """With 60 s, only the three runs estimated at ≤ 60 s start (small without Triton GEMMs, the 10 s window, the
     eager baseline); the others are recorded as skipped, so the next call runs them."""
     calls, rows, log = gpu_check(tmp_path, "short", budget_s=60)
-    short = ("base-10s-b128-no-graphs", "base-10s-b128", "base-30s-b128-vs-eager")
+    short = ("small-30s-b64-no-triton-gemm", "base-10s-b128", "base-30s-b128-vs-eager")
     assert calls == ["parity", *(f"{label}:cudnn" for label in short)]
     # each within what was left of the budget, though 150% of 55 s is 82 s
     limits = [int(limit) for limit in re.findall(r"\(limit (\d+) s\)", log)]
@@ -225,15 +220,15 @@ def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
 
 
 def test_a_run_that_needs_more_memory_than_the_card_has_is_skipped_and_recorded(tmp_path):
-    """On an H100 (80 GB) large at batch 64 without remat (GPU run 4: 129.8 GiB) is not started, with or without
-    command buffers: its rows say why, and every other run goes ahead. Where nvidia-smi gives no size (as here),
+    """On an H100 (80 GB) large at batch 64 without remat (GPU run 4: 129.8 GiB) is not started: its row says why,
+    and every other run goes ahead. Where nvidia-smi gives no size (as here),
     every run is tried."""
     (tmp_path / "bin").mkdir()  # before the stand-ins: run_gpu_check adds python3 beside it
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.write_text('#!/bin/sh\necho 81559\n')  # an H100's memory.total in MiB
     smi.chmod(0o755)
     calls, rows, log = gpu_check(tmp_path, "h100", budget_s=10_000)
-    unfit = ("large-30s-b64-no-graphs", "large-30s-b64")
+    unfit = ("large-30s-b64",)
     assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS if label not in unfit)]
     for label in unfit:
         [row] = [row for row in rows if row["label"] == label]
@@ -267,15 +262,15 @@ def test_the_summary_prints_each_profile_with_its_idle_gaps(tmp_path):
     done = run_gpu_check(tmp_path, "profiled", budget_s=10_000, PROFILE=str(tmp_path / "profile.json"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = (tmp_path / "profiled" / "log.txt").read_text()
-    summary = log.split("18 runs on stand-in")[-1]
-    assert "\nbase-30s-b128-no-graphs: step 100.0 ms, device busy 0.1 ms (other 0.0, matmul 0.0)" in summary
+    summary = log.split("9 runs on stand-in")[-1]
+    assert "\nsmall-30s-b64-vs-compile: step 100.0 ms, device busy 0.1 ms (other 0.0, matmul 0.0)" in summary
     assert "      0.04 ms    1.0×  sm90_xmma_gemm" in summary
     # gaps of 3 µs in each step and 17 µs between the two profiled steps; the timed step is 100 ms
-    assert ("  idle between kernels 0.01 ms/step under the profiler; the timed step, without command buffers, "
-            "leaves 99.92 ms not busy") in summary  # xla_gpu_enable_command_buffer=
-    assert "\nlarge-30s-b16: step 100.0 ms" not in summary  # only its run without graphs is profiled
+    assert ("  idle between kernels 0.01 ms/step under the profiler, which launches the kernels of XLA's command "
+            "buffers one by one; the timed step, in CUDA graphs, leaves 99.92 ms not busy (the figure to read)"
+            ) in summary
+    assert "\nlarge-30s-b16-vs-compile: step 100.0 ms" not in summary  # only small is profiled
     assert "  the profile's gaps: < 5 µs 0.00 (1×), 5–50 µs 0.01 (0.5×), ≥ 50 µs 0.00 (0×)" in summary
     assert "        0.01 ms    0.5×  sm90_xmma_gemm → loop_add_fusion" in summary
     assert "    by source: ops named after their kernels (the trace names no HLO op" in summary
-    assert "\nlarge-30s-b16-no-graphs: step 100.0 ms" in summary  # profiled too
     assert "profile failed" not in summary
