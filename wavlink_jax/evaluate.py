@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from wavlink_jax import audio, cli, sharding
 from wavlink_jax.files import replace_text, replaced
-from wavlink_jax.waveform_layout import LONG_CLIPS, window_plan
+from wavlink_jax.waveform_layout import LONG_CLIPS, clips_window_plan
 
 # Work arrays in the ranking loops hold at most this many elements (float32 scores or booleans, and the float64
 # product they are rounded from), so a 5k-clip × 25k-caption evaluation runs in a few hundred MB whatever the sizes.
@@ -456,8 +456,7 @@ class ClipWindows(collections.abc.Sequence):
 
     def __init__(self, clips: Sequence[np.ndarray], window_samples: int):
         self.clips, self.window_samples = clips, window_samples
-        plan = [(index, start, weight) for index, clip in enumerate(clips) for start, weight in
-                window_plan(len(clip), window_samples)]
+        plan = clips_window_plan([len(clip) for clip in clips], window_samples)
         self.starts = [(index, start) for index, start, _ in plan]
         self.owners = np.array([index for index, _, _ in plan])
         self.weights = np.array([weight for _, _, weight in plan], np.float64)

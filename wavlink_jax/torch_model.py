@@ -41,7 +41,7 @@ from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rules).
-from .waveform_layout import check_float_samples, check_long_clips, check_not_channels_last, window_plan
+from .waveform_layout import check_float_samples, check_long_clips, check_not_channels_last, clips_window_plan
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -239,8 +239,7 @@ class WavLinkModel(PreTrainedModel):
             return self._embed_batches((batch[i : i + batch_size] for i in range(0, len(batch), batch_size)), dim)
         self._served_dim(dim)  # refused before any window is embedded
         clips = self._checked_clips(waveforms)
-        plan = [(index, start, weight) for index, clip in enumerate(clips) for start, weight in
-                window_plan(clip.shape[0], self.config.window_samples)]
+        plan = clips_window_plan([clip.shape[0] for clip in clips], self.config.window_samples)
         batches = (
             torch.stack([self._window(clips[index][start:]) for index, start, _ in plan[i : i + batch_size]])
             for i in range(0, len(plan), batch_size)

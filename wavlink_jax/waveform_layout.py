@@ -50,3 +50,11 @@ def window_plan(length: int, window: int) -> list[tuple[int, int]]:
     if length <= window:
         return [(0, max(length, 1))]
     return [(start, min(window, length - start)) for start in range(0, length, window)]
+
+
+def clips_window_plan(lengths: Sequence[int], window: int) -> list[tuple[int, int, int]]:
+    """`window_plan` over several clips of these `lengths`: `(clip index, start, weight)` for every window, clip by
+    clip (the rows a batch of `long_clips="mean"` windows is cut in, and whose embeddings are pooled per clip)."""
+    return [
+        (index, start, weight) for index, length in enumerate(lengths) for start, weight in window_plan(length, window)
+    ]
