@@ -229,7 +229,7 @@ def test_long_clips_are_checked_alike(torch_wavlink, jax_embedder, monkeypatch):
 
     monkeypatch.setattr(jax_embedder, "_embed_windows", embedded)
     monkeypatch.setattr(torch_wavlink, "_embed_batches", embedded)
-    for long_clips, dim, words in (("average", None, "long_clips must be one of 'head', 'mean', got 'average'"),
+    for long_clips, dim, words in (("average", None, "long_clips = 'average': choose 'head'"),
                                    ("mean", 7, "embedding dim 7 is not a trained size of this model")):
         messages = []
         for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):

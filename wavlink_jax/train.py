@@ -36,7 +36,7 @@ from wavlink_jax.data import pipeline
 from wavlink_jax.data.sources import open_source
 from wavlink_jax.files import replace_text
 from wavlink_jax.tokenizer import load_tokenizer
-from wavlink_jax.waveform_layout import LONG_CLIPS
+from wavlink_jax.waveform_layout import check_long_clips
 
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file, e.g. configs/wavlink_base.py:stage=1")
@@ -230,11 +230,8 @@ class Evaluator:
                 f"{{'name': ..., 'source': <a data source spec>, 'window_seconds': (optional), 'long_clips': "
                 "(optional) 'head' or 'mean'}"
             )
-        if spec.get("long_clips") not in (None, *LONG_CLIPS):
-            raise ValueError(
-                f"config.eval.sets[{index}] ({spec['name']}) long_clips = {spec['long_clips']!r}: choose 'head' (the "
-                "first window of a clip, the default) or 'mean' (the mean of its windows' embeddings)"
-            )
+        if spec.get("long_clips") is not None:
+            check_long_clips(spec["long_clips"], f"config.eval.sets[{index}] ({spec['name']}) long_clips")
         seconds = float(config.data.window_seconds if spec.get("window_seconds") is None else spec["window_seconds"])
         setup.model_config.audio.check_window(seconds, f"config.eval.sets[{index}] ({spec['name']}) window_seconds")
         return seconds

@@ -35,10 +35,13 @@ def check_float_samples(index: int, dtype: object, floating: bool) -> None:
         )
 
 
-def check_long_clips(long_clips: str) -> None:
-    """Refuse a `long_clips` that is not one of `LONG_CLIPS`."""
+def check_long_clips(long_clips: str, setting: str = "long_clips") -> None:
+    """Refuse a `long_clips` that is not one of `LONG_CLIPS`; `setting` names where it was set."""
     if long_clips not in LONG_CLIPS:
-        raise ValueError(f"long_clips must be one of {', '.join(map(repr, LONG_CLIPS))}, got {long_clips!r}")
+        raise ValueError(
+            f"{setting} = {long_clips!r}: choose 'head' (the first window of a clip, the default) or 'mean' (the "
+            "mean of its windows' embeddings)"
+        )
 
 
 def window_plan(length: int, window: int) -> list[tuple[int, int]]:
