@@ -15,6 +15,12 @@ are the shapes the benchmark trains:
 
 On a GPU the check also requires cuDNN fused-attention custom calls (`__cudnn$fmha…`) in each lowered cuDNN
 program, so a silent fall-back to XLA cannot pass; a case that raises (e.g. an unsupported shape) fails. bf16 rounding gives relative errors of a few 1e-3; the bound is 2e-2.
+
+`--unpadded-probe B` adds a question the check's status does not depend on: does this jax and cuDNN train
+attention at Whisper's odd length as it is, without `Attention`'s pad and padding mask, and how long does a
+forward and backward take in each form (small's attention, batch B)? Why it is asked: in padding mode cuDNN
+zeroes its output and gradient buffers before each call (BENCHMARKS.md, "cuDNN's padding mode"), and jax 0.10.2
+refuses any odd length for training.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -41,6 +48,8 @@ CASES = {
     "clip-text-b32-causal-padded": (512, 8, 77, True, True, (77, 20, 9, 50)),
 }
 TOLERANCE = 2e-2
+# `unpadded_probe`'s attention: small's heads (12 of 64) over Whisper's 1500 frames + the global token.
+PROBE_HEADS, PROBE_LENGTH = 12, 1501
 
 
 def relative_error(candidate, reference) -> float:
@@ -87,6 +96,46 @@ def compare(case: str, batch: int, candidate: str, reference: str = "xla") -> di
     }
 
 
+def unpadded_probe(batch: int, repeats: int = 10) -> dict:
+    """cuDNN attention's forward and backward at `PROBE_LENGTH` (odd) in two forms: padded to a multiple of 16
+    with the padded keys masked (what `Attention` runs), and as it is, without a mask. Whether the unpadded
+    form is accepted (else the error), each form's mean time over `repeats` calls, and the relative error
+    between their outputs and gradients (the padded rows cut off)."""
+    keys = jax.random.split(jax.random.key(2), 4)
+    q, k, v, g = (jax.random.normal(key, (batch, PROBE_LENGTH, PROBE_HEADS, 64), jnp.bfloat16) for key in keys)
+    padding = ((0, 0), (0, -PROBE_LENGTH % 16), (0, 0), (0, 0))
+    lengths = jnp.full((batch,), PROBE_LENGTH, jnp.int32)
+
+    def loss(q, k, v, padded: bool):
+        if padded:
+            q, k, v = (jnp.pad(x, padding) for x in (q, k, v))
+        out = jax.nn.dot_product_attention(
+            q, k, v, key_value_seq_lengths=lengths if padded else None, implementation="cudnn"
+        )[:, :PROBE_LENGTH]
+        return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=3)
+    result: dict = {"batch": batch, "length": PROBE_LENGTH, "heads": PROBE_HEADS}
+    outputs = {}
+    for padded in (True, False):
+        form = "padded" if padded else "unpadded"
+        try:
+            jax.block_until_ready(step(q, k, v, padded))  # compiled and run once before timing
+            start = time.perf_counter()
+            for _ in range(repeats):
+                outputs[form] = step(q, k, v, padded)
+            jax.block_until_ready(outputs[form])
+        except Exception as error:  # noqa: BLE001 - the answer to the question, not a failure of the check
+            result[f"{form}_error"] = repr(error)[:500]
+            continue
+        result[f"{form}_ms"] = round(1e3 * (time.perf_counter() - start) / repeats, 3)
+    result["accepted"] = "unpadded" in outputs
+    if len(outputs) == 2:
+        grads, out = outputs["unpadded"]
+        result["relative_error"] = relative_error((out, grads), (outputs["padded"][1], outputs["padded"][0]))
+    return result
+
+
 def cudnn_unavailable() -> str | None:
     """Why `jax.nn.dot_product_attention(implementation="cudnn")` cannot run here (e.g. no GPU), or None."""
     q = jnp.zeros((1, 16, 1, 64), jnp.bfloat16)
@@ -97,12 +146,28 @@ def cudnn_unavailable() -> str | None:
     return None
 
 
+def probe_line(probe: dict) -> str:
+    """`unpadded_probe`'s answer in one line."""
+    where = f"unpadded probe (batch {probe['batch']}, {probe['length']} positions, {probe['heads']} heads, fwd+bwd)"
+    if "padded_error" in probe:
+        return f"  {where}: the padded form itself failed with {probe['padded_error']}"
+    if not probe["accepted"]:
+        return f"  {where}: refused ({probe['unpadded_error']}); padded {probe['padded_ms']:.3f} ms"
+    return (f"  {where}: accepted, {probe['unpadded_ms']:.3f} ms against {probe['padded_ms']:.3f} ms padded "
+            f"({probe['unpadded_ms'] / probe['padded_ms']:.3f}×), relative error {probe['relative_error']:.2e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidate", default="cudnn", choices=("cudnn", "xla"), help="implementation under test")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--unpadded-probe", type=int, default=0, metavar="B",
+        help="also time cuDNN attention at Whisper's odd length unpadded and unmasked against padded, at batch B "
+        "(informational: the status does not depend on it)",
+    )
     args = parser.parse_args(argv)
 
     on_gpu = jax.default_backend() == "gpu"
@@ -126,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ok = len(measured) == len(rows) and worst < TOLERANCE and not missing_kernel
     summary = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "candidate": args.candidate,
                "tolerance": TOLERANCE, "worst": worst, "ok": ok, "cases": rows}
+    if args.unpadded_probe:
+        summary["unpadded_probe"] = unpadded_probe(args.unpadded_probe)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -137,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {r['case']} (length {r['length']}, {r['heads']} heads{', causal' if r['causal'] else ''}): "
                   f"relative error out {r['out']:.2e}, d_input {r['d_input']:.2e}, d_params {r['d_params']:.2e}, "
                   f"cuDNN fused-attention calls {r['cudnn_custom_calls']}")
+        if args.unpadded_probe:
+            print(probe_line(summary["unpadded_probe"]))
         verdict = "OK" if ok else ("FAILED: no cuDNN kernel in the program" if missing_kernel else "FAILED")
         print(f"attention parity {verdict} (worst {worst:.2e}, bound {TOLERANCE:g})")
     return 0 if ok else 1

@@ -12,14 +12,15 @@
 # as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
 # or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
 # back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-2 by the estimates below:
-# 40 + 260 + 230 = 530 s; GPU run 5's first call did parity and seven runs in 533 s), then again with what the
+# 55 + 260 + 230 = 545 s; GPU run 5's first call did parity and seven runs in 533 s), then again with what the
 # session has left (BUDGET_S ≈ 290 s: runs 3-5, 170 + 50 + 55 s; run 5's second call had 290 s). The rows of
 # every call since the state was fresh are kept there as well, so each call's bench.jsonl and summary hold all
 # of them (a device call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
-#      attention implementation for the rest (cudnn unless it fails)
+#      attention implementation for the rest (cudnn unless it fails); with it, informational only, whether
+#      cuDNN trains Whisper's odd length unpadded and unmasked, and how fast (`--unpadded-probe`, small's shape)
 #   2. the verdicts no run has given: large b16 and medium b32 against torch.compile of the whole step, in one
 #      process (runs 3 and 4 compared them with the regional compile or the issue's table only)
 #   3. small b64, the target still open, against torch.compile with our step in its default form (run 5 measured
@@ -108,7 +109,8 @@ if [ -f "$STATE_DIR/attention" ]; then
     log "attention implementation from this machine's earlier call: $ATTENTION"
 else
     ATTENTION=cudnn
-    timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 |
+    timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded \
+        --unpadded-probe 64 2>&1 |
         grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then  # the check's own status (grep's says only whether it passed lines)
         ATTENTION=xla

@@ -842,6 +842,39 @@ def test_attention_parity_check_fails_on_a_case_that_raises(monkeypatch, capsys)
     assert "attention parity FAILED (worst 4.00e-03, bound 0.02)" in out
 
 
+@pytest.mark.parametrize("refused", [False, True])
+def test_the_unpadded_probe_answers_without_deciding_the_check(monkeypatch, capsys, refused):
+    """`--unpadded-probe`: cuDNN attention at an odd length unpadded and unmasked, against the padded and masked
+    form `Attention` runs. Accepted, the two agree (the padded rows cut off); refused (as jax 0.10.2 refuses any
+    odd length for training), the error is the answer, and the check's status is the cases' alone."""
+    import jax
+    import attention_parity
+
+    lengths = _route_cudnn_through_xla(monkeypatch)
+    routed = jax.nn.dot_product_attention
+
+    def refusing(q, k, v, *, key_value_seq_lengths=None, **kwargs):
+        if refused and key_value_seq_lengths is None and q.shape[1] % 2:
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+        return routed(q, k, v, key_value_seq_lengths=key_value_seq_lengths, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+    monkeypatch.setattr(attention_parity, "PROBE_HEADS", 2)
+    monkeypatch.setattr(attention_parity, "PROBE_LENGTH", 21)
+    status = attention_parity.main(["--batch", "1", "--cases", "clip-text-b32-causal-padded", "--unpadded-probe", "2"])
+    out = capsys.readouterr().out
+    assert status == 0 and "attention parity OK" in out
+    probe = attention_parity.unpadded_probe(2, repeats=1)
+    assert probe["padded_ms"] > 0 and probe["accepted"] is not refused
+    if refused:
+        assert "Unsupported sequence length Q 21" in probe["unpadded_error"] and set(lengths[1:]) == {80, 32}
+        assert "unpadded probe (batch 2, 21 positions, 2 heads, fwd+bwd): refused (NotImplementedError(" in out
+    else:
+        assert probe["relative_error"] < 1e-2 and set(lengths[1:]) == {80, 32, 21}
+        accepted = r"unpadded probe .*: accepted, [\d.]+ ms against [\d.]+ ms padded \([\d.]+×\), relative error"
+        assert re.search(accepted, out)
+
+
 def test_data_benchmark_rates_are_of_the_fastest_pass_per_cpu_and_per_wall_second(monkeypatch):
     """scripts/benchmark_data.py's stage rows: clips per CPU-second and per wall-second, each of its fastest pass
     (4 clips; CPU 0.5 s and wall 2 s a clip in the first pass, 0.25 s and 3 s in the second)."""
