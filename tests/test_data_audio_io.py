@@ -124,13 +124,15 @@ def test_every_bad_input_reason(tmp_path):
     }
     cases["empty"].write_bytes(b"")
     cases["not_audio"].write_text("<html>404 Not Found</html>" * 20)
+    cases["headerless"] = tmp_path / "clip.raw"  # libsndfile wants a rate for `.raw` (soundfile's TypeError)
+    cases["headerless"].write_bytes((tmp_path / "good.wav").read_bytes())
     flac = (tmp_path / "good.flac").read_bytes()
     cases["truncated"].write_bytes(flac[: len(flac) // 2])
     sf.write(cases["too_short"], good[:4410], 44100)  # 0.1 s
     for reason, path in cases.items():
         with pytest.raises(BadAudio) as err:
             load_audio(path, min_samples=8000)
-        assert err.value.reason == reason and str(path) in str(err.value)
+        assert err.value.reason == {"headerless": "not_audio"}.get(reason, reason) and str(path) in str(err.value)
 
     wav = (tmp_path / "good.wav").read_bytes()
     (tmp_path / "cut.wav").write_bytes(wav[: len(wav) // 2])
@@ -148,6 +150,35 @@ def test_every_bad_input_reason(tmp_path):
                 load_audio(source, rate, window_samples=window)
             assert err.value.reason == "empty"
     assert len(load_audio(tmp_path / "good.flac", min_samples=8000)) == 32000
+
+
+def test_files_whose_header_gives_no_length_are_read_whole(tmp_path):
+    """What ffmpeg writes to a pipe: a FLAC stream with a total of 0 samples ("unknown", libsndfile says 2**63 - 1
+    frames) and a WAV with 0xFFFFFFFF for its sizes. Both read as the file they were made from, whole and cropped
+    (the FLAC crashed numpy with "array is too big", or counted as truncated; the WAV was truncated)."""
+    import struct
+
+    tone = _tone(440.0, 2.0, 48000)
+    sf.write(tmp_path / "known.flac", tone, 48000)
+    flac = bytearray((tmp_path / "known.flac").read_bytes())
+    packed = int.from_bytes(flac[18:26], "big") & ~((1 << 36) - 1)  # STREAMINFO: rate, channels, bits; total = 0
+    flac[18:26], flac[26:42] = packed.to_bytes(8, "big"), bytes(16)  # and no MD5
+    (tmp_path / "piped.flac").write_bytes(flac)
+    sf.write(tmp_path / "known.wav", _tone(440.0, 2.0, 16000), 16000)
+    wav = bytearray((tmp_path / "known.wav").read_bytes())
+    data = wav.find(b"data")
+    wav[4:8] = wav[data + 4 : data + 8] = struct.pack("<I", 0xFFFFFFFF)
+    (tmp_path / "piped.wav").write_bytes(wav)
+    for known, piped in (("known.flac", "piped.flac"), ("known.wav", "piped.wav")):
+        np.testing.assert_array_equal(load_audio(tmp_path / piped), load_audio(tmp_path / known))
+        crops = [
+            load_audio(tmp_path / name, window_samples=8000, rng=np.random.default_rng(1)) for name in (known, piped)
+        ]
+        np.testing.assert_array_equal(*crops)
+    assert sf.info(str(tmp_path / "piped.flac")).frames > 2**62  # what the fix is for
+    half = bytes(flac[: len(flac) // 2])  # cut: like a truncated Ogg Vorbis file, a shorter clip
+    (tmp_path / "piped_cut.flac").write_bytes(half)
+    assert 0 < len(load_audio(tmp_path / "piped_cut.flac")) < 32000
 
 
 def test_too_short_counts_samples_at_the_target_rate(tmp_path):
@@ -179,3 +210,16 @@ def test_non_finite_samples_are_a_bad_clip(tmp_path, bad_value):
     with pytest.raises(BadAudio) as err:
         load_audio(samples, 16000)
     assert err.value.reason == "not_finite" and "<array>" in str(err.value)
+
+
+def test_samples_that_overflow_when_mixed_or_resampled_are_not_finite(tmp_path):
+    """Finite float samples near float32's limit become infinite in the stereo mean or the resampler: refused
+    like a NaN, not handed to a batch (they passed the check on the file's samples)."""
+    loud = (0.1 * np.random.default_rng(0).standard_normal((32000, 2))).astype(np.float32)
+    loud[5000:5004] = 3e38
+    sf.write(tmp_path / "stereo.wav", loud, 16000, subtype="FLOAT")
+    sf.write(tmp_path / "at_44k.wav", loud[:, 0], 44100, subtype="FLOAT")
+    for name in ("stereo.wav", "at_44k.wav"):
+        with pytest.raises(BadAudio, match=rf"{name}: samples up to 3e\+38 overflow when mixed") as err:
+            load_audio(tmp_path / name, window_samples=16000)
+        assert err.value.reason == "not_finite"

@@ -613,11 +613,19 @@ def test_check_command_names_a_source_it_cannot_open(tmp_path):
         ("check", str(tmp_path / "bad.jsonl")): f"error: {tmp_path / 'bad.jsonl'}:1: \"fold\" must be an integer",
         ("check", "clotho", "--data-dir", str(tmp_path / "nodata")): "error: no prepared data set 'clotho'",
     }
+    # A folder (a generated data set's) is neither a manifest nor a prepared set's name: the error says which file.
+    (tmp_path / "synth").mkdir()
+    (tmp_path / "synth" / "train.jsonl").write_text("")
+    folder = str(tmp_path / "synth")
+    cases[("check", folder, "--data-dir", str(tmp_path / "nodata"))] = (
+        f"error: no prepared data set {folder!r}"
+    )
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit:  # the message is its code: one line on stderr, exit status 1
             main(list(argv))
         err = str(exit.value.code)
         assert err.startswith(message) and len(err.splitlines()) == 1, err
+    assert err.endswith(f"{folder} is a folder here: to check a manifest, name the file ({folder}/train.jsonl)")
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

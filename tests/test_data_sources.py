@@ -49,6 +49,9 @@ def test_manifest_records_resolve_paths(tmp_path):
         ('{"audio": "a.wav", "fold": -1}', '"fold" must be an integer >= 0'),
         ('{"audio": "a.wav", "fold": 1.5}', '"fold" must be an integer >= 0'),
         ('{"audio": "a.wav", "fold": true}', '"fold" must be an integer >= 0'),
+        # A lone surrogate (a string cut through an emoji): valid JSON, but no text to tokenize or store.
+        ('{"audio": "a.wav", "captions": ["fine", "emoji \\ud83d cut"]}', '"captions" holds \'emoji \\ud83d cut\''),
+        ('{"audio": "a.wav", "id": "\\udc00"}', '"id" holds \'\\udc00\', which is not Unicode text'),
     ],
 )
 def test_manifest_errors_name_file_and_line(tmp_path, bad_line, message):

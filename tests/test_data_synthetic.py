@@ -129,3 +129,15 @@ def test_counts_out_of_range_are_refused_before_anything_is_written(tmp_path, op
         synthetic.main(["--out", str(tmp_path / "out"), option, value, "--seconds", "1.5"])
     assert str(exit_info.value.code).startswith("error: need num_train >= 1, num_eval >= 0 and captions_per_clip >= 1")
     assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("seconds", ["1.4", "nan", "inf"])
+def test_a_longest_clip_that_is_too_short_or_not_finite_is_refused(tmp_path, seconds):
+    """--seconds nan failed with "cannot convert float NaN to integer", and inf wrote `Infinity` (not JSON) into
+    generated.json."""
+    with pytest.raises(SystemExit) as exit_info:
+        synthetic.main(["--out", str(tmp_path / "out"), "--seconds", seconds])
+    assert str(exit_info.value.code) == (
+        f"error: max_seconds must be at least 1.5 (three events need room) and finite, got {float(seconds)}"
+    )
+    assert _files(tmp_path) == []

@@ -427,6 +427,10 @@ def test_csv_errors_name_file_and_line(tmp_path):
     (manual / "train.csv").write_text("youtube_id,caption\noPRC3zComfA,A dog barks, then a car passes by\n")
     with pytest.raises(ValueError, match=r"train\.csv:2: 1 field\(s\) more than the 2 columns \(a comma in a value"):
         tb.build("autoacd", manual, tmp_path / "data")
+    # Latin-1 in the first block of text, which reading the header decodes: named as any other line's bad byte.
+    (manual / "train.csv").write_bytes("youtube_id,caption\noPRC3zComfA,un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train\.csv: not UTF-8 text \('utf-8' codec can't decode byte 0xe9"):
+        tb.build("autoacd", manual, tmp_path / "data")
 
 
 def test_split_without_audio_is_left_out_and_named(tmp_path, caplog):

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Sequence
 
 from wavlink_jax import cli
@@ -55,7 +56,17 @@ def check(
         spec = {"kind": "manifest", "path": source}
     else:
         spec = {"kind": "tfds", "name": source, "data_dir": data_dir, "split": split}
-    source = open_source(spec)  # read and checked once (a manifest's lines are validated when it is opened)
+    try:
+        opened = open_source(spec)  # read and checked once (a manifest's lines are validated when it is opened)
+    except FileNotFoundError as err:
+        if not os.path.isdir(source):
+            raise
+        manifests = sorted(str(path) for path in Path(source).glob("*.jsonl"))
+        raise FileNotFoundError(
+            f"{err}. {source} is a folder here: to check a manifest, name the file"
+            + (f" ({', '.join(manifests)})" if manifests else "")
+        ) from err
+    source = opened
     text = None
     if tokenizer:
         from wavlink_jax.tokenizer import load_tokenizer

@@ -13,12 +13,16 @@ and counts it:
                  while reading, or a WAV's data chunk is shorter than declared); an MP3 may fall short of its
                  header's length estimate by up to 1% (`_MP3_LENGTH_SLACK`), which is read as silence
     not_audio    libsndfile cannot open it (text, HTML error pages, unknown formats)
-    not_finite   NaN or infinite samples (a damaged floating-point file or array): one would make the loss NaN
+    not_finite   NaN or infinite samples (a damaged floating-point file or array), or samples so large that
+                 mixing to mono or resampling overflows: one would make the loss NaN
     too_short    shorter than the configured minimum length
     no_captions  a training record without captions (checked by the pipeline, not here)
 
-Limits: a truncated Ogg/Vorbis file ends where its data ends (its header states no length), so it is read as
-a shorter, valid clip; a truncated file, or a non-finite sample, is only noticed inside the read window. Only
+A file whose header gives no length (a FLAC stream ffmpeg wrote to a pipe; a WAV's declared size of 0xFFFFFFFF
+is read to its end as libsndfile reads it) is decoded whole at each load, its length being known only at its end.
+
+Limits: a truncated Ogg/Vorbis file, or a FLAC without a length, ends where its data ends, so it is read as a
+shorter, valid clip; a truncated file, or a non-finite sample, is only noticed inside the read window. Only
 floating-point sources are checked for non-finite samples: integer PCM (FLAC, 16/24-bit WAV, the array_record
 sets) cannot hold them, and the check would cost the fast int16 path a quarter of its time.
 """
@@ -46,6 +50,10 @@ _RESAMPLER_MARGIN_SECONDS = 0.02
 _MP3_LENGTH_SLACK = 0.01
 # libsndfile's WAV header log says "data : 264600 (should be 132278)" when the data chunk was cut short.
 _WAV_SHORT_DATA = re.compile(r"^data\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+_WAV_UNKNOWN_SIZE = 0xFFFFFFFF
+# libsndfile's frame count for a file whose header gives no length (a FLAC stream's total of 0): 2**63 - 1.
+_UNKNOWN_FRAMES = 2**62
+_DECODE_BLOCK_FRAMES = 1 << 16
 
 
 class BadAudio(Exception):
@@ -101,6 +109,43 @@ def _preroll(file: sf.SoundFile) -> int:
     return 0
 
 
+def _decode_to_end(file: sf.SoundFile) -> np.ndarray:
+    """All of `file`'s frames from its position, float32 `(frames, channels)`, for a file whose header gives no
+    length. Read through libsndfile's `sf_readf_float`: soundfile's `read` seeks to where each read stopped, and
+    on such a FLAC stream the seek to its end fails ("Internal psf_fseek() failed"). A read that stops early
+    ends the clip, as a truncated Ogg Vorbis file does."""
+    blocks = []
+    while True:
+        block = np.empty((_DECODE_BLOCK_FRAMES, file.channels), np.float32)
+        pointer = sf._ffi.cast("float *", block.ctypes.data)
+        read = max(0, sf._snd.sf_readf_float(file._file, pointer, _DECODE_BLOCK_FRAMES))
+        blocks.append(block[:read])
+        if read < _DECODE_BLOCK_FRAMES:
+            return np.concatenate(blocks)
+
+
+def _window_reader(file: sf.SoundFile, name: str, frames: int) -> Callable[[int, int], np.ndarray]:
+    """`read(start, stop)`: frames [start, stop) of `file` (`frames` long by its header) as float32 `(frames,
+    channels)`, decoded after the decoder's pre-roll (`_preroll`). Raises BadAudio("truncated") where the file
+    ends before its header says, beyond an MP3's slack (`_MP3_LENGTH_SLACK`)."""
+    preroll = _preroll(file)
+    slack = math.ceil(_MP3_LENGTH_SLACK * frames) if file.format == "MP3" else 0  # any MPEG layer
+
+    def read(start: int, stop: int) -> np.ndarray:
+        lead = min(start, preroll)  # decoded and dropped: the decoder's state at `start`
+        try:
+            file.seek(start - lead)
+            data = file.read(stop - start + lead, dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as err:
+            raise BadAudio("truncated", f"{name}: decoding failed after frame {start - lead} ({err})") from err
+        missing = stop - start + lead - len(data)
+        if missing > slack:
+            raise BadAudio("truncated", f"{name}: ends at frame {start - lead + len(data)}, header says {frames}")
+        return data[lead:]  # an MP3 a little shorter than its header: the end is zero-padded below
+
+    return read
+
+
 def _open_file(path: str) -> tuple[sf.SoundFile, int, int]:
     """Open `path` for reading; (file, frames, sample rate). Raises BadAudio."""
     if not os.path.exists(path):
@@ -109,11 +154,12 @@ def _open_file(path: str) -> tuple[sf.SoundFile, int, int]:
         raise BadAudio("empty", f"{path}: zero-byte file")
     try:
         file = sf.SoundFile(path)
-    except (sf.LibsndfileError, RuntimeError, OSError) as err:
+    except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as err:  # TypeError: a `.raw` name (headerless)
         raise BadAudio("not_audio", f"{path}: libsndfile cannot read it as audio ({err})") from err
     if file.format in ("WAV", "WAVEX", "RF64"):
         match = _WAV_SHORT_DATA.search(file.extra_info)
-        if match and int(match.group(2)) < int(match.group(1)):
+        # A declared size of 0xFFFFFFFF means "unknown" (ffmpeg writing to a pipe): libsndfile reads to the end.
+        if match and int(match.group(2)) < int(match.group(1)) != _WAV_UNKNOWN_SIZE:
             file.close()
             raise BadAudio("truncated", f"{path}: WAV data chunk holds {match.group(2)} of {match.group(1)} bytes")
     return file, file.frames, file.samplerate
@@ -148,20 +194,15 @@ def load_audio(
         name = os.fspath(audio)
         file, frames, rate = _open_file(name)
         floating = file.subtype in _FLOAT_SUBTYPES
-        preroll = _preroll(file)
-        slack = math.ceil(_MP3_LENGTH_SLACK * frames) if file.format == "MP3" else 0  # any MPEG layer
-
-        def read(start: int, stop: int) -> np.ndarray:
-            lead = min(start, preroll)  # decoded and dropped: the decoder's state at `start`
+        if frames >= _UNKNOWN_FRAMES:  # no length in the header (a FLAC stream ffmpeg wrote to a pipe): decode all
             try:
-                file.seek(start - lead)
-                data = file.read(stop - start + lead, dtype="float32", always_2d=True)
-            except (sf.LibsndfileError, RuntimeError) as err:
-                raise BadAudio("truncated", f"{name}: decoding failed after frame {start - lead} ({err})") from err
-            missing = stop - start + lead - len(data)
-            if missing > slack:
-                raise BadAudio("truncated", f"{name}: ends at frame {start - lead + len(data)}, header says {frames}")
-            return data[lead:]  # an MP3 a little shorter than its header: the end is zero-padded below
+                decoded = _decode_to_end(file)
+            finally:
+                file.close()
+            file, frames = None, len(decoded)
+            read = lambda start, stop: decoded[start:stop]  # noqa: E731 - as for an array
+        else:
+            read = _window_reader(file, name, frames)
 
     try:
         if frames <= 0:
@@ -188,9 +229,13 @@ def load_audio(
     finally:
         if file is not None:
             file.close()
-    mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     offset = start - block * step_out
-    clip = resample(mono, rate, target_rate)[offset : offset + length]
+    with np.errstate(over="ignore", invalid="ignore"):  # such overflow is a skipped clip (below), not a warning
+        mono = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+        clip = resample(mono, rate, target_rate)[offset : offset + length]
+    if floating and not np.isfinite(clip).all():  # finite samples near float32's limit overflow in the mean or filter
+        peak = float(np.abs(data).max())
+        raise BadAudio("not_finite", f"{name}: samples up to {peak:.3g} overflow when mixed to mono or resampled")
     size = length if window_samples is None else window_samples
     if len(clip) < size:  # a short clip, a sample lost to rounding at the end, or an MP3 shorter than its header
         clip = np.pad(clip, (0, size - len(clip)))

@@ -83,6 +83,13 @@ def _check_entry(entry: Any, where: str) -> None:
     for key in ("label", "id"):
         if key in entry and not isinstance(entry[key], str):
             raise ManifestError(f'{where}: "{key}" must be a string, got {entry[key]!r}')
+    texts = [("captions", caption) for caption in captions]
+    texts += [(key, entry[key]) for key in ("label", "id") if key in entry]
+    for key, text in texts:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate ("\ud83d"): a string cut through an emoji
+            raise ManifestError(f'{where}: "{key}" holds {text!r}, which is not Unicode text ({err.reason})') from err
     fold = entry.get("fold", 0)
     if not isinstance(fold, int) or isinstance(fold, bool) or fold < 0:
         raise ManifestError(f'{where}: "fold" must be an integer >= 0 (0 = no fold), got {fold!r}')

@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 from pathlib import Path
@@ -280,8 +281,8 @@ def generate(
             f"need num_train >= 1, num_eval >= 0 and captions_per_clip >= 1, got {num_train}, {num_eval} and "
             f"{captions_per_clip}"
         )
-    if max_seconds < 1.5:
-        raise ValueError(f"max_seconds must be at least 1.5 (three events need room), got {max_seconds}")
+    if not 1.5 <= max_seconds < math.inf:  # NaN fails this too
+        raise ValueError(f"max_seconds must be at least 1.5 (three events need room) and finite, got {max_seconds}")
     root = Path(out_dir)
     target = Path(os.path.realpath(root))  # a symlink's target is replaced, not the link; "." has a name
     if _replaces_generated(target):

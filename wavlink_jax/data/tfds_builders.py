@@ -143,13 +143,13 @@ def read_csv(
     """
     with open(path, newline="", encoding="utf-8-sig") as file:
         reader = csv.DictReader(file, fieldnames=None if header else list(columns), skipinitialspace=True)
-        if header:
-            found = [name.strip() for name in reader.fieldnames or []]
-            missing = [name for name in columns if name not in found]
-            if missing:
-                raise ValueError(f"{path}: missing column(s) {missing}; the header has {found}")
-            reader.fieldnames = found
         try:
+            if header:  # reading it decodes the file's first block of text, where a bad byte may be
+                found = [name.strip() for name in reader.fieldnames or []]
+                missing = [name for name in columns if name not in found]
+                if missing:
+                    raise ValueError(f"{path}: missing column(s) {missing}; the header has {found}")
+                reader.fieldnames = found
             for row in reader:
                 line = reader.line_num
                 empty = [name for name in columns if row.get(name) is None]
