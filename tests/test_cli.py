@@ -43,8 +43,8 @@ def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> 
             ("--config", "configs/wavlink_base.py:stage=3"),
             "error: flag --config=configs/wavlink_base.py:stage=3: stage must be 1 or 2, got 3",
         ),
-        (
-            ("--config", "configs/nowhere.py"),
+        (  # with an override the file is loaded while flags are parsed: that was a traceback
+            ("--config", "configs/nowhere.py:stage=1", "--config.total_steps=1"),
             "error: --config=configs/nowhere.py: cannot load the config file: [Errno 2] No such file or directory",
         ),
         (("--config", "tests/train_fixtures.py", "--config.seed=1.5"), "error: flag --config.seed=1.5: invalid literal"),
@@ -61,7 +61,7 @@ def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> 
             "error: --config.seed.x: --config.seed is a value (int), not a group of keys",
         ),
     ],
-    ids=["unknown-key", "config-file-error", "missing-config-file", "wrong-type", "unknown-non-ascii-key",
+    ids=["unknown-key", "config-file-error", "missing-config-file-with-an-override", "wrong-type", "unknown-non-ascii-key",
          "key-inside-a-string", "key-inside-a-number"],
 )
 def test_train_config_mistakes(args, message):
@@ -163,6 +163,32 @@ def test_out_of_memory_is_one_line_with_what_to_change(monkeypatch):
     with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
         with cli.user_errors():
             too_large().block_until_ready()
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("def get_config(arg=None)\n    return None\n", (), "{file}:1: def get_config(arg=None): expected ':'"),
+        (
+            "import no_such_module\n\n\ndef get_config():\n    return None\n",
+            ("--config.seed=1",),
+            "{file}:1: import no_such_module: No module named 'no_such_module'",
+        ),
+        (
+            "def get_config():\n    config = {}\n",
+            (),
+            "--config={file}: get_config() returned NoneType, not an ml_collections.ConfigDict",
+        ),
+    ],
+    ids=["syntax-error", "import-error-with-an-override", "no-config-returned"],
+)
+def test_a_config_file_that_does_not_load_is_one_error_line(tmp_path, text, overrides, message):
+    """A syntax error, a failing import or a get_config() without its return: each was a traceback (or, for the
+    last, "--config and --workdir are required", both being given)."""
+    config_file = tmp_path / "broken.py"
+    config_file.write_text(text)
+    result = run_tool(*TRAIN, "--config", str(config_file), *overrides)
+    assert_one_error_line(result, "error: " + message.format(file=config_file))
 
 
 def test_a_typo_in_a_config_file_is_one_error_line(tmp_path):

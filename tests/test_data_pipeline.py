@@ -577,6 +577,12 @@ def test_config_schema(tmp_path):
     for window, minimum in ((-1.0, 0.5), (0.0, 0.5), (5.0, -0.1)):
         with pytest.raises(ValueError, match=rf"data\.window_seconds = {window}, data\.min_seconds = {minimum}"):
             pipeline.DataConfig.coerce({"window_seconds": window, "min_seconds": minimum})
+    # Counts below their least: grain's or the tokenizer's words (naming neither the key nor the config), or
+    # -1 workers taken for none.
+    for name, value, least in (("prefetch_buffer", -1, 0), ("max_text_length", 0, 2), ("num_workers", -1, 0),
+                               ("read_threads", 0, 1), ("worker_buffer", 2.5, 1)):
+        with pytest.raises(ValueError, match=rf"^data\.{name} = {value}: give a whole number ≥ {least}$"):
+            pipeline.DataConfig.coerce({name: value})
     with pytest.raises(ValueError, match=r"^window_seconds = 0\.0, min_seconds = 0\.0"):
         pipeline.make_eval_set("unused.jsonl", window_seconds=0.0)
     with pytest.raises(ValueError, match="no sources"):

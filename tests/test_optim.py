@@ -223,6 +223,27 @@ def test_adamw_matches_optax_adamw_over_changing_gradients():
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_the_optimizer_state_keeps_its_keys_whatever_the_clipping_and_lr_rules():
+    """A checkpoint's opt_state keys do not depend on `grad_clip_norm` (0 dropped the clip's place in the chain,
+    so a run resumed with clipping turned off was refused for 'missing keys' of the model) or on `lr_rules`;
+    with clipping off the updates are optax's AdamW without it."""
+
+    def keys(**overrides):
+        tx, _ = optim.make_optimizer(optim_config(**overrides), PARAMS, 10)
+        return [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(tx.init(PARAMS))]
+
+    assert keys() == keys(grad_clip_norm=0.0) == keys(lr_rules=[(r"^audio/", 0.1)])
+    config = optim_config(schedule="constant", warmup_fraction=0.0, grad_clip_norm=0.0)
+    tx, _ = optim.make_optimizer(config, PARAMS, 10)
+    reference = optax.adamw(1e-2, b1=0.9, b2=0.98, eps=1e-6, weight_decay=0.1,
+                            mask=optim.weight_decay_mask(PARAMS, config.no_decay))
+    grads = jax.tree.map(lambda p: 1e3 * jnp.ones_like(p), PARAMS)  # far above any clipping norm
+    ours = tx.update(grads, tx.init(PARAMS), PARAMS)[0]
+    theirs = reference.update(grads, reference.init(PARAMS), PARAMS)[0]
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 3.0])  # not 1: a clip that forgets to multiply by max_norm would pass
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_clipping_is_optaxs_with_its_state_whatever_the_norm(scale, max_norm):

@@ -133,6 +133,12 @@ def test_a_workdir_under_home_is_expanded(tmp_path, data_dir, monkeypatch, capsy
     assert (run / "config.json").read_text() == before
     assert json.loads((run / "schedule.json").read_text()) == {"total_steps": 1}
     (run / "metrics.jsonl").write_text(records)
+    # So does one refused for a damaged schedule.json (config.json was written before it was read).
+    (run / "schedule.json").write_text('{"total_steps": 1')
+    with pytest.raises(ValueError, match=r"schedule\.json: not valid JSON"):
+        train.train(tiny_config(str(data_dir), total_steps=2), "~/run")
+    assert (run / "config.json").read_text() == before
+    (run / "schedule.json").write_text('{"total_steps": 1}\n')
     capsys.readouterr()
     train.train(tiny_config(str(data_dir), total_steps=2), "~/run")
     assert "note: this run has 2 steps, the run it resumes 1: the learning-rate schedule changes (at step 1: 0 → " in (

@@ -176,6 +176,9 @@ def test_config_round_trips_through_json_and_rejects_bad_input():
         tiny_config(matryoshka_dims=(24, 12.7))
     with pytest.raises(ValueError, match="unknown WavLink preset"):
         WavLinkConfig.preset("huge")
+    for name in ("clip_logit_scale_init", "sigmoid_logit_bias_init"):  # trained a step, then stopped on NaN
+        with pytest.raises(ValueError, match=rf"config\.model\.{name} in a training config\) must be a finite"):
+            tiny_config(**{name: float("nan")})
 
 
 def test_matryoshka_dims_must_include_the_full_size():

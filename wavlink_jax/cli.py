@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
@@ -203,11 +204,42 @@ def _override_into_value(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _config_filename(name: str, argv: Sequence[str]) -> str:
+    """The file config flag `name` names: the flag's own record once parsed, else `--name=FILE[:ARG]` in `argv`."""
+    with contextlib.suppress(Exception):  # not parsed: its overrides failed
+        return config_flags.get_config_filename(flags.FLAGS[name])
+    for arg, following in zip(argv, [*argv[1:], None]):
+        given = re.match(rf"^--?{re.escape(name)}(?:=(.*))?$", arg)
+        if given:
+            return str(given.group(1) if given.group(1) is not None else following).split(":", 1)[0]
+    return "?"
+
+
+def _load_error(name: str, err: Exception, argv: Sequence[str]) -> str | None:
+    """What stopped config flag `name`'s file from loading, as one line: its syntax error or the line of its own
+    code that raised (`FILE:LINE: ...`), or a file that cannot be read; None when `err` did not come from
+    loading the file."""
+    if isinstance(err, SyntaxError) and err.filename:
+        return f"{err.filename}:{err.lineno}: {(err.text or '').strip()}: {err.msg}"
+    in_config_file = _config_file_line(err)
+    if in_config_file:
+        return in_config_file
+    if isinstance(err, OSError):
+        cause = str(err.__cause__ or err).strip().splitlines()[-1].strip()
+        return f"--{name}={_config_filename(name, argv)}: cannot load the config file: {cause}"
+    return None
+
+
+def _config_flags() -> list[str]:
+    return [name for name in flags.FLAGS if is_config_flag(flags.FLAGS[name])]
+
+
 def parse_absl_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing (`app.run(main, flags_parser=parse_absl_flags)`) that reports mistakes in `--config`
-    and its overrides as one `error:` line: an exception in the config file (its message, not the file's
-    traceback), an override of a key the config lacks (with ml_collections' did-you-mean) or of a key inside a
-    plain value, a value of the wrong type, a config file that cannot be loaded."""
+    and its overrides as one `error:` line: an exception in the config file, or a syntax error in it (where, and
+    its message, not the file's traceback), an override of a key the config lacks (with ml_collections'
+    did-you-mean) or of a key inside a plain value, a value of the wrong type, a config file that cannot be
+    loaded, a `get_config` that returns no ConfigDict."""
     try:
         remaining = flags.FLAGS(argv)
     except flags.Error as err:
@@ -225,12 +257,26 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
         if into_value is None and isinstance(err, TypeError):
             raise  # not an override's mistake
         _fail(into_value or _unknown_key_error(err, argv))
-    for name in flags.FLAGS:
+    except Exception as err:  # with overrides, the file is loaded while they are parsed
+        problem = next(filter(None, (_load_error(name, err, argv) for name in _config_flags())), None)
+        if problem is None or show_tracebacks():
+            raise
+        _fail(problem)
+    for name in _config_flags():
         flag = flags.FLAGS[name]
-        if is_config_flag(flag) and flag.value is not None:
-            try:  # a config file that could not be loaded is an object that raises on first use
-                getattr(flag.value, "keys")
-            except OSError as err:
-                cause = str(err.__cause__ or err).strip().splitlines()[-1].strip()
-                _fail(f"--{name}={config_flags.get_config_filename(flag)}: cannot load the config file: {cause}")
+        if not flag.present:
+            continue
+        try:  # a config file not loaded yet is an object that loads it, or raises, on first use
+            value = flag.value
+            getattr(value, "keys", None)
+        except Exception as err:
+            problem = _load_error(name, err, argv)
+            if problem is None or show_tracebacks():
+                raise
+            _fail(problem)
+        if not isinstance(value, ml_collections.ConfigDict):
+            _fail(
+                f"--{name}={_config_filename(name, argv)}: get_config() returned "
+                f"{type(value).__name__}, not an ml_collections.ConfigDict (see configs/common.py)"
+            )
     return remaining

@@ -274,9 +274,10 @@ def make_optimizer(
     schedule = learning_rate_schedule(optim, total_steps)  # checks the schedule's settings
     check_settings(optim, [key for key in SETTING_RANGES if key not in SCHEDULE_SETTINGS])
     multipliers = lr_multipliers(trainable, optim.lr_rules)
-    parts = []
-    if optim.grad_clip_norm:
-        parts.append(clip_by_global_norm(float(optim.grad_clip_norm), norm))
+    # Clipping off keeps its (empty) place in the chain, so the optimizer state's keys, which the checkpoints
+    # hold, stay those of a run with it on (a run resumed with `grad_clip_norm = 0` was refused, its Adam
+    # moments moved from opt_state/1 to opt_state/0).
+    parts = [clip_by_global_norm(float(optim.grad_clip_norm), norm) if optim.grad_clip_norm else optax.identity()]
     parts += [
         optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
         optax.add_decayed_weights(float(optim.weight_decay), mask=weight_decay_mask(trainable, optim.no_decay)),

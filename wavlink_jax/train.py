@@ -105,26 +105,35 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 SCHEDULE_FILE = "schedule.json"  # {"total_steps": N}: the number of steps the run's schedule was made for
 
 
+def recorded_total_steps(workdir: str, start_step: int) -> int | None:
+    """The number of steps WORKDIR/schedule.json says the run resumed at `start_step` was made for (None for a new
+    run, one without the file, or a process other than 0, which would read it while process 0 replaces it). A
+    damaged file is an error naming it."""
+    path = Path(workdir) / SCHEDULE_FILE
+    if jax.process_index() != 0 or not start_step or not path.exists():
+        return None
+    recorded = read_json(path)  # a file cut short is named, not a bare JSON error
+    before = recorded.get("total_steps") if isinstance(recorded, dict) else None
+    if not isinstance(before, int):
+        raise ValueError(f'{path}: no integer "total_steps"; write {{"total_steps": N}} with the number of steps '
+                         f"the resumed run was made for, or remove the file")
+    return before
+
+
 def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int) -> None:
     """Record the run's resolved number of steps in WORKDIR/schedule.json; a resumed run whose number differs
     (total_steps changed, or `epochs` over sources that grew or shrank, which config.json cannot show) says what
     its learning rate becomes: the schedule is stretched or squeezed from the resumed step on."""
     if jax.process_index() != 0:  # the other processes would read it while process 0 replaces it
         return
-    path = Path(workdir) / SCHEDULE_FILE
-    if start_step and path.exists():
-        recorded = read_json(path)  # a file cut short is named, not a bare JSON error
-        before = recorded.get("total_steps") if isinstance(recorded, dict) else None
-        if not isinstance(before, int):
-            raise ValueError(f'{path}: no integer "total_steps"; write {{"total_steps": N}} with the number of steps '
-                             f"the resumed run was made for, or remove the file")
-        if before != total_steps:
-            old, new = (float(optim.learning_rate_schedule(config.optim, n)(start_step)) for n in (before, total_steps))
-            _say(
-                f"note: this run has {total_steps} steps, the run it resumes {before}: the learning-rate schedule "
-                f"changes (at step {start_step}: {old:.3g} → {new:.3g})"
-            )
-    replace_text(path, json.dumps({"total_steps": total_steps}) + "\n")
+    before = recorded_total_steps(workdir, start_step)
+    if before is not None and before != total_steps:
+        old, new = (float(optim.learning_rate_schedule(config.optim, n)(start_step)) for n in (before, total_steps))
+        _say(
+            f"note: this run has {total_steps} steps, the run it resumes {before}: the learning-rate schedule "
+            f"changes (at step {start_step}: {old:.3g} → {new:.3g})"
+        )
+    replace_text(Path(workdir) / SCHEDULE_FILE, json.dumps({"total_steps": total_steps}) + "\n")
 
 
 def resolve_total_steps(config: ml_collections.ConfigDict) -> int:
@@ -355,8 +364,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
     else:
         # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too, and
-        # metrics.jsonl is readable): a refused config leaves no config.json in a new workdir, and a resumed run's
-        # as it was.
+        # schedule.json and metrics.jsonl are readable): a refused config leaves no config.json in a new workdir,
+        # and a resumed run's as it was.
+        recorded_total_steps(workdir, start_step)  # read again, and replaced, by keep_schedule below
         metrics_log.keep_records_through(workdir, start_step)
         write_config(config, workdir)
         keep_schedule(config, workdir, total_steps, start_step)

@@ -127,8 +127,19 @@ class DataConfig:
     worker_buffer: int = 2
     max_consecutive_skips: int = 1000
 
+    # The counts' smallest values: below them grain or the tokenizer failed in their own words, or -1 workers
+    # silently meant none.
+    COUNT_MINIMUMS = {
+        "max_text_length": 2, "num_workers": 0, "read_threads": 1, "prefetch_buffer": 0, "worker_buffer": 1,
+        "max_consecutive_skips": 0,
+    }
+
     def __post_init__(self):
         check_crop(self.window_seconds, self.min_seconds, where="data.")
+        for name, least in self.COUNT_MINIMUMS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"data.{name} = {value!r}: give a whole number ≥ {least}")
         if self.sample_rate != SAMPLE_RATE:
             raise ValueError(
                 f"data.sample_rate = {self.sample_rate}: the audio tower's log-mel takes {SAMPLE_RATE} Hz audio (audio "

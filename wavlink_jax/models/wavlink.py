@@ -61,6 +61,12 @@ class WavLinkConfig:
             raise ValueError("WavLinkConfig.audio must have global_token=True: the audio embedding is the global token")
         if int(self.embed_dim) < 1:
             raise ValueError(f"WavLinkConfig.embed_dim must be positive, got {self.embed_dim}")
+        for name in ("clip_logit_scale_init", "sigmoid_logit_scale_init", "sigmoid_logit_bias_init"):
+            if not math.isfinite(getattr(self, name)):  # trained a step, then stopped on a NaN loss
+                raise ValueError(
+                    f"WavLinkConfig.{name} (config.model.{name} in a training config) must be a finite number, "
+                    f"got {getattr(self, name)}"
+                )
         if self.matryoshka_dims is None:
             if self.embed_dim % 8:
                 raise ValueError(
