@@ -380,6 +380,14 @@ def test_airbench_empty_choices_are_not_choices(tmp_path):
     assert question.choices == ("a dog", "rain") and question.answer == 1
 
 
+def test_airbench_a_repeated_choice_is_one_choice(tmp_path):
+    """Choices ["dog", "dog", "cat", "bird"] with answer "dog": the second "dog" tied with the first and the
+    question always counted as missed (ties count against the model), where AIR-Bench grades the answer's text."""
+    item = _airbench_item(1, "Sound_AQA", "clotho", "a.wav", "What?", ["dog", "cat", "dog", "bird"], "dog")
+    (question,) = eval_tasks.load_airbench_foundation(_write_airbench(tmp_path / "Foundation", [item]))
+    assert question.choices == ("dog", "cat", "bird") and question.answer == 0
+
+
 def test_airbench_bad_metadata(tmp_path):
     bad_answer = [dict(AIRBENCH_ITEMS[0], answer_gt="a cat")]
     with pytest.raises(ValueError, match=r"Foundation_meta.json\[0\].*answer_gt 'a cat' is none of the choices"):
@@ -632,6 +640,9 @@ def test_load_eval_data_from_manifest(tmp_path):
     uncaptioned = entries[:2] + [{"audio": "clip1.wav", "captions": [], "label": "rain", "id": "rain-1"}]
     with pytest.raises(ValueError, match=r"'toy': 1 of 2 clips have no caption \(first: rain-1\)"):
         eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "uncaptioned.jsonl", uncaptioned), window_seconds=1.0)
+    uncaptioned[2]["captions"] = ["  ", ""]  # captions there, but blank: the error says why the clip has none
+    with pytest.raises(ValueError, match=r"\(first: rain-1, blank captions being dropped \(2 in this set\)\)"):
+        eval_tasks.load_eval_data("toy", write_manifest(tmp_path / "blank.jsonl", uncaptioned), window_seconds=1.0)
 
 
 def test_load_airbench_data_decodes_each_file_once(tmp_path):

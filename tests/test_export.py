@@ -665,6 +665,18 @@ def test_integer_pcm_is_refused_alike_and_window_batches_are_not_copied(torch_wa
     np.testing.assert_array_equal(jax_embedder.embed_audio(windows), jax_embedder.embed_audio(list(windows)))
 
 
+def test_non_finite_samples_are_refused_alike(torch_wavlink, jax_embedder):
+    """A NaN or infinite sample gave a row of NaN, by JAX and PyTorch alike and without a word; both refuse it,
+    naming the waveform, in a list, one clip, or a float32 (clips, samples) batch (which JAX checks uncopied)."""
+    clips = np.random.default_rng(2).uniform(-0.5, 0.5, (3, 16000)).astype(np.float32)
+    clips[2, 7] = np.nan
+    clips[1, 9] = np.inf
+    for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):
+        for waveforms, index in ((list(clips), 1), (clips, 1), (clips[2], 0), (torch.from_numpy(clips[2:]), 0)):
+            with pytest.raises(ValueError, match=rf"^waveform {index} has NaN or infinite samples; its embedding"):
+                embed_audio(waveforms)
+
+
 def test_pytorch_model_files_import_neither_jax_nor_our_package():
     """The exported directory's code runs where only torch and transformers are installed: modeling_wavlink.py
     imports those, the standard library and (relatively) waveform_layout.py, which imports the standard library

@@ -302,6 +302,15 @@ def test_embed_cli_usage_errors(run, tmp_path):
 
 
 
+def test_embed_cli_refuses_a_blank_query_or_text(capsys):
+    """A blank query was ranked against the index (a blank --text in the matrix) as if it said something, where
+    evaluation drops blank captions; refused before anything is read or loaded."""
+    for argv in (["--index-file", "x.npz", "--query", "a dog", "--query", "  "], ["--model", "m", "--text", ""]):
+        with pytest.raises(SystemExit):
+            embed.main(argv)
+        assert capsys.readouterr().err.splitlines()[-1].endswith("is blank: give words to embed")
+
+
 @pytest.mark.parametrize("option", ["--top-k", "--batch-size"])
 def test_embed_cli_counts_must_be_positive(capsys, option):
     """--top-k -1 listed every clip but the last; --batch-size 0 ran with one clip per device."""
@@ -347,6 +356,10 @@ def test_check_same_model_compares_both_probes():
     index["probe_audio"] = index["probe_audio"] + 0.5
     with pytest.raises(ValueError, match="the index was built with another model"):
         embed.check_same_model(index, stub)
+    # A model embedding at another window (or dtype) was passed unchecked: the probes are not comparable then.
+    stub.window_samples = 320
+    with pytest.raises(ValueError, match=r"at float32 160 \(dtype, window in samples\), this one embeds at float32 320"):
+        embed.check_same_model(index, stub)
 
 
 def test_audio_files_are_found_by_extension_in_any_case(tmp_path):
@@ -356,6 +369,23 @@ def test_audio_files_are_found_by_extension_in_any_case(tmp_path):
         (tmp_path / name).write_bytes(b"")
     found, ignored = embed.audio_files(tmp_path)
     assert [str(path.relative_to(tmp_path)) for path in found] == ["a.WAV", "c.mp3", "deep/b.Flac"] and ignored == 2
+
+
+def test_audio_files_follow_links_and_list_a_link_to_nothing(tmp_path):
+    """A link to a folder is walked (once: a link back up ends there); a link to a file that is gone is listed,
+    so that the index skips it as missing and counts it; both were left out without a word."""
+    for name in ("real/one.wav", "elsewhere/two.wav", "elsewhere/three.flac"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    root = tmp_path / "real"
+    (root / "linked.wav").symlink_to(root / "one.wav")
+    (root / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
+    (root / "more").symlink_to(tmp_path / "elsewhere")
+    (root / "more" / "up").symlink_to(root)  # a loop
+    found, ignored = embed.audio_files(root)
+    assert [str(path.relative_to(root)) for path in found] == [
+        "gone.wav", "linked.wav", "more/three.flac", "more/two.wav", "one.wav"
+    ] and ignored == 0
 
 
 def test_an_index_of_more_files_than_one_batch_holds_every_file(embedder, clips, tmp_path):

@@ -64,11 +64,20 @@ class Hit:
 
 
 def audio_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
-    """Audio files under `folder` (recursively, sorted) and the number of other files left out."""
+    """Audio files under `folder` (recursively, sorted) and the number of other files left out. Links are
+    followed into folders (each folder walked once, so a link to a folder above it ends there); a link to a file
+    that is gone is listed, to be skipped as missing and counted (`rglob` left out both without a word)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
-    files = sorted(path for path in folder.rglob("*") if path.is_file())
+    files, walked = [], set()
+    for root, folders, names in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in walked:
+            folders[:] = []
+            continue
+        walked.add(os.path.realpath(root))
+        files += [Path(root) / name for name in names]  # every name but a folder's: files, and links to nothing
+    files.sort()
     audio = [path for path in files if path.suffix.lower() in AUDIO_EXTENSIONS]
     return audio, len(files) - len(audio)
 
@@ -106,10 +115,17 @@ def probe_embeddings(embedder: inference.Embedder) -> dict[str, np.ndarray]:
 
 
 def check_same_model(index: dict[str, np.ndarray], embedder: inference.Embedder) -> None:
-    """Refuse to search `index` with a model other than the one it was built with. Not checked: indexes written
-    before the probes existed, and a search in another dtype or window than the index's (the probes differ)."""
-    if "probe_setting" not in index or str(index["probe_setting"]) != _probe_setting(embedder):
+    """Refuse to search `index` with a model other than the one it was built with: one whose probe embeddings
+    differ, or that embeds in another dtype or window (the probes cannot be compared then; the command line loads
+    every model at its own, so that is another model). Not checked: indexes written before the probes existed."""
+    if "probe_setting" not in index:
         return
+    if str(index["probe_setting"]) != _probe_setting(embedder):
+        raise ValueError(
+            f"the index was built with a model embedding at {index['probe_setting']} (dtype, window in samples), "
+            f"this one embeds at {_probe_setting(embedder)}: another model, or one loaded otherwise; search with "
+            f"the model the index was built with ({index['model']}, leave out --model and --step)"
+        )
     probes = probe_embeddings(embedder)
     difference = max(float(np.max(np.abs(index[name] - value))) for name, value in probes.items())
     if difference > PROBE_TOLERANCE:
@@ -297,6 +313,10 @@ def main(argv: list[str] | None = None) -> None:
                              "their number (default 32)")
     args = parser.parse_args(argv)
 
+    blank = next((f"--{option} {text!r}" for option in ("text", "query") for text in getattr(args, option)
+                  if not text.strip()), None)
+    if blank:  # evaluation drops blank captions; here one was embedded and ranked as if it said something
+        parser.error(f"{blank} is blank: give words to embed")
     modes = [bool(args.audio or args.text), bool(args.index or args.out), bool(args.index_file or args.query)]
     if sum(modes) != 1:
         parser.error("choose one of: --audio/--text (similarity), --index FOLDER --out INDEX.npz, "

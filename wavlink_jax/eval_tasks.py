@@ -64,7 +64,9 @@ def _parse_question(item: Any, root: Path, where: str) -> MultipleChoiceQuestion
     missing = [field for field in _REQUIRED_FIELDS if item.get(field) in (None, "")]
     if missing:
         raise ValueError(f"{where} (uniq_id {item.get('uniq_id')!r}): missing or empty fields {missing}")
-    choices = tuple(str(item[field]) for field in _CHOICE_FIELDS if item.get(field) not in (None, ""))
+    # One choice per text: AIR-Bench grades by the answer's text, and a second copy of the answer tied with it
+    # counted the question as missed (ties count against the model).
+    choices = tuple(dict.fromkeys(str(item[field]) for field in _CHOICE_FIELDS if item.get(field) not in (None, "")))
     answer = str(item["answer_gt"])
     if answer not in choices:
         raise ValueError(f"{where} (uniq_id {item['uniq_id']!r}): answer_gt {answer!r} is none of the choices {choices}")
@@ -263,14 +265,16 @@ def _check_folds(name: str, folds: np.ndarray | None, ids: Sequence[str]) -> Non
         )
 
 
-def _check_captions(name: str, text_to_audio: np.ndarray, ids: Sequence[str]) -> None:
+def _check_captions(name: str, text_to_audio: np.ndarray, ids: Sequence[str], blank: int) -> None:
     """All clips captioned, or none (an uncaptioned clip among captioned ones has no audio→text rank). `ids`
-    name the clips in errors (a position would count only the clips that decoded)."""
+    name the clips in errors (a position would count only the clips that decoded); `blank`: the set's blank
+    captions, dropped before this (a clip whose captions were all blank has none)."""
     uncaptioned = np.flatnonzero(np.bincount(text_to_audio, minlength=len(ids)) == 0)
     if len(text_to_audio) and len(uncaptioned):
+        dropped = f", blank captions being dropped ({blank} in this set)" if blank else ""
         raise ValueError(
             f"evaluation set {name!r}: {len(uncaptioned)} of {len(ids)} clips have no caption (first: "
-            f"{ids[uncaptioned[0]]}); retrieval needs a caption on every clip: keep the captioned and the "
+            f"{ids[uncaptioned[0]]}{dropped}); retrieval needs a caption on every clip: keep the captioned and the "
             "labelled-only clips in separate sets"
         )
 
@@ -308,7 +312,7 @@ def load_eval_data(
         max_clips=max_clips,
         read_threads=read_threads,
     )
-    _check_captions(name, np.asarray(data.text_to_audio), data.ids)
+    _check_captions(name, np.asarray(data.text_to_audio), data.ids, data.skip_counts.get("blank_captions", 0))
     labels = _check_labels(name, data.labels, data.ids)
     if labels:
         _check_folds(name, data.folds, data.ids)

@@ -52,7 +52,14 @@ from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.models.whisper import WhisperConfig
 from wavlink_jax.tokenizer import load_tokenizer
-from wavlink_jax.waveform_layout import check_float_samples, check_long_clips, check_not_channels_last
+from wavlink_jax.waveform_layout import (
+    check_finite_samples,
+    check_float_samples,
+    check_long_clips,
+    check_not_channels_last,
+)
+
+_FINITE_CHECK_ROWS = 256  # rows of a (clips, samples) batch checked for NaN at a time: a bool copy of ~120 MB at 30 s
 
 
 @dataclasses.dataclass
@@ -196,12 +203,18 @@ class Embedder:
     def _checked_clips(self, waveforms: np.ndarray | Sequence[np.ndarray]) -> np.ndarray | list[np.ndarray]:
         """The waveforms (numpy, jax or torch arrays) as float32 mono clips: a 2-D float32 array as it is (its rows
         are the clips), anything else as a list of 1-D arrays. Refuses `(samples, channels)` arrays, integer PCM
-        and clips that are not 1-D, with the exported PyTorch model's rules and words."""
+        and clips that are not 1-D or hold NaN or infinite samples, with the exported PyTorch model's rules and
+        words."""
         if not isinstance(waveforms, (list, tuple)):  # one array of any kind (numpy, jax, torch): a clip or a batch
             waveforms = np.asarray(waveforms)
             check_not_channels_last(waveforms.shape)
             if waveforms.ndim == 2 and waveforms.size and waveforms.dtype == np.float32:
-                return waveforms  # not copied (an evaluation set's windows can take tens of GB)
+                # Not copied (an evaluation set's windows can take tens of GB), and checked a few rows at a time.
+                for start in range(0, len(waveforms), _FINITE_CHECK_ROWS):
+                    rows = np.isfinite(waveforms[start : start + _FINITE_CHECK_ROWS]).all(axis=1)
+                    if not rows.all():
+                        check_finite_samples(start + int(np.argmin(rows)), False)
+                return waveforms
             if waveforms.ndim <= 1:
                 waveforms = [waveforms]
         clips = []
@@ -210,6 +223,7 @@ class Embedder:
             check_float_samples(index, waveform.dtype, np.issubdtype(waveform.dtype, np.floating))
             if waveform.ndim != 1:
                 raise ValueError(f"waveform {index} has shape {waveform.shape}; expected 1-D mono 16 kHz samples")
+            check_finite_samples(index, bool(np.isfinite(waveform).all()))
             clips.append(waveform.astype(np.float32, copy=False))
         if not clips:
             raise ValueError("embed_audio got no waveforms")

@@ -41,7 +41,13 @@ from transformers.models.clip.modeling_clip import CLIPTextModelWithProjection
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rules).
-from .waveform_layout import check_float_samples, check_long_clips, check_not_channels_last, clips_window_plan
+from .waveform_layout import (
+    check_finite_samples,
+    check_float_samples,
+    check_long_clips,
+    check_not_channels_last,
+    clips_window_plan,
+)
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -195,7 +201,8 @@ class WavLinkModel(PreTrainedModel):
 
     def _checked_clips(self, waveforms) -> list[torch.Tensor]:
         """One waveform or a sequence / batch of them (16 kHz float; numpy or torch) → float32 1-D tensors, with
-        the JAX embedder's rules and words for `(samples, channels)` arrays, integer PCM and other shapes."""
+        the JAX embedder's rules and words for `(samples, channels)` arrays, integer PCM, other shapes and NaN or
+        infinite samples."""
         if not isinstance(waveforms, (list, tuple)):
             tensor = torch.as_tensor(waveforms)
             check_not_channels_last(tensor.shape)
@@ -208,6 +215,7 @@ class WavLinkModel(PreTrainedModel):
                 raise ValueError(
                     f"waveform {index} has shape {tuple(waveform.shape)}; expected 1-D mono 16 kHz samples"
                 )
+            check_finite_samples(index, bool(torch.isfinite(waveform).all()))
             clips.append(waveform.to(torch.float32))
         if not clips:
             raise ValueError("embed_audio got no waveforms")

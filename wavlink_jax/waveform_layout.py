@@ -35,6 +35,16 @@ def check_float_samples(index: int, dtype: object, floating: bool) -> None:
         )
 
 
+def check_finite_samples(index: int, finite: bool) -> None:
+    """Refuse a waveform with NaN or infinite samples (`finite`: whether all of waveform `index`'s are finite): its
+    embedding would be NaN, without a word (a file decoded by `wavlink_jax` is skipped as `not_finite` instead)."""
+    if not finite:
+        raise ValueError(
+            f"waveform {index} has NaN or infinite samples; its embedding would be NaN: repair the audio, or leave "
+            "the clip out"
+        )
+
+
 def check_long_clips(long_clips: str, setting: str = "long_clips") -> None:
     """Refuse a `long_clips` that is not one of `LONG_CLIPS`; `setting` names where it was set."""
     if long_clips not in LONG_CLIPS:

@@ -71,10 +71,11 @@ class WhisperConfig:
     def check_window(self, seconds: float, setting: str) -> None:
         """Refuse a window (`setting` names where it was set) that is not positive or that the position table
         does not cover, before anything is decoded or compiled for it."""
-        if not 0 < seconds <= self.max_window_seconds:
+        shortest = audio.N_FFT // 2 / audio.SAMPLE_RATE  # the log-mel's reflect padding needs more samples
+        if not (seconds <= self.max_window_seconds and round(seconds * audio.SAMPLE_RATE) > audio.N_FFT // 2):
             raise ValueError(
-                f"{setting} = {seconds:g} s: the audio tower takes windows of more than 0 and at most "
-                f"{self.max_window_seconds:g} s ({self.max_positions} positions)"
+                f"{setting} = {seconds:g} s: the audio tower takes windows of more than {shortest:g} s (half the "
+                f"STFT's frame) and at most {self.max_window_seconds:g} s ({self.max_positions} positions)"
             )
 
     @classmethod
