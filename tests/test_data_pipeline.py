@@ -669,10 +669,13 @@ def test_check_and_training_batches_from_a_prepared_tfds_source(tmp_path, tokeni
     from wavlink_jax.data import tfds_builders
     from wavlink_jax.data.__main__ import check
 
-    tfds_builders.build_manifest("tiny_clips", {"train": _manifest(tmp_path / "clips", range(1, 7))}, tmp_path / "tfds")
+    gone = [{"audio": "gone.wav", "captions": ["a clip the build cannot read"]}]
+    manifest = _manifest(tmp_path / "clips", range(1, 7), extra=gone)
+    tfds_builders.build_manifest("tiny_clips", {"train": manifest}, tmp_path / "tfds")
     report = check("tiny_clips", data_dir=str(tmp_path / "tfds"), min_seconds=0.1, progress=False)
     assert report["examples"] == 6 and report["ok"] == 6 and report["skipped"] == {} and report["hours"] == round(3 / 3600, 3)
     assert report["without_captions"] == 0
+    assert report["left_out_by_build"] == {"missing": 1}  # what the build dropped was in no report of check's
     spec = {"kind": "tfds", "name": "tiny_clips", "data_dir": str(tmp_path / "tfds"), "split": "train"}
     batch = next(_iterator(pipeline.DataConfig(sources=[spec], window_seconds=WINDOW, min_seconds=0.1), tokenizer, batch=6))
     for waveform, ids, clip_id in zip(batch["waveform"], batch["input_ids"], _ids(batch["waveform"])):

@@ -8,12 +8,13 @@ another epoch: `check` finds them all. Bad clips are logged (the first 20 per re
 bar goes to stderr; the last line on stdout is one JSON object:
 
     {"examples": n, "ok": n_ok, "skipped": {reason: count}, "without_captions": n, "hours": audio hours of the
-     good clips, "clips_per_s": x[, "captions_cut": n with --tokenizer]}
+     good clips, "clips_per_s": x[, "captions_cut": n with --tokenizer][, "left_out_by_build": {reason: count}]}
 
 `ok` counts the clips whose audio decodes; `without_captions` those of them with no (non-blank) caption, which
 training skips (`no_captions`) and a classification set (ESC-50, US8K, VGGSound: labels only) has throughout.
 `captions_cut` counts the good clips' captions longer than `--max-text-length` tokens (start and end included),
-whose end training never sees: many of them call for a longer `data.max_text_length`.
+whose end training never sees: many of them call for a longer `data.max_text_length`. `left_out_by_build`, for a
+prepared data set, counts what its build left out (unreadable clips, blank captions), which it does not hold.
 
 The exit status is 1 when no clip is usable, or when the source cannot be opened (a manifest or prepared data set
 that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check`
@@ -100,6 +101,9 @@ def check(
     }
     if text is not None:
         report["captions_cut"] = captions_cut
+    left_out = dict(getattr(source, "build_skipped", {}))  # a prepared data set's: counted when it was built
+    if left_out:
+        report["left_out_by_build"] = left_out
     return report
 
 
