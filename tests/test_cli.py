@@ -43,9 +43,13 @@ def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> 
             ("--config", "configs/wavlink_base.py:stage=3"),
             "error: flag --config=configs/wavlink_base.py:stage=3: stage must be 1 or 2, got 3",
         ),
+        (
+            ("--config", "configs/nowhere.py"),
+            "error: --config=configs/nowhere.py: cannot load the config file: [Errno 2] No such file or directory",
+        ),
         (  # with an override the file is loaded while flags are parsed: that was a traceback
             ("--config", "configs/nowhere.py:stage=1", "--config.total_steps=1"),
-            "error: --config=configs/nowhere.py: cannot load the config file: [Errno 2] No such file or directory",
+            "error: --config=configs/nowhere.py:stage=1: cannot load the config file: [Errno 2] No such file",
         ),
         (("--config", "tests/train_fixtures.py", "--config.seed=1.5"), "error: flag --config.seed=1.5: invalid literal"),
         (
@@ -61,7 +65,8 @@ def assert_one_error_line(result: subprocess.CompletedProcess, message: str) -> 
             "error: --config.seed.x: --config.seed is a value (int), not a group of keys",
         ),
     ],
-    ids=["unknown-key", "config-file-error", "missing-config-file-with-an-override", "wrong-type", "unknown-non-ascii-key",
+    ids=["unknown-key", "config-file-error", "missing-config-file", "missing-config-file-with-an-override",
+         "wrong-type", "unknown-non-ascii-key",
          "key-inside-a-string", "key-inside-a-number"],
 )
 def test_train_config_mistakes(args, message):

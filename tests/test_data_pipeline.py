@@ -430,7 +430,7 @@ def test_limit_zero_reads_an_all_bad_source_to_its_end(tmp_path, tokenizer):
     )
     iterator = iter(dataset)
     assert list(iterator) == [] and iterator.skip_counts["missing"] == 1200
-    with pytest.raises(ValueError, match="max_consecutive_skips must be >= 0"):
+    with pytest.raises(ValueError, match=r"data\.max_consecutive_skips = -1: give a whole number ≥ 0"):
         pipeline.build_train_dataset(_config(manifest, max_consecutive_skips=-1), tokenizer=tokenizer, batch_size=4, seed=0)
 
     from wavlink_jax.data.__main__ import check

@@ -671,9 +671,11 @@ def test_non_finite_samples_are_refused_alike(torch_wavlink, jax_embedder):
     clips = np.random.default_rng(2).uniform(-0.5, 0.5, (3, 16000)).astype(np.float32)
     clips[2, 7] = np.nan
     clips[1, 9] = np.inf
+    loud = np.full(16000, 1e39)  # finite in float64, infinite as the float32 the models take
     for embed_audio in (jax_embedder.embed_audio, torch_wavlink.embed_audio):
-        for waveforms, index in ((list(clips), 1), (clips, 1), (clips[2], 0), (torch.from_numpy(clips[2:]), 0)):
-            with pytest.raises(ValueError, match=rf"^waveform {index} has NaN or infinite samples; its embedding"):
+        for waveforms, index in ((list(clips), 1), (clips, 1), (clips[2], 0), (torch.from_numpy(clips[2:]), 0),
+                                 ([clips[0], loud], 1)):
+            with pytest.raises(ValueError, match=rf"^waveform {index} has NaN or infinite samples \(as float32\)"):
                 embed_audio(waveforms)
 
 

@@ -82,8 +82,9 @@ if __name__ == "__main__":  # imported by the summary: the functions above only
 '''
 STAND_IN_PARITY = '''
 import os, sys
-open(os.environ["CALLS"], "a").write("parity\\n")
-sys.exit(1 if "parity" in os.environ.get("FAIL", "").split() else 0)  # silent either way
+call = "probe" if "--unpadded-probe" in sys.argv else "parity"
+open(os.environ["CALLS"], "a").write(call + "\\n")
+sys.exit(1 if call in os.environ.get("FAIL", "").split() else 0)  # silent either way
 '''
 
 
@@ -124,7 +125,7 @@ def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env: st
 
 def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="large-30s-b16-vs-compile")
-    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # a silent, passing check keeps cuDNN
+    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS)]  # a silent, passing check keeps cuDNN
     assert [row["label"] for row in rows] == RUNS
     # recorded, not done (the seconds depend on the machine's load)
     assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("large-30s-b16-vs-compile")]["error"])
@@ -185,7 +186,7 @@ def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call
                                  HANG="small-30s-b64-no-triton-gemm", DEAF="base-10s-b128",
                                  KILLED="base-30s-b128-vs-compile",
                                  RUN_LIMIT_PERCENT="4", KILL_AFTER_S="1")  # 50 and 55 s → a limit of 2 s, 150 → 6
-    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
+    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
     for label in ("small-30s-b64-no-triton-gemm", "base-10s-b128"):  # TERMinated; KILLed a second after ignoring it
         [row] = [row for row in rows if row["label"] == label]
         assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
@@ -203,12 +204,20 @@ def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
     assert "cuDNN attention failed or disagreed" in log
 
 
+def test_the_unpadded_probe_cannot_change_the_attention_verdict(tmp_path):
+    """The probe runs in a call of its own after the verdict: its failure (a crash, a timeout) is logged and every
+    run keeps cuDNN; with cuDNN refused, it does not run."""
+    calls, _, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="probe")
+    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS)]
+    assert "unpadded probe: no answer (status 1); the runs go on" in log
+
+
 def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
     """With 60 s, only the three runs estimated at ≤ 60 s start (small without Triton GEMMs, the 10 s window, the
     eager baseline); the others are recorded as skipped, so the next call runs them."""
     calls, rows, log = gpu_check(tmp_path, "short", budget_s=60)
     short = ("small-30s-b64-no-triton-gemm", "base-10s-b128", "base-30s-b128-vs-eager")
-    assert calls == ["parity", *(f"{label}:cudnn" for label in short)]
+    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in short)]
     # each within what was left of the budget, though 150% of 55 s is 82 s
     limits = [int(limit) for limit in re.findall(r"\(limit (\d+) s\)", log)]
     assert len(limits) == 3 and max(limits) <= 60, limits
@@ -229,7 +238,7 @@ def test_a_run_that_needs_more_memory_than_the_card_has_is_skipped_and_recorded(
     smi.chmod(0o755)
     calls, rows, log = gpu_check(tmp_path, "h100", budget_s=10_000)
     unfit = ("large-30s-b64",)
-    assert calls == ["parity", *(f"{label}:cudnn" for label in RUNS if label not in unfit)]
+    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS if label not in unfit)]
     for label in unfit:
         [row] = [row for row in rows if row["label"] == label]
         assert row["error"] == "skipped: needs a card of 130 GiB or more, this one has 79 GiB"

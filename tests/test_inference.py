@@ -7,6 +7,7 @@ different batch shapes).
 """
 
 import dataclasses
+import os
 import re
 import shutil
 import types
@@ -358,7 +359,7 @@ def test_check_same_model_compares_both_probes():
         embed.check_same_model(index, stub)
     # A model embedding at another window (or dtype) was passed unchecked: the probes are not comparable then.
     stub.window_samples = 320
-    with pytest.raises(ValueError, match=r"at float32 160 \(dtype, window in samples\), this one embeds at float32 320"):
+    with pytest.raises(ValueError, match=r"at float32 160 \(dtype, window in samples\), this one embeds at float32 32"):
         embed.check_same_model(index, stub)
 
 
@@ -382,6 +383,8 @@ def test_audio_files_follow_links_and_list_a_link_to_nothing(tmp_path):
     (root / "gone.wav").symlink_to(tmp_path / "nowhere.wav")
     (root / "more").symlink_to(tmp_path / "elsewhere")
     (root / "more" / "up").symlink_to(root)  # a loop
+    (root / "zz_same").symlink_to(tmp_path / "elsewhere")  # a second path to a folder: the first in order is kept
+    os.mkfifo(root / "pipe.wav")  # not a file: opening it would wait for a writer
     found, ignored = embed.audio_files(root)
     assert [str(path.relative_to(root)) for path in found] == [
         "gone.wav", "linked.wav", "more/three.flac", "more/two.wav", "one.wav"

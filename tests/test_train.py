@@ -155,14 +155,14 @@ def test_only_process_zero_reads_and_writes_the_run_files(tmp_path, data_dir, mo
     schedule.write_text("")  # what the other process saw: process 0 between truncating and writing
     monkeypatch.setattr(jax, "process_index", lambda: 1)
     train.write_config(config, str(tmp_path))
-    train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2)
+    train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2, before=4)
     assert [p.name for p in tmp_path.iterdir()] == [train.SCHEDULE_FILE] and schedule.read_text() == ""
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     schedule.write_text('{"total_steps": 4}\n')
     train.write_config(config, str(tmp_path))
     written = {path: path.stat().st_ino for path in (schedule, tmp_path / "config.json")}
     train.write_config(config, str(tmp_path))
-    train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2)
+    train.keep_schedule(config, str(tmp_path), total_steps=4, start_step=2, before=4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", train.SCHEDULE_FILE]  # no .partial left
     assert json.loads(schedule.read_text()) == {"total_steps": 4}
     # Replaced by a rename (another file), not truncated and written again in place.

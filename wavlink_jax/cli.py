@@ -171,14 +171,21 @@ def _config_file_line(err: BaseException) -> str | None:
     return None
 
 
-def _config_of(name: str, argv: Sequence[str]):
-    """The config that `--name=FILE[:ARG]` in `argv` loads (through the flag's own parser: the flag holds no
-    value while its overrides are being applied), or None."""
+def _flag_argument(name: str, argv: Sequence[str]) -> str | None:
+    """What `--name=VALUE` or `--name VALUE` in `argv` gives flag `name` (the first), or None."""
     for arg, following in zip(argv, [*argv[1:], None]):
         given = re.match(rf"^--?{re.escape(name)}(?:=(.*))?$", arg)
         if given:
-            with contextlib.suppress(Exception):  # a file that cannot be loaded is reported elsewhere
-                return flags.FLAGS[name].parser.parse(given.group(1) if given.group(1) is not None else following)
+            return given.group(1) if given.group(1) is not None else following
+    return None
+
+
+def _config_of(name: str, argv: Sequence[str]):
+    """The config that `--name=FILE[:ARG]` in `argv` loads (through the flag's own parser: the flag holds no
+    value while its overrides are being applied), or None."""
+    argument = _flag_argument(name, argv)
+    with contextlib.suppress(Exception):  # a file that cannot be loaded is reported elsewhere
+        return None if argument is None else flags.FLAGS[name].parser.parse(argument)
     return None
 
 
@@ -205,13 +212,13 @@ def _override_into_value(argv: Sequence[str]) -> str | None:
 
 
 def _config_filename(name: str, argv: Sequence[str]) -> str:
-    """The file config flag `name` names: the flag's own record once parsed, else `--name=FILE[:ARG]` in `argv`."""
-    with contextlib.suppress(Exception):  # not parsed: its overrides failed
+    """`FILE[:ARG]` as config flag `name` was given it: in `argv` (the flag's own record is not kept when its
+    overrides fail), else the flag's record (a default)."""
+    given = _flag_argument(name, argv)
+    if given is not None:
+        return given
+    with contextlib.suppress(Exception):
         return config_flags.get_config_filename(flags.FLAGS[name])
-    for arg, following in zip(argv, [*argv[1:], None]):
-        given = re.match(rf"^--?{re.escape(name)}(?:=(.*))?$", arg)
-        if given:
-            return str(given.group(1) if given.group(1) is not None else following).split(":", 1)[0]
     return "?"
 
 
@@ -264,8 +271,6 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
         _fail(problem)
     for name in _config_flags():
         flag = flags.FLAGS[name]
-        if not flag.present:
-            continue
         try:  # a config file not loaded yet is an object that loads it, or raises, on first use
             value = flag.value
             getattr(value, "keys", None)
@@ -274,6 +279,8 @@ def parse_absl_flags(argv: list[str]) -> list[str]:
             if problem is None or show_tracebacks():
                 raise
             _fail(problem)
+        if value is None and not flag.present:  # not given, and no default: the program says if it needs one
+            continue
         if not isinstance(value, ml_collections.ConfigDict):
             _fail(
                 f"--{name}={_config_filename(name, argv)}: get_config() returned "

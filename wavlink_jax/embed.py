@@ -17,8 +17,10 @@ The index is a NumPy `.npz`: `embeddings` (N, E) float32 L2-normalised, `paths` 
 `folder`, `model` (absolute path), `step` (the workdir checkpoint step that was read, the latest unless `--step`;
 -1 for an exported directory), `long_clips` ("head" or "mean"), `skipped` ("path<TAB>reason: message" lines, one
 per unreadable file), `probe_audio` and `probe_text` (the model's embeddings of a fixed tone and text) and
-`probe_setting` (the compute dtype and window they were made with): a search with the same setting refuses a model
-that embeds them otherwise, i.e. other weights, even of the same size (a workdir and its export embed them alike).
+`probe_setting` (the compute dtype and window they were made with): a search refuses a model that embeds them
+otherwise, i.e. other weights, even of the same size (a workdir and its export embed them alike), or at another
+setting, where they cannot be compared (the command line loads every model at float32 and its own window; an index
+built from Python at other settings is searched from Python with the model loaded as it was).
 """
 
 from __future__ import annotations
@@ -65,18 +67,21 @@ class Hit:
 
 def audio_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
     """Audio files under `folder` (recursively, sorted) and the number of other files left out. Links are
-    followed into folders (each folder walked once, so a link to a folder above it ends there); a link to a file
-    that is gone is listed, to be skipped as missing and counted (`rglob` left out both without a word)."""
+    followed into folders, each folder walked once, by the first of its paths in sorted order (a link to a folder
+    above it ends there); a link to a file that is gone is listed, to be skipped as missing and counted (`rglob`
+    left out both without a word). Not files: FIFOs and sockets (opening one would wait for a writer)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: not a directory")
     files, walked = [], set()
     for root, folders, names in os.walk(folder, followlinks=True):
+        folders.sort()  # walked in order, so that which path reaches a folder first is the same on any machine
         if os.path.realpath(root) in walked:
             folders[:] = []
             continue
         walked.add(os.path.realpath(root))
-        files += [Path(root) / name for name in names]  # every name but a folder's: files, and links to nothing
+        paths = (Path(root) / name for name in names)
+        files += [path for path in paths if path.is_file() or not path.exists()]  # files, and links to nothing
     files.sort()
     audio = [path for path in files if path.suffix.lower() in AUDIO_EXTENSIONS]
     return audio, len(files) - len(audio)
@@ -124,7 +129,8 @@ def check_same_model(index: dict[str, np.ndarray], embedder: inference.Embedder)
         raise ValueError(
             f"the index was built with a model embedding at {index['probe_setting']} (dtype, window in samples), "
             f"this one embeds at {_probe_setting(embedder)}: another model, or one loaded otherwise; search with "
-            f"the model the index was built with ({index['model']}, leave out --model and --step)"
+            f"the model the index was built with ({index['model']}), loaded as it was (from Python: "
+            "inference.load(..., dtype=..., window_seconds=...) and embed.search)"
         )
     probes = probe_embeddings(embedder)
     difference = max(float(np.max(np.abs(index[name] - value))) for name, value in probes.items())

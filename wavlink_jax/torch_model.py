@@ -215,8 +215,9 @@ class WavLinkModel(PreTrainedModel):
                 raise ValueError(
                     f"waveform {index} has shape {tuple(waveform.shape)}; expected 1-D mono 16 kHz samples"
                 )
-            check_finite_samples(index, bool(torch.isfinite(waveform).all()))
-            clips.append(waveform.to(torch.float32))
+            clip = waveform.to(torch.float32)
+            check_finite_samples(index, bool(torch.isfinite(clip).all()))  # in float32: 1e39 in float64 is infinite
+            clips.append(clip)
         if not clips:
             raise ValueError("embed_audio got no waveforms")
         return clips

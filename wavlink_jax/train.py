@@ -120,13 +120,15 @@ def recorded_total_steps(workdir: str, start_step: int) -> int | None:
     return before
 
 
-def keep_schedule(config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int) -> None:
-    """Record the run's resolved number of steps in WORKDIR/schedule.json; a resumed run whose number differs
-    (total_steps changed, or `epochs` over sources that grew or shrank, which config.json cannot show) says what
-    its learning rate becomes: the schedule is stretched or squeezed from the resumed step on."""
+def keep_schedule(
+    config: ml_collections.ConfigDict, workdir: str, total_steps: int, start_step: int, before: int | None
+) -> None:
+    """Record the run's resolved number of steps in WORKDIR/schedule.json; a resumed run whose number differs from
+    `before` (`recorded_total_steps`: total_steps changed, or `epochs` over sources that grew or shrank, which
+    config.json cannot show) says what its learning rate becomes: the schedule is stretched or squeezed from the
+    resumed step on."""
     if jax.process_index() != 0:  # the other processes would read it while process 0 replaces it
         return
-    before = recorded_total_steps(workdir, start_step)
     if before is not None and before != total_steps:
         old, new = (float(optim.learning_rate_schedule(config.optim, n)(start_step)) for n in (before, total_steps))
         _say(
@@ -366,10 +368,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too, and
         # schedule.json and metrics.jsonl are readable): a refused config leaves no config.json in a new workdir,
         # and a resumed run's as it was.
-        recorded_total_steps(workdir, start_step)  # read again, and replaced, by keep_schedule below
+        scheduled_before = recorded_total_steps(workdir, start_step)
         metrics_log.keep_records_through(workdir, start_step)
         write_config(config, workdir)
-        keep_schedule(config, workdir, total_steps, start_step)
+        keep_schedule(config, workdir, total_steps, start_step, scheduled_before)
     step_fn = train_step.make_train_step(setup)
     param_norm = train_step.make_param_norm(setup)
     log = metrics_log.MetricsLogger(

@@ -36,12 +36,13 @@ def check_float_samples(index: int, dtype: object, floating: bool) -> None:
 
 
 def check_finite_samples(index: int, finite: bool) -> None:
-    """Refuse a waveform with NaN or infinite samples (`finite`: whether all of waveform `index`'s are finite): its
-    embedding would be NaN, without a word (a file decoded by `wavlink_jax` is skipped as `not_finite` instead)."""
+    """Refuse a waveform with NaN or infinite samples as float32 (`finite`: whether all of waveform `index`'s are
+    finite): an embedding of one was NaN, without a word (a file decoded by `wavlink_jax` is skipped as
+    `not_finite` instead). Anywhere in the waveform, as for a decoded file: one rule for every `long_clips`."""
     if not finite:
         raise ValueError(
-            f"waveform {index} has NaN or infinite samples; its embedding would be NaN: repair the audio, or leave "
-            "the clip out"
+            f"waveform {index} has NaN or infinite samples (as float32); its embedding would be NaN: repair the "
+            "audio, or leave the clip out"
         )
 
 

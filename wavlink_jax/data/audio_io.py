@@ -21,7 +21,7 @@ and counts it:
 A file whose header gives no length (a FLAC stream ffmpeg wrote to a pipe; a WAV's declared size of 0xFFFFFFFF
 is read to its end as libsndfile reads it) is decoded whole at each load, its length being known only at its end.
 
-Limits: a truncated Ogg/Vorbis file, or a FLAC without a length, ends where its data ends, so it is read as a
+Limits: a truncated Ogg/Vorbis file ends where its data ends (its header states no length), so it is read as a
 shorter, valid clip; a truncated file, or a non-finite sample, is only noticed inside the read window. Only
 floating-point sources are checked for non-finite samples: integer PCM (FLAC, 16/24-bit WAV, the array_record
 sets) cannot hold them, and the check would cost the fast int16 path a quarter of its time.
@@ -109,11 +109,11 @@ def _preroll(file: sf.SoundFile) -> int:
     return 0
 
 
-def _decode_to_end(file: sf.SoundFile) -> np.ndarray:
+def _decode_to_end(file: sf.SoundFile, name: str) -> np.ndarray:
     """All of `file`'s frames from its position, float32 `(frames, channels)`, for a file whose header gives no
     length. Read through libsndfile's `sf_readf_float`: soundfile's `read` seeks to where each read stopped, and
-    on such a FLAC stream the seek to its end fails ("Internal psf_fseek() failed"). A read that stops early
-    ends the clip, as a truncated Ogg Vorbis file does."""
+    on such a FLAC stream the seek to its end fails ("Internal psf_fseek() failed"). Raises BadAudio("truncated")
+    where the decoder stops on an error (a cut or damaged stream: "flac decoder lost sync") before the end."""
     blocks = []
     while True:
         block = np.empty((_DECODE_BLOCK_FRAMES, file.channels), np.float32)
@@ -121,7 +121,12 @@ def _decode_to_end(file: sf.SoundFile) -> np.ndarray:
         read = max(0, sf._snd.sf_readf_float(file._file, pointer, _DECODE_BLOCK_FRAMES))
         blocks.append(block[:read])
         if read < _DECODE_BLOCK_FRAMES:
-            return np.concatenate(blocks)
+            break
+    if sf._snd.sf_error(file._file):
+        decoded = sum(map(len, blocks))
+        error = sf._ffi.string(sf._snd.sf_strerror(file._file)).decode(errors="replace")
+        raise BadAudio("truncated", f"{name}: decoding failed after frame {decoded} ({error})")
+    return np.concatenate(blocks)
 
 
 def _window_reader(file: sf.SoundFile, name: str, frames: int) -> Callable[[int, int], np.ndarray]:
@@ -196,7 +201,7 @@ def load_audio(
         floating = file.subtype in _FLOAT_SUBTYPES
         if frames >= _UNKNOWN_FRAMES:  # no length in the header (a FLAC stream ffmpeg wrote to a pipe): decode all
             try:
-                decoded = _decode_to_end(file)
+                decoded = _decode_to_end(file, name)
             finally:
                 file.close()
             file, frames = None, len(decoded)

@@ -138,7 +138,7 @@ class DataConfig:
         check_crop(self.window_seconds, self.min_seconds, where="data.")
         for name, least in self.COUNT_MINIMUMS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"data.{name} = {value!r}: give a whole number ≥ {least}")
         if self.sample_rate != SAMPLE_RATE:
             raise ValueError(
@@ -526,8 +526,6 @@ def build_train_dataset(
     `batch_size` is this host's batch. `tokenizer=None` leaves out `input_ids`/`attention_mask` (audio only, as in `scripts/benchmark_data.py`).
     """
     config = DataConfig.coerce(config)
-    if config.max_consecutive_skips < 0:
-        raise ValueError(f"data.max_consecutive_skips must be >= 0 (0 = no limit), got {config.max_consecutive_skips}")
     parts = []
     for index, (source, weight) in enumerate(_open_sources(config.sources)):
         ds = grain.MapDataset.source(source).shuffle(seed=_derive_seed(seed, "shuffle", index)).map(_TagSource(index))
