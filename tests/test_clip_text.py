@@ -272,6 +272,19 @@ def test_clip_text_model_needs_an_explicit_new_projection(tmp_path):
         load_clip_text(tmp_path / "projected", new_projection=True)
 
 
+def test_a_clip_model_without_its_projection_lists_the_missing_key(tmp_path):
+    """Every CLIPModel has a text projection: one without it is incomplete, and its missing key is listed. It
+    was called a CLIPTextModel checkpoint, with the advice to start a random projection (--new-projection)."""
+    from safetensors.torch import load_file
+
+    _save(_tiny_clip_model(CLIPTextConfig(**SMALL, eos_token_id=2)), tmp_path, "safetensors")
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["text_projection.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['text_projection.weight'\]"):
+        load_clip_text(tmp_path)
+
+
 def test_bad_checkpoints_name_the_problem(tmp_path):
     config = CLIPTextConfig(**SMALL)
     reference = _reference(config, eos_token_id=2)

@@ -132,6 +132,18 @@ def test_tower_directory_is_loaded_strictly(tmp_path, whisper_source):
     (out / "tower.json").write_text(json.dumps(description))
     with pytest.raises(CheckpointError, match=rf"{out / 'tower.json'}: its config is not one of a whisper tower .*n_mel"):
         load_whisper(out)
+    (out / "tower.json").write_text("[1, 2]")  # JSON, not an object: was a TypeError traceback
+    with pytest.raises(CheckpointError, match=rf"{out / 'tower.json'}: expected JSON with 'kind' and 'config'"):
+        load_whisper(out)
+    del description["config"]["n_mel"]
+    description["config"]["num_layers"] = 2
+    (out / "tower.json").write_text(json.dumps(description))
+    for data in (out / "params").glob("ocdbt.process_*/d/*"):  # the arrays' data files, cut short
+        data.write_bytes(data.read_bytes()[:100])  # tensorstore's words, naming no remedy, before
+    with pytest.raises(CheckpointError, match=rf"{out / 'params'}: an array could not be read .*convert again"):
+        load_whisper(out)
+    with pytest.raises(SystemExit, match="^error: --out is empty; give the directory"):  # an empty $OUT: was "."
+        main(["whisper", str(whisper_source), "--out", ""])
 
 
 def test_clip_text_cli(tmp_path):

@@ -560,6 +560,23 @@ def test_export_tower_refuses_a_non_empty_directory_unless_overwrite(exported, t
     assert json.loads((out / "config.json").read_text())["model_type"] == "whisper"
 
 
+def test_export_tower_refuses_an_export_with_missing_or_unexpected_tensors(exported, tmp_path):
+    """A tower was copied from whatever the directory held: without fc2's weight, transformers loaded the tower
+    with a random one behind a warning. Now refused with the lists, as JAX inference refuses the directory."""
+    from safetensors.numpy import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    tensors = load_file(damaged / "model.safetensors")
+    del tensors["audio.layers.0.fc2.weight"]
+    tensors["audio.bogus"] = np.zeros(2, np.float32)
+    save_file(tensors, damaged / "model.safetensors")
+    for tower in ("audio", "text"):
+        with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['audio\.layers\.0\.fc2\.weight'\]"):
+            export.export_tower(damaged, tower, tmp_path / tower)
+        assert not (tmp_path / tower).exists()
+
+
 def test_export_tower_of_a_training_workdir_says_to_export_first(trained, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{trained}: a training workdir: export it first"):
         export.export_tower(trained, "audio", tmp_path / "tower")

@@ -188,7 +188,9 @@ def _save_torch_bin(model, directory):
 
 
 @pytest.mark.parametrize(
-    "layout", ["conditional_generation", "sharded", "pytorch_bin", "float16", "bfloat16", "safetensors_and_bin_index"]
+    "layout",
+    ["conditional_generation", "sharded", "pytorch_bin", "float16", "bfloat16", "safetensors_and_bin_index",
+     "saved_whole_over_shards", "saved_sharded_over_whole"],
 )
 def test_checkpoint_layouts(tmp_path, small_model, layout):
     """ForConditionalGeneration naming, sharded safetensors, pytorch_model.bin, and half-precision upcast. A
@@ -209,6 +211,13 @@ def test_checkpoint_layouts(tmp_path, small_model, layout):
         model.save_pretrained(tmp_path)
         shards = {"weight_map": {"encoder.conv1.weight": "pytorch_model-00001-of-00002.bin"}}
         (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(shards))
+    elif layout.startswith("saved_"):  # saved into twice: save_pretrained leaves the other form's index (or file)
+        other = _hf_model(model.config, seed=9)
+        first, second = (other, model) if layout == "saved_whole_over_shards" else (model, other)
+        first.save_pretrained(tmp_path, max_shard_size="100KB" if layout == "saved_whole_over_shards" else "1GB")
+        second.save_pretrained(tmp_path, max_shard_size="1GB" if layout == "saved_whole_over_shards" else "100KB")
+        assert (tmp_path / "model.safetensors").exists() and (tmp_path / "model.safetensors.index.json").exists()
+        model = WhisperModel.from_pretrained(tmp_path).eval()  # the reference: the file transformers loads
     else:
         dtype = getattr(torch, layout)
         model = _hf_model(model.config, seed=3).to(dtype)
@@ -459,8 +468,15 @@ def test_corrupt_json_files_are_named(tmp_path, small_model):
     with pytest.raises(CheckpointError, match=rf"{index}: no 'weight_map'"):
         load_whisper(tmp_path / "cut")
     config = tmp_path / "cut" / "config.json"
+    settings = json.loads(config.read_text())
     config.write_text("{bad")
     with pytest.raises(CheckpointError, match=rf"{config}: not valid JSON"):
+        load_whisper(tmp_path / "cut")
+    config.write_text("[1, 2]")  # JSON, but no settings: was an AttributeError traceback
+    with pytest.raises(CheckpointError, match=rf"{config}: expected a JSON object of settings, got a list"):
+        load_whisper(tmp_path / "cut")
+    config.write_text(json.dumps({**settings, "activation_function": "silu"}))  # the file was not named
+    with pytest.raises(CheckpointError, match=rf"{config} \(or the options given with it\): WhisperConfig.activation"):
         load_whisper(tmp_path / "cut")
 
 

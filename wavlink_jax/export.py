@@ -33,6 +33,7 @@ import shutil
 import uuid
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import safetensors
@@ -43,6 +44,7 @@ from wavlink_jax.convert.clip_text import hf_text_name_map
 from wavlink_jax.convert.common import (
     CheckpointError,
     Transform,
+    assign_strict,
     identity,
     read_hf_config,
     read_hf_directory,
@@ -50,7 +52,9 @@ from wavlink_jax.convert.common import (
     write_safetensors,
 )
 from wavlink_jax.convert.whisper import hf_encoder_name_map
+from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
+from wavlink_jax.models.whisper import WhisperConfig
 
 WEIGHTS_FILE = "model.safetensors"
 MODELING_FILE = "modeling_wavlink.py"
@@ -299,6 +303,17 @@ def read_export_config(directory: Path) -> dict:
     return config
 
 
+def model_config(hf_config: dict, **tower_overrides: Any) -> WavLinkConfig:
+    """The `WavLinkConfig` an exported config.json describes (its keys checked by `read_export_config`);
+    `tower_overrides` set fields of both towers that are not in it (e.g. `dtype`, `remat`)."""
+    return WavLinkConfig(
+        audio=WhisperConfig.from_hf(hf_config["audio_config"], **tower_overrides),
+        text=CLIPTextConfig.from_hf(hf_config["text_config"], **tower_overrides),
+        embed_dim=int(hf_config["embed_dim"]),
+        matryoshka_dims=tuple(hf_config["matryoshka_dims"]),
+    )
+
+
 def export_tower(
     export_dir: str | os.PathLike, tower: str, out: str | os.PathLike, *, overwrite: bool = False
 ) -> Path:
@@ -316,6 +331,11 @@ def export_tower(
     config = read_export_config(export_dir)
     prefix = TOWER_PREFIXES[tower]
     weights = read_hf_directory(export_dir)
+    # Read as strictly as JAX inference reads the directory: a tensor missing, unexpected or of another shape is
+    # refused with the list (copied as it was, transformers would have filled a missing one with random values).
+    wavlink_config = model_config(config)
+    model = nnx.eval_shape(lambda: WavLink(wavlink_config, rngs=nnx.Rngs(0)))
+    assign_strict(model, weights, name_map(wavlink_config), source=str(export_dir))
     tower_weights = {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
     tower_config = dict(config[f"{tower}_config"])
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]

@@ -48,9 +48,7 @@ from wavlink_jax.convert.common import (
 from wavlink_jax.data import audio_io
 from wavlink_jax.evaluate import ClipWindows, embed_in_batches, truncate_normalize
 from wavlink_jax.models import lora
-from wavlink_jax.models.clip_text import CLIPTextConfig
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
-from wavlink_jax.models.whisper import WhisperConfig
 from wavlink_jax.tokenizer import load_tokenizer
 from wavlink_jax.waveform_layout import (
     check_finite_samples,
@@ -114,21 +112,11 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
     )
 
 
-def exported_model_config(hf_config: dict, *, dtype: str = "float32") -> WavLinkConfig:
-    """The `WavLinkConfig` described by an exported `config.json` (its keys checked by `export.read_export_config`)."""
-    return WavLinkConfig(
-        audio=WhisperConfig.from_hf(hf_config["audio_config"], **_runtime_overrides(dtype)),
-        text=CLIPTextConfig.from_hf(hf_config["text_config"], **_runtime_overrides(dtype)),
-        embed_dim=int(hf_config["embed_dim"]),
-        matryoshka_dims=tuple(hf_config["matryoshka_dims"]),
-    )
-
-
 def read_exported(directory: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
     """The model of a directory written by `wavlink_jax.export` (strict: every tensor used, none missing)."""
     directory = Path(directory)
     hf_config = export.read_export_config(directory)
-    config = exported_model_config(hf_config, dtype=dtype)
+    config = export.model_config(hf_config, **_runtime_overrides(dtype))
     model = nnx.eval_shape(lambda: WavLink(config, rngs=nnx.Rngs(0)))
     assign_strict(model, read_hf_directory(directory), export.name_map(config), source=str(directory))
     check_filled(model, "export.name_map")

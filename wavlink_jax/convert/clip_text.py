@@ -27,6 +27,7 @@ from wavlink_jax.convert.common import (
     assign_strict,
     check_filled,
     block_name_map,
+    config_from_file,
     identity,
     read_hf_config,
     read_hf_directory,
@@ -101,13 +102,15 @@ def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPText
     source = str(directory)
     hf_config = read_hf_config(directory)
     text_config, projection_dim = _text_config(hf_config, f"{directory / 'config.json'}")
-    config = CLIPTextConfig.from_hf(text_config, projection_dim, **overrides)
+    config = config_from_file(directory, lambda: CLIPTextConfig.from_hf(text_config, projection_dim, **overrides))
     model_type = hf_config["model_type"]
     # A CLIPModel's vision tower (most of ViT-L/14's weights) is never converted: not even read into memory.
     skip = (lambda name: name.startswith(IGNORED_CLIP_MODEL_PREFIXES)) if model_type == "clip" else None
     weights = _text_weights(read_hf_directory(directory, skip=skip))
 
-    if not new_projection and PROJECTION_KEY not in weights and any(k.startswith(TEXT_PREFIX) for k in weights):
+    # A CLIPModel always has the projection: one without it is incomplete, and its missing keys are listed below.
+    text_model = model_type != "clip" and any(name.startswith(TEXT_PREFIX) for name in weights)
+    if not new_projection and PROJECTION_KEY not in weights and text_model:
         raise CheckpointError(
             f"{source}: no {PROJECTION_KEY} (a CLIPTextModel checkpoint). WavLink reuses CLIP's pretrained text "
             "projection: load the CLIPModel or CLIPTextModelWithProjection checkpoint of the same model, or pass "

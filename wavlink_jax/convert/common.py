@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 Transform = Callable[[np.ndarray], np.ndarray]
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -123,10 +124,12 @@ def read_weight_file(file: Path, skip: NameFilter | None = None) -> dict[str, np
     return tensors_to_numpy(read_torch_pickle(file), file, skip)
 
 
-# In transformers' order of preference: safetensors, sharded or not, before any PyTorch pickle. (A hub download of
-# `*.safetensors` and `*.json` has the .bin index but not its shards.)
+# In transformers' order of preference (`from_pretrained`): safetensors, whole then sharded, before any PyTorch
+# pickle, whole then sharded. A directory saved into twice may hold both forms (`save_pretrained` leaves an old
+# index): the file transformers loads is the one read. (A hub download of `*.safetensors` and `*.json` has the .bin
+# index but not its shards.)
 HF_WEIGHT_FILES = (
-    "model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin"
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
 
 
@@ -188,7 +191,19 @@ def read_hf_config(directory: Path) -> dict:
     config_file = directory / "config.json"
     if not config_file.exists():
         raise CheckpointError(f"{directory}: no config.json; expected a Hugging Face model directory")
-    return read_json(config_file)
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_file}: expected a JSON object of settings, got a {type(config).__name__}")
+    return config
+
+
+def config_from_file(directory: Path, build: Callable[[], T]) -> T:
+    """`build()` (a tower config from `directory/config.json`'s settings and the caller's options), its refusal of
+    a value (an unknown activation, a layer count of null) naming the file it came from."""
+    try:
+        return build()
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{directory / 'config.json'} (or the options given with it): {err}") from err
 
 
 # transformers' self-attention Linears (Whisper and CLIP name them alike) → our `EncoderBlock.attn` parts.

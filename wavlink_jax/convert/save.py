@@ -55,6 +55,8 @@ def check_tower_out(out_dir: str | os.PathLike) -> Path:
     """The absolute output directory of a conversion, refused if it cannot take one: a file, a converted tower
     (a half-replaced directory would mix towers), or what an interrupted conversion left (`params/` without
     tower.json). `python -m wavlink_jax.convert` checks it before reading the source (seconds to minutes, GBs)."""
+    if not str(out_dir).strip():  # an empty $OUT: the current directory would take the tower
+        raise ValueError("--out is empty; give the directory the converted tower goes to")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out}: a file, not a directory")
@@ -90,7 +92,7 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
     try:
         description = json.loads((directory / TOWER_FILE).read_text())
         saved_kind, config = description["kind"], description["config"]
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError) as err:  # TypeError: JSON that is not an object
         raise CheckpointError(f"{directory / TOWER_FILE}: expected JSON with 'kind' and 'config' ({err})") from err
     if kind is not None and saved_kind != kind:
         raise CheckpointError(f"{directory}: holds a {saved_kind!r} tower, not {kind!r}")
@@ -101,7 +103,13 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
     except Exception as err:
         raise CheckpointError(f"{params}: not a readable orbax checkpoint ({type(err).__name__}: {err})") from err
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    state = checkpointer.restore(params, args=ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args))
+    try:
+        state = checkpointer.restore(params, args=ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args))
+    except Exception as err:  # a data file cut short or gone: tensorstore's words name no remedy
+        raise CheckpointError(
+            f"{params}: an array could not be read ({type(err).__name__}: {str(err)[:300]}); the conversion is "
+            "damaged: convert again"
+        ) from err
     return saved_kind, config, _plain(state)
 
 
