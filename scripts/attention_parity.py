@@ -151,10 +151,10 @@ def probe_line(probe: dict) -> str:
     """`unpadded_probe`'s answer in one line."""
     where = f"unpadded probe (batch {probe['batch']}, {probe['length']} positions, {probe['heads']} heads, fwd+bwd)"
     if "padded_error" in probe:
-        return f"  {where}: the padded form itself failed with {probe['padded_error']}"
+        return f"{where}: the padded form itself failed with {probe['padded_error']}"
     if not probe["accepted"]:
-        return f"  {where}: refused ({probe['unpadded_error']}); padded {probe['padded_ms']:.3f} ms"
-    return (f"  {where}: accepted, {probe['unpadded_ms']:.3f} ms against {probe['padded_ms']:.3f} ms padded "
+        return f"{where}: refused ({probe['unpadded_error']}); padded {probe['padded_ms']:.3f} ms"
+    return (f"{where}: accepted, {probe['unpadded_ms']:.3f} ms against {probe['padded_ms']:.3f} ms padded "
             f"({probe['unpadded_ms'] / probe['padded_ms']:.3f}×), relative error {probe['relative_error']:.2e}")
 
 

@@ -110,7 +110,8 @@ if [ -f "$STATE_DIR/attention" ]; then
     log "attention implementation from this machine's earlier call: $ATTENTION"
 else
     ATTENTION=cudnn
-    timeout 150 python3 scripts/attention_parity.py --batch 2 --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 |
+    timeout 150 python3 scripts/attention_parity.py --batch 2 \
+        --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 |
         grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then  # the check's own status (grep's says only whether it passed lines)
         ATTENTION=xla

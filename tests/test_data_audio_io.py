@@ -180,6 +180,9 @@ def test_files_whose_header_gives_no_length_are_read_whole(tmp_path):
     with pytest.raises(BadAudio, match=r"piped_cut\.flac: decoding failed after frame \d+ \(.*lost sync") as err:
         load_audio(tmp_path / "piped_cut.flac")
     assert err.value.reason == "truncated"
+    for name, trailer in (("id3", b"TAG" + bytes(125)), ("padded", bytes(64))):  # not audio, but no damage either
+        (tmp_path / f"piped_{name}.flac").write_bytes(bytes(flac) + trailer)
+        np.testing.assert_array_equal(load_audio(tmp_path / f"piped_{name}.flac"), load_audio(tmp_path / "known.flac"))
 
 
 def test_too_short_counts_samples_at_the_target_rate(tmp_path):

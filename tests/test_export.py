@@ -572,7 +572,8 @@ def test_export_tower_refuses_an_export_with_missing_or_unexpected_tensors(expor
     tensors["audio.bogus"] = np.zeros(2, np.float32)
     save_file(tensors, damaged / "model.safetensors")
     for tower in ("audio", "text"):
-        with pytest.raises(CheckpointError, match=r"missing keys \(1\): \['audio\.layers\.0\.fc2\.weight'\]"):
+        listed = r"missing keys \(1\): \['audio\.layers\.0\.fc2\.weight'\]; unexpected keys \(1\): \['audio\.bogus'\]"
+        with pytest.raises(CheckpointError, match=listed):
             export.export_tower(damaged, tower, tmp_path / tower)
         assert not (tmp_path / tower).exists()
 

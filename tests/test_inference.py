@@ -359,7 +359,8 @@ def test_check_same_model_compares_both_probes():
         embed.check_same_model(index, stub)
     # A model embedding at another window (or dtype) was passed unchecked: the probes are not comparable then.
     stub.window_samples = 320
-    with pytest.raises(ValueError, match=r"at float32 160 \(dtype, window in samples\), this one embeds at float32 32"):
+    settings = r"at float32 160 \(dtype, window in samples\), this one embeds at float32 320:"
+    with pytest.raises(ValueError, match=settings):
         embed.check_same_model(index, stub)
 
 

@@ -476,8 +476,11 @@ def test_corrupt_json_files_are_named(tmp_path, small_model):
     with pytest.raises(CheckpointError, match=rf"{config}: expected a JSON object of settings, got a list"):
         load_whisper(tmp_path / "cut")
     config.write_text(json.dumps({**settings, "activation_function": "silu"}))  # the file was not named
-    with pytest.raises(CheckpointError, match=rf"{config} \(or the options given with it\): WhisperConfig.activation"):
+    with pytest.raises(CheckpointError, match=rf"{config}: WhisperConfig.activation is 'silu'"):
         load_whisper(tmp_path / "cut")
+    config.write_text(json.dumps(settings))
+    with pytest.raises(TypeError, match="dtyp"):  # the caller's mistake, not the file's
+        load_whisper(tmp_path / "cut", dtyp="bfloat16")
 
 
 def test_openai_checkpoint_missing_key(tmp_path, small_model):

@@ -172,12 +172,16 @@ def _config_file_line(err: BaseException) -> str | None:
 
 
 def _flag_argument(name: str, argv: Sequence[str]) -> str | None:
-    """What `--name=VALUE` or `--name VALUE` in `argv` gives flag `name` (the first), or None."""
+    """What `--name=VALUE` or `--name VALUE` in `argv` gives flag `name` (the last, as absl takes it; none after
+    a bare `--`), or None."""
+    value = None
     for arg, following in zip(argv, [*argv[1:], None]):
+        if arg == "--":
+            break
         given = re.match(rf"^--?{re.escape(name)}(?:=(.*))?$", arg)
         if given:
-            return given.group(1) if given.group(1) is not None else following
-    return None
+            value = given.group(1) if given.group(1) is not None else following
+    return value
 
 
 def _config_of(name: str, argv: Sequence[str]):

@@ -80,11 +80,19 @@ def audio_files(folder: str | os.PathLike) -> tuple[list[Path], int]:
             folders[:] = []
             continue
         walked.add(os.path.realpath(root))
-        paths = (Path(root) / name for name in names)
-        files += [path for path in paths if path.is_file() or not path.exists()]  # files, and links to nothing
+        files += [path for path in (Path(root) / name for name in names) if _file_or_dangling(path)]
     files.sort()
     audio = [path for path in files if path.suffix.lower() in AUDIO_EXTENSIONS]
     return audio, len(files) - len(audio)
+
+
+def _file_or_dangling(path: Path) -> bool:
+    """A file, a link to nothing (skipped as missing when decoded), or one that cannot be looked at (no search
+    permission: skipped and counted when decoded); not a FIFO or socket."""
+    try:
+        return path.is_file() or not path.exists()
+    except OSError:
+        return True
 
 
 def _decode(path: Path, window_samples: int | None) -> np.ndarray | BadAudio:

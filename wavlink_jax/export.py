@@ -335,7 +335,7 @@ def export_tower(
     # refused with the list (copied as it was, transformers would have filled a missing one with random values).
     wavlink_config = model_config(config)
     model = nnx.eval_shape(lambda: WavLink(wavlink_config, rngs=nnx.Rngs(0)))
-    assign_strict(model, weights, name_map(wavlink_config), source=str(export_dir))
+    assign_strict(model, weights, name_map(wavlink_config), source=str(export_dir), check_only=True)
     tower_weights = {name[len(prefix):]: value for name, value in weights.items() if name.startswith(prefix)}
     tower_config = dict(config[f"{tower}_config"])
     tower_config["architectures"] = ["WhisperEncoder" if tower == "audio" else "CLIPTextModelWithProjection"]

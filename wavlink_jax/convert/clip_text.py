@@ -102,7 +102,7 @@ def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPText
     source = str(directory)
     hf_config = read_hf_config(directory)
     text_config, projection_dim = _text_config(hf_config, f"{directory / 'config.json'}")
-    config = config_from_file(directory, lambda: CLIPTextConfig.from_hf(text_config, projection_dim, **overrides))
+    config = config_from_file(directory, lambda: CLIPTextConfig.from_hf(text_config, projection_dim), **overrides)
     model_type = hf_config["model_type"]
     # A CLIPModel's vision tower (most of ViT-L/14's weights) is never converted: not even read into memory.
     skip = (lambda name: name.startswith(IGNORED_CLIP_MODEL_PREFIXES)) if model_type == "clip" else None

@@ -8,6 +8,7 @@ every shape fits; each failure is one error listing all offending keys. Nothing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -197,13 +198,15 @@ def read_hf_config(directory: Path) -> dict:
     return config
 
 
-def config_from_file(directory: Path, build: Callable[[], T]) -> T:
-    """`build()` (a tower config from `directory/config.json`'s settings and the caller's options), its refusal of
-    a value (an unknown activation, a layer count of null) naming the file it came from."""
+def config_from_file(directory: Path, build: Callable[[], T], **overrides: Any) -> T:
+    """`build()` (a tower config from `directory/config.json`'s settings alone), its refusal of a value (an
+    unknown activation, a layer count of null) naming the file it came from; then the caller's `overrides`
+    (`dataclasses.replace`), whose own mistakes are the caller's errors, not the file's."""
     try:
-        return build()
+        config = build()
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{directory / 'config.json'} (or the options given with it): {err}") from err
+        raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
+    return dataclasses.replace(config, **overrides) if overrides else config
 
 
 # transformers' self-attention Linears (Whisper and CLIP name them alike) → our `EncoderBlock.attn` parts.
@@ -257,8 +260,10 @@ def assign_strict(
     mapping: Mapping[str, tuple[tuple, Transform]],
     *,
     source: str,
+    check_only: bool = False,
 ) -> None:
-    """Write `weights[torch_name]` (transformed) into the module's variable at `our_path`, strictly.
+    """Write `weights[torch_name]` (transformed) into the module's variable at `our_path`, strictly; with
+    `check_only`, only check that they would fit (names and shapes: an abstract module will do).
 
     Targets are usually `nnx.Param`s; fixed tables a checkpoint carries (e.g. Whisper's sinusoid position
     table, a non-trainable variable) are written the same way.
@@ -284,7 +289,8 @@ def assign_strict(
             ours = "" if value is None or value.shape == raw.shape else f" (in our layout {value.shape})"
             mismatched.append(f"{torch_name}: checkpoint {raw.shape}{ours} vs model {current.shape}")
             continue
-        target.set_value(jnp.asarray(value, dtype=current.dtype))
+        if not check_only:
+            target.set_value(jnp.asarray(value, dtype=current.dtype))
     missing = sorted(set(mapping) - set(weights))
     unexpected = sorted(set(weights) - set(mapping))
     problems = [

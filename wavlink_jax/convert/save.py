@@ -105,7 +105,7 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
     try:
         state = checkpointer.restore(params, args=ocp.args.PyTreeRestore(item=metadata, restore_args=restore_args))
-    except Exception as err:  # a data file cut short or gone: tensorstore's words name no remedy
+    except (OSError, ValueError) as err:  # a data file cut short or gone: tensorstore's words name no remedy
         raise CheckpointError(
             f"{params}: an array could not be read ({type(err).__name__}: {str(err)[:300]}); the conversion is "
             "damaged: convert again"

@@ -148,7 +148,7 @@ def _read_hf(directory: Path, overrides: dict) -> tuple[WhisperConfig, dict, dic
             f"{directory}: config.json has model_type {hf_config.get('model_type')!r}, not 'whisper'; "
             "expected a Hugging Face Whisper checkpoint"
         )
-    config = config_from_file(directory, lambda: WhisperConfig.from_hf(hf_config, **overrides))
+    config = config_from_file(directory, lambda: WhisperConfig.from_hf(hf_config), **overrides)
     weights, prefix = _encoder_weights(read_hf_directory(directory, skip=_is_decoder), directory)
     return config, weights, hf_encoder_name_map(config, prefix), str(directory)
 

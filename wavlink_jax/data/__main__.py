@@ -14,7 +14,8 @@ bar goes to stderr; the last line on stdout is one JSON object:
 training skips (`no_captions`) and a classification set (ESC-50, US8K, VGGSound: labels only) has throughout.
 `captions_cut` counts the good clips' captions longer than `--max-text-length` tokens (start and end included),
 whose end training never sees: many of them call for a longer `data.max_text_length`. `left_out_by_build`, for a
-prepared data set, counts what its build left out (unreadable clips, blank captions), which it does not hold.
+prepared data set, counts what its build left out (unreadable clips, blank captions), which it does not hold: of the
+whole split (`train` for `--split 'train[:10%]'`).
 
 The exit status is 1 when no clip is usable, or when the source cannot be opened (a manifest or prepared data set
 that is not there, a malformed manifest line: one `error: ...` line on stderr), else 0. Unlike training, `check`

@@ -22,9 +22,11 @@ A file whose header gives no length (a FLAC stream ffmpeg wrote to a pipe; a WAV
 is read to its end as libsndfile reads it) is decoded whole at each load, its length being known only at its end.
 
 Limits: a truncated Ogg/Vorbis file ends where its data ends (its header states no length), so it is read as a
-shorter, valid clip; a truncated file, or a non-finite sample, is only noticed inside the read window. Only
-floating-point sources are checked for non-finite samples: integer PCM (FLAC, 16/24-bit WAV, the array_record
-sets) cannot hold them, and the check would cost the fast int16 path a quarter of its time.
+shorter, valid clip, and so is a FLAC without a length cut between two of its frames, or one whose decoding stops
+on a tag or padding at its end (a damage there is not told apart); a truncated file, or a non-finite sample, is
+only noticed inside the read window. Only floating-point sources are checked for non-finite samples: integer PCM
+(FLAC, 16/24-bit WAV, the array_record sets) cannot hold them, and the check would cost the fast int16 path a
+quarter of its time.
 """
 
 from __future__ import annotations
@@ -122,11 +124,21 @@ def _decode_to_end(file: sf.SoundFile, name: str) -> np.ndarray:
         blocks.append(block[:read])
         if read < _DECODE_BLOCK_FRAMES:
             break
-    if sf._snd.sf_error(file._file):
+    if sf._snd.sf_error(file._file) and not _has_trailer(name):
         decoded = sum(map(len, blocks))
         error = sf._ffi.string(sf._snd.sf_strerror(file._file)).decode(errors="replace")
         raise BadAudio("truncated", f"{name}: decoding failed after frame {decoded} ({error})")
     return np.concatenate(blocks)
+
+
+def _has_trailer(path: str) -> bool:
+    """Whether the file ends in bytes that are no audio but belong there: an ID3v1 or APEv2 tag, or zero padding.
+    The decoder of a stream without a length loses sync on them as on a cut or damaged stream."""
+    with open(path, "rb") as file:
+        file.seek(0, os.SEEK_END)
+        file.seek(max(0, file.tell() - 128))
+        tail = file.read()
+    return tail.startswith(b"TAG") or b"APETAGEX" in tail[-32:] or tail[-16:] == bytes(16)
 
 
 def _window_reader(file: sf.SoundFile, name: str, frames: int) -> Callable[[int, int], np.ndarray]:
