@@ -443,6 +443,10 @@ def test_checkpoint_missing_or_extra_encoder_key(tmp_path, small_model):
     assert "missing keys (1): ['encoder.layers.1.fc1.weight']" in message
     assert "unexpected keys (1): ['encoder.layers.1.extra.weight']" in message
     assert "decoder" not in message
+    # conv1's weight is missing like any other (it was "no Whisper encoder weights": the prefix was found by it).
+    stem = "encoder.conv1.weight"
+    message = _refusal_of_edited_checkpoint(tmp_path / "stem", small_model, lambda weights: weights.pop(stem))
+    assert message.endswith("missing keys (1): ['encoder.conv1.weight']")
 
 
 def test_mis_shaped_weights_are_listed_in_the_checkpoints_layout(tmp_path, small_model):

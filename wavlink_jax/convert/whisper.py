@@ -129,10 +129,15 @@ def _is_decoder(name: str) -> bool:
     return name.startswith(("decoder.", "model.decoder.", "proj_out."))
 
 
+# Names only an encoder has: the stem, the position table, the blocks (one missing tensor among them is a missing
+# key, listed by `assign_strict`; it said "no Whisper encoder weights" when it was conv1's).
+_ENCODER_PARTS = ("conv1.", "conv2.", "embed_positions.", "layers.", "layer_norm.")
+
+
 def _encoder_weights(weights: dict[str, np.ndarray], source: Path) -> tuple[dict[str, np.ndarray], str]:
     """Keep only the encoder's tensors (decoder etc. ignored by design); returns them and their prefix."""
     for prefix in HF_ENCODER_PREFIXES:
-        if f"{prefix}conv1.weight" in weights:
+        if any(name.startswith(tuple(prefix + part for part in _ENCODER_PARTS)) for name in weights):
             return {name: value for name, value in weights.items() if name.startswith(prefix)}, prefix
     sample = sorted(weights)[:8]
     raise CheckpointError(
