@@ -104,14 +104,11 @@ def unpadded_probe(batch: int, repeats: int = 10) -> dict:
     between their outputs and gradients (the padded rows cut off)."""
     keys = jax.random.split(jax.random.key(2), 4)
     q, k, v, g = (jax.random.normal(key, (batch, PROBE_LENGTH, PROBE_HEADS, 64), jnp.bfloat16) for key in keys)
-    padding = ((0, 0), (0, -PROBE_LENGTH % 16), (0, 0), (0, 0))
-    lengths = jnp.full((batch,), PROBE_LENGTH, jnp.int32)
 
     def loss(q, k, v, padded: bool):
-        if padded:
-            q, k, v = (jnp.pad(x, padding) for x in (q, k, v))
+        lengths, q, k, v = layers._pad_for_cudnn(None, q, k, v) if padded else (None, q, k, v)  # as `Attention`
         out = jax.nn.dot_product_attention(
-            q, k, v, key_value_seq_lengths=lengths if padded else None, implementation="cudnn"
+            q, k, v, key_value_seq_lengths=lengths, implementation="cudnn"
         )[:, :PROBE_LENGTH]
         return jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32)), out
 

@@ -60,6 +60,7 @@ export WAVLINK_JAX_TRACEBACK=1
 export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
 
 log() { echo "$*" | tee -a "$LOG"; }
+logged() { grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"; }  # a command's output, less noise
 left() { echo $((BUDGET_S - ($(date +%s) - START))); }
 
 # --- carried wheels: the versions our tests ran with, where the machine's differ or are missing ---------------
@@ -111,16 +112,14 @@ if [ -f "$STATE_DIR/attention" ]; then
 else
     ATTENTION=cudnn
     timeout 150 python3 scripts/attention_parity.py --batch 2 \
-        --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 |
-        grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | logged
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then  # the check's own status (grep's says only whether it passed lines)
         ATTENTION=xla
         log "cuDNN attention failed or disagreed: the benchmark runs use --attention xla"
     fi
     echo "$ATTENTION" >"$STATE_DIR/attention"
     if [ "$ATTENTION" = cudnn ]; then  # a question in a call of its own: whatever it does, the verdict stands
-        timeout 90 python3 scripts/attention_parity.py --unpadded-probe 64 2>&1 |
-            grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        timeout 90 python3 scripts/attention_parity.py --unpadded-probe 64 2>&1 | logged
         PROBE_STATUS=${PIPESTATUS[0]}
         [ "$PROBE_STATUS" -eq 0 ] || log "unpadded probe: no answer (status $PROBE_STATUS); the runs go on"
     fi
@@ -172,8 +171,7 @@ bench() {  # bench LABEL MIN_SECONDS [MIN_CARD_GIB] ARGS...   (only the labels g
     local separate=""
     [[ " $* " == *" --baseline "* ]] && separate=$SEPARATE
     timeout --kill-after="$KILL_AFTER_S" "$limit" python3 scripts/benchmark.py --attention "$ATTENTION" \
-        --label "$label" --jsonl "$RECORD" $separate "$@" 2>&1 |
-        grep --line-buffered -v -E 'UserWarning|warnings.warn' | tee -a "$LOG"
+        --label "$label" --jsonl "$RECORD" $separate "$@" 2>&1 | logged
     local rc=${PIPESTATUS[0]} took=$(($(date +%s) - t0))
     log "== $label: exit $rc after $took s"
     if [ "$rc" -ne 0 ]; then

@@ -59,7 +59,7 @@ def check(
     else:
         spec = {"kind": "tfds", "name": source, "data_dir": data_dir, "split": split}
     try:
-        opened = open_source(spec)  # read and checked once (a manifest's lines are validated when it is opened)
+        source = open_source(spec)  # read and checked once (a manifest's lines are validated when it is opened)
     except FileNotFoundError as err:
         if not os.path.isdir(source):
             raise
@@ -68,7 +68,6 @@ def check(
             f"{err}. {source} is a folder here: to check a manifest, name the file"
             + (f" ({', '.join(manifests)})" if manifests else "")
         ) from err
-    source = opened
     text = None
     if tokenizer:
         from wavlink_jax.tokenizer import load_tokenizer

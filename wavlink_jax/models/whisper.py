@@ -69,8 +69,8 @@ class WhisperConfig:
         return 2 * self.max_positions * audio.HOP_LENGTH / audio.SAMPLE_RATE
 
     def check_window(self, seconds: float, setting: str) -> None:
-        """Refuse a window (`setting` names where it was set) that is not positive or that the position table
-        does not cover, before anything is decoded or compiled for it."""
+        """Refuse a window (`setting` names where it was set) too short for the log-mel's STFT or that the
+        position table does not cover, before anything is decoded or compiled for it."""
         shortest = audio.N_FFT // 2 / audio.SAMPLE_RATE  # the log-mel's reflect padding needs more samples
         if not (seconds <= self.max_window_seconds and round(seconds * audio.SAMPLE_RATE) > audio.N_FFT // 2):
             raise ValueError(
