@@ -493,6 +493,26 @@ def test_openai_checkpoint_missing_key(tmp_path, small_model):
         load_whisper(tmp_path / "broken.pt")
 
 
+def test_openai_dims_refused_name_the_file(tmp_path, small_model):
+    """A value or field of an OpenAI `.pt`'s dims that WhisperConfig refuses is the file's error, named (it was
+    the bare error); an option of the caller's is the caller's."""
+    file = tmp_path / "small.pt"
+    _write_openai_checkpoint(small_model, file)
+    checkpoint = torch.load(file)
+    absent = object()
+    for key, value, words in (("n_mels", "eighty", "invalid literal"), ("n_audio_head", 0, "num_heads"),
+                              ("n_audio_ctx", None, "int"), ("n_mels", absent, "lacks 'n_mels'")):  # fmt: skip
+        damaged = {**checkpoint["dims"], key: value}
+        if value is absent:
+            del damaged[key]
+        torch.save({**checkpoint, "dims": damaged}, file)
+        with pytest.raises(CheckpointError, match=rf"^{file}: .*{words}"):
+            load_whisper(file)
+    torch.save(checkpoint, file)
+    with pytest.raises(TypeError, match="dtyp"):
+        load_whisper(file, dtyp="bfloat16")
+
+
 def test_non_whisper_sources_are_clear_errors(tmp_path, small_model):
     clip_dir = tmp_path / "clip"
     clip_dir.mkdir()

@@ -102,7 +102,9 @@ def _read_hf(directory: Path, new_projection: bool, overrides: dict) -> CLIPText
     source = str(directory)
     hf_config = read_hf_config(directory)
     text_config, projection_dim = _text_config(hf_config, f"{directory / 'config.json'}")
-    config = config_from_file(directory, lambda: CLIPTextConfig.from_hf(text_config, projection_dim), **overrides)
+    config = config_from_file(
+        directory / "config.json", lambda: CLIPTextConfig.from_hf(text_config, projection_dim), **overrides
+    )
     model_type = hf_config["model_type"]
     # A CLIPModel's vision tower (most of ViT-L/14's weights) is never converted: not even read into memory.
     skip = (lambda name: name.startswith(IGNORED_CLIP_MODEL_PREFIXES)) if model_type == "clip" else None
@@ -149,10 +151,9 @@ def load_clip_text(path: str | os.PathLike, *, new_projection: bool = False, **c
                 "applies to CLIPTextModel checkpoints without one (convert again with --new-projection instead)"
             )
         module, _ = read_tower_module(
-            directory,
-            "clip_text",
-            lambda saved: CLIPTextEncoder(CLIPTextConfig(**{**saved, **config_overrides}), rngs=nnx.Rngs(0)),
-        )
+            directory, "clip_text", CLIPTextConfig, lambda config: CLIPTextEncoder(config, rngs=nnx.Rngs(0)),
+            overrides=config_overrides,
+        )  # fmt: skip
     elif directory.is_dir():
         module = _read_hf(directory, new_projection, config_overrides)
     else:

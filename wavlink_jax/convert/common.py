@@ -198,14 +198,15 @@ def read_hf_config(directory: Path) -> dict:
     return config
 
 
-def config_from_file(directory: Path, build: Callable[[], T], **overrides: Any) -> T:
-    """`build()` (a tower config from `directory/config.json`'s settings alone), its refusal of a value (an
-    unknown activation, a layer count of null) naming the file it came from; then the caller's `overrides`
-    (`dataclasses.replace`), whose own mistakes are the caller's errors, not the file's."""
+def config_from_file(file: Path, build: Callable[[], T], **overrides: Any) -> T:
+    """`build()` (a tower config from the settings of `file` alone: a config.json, a tower.json, an OpenAI
+    `.pt`'s dims), its refusal of a value (an unknown field or activation, a layer count of null) naming `file`;
+    then the caller's `overrides` (`dataclasses.replace`), whose own mistakes are the caller's errors, not the
+    file's."""
     try:
         config = build()
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{directory / 'config.json'}: {err}") from err
+        raise CheckpointError(f"{file}: {err}") from err
     return dataclasses.replace(config, **overrides) if overrides else config
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from wavlink_jax.convert.common import CheckpointError, assign_strict, identity
+from wavlink_jax.convert.common import CheckpointError, assign_strict, config_from_file, identity
 from wavlink_jax.files import replace_text
 
 TOWER_FILE = "tower.json"
@@ -114,16 +114,22 @@ def load_tower(out_dir: str | os.PathLike, kind: str | None = None) -> tuple[str
 
 
 def read_tower_module(
-    directory: Path, kind: str, build: Callable[[dict], nnx.Module], *, skip: tuple[tuple, ...] = ()
+    directory: Path,
+    kind: str,
+    config_type: Callable[..., Any],
+    build: Callable[[Any], nnx.Module],
+    *,
+    overrides: Mapping[str, Any],
+    skip: tuple[tuple, ...] = (),
 ) -> tuple[nnx.Module, dict]:
-    """The towers' loaders on a `save_tower` directory: `build(saved_config_dict)` is called abstractly (no
-    random init of weights that are overwritten anyway) and every variable except the paths in `skip` is filled
-    strictly from the saved state. Returns the module and the state (for the caller's use of `skip` entries)."""
-    _, config, state = load_tower(directory, kind=kind)
-    try:
-        module = nnx.eval_shape(lambda: build(config))
-    except (TypeError, ValueError) as err:  # an unknown or missing field, a value out of range
-        raise CheckpointError(f"{directory / TOWER_FILE}: its config is not one of a {kind} tower ({err})") from err
+    """The towers' loaders on a `save_tower` directory: the saved config (`config_type(**saved)`, its refusal
+    naming tower.json) with the caller's `overrides` applied after (their mistakes are the caller's), then
+    `build(config)` called abstractly (no random init of weights that are overwritten anyway), and every
+    variable except the paths in `skip` filled strictly from the saved state. Returns the module and the state
+    (for the caller's use of `skip` entries)."""
+    _, saved, state = load_tower(directory, kind=kind)
+    config = config_from_file(directory / TOWER_FILE, lambda: config_type(**saved), **overrides)
+    module = nnx.eval_shape(lambda: build(config))
     assign_tower_state(module, state, source=str(directory), skip=skip)
     return module, state
 

@@ -107,11 +107,11 @@ def openai_encoder_name_map(config: WhisperConfig) -> dict[str, tuple[tuple, Tra
     return {hf_to_openai_name(name): target for name, target in hf_encoder_name_map(config).items()}
 
 
-def config_from_openai_dims(dims: Mapping, **overrides) -> WhisperConfig:
+def config_from_openai_dims(dims: Mapping) -> WhisperConfig:
     """OpenAI `ModelDimensions` (`n_mels`, `n_audio_ctx`, `n_audio_state`, ...) → WhisperConfig."""
     try:
         width = int(dims["n_audio_state"])
-        fields = dict(
+        return WhisperConfig(
             n_mels=int(dims["n_mels"]),
             width=width,
             num_layers=int(dims["n_audio_layer"]),
@@ -120,8 +120,7 @@ def config_from_openai_dims(dims: Mapping, **overrides) -> WhisperConfig:
             max_positions=int(dims["n_audio_ctx"]),
         )
     except KeyError as err:
-        raise CheckpointError(f"OpenAI Whisper 'dims' lacks {err.args[0]!r}: got {dict(dims)}") from err
-    return WhisperConfig(**{**fields, **overrides})
+        raise ValueError(f"OpenAI Whisper 'dims' lacks {err.args[0]!r}: got {dict(dims)}") from err
 
 
 def _is_decoder(name: str) -> bool:
@@ -153,7 +152,7 @@ def _read_hf(directory: Path, overrides: dict) -> tuple[WhisperConfig, dict, dic
             f"{directory}: config.json has model_type {hf_config.get('model_type')!r}, not 'whisper'; "
             "expected a Hugging Face Whisper checkpoint"
         )
-    config = config_from_file(directory, lambda: WhisperConfig.from_hf(hf_config), **overrides)
+    config = config_from_file(directory / "config.json", lambda: WhisperConfig.from_hf(hf_config), **overrides)
     weights, prefix = _encoder_weights(read_hf_directory(directory, skip=_is_decoder), directory)
     return config, weights, hf_encoder_name_map(config, prefix), str(directory)
 
@@ -166,7 +165,7 @@ def _read_openai(file: Path, overrides: dict) -> tuple[WhisperConfig, dict, dict
             f"{file}: not an OpenAI Whisper checkpoint (expected a dict with 'dims' and 'model_state_dict', "
             f"found {found}); for a Hugging Face checkpoint pass the directory holding config.json"
         )
-    config = config_from_openai_dims(checkpoint["dims"], **overrides)
+    config = config_from_file(file, lambda: config_from_openai_dims(checkpoint["dims"]), **overrides)
     state = tensors_to_numpy(checkpoint["model_state_dict"], file, skip=_is_decoder)
     weights = {name: value for name, value in state.items() if name.startswith("encoder.")}
     if not weights:
@@ -179,11 +178,9 @@ def _read_source(source: Path, overrides: dict, seed: int) -> tuple[WhisperEncod
     only to be overwritten), and the global token the source holds (only a converted tower holds one)."""
     if is_tower_dir(source):
         model, state = read_tower_module(
-            source,
-            "whisper",
-            lambda saved: WhisperEncoder(WhisperConfig(**{**saved, **overrides}), rngs=nnx.Rngs(seed)),
-            skip=(("global_token",),),
-        )
+            source, "whisper", WhisperConfig, lambda config: WhisperEncoder(config, rngs=nnx.Rngs(seed)),
+            overrides=overrides, skip=(("global_token",),),
+        )  # fmt: skip
         return model, state.get("global_token")
     if source.is_dir():
         config, weights, mapping, name = _read_hf(source, overrides)
