@@ -354,10 +354,10 @@ def test_a_separate_baseline_s_child_gets_none_of_this_process_s_files(monkeypat
 
 @pytest.mark.parametrize(
     "clip_weight, sigmoid_weight",
-    [  # each loss alone: `make test-all` (both together, which `make test` runs, covers both; unequal weights
-        # catch the two weights swapped)
-        pytest.param(1.0, 0.0, marks=pytest.mark.slow), pytest.param(0.0, 1.0, marks=pytest.mark.slow), (1.0, 1.0),
-        (0.7, 1.3),
+    [  # `make test` runs both losses at unequal weights (which catch the two weights swapped); each loss alone
+        # and the equal weights are `make test-all`'s
+        pytest.param(1.0, 0.0, marks=pytest.mark.slow), pytest.param(0.0, 1.0, marks=pytest.mark.slow),
+        pytest.param(1.0, 1.0, marks=pytest.mark.slow), (0.7, 1.3),
     ],
 )
 def test_torch_baseline_computes_our_training_loss(clip_weight, sigmoid_weight):

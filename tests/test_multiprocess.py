@@ -152,6 +152,9 @@ def data_dir(tmp_path_factory):
     return root
 
 
+# The three launches of `runs` are the suite's costliest set-up (~2 min of the 2 cores, a tenth of `make test`):
+# the tests that use it are `slow` (`make test-all`). `make test` keeps two processes' failure handling and the
+# unit tests below.
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_dir):
     """Three launches: the reference (1 process × 8 devices, 4 steps) and, at the same time, the 2-process run
@@ -173,6 +176,7 @@ def runs(tmp_path_factory, data_dir):
     }
 
 
+@pytest.mark.slow
 def test_two_processes_compute_the_single_process_steps(runs):
     reference, uninterrupted = runs["reference"], runs["uninterrupted"]
     assert [r["step"] for r in reference] == [r["step"] for r in uninterrupted] == list(range(1, STEPS + 1))
@@ -180,6 +184,7 @@ def test_two_processes_compute_the_single_process_steps(runs):
         assert_same_metrics(got, want)
 
 
+@pytest.mark.slow
 def test_resumed_two_process_run_continues_exactly(runs):
     resumed, uninterrupted, reference = runs["resumed"], runs["uninterrupted"], runs["reference"]
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))  # records after the checkpoint replaced once
@@ -200,6 +205,7 @@ def test_resumed_two_process_run_continues_exactly(runs):
         assert "compiled programs" not in outputs[1] and "resuming from" not in outputs[1]
 
 
+@pytest.mark.slow
 def test_evaluation_across_processes_matches(runs):
     # Embeddings are computed over the mesh and gathered from both processes.
     evaluated = {r["step"]: r for r in runs["resumed"] if "eval/synthetic/t2a_R@1" in r}
@@ -210,12 +216,14 @@ def test_evaluation_across_processes_matches(runs):
     assert any(key.startswith("eval/synthetic/top1") for key in evaluated[4])  # zero-shot scored too
 
 
+@pytest.mark.slow
 def test_only_process_zero_writes_logs(runs):
     workdir = runs["workdir"]
     assert len(list((workdir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one per launch
     assert json.loads((workdir / "config.json").read_text())["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
 
 
+@pytest.mark.slow
 def test_checkpoint_of_two_processes(runs):
     workdir = runs["workdir"]
     for step in (2, STEPS):

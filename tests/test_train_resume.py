@@ -116,6 +116,7 @@ TERM_IN_FIRST_STEP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # four launches (~1 min of the 2 cores); test_train's SIGTERM test resumes in-process
 def test_killed_runs_resume_exactly(tmp_path, data_dir):
     reference = tmp_path / "reference"
     subprocess.run(command(reference, data_dir), cwd=REPO, env=ENV, check=True, capture_output=True)
