@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wavlink_jax import checkpoint, sharding
 from wavlink_jax.convert.common import CheckpointError
+from wavlink_jax.data.pipeline import PositionUnreadable
 
 
 def make_state(mesh):
@@ -111,6 +112,14 @@ def test_refuses_mismatched_tree_listing_every_key(tmp_path):
     assert "missing keys (1): ['params/new']" in message
     assert "unexpected keys (1): ['params/layer/bias']" in message
     assert "params/layer/kernel: checkpoint (8, 8) vs model (8, 4)" in message
+    # Only the optimizer state differs (e.g. optim.freeze changed what trains): said so, with the ways out (it
+    # said the checkpoint did not fit the model, and listed the optimizer's keys).
+    other = jax.eval_shape(lambda: {**state, "opt_state": optax.adamw(1e-3).init({"scale": state["params"]["scale"]})})
+    with pytest.raises(CheckpointError, match=(
+            r"the model fits, its optimizer state does not: .*optim\.freeze.*Resume with the settings it was saved "
+            rf"with, or start a new workdir with --config\.init_from\.workdir={tmp_path} .*; unexpected keys \(4\): "
+            r"\['opt_state/0/mu/layer/bias'")):  # fmt: skip
+        manager.restore(other, data_iterator())
     manager.close()
 
 
@@ -179,8 +188,37 @@ def test_read_workdir_state_defaults_to_the_numerically_latest_step(tmp_path):
     manager.save(10, state, data_iterator())
     manager.close()
     (tmp_path / "config.json").write_text(json.dumps({"seed": 1}))
+    (tmp_path / "checkpoints" / "100").write_text("")  # a stray file named like a step is no step (it was read)
     items, _, step = checkpoint.read_workdir_state(tmp_path, items=("params",))
     assert step == 10 and float(items["params"]["scale"]) == 3.5
+
+
+def test_a_data_position_of_another_layout_is_damage():
+    """What the data iterator raises for a position of another layout, wrapped by orbax, is a damaged step."""
+    wrapped = Exception("orbax's words")
+    wrapped.__cause__ = PositionUnreadable("not a data position this pipeline saves (KeyError: 'pipeline')")
+    assert checkpoint.read_failure(wrapped) == (
+        "PositionUnreadable: not a data position this pipeline saves (KeyError: 'pipeline')"
+    )
+
+
+def test_a_step_is_read_with_the_config_it_was_saved_with(tmp_path):
+    """A step keeps the config of the run that saved it (a resumed run with other settings rewrites config.json);
+    a step saved without one (before steps kept theirs) is read with config.json; a step's config cut short is a
+    damaged step."""
+    state = make_state(sharding.create_mesh({"data": -1}))
+    for step, config in ((1, None), (2, {"seed": 2})):
+        manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1, config=config)
+        manager.save(step, state, data_iterator())
+        manager.close()
+    (tmp_path / "config.json").write_text(json.dumps({"seed": 3}))
+    configs = [checkpoint.read_workdir_state(tmp_path, step, items=("step",))[1] for step in (1, 2)]
+    assert configs == [{"seed": 3}, {"seed": 2}]
+    step_config = tmp_path / "checkpoints" / "2" / "config" / "config.json"
+    step_config.write_text('{"seed"')
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(step_config.parents[1]))}: checkpoint step 2 is "
+                                              r"damaged: .*not valid JSON.*other steps: \[1\]"):
+        checkpoint.read_workdir_state(tmp_path, items=("step",))
 
 
 def test_init_from_lists_every_mismatch_at_once(tmp_path):
@@ -211,7 +249,7 @@ def test_init_from_lists_every_mismatch_at_once(tmp_path):
     assert "mlp_dim: checkpoint 96 vs config 64" in message and "--config.model.audio.activation=relu" in message
 
 
-@pytest.mark.parametrize("damage", ["array_files", "data_json"])
+@pytest.mark.parametrize("damage", ["array_files", "data_json", "data_gone"])
 def test_a_step_damaged_inside_is_named_with_the_way_out(tmp_path, damage):
     """Files that orbax's restore itself reads, not the metadata checked first: array data cut short (tensorstore's
     OUT_OF_RANGE, wrapped by orbax in a bare Exception) or the data iterator's position cut short (a JSON error).
@@ -233,10 +271,13 @@ def test_a_step_damaged_inside_is_named_with_the_way_out(tmp_path, damage):
         for path in data_files:
             path.write_bytes(path.read_bytes()[:100])
         problem = "orbax cannot read it (OUT_OF_RANGE: "
-    else:
+    elif damage == "data_json":
         position = step_dir / "data" / "process_0-of-1.json"
         position.write_bytes(position.read_bytes()[:10])
         problem = "orbax cannot read it (JSONDecodeError: "
+    else:  # it said "File ... does not exist." and nothing more
+        (step_dir / "data" / "process_0-of-1.json").unlink()
+        problem = "data/process_0-of-1.json (this process's data position) is gone"
     damaged = re.escape(f"{step_dir}: checkpoint step 2 is damaged: {problem}")
 
     manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1)

@@ -123,21 +123,28 @@ def test_a_failed_run_keeps_the_earlier_data_set(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("option, value", [("--num-train", "0"), ("--num-eval", "-1"), ("--captions-per-clip", "0")])
-def test_counts_out_of_range_are_refused_before_anything_is_written(tmp_path, option, value):
+def test_counts_out_of_range_are_refused_before_anything_is_written(tmp_path, option, value, capsys):
     """--captions-per-clip 0 wrote a data set of caption-less clips, which training skips to its 1000-skip limit."""
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(SystemExit) as exit_info:  # an option given wrongly: argparse's usage and status 2
         synthetic.main(["--out", str(tmp_path / "out"), option, value, "--seconds", "1.5"])
-    assert str(exit_info.value.code).startswith("error: need num_train >= 1, num_eval >= 0 and captions_per_clip >= 1")
+    assert exit_info.value.code == 2
+    assert "error: need num_train (--num-train) >= 1, num_eval (--num-eval) >= 0 and captions_per_clip " in (
+        capsys.readouterr().err
+    )
     assert _files(tmp_path) == []
+    with pytest.raises(ValueError, match=r"^need num_train \(--num-train\) >= 1"):  # the function: a ValueError
+        synthetic.generate(tmp_path / "out", int(value), 0)
 
 
 @pytest.mark.parametrize("seconds", ["1.4", "nan", "inf"])
-def test_a_longest_clip_that_is_too_short_or_not_finite_is_refused(tmp_path, seconds):
+def test_a_longest_clip_that_is_too_short_or_not_finite_is_refused(tmp_path, seconds, capsys):
     """--seconds nan failed with "cannot convert float NaN to integer", and inf wrote `Infinity` (not JSON) into
     generated.json."""
     with pytest.raises(SystemExit) as exit_info:
         synthetic.main(["--out", str(tmp_path / "out"), "--seconds", seconds])
-    assert str(exit_info.value.code) == (
-        f"error: max_seconds must be at least 1.5 (three events need room) and finite, got {float(seconds)}"
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: max_seconds (--seconds) must be at least 1.5 (three events need room) and finite, got "
+        f"{float(seconds)}\n"
     )
     assert _files(tmp_path) == []

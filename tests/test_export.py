@@ -21,10 +21,11 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file
 
-from wavlink_jax import audio, export, inference, torch_model, waveform_layout
+from wavlink_jax import audio, export, inference, torch_model, train, waveform_layout
 from wavlink_jax.convert import load_clip_text, load_whisper
 from wavlink_jax.convert.common import CheckpointError, write_safetensors
 from wavlink_jax.data import synthetic
+from train_fixtures import tiny_config
 from xla_flags import host_devices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -398,8 +399,23 @@ def test_step_selection_and_refusals(trained, exported, tmp_path):
     with pytest.raises(CheckpointError, match=r"an exported model directory .*not a training workdir.*give the "
                                               r"training workdir it was exported from"):
         export.export(exported, tmp_path / "again")
+    before = (exported / "config.json").read_text()
+    with pytest.raises(CheckpointError, match=r"an exported model directory .*to train, give a new workdir"):
+        train.train(tiny_config(), str(exported))  # it went on, and transformers could no longer load the export
+    assert (exported / "config.json").read_text() == before
     with pytest.raises(SystemExit, match="^error: .*no config.json"):
         export.main(["--workdir", str(tmp_path), "--out", str(tmp_path / "nothing")])
+
+
+def test_an_output_that_cannot_be_a_directory_is_refused_before_the_checkpoint_is_read(tmp_path):
+    """A link to nothing or a path under a file failed after the (slow) read, with errno's words alone."""
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(FileExistsError, match=rf"dangling is a link to {tmp_path / 'gone'}, which does not exist"):
+        export.check_output(tmp_path / "dangling", overwrite=False, model_types=(export.MODEL_TYPE,))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(NotADirectoryError, match=rf"{tmp_path / 'file'} is a file, not a directory"):
+        export.check_output(tmp_path / "file" / "out", overwrite=False, model_types=(export.MODEL_TYPE,))
+    export.check_output(tmp_path / "new" / "out", overwrite=False, model_types=(export.MODEL_TYPE,))
 
 
 def test_paths_starting_with_a_tilde_are_expanded(trained, exported, tmp_path, monkeypatch):

@@ -68,6 +68,13 @@ def test_lora_adapters_are_merged(run, embedder):
     expected = raw[f"{query}/kernel"] + scale * raw[f"{query}/lora_a"] @ raw[f"{query}/lora_b"]
     merged = embedder.loaded.model.audio.encoder.layers[0].attn.query.kernel.get_value()
     np.testing.assert_allclose(np.asarray(merged), expected, atol=1e-6)
+    # A config without the LoRA settings is refused (inference failed with AttributeError 'lora', init_from merged
+    # at a made-up scale of 1); parameters without adapters need none.
+    without_lora = {key: value for key, value in config.items() if key != "lora"}
+    with pytest.raises(CheckpointError, match=r"^run: the checkpoint holds LoRA adapters but its config has no lora"):
+        checkpoint.merged_params(items["params"], without_lora, source="run")
+    plain = {"kernel": np.ones(2)}
+    assert checkpoint.merged_params(plain, without_lora, source="run") is plain
 
 
 def test_float32_embeddings_use_full_precision_matmuls_whatever_the_default(embedder):
@@ -300,6 +307,8 @@ def test_embed_cli_usage_errors(run, tmp_path):
     np.savez(tmp_path / "bogus.npz", embeddings=np.zeros((1, 32)))
     with pytest.raises(SystemExit, match="not an index written by --index"):
         embed.main(["--index-file", str(tmp_path / "bogus.npz"), "--query", "a dog"])
+    with pytest.raises(SystemExit, match=r"^error: .*nope.npz: no such index file; write one with --index FOLDER"):
+        embed.main(["--index-file", str(tmp_path / "nope.npz"), "--query", "a dog"])  # was errno's words alone
 
 
 

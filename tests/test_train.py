@@ -443,6 +443,13 @@ def test_init_from_stage1_workdir_merges_lora(tmp_path, data_dir, capsys):
     capsys.readouterr()
     train.initial_state(setup, checkpoint.Checkpoints(tmp_path / "stage2", keep=1, every=1), data=None)
     assert f"initialised from init_from.workdir={tmp_path / 'stage1'}" in capsys.readouterr().out
+    # Resumed with another LoRA scale, the run rewrites config.json; step 2 is still read with the scale it was
+    # trained with (each step keeps its config; inference, export and init_from merged step 2 with the new one).
+    train.train(tiny_config(str(data_dir), total_steps=4, **{"optim.mode": "lora", "lora.alpha": 1.0}),
+                str(tmp_path / "stage1"))
+    assert json.loads((tmp_path / "stage1" / "config.json").read_text())["lora"]["alpha"] == 1.0
+    alphas = {step: checkpoint.read_workdir_state(tmp_path / "stage1", step)[1]["lora"]["alpha"] for step in (2, 4)}
+    assert alphas == {2: stage1.lora.alpha, 4: 1.0}
 
 
 @pytest.mark.parametrize("name", ["wavlink_base", "wavlink_small", "wavlink_large"])

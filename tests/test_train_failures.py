@@ -39,9 +39,10 @@ def test_step_intervals_must_be_positive(tmp_path, data_dir, key, value, least):
         train.train(tiny_config(str(data_dir), **{key: value}), str(tmp_path))
 
 
-def test_a_failing_evaluation_keeps_the_training_in_a_checkpoint(tmp_path, data_dir, monkeypatch):
+def test_a_failing_evaluation_keeps_the_training_in_a_checkpoint(tmp_path, data_dir, monkeypatch, capsys):
     """Evaluation at step 2 (between checkpoints every 3 steps) fails: step 2 is saved before the error, with its
-    training record (it was lost, and a resumed run, starting after step 2, never wrote it: a gap in the log)."""
+    training record (it was lost, and a resumed run, starting after step 2, never wrote it: a gap in the log). A
+    final evaluation that failed is done by the same command again."""
     config = with_eval(tiny_config(str(data_dir), total_steps=4, checkpoint_every_steps=3), data_dir, batch_size=8)
     config.eval_every_steps = 2
 
@@ -55,6 +56,17 @@ def test_a_failing_evaluation_keeps_the_training_in_a_checkpoint(tmp_path, data_
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and "loss" in records[1]
     assert not any(key.startswith("eval/") for key in records[1])
+    # As a run of 2 steps, step 2 is the final checkpoint, whose evaluation failed: the command again evaluates it
+    # and adds the figures to step 2's record (it said "nothing to do", and no record ever had them).
+    monkeypatch.undo()
+    config.total_steps = 2
+    returned = train.train(config, str(tmp_path))
+    assert "(step 2 of 2); metrics.jsonl has no evaluation of it: evaluating" in capsys.readouterr().out
+    evaluated = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert evaluated[0] == records[0] and evaluated[1] == {**records[1], **returned}
+    assert "eval/synthetic/t2a_R@1" in returned
+    train.train(config, str(tmp_path))
+    assert "(step 2 of 2); nothing to do" in capsys.readouterr().out
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
@@ -66,6 +78,9 @@ def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
     path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n')  # damaged inside
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 2 is not a JSON record"):
+        keep_records_through(tmp_path, 2)
+    path.write_bytes(b'\xff\xfe{"step": 1}\n')  # the error did not name the file
+    with pytest.raises(ValueError, match=r"metrics.jsonl: not UTF-8 text \(.*\); repair or remove it"):
         keep_records_through(tmp_path, 2)
 
 

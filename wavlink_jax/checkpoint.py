@@ -1,10 +1,14 @@
 """Training checkpoints (orbax): asynchronous saves, keep-last-K, exact resume, re-sharding, `init_from`.
 
-`WORKDIR/checkpoints/<step>/` holds two items:
+`WORKDIR/checkpoints/<step>/` holds three items:
 * `state`: the train state pytree (`step`, `params`, `opt_state`, `rng`), each array written by its own
   shards (no gather to one host), and restored onto whatever mesh the restoring run builds;
 * `data`: the data iterator's position (grain's checkpoint handler; one file per process), so a resumed
-  run sees exactly the batches the uninterrupted run would have seen.
+  run sees exactly the batches the uninterrupted run would have seen;
+* `config`: the config of the run that saved it (`config/config.json`, as WORKDIR/config.json), which the
+  readers of a step (inference, export, evaluate, `init_from.workdir`) take: a run resumed with other settings
+  (e.g. `lora.alpha`, the window, the tokenizer) rewrites WORKDIR/config.json, and the steps saved before it
+  must still be read with their own.
 
 Kill-safety comes from orbax's atomic commit: a step is written into a temporary directory and renamed to
 `<step>` only once every item is complete, so a run killed at any moment (also in the middle of a save)
@@ -37,12 +41,13 @@ from orbax.checkpoint._src.serialization.type_handler_registry import GLOBAL_TYP
 
 from wavlink_jax import train_step
 from wavlink_jax.convert.common import CheckpointError, read_json
-from wavlink_jax.data.pipeline import WorkersMismatch
+from wavlink_jax.data.pipeline import PositionUnreadable, WorkersMismatch
 from wavlink_jax.models import lora
 from wavlink_jax.optim import flatten, unflatten
 
 CHECKPOINT_SUBDIR = "checkpoints"
 STATE_ITEMS = ("step", "params", "buffers", "opt_state", "rng")  # the train state's items (see train_step)
+CONFIG_ITEM, CONFIG_FILE = "config", "config.json"  # a step's config: checkpoints/<step>/config/config.json
 GLOBAL_TOKEN = "audio/global_token"  # WavLink's new parameter: no pretrained checkpoint has it
 # How tensorstore's errors (ValueErrors) start when a checkpoint's file is missing, cut short or garbled.
 TENSORSTORE_READ_FAILURES = ("NOT_FOUND:", "OUT_OF_RANGE:", "DATA_LOSS:", "FAILED_PRECONDITION:")
@@ -92,16 +97,31 @@ class Checkpoints:
     """The checkpoints of one workdir. `save` is asynchronous: the call returns once the arrays are copied off
     the devices, the write continues in the background; `wait` blocks until it is committed."""
 
-    def __init__(self, workdir: str | os.PathLike, *, keep: int, every: int, async_save: bool = True):
+    def __init__(
+        self,
+        workdir: str | os.PathLike,
+        *,
+        keep: int,
+        every: int,
+        config: Mapping[str, Any] | None = None,
+        async_save: bool = True,
+    ):
+        """`config` (the run's resolved config as JSON data) is saved with every step (the trainer's; tools
+        that only read or write a state leave it out)."""
         if keep < 1 or every < 1:
             raise ValueError(f"keep_checkpoints ({keep}) and checkpoint_every_steps ({every}) must be ≥ 1")
         self.directory = checkpoint_dir(workdir)
         self.every = every
+        self.config = config
         register_array_handler()  # here: the process count is known once jax.distributed is initialised
         self.manager = ocp.CheckpointManager(
             self.directory,
-            item_names=("state", "data"),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()},
+            item_names=("state", "data", CONFIG_ITEM),
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": grain.checkpoint.CheckpointHandler(),
+                CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=CONFIG_FILE),
+            },
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 cleanup_tmp_directories=True,  # leftovers of a save that was killed
@@ -120,13 +140,10 @@ class Checkpoints:
         """
         if step % self.every and not force:
             return False
-        return self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
-            ),
-            force=True,
-        )
+        items = {"state": ocp.args.StandardSave(state), "data": grain.checkpoint.CheckpointSave(data_iterator)}
+        if self.config is not None:
+            items[CONFIG_ITEM] = ocp.args.JsonSave(self.config)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
     def restore(self, abstract_state: Any, data_iterator: Any, step: int | None = None) -> Any:
         """The state of `step` (default: the latest), placed as `abstract_state`'s shardings say; the data
@@ -141,8 +158,12 @@ class Checkpoints:
         check_step(Path(where), ("state", "data"), steps, resuming=True)
         with damage_named(where, steps, resuming=True, any_of=METADATA_READ_FAILURES):
             saved = self.manager.item_metadata(step)["state"]
-        check_compatible(saved.tree, abstract_state, source=where)
+        check_compatible(saved.tree, abstract_state, source=where, workdir=os.path.dirname(self.directory))
         check_data_processes(os.path.join(where, "data"))
+        position = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's name for it
+        if not os.path.exists(os.path.join(where, "data", position)):  # grain: "File ... does not exist." alone
+            raise damaged_step_error(where, f"data/{position} (this process's data position) is gone", steps,
+                                     resuming=True)
         try:
             with damage_named(where, steps, resuming=True):
                 restored = self.manager.restore(
@@ -204,13 +225,24 @@ def tree_mismatches(saved: Any, expected: Any) -> list[str]:
     ]
 
 
-def check_compatible(saved: Any, expected: Any, *, source: str) -> None:
-    """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key."""
+def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | None = None) -> None:
+    """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key. Resuming
+    (`workdir` given) where only the optimizer state differs, the error says so and gives the ways out."""
     problems = tree_mismatches(saved, expected)
-    if problems:
-        raise CheckpointError(
-            f"{source}: the checkpoint does not fit the model of this config; " + "; ".join(problems)
+    if not problems:
+        return
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    differing = {key for key in saved_shapes.keys() | expected_shapes.keys()
+                 if saved_shapes.get(key) != expected_shapes.get(key)}  # fmt: skip
+    if workdir is not None and all(key.startswith("opt_state/") for key in differing):
+        what = (
+            "the model fits, its optimizer state does not: what trains or how changed (optim.mode, optim.freeze, "
+            "optim.towers, the optimizer's chain). Resume with the settings it was saved with, or start a new "
+            f"workdir with --config.init_from.workdir={workdir} (parameters only; optimizer and step start afresh)"
         )
+    else:
+        what = "the checkpoint does not fit the model of this config"
+    raise CheckpointError(f"{source}: {what}; " + "; ".join(problems))
 
 
 def check_data_processes(data_dir: str) -> None:
@@ -248,14 +280,14 @@ def check_step(step_dir: Path, items: tuple[str, ...], steps: list[int], *, resu
 def read_failure(err: BaseException) -> str | None:
     """What in `err`'s chain says a checkpoint file could not be read (None: nothing does): a tensorstore
     ValueError starting with one of `TENSORSTORE_READ_FAILURES` (a file missing, cut short or garbled; orbax wraps
-    it in its own `Exception`), or a `json.JSONDecodeError` (e.g. the data iterator's position cut short). Follows
-    the chain Python's traceback shows (`__cause__`, else `__context__`). Any other error, e.g. a restore template
-    that does not fit, is not damage."""
+    it in its own `Exception`), a `json.JSONDecodeError` (e.g. the data iterator's position cut short), or a data
+    position of another layout (`PositionUnreadable`). Follows the chain Python's traceback shows (`__cause__`,
+    else `__context__`). Any other error, e.g. a restore template that does not fit, is not damage."""
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
-        if isinstance(err, json.JSONDecodeError):
-            return f"JSONDecodeError: {err}"
+        if isinstance(err, (json.JSONDecodeError, PositionUnreadable)):
+            return f"{type(err).__name__}: {err}"
         if isinstance(err, ValueError) and str(err).startswith(TENSORSTORE_READ_FAILURES):
             return str(err)
         err = err.__cause__ if err.__cause__ is not None else (None if err.__suppress_context__ else err.__context__)
@@ -302,11 +334,26 @@ def damaged_step_error(
     return CheckpointError(f"{step_dir}: checkpoint step {step} is damaged: {problem}; {way_out}")
 
 
+def check_not_exported(workdir: Path, config: Any) -> None:
+    """Refuse an exported model directory (`config`: its config.json) given where a training workdir is meant:
+    to read a checkpoint from, or to train into (which would overwrite the export's config.json)."""
+    from wavlink_jax.export import MODEL_TYPE as EXPORTED_MODEL_TYPE
+
+    if isinstance(config, dict) and config.get("model_type") == EXPORTED_MODEL_TYPE:
+        raise CheckpointError(
+            f"{workdir}: an exported model directory (written by `python -m wavlink_jax.export`), not a training "
+            "workdir. It needs no export: transformers loads it (AutoModel.from_pretrained(..., "
+            "trust_remote_code=True)), and wavlink_jax.inference.load, evaluate and embed read it as it is. To "
+            "export again, or to start training from it, give the training workdir it was exported from; to train, "
+            "give a new workdir"
+        )
+
+
 def read_workdir_state(
     workdir: str | os.PathLike, step: int | None = None, items: tuple[str, ...] = ("params", "buffers")
 ) -> tuple[dict, dict, int]:
-    """`items` of a workdir's checkpoint at `step` (default: the latest) as host numpy arrays, its config.json,
-    and the step read.
+    """`items` of a workdir's checkpoint at `step` (default: the latest) as host numpy arrays, the config it was
+    saved with (WORKDIR/config.json for a step saved before steps kept theirs), and the step read.
 
     `items` are names of the train state, `STATE_ITEMS`: "step" and "rng" (arrays), "params" and "buffers"
     (nested dicts, as `train_step` keeps them), "opt_state" (as orbax stores optax's chain state: a list with one
@@ -327,17 +374,9 @@ def read_workdir_state(
     if not config_file.exists():
         raise CheckpointError(f"{workdir}: no config.json; expected a training workdir")
     config = read_json(config_file)
-    from wavlink_jax.export import MODEL_TYPE as EXPORTED_MODEL_TYPE
-
-    if config.get("model_type") == EXPORTED_MODEL_TYPE:
-        raise CheckpointError(
-            f"{workdir}: an exported model directory (written by `python -m wavlink_jax.export`), not a training "
-            "workdir. It needs no export: transformers loads it (AutoModel.from_pretrained(..., "
-            "trust_remote_code=True)), and wavlink_jax.inference.load, evaluate and embed read it as it is. To "
-            "export again, or to start training from it, give the training workdir it was exported from"
-        )
+    check_not_exported(workdir, config)
     directory = checkpoint_dir(workdir)
-    steps = sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit())
+    steps = sorted(int(p.name) for p in Path(directory).glob("*") if p.name.isdigit() and p.is_dir())
     if not steps:
         raise CheckpointError(f"{directory}: no finished checkpoint in this workdir")
     if step is None:
@@ -346,6 +385,12 @@ def read_workdir_state(
         raise CheckpointError(f"{directory}: no finished checkpoint of step {step}; steps available: {steps}")
     step_dir = Path(directory) / str(step)
     check_step(step_dir, ("state",), steps, resuming=False)
+    step_config = step_dir / CONFIG_ITEM / CONFIG_FILE
+    if step_config.exists():
+        try:
+            config = read_json(step_config)
+        except CheckpointError as err:
+            raise damaged_step_error(step_dir, str(err), steps, resuming=False) from err
     # The step directory, read with the item layout `Checkpoints` writes: orbax keeps the step's metadata
     # (_CHECKPOINT_METADATA) there, so reading `state/` alone made orbax warn that it does not exist.
     checkpointer = ocp.Checkpointer(
@@ -369,6 +414,22 @@ def read_workdir_state(
         )["state"]
     logging.info("read %s of step %d from %s", "/".join(items), step, step_dir / "state")
     return {name: restored.get(name, {}) for name in items}, config, step
+
+
+def merged_params(params: dict, config: Mapping[str, Any], *, source: str) -> dict:
+    """A checkpoint's parameters with its LoRA adapters merged at the scale of `config` (the one it was saved
+    with); without adapters, `params` as they are. Adapters whose config gives no `lora.rank`/`lora.alpha` are
+    refused: a guessed scale would be another model."""
+    if not any(lora.is_adapter(path) for path in flatten(params)):
+        return params
+    try:
+        scale = lora.scale(config["lora"]["rank"], config["lora"]["alpha"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{source}: the checkpoint holds LoRA adapters but its config has no lora.rank and lora.alpha "
+            f"({type(err).__name__}: {err}); add the run's settings (\"lora\": {{\"rank\": R, \"alpha\": A}}) to it"
+        ) from err
+    return lora.merge(params, scale)
 
 
 def _place(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -442,9 +503,8 @@ def apply_init_from(state: dict, setup: Any) -> dict:
     # (source, [(tower settings loaded, expected, tower, ignore)], [(kind, prefix, tree, keep)])
     sources: list[tuple[str, list[tuple], list[tuple]]] = []
     if init.workdir:
-        items, source_config, _ = read_workdir_state(init.workdir, items=("params", "buffers"))
-        source_lora = source_config.get("lora", {"rank": 1, "alpha": 1.0})
-        params = lora.merge(items["params"], lora.scale(source_lora["rank"], source_lora["alpha"]))
+        items, source_config, step = read_workdir_state(init.workdir, items=("params", "buffers"))
+        params = merged_params(items["params"], source_config, source=f"{init.workdir} (step {step})")
         stage1 = train_step.model_config(ml_collections.ConfigDict(source_config))
         sources.append((
             f"init_from.workdir={init.workdir}",

@@ -217,6 +217,8 @@ def read_index(index_file: str | os.PathLike) -> dict[str, np.ndarray]:
     """The arrays of an index written by `--index`; anything else is a ValueError naming the file."""
     try:
         archive = np.load(index_file)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{index_file}: no such index file; write one with --index FOLDER --out FILE") from err
     except (ValueError, EOFError, zipfile.BadZipFile) as err:  # numpy's own words ("pickled data") mislead here
         raise ValueError(f"{index_file}: not an index written by --index (not an .npz archive: {err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):

@@ -164,9 +164,16 @@ def _entries(out: Path) -> list[Path]:
 
 
 def check_output(out: Path, *, overwrite: bool, model_types: Collection[str]) -> None:
-    """Refuse an `out` that an export may not take: a file, or a non-empty directory unless `overwrite` and it
-    is a previous export (config.json of one of `model_types`); `overwrite` never deletes other files."""
+    """Refuse an `out` that an export may not take: a file, a path under a file, a link to nothing, or a non-empty
+    directory unless `overwrite` and it is a previous export (config.json of one of `model_types`); `overwrite`
+    never deletes other files. (Checked before the checkpoint is read: those failed after it, as errno's words.)"""
     if not out.exists():
+        if out.is_symlink():
+            raise FileExistsError(f"{out} is a link to {os.readlink(out)}, which does not exist; choose a new "
+                                  "directory, or create the one it links to")
+        above = next(parent for parent in out.parents if parent.exists())
+        if not above.is_dir():
+            raise NotADirectoryError(f"{out}: {above} is a file, not a directory; choose another output directory")
         return
     if not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose a new directory")

@@ -47,7 +47,6 @@ from wavlink_jax.convert.common import (
 )
 from wavlink_jax.data import audio_io
 from wavlink_jax.evaluate import ClipWindows, embed_in_batches, truncate_normalize
-from wavlink_jax.models import lora
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.tokenizer import load_tokenizer
 from wavlink_jax.waveform_layout import (
@@ -84,11 +83,11 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
     items, raw_config, step = checkpoint.read_workdir_state(workdir, step, items=("params", "buffers"))
     config = ml_collections.ConfigDict({**raw_config, **_runtime_overrides(dtype)})
     model_config = train_step.model_config(config)
-    params = lora.merge(items["params"], lora.scale(config.lora.rank, config.lora.alpha))
+    source = f"{workdir} (step {step})"
+    params = checkpoint.merged_params(items["params"], raw_config, source=source)
 
     abstract = nnx.eval_shape(lambda: WavLink(model_config, rngs=nnx.Rngs(0)))
     graphdef, param_state, buffer_state = nnx.split(abstract, nnx.Param, ...)
-    source = f"{workdir} (step {step})"
     for kind, saved, template in (("params", params, param_state), ("buffers", items["buffers"], buffer_state)):
         checkpoint.check_compatible(saved, train_step.to_tree(template), source=f"{source} {kind}")
         nnx.replace_by_pure_dict(template, jax.tree.map(jnp.asarray, saved))

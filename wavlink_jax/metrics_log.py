@@ -34,15 +34,14 @@ def tensorboard_tag(key: str) -> str:
     return _NOT_IN_A_TAG.sub("_", key).lstrip("/")
 
 
-def keep_records_through(workdir: str | os.PathLike, step: int) -> None:
-    """Keep WORKDIR/metrics.jsonl's records up to `step` (the checkpoint a run resumes from; process 0 only). A last
-    line cut short by a killed run is dropped; a damaged line elsewhere is an error naming it. The file is replaced
-    in one rename, so a run killed while it is rewritten loses no record."""
-    path = Path(workdir) / "metrics.jsonl"
-    if jax.process_index() != 0 or not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if line]
-    kept = []
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """metrics.jsonl's lines and records, in order. A last line cut short by a killed run is dropped; a damaged line
+    elsewhere is an error naming it."""
+    try:
+        lines = [line for line in path.read_text().splitlines() if line]
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err}); repair or remove it") from err
+    records = []
     for number, line in enumerate(lines, start=1):
         try:
             record = json.loads(line)
@@ -52,9 +51,28 @@ def keep_records_through(workdir: str | os.PathLike, step: int) -> None:
             raise ValueError(f"{path}: line {number} is not a JSON record ({err}); repair or remove it") from err
         if not isinstance(record, dict) or not isinstance(record.get("step"), int):
             raise ValueError(f"{path}: line {number} has no integer \"step\" ({line[:80]}); repair or remove it")
-        if record["step"] <= step:
-            kept.append(line)
+        records.append((line, record))
+    return records
+
+
+def keep_records_through(workdir: str | os.PathLike, step: int) -> None:
+    """Keep WORKDIR/metrics.jsonl's records up to `step` (the checkpoint a run resumes from; process 0 only). A last
+    line cut short by a killed run is dropped; a damaged line elsewhere is an error naming it. The file is replaced
+    in one rename, so a run killed while it is rewritten loses no record."""
+    path = Path(workdir) / "metrics.jsonl"
+    if jax.process_index() != 0 or not path.exists():
+        return
+    kept = [line for line, record in _read_records(path) if record["step"] <= step]
     replace_text(path, "".join(line + "\n" for line in kept))
+
+
+def evaluated(workdir: str | os.PathLike, step: int) -> bool:
+    """Whether WORKDIR/metrics.jsonl holds evaluation figures (`eval/...`) for `step`. Every process reads it (the
+    answer decides whether all of them evaluate), so only where process 0 is not rewriting it."""
+    path = Path(workdir) / "metrics.jsonl"
+    return path.exists() and any(
+        record["step"] == step and any(key.startswith("eval/") for key in record) for _, record in _read_records(path)
+    )
 
 
 class MetricsLogger:
@@ -86,8 +104,10 @@ class MetricsLogger:
         if progress:
             self._bar = tqdm.tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1)
 
-    def write(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal)."""
+    def write(self, step: int, metrics: Mapping[str, float], *, add_to_last: bool = False) -> None:
+        """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal). With
+        `add_to_last`, `metrics` join the last record instead when it is `step`'s (the file replaced in one
+        rename): a final evaluation done after the step's record was written, by a run that evaluation stopped."""
         if not self.enabled:
             return
         record = {"step": int(step)}
@@ -97,8 +117,13 @@ class MetricsLogger:
             record[key] = value if math.isfinite(value) else str(value)
             scalars.append(Summary.Value(tag=tensorboard_tag(key), simple_value=value))
         self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        records = _read_records(self.path) if add_to_last and self.path.exists() else []
+        if records and records[-1][1]["step"] == step:
+            lines = [line for line, _ in records[:-1]] + [json.dumps({**records[-1][1], **record})]
+            replace_text(self.path, "".join(line + "\n" for line in lines))
+        else:
+            with self.path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
         if self._bar is not None and "loss" in metrics:
             self._bar.set_postfix(loss=f"{float(metrics['loss']):.4f}", refresh=False)
 

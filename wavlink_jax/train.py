@@ -333,6 +333,9 @@ def _save_checked(
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Run (or resume) training; returns the last logged metrics (with the final evaluation)."""
     workdir = checkpoint.workdir_path(workdir)
+    existing_config = Path(workdir) / "config.json"
+    if existing_config.exists():  # an export's would be overwritten
+        checkpoint.check_not_exported(Path(workdir), read_json(existing_config))
     sharding.initialize_distributed(config.distributed)
     check_intervals(config)
     cache = use_compilation_cache(config.compilation_cache_dir)
@@ -359,11 +362,20 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         _say(warning, file=sys.stderr)
     # Evaluation sets are decoded (and their settings checked) before the state is built or compiled.
     evaluator = Evaluator(config, setup, tokenizer) if config.eval.sets else None
-    checkpoints = checkpoint.Checkpoints(workdir, keep=config.keep_checkpoints, every=config.checkpoint_every_steps)
+    checkpoints = checkpoint.Checkpoints(
+        workdir,
+        keep=config.keep_checkpoints,
+        every=config.checkpoint_every_steps,
+        config=json.loads(config.to_json_best_effort()),
+    )
     state = initial_state(setup, checkpoints, data)
     start_step = int(jax.device_get(state["step"]))
+    final_evaluation_missing = False
     if start_step >= total_steps:  # config.json stays that of the run that made the checkpoints
-        _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); nothing to do")
+        # A run whose final evaluation failed (after saving its last step) has it done by the same command again.
+        final_evaluation_missing = evaluator is not None and not metrics_log.evaluated(workdir, start_step)
+        then = "nothing to do" if not final_evaluation_missing else "metrics.jsonl has no evaluation of it: evaluating"
+        _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); {then}")
     else:
         # Only now that every start-up check has passed (init_from and a resumed checkpoint fit the model too, and
         # schedule.json and metrics.jsonl are readable): a refused config leaves no config.json in a new workdir,
@@ -383,6 +395,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     window_start, window_steps = time.perf_counter(), 0
     preemption = PreemptionWatch()  # from here on, SIGTERM saves and stops after the current step
     try:
+        if final_evaluation_missing:
+            last = evaluator(state)
+            log.write(start_step, last, add_to_last=True)
         for step in range(start_step + 1, total_steps + 1):
             local_batch = next(data)
             batch = pipeline.to_global_batch(

@@ -58,9 +58,10 @@ def resolve_source(source: str | os.PathLike) -> Path:
             directory = Path(snapshot_download(text, allow_patterns=[*light, "pytorch_model*.bin"]))
         return directory
     except Exception as err:  # offline, unknown id, gated repo: all end here with the reason
+        reason = " ".join(str(err).split())  # huggingface_hub's words span lines: the error stays one line
         raise CheckpointError(
             f"{text!r} is neither a local path nor a reachable Hugging Face hub id "
-            f"({type(err).__name__}: {err}). Offline, download the checkpoint elsewhere and pass its directory."
+            f"({type(err).__name__}: {reason}). Offline, download the checkpoint elsewhere and pass its directory."
         ) from err
 
 

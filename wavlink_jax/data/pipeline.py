@@ -387,6 +387,11 @@ class WorkersMismatch(DataError):
         )
 
 
+class PositionUnreadable(DataError):
+    """A saved data position whose layout is not one `TrainIterator.get_state` writes (a damaged or hand-edited
+    file): a key or entry missing, or of another type."""
+
+
 def saved_num_workers(state: Mapping[str, Any]) -> int:
     """The number of worker processes that saved a `TrainIterator` state; a state written before it was recorded
     tells by its shape: grain's multiprocessing prefetch keeps one iterator state per worker."""
@@ -431,12 +436,16 @@ class TrainIterator(grain.DatasetIterator):
         return {"pipeline": self._parent.get_state(), "skip_counts": self.skip_counts, "num_workers": self._num_workers}
 
     def set_state(self, state: dict) -> None:
-        """Move to a position `get_state` returned; one saved with another `num_workers` is a `WorkersMismatch`."""
-        saved = saved_num_workers(state)
-        if saved != self._num_workers:
-            raise WorkersMismatch(saved, self._num_workers)
-        self._parent.set_state(state["pipeline"])
-        self._total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
+        """Move to a position `get_state` returned; one saved with another `num_workers` is a `WorkersMismatch`, one
+        of another layout `PositionUnreadable`."""
+        try:
+            saved = saved_num_workers(state)
+            if saved != self._num_workers:
+                raise WorkersMismatch(saved, self._num_workers)
+            self._parent.set_state(state["pipeline"])
+            self._total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
+        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            raise PositionUnreadable(f"not a data position this pipeline saves ({type(err).__name__}: {err})") from err
         self._last = np.zeros(len(SKIP_REASONS), np.int64)
 
 

@@ -260,6 +260,19 @@ def _replaces_generated(target: Path) -> bool:
     )
 
 
+def check_settings(num_train: int, num_eval: int, max_seconds: float, captions_per_clip: int) -> None:
+    """`generate`'s settings, a ValueError naming each refused one as the function and the command line call it."""
+    if num_train < 1 or num_eval < 0 or captions_per_clip < 1:
+        raise ValueError(
+            f"need num_train (--num-train) >= 1, num_eval (--num-eval) >= 0 and captions_per_clip "
+            f"(--captions-per-clip) >= 1, got {num_train}, {num_eval} and {captions_per_clip}"
+        )
+    if not 1.5 <= max_seconds < math.inf:  # NaN fails this too
+        raise ValueError(
+            f"max_seconds (--seconds) must be at least 1.5 (three events need room) and finite, got {max_seconds}"
+        )
+
+
 def generate(
     out_dir: str | os.PathLike,
     num_train: int,
@@ -276,13 +289,7 @@ def generate(
     from wavlink_jax.data.sources import write_manifest
     from wavlink_jax.tokenizer import train_tokenizer
 
-    if num_train < 1 or num_eval < 0 or captions_per_clip < 1:
-        raise ValueError(
-            f"need num_train >= 1, num_eval >= 0 and captions_per_clip >= 1, got {num_train}, {num_eval} and "
-            f"{captions_per_clip}"
-        )
-    if not 1.5 <= max_seconds < math.inf:  # NaN fails this too
-        raise ValueError(f"max_seconds must be at least 1.5 (three events need room) and finite, got {max_seconds}")
+    check_settings(num_train, num_eval, max_seconds, captions_per_clip)
     root = Path(out_dir)
     target = Path(os.path.realpath(root))  # a symlink's target is replaced, not the link; "." has a name
     if _replaces_generated(target):
@@ -336,6 +343,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="longest clip, in seconds (clips last 1 s to this)")
     parser.add_argument("--captions-per-clip", type=int, default=5)
     args = parser.parse_args(argv)
+    try:  # an option given wrongly: the usage, then the error, as argparse's own refusals
+        check_settings(args.num_train, args.num_eval, args.seconds, args.captions_per_clip)
+    except ValueError as err:
+        parser.error(str(err))
     from wavlink_jax import cli  # here: importing the module stays light (grain workers do)
 
     with cli.user_errors():
