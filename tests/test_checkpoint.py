@@ -202,22 +202,28 @@ def test_a_data_position_of_another_layout_is_damage():
     )
 
 
-def test_a_step_is_read_with_the_config_it_was_saved_with(tmp_path):
+def test_a_step_is_read_with_the_config_it_was_saved_with(tmp_path, caplog):
     """A step keeps the config of the run that saved it (a resumed run with other settings rewrites config.json);
-    a step saved without one (before steps kept theirs) is read with config.json; a step's config cut short is a
-    damaged step."""
+    a step saved without one (before steps kept theirs) is read with config.json; a step's config cut short or
+    gone is a damaged step (never read with config.json, which may be a later run's)."""
     state = make_state(sharding.create_mesh({"data": -1}))
     for step, config in ((1, None), (2, {"seed": 2})):
         manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1, config=config)
         manager.save(step, state, data_iterator())
         manager.close()
     (tmp_path / "config.json").write_text(json.dumps({"seed": 3}))
-    configs = [checkpoint.read_workdir_state(tmp_path, step, items=("step",))[1] for step in (1, 2)]
+    with caplog.at_level(logging.WARNING):
+        configs = [checkpoint.read_workdir_state(tmp_path, step, items=("step",))[1] for step in (1, 2)]
     assert configs == [{"seed": 3}, {"seed": 2}]
+    assert [record.getMessage() for record in caplog.records] == []  # orbax: the config item "cannot be restored"
     step_config = tmp_path / "checkpoints" / "2" / "config" / "config.json"
+    assert [checkpoint.step_config_file(tmp_path, step) for step in (1, 2)] == [tmp_path / "config.json", step_config]
+    damaged = rf"^{re.escape(str(step_config.parents[1]))}: checkpoint step 2 is damaged: "
     step_config.write_text('{"seed"')
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(step_config.parents[1]))}: checkpoint step 2 is "
-                                              r"damaged: .*not valid JSON.*other steps: \[1\]"):
+    with pytest.raises(CheckpointError, match=damaged + r".*not valid JSON.*other steps: \[1\]"):
+        checkpoint.read_workdir_state(tmp_path, items=("step",))
+    step_config.unlink()
+    with pytest.raises(CheckpointError, match=damaged + r"config/config.json is gone; other steps: \[1\]"):
         checkpoint.read_workdir_state(tmp_path, items=("step",))
 
 
@@ -277,7 +283,7 @@ def test_a_step_damaged_inside_is_named_with_the_way_out(tmp_path, damage):
         problem = "orbax cannot read it (JSONDecodeError: "
     else:  # it said "File ... does not exist." and nothing more
         (step_dir / "data" / "process_0-of-1.json").unlink()
-        problem = "data/process_0-of-1.json (this process's data position) is gone"
+        problem = "data/process_0-of-1.json (a data position) is gone"
     damaged = re.escape(f"{step_dir}: checkpoint step 2 is damaged: {problem}")
 
     manager = checkpoint.Checkpoints(tmp_path, keep=3, every=1)

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import types
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -71,10 +72,10 @@ def test_lora_adapters_are_merged(run, embedder):
     # A config without the LoRA settings is refused (inference failed with AttributeError 'lora', init_from merged
     # at a made-up scale of 1); parameters without adapters need none.
     without_lora = {key: value for key, value in config.items() if key != "lora"}
-    with pytest.raises(CheckpointError, match=r"^run: the checkpoint holds LoRA adapters but its config has no lora"):
-        checkpoint.merged_params(items["params"], without_lora, source="run")
+    with pytest.raises(CheckpointError, match=r"^c.json: the checkpoint holds LoRA adapters but this config has no"):
+        checkpoint.merged_params(items["params"], without_lora, config_file=Path("c.json"))
     plain = {"kernel": np.ones(2)}
-    assert checkpoint.merged_params(plain, without_lora, source="run") is plain
+    assert checkpoint.merged_params(plain, without_lora, config_file=Path("c.json")) is plain
 
 
 def test_float32_embeddings_use_full_precision_matmuls_whatever_the_default(embedder):

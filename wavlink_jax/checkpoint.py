@@ -160,10 +160,11 @@ class Checkpoints:
             saved = self.manager.item_metadata(step)["state"]
         check_compatible(saved.tree, abstract_state, source=where, workdir=os.path.dirname(self.directory))
         check_data_processes(os.path.join(where, "data"))
-        position = f"process_{jax.process_index()}-of-{jax.process_count()}.json"  # grain's name for it
-        if not os.path.exists(os.path.join(where, "data", position)):  # grain: "File ... does not exist." alone
-            raise damaged_step_error(where, f"data/{position} (this process's data position) is gone", steps,
-                                     resuming=True)
+        count = jax.process_count()  # grain's names for the positions; every process looks at all (shared workdir)
+        gone = [f"data/{name}" for name in (f"process_{i}-of-{count}.json" for i in range(count))
+                if not os.path.exists(os.path.join(where, "data", name))]  # fmt: skip
+        if gone:  # grain said "File ... does not exist." alone
+            raise damaged_step_error(where, f"{', '.join(gone)} (a data position) is gone", steps, resuming=True)
         try:
             with damage_named(where, steps, resuming=True):
                 restored = self.manager.restore(
@@ -207,33 +208,35 @@ def _as_dict(tree: Any) -> Any:
     return tree
 
 
+def _mismatches(saved_shapes: Mapping[str, tuple], expected_shapes: Mapping[str, tuple]) -> dict[str, list[str]]:
+    """Missing keys, unexpected keys and shape mismatches of two `_shapes` maps (each kind listing every key)."""
+    return {
+        "missing keys": sorted(set(expected_shapes) - set(saved_shapes)),
+        "unexpected keys": sorted(set(saved_shapes) - set(expected_shapes)),
+        "shape mismatches": sorted(
+            f"{key}: checkpoint {saved_shapes[key]} vs model {expected_shapes[key]}"
+            for key in set(saved_shapes) & set(expected_shapes)
+            if saved_shapes[key] != expected_shapes[key]
+        ),
+    }
+
+
 def tree_mismatches(saved: Any, expected: Any) -> list[str]:
     """How a checkpoint's tree differs from `expected`: missing keys, unexpected keys, shape mismatches (one
     entry per kind, listing every key; empty when they fit)."""
-    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
-    missing = sorted(set(expected_shapes) - set(saved_shapes))
-    unexpected = sorted(set(saved_shapes) - set(expected_shapes))
-    mismatched = sorted(
-        f"{key}: checkpoint {saved_shapes[key]} vs model {expected_shapes[key]}"
-        for key in set(saved_shapes) & set(expected_shapes)
-        if saved_shapes[key] != expected_shapes[key]
-    )
     return [
-        f"{name} ({len(keys)}): {keys}"
-        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
-        if keys
+        f"{name} ({len(keys)}): {keys}" for name, keys in _mismatches(_shapes(saved), _shapes(expected)).items() if keys
     ]
 
 
 def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | None = None) -> None:
     """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key. Resuming
     (`workdir` given) where only the optimizer state differs, the error says so and gives the ways out."""
-    problems = tree_mismatches(saved, expected)
-    if not problems:
-        return
     saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
-    differing = {key for key in saved_shapes.keys() | expected_shapes.keys()
-                 if saved_shapes.get(key) != expected_shapes.get(key)}  # fmt: skip
+    mismatches = _mismatches(saved_shapes, expected_shapes)
+    if not any(mismatches.values()):
+        return
+    differing = {key.split(":")[0] for keys in mismatches.values() for key in keys}
     if workdir is not None and all(key.startswith("opt_state/") for key in differing):
         what = (
             "the model fits, its optimizer state does not: what trains or how changed (optim.mode, optim.freeze, "
@@ -242,7 +245,8 @@ def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | N
         )
     else:
         what = "the checkpoint does not fit the model of this config"
-    raise CheckpointError(f"{source}: {what}; " + "; ".join(problems))
+    listed = [f"{name} ({len(keys)}): {keys}" for name, keys in mismatches.items() if keys]
+    raise CheckpointError(f"{source}: {what}; " + "; ".join(listed))
 
 
 def check_data_processes(data_dir: str) -> None:
@@ -349,6 +353,13 @@ def check_not_exported(workdir: Path, config: Any) -> None:
         )
 
 
+def step_config_file(workdir: str | os.PathLike, step: int) -> Path:
+    """The config a step is read with: its own (`checkpoints/<step>/config/config.json`), or WORKDIR/config.json
+    for a step saved before steps kept theirs (no `config/` folder)."""
+    folder = Path(checkpoint_dir(workdir)) / str(step) / CONFIG_ITEM
+    return folder / CONFIG_FILE if folder.is_dir() else Path(workdir_path(workdir)) / "config.json"
+
+
 def read_workdir_state(
     workdir: str | os.PathLike, step: int | None = None, items: tuple[str, ...] = ("params", "buffers")
 ) -> tuple[dict, dict, int]:
@@ -385,16 +396,23 @@ def read_workdir_state(
         raise CheckpointError(f"{directory}: no finished checkpoint of step {step}; steps available: {steps}")
     step_dir = Path(directory) / str(step)
     check_step(step_dir, ("state",), steps, resuming=False)
-    step_config = step_dir / CONFIG_ITEM / CONFIG_FILE
-    if step_config.exists():
+    step_config = step_config_file(workdir, step)
+    if step_config != config_file:
+        if not step_config.exists():  # never read with W/config.json instead: that may be a later run's
+            raise damaged_step_error(step_dir, f"{CONFIG_ITEM}/{CONFIG_FILE} is gone", steps, resuming=False)
         try:
             config = read_json(step_config)
         except CheckpointError as err:
             raise damaged_step_error(step_dir, str(err), steps, resuming=False) from err
     # The step directory, read with the item layout `Checkpoints` writes: orbax keeps the step's metadata
-    # (_CHECKPOINT_METADATA) there, so reading `state/` alone made orbax warn that it does not exist.
+    # (_CHECKPOINT_METADATA) there, so reading `state/` alone made orbax warn that it does not exist (and an item
+    # without its handler, that it cannot be restored).
     checkpointer = ocp.Checkpointer(
-        ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(), data=grain.checkpoint.CheckpointHandler())
+        ocp.CompositeCheckpointHandler(
+            state=ocp.PyTreeCheckpointHandler(),
+            data=grain.checkpoint.CheckpointHandler(),
+            **{CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=CONFIG_FILE)},
+        )
     )
     with damage_named(step_dir, steps, resuming=False, any_of=METADATA_READ_FAILURES):
         saved = checkpointer.metadata(step_dir).item_metadata.get("state")
@@ -416,18 +434,18 @@ def read_workdir_state(
     return {name: restored.get(name, {}) for name in items}, config, step
 
 
-def merged_params(params: dict, config: Mapping[str, Any], *, source: str) -> dict:
+def merged_params(params: dict, config: Mapping[str, Any], *, config_file: Path) -> dict:
     """A checkpoint's parameters with its LoRA adapters merged at the scale of `config` (the one it was saved
-    with); without adapters, `params` as they are. Adapters whose config gives no `lora.rank`/`lora.alpha` are
-    refused: a guessed scale would be another model."""
+    with, read from `config_file`); without adapters, `params` as they are. Adapters whose config gives no
+    `lora.rank`/`lora.alpha` are refused: a guessed scale would be another model."""
     if not any(lora.is_adapter(path) for path in flatten(params)):
         return params
     try:
         scale = lora.scale(config["lora"]["rank"], config["lora"]["alpha"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(
-            f"{source}: the checkpoint holds LoRA adapters but its config has no lora.rank and lora.alpha "
-            f"({type(err).__name__}: {err}); add the run's settings (\"lora\": {{\"rank\": R, \"alpha\": A}}) to it"
+            f"{config_file}: the checkpoint holds LoRA adapters but this config has no lora.rank and lora.alpha "
+            f"({type(err).__name__}: {err}); add the run's settings (\"lora\": {{\"rank\": R, \"alpha\": A}})"
         ) from err
     return lora.merge(params, scale)
 
@@ -504,7 +522,7 @@ def apply_init_from(state: dict, setup: Any) -> dict:
     sources: list[tuple[str, list[tuple], list[tuple]]] = []
     if init.workdir:
         items, source_config, step = read_workdir_state(init.workdir, items=("params", "buffers"))
-        params = merged_params(items["params"], source_config, source=f"{init.workdir} (step {step})")
+        params = merged_params(items["params"], source_config, config_file=step_config_file(init.workdir, step))
         stage1 = train_step.model_config(ml_collections.ConfigDict(source_config))
         sources.append((
             f"init_from.workdir={init.workdir}",

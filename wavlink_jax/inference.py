@@ -83,8 +83,8 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
     items, raw_config, step = checkpoint.read_workdir_state(workdir, step, items=("params", "buffers"))
     config = ml_collections.ConfigDict({**raw_config, **_runtime_overrides(dtype)})
     model_config = train_step.model_config(config)
-    source = f"{workdir} (step {step})"
-    params = checkpoint.merged_params(items["params"], raw_config, source=source)
+    source, config_file = f"{workdir} (step {step})", checkpoint.step_config_file(workdir, step)
+    params = checkpoint.merged_params(items["params"], raw_config, config_file=config_file)
 
     abstract = nnx.eval_shape(lambda: WavLink(model_config, rngs=nnx.Rngs(0)))
     graphdef, param_state, buffer_state = nnx.split(abstract, nnx.Param, ...)
@@ -97,7 +97,7 @@ def read_workdir(workdir: str | os.PathLike, step: int | None = None, *, dtype: 
         tokenizer_dir = resolve_source(config.data.tokenizer)  # a directory, or a hub id as in training
     except CheckpointError as err:
         raise CheckpointError(
-            f"{workdir}: the run's tokenizer {config.data.tokenizer!r} (config.data.tokenizer in config.json) "
+            f"{workdir}: the run's tokenizer {config.data.tokenizer!r} (config.data.tokenizer in {config_file}) "
             f"cannot be found from here ({err}); run from the directory the run was started in (an export made "
             "there, python -m wavlink_jax.export, holds a copy of the tokenizer and loads from anywhere)"
         ) from err

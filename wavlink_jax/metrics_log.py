@@ -66,13 +66,12 @@ def keep_records_through(workdir: str | os.PathLike, step: int) -> None:
     replace_text(path, "".join(line + "\n" for line in kept))
 
 
-def evaluated(workdir: str | os.PathLike, step: int) -> bool:
-    """Whether WORKDIR/metrics.jsonl holds evaluation figures (`eval/...`) for `step`. Every process reads it (the
-    answer decides whether all of them evaluate), so only where process 0 is not rewriting it."""
+def last_record(workdir: str | os.PathLike, step: int) -> dict | None:
+    """WORKDIR/metrics.jsonl's last record of `step` (None: it has none). Every process may read it (e.g. to agree
+    on whether all of them evaluate), so only where process 0 is not rewriting the file."""
     path = Path(workdir) / "metrics.jsonl"
-    return path.exists() and any(
-        record["step"] == step and any(key.startswith("eval/") for key in record) for _, record in _read_records(path)
-    )
+    records = [record for _, record in _read_records(path) if record["step"] == step] if path.exists() else []
+    return records[-1] if records else None
 
 
 class MetricsLogger:
@@ -106,8 +105,9 @@ class MetricsLogger:
 
     def write(self, step: int, metrics: Mapping[str, float], *, add_to_last: bool = False) -> None:
         """Append one record (non-finite floats are written as strings "nan"/"inf", JSON has no literal). With
-        `add_to_last`, `metrics` join the last record instead when it is `step`'s (the file replaced in one
-        rename): a final evaluation done after the step's record was written, by a run that evaluation stopped."""
+        `add_to_last` (a final evaluation done after the step's record was written, by a run that evaluation
+        stopped), records after `step` (a killed run's, past its last checkpoint) are dropped and `metrics` join
+        `step`'s record if it is there; the file is replaced in one rename."""
         if not self.enabled:
             return
         record = {"step": int(step)}
@@ -117,9 +117,13 @@ class MetricsLogger:
             record[key] = value if math.isfinite(value) else str(value)
             scalars.append(Summary.Value(tag=tensorboard_tag(key), simple_value=value))
         self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
-        records = _read_records(self.path) if add_to_last and self.path.exists() else []
-        if records and records[-1][1]["step"] == step:
-            lines = [line for line, _ in records[:-1]] + [json.dumps({**records[-1][1], **record})]
+        if add_to_last:
+            kept = [(line, saved) for line, saved in _read_records(self.path) if saved["step"] <= step]
+            lines = [line for line, _ in kept]
+            if kept and kept[-1][1]["step"] == step:
+                lines[-1] = json.dumps({**kept[-1][1], **record})
+            else:
+                lines.append(json.dumps(record))
             replace_text(self.path, "".join(line + "\n" for line in lines))
         else:
             with self.path.open("a") as handle:

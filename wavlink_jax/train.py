@@ -370,10 +370,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     )
     state = initial_state(setup, checkpoints, data)
     start_step = int(jax.device_get(state["step"]))
-    final_evaluation_missing = False
+    final_record, final_evaluation_missing = None, False
     if start_step >= total_steps:  # config.json stays that of the run that made the checkpoints
-        # A run whose final evaluation failed (after saving its last step) has it done by the same command again.
-        final_evaluation_missing = evaluator is not None and not metrics_log.evaluated(workdir, start_step)
+        # A run stopped by its final evaluation (its last step was saved first) has it done by running it again.
+        if evaluator is not None:
+            final_record = metrics_log.last_record(workdir, start_step) or {"step": start_step}
+            final_evaluation_missing = not any(key.startswith("eval/") for key in final_record)
         then = "nothing to do" if not final_evaluation_missing else "metrics.jsonl has no evaluation of it: evaluating"
         _say(f"{workdir} already holds the final checkpoint (step {start_step} of {total_steps}); {then}")
     else:
@@ -396,8 +398,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     preemption = PreemptionWatch()  # from here on, SIGTERM saves and stops after the current step
     try:
         if final_evaluation_missing:
-            last = evaluator(state)
-            log.write(start_step, last, add_to_last=True)
+            evaluation = evaluator(state)
+            log.write(start_step, evaluation, add_to_last=True)
+            last = {key: value for key, value in {**final_record, **evaluation}.items() if key != "step"}
         for step in range(start_step + 1, total_steps + 1):
             local_batch = next(data)
             batch = pipeline.to_global_batch(

@@ -438,15 +438,16 @@ class TrainIterator(grain.DatasetIterator):
     def set_state(self, state: dict) -> None:
         """Move to a position `get_state` returned; one saved with another `num_workers` is a `WorkersMismatch`, one
         of another layout `PositionUnreadable`."""
-        try:
+        try:  # this iterator's own keys (what grain's iterators below make of theirs is theirs to say)
             saved = saved_num_workers(state)
-            if saved != self._num_workers:
-                raise WorkersMismatch(saved, self._num_workers)
-            self._parent.set_state(state["pipeline"])
-            self._total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
-        except (KeyError, IndexError, TypeError, AttributeError) as err:
+            parent_state = state["pipeline"]
+            total = np.array([state["skip_counts"].get(r, 0) for r in SKIP_REASONS], np.int64)
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
             raise PositionUnreadable(f"not a data position this pipeline saves ({type(err).__name__}: {err})") from err
-        self._last = np.zeros(len(SKIP_REASONS), np.int64)
+        if saved != self._num_workers:
+            raise WorkersMismatch(saved, self._num_workers)
+        self._parent.set_state(parent_state)
+        self._total, self._last = total, np.zeros(len(SKIP_REASONS), np.int64)
 
 
 class _HostShare(grain.MapDataset):
