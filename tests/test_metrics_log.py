@@ -67,6 +67,19 @@ def test_tensorboard_shows_a_resumed_run_without_what_the_killed_run_logged_afte
     assert [point.step for point in seen.Scalars("eval/x/t2a_R_1")] == [1, 2]
 
 
+def test_figures_added_to_a_steps_record(tmp_path):
+    """`add_to_last`: the figures join the step's record, records after it (a killed run's) are dropped, and a
+    file without the step's record, or no file at all, gets a record of the figures alone."""
+    log = MetricsLogger(tmp_path, total_steps=2, start_step=2, progress=False)
+    log.write(2, {"eval/x": 0.5}, add_to_last=True)  # no metrics.jsonl yet
+    path = tmp_path / "metrics.jsonl"
+    assert path.read_text() == '{"step": 2, "eval/x": 0.5}\n'
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0}\n{"step": 3, "loss": 0.5}\n')
+    log.write(2, {"eval/x": 0.25}, add_to_last=True)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.0, "eval/x": 0.25}\n'
+    log.close()
+
+
 def test_the_trainer_and_its_logger_do_not_import_torch(tmp_path):
     """tensorboardX, the writer before, imported torch (2.3 s and its memory in every training process)."""
     script = (

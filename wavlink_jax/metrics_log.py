@@ -118,7 +118,8 @@ class MetricsLogger:
             scalars.append(Summary.Value(tag=tensorboard_tag(key), simple_value=value))
         self._writer.add_event(Event(wall_time=time.time(), step=int(step), summary=Summary(value=scalars)))
         if add_to_last:
-            kept = [(line, saved) for line, saved in _read_records(self.path) if saved["step"] <= step]
+            records = _read_records(self.path) if self.path.exists() else []
+            kept = [(line, saved) for line, saved in records if saved["step"] <= step]
             lines = [line for line, _ in kept]
             if kept and kept[-1][1]["step"] == step:
                 lines[-1] = json.dumps({**kept[-1][1], **record})
