@@ -18,15 +18,15 @@ quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 # Test files run in parallel worker processes, one file per worker at a time (module fixtures are built once).
-# Two workers: 837 tests took 12.0 min of pytest on this repository's 2-core machine (2026-11-28, late evening, a
-# fresh clone's `.ci/run`: 14.4 min in all); 812 tests took 9.2 min (11.2 in all) that morning; the same 814 tests
-# took 9.9 min that day, and 12.1 (14.1 in all) and 14.7 that evening on a slower host, where the quickstart's
-# training took 7.0 min instead of 3.4-4.4; 10.7 min for 811, 9.4 min for 801 a session earlier, 736 took 10.4, 715
-# took 11.0, and 12.9 min of pytest before training processes stopped importing torch through tensorboardX,
-# one-process checkpoints stopped slicing replicas and the tests cached every compiled program; 643 had taken 18.8
-# before the tests cached their programs and compiled them without LLVM's optimisations: tests/conftest.py,
-# tests/xla_flags.py). The README's ~15 min budget includes the install (~2 min): new tests should be paid for
-# (`--durations`).
+# Two workers: 836 tests took 10.1 min of pytest on this repository's 2-core machine (2026-11-29, a fresh clone's
+# `.ci/run`: 12.0 min in all), after the costliest launches moved to `slow` (CI had taken 1303 s for 837 tests;
+# on a slow host they took 17.7 min of pytest). Earlier: 837 took 12.0 min (14.4 in all), 812 took 9.2 min (11.2
+# in all), 814 took 9.9, and 12.1 (14.1 in all) and 14.7 on a slower host, where the quickstart's training took
+# 7.0 min instead of 3.4-4.4; 10.7 min for 811, 9.4 min for 801, 736 took 10.4, 715 took 11.0, and 12.9 min of
+# pytest before training processes stopped importing torch through tensorboardX, one-process checkpoints stopped
+# slicing replicas and the tests cached every compiled program; 643 had taken 18.8 before the tests cached their
+# programs and compiled them without LLVM's optimisations (tests/conftest.py, tests/xla_flags.py). The README's
+# ~15 min budget includes the install (~2 min): new tests should be paid for (`--durations`).
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
