@@ -208,36 +208,35 @@ def _as_dict(tree: Any) -> Any:
     return tree
 
 
-def _mismatches(saved_shapes: Mapping[str, tuple], expected_shapes: Mapping[str, tuple]) -> dict[str, list[str]]:
-    """Missing keys, unexpected keys and shape mismatches of two `_shapes` maps (each kind listing every key)."""
-    return {
-        "missing keys": sorted(set(expected_shapes) - set(saved_shapes)),
-        "unexpected keys": sorted(set(saved_shapes) - set(expected_shapes)),
-        "shape mismatches": sorted(
-            f"{key}: checkpoint {saved_shapes[key]} vs model {expected_shapes[key]}"
-            for key in set(saved_shapes) & set(expected_shapes)
-            if saved_shapes[key] != expected_shapes[key]
-        ),
-    }
-
-
 def tree_mismatches(saved: Any, expected: Any) -> list[str]:
     """How a checkpoint's tree differs from `expected`: missing keys, unexpected keys, shape mismatches (one
     entry per kind, listing every key; empty when they fit)."""
+    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
+    missing = sorted(set(expected_shapes) - set(saved_shapes))
+    unexpected = sorted(set(saved_shapes) - set(expected_shapes))
+    mismatched = sorted(
+        f"{key}: checkpoint {saved_shapes[key]} vs model {expected_shapes[key]}"
+        for key in set(saved_shapes) & set(expected_shapes)
+        if saved_shapes[key] != expected_shapes[key]
+    )
     return [
-        f"{name} ({len(keys)}): {keys}" for name, keys in _mismatches(_shapes(saved), _shapes(expected)).items() if keys
+        f"{name} ({len(keys)}): {keys}"
+        for name, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched))
+        if keys
     ]
+
+
+def _without_optimizer(state: Any) -> dict:
+    return {key: value for key, value in _as_dict(state).items() if key != "opt_state"}
 
 
 def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | None = None) -> None:
     """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key. Resuming
     (`workdir` given) where only the optimizer state differs, the error says so and gives the ways out."""
-    saved_shapes, expected_shapes = _shapes(saved), _shapes(expected)
-    mismatches = _mismatches(saved_shapes, expected_shapes)
-    if not any(mismatches.values()):
+    problems = tree_mismatches(saved, expected)
+    if not problems:
         return
-    differing = {key.split(":")[0] for keys in mismatches.values() for key in keys}
-    if workdir is not None and all(key.startswith("opt_state/") for key in differing):
+    if workdir is not None and not tree_mismatches(_without_optimizer(saved), _without_optimizer(expected)):
         what = (
             "the model fits, its optimizer state does not: what trains or how changed (optim.mode, optim.freeze, "
             "optim.towers, the optimizer's chain). Resume with the settings it was saved with, or start a new "
@@ -245,8 +244,7 @@ def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | N
         )
     else:
         what = "the checkpoint does not fit the model of this config"
-    listed = [f"{name} ({len(keys)}): {keys}" for name, keys in mismatches.items() if keys]
-    raise CheckpointError(f"{source}: {what}; " + "; ".join(listed))
+    raise CheckpointError(f"{source}: {what}; " + "; ".join(problems))
 
 
 def check_data_processes(data_dir: str) -> None:
