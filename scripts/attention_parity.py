@@ -14,14 +14,17 @@ are the shapes the benchmark trains:
 * CLIP text: 77 positions (odd, padded to 80), causal, captions of different lengths (`kv_lengths`).
 
 On a GPU the check also requires cuDNN fused-attention custom calls (`__cudnn$fmha…`) in each lowered cuDNN
-program, so a silent fall-back to XLA cannot pass; a case that raises (e.g. an unsupported shape) fails. bf16 rounding gives relative errors of a few 1e-3; the bound is 2e-2.
+program, so a silent fall-back to XLA cannot pass; a case that raises (e.g. an unsupported shape) fails. bf16
+rounding gives relative errors of a few 1e-3; the bound is 2e-2.
 
-`--unpadded-probe B` asks another question instead, in a call of its own (a refusal, or a crash, cannot touch the
-check's verdict; its exit status is 0 once it has answered): does this jax and cuDNN train attention at Whisper's
-odd length as it is, without `Attention`'s pad and padding mask, and how long does a forward and backward take in
-each form (small's attention, batch B)? Why it is asked: in padding mode cuDNN zeroes its output and gradient
-buffers before each call (BENCHMARKS.md, "cuDNN's padding mode"), and jax 0.10.2 refuses any odd length for
-training.
+`--unpadded-probe B` asks another question, in a call of its own (a refusal, or a crash, cannot touch the check's
+verdict): does this jax and cuDNN train attention at Whisper's odd length as it is, without `Attention`'s pad and
+padding mask, and how long does a forward and backward take in each form (small's attention, batch B)? Then it
+checks `Attention`'s "cudnn_unpadded" form (odd lengths as they are where jax trains them so, else padded) against
+XLA on the cases above, each case saying which form ran; its exit status is that check's, whatever the probe's
+answer, and `gpu_check.sh` benchmarks that form only when it is 0. Why it is asked: in padding mode cuDNN zeroes
+its output and gradient buffers before each call (BENCHMARKS.md, "cuDNN's padding mode"), and jax 0.10.2 refuses
+any odd length for training.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ CASES = {
     "clip-text-b32-causal-padded": (512, 8, 77, True, True, (77, 20, 9, 50)),
 }
 TOLERANCE = 2e-2
+CUDNN_FORMS = ("cudnn", "cudnn_unpadded")  # `Attention`'s implementations that call cuDNN
 # `unpadded_probe`'s attention: small's heads (12 of 64) over Whisper's 1500 frames + the global token.
 PROBE_HEADS, PROBE_LENGTH = 12, 1501
 
@@ -83,17 +87,21 @@ def compare(case: str, batch: int, candidate: str, reference: str = "xla") -> di
 
     grad_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=5)
     inputs = (params, x, g, valid, kv_lengths)
-    results, cudnn_calls = {}, None
+    results, cudnn_calls, padded = {}, None, None
     for implementation in (reference, candidate):
         lowered = grad_fn.lower(*inputs, implementation)
-        if implementation == "cudnn":
+        if implementation in CUDNN_FORMS:
             cudnn_calls = lowered.as_text().count("__cudnn$fmha")
+            module = nnx.merge(graphdef, params)
+            module.implementation = implementation
+            padded = module.pads(length, causal=causal, lengths=kv_lengths is not None)
         (_, out), (param_grads, x_grad) = lowered.compile()(*inputs)
         results[implementation] = (out, x_grad, param_grads)
     errors = [relative_error(c, r) for c, r in zip(results[candidate], results[reference])]
     return {
         "case": case, "batch": batch, "length": length, "heads": heads, "causal": causal,
         "out": errors[0], "d_input": errors[1], "d_params": errors[2], "cudnn_custom_calls": cudnn_calls,
+        "padded": padded,
     }
 
 
@@ -155,33 +163,13 @@ def probe_line(probe: dict) -> str:
             f"({probe['unpadded_ms'] / probe['padded_ms']:.3f}×), relative error {probe['relative_error']:.2e}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--candidate", default="cudnn", choices=("cudnn", "xla"), help="implementation under test")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--unpadded-probe", type=int, default=0, metavar="B",
-        help="instead of the check: time cuDNN attention at Whisper's odd length unpadded and unmasked against "
-        "padded, at batch B (status 0 once answered, whatever the answer)",
-    )
-    args = parser.parse_args(argv)
-
-    on_gpu = jax.default_backend() == "gpu"
-    why = cudnn_unavailable() if args.candidate == "cudnn" else None
-    if why:
-        print(f"error: attention_parity.py needs a GPU with cuDNN (jax backend: {jax.default_backend()}): {why}",
-              file=sys.stderr)
-        return 1
-    if args.unpadded_probe:
-        probe = unpadded_probe(args.unpadded_probe)
-        print(json.dumps(probe) if args.json else probe_line(probe))
-        return 0
+def check(cases: list[str], batch: int, candidate: str) -> dict:
+    """`compare` on every case: the summary, with `ok` when each case ran, agreed within TOLERANCE and, on a GPU,
+    called cuDNN for a cuDNN candidate."""
     rows = []
-    for case in args.cases:
+    for case in cases:
         try:
-            rows.append(compare(case, args.batch, args.candidate))
+            rows.append(compare(case, batch, candidate))
         except Exception as error:  # noqa: BLE001 - reported per case; the check fails
             rows.append({"case": case, "error": repr(error)[:1000]})
     measured = [r for r in rows if "error" not in r]
@@ -189,24 +177,67 @@ def main(argv: list[str] | None = None) -> int:
     # NaN where any is (Python's max passes over a NaN that does not come first: a NaN gradient passed the check).
     worst = max(errors, default=math.inf) if all(map(math.isfinite, errors)) else math.nan
     # Only a GPU build has the cuDNN custom call; elsewhere (the CPU test) the cuDNN path is simulated.
-    missing_kernel = on_gpu and args.candidate == "cudnn" and any(not r["cudnn_custom_calls"] for r in measured)
+    on_gpu = jax.default_backend() == "gpu"
+    missing_kernel = on_gpu and candidate in CUDNN_FORMS and any(not r["cudnn_custom_calls"] for r in measured)
     ok = len(measured) == len(rows) and worst < TOLERANCE and not missing_kernel
-    summary = {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "candidate": args.candidate,
-               "tolerance": TOLERANCE, "worst": worst, "ok": ok, "cases": rows}
+    return {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "candidate": candidate, "batch": batch,
+            "tolerance": TOLERANCE, "worst": worst, "missing_kernel": missing_kernel, "ok": ok, "cases": rows}
+
+
+def check_lines(summary: dict) -> list[str]:
+    """`check`'s summary as the report's lines."""
+    lines = [
+        f"jax {summary['jax']} on {summary['device']}: {summary['candidate']} vs xla, bf16, batch {summary['batch']}"
+    ]
+    for r in summary["cases"]:
+        if "error" in r:
+            lines.append(f"  {r['case']}: FAILED with {r['error']}")
+            continue
+        form = "" if r["padded"] is None else (", padded for cuDNN" if r["padded"] else ", unpadded")
+        lines.append(
+            f"  {r['case']} (length {r['length']}, {r['heads']} heads{', causal' if r['causal'] else ''}{form}): "
+            f"relative error out {r['out']:.2e}, d_input {r['d_input']:.2e}, d_params {r['d_params']:.2e}, "
+            f"cuDNN fused-attention calls {r['cudnn_custom_calls']}"
+        )
+    verdict = "OK" if summary["ok"] else (
+        "FAILED: no cuDNN kernel in the program" if summary["missing_kernel"] else "FAILED"
+    )
+    lines.append(f"attention parity {verdict} (worst {summary['worst']:.2e}, bound {TOLERANCE:g})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--candidate", choices=(*CUDNN_FORMS, "xla"),
+        help="implementation under test (default cudnn; with --unpadded-probe, cudnn_unpadded)",
+    )
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--unpadded-probe", type=int, default=0, metavar="B",
+        help="first time cuDNN attention at Whisper's odd length unpadded and unmasked against padded, at batch B; "
+        "then check Attention's cudnn_unpadded form against XLA (status 0 when it agrees, whatever the probe's "
+        "answer)",
+    )
+    args = parser.parse_args(argv)
+    if args.unpadded_probe and args.candidate not in (None, "cudnn_unpadded"):
+        parser.error("--unpadded-probe checks the cudnn_unpadded form: no other --candidate")
+    candidate = args.candidate or ("cudnn_unpadded" if args.unpadded_probe else "cudnn")
+
+    why = cudnn_unavailable() if candidate in CUDNN_FORMS else None
+    if why:
+        print(f"error: attention_parity.py needs a GPU with cuDNN (jax backend: {jax.default_backend()}): {why}",
+              file=sys.stderr)
+        return 1
+    probe = unpadded_probe(args.unpadded_probe) if args.unpadded_probe else None
+    summary = check(args.cases, args.batch, candidate)
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(summary if probe is None else {"unpadded_probe": probe, **summary}))
     else:
-        print(f"jax {jax.__version__} on {summary['device']}: {args.candidate} vs xla, bf16, batch {args.batch}")
-        for r in rows:
-            if "error" in r:
-                print(f"  {r['case']}: FAILED with {r['error']}")
-                continue
-            print(f"  {r['case']} (length {r['length']}, {r['heads']} heads{', causal' if r['causal'] else ''}): "
-                  f"relative error out {r['out']:.2e}, d_input {r['d_input']:.2e}, d_params {r['d_params']:.2e}, "
-                  f"cuDNN fused-attention calls {r['cudnn_custom_calls']}")
-        verdict = "OK" if ok else ("FAILED: no cuDNN kernel in the program" if missing_kernel else "FAILED")
-        print(f"attention parity {verdict} (worst {worst:.2e}, bound {TOLERANCE:g})")
-    return 0 if ok else 1
+        print("\n".join(([] if probe is None else [probe_line(probe)]) + check_lines(summary)))
+    return 0 if summary["ok"] else 1
 
 
 if __name__ == "__main__":

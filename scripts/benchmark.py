@@ -167,6 +167,26 @@ def random_batch(rng, batch: int, samples: int, text_length: int, vocab_size: in
     }
 
 
+def odd_lengths_unpadded(model: WavLinkConfig, frames: int, text_length: int, dtype: str) -> dict[str, bool]:
+    """With `--attention cudnn_unpadded`: for each tower whose sequence is odd, whether cuDNN got it unpadded
+    (`layers.cudnn_trains_unpadded`: the question the towers' stacks ask of this jax) or padded."""
+    import jax.numpy as jnp
+
+    from wavlink_jax.models import layers
+
+    towers = {  # name: (length, config, causal, kv_lengths given)
+        "audio": (frames // 2 + int(model.audio.global_token), model.audio, False, False),
+        "text": (text_length, model.text, True, True),
+    }
+    return {
+        name: layers.cudnn_trains_unpadded(
+            length, tower.num_heads, tower.width // tower.num_heads, jnp.dtype(dtype), causal, lengths
+        )
+        for name, (length, tower, causal, lengths) in towers.items()
+        if length % 2
+    }
+
+
 def bench_config(args: argparse.Namespace, model: WavLinkConfig):
     """The trainer's config for this run: the paper's recipe with the benchmark's batch and runtime knobs."""
     config = common.base_config(model)
@@ -707,8 +727,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="2-layer, 64-wide towers on 1 s windows: seconds on a CPU")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype")
     parser.add_argument(
-        "--attention", choices=("auto", "cudnn", "xla"), default="auto",
-        help="attention implementation (auto: cudnn on GPU, xla elsewhere)",
+        "--attention", choices=("auto", "cudnn", "cudnn_unpadded", "xla"), default="auto",
+        help="attention implementation (auto: cudnn on GPU, xla elsewhere; cudnn_unpadded: cudnn with odd lengths "
+        "unpadded where jax trains them so)",
     )
     parser.add_argument(
         "--remat", default="none",
@@ -812,6 +833,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "text_length": args.text_length,
         "dtype": args.dtype,
         "attention": args.attention,
+        "odd_lengths_unpadded": (
+            odd_lengths_unpadded(model, args.frames, args.text_length, args.dtype)
+            if args.attention == "cudnn_unpadded"
+            else None
+        ),
         "remat": args.remat,
         "xla_options": dict(args.xla_option),
         "platform": device.platform,
@@ -909,6 +935,13 @@ def xla_options_text(xla_options: dict[str, Any]) -> str:
     return ", XLA options " + ", ".join(f"{name}={value!r}" for name, value in xla_options.items())
 
 
+def unpadded_text(unpadded: dict[str, bool] | None) -> str:
+    """` (audio unpadded, text padded)`: which towers' odd lengths cuDNN got as they are; "" when not asked."""
+    if unpadded is None:
+        return ""
+    return " (" + ", ".join(f"{name} {'unpadded' if value else 'padded'}" for name, value in unpadded.items()) + ")"
+
+
 def report(r: dict[str, Any]) -> str:
     """The human-readable summary of `main`'s result."""
     cost = (
@@ -918,7 +951,8 @@ def report(r: dict[str, Any]) -> str:
     )
     lines = [
         f"WavLink {r['model']}, batch {r['batch']}, {r['window_s']:g} s window, {r['dtype']}, attention "
-        f"{r['attention']}, remat {r['remat']}{xla_options_text(r['xla_options'])} on {r['device']} ({r['platform']}), "
+        f"{r['attention']}{unpadded_text(r['odd_lengths_unpadded'])}, remat {r['remat']}"
+        f"{xla_options_text(r['xla_options'])} on {r['device']} ({r['platform']}), "
         f"{r['date']}",
         "  versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items() if v),
         f"  bf16 matmul peak ({r['matmul_size']}³, mean of 10): {r['matmul_peak_tflops']:.3g} TFLOP/s",

@@ -11,22 +11,24 @@
 # Resumable: runs that succeeded are recorded in $STATE_DIR (default /tmp/gpu_check_state, which lives as long
 # as the machine), and a second call on the same machine skips them and the parity check (whose verdict, cudnn
 # or xla, is kept there too; delete the folder to check again), so one device session can be spent as two
-# back-to-back calls: `BUDGET_S=560 bash scripts/gpu_check.sh` (parity + runs 1-2 by the estimates below:
-# 55 + 260 + 230 = 545 s; GPU run 5's first call did parity and seven runs in 533 s), then again with what the
-# session has left (BUDGET_S ≈ 290 s: runs 3-5, 170 + 50 + 55 s; run 5's second call had 290 s). The rows of
-# every call since the state was fresh are kept there as well, so each call's bench.jsonl and summary hold all
-# of them (a device call may get a new, empty $OUT each time).
+# back-to-back calls: `BUDGET_S=570 bash scripts/gpu_check.sh` (parity, probe and unpadded parity + runs 1-2 by the
+# estimates below: 75 + 260 + 230 = 565 s; GPU run 5's first call did parity and seven runs in 533 s), then again
+# with what the session has left (BUDGET_S ≈ 290 s: runs 3-5, 170 + 50 + 50 s; run 5's second call had 290 s).
+# The rows of every call since the state was fresh are kept there as well, so each call's bench.jsonl and summary
+# hold all of them (a device call may get a new, empty $OUT each time).
 # Order = importance, so that a call cut short still leaves the most useful figures:
 #   1. versions, nvidia-smi; cuDNN vs XLA attention parity through our `layers.Attention` (values and
 #      gradients, bf16, the padded Whisper and causal CLIP shapes; scripts/attention_parity.py) — chooses the
 #      attention implementation for the rest (cudnn unless it fails); then, in a call of its own that cannot
 #      change that, whether cuDNN trains Whisper's odd length unpadded and unmasked, and how fast
-#      (`attention_parity.py --unpadded-probe`, small's shape)
+#      (`attention_parity.py --unpadded-probe`, small's shape), and whether `Attention`'s cudnn_unpadded form
+#      agrees with XLA on the same cases (its run below is made only if it does)
 #   2. the verdicts no run has given: large b16 and medium b32 against torch.compile of the whole step, in one
 #      process (runs 3 and 4 compared them with the regional compile or the issue's table only)
 #   3. small b64, the target still open, against torch.compile with our step in its default form (run 5 measured
-#      the ratio without XLA's command buffers; profiled, HLO dumped, trace kept); then without Triton GEMMs,
-#      which run 5 found 2% faster for small without command buffers
+#      the ratio without XLA's command buffers; profiled, HLO dumped, trace kept); then with Whisper's odd length
+#      unpadded for cuDNN where jax trains it so (`--attention cudnn_unpadded`, if that form agreed with XLA); then
+#      without Triton GEMMs, which run 5 found 2% faster for small without command buffers
 #   4. base 10 s b128 (its 2.5× target needs the command buffers: run 5, without them, 2.10×); base 30 s b128
 #      against torch.compile and eager PyTorch; large b64 without remat; large b16 against the regional compile
 #      (our steps from the JAX compile cache)
@@ -119,9 +121,16 @@ else
     fi
     echo "$ATTENTION" >"$STATE_DIR/attention"
     if [ "$ATTENTION" = cudnn ]; then  # a question in a call of its own: whatever it does, the verdict stands
-        timeout 90 python3 scripts/attention_parity.py --unpadded-probe 64 2>&1 | logged
+        # the probe's answer, then Attention's cudnn_unpadded form against XLA: its run below only if that agrees
+        timeout 150 python3 scripts/attention_parity.py --unpadded-probe 64 --batch 2 \
+            --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | logged
         PROBE_STATUS=${PIPESTATUS[0]}
-        [ "$PROBE_STATUS" -eq 0 ] || log "unpadded probe: no answer (status $PROBE_STATUS); the runs go on"
+        if [ "$PROBE_STATUS" -eq 0 ]; then
+            touch "$STATE_DIR/unpadded_agrees"
+        else
+            log "unpadded probe: no answer, or the cudnn_unpadded form disagreed (status $PROBE_STATUS);" \
+                "its run is left out, the others go on with cudnn"
+        fi
     fi
 fi
 
@@ -201,6 +210,10 @@ runs() {
     bench small-30s-b64-vs-compile 170 --model small --batch 64 --window 30 --baseline torch --compile --steps 10 \
         --profile 1 --dump-hlo "$OUT/hlo_small_30s_b64.txt" --save-trace "$OUT/trace_small_30s_b64.json.gz"
     [ -f "$OUT/hlo_small_30s_b64.txt" ] && gzip -f "$OUT/hlo_small_30s_b64.txt"
+    # Whisper's odd 1501 positions to cuDNN as they are, where this jax trains them so (the row says which tower's
+    # were): no padding mode, whose buffer zeroing costs small ~1.5 ms a step. Only where that form agreed with XLA.
+    [ -f "$STATE_DIR/unpadded_agrees" ] && bench small-30s-b64-cudnn-unpadded 50 --model small --batch 64 --window 30 \
+        --steps 10 --attention cudnn_unpadded
     bench small-30s-b64-no-triton-gemm 50 --model small --batch 64 --window 30 --steps 10 "${NO_TRITON_GEMM[@]}"
     bench base-10s-b128 55 --model base --batch 128 --window 10 --steps 10
     bench base-30s-b128-vs-compile 150 --model base --batch 128 --window 30 --baseline torch --compile --steps 10

@@ -283,10 +283,11 @@ def lower_step(
     remat: str = "none",
     devices: list[Any] | None = None,
     mesh: dict[str, int] | None = None,
+    attention: str | None = None,
 ) -> Any:
     """The benchmark's train step at global batch `batch`, traced with abstract arrays on `devices` (default: this
     machine's first) arranged as `mesh` (`config.mesh`; default all axes 1) and lowered for `platform` (jax's
-    `Lowered`: `.as_text()` is its StableHLO)."""
+    `Lowered`: `.as_text()` is its StableHLO), with `attention` (default: the platform's, `PLATFORM_ATTENTION`)."""
     import jax
     import numpy as np
 
@@ -294,7 +295,8 @@ def lower_step(
 
     config = benchmark.bench_config(
         argparse.Namespace(
-            batch=batch, window=window, dtype="bfloat16", remat=remat, attention=PLATFORM_ATTENTION[platform]
+            batch=batch, window=window, dtype="bfloat16", remat=remat,
+            attention=attention or PLATFORM_ATTENTION[platform],
         ),
         benchmark.wavlink_config(model, tiny=False),
     )
@@ -377,7 +379,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     devices = target_devices(args.target, math.prod(args.mesh.values()), args.memory_fraction) if args.target else None
     start = time.perf_counter()
     lowered = lower_step(
-        args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, devices, args.mesh
+        args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, devices, args.mesh,
+        args.attention,
     )
     text = lowered.as_text()
     lower_s = time.perf_counter() - start
@@ -394,6 +397,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         window=args.window,
         platform=args.platform,
         remat=args.remat,
+        attention=args.attention or PLATFORM_ATTENTION[args.platform],
         mesh=args.mesh,
         lower_s=lower_s,
         analytic_flops=analytic,
@@ -416,7 +420,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']}, batch {r['batch']}, {r['window']:g} s, lowered for {r['platform']} in {r['lower_s']:.1f} s"
-        f" (remat {r['remat']}" + "".join(f", {axis}={size}" for axis, size in r["mesh"].items()) + ")",
+        f" (remat {r['remat']}, attention {r['attention']}"
+        + "".join(f", {axis}={size}" for axis, size in r["mesh"].items())
+        + ")",
         "matmuls (dot_general) by dtype:",
     ]
     total = sum(r["dot_flops"].values())
@@ -529,6 +535,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--remat", default="none", choices=("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                                             "nothing_saveable"),
     )
+    parser.add_argument(
+        "--attention", choices=("cudnn", "cudnn_unpadded"),
+        help="for cuda (its default: cudnn): cudnn_unpadded gives cuDNN odd lengths as they are where this jax "
+        "trains them so (benchmark.py's option of that name)",
+    )
     parser.add_argument("--hlo", metavar="FILE", help="also write the lowered StableHLO text here")
     parser.add_argument(
         "--target", choices=TARGETS,
@@ -549,6 +560,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.batch < 1:
         parser.error("--batch must be ≥ 1")
+    if args.attention and args.platform != "cuda":
+        parser.error("--attention chooses among cuDNN's forms: it lowers for --platform cuda")
     if args.target and args.platform != "cuda":
         parser.error("--target compiles for a GPU: it lowers for --platform cuda")
     if args.compiled_hlo and not args.target:

@@ -7,6 +7,7 @@ single-device benchmark on a different XLA client set-up than a real run).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import json
 import os
@@ -779,7 +780,38 @@ def _route_cudnn_through_xla(monkeypatch, *, drop_causal: bool = False) -> list:
         return original(q, k, v, implementation="xla", is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    from wavlink_jax.models import layers  # a fresh memory of jax's answers on odd lengths, for this test alone
+
+    monkeypatch.setattr(layers, "cudnn_trains_unpadded", functools.cache(layers.cudnn_trains_unpadded.__wrapped__))
     return lengths
+
+
+def test_cudnn_unpadded_reports_which_towers_odd_lengths_cudnn_got_as_they_are(monkeypatch):
+    """`--attention cudnn_unpadded` records, per tower with an odd sequence, jax's answer for the tower's own
+    shape (here a jax that trains base's 1501 audio positions as they are but refuses the causal text's 77):
+    the 10 s window's 501 positions are asked too, and the report line says it."""
+    import jax
+
+    from wavlink_jax.models import layers
+
+    original = jax.nn.dot_product_attention
+    asked = []
+
+    def fake(q, k, v, *, implementation=None, is_causal=False, **kwargs):
+        asked.append((q.shape[1:], is_causal, kwargs.get("key_value_seq_lengths") is not None))
+        if is_causal:
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+        return original(q, k, v, implementation="xla", is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(layers, "cudnn_trains_unpadded", functools.cache(layers.cudnn_trains_unpadded.__wrapped__))
+    model = benchmark.wavlink_config("base", tiny=False)
+    assert benchmark.odd_lengths_unpadded(model, 3000, 77, "bfloat16") == {"audio": True, "text": False}
+    assert asked == [((1501, 8, 64), False, False), ((77, 8, 64), True, True)]
+    assert benchmark.odd_lengths_unpadded(model, 1000, 77, "bfloat16") == {"audio": True, "text": False}
+    assert asked[-1] == ((501, 8, 64), False, False)
+    assert benchmark.unpadded_text({"audio": True, "text": False}) == " (audio unpadded, text padded)"
+    assert benchmark.unpadded_text(None) == ""
 
 
 def test_attention_parity_check_runs_our_modules_padded_cudnn_path(monkeypatch, capsys):
@@ -815,7 +847,8 @@ def test_attention_parity_check_fails_on_a_nan_gradient(monkeypatch, capsys):
     def compare(case, batch, candidate):
         nan_backward = case.startswith("clip")
         return {"case": case, "length": 80, "heads": 8, "causal": nan_backward, "out": 4e-3, "cudnn_custom_calls": 2,
-                "d_input": float("nan") if nan_backward else 4e-3, "d_params": float("nan") if nan_backward else 4e-3}
+                "d_input": float("nan") if nan_backward else 4e-3, "d_params": float("nan") if nan_backward else 4e-3,
+                "padded": True}
 
     monkeypatch.setattr(attention_parity, "cudnn_unavailable", lambda: None)
     monkeypatch.setattr(attention_parity, "compare", compare)
@@ -831,7 +864,7 @@ def test_attention_parity_check_fails_on_a_case_that_raises(monkeypatch, capsys)
         if case.startswith("clip"):
             raise RuntimeError("no cuDNN plan for this shape")
         return {"case": case, "length": 1504, "heads": 8, "causal": False, "out": 4e-3, "cudnn_custom_calls": 2,
-                "d_input": 4e-3, "d_params": 4e-3}
+                "d_input": 4e-3, "d_params": 4e-3, "padded": True}
 
     monkeypatch.setattr(attention_parity, "cudnn_unavailable", lambda: None)
     monkeypatch.setattr(attention_parity, "compare", compare)
@@ -846,33 +879,67 @@ def test_attention_parity_check_fails_on_a_case_that_raises(monkeypatch, capsys)
 def test_the_unpadded_probe_answers_whatever_the_answer(monkeypatch, capsys, refused):
     """`--unpadded-probe`: cuDNN attention at an odd length unpadded and unmasked, against the padded and masked
     form `Attention` runs. Accepted, the two agree (the padded rows cut off); refused (as jax 0.10.2 refuses any
-    odd length for training), the error is the answer; either way the call's status is 0."""
+    odd length for training), the error is the answer. Then `Attention`'s cudnn_unpadded form against XLA, each
+    case at its own length where jax takes it, else padded: the status is that check's, 0 either way here."""
     import jax
     import attention_parity
 
     lengths = _route_cudnn_through_xla(monkeypatch)
     routed = jax.nn.dot_product_attention
 
-    def refusing(q, k, v, *, key_value_seq_lengths=None, **kwargs):
-        if refused and key_value_seq_lengths is None and q.shape[1] % 2:
+    def refusing(q, k, v, *, implementation=None, **kwargs):
+        if refused and implementation == "cudnn" and q.shape[1] % 2:
             raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
-        return routed(q, k, v, key_value_seq_lengths=key_value_seq_lengths, **kwargs)
+        return routed(q, k, v, implementation=implementation, **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
     monkeypatch.setattr(attention_parity, "PROBE_HEADS", 2)
     monkeypatch.setattr(attention_parity, "PROBE_LENGTH", 21)
-    assert attention_parity.main(["--unpadded-probe", "2"]) == 0
-    line = capsys.readouterr().out.strip()
-    assert attention_parity.main(["--unpadded-probe", "2", "--json"]) == 0
-    probe = json.loads(capsys.readouterr().out)
+    argv = ["--unpadded-probe", "2", "--batch", "1", "--cases", "clip-text-b32-causal-padded"]
+    assert attention_parity.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    probe_lengths = set(lengths) - {16}  # 16: the availability probe
+    assert attention_parity.main([*argv, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    probe = summary["unpadded_probe"]
     assert probe["padded_ms"] > 0 and probe["accepted"] is not refused
+    assert summary["ok"] and summary["candidate"] == "cudnn_unpadded"
+    [case] = summary["cases"]
+    assert case["padded"] is refused and case["out"] < 1e-2
     if refused:
-        assert "Unsupported sequence length Q 21" in probe["unpadded_error"] and set(lengths) - {16} == {32}
-        assert line.startswith("unpadded probe (batch 2, 21 positions, 2 heads, fwd+bwd): refused (NotImplemented")
+        assert "Unsupported sequence length Q 21" in probe["unpadded_error"] and probe_lengths == {32, 80}
+        assert lines[0].startswith("unpadded probe (batch 2, 21 positions, 2 heads, fwd+bwd): refused (NotImplemented")
+        assert lines[2].startswith("  clip-text-b32-causal-padded (length 77, 8 heads, causal, padded for cuDNN): ")
     else:
-        assert probe["relative_error"] < 1e-2 and set(lengths) - {16} == {32, 21}  # 16: the availability probe
+        assert probe["relative_error"] < 1e-2 and probe_lengths == {32, 21, 77}
         accepted = r"unpadded probe .*: accepted, [\d.]+ ms against [\d.]+ ms padded \([\d.]+×\), relative error"
-        assert re.match(accepted, line)
+        assert re.match(accepted, lines[0])
+        assert lines[2].startswith("  clip-text-b32-causal-padded (length 77, 8 heads, causal, unpadded): ")
+    assert lines[1] == "jax {} on cpu: cudnn_unpadded vs xla, bf16, batch 1".format(jax.__version__)
+    assert lines[-1].startswith("attention parity OK")
+
+
+def test_the_unpadded_probe_fails_when_the_unpadded_form_disagrees(monkeypatch, capsys):
+    """The probe's status is its check's: a cudnn_unpadded form that disagrees with XLA fails it (gpu_check.sh then
+    leaves that form's run out), and `--candidate` cannot name another form beside `--unpadded-probe`."""
+    import attention_parity
+
+    def compare(case, batch, candidate):
+        assert candidate == "cudnn_unpadded"
+        return {"case": case, "length": 77, "heads": 8, "causal": True, "out": 0.5, "d_input": 0.5, "d_params": 0.5,
+                "cudnn_custom_calls": 2, "padded": False}
+
+    probe = {"batch": 2, "length": 21, "heads": 2, "accepted": True, "padded_ms": 1.0, "unpadded_ms": 0.9,
+             "relative_error": 1e-3}
+    monkeypatch.setattr(attention_parity, "cudnn_unavailable", lambda: None)
+    monkeypatch.setattr(attention_parity, "compare", compare)
+    monkeypatch.setattr(attention_parity, "unpadded_probe", lambda batch: probe)
+    assert attention_parity.main(["--unpadded-probe", "2", "--cases", "clip-text-b32-causal-padded"]) == 1
+    out = capsys.readouterr().out
+    assert "accepted, 0.900 ms against 1.000 ms padded" in out and "attention parity FAILED (worst 5.00e-01" in out
+    with pytest.raises(SystemExit):
+        attention_parity.main(["--unpadded-probe", "2", "--candidate", "cudnn"])
+    assert "--unpadded-probe checks the cudnn_unpadded form: no other --candidate" in capsys.readouterr().err
 
 
 def test_data_benchmark_rates_are_of_the_fastest_pass_per_cpu_and_per_wall_second(monkeypatch):

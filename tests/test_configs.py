@@ -104,7 +104,8 @@ def test_attention_auto_is_the_towers_fastest_and_other_words_are_refused():
     setup = train_step.model_config(config)
     assert setup.audio.attention_implementation is None and setup.text.attention_implementation is None
     config = parse("tests/train_fixtures.py:data_dir=D", "--config.attention_implementation=None")
-    with pytest.raises(ValueError, match=r"config.attention_implementation = 'None' is not one of \('auto', 'xla', 'cudnn'\)"):
+    choices = r"\('auto', 'xla', 'cudnn', 'cudnn_unpadded'\)"
+    with pytest.raises(ValueError, match=r"config.attention_implementation = 'None' is not one of " + choices):
         train_step.check_choices(config)
 
 

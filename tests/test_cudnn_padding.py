@@ -6,6 +6,8 @@ length, values and gradients alike, and the differentiated program must hold a f
 many layers the stack has.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 from flax import nnx
 from jax.extend.core import subjaxprs
 
+from wavlink_jax.models import layers
 from wavlink_jax.models.clip_text import CLIPTextConfig, CLIPTextEncoder
 from wavlink_jax.models.whisper import WhisperConfig, WhisperEncoder
 
@@ -21,19 +24,36 @@ from test_layers import tiny_stack
 TOL = 1e-5
 
 
-@pytest.fixture
-def cudnn_lengths(monkeypatch) -> list:
-    """Route `implementation="cudnn"` through XLA; the list collects the query length of each cuDNN call."""
+def _route_cudnn_through_xla(monkeypatch, refuse_odd: bool) -> list:
+    """Route `implementation="cudnn"` through XLA; the list collects the query length of each cuDNN call.
+    `refuse_odd`: an odd length raises NotImplementedError, as jax 0.10.2 refuses it while tracing a training
+    step (`layers.cudnn_trains_unpadded` asks; the test gets a fresh memory of its answers)."""
     original = jax.nn.dot_product_attention
     lengths = []
 
     def fake(q, k, v, *, implementation=None, **kwargs):
         if implementation == "cudnn":
+            if refuse_odd and q.shape[1] % 2:
+                raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
             lengths.append(q.shape[1])
         return original(q, k, v, implementation="xla", **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(layers, "cudnn_trains_unpadded", functools.cache(layers.cudnn_trains_unpadded.__wrapped__))
     return lengths
+
+
+@pytest.fixture
+def cudnn_lengths(monkeypatch) -> list:
+    """cuDNN calls through XLA, any length accepted (`_route_cudnn_through_xla`)."""
+    return _route_cudnn_through_xla(monkeypatch, refuse_odd=False)
+
+
+@pytest.fixture(params=[False, True], ids=["jax-trains-odd", "jax-refuses-odd"])
+def unpadded_lengths(request, monkeypatch) -> tuple[list, int | None]:
+    """cuDNN calls through XLA, odd lengths refused or not; (the lengths, the padded length expected from an odd
+    one: None where jax trains it as it is)."""
+    return _route_cudnn_through_xla(monkeypatch, refuse_odd=request.param), 32 if request.param else None
 
 
 def _value_and_grads(model: nnx.Module, loss, *inputs):
@@ -114,9 +134,9 @@ def test_clip_text_padded_cudnn_path_matches_xla(cudnn_lengths):
     _assert_close(results["cudnn"], results["xla"])
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
-    """The stack itself, caller's kv_lengths shorter than the sequence: outputs and input gradients agree."""
+def _stack_value_and_grads(implementation: str, causal: bool):
+    """A 2-layer stack over 21 rows with the caller's kv_lengths shorter than the sequence: the loss on its valid
+    rows and the gradients of the parameters and the input."""
     x = jax.random.normal(jax.random.key(5), (3, 21, 32))
     kv_lengths = jnp.array([21, 9, 1], jnp.int32)
     weights = jax.random.normal(jax.random.key(6), (3, 21, 32))
@@ -125,9 +145,15 @@ def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
     def loss(stack, x):
         return jnp.sum(jnp.where(valid, stack(x, kv_lengths=kv_lengths, causal=causal), 0) * weights)
 
-    results = {impl: _value_and_grads(tiny_stack(2, implementation=impl), loss, x) for impl in ("xla", "cudnn")}
+    return _value_and_grads(tiny_stack(2, implementation=implementation), loss, x)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_stack_input_gradient_matches_xla(cudnn_lengths, causal):
+    """The stack itself, caller's kv_lengths shorter than the sequence: outputs and input gradients agree."""
+    cudnn, xla = (_stack_value_and_grads(impl, causal) for impl in ("cudnn", "xla"))
     assert set(cudnn_lengths) == {32}
-    _assert_close(results["cudnn"], results["xla"])
+    _assert_close(cudnn, xla)
 
 
 def test_stack_returns_only_the_last_rows_it_was_asked_for(cudnn_lengths):
@@ -165,3 +191,34 @@ def test_differentiated_stack_pads_once_whatever_its_depth(cudnn_lengths):
 
     assert pads(1) == pads(4) == 3
     assert set(cudnn_lengths) == {32}
+
+
+def test_unpadded_stack_matches_xla(unpadded_lengths):
+    """"cudnn_unpadded" on the text tower's case (causal, caller's kv_lengths, an odd length): cuDNN sees the 21
+    rows as they are where jax trains them so, else the padded 32, and either way computes plain XLA attention's
+    outputs and input gradients."""
+    lengths, padded_length = unpadded_lengths
+    unpadded, xla = (_stack_value_and_grads(impl, causal=True) for impl in ("cudnn_unpadded", "xla"))
+    assert set(lengths) == {padded_length or 21}
+    _assert_close(unpadded, xla)
+
+
+def test_unpadded_stack_pads_only_where_jax_refuses(unpadded_lengths):
+    """Whisper's case (no kv_lengths, not causal), differentiated: no pad at all where jax trains the odd length,
+    else the 3 of the padded stack; an even length is never padded or probed."""
+    lengths, padded_length = unpadded_lengths
+    graphdef, params = nnx.split(tiny_stack(2, implementation="cudnn_unpadded"), nnx.Param)
+
+    def pads(length: int) -> int:
+        def loss(params, x):
+            return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+        x = jnp.ones((2, length, 32))
+        return _count_primitive(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr, "pad")
+
+    assert pads(21) == (3 if padded_length else 0)
+    assert set(lengths) == {padded_length or 21}
+    assert layers.cudnn_trains_unpadded.cache_info().currsize == 1  # the odd length's question, once
+    lengths.clear()
+    assert pads(20) == 0 and set(lengths) == {20}
+    assert layers.cudnn_trains_unpadded.cache_info().currsize == 1

@@ -16,10 +16,18 @@ sys.path.insert(0, str(REPOSITORY / "scripts"))
 import benchmark  # noqa: E402  (for a profile made by its trace functions)
 
 RUNS = [  # gpu_check.sh's labels, in its order
-    "large-30s-b16-vs-compile", "medium-30s-b32-vs-compile", "small-30s-b64-vs-compile", "small-30s-b64-no-triton-gemm",
-    "base-10s-b128", "base-30s-b128-vs-compile", "base-30s-b128-vs-eager", "large-30s-b64",
-    "large-30s-b16-vs-compile-regional",
+    "large-30s-b16-vs-compile", "medium-30s-b32-vs-compile", "small-30s-b64-vs-compile",
+    "small-30s-b64-cudnn-unpadded", "small-30s-b64-no-triton-gemm", "base-10s-b128", "base-30s-b128-vs-compile",
+    "base-30s-b128-vs-eager", "large-30s-b64", "large-30s-b16-vs-compile-regional",
 ]
+
+UNPADDED = "small-30s-b64-cudnn-unpadded"  # the run given its own `--attention`, and only after a cuDNN verdict
+
+
+def called(labels, attention: str = "cudnn") -> list[str]:
+    """The stand-in benchmark's call lines for these runs, each with the attention it was given."""
+    return [f"{label}:{'cudnn_unpadded' if label == UNPADDED else attention}" for label in labels]
+
 
 STAND_IN_BENCHMARK = '''
 import functools, importlib.util, json, os, sys
@@ -47,7 +55,7 @@ def main():
     args = sys.argv[1:]
     label, jsonl = args[args.index("--label") + 1], args[args.index("--jsonl") + 1]
     with open(os.environ["CALLS"], "a") as calls:
-        calls.write(f"{label}:{args[args.index('--attention') + 1]}\\n")
+        calls.write(f"{label}:{args[len(args) - args[::-1].index('--attention')]}\\n")  # the last, as argparse
     if label in os.environ.get("FAIL", "").split():
         sys.exit(3)
     import signal, time
@@ -125,7 +133,7 @@ def gpu_check(tmp_path: Path, out: str, budget_s: int, fail: str = "", **env: st
 
 def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="large-30s-b16-vs-compile")
-    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS)]  # a silent, passing check keeps cuDNN
+    assert calls == ["parity", "probe", *called(RUNS)]  # a silent, passing check keeps cuDNN
     assert [row["label"] for row in rows] == RUNS
     # recorded, not done (the seconds depend on the machine's load)
     assert re.fullmatch(r"exit 3 after \d+ s", rows[RUNS.index("large-30s-b16-vs-compile")]["error"])
@@ -144,8 +152,9 @@ def test_a_second_call_runs_only_what_the_first_did_not_finish(tmp_path):
     assert "error" not in rows[-1]
     assert "attention implementation from this machine's earlier call: cudnn" in log
     assert "== medium-30s-b32-vs-compile: done in an earlier call on this machine" in log
-    summary = log.split("9 runs on")[-1]
-    assert "\n9 runs on stand-in" in log and "| medium-30s-b32-vs-compile | 10.0 | 100.0 | 300 (38%)" in summary
+    summary = log.split(f"{len(RUNS)} runs on")[-1]
+    assert f"\n{len(RUNS)} runs on stand-in" in log
+    assert "| medium-30s-b32-vs-compile | 10.0 | 100.0 | 300 (38%)" in summary
     assert "| large-30s-b16-vs-compile | 10.0 |" in summary
 
     shutil.rmtree(tmp_path / "state")  # a fresh start empties the record
@@ -186,7 +195,7 @@ def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call
                                  HANG="small-30s-b64-no-triton-gemm", DEAF="base-10s-b128",
                                  KILLED="base-30s-b128-vs-compile",
                                  RUN_LIMIT_PERCENT="4", KILL_AFTER_S="1")  # 50 and 55 s → a limit of 2 s, 150 → 6
-    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS)]  # every run had its turn
+    assert calls == ["parity", "probe", *called(RUNS)]  # every run had its turn
     for label in ("small-30s-b64-no-triton-gemm", "base-10s-b128"):  # TERMinated; KILLed a second after ignoring it
         [row] = [row for row in rows if row["label"] == label]
         assert re.fullmatch(r"out of time \(limit 2 s\) after \d+ s", row["error"]), row
@@ -200,32 +209,38 @@ def test_a_run_that_hangs_is_stopped_at_its_limit_and_goes_last_in_the_next_call
 
 def test_a_failed_attention_check_switches_every_run_to_xla(tmp_path):
     calls, _, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="parity")
-    assert calls == ["parity", *(f"{label}:xla" for label in RUNS)]
+    assert calls == ["parity", *called([label for label in RUNS if label != UNPADDED], "xla")]
     assert "cuDNN attention failed or disagreed" in log
 
 
 def test_the_unpadded_probe_cannot_change_the_attention_verdict(tmp_path):
-    """The probe runs in a call of its own after the verdict: its failure (a crash, a timeout) is logged and every
-    run keeps cuDNN; with cuDNN refused, it does not run."""
-    calls, _, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="probe")
-    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS)]
-    assert "unpadded probe: no answer (status 1); the runs go on" in log
+    """The probe (with its check of the cudnn_unpadded form) runs in a call of its own after the verdict: its
+    failure (a crash, a timeout, a disagreement) is logged, leaves out the cudnn_unpadded run, on this call and the
+    next, and every other run keeps cuDNN; with cuDNN refused, it does not run (see the test above)."""
+    calls, rows, log = gpu_check(tmp_path, "first", budget_s=10_000, fail="probe")
+    others = [label for label in RUNS if label != UNPADDED]
+    assert calls == ["parity", "probe", *called(others)]
+    assert [row["label"] for row in rows] == others
+    assert ("unpadded probe: no answer, or the cudnn_unpadded form disagreed (status 1); its run is left out, the "
+            "others go on with cudnn") in log
+    calls, _, _ = gpu_check(tmp_path, "second", budget_s=10_000)
+    assert calls == []
 
 
 def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):
-    """With 60 s, only the three runs estimated at ≤ 60 s start (small without Triton GEMMs, the 10 s window, the
-    eager baseline); the others are recorded as skipped, so the next call runs them."""
+    """With 60 s, only the four runs estimated at ≤ 60 s start (small unpadded and without Triton GEMMs, the 10 s
+    window, the eager baseline); the others are recorded as skipped, so the next call runs them."""
     calls, rows, log = gpu_check(tmp_path, "short", budget_s=60)
-    short = ("small-30s-b64-no-triton-gemm", "base-10s-b128", "base-30s-b128-vs-eager")
-    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in short)]
+    short = (UNPADDED, "small-30s-b64-no-triton-gemm", "base-10s-b128", "base-30s-b128-vs-eager")
+    assert calls == ["parity", "probe", *called(short)]
     # each within what was left of the budget, though 150% of 55 s is 82 s
     limits = [int(limit) for limit in re.findall(r"\(limit (\d+) s\)", log)]
-    assert len(limits) == 3 and max(limits) <= 60, limits
+    assert len(limits) == 4 and max(limits) <= 60, limits
     skipped = [row["label"] for row in rows if row.get("error", "").startswith("skipped")]
     expected = [label for label in RUNS if label not in short]
     assert skipped == expected
     calls, _, _ = gpu_check(tmp_path, "rest", budget_s=10_000)
-    assert calls == [f"{label}:cudnn" for label in expected]
+    assert calls == called(expected)
 
 
 def test_a_run_that_needs_more_memory_than_the_card_has_is_skipped_and_recorded(tmp_path):
@@ -238,7 +253,7 @@ def test_a_run_that_needs_more_memory_than_the_card_has_is_skipped_and_recorded(
     smi.chmod(0o755)
     calls, rows, log = gpu_check(tmp_path, "h100", budget_s=10_000)
     unfit = ("large-30s-b64",)
-    assert calls == ["parity", "probe", *(f"{label}:cudnn" for label in RUNS if label not in unfit)]
+    assert calls == ["parity", "probe", *called([label for label in RUNS if label not in unfit])]
     for label in unfit:
         [row] = [row for row in rows if row["label"] == label]
         assert row["error"] == "skipped: needs a card of 130 GiB or more, this one has 79 GiB"

@@ -1,5 +1,6 @@
 """scripts/hlo_audit.py: FLOPs and kernels read from a lowered program, and the GPU program of our real step."""
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -96,6 +97,47 @@ def test_gpu_program_matmuls_are_bf16_and_match_the_analytic_flop_count(base_on_
     assert 1.0 < r["lowered_over_analytic"] < 1.01
 
 
+def test_cudnn_unpadded_lowers_odd_lengths_as_they_are_where_jax_trains_them(monkeypatch):
+    """`--attention cudnn_unpadded`: the pinned jax refuses odd lengths for training (the zero-size bias it passes
+    when there is none counts as a bias), so the program is the padded one; a jax whose check sees no bias (as
+    GPU run 1's 0.11.2 trained Whisper's 1501 positions) gets each full-length layer at the tower's own length,
+    the audio tower's with no mask at all (no padding mode), the text's with its caption lengths, causal."""
+    from jax._src.cudnn import fused_attention_stablehlo as fused
+
+    from wavlink_jax.models import layers
+
+    def shapes(r):
+        return {(a["kernel"], tuple(a["q"]), a["kv_length"], a["mask"]) for a in r["cudnn_attention"]}
+
+    def fresh_answers():  # jax's answers remembered by this test alone
+        monkeypatch.setattr(layers, "cudnn_trains_unpadded", functools.cache(layers.cudnn_trains_unpadded.__wrapped__))
+
+    argv = ["--model", "base", "--batch", "2", "--attention", "cudnn_unpadded"]
+    fresh_answers()
+    pinned = hlo_audit.run(hlo_audit.parse_args(argv))
+    assert pinned["attention"] == "cudnn_unpadded"
+    assert {(q[1], kv, mask) for _, q, kv, mask in shapes(pinned)} == {
+        (1504, 1504, "PADDING"), (80, 80, "PADDING_CAUSAL")
+    }
+    check = fused.check_is_flash_attention
+    monkeypatch.setattr(
+        fused, "check_is_flash_attention",
+        lambda query, key, value, layout, version, has_bias, *rest, **kwargs: check(
+            query, key, value, layout, version, False, *rest, **kwargs
+        ),
+    )
+    fresh_answers()
+    unpadded = hlo_audit.run(hlo_audit.parse_args(argv))
+    assert unpadded["cudnn_calls"] == {"forward": 17, "backward": 17}
+    assert shapes(unpadded) == {
+        (kernel, q, kv, mask)
+        for kernel in ("forward", "backward")
+        for q, kv, mask in (((2, 1501, 8, 64), 1501, "NO_MASK"), ((2, 77, 8, 64), 77, "PADDING_CAUSAL"))
+    }
+    # The padded rows' FLOPs are gone: only the mel filter bank's (0.04%) lie beyond the analytic count.
+    assert 1.0 < unpadded["lowered_over_analytic"] < 1.001 < pinned["lowered_over_analytic"]
+
+
 def test_cpu_program_matches_the_analytic_flop_count_too():
     r = hlo_audit.run(hlo_audit.parse_args(["--model", "base", "--batch", "2", "--window", "10", "--platform", "cpu"]))
     assert r["cudnn_calls"] == {"forward": 0, "backward": 0}
@@ -125,6 +167,7 @@ def test_target_without_jaxs_cuda_plugin_says_what_to_install(monkeypatch):
     "argv, message",
     [
         (["--target", "h100", "--platform", "cpu"], "--target compiles for a GPU"),
+        (["--attention", "cudnn_unpadded", "--platform", "cpu"], "--attention chooses among cuDNN's forms"),
         (["--compiled-hlo", "x.hlo"], "--compiled-hlo needs --target"),
         (["--target", "a100"], "invalid choice"),
         (["--target", "h200", "--top", "0"], "--top must be ≥ 1"),

@@ -114,7 +114,9 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu,
 }
 
-ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", None)
+# "cudnn_unpadded": cuDNN, with an odd length passed as it is where jax trains it so (see `cudnn_trains_unpadded`).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "cudnn_unpadded", None)
+_CUDNN_IMPLEMENTATIONS = ("cudnn", "cudnn_unpadded")
 
 
 def resolve_attention_implementation(implementation: str | None, dtype: Dtype) -> str:
@@ -126,6 +128,32 @@ def resolve_attention_implementation(implementation: str | None, dtype: Dtype) -
         return implementation
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+
+
+@functools.cache
+def cudnn_trains_unpadded(
+    length: int, num_heads: int, head_dim: int, dtype: Dtype, causal: bool, lengths: bool
+) -> bool:
+    """Whether this jax trains cuDNN attention over `length` positions as they are (with `kv_lengths` when
+    `lengths`), asked by tracing one call's gradient: jax refuses a shape it does not support while tracing
+    (NotImplementedError). jax 0.10.2 refuses every odd length for training; GPU run 1's jax 0.11.2 trained
+    Whisper's 1501 positions. Unpadded, cuDNN leaves its padding mode, which zeroes the output and gradient
+    buffers before each call (BENCHMARKS.md, "cuDNN's padding mode zeroes its buffers")."""
+    q = jax.ShapeDtypeStruct((1, length, num_heads, head_dim), dtype)
+    kv_lengths = jax.ShapeDtypeStruct((1,), jnp.int32) if lengths else None
+
+    def total(q: jax.Array, k: jax.Array, v: jax.Array, kv_lengths: jax.Array | None) -> jax.Array:
+        out = jax.nn.dot_product_attention(
+            q, k, v, is_causal=causal, key_value_seq_lengths=kv_lengths, implementation="cudnn"
+        )
+        return out.astype(jnp.float32).sum()
+
+    try:
+        jax.eval_shape(jax.grad(total, argnums=(0, 1, 2)), q, q, q, kv_lengths)
+    except NotImplementedError:
+        return False
+    return True
+
 
 # Rematerialisation policies a config may name. "none" keeps every activation; "full" recomputes the block.
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -421,7 +449,18 @@ class Attention(nnx.Module):
 
     def uses_cudnn(self) -> bool:
         """Whether attention over the whole sequence runs on cuDNN (q is in the projections' compute dtype)."""
-        return resolve_attention_implementation(self.implementation, self.query.dtype) == "cudnn"
+        return resolve_attention_implementation(self.implementation, self.query.dtype) in _CUDNN_IMPLEMENTATIONS
+
+    def pads(self, length: int, *, causal: bool, lengths: bool) -> bool:
+        """Whether attention over the whole of a `length`-long sequence pads it for cuDNN (`_pad_for_cudnn`):
+        an odd length does, unless the implementation is "cudnn_unpadded" and jax trains it as it is."""
+        if length % 2 == 0 or not self.uses_cudnn():
+            return False
+        if resolve_attention_implementation(self.implementation, self.query.dtype) == "cudnn":
+            return True
+        width = self.query.out_features
+        head_dim = width // self.num_heads
+        return not cudnn_trains_unpadded(length, self.num_heads, head_dim, self.query.dtype, causal, lengths)
 
     def __call__(
         self,
@@ -454,11 +493,10 @@ class Attention(nnx.Module):
         k = project(self.key, x, shift=False)  # a shift common to every key changes no attention weight
         v = project(self.value, x)
         # A few query rows against all keys is tiny work, which XLA handles for any shape.
-        implementation = "xla" if query_start is not None else resolve_attention_implementation(
-            self.implementation, q.dtype
-        )
+        implementation = "xla" if query_start is not None or not self.uses_cudnn() else "cudnn"
         query_length = q.shape[1]
-        padded = implementation == "cudnn" and length % 2 == 1  # (`EncoderStack` pads once, so its blocks never do)
+        # (`EncoderStack` pads once, so its blocks never do)
+        padded = query_start is None and self.pads(length, causal=causal, lengths=kv_lengths is not None)
         if padded:
             kv_lengths, q, k, v = _pad_for_cudnn(kv_lengths, q, k, v)
         attended = jax.nn.dot_product_attention(
@@ -590,13 +628,13 @@ class EncoderStack(nnx.Module):
         """`last_query_start`: the last block computes only rows `last_query_start:` (the returned rows); a
         negative value counts from the end, as in a slice, and it must lie inside the sequence.
 
-        An odd length with cuDNN attention is zero-padded once here (see `_pad_for_cudnn`) instead of q, k and
-        v in every layer (on an H200 that per-layer padding cost ~4 of base's 106 ms step). Real rows never see
-        the padded ones: `kv_lengths` masks them as keys, and LayerNorm and the MLP work row by row. The padded
-        rows are sliced off the result, so they also get no gradient.
+        An odd length with cuDNN attention is zero-padded once here (see `_pad_for_cudnn`; `Attention.pads` says
+        when) instead of q, k and v in every layer (on an H200 that per-layer padding cost ~4 of base's 106 ms
+        step). Real rows never see the padded ones: `kv_lengths` masks them as keys, and LayerNorm and the MLP
+        work row by row. The padded rows are sliced off the result, so they also get no gradient.
         """
         length = x.shape[1]
-        padded = length % 2 == 1 and self.layers[0].attn.uses_cudnn()
+        padded = self.layers[0].attn.pads(length, causal=causal, lengths=kv_lengths is not None)
         if padded:
             kv_lengths, x = _pad_for_cudnn(kv_lengths, x)
         if last_query_start is not None:

@@ -41,8 +41,8 @@ class WhisperConfig:
     """Sizes and options of the audio tower.
 
     `dtype` is the compute dtype (parameters stay fp32); `remat` is "none" or a `layers.REMAT_POLICIES`
-    name; `attention_implementation` is None (jax picks), "xla" or "cudnn"; `global_token=False` gives plain
-    Whisper (`global_state` is then None).
+    name; `attention_implementation` is None (jax picks), "xla", "cudnn" or "cudnn_unpadded"; `global_token=False`
+    gives plain Whisper (`global_state` is then None).
     """
 
     n_mels: int
