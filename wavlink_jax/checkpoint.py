@@ -160,8 +160,8 @@ class Checkpoints:
             saved = self.manager.item_metadata(step)["state"]
         check_compatible(saved.tree, abstract_state, source=where, workdir=os.path.dirname(self.directory))
         check_data_processes(os.path.join(where, "data"))
-        count = jax.process_count()  # grain's names for the positions; every process looks at all (shared workdir)
-        gone = [f"data/{name}" for name in (f"process_{i}-of-{count}.json" for i in range(count))
+        count = jax.process_count()  # every process looks at all positions (a shared workdir)
+        gone = [f"data/{name}" for name in (data_position_name(i, count) for i in range(count))
                 if not os.path.exists(os.path.join(where, "data", name))]  # fmt: skip
         if gone:  # grain said "File ... does not exist." alone
             raise damaged_step_error(where, f"{', '.join(gone)} (a data position) is gone", steps, resuming=True)
@@ -247,11 +247,16 @@ def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | N
     raise CheckpointError(f"{source}: {what}; " + "; ".join(problems))
 
 
+def data_position_name(process: int | str, count: int | str) -> str:
+    """grain's file name for one process's data position in a step's `data/` (`"*"`s make its glob pattern)."""
+    return f"process_{process}-of-{count}.json"
+
+
 def check_data_processes(data_dir: str) -> None:
     """Refuse a data-iterator position saved by another number of processes (grain keeps one file per
-    process, `process_<i>-of-<n>.json`): each host's position is in its own share of the data."""
+    process, `data_position_name`): each host's position is in its own share of the data."""
     count = jax.process_count()
-    files = Path(data_dir).glob("process_*-of-*.json")
+    files = Path(data_dir).glob(data_position_name("*", "*"))
     saved = sorted({int(path.stem.rsplit("-of-", 1)[1]) for path in files})
     if saved and count not in saved:
         raise CheckpointError(
