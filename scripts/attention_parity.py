@@ -22,9 +22,9 @@ verdict): does this jax and cuDNN train attention at Whisper's odd length as it 
 padding mask, and how long does a forward and backward take in each form (small's attention, batch B)? Then it
 checks `Attention`'s "cudnn_unpadded" form (odd lengths as they are where jax trains them so, else padded) against
 XLA on the cases above, each case saying which form ran; its exit status is that check's, whatever the probe's
-answer, and `gpu_check.sh` benchmarks that form only when it is 0. Why it is asked: in padding mode cuDNN zeroes
-its output and gradient buffers before each call (BENCHMARKS.md, "cuDNN's padding mode"), and jax 0.10.2 refuses
-any odd length for training.
+answer, and `gpu_check.sh` benchmarks that form only when it is 0 and a case ran unpadded. Why it is asked: in
+padding mode cuDNN zeroes its output and gradient buffers before each call (BENCHMARKS.md, "cuDNN's padding mode"),
+and jax 0.10.2 refuses any odd length for training.
 """
 
 from __future__ import annotations
@@ -52,7 +52,6 @@ CASES = {
     "clip-text-b32-causal-padded": (512, 8, 77, True, True, (77, 20, 9, 50)),
 }
 TOLERANCE = 2e-2
-CUDNN_FORMS = ("cudnn", "cudnn_unpadded")  # `Attention`'s implementations that call cuDNN
 # `unpadded_probe`'s attention: small's heads (12 of 64) over Whisper's 1500 frames + the global token.
 PROBE_HEADS, PROBE_LENGTH = 12, 1501
 
@@ -90,7 +89,7 @@ def compare(case: str, batch: int, candidate: str, reference: str = "xla") -> di
     results, cudnn_calls, padded = {}, None, None
     for implementation in (reference, candidate):
         lowered = grad_fn.lower(*inputs, implementation)
-        if implementation in CUDNN_FORMS:
+        if implementation in layers.CUDNN_IMPLEMENTATIONS:
             cudnn_calls = lowered.as_text().count("__cudnn$fmha")
             module = nnx.merge(graphdef, params)
             module.implementation = implementation
@@ -178,7 +177,8 @@ def check(cases: list[str], batch: int, candidate: str) -> dict:
     worst = max(errors, default=math.inf) if all(map(math.isfinite, errors)) else math.nan
     # Only a GPU build has the cuDNN custom call; elsewhere (the CPU test) the cuDNN path is simulated.
     on_gpu = jax.default_backend() == "gpu"
-    missing_kernel = on_gpu and candidate in CUDNN_FORMS and any(not r["cudnn_custom_calls"] for r in measured)
+    cudnn = candidate in layers.CUDNN_IMPLEMENTATIONS
+    missing_kernel = on_gpu and cudnn and any(not r["cudnn_custom_calls"] for r in measured)
     ok = len(measured) == len(rows) and worst < TOLERANCE and not missing_kernel
     return {"jax": jax.__version__, "device": jax.devices()[0].device_kind, "candidate": candidate, "batch": batch,
             "tolerance": TOLERANCE, "worst": worst, "missing_kernel": missing_kernel, "ok": ok, "cases": rows}
@@ -209,7 +209,7 @@ def check_lines(summary: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--candidate", choices=(*CUDNN_FORMS, "xla"),
+        "--candidate", choices=(*layers.CUDNN_IMPLEMENTATIONS, "xla"),
         help="implementation under test (default cudnn; with --unpadded-probe, cudnn_unpadded)",
     )
     parser.add_argument("--batch", type=int, default=4)
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--unpadded-probe checks the cudnn_unpadded form: no other --candidate")
     candidate = args.candidate or ("cudnn_unpadded" if args.unpadded_probe else "cudnn")
 
-    why = cudnn_unavailable() if candidate in CUDNN_FORMS else None
+    why = cudnn_unavailable() if candidate in layers.CUDNN_IMPLEMENTATIONS else None
     if why:
         print(f"error: attention_parity.py needs a GPU with cuDNN (jax backend: {jax.default_backend()}): {why}",
               file=sys.stderr)

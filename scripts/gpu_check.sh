@@ -22,7 +22,7 @@
 #      attention implementation for the rest (cudnn unless it fails); then, in a call of its own that cannot
 #      change that, whether cuDNN trains Whisper's odd length unpadded and unmasked, and how fast
 #      (`attention_parity.py --unpadded-probe`, small's shape), and whether `Attention`'s cudnn_unpadded form
-#      agrees with XLA on the same cases (its run below is made only if it does)
+#      agrees with XLA on the same cases (its run below is made only if it does, with an odd length unpadded)
 #   2. the verdicts no run has given: large b16 and medium b32 against torch.compile of the whole step, in one
 #      process (runs 3 and 4 compared them with the regional compile or the issue's table only)
 #   3. small b64, the target still open, against torch.compile with our step in its default form (run 5 measured
@@ -121,15 +121,21 @@ else
     fi
     echo "$ATTENTION" >"$STATE_DIR/attention"
     if [ "$ATTENTION" = cudnn ]; then  # a question in a call of its own: whatever it does, the verdict stands
+        rm -f "$STATE_DIR/unpadded_agrees"  # this check's answer, never an earlier one's
         # the probe's answer, then Attention's cudnn_unpadded form against XLA: its run below only if that agrees
+        # and a case ran unpadded (the check's case lines say ", unpadded)"); where this jax pads every odd length,
+        # the form is cudnn's own program, which small-30s-b64-vs-compile measures already
         timeout 150 python3 scripts/attention_parity.py --unpadded-probe 64 --batch 2 \
-            --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | logged
+            --cases whisper-base-30s clip-text-b32-causal-padded 2>&1 | logged | tee "$STATE_DIR/unpadded_check.txt"
         PROBE_STATUS=${PIPESTATUS[0]}
-        if [ "$PROBE_STATUS" -eq 0 ]; then
-            touch "$STATE_DIR/unpadded_agrees"
-        else
+        if [ "$PROBE_STATUS" -ne 0 ]; then
             log "unpadded probe: no answer, or the cudnn_unpadded form disagreed (status $PROBE_STATUS);" \
                 "its run is left out, the others go on with cudnn"
+        elif ! grep -q ', unpadded): ' "$STATE_DIR/unpadded_check.txt"; then
+            log "unpadded probe: this jax pads every odd length for cuDNN, so cudnn_unpadded is cudnn;" \
+                "its run is left out"
+        else
+            touch "$STATE_DIR/unpadded_agrees"
         fi
     fi
 fi
@@ -211,7 +217,8 @@ runs() {
         --profile 1 --dump-hlo "$OUT/hlo_small_30s_b64.txt" --save-trace "$OUT/trace_small_30s_b64.json.gz"
     [ -f "$OUT/hlo_small_30s_b64.txt" ] && gzip -f "$OUT/hlo_small_30s_b64.txt"
     # Whisper's odd 1501 positions to cuDNN as they are, where this jax trains them so (the row says which tower's
-    # were): no padding mode, whose buffer zeroing costs small ~1.5 ms a step. Only where that form agreed with XLA.
+    # were): no padding mode, whose buffer zeroing costs small ~1.5 ms a step. Only where that form agreed with XLA
+    # and gave cuDNN an odd length as it is.
     [ -f "$STATE_DIR/unpadded_agrees" ] && bench small-30s-b64-cudnn-unpadded 50 --model small --batch 64 --window 30 \
         --steps 10 --attention cudnn_unpadded
     bench small-30s-b64-no-triton-gemm 50 --model small --batch 64 --window 30 --steps 10 "${NO_TRITON_GEMM[@]}"

@@ -283,21 +283,19 @@ def lower_step(
     remat: str = "none",
     devices: list[Any] | None = None,
     mesh: dict[str, int] | None = None,
-    attention: str | None = None,
+    *,
+    attention: str,
 ) -> Any:
     """The benchmark's train step at global batch `batch`, traced with abstract arrays on `devices` (default: this
     machine's first) arranged as `mesh` (`config.mesh`; default all axes 1) and lowered for `platform` (jax's
-    `Lowered`: `.as_text()` is its StableHLO), with `attention` (default: the platform's, `PLATFORM_ATTENTION`)."""
+    `Lowered`: `.as_text()` is its StableHLO), with `attention` as the implementation of every tower."""
     import jax
     import numpy as np
 
     from wavlink_jax import sharding, train_step
 
     config = benchmark.bench_config(
-        argparse.Namespace(
-            batch=batch, window=window, dtype="bfloat16", remat=remat,
-            attention=attention or PLATFORM_ATTENTION[platform],
-        ),
+        argparse.Namespace(batch=batch, window=window, dtype="bfloat16", remat=remat, attention=attention),
         benchmark.wavlink_config(model, tiny=False),
     )
     config.mesh = {**config.mesh, **(mesh or {})}
@@ -380,7 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     start = time.perf_counter()
     lowered = lower_step(
         args.model, args.batch, args.window, args.platform, args.cudnn_version, args.remat, devices, args.mesh,
-        args.attention,
+        attention=args.attention,
     )
     text = lowered.as_text()
     lower_s = time.perf_counter() - start
@@ -397,7 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         window=args.window,
         platform=args.platform,
         remat=args.remat,
-        attention=args.attention or PLATFORM_ATTENTION[args.platform],
+        attention=args.attention,
         mesh=args.mesh,
         lower_s=lower_s,
         analytic_flops=analytic,
@@ -562,6 +560,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--batch must be ≥ 1")
     if args.attention and args.platform != "cuda":
         parser.error("--attention chooses among cuDNN's forms: it lowers for --platform cuda")
+    args.attention = args.attention or PLATFORM_ATTENTION[args.platform]
     if args.target and args.platform != "cuda":
         parser.error("--target compiles for a GPU: it lowers for --platform cuda")
     if args.compiled_hlo and not args.target:

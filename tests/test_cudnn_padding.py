@@ -194,7 +194,7 @@ def test_differentiated_stack_pads_once_whatever_its_depth(cudnn_lengths):
 
 
 def test_unpadded_stack_matches_xla(unpadded_lengths):
-    """"cudnn_unpadded" on the text tower's case (causal, caller's kv_lengths, an odd length): cuDNN sees the 21
+    """`cudnn_unpadded` on the text tower's case (causal, caller's kv_lengths, an odd length): cuDNN sees the 21
     rows as they are where jax trains them so, else the padded 32, and either way computes plain XLA attention's
     outputs and input gradients."""
     lengths, padded_length = unpadded_lengths
@@ -222,3 +222,36 @@ def test_unpadded_stack_pads_only_where_jax_refuses(unpadded_lengths):
     lengths.clear()
     assert pads(20) == 0 and set(lengths) == {20}
     assert layers.cudnn_trains_unpadded.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize("refused", ["causal", "lengths"])
+def test_unpadded_stack_asks_jax_about_its_own_mask(monkeypatch, refused):
+    """jax's answer depends on the call's mask as well as its length, so a stack asks about its own: with a jax that
+    refuses an odd length only in a causal call (or only with kv_lengths), exactly the stacks called so pad."""
+    original = jax.nn.dot_product_attention
+
+    def fake(q, k, v, *, implementation=None, is_causal=False, key_value_seq_lengths=None, **kwargs):
+        masked = is_causal if refused == "causal" else key_value_seq_lengths is not None
+        if implementation == "cudnn" and masked and q.shape[1] % 2:
+            raise NotImplementedError(f"Unsupported sequence length Q {q.shape[1]}, KV {k.shape[1]}.")
+        return original(
+            q, k, v, implementation="xla", is_causal=is_causal, key_value_seq_lengths=key_value_seq_lengths, **kwargs
+        )
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", fake)
+    monkeypatch.setattr(layers, "cudnn_trains_unpadded", functools.cache(layers.cudnn_trains_unpadded.__wrapped__))
+    graphdef, params = nnx.split(tiny_stack(2, implementation="cudnn_unpadded"), nnx.Param)
+    kv_lengths = jnp.array([21, 9], jnp.int32)
+
+    def pads(causal: bool, lengths: bool) -> int:
+        def loss(params, x):
+            stack = nnx.merge(graphdef, params)
+            return jnp.sum(stack(x, kv_lengths=kv_lengths if lengths else None, causal=causal) ** 2)
+
+        x = jnp.ones((2, 21, 32))
+        return _count_primitive(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr, "pad")
+
+    for causal in (False, True):
+        for lengths in (False, True):
+            masked = causal if refused == "causal" else lengths
+            assert pads(causal, lengths) == (3 if masked else 0), (causal, lengths)

@@ -92,7 +92,9 @@ STAND_IN_PARITY = '''
 import os, sys
 call = "probe" if "--unpadded-probe" in sys.argv else "parity"
 open(os.environ["CALLS"], "a").write(call + "\\n")
-sys.exit(1 if call in os.environ.get("FAIL", "").split() else 0)  # silent either way
+if call == "probe":  # the check's Whisper case, in the form the stand-in's jax gives it
+    print(f"  whisper-base-30s (length 1501, 8 heads, {os.environ.get('PROBE_FORM', 'unpadded')}): relative error ...")
+sys.exit(1 if call in os.environ.get("FAIL", "").split() else 0)
 '''
 
 
@@ -225,6 +227,21 @@ def test_the_unpadded_probe_cannot_change_the_attention_verdict(tmp_path):
             "others go on with cudnn") in log
     calls, _, _ = gpu_check(tmp_path, "second", budget_s=10_000)
     assert calls == []
+
+
+def test_the_unpadded_run_is_left_out_where_jax_pads_every_odd_length(tmp_path):
+    """A probe whose check agrees with every case padded (a jax that refuses odd lengths for training): the
+    cudnn_unpadded form is cudnn's program, so its run is left out; a check made again forgets an earlier answer."""
+    calls, _, log = gpu_check(tmp_path, "first", budget_s=10_000, PROBE_FORM="padded for cuDNN")
+    assert calls == ["parity", "probe", *called([label for label in RUNS if label != UNPADDED])]
+    assert "this jax pads every odd length for cuDNN, so cudnn_unpadded is cudnn; its run is left out" in log
+    shutil.rmtree(tmp_path / "state")
+    calls, _, _ = gpu_check(tmp_path, "again", budget_s=10_000)
+    assert calls == ["parity", "probe", *called(RUNS)]
+    (tmp_path / "state" / "attention").unlink()  # the parity check asked again, without forgetting the runs
+    (tmp_path / "state" / "done.txt").unlink()
+    calls, _, _ = gpu_check(tmp_path, "recheck", budget_s=10_000, fail="probe")
+    assert calls == ["parity", "probe", *called([label for label in RUNS if label != UNPADDED])]
 
 
 def test_runs_that_would_not_fit_the_budget_are_skipped_and_recorded(tmp_path):

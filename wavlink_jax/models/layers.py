@@ -116,7 +116,7 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 
 # "cudnn_unpadded": cuDNN, with an odd length passed as it is where jax trains it so (see `cudnn_trains_unpadded`).
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "cudnn_unpadded", None)
-_CUDNN_IMPLEMENTATIONS = ("cudnn", "cudnn_unpadded")
+CUDNN_IMPLEMENTATIONS = ("cudnn", "cudnn_unpadded")  # those that call cuDNN
 
 
 def resolve_attention_implementation(implementation: str | None, dtype: Dtype) -> str:
@@ -449,17 +449,17 @@ class Attention(nnx.Module):
 
     def uses_cudnn(self) -> bool:
         """Whether attention over the whole sequence runs on cuDNN (q is in the projections' compute dtype)."""
-        return resolve_attention_implementation(self.implementation, self.query.dtype) in _CUDNN_IMPLEMENTATIONS
+        return resolve_attention_implementation(self.implementation, self.query.dtype) in CUDNN_IMPLEMENTATIONS
 
     def pads(self, length: int, *, causal: bool, lengths: bool) -> bool:
         """Whether attention over the whole of a `length`-long sequence pads it for cuDNN (`_pad_for_cudnn`):
         an odd length does, unless the implementation is "cudnn_unpadded" and jax trains it as it is."""
-        if length % 2 == 0 or not self.uses_cudnn():
+        implementation = resolve_attention_implementation(self.implementation, self.query.dtype)
+        if length % 2 == 0 or implementation not in CUDNN_IMPLEMENTATIONS:
             return False
-        if resolve_attention_implementation(self.implementation, self.query.dtype) == "cudnn":
+        if implementation == "cudnn":
             return True
-        width = self.query.out_features
-        head_dim = width // self.num_heads
+        head_dim = self.query.out_features // self.num_heads
         return not cudnn_trains_unpadded(length, self.num_heads, head_dim, self.query.dtype, causal, lengths)
 
     def __call__(
