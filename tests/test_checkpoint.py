@@ -121,6 +121,22 @@ def test_refuses_mismatched_tree_listing_every_key(tmp_path):
             rf"with, or start a new workdir with --config\.init_from\.workdir={tmp_path} .*; unexpected keys \(4\): "
             r"\['opt_state/0/mu/layer/bias'")):  # fmt: skip
         manager.restore(other, data_iterator())
+    # optim.mode changed to "lora": adapters beside the kernels are new, and the optimizer state changes with them;
+    # the same message and way out (it said the checkpoint did not fit the model).
+    adapters = {
+        "lora_a": jax.ShapeDtypeStruct((8, 2), jnp.float32), "lora_b": jax.ShapeDtypeStruct((2, 8), jnp.float32)
+    }
+    lora_params = {**state["params"], "layer": {**state["params"]["layer"], **adapters}}
+    other = jax.eval_shape(lambda: {**state, "params": lora_params, "opt_state": optax.adamw(1e-3).init(adapters)})
+    with pytest.raises(CheckpointError, match=r"the model fits, its optimizer state does not: .*optim\.mode.*"
+                                              r"--config\.init_from\.workdir="):
+        manager.restore(other, data_iterator())
+    # A chain of another length whose extra entry holds no array (optax's EmptyState: as in a checkpoint written
+    # with optim.lr_rules before they moved into the learning-rate step): orbax's "tree structures do not match".
+    other = jax.eval_shape(lambda: {**state, "opt_state": (*state["opt_state"], optax.EmptyState())})
+    with pytest.raises(CheckpointError, match=r"the model fits, its optimizer state does not: .*; opt_state has "
+                                              r"3 entries in the checkpoint, 4 in this optimizer"):
+        manager.restore(other, data_iterator())
     manager.close()
 
 

@@ -58,6 +58,8 @@ def test_logical_to_spec():
         sharding.logical_to_spec(("embed", "kv"), (8, 8), RULES, mesh, name="x/kernel")
     with pytest.raises(ValueError, match="unknown mesh axes"):
         sharding.rules_dict([("embed", "model")])
+    with pytest.raises(ValueError, match="'embed' has more than one rule"):  # the last won, silently
+        sharding.rules_dict([("embed", "fsdp"), ("heads", "tensor"), ("embed", None)])
 
 
 def test_tree_shardings_on_nested_dicts():

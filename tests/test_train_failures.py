@@ -232,3 +232,14 @@ def test_a_training_window_longer_than_the_audio_tower_takes_is_refused_before_a
     with pytest.raises(ValueError, match=r"^config.data.window_seconds = 2 s: .* at most 1 s \(50 positions\)"):
         train.train(config, str(tmp_path))
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_cudnn_attention_is_refused_off_a_gpu():
+    """`attention_implementation="cudnn"` on a CPU failed inside jax ("cuDNN is not detected") at the first step,
+    after config.json was written; it is refused at start-up, naming the key."""
+    for name in ("cudnn", "cudnn_unpadded"):
+        config = tiny_config(attention_implementation=name)
+        with pytest.raises(ValueError, match=rf"config\.attention_implementation = '{name}' needs an NVIDIA GPU"):
+            train.check_attention_backend(config, backend="cpu")
+        train.check_attention_backend(config, backend="gpu")
+    train.check_attention_backend(tiny_config(attention_implementation="xla"), backend="cpu")

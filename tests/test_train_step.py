@@ -300,7 +300,12 @@ def test_clip_temperature_is_capped_after_each_update(max_scale):
      # One rule without the outer tuple, and a rule of three: "too many values to unpack (expected 2)".
      ({"optim.lr_rules": (r"^audio_projection/", 0.5)}, r"each rule is \(pattern, multiplier\), got '\^audio_proj"),
      ({"optim.lr_rules": ((r"^audio/", 0.5, 2),)},
-      r"each rule is \(pattern, multiplier\), got \('\^audio/', 0\.5, 2\)")],
+      r"each rule is \(pattern, multiplier\), got \('\^audio/', 0\.5, 2\)"),
+     # alpha 0: the adapters never get a gradient; rank 0 failed with a message naming no key.
+     ({"optim.mode": "lora", "lora.alpha": 0.0}, r"config\.lora\.alpha = 0\.0: must be a finite number other than 0"),
+     ({"optim.mode": "lora", "lora.rank": 0}, r"config\.lora\.rank = 0: must be a whole number ≥ 1"),
+     # Above the cap: the first step ran uncapped, then the clamp moved the scalar (even a frozen one).
+     ({"model.clip_logit_scale_init": 5.0}, r"clip_logit_scale_init = 5 .*clip_max_scale = 100")],
 )
 def test_loss_accumulation_and_multiplier_settings_are_refused_by_build(overrides, message):
     """Settings that would train wrongly (a NaN loss, gradient ascent on a parameter, a temperature clamped to

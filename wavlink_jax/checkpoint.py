@@ -227,13 +227,28 @@ def tree_mismatches(saved: Any, expected: Any) -> list[str]:
 
 
 def _without_optimizer(state: Any) -> dict:
-    return {key: value for key, value in _as_dict(state).items() if key != "opt_state"}
+    """The state without its optimizer state and without LoRA adapters: what is left when only what trains
+    (optim.mode, optim.freeze, optim.towers) changed, a change of mode to or from "lora" included."""
+    flat = flatten({key: value for key, value in _as_dict(state).items() if key != "opt_state"})
+    return unflatten({path: value for path, value in flat.items() if not lora.is_adapter(path)})
+
+
+def _chain_length(state: Any) -> int | None:
+    """How many entries the optimizer's chain state has (None: no `opt_state`). Orbax refuses a restore into a
+    chain of another length, and an entry without arrays (optax's EmptyState) is no leaf `tree_mismatches` sees."""
+    chain = _as_dict(state).get("opt_state")
+    return len(chain) if isinstance(chain, dict) else None
 
 
 def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | None = None) -> None:
     """Refuse a checkpoint whose tree differs from `expected`: one error listing every differing key. Resuming
     (`workdir` given) where only the optimizer state differs, the error says so and gives the ways out."""
     problems = tree_mismatches(saved, expected)
+    if (saved_chain := _chain_length(saved)) != (expected_chain := _chain_length(expected)):
+        problems.append(  # orbax's words: "tree structures do not match ... pass `partial_restore=True`"
+            f"opt_state has {saved_chain} entries in the checkpoint, {expected_chain} in this optimizer (one written "
+            "before 2026-11-29 with optim.lr_rules holds a fifth, empty one)"
+        )
     if not problems:
         return
     if workdir is not None and not tree_mismatches(_without_optimizer(saved), _without_optimizer(expected)):

@@ -278,13 +278,14 @@ def make_optimizer(
     # hold, stay those of a run with it on (a run resumed with `grad_clip_norm = 0` was refused, its Adam
     # moments moved from opt_state/1 to opt_state/0).
     parts = [clip_by_global_norm(float(optim.grad_clip_norm), norm) if optim.grad_clip_norm else optax.identity()]
+    # The multipliers live inside the learning-rate step (same state as optax's), not in a fifth, stateless entry
+    # of the chain: orbax keeps the chain as a list, so an extra entry made a run resumed with lr_rules added or
+    # removed fail with orbax's "tree structures do not match" (its EmptyState holds no array to compare).
     parts += [
         optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps),
         optax.add_decayed_weights(float(optim.weight_decay), mask=weight_decay_mask(trainable, optim.no_decay)),
-        optax.scale_by_learning_rate(schedule),
+        _scale_by_learning_rate(schedule, multipliers),
     ]
-    if any(m != 1.0 for m in jax.tree.leaves(multipliers)):
-        parts.append(_scale_by_tree(multipliers))
     return optax.chain(*parts), schedule
 
 
@@ -302,10 +303,16 @@ def clip_by_global_norm(
     return optax.stateless(clip)
 
 
-def _scale_by_tree(multipliers: Tree) -> optax.GradientTransformation:
-    def scale(updates: Tree, params: Tree | None) -> Tree:
-        del params
-        return jax.tree.map(lambda update, mult: update * mult, updates, multipliers)
+def _scale_by_learning_rate(schedule: optax.Schedule, multipliers: Tree) -> optax.GradientTransformation:
+    """`optax.scale_by_learning_rate(schedule)` (the same state), each update then scaled by its parameter's
+    `lr_rules` multiplier (skipped when every multiplier is 1)."""
+    base = optax.scale_by_learning_rate(schedule)
+    if all(m == 1.0 for m in jax.tree.leaves(multipliers)):
+        return base
 
-    return optax.stateless(scale)
+    def update(updates: Tree, state: Any, params: Tree | None = None) -> tuple[Tree, Any]:
+        updates, state = base.update(updates, state, params)
+        return jax.tree.map(lambda update, mult: update * mult, updates, multipliers), state
+
+    return optax.GradientTransformation(base.init, update)
 

@@ -499,6 +499,8 @@ def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
         if len(rule) != 2:
             raise ValueError(f"config.sharding_rules: each rule is (logical_name, mesh_axes), got {rule!r}")
         logical, target = rule
+        if str(logical) in result:  # the last rule won, silently (e.g. FSDP turned off by a second `embed` rule)
+            raise ValueError(f"config.sharding_rules: {logical!r} has more than one rule; keep one")
         bad = [t for t in mesh_axes(target) if t not in MESH_AXES]
         if bad:
             raise ValueError(f"config.sharding_rules: {logical!r} → unknown mesh axes {bad}; use {list(MESH_AXES)}")

@@ -168,6 +168,17 @@ def check_intervals(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"config: {'; '.join(bad)}")
 
 
+def check_attention_backend(config: ml_collections.ConfigDict, backend: str | None = None) -> None:
+    """cuDNN attention (`config.attention_implementation` "cudnn" / "cudnn_unpadded") needs an NVIDIA GPU: on
+    another backend the first step failed inside jax ("cuDNN is not detected") after config.json was written."""
+    backend = jax.default_backend() if backend is None else backend
+    if config.attention_implementation.startswith("cudnn") and backend != "gpu":
+        raise ValueError(
+            f"config.attention_implementation = {config.attention_implementation!r} needs an NVIDIA GPU (cuDNN); "
+            f"this run's devices are {backend}: use 'auto' or 'xla'"
+        )
+
+
 def check_tokenizer(config: ml_collections.ConfigDict, tokenizer) -> None:
     """Refuse a tokenizer the text tower cannot read: more ids than its vocabulary, longer captions than its
     positions, or an end-of-text id its pooling rule (`config.model.text.eos_token_id`) would not find — the
@@ -342,6 +353,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     _say(f"compiled programs are kept in {cache}" if cache else "no compilation cache (compilation_cache_dir=off)")
 
     mesh = sharding.create_mesh(config.mesh)
+    check_attention_backend(config)
     train_step.check_batch_size(config, mesh)
     tokenizer = load_tokenizer(config.data.tokenizer, max_length=config.data.max_text_length)
     check_tokenizer(config, tokenizer)

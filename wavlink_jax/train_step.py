@@ -163,7 +163,10 @@ def build(config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int) -> Tr
     graphdef, param_template, buffer_template = nnx.split(abstract_model, nnx.Param, ...)
     param_shapes = to_tree(param_template)
 
+    check_scale_init(mconfig, config.loss.clip_max_scale)
     preset = optim.training_mode(config.optim.mode, config.optim.towers)
+    if preset.lora:
+        check_lora_settings(config.lora)
     targets = tuple(lora.targets(param_shapes, preset.lora)) if preset.lora else ()
     adapters = jax.eval_shape(lambda key: lora.init(key, param_shapes, targets, config.lora.rank), jax.random.key(0))
     all_params = optim.combine(adapters, param_shapes)
@@ -415,6 +418,32 @@ def check_loss_settings(loss: ml_collections.ConfigDict) -> None:
     if not loss.clip_max_scale >= 1.0:
         raise ValueError(
             f"config.loss.clip_max_scale must be ≥ 1 (CLIP uses 100; inf = no cap), got {loss.clip_max_scale}"
+        )
+
+
+def check_lora_settings(settings: ml_collections.ConfigDict) -> None:
+    """`config.lora` in LoRA mode: a whole rank ≥ 1 and a finite alpha other than 0 (the adapters are scaled by
+    alpha / rank: with alpha 0 they receive no gradient and the towers never change)."""
+    rank, alpha = settings.rank, settings.alpha
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"config.lora.rank = {rank!r}: must be a whole number ≥ 1 (the adapters' rank)")
+    if not (math.isfinite(alpha) and alpha != 0):
+        raise ValueError(
+            f"config.lora.alpha = {alpha!r}: must be a finite number other than 0 (the adapters are scaled by "
+            "alpha / rank; with 0 they never receive a gradient and the towers do not train)"
+        )
+
+
+def check_scale_init(model: WavLinkConfig, max_scale: float) -> None:
+    """CLIP's initial log-scale within the cap `config.loss.clip_max_scale` and ≥ 0 (the cap's range is [1,
+    max_scale]): outside it, the first step trained at the uncapped multiplier and the clamp then moved the scalar,
+    even a frozen one."""
+    init = model.clip_logit_scale_init
+    if not 0.0 <= init <= math.log(max_scale):
+        raise ValueError(
+            f"config.model.clip_logit_scale_init = {init:g} (multiplier {math.exp(init):.4g}) is outside the range "
+            f"config.loss.clip_max_scale = {max_scale:g} allows ([0, log {max_scale:g} = {math.log(max_scale):.4g}]); "
+            "lower the init or raise the cap"
         )
 
 

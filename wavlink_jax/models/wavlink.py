@@ -78,9 +78,11 @@ class WavLinkConfig:
             whole = all(isinstance(d, numbers.Integral) and not isinstance(d, bool) for d in self.matryoshka_dims)
             dims = tuple(int(d) for d in self.matryoshka_dims) if whole else ()  # 256.7 is refused, not cut to 256
             if not dims or len(set(dims)) != len(dims) or not all(0 < d <= self.embed_dim for d in dims):
+                halves = tuple(self.embed_dim // f for f in (1, 2, 4, 8) if self.embed_dim % f == 0)
                 raise ValueError(
                     f"WavLinkConfig.matryoshka_dims {self.matryoshka_dims} must be distinct whole sizes in "
-                    f"1..embed_dim ({self.embed_dim})"
+                    f"1..embed_dim ({self.embed_dim}); a config's matryoshka_dims do not follow a changed "
+                    f"embed_dim: set them too, e.g. --config.model.matryoshka_dims='{halves}'"
                 )
             if max(dims) != self.embed_dim:
                 # The loss trains only these sizes, while embed_*(dim=None), export and the evaluation's
