@@ -12,8 +12,8 @@ def test_manifest_records_resolve_paths(tmp_path):
     absolute = tmp_path / "elsewhere" / "b.wav"
     lines = [
         {"audio": "clips/a.flac", "captions": ["a dog barks", "barking"], "label": "dog"},
-        {"audio": str(absolute), "captions": ["rain"], "id": "clip-b"},
-        {"audio": "c.ogg"},
+        {"audio": str(absolute), "captions": ["rain"], "id": "clip-b", "label": "  "},  # blank: no label
+        {"audio": "c.ogg", "label": " dog\n"},  # the first clip's class
     ]
     manifest = tmp_path / "data" / "train.jsonl"
     manifest.parent.mkdir()
@@ -30,6 +30,7 @@ def test_manifest_records_resolve_paths(tmp_path):
     }
     assert source[1]["audio"] == str(absolute) and source[1]["id"] == "clip-b" and source[1]["label"] == ""
     assert source[2]["captions"] == [] and source[2]["audio"] == str(tmp_path / "data" / "c.ogg")
+    assert source[2]["label"] == "dog"
     for index in (3, -1):  # a negative index is out of range too, not the last line
         with pytest.raises(IndexError):
             source[index]

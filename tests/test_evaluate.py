@@ -781,6 +781,7 @@ def _good_manifest(tmp_path):
         ("clotho", ["--data-dir", "TMP"], "no prepared data set 'clotho'"),
         ("good=TMP/good.jsonl", [], r"names \['good'\] more than once"),
         ("good2=TMP/good.jsonl", ["--template", "the sound of a"], r"template 'the sound of a' must contain exactly"),
+        ("good2=TMP/good.jsonl", ["--template", "the {} of {x}"], r"template 'the \{\} of \{x\}' .* no other braces"),
     ],
 )
 def test_cli_checks_every_data_set_before_loading_the_model(tmp_path, monkeypatch, bad_entry, options, message):

@@ -738,6 +738,24 @@ def test_pytorch_refuses_no_texts_as_jax_does(torch_wavlink, jax_embedder):
             embed_text([])
 
 
+def test_pytorch_and_jax_take_any_sequence_of_texts_and_name_a_non_string(torch_wavlink, jax_embedder):
+    texts = np.array(["a dog barks", "rain"])  # a numpy array (or pandas Series): its truth value is ambiguous
+    np.testing.assert_allclose(
+        torch_wavlink.embed_text(texts).numpy(), jax_embedder.embed_text(texts), atol=1e-4
+    )
+    for embed_text in (jax_embedder.embed_text, torch_wavlink.embed_text):
+        with pytest.raises(TypeError, match="^embed_text: text 1 is NoneType None, not a string$"):
+            embed_text(["a dog barks", None])
+
+
+def test_pytorch_refuses_a_batch_size_below_one(torch_wavlink):
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+        torch_wavlink.embed_text(["a"], batch_size=0)
+    for long_clips in ("head", "mean"):
+        with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
+            torch_wavlink.embed_audio([np.zeros(8000, np.float32)], batch_size=0, long_clips=long_clips)
+
+
 def test_pytorch_model_without_tokenizer_files_names_them(torch_wavlink, tmp_path):
     """save_pretrained writes no tokenizer: embedding text from the saved copy names the directory and the files
     (transformers said only "Couldn't instantiate the backend tokenizer")."""

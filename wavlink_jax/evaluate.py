@@ -248,6 +248,13 @@ def check_templates(templates: Sequence[str]) -> None:
     for template in templates:
         if template.count("{}") != 1:
             raise ValueError(f"prompt template {template!r} must contain exactly one '{{}}' for the class name")
+        try:  # other braces ("{x}", "{0}", a lone "{") failed in str.format only after the model had embedded the audio
+            template.format("")
+        except (KeyError, IndexError, ValueError) as err:
+            raise ValueError(
+                f"prompt template {template!r} must contain exactly one '{{}}' for the class name and no other "
+                f"braces (write a literal brace as '{{{{' or '}}}}'); str.format says: {err!r}"
+            ) from None
 
 
 def prompt_texts(class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> list[str]:

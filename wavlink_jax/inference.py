@@ -54,6 +54,7 @@ from wavlink_jax.waveform_layout import (
     check_float_samples,
     check_long_clips,
     check_not_channels_last,
+    checked_texts,
 )
 
 
@@ -261,12 +262,9 @@ class Embedder:
 
     def embed_text(self, texts: Sequence[str], dim: int | None = None) -> np.ndarray:
         """Texts → L2-normalised float32 `(len(texts), dim or embed_dim)`."""
-        if isinstance(texts, str):
-            raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
-        if not texts:
-            raise ValueError("embed_text got no texts")
+        texts = checked_texts(texts)
         fn = functools.partial(self._text_fn, self._state, dim=self.config.served_dim(dim))
-        input_ids, attention_mask = self.tokenizer(list(texts))
+        input_ids, attention_mask = self.tokenizer(texts)
         tokens = {"input_ids": input_ids, "attention_mask": attention_mask}
         return embed_in_batches(fn, tokens, self.batch_size, self.mesh, desc="text", progress=self.progress)
 

@@ -42,10 +42,12 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 # Relative: the exporter copies waveform_layout.py beside this file (JAX inference applies the same rules).
 from .waveform_layout import (
+    check_batch_size,
     check_finite_samples,
     check_float_samples,
     check_long_clips,
     check_not_channels_last,
+    checked_texts,
     clips_window_plan,
 )
 
@@ -243,6 +245,7 @@ class WavLinkModel(PreTrainedModel):
         batch's rows count to their end, zeros too; `dim` then takes the prefix of that mean, re-normalised), as
         the JAX embedder does. Windows are cut a batch at a time."""
         check_long_clips(long_clips)
+        check_batch_size(batch_size)
         if long_clips == "head":
             batch = self.prepare_waveforms(waveforms)
             return self._embed_batches((batch[i : i + batch_size] for i in range(0, len(batch), batch_size)), dim)
@@ -294,12 +297,8 @@ class WavLinkModel(PreTrainedModel):
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Texts → `input_ids` / `attention_mask` `(B, max_text_length)`, right-padded, cut as in training."""
-        if isinstance(texts, str):
-            raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
-        if not texts:
-            raise ValueError("embed_text got no texts")
         return self.tokenizer(
-            list(texts),
+            checked_texts(texts),
             padding="max_length",
             truncation=True,
             max_length=self.config.max_text_length,
@@ -316,6 +315,7 @@ class WavLinkModel(PreTrainedModel):
     @torch.no_grad()
     def embed_text(self, texts: Sequence[str], dim: int | None = None, batch_size: int = 256) -> torch.Tensor:
         """Texts → L2-normalised float32 `(len(texts), dim or embed_dim)`; `dim` is a Matryoshka size."""
+        check_batch_size(batch_size)
         tokens = self.tokenize(texts)
         outputs = []
         for start in range(0, tokens["input_ids"].shape[0], batch_size):

@@ -6,6 +6,7 @@ Standard library only (no jax, no torch): the exporter copies this file beside `
 imports it relatively, and `transformers`' remote code loads and `save_pretrained` copies such files with it.
 """
 
+import numbers
 from collections.abc import Sequence
 
 MAX_CHANNELS = 8  # a 2-D input this narrow (and longer than wide) is (samples, channels), not (clips, samples)
@@ -53,6 +54,28 @@ def check_long_clips(long_clips: str, setting: str = "long_clips") -> None:
             f"{setting} = {long_clips!r}: choose 'head' (the first window of a clip, the default) or 'mean' (the "
             "mean of its windows' embeddings)"
         )
+
+
+def checked_texts(texts: object) -> list:
+    """The texts given to `embed_text` as a list of `str` (any iterable of them: a list, tuple, numpy array or
+    pandas Series), with one rule for JAX inference and the PyTorch model: one string alone, no texts, or an item
+    that is not a string (None, a number, bytes) is refused, naming it (the tokenizers' own words named neither)."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("embed_text expects a list of strings, not one string; wrap it in a list")
+    texts = list(texts)
+    if not texts:
+        raise ValueError("embed_text got no texts")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"embed_text: text {index} is {type(text).__name__} {text!r:.60}, not a string")
+    return texts
+
+
+def check_batch_size(batch_size: object) -> None:
+    """Refuse a batch size that is not a whole number >= 1 (a loop over batches of 0 or fewer never ends or fails
+    in its own words)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
 
 
 def window_plan(length: int, window: int) -> list[tuple[int, int]]:

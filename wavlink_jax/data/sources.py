@@ -11,7 +11,7 @@ is a plain dict:
                            # decoded samples as a 1-D int16 (full scale 32768) or float32 (full scale 1.0) array
      "sample_rate": int,   # Hz of an array; 0 for a file path (the file's header is authoritative)
      "captions": list[str],  # possibly empty (classification sets); training needs at least one
-     "label": str,         # class name for zero-shot evaluation, "" if none
+     "label": str,         # class name for zero-shot evaluation (white space around it dropped), "" if none
      "fold": int}          # optional: cross-validation fold (ESC-50 1-5, US8K 1-10), 0 or absent if none
 
 `Record` below is that dict as a TypedDict. Records are not validated for audio content here: decoding and
@@ -182,7 +182,8 @@ class ManifestSource:
             audio=str(self.root / Path(audio).expanduser()),  # an absolute `audio` stays as it is
             sample_rate=0,
             captions=list(entry.get("captions", [])),
-            label=entry.get("label", ""),
+            # " dog" is "dog"'s class, and a blank label is none (it was a class of its own in zero-shot scoring)
+            label=entry.get("label", "").strip(),
             fold=entry.get("fold", 0),
         )
 
