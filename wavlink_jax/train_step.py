@@ -440,8 +440,9 @@ def check_scale_init(model: WavLinkConfig, max_scale: float) -> None:
     even a frozen one."""
     init = model.clip_logit_scale_init
     if not 0.0 <= init <= math.log(max_scale):
+        multiplier = math.exp(min(init, 709.0))  # (math.exp overflows beyond)
         raise ValueError(
-            f"config.model.clip_logit_scale_init = {init:g} (multiplier {math.exp(init):.4g}) is outside the range "
+            f"config.model.clip_logit_scale_init = {init:g} (multiplier {multiplier:.4g}) is outside the range "
             f"config.loss.clip_max_scale = {max_scale:g} allows ([0, log {max_scale:g} = {math.log(max_scale):.4g}]); "
             "lower the init or raise the cap"
         )
