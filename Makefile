@@ -18,9 +18,10 @@ quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
 
 # Test files run in parallel worker processes, one file per worker at a time (module fixtures are built once).
-# Two workers: 836 tests took 10.1 min of pytest on this repository's 2-core machine (2026-11-29, a fresh clone's
-# `.ci/run`: 12.0 min in all), after the costliest launches moved to `slow` (CI had taken 1303 s for 837 tests;
-# on a slow host they took 17.7 min of pytest). Earlier: 837 took 12.0 min (14.4 in all), 812 took 9.2 min (11.2
+# Two workers: 854 tests took 10.2 min of pytest on this repository's 2-core machine (2026-11-29, a fresh clone's
+# `.ci/run`: 15.4 min in all, ~5 of them installing the venv); 836 took 10.1 min (12.0 in all), after the costliest
+# launches moved to `slow` (CI had taken 1303 s for 837 tests; on a slow host they took 17.7 min of pytest).
+# Earlier: 837 took 12.0 min (14.4 in all), 812 took 9.2 min (11.2
 # in all), 814 took 9.9, and 12.1 (14.1 in all) and 14.7 on a slower host, where the quickstart's training took
 # 7.0 min instead of 3.4-4.4; 10.7 min for 811, 9.4 min for 801, 736 took 10.4, 715 took 11.0, and 12.9 min of
 # pytest before training processes stopped importing torch through tensorboardX, one-process checkpoints stopped
