@@ -192,7 +192,7 @@ def test_bad_requests(run, embedder, exported, tmp_path):
         inference.load(exported, step=2)
     with pytest.raises(CheckpointError, match="neither a training workdir"):
         inference.load(tmp_path)
-    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be a whole number >= 1, got 0"):
         inference.Embedder(embedder.loaded, batch_size=0)
     with pytest.raises(ValueError, match="not a trained size"):
         embedder.embed_audio(sample_inputs()[0], dim=8)

@@ -246,8 +246,8 @@ def check_compatible(saved: Any, expected: Any, *, source: str, workdir: str | N
     problems = tree_mismatches(saved, expected)
     if (saved_chain := _chain_length(saved)) != (expected_chain := _chain_length(expected)):
         problems.append(  # orbax's words: "tree structures do not match ... pass `partial_restore=True`"
-            f"opt_state has {saved_chain} entries in the checkpoint, {expected_chain} in this optimizer (one written "
-            "before 2026-11-29 with optim.lr_rules holds a fifth, empty one)"
+            f"opt_state has {saved_chain} entries in the checkpoint, {expected_chain} in this optimizer (e.g. one "
+            "written before 2026-11-29 with optim.lr_rules holds a fifth, empty one)"
         )
     if not problems:
         return

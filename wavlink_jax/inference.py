@@ -50,6 +50,7 @@ from wavlink_jax.evaluate import ClipWindows, embed_in_batches, truncate_normali
 from wavlink_jax.models.wavlink import WavLink, WavLinkConfig
 from wavlink_jax.tokenizer import load_tokenizer
 from wavlink_jax.waveform_layout import (
+    check_batch_size,
     check_finite_samples,
     check_float_samples,
     check_long_clips,
@@ -154,8 +155,7 @@ class Embedder:
     def __init__(
         self, loaded: LoadedModel, *, batch_size: int = 32, progress: bool = False, window_seconds: float | None = None
     ):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         self.loaded = loaded
         self.config: WavLinkConfig = loaded.model.config
         self.window_seconds = loaded.window_seconds if window_seconds is None else float(window_seconds)

@@ -72,8 +72,8 @@ def checked_texts(texts: object) -> list:
 
 
 def check_batch_size(batch_size: object) -> None:
-    """Refuse a batch size that is not a whole number >= 1 (a loop over batches of 0 or fewer never ends or fails
-    in its own words)."""
+    """Refuse a batch size that is not a whole number >= 1, one rule for JAX inference and the PyTorch model (a
+    loop over batches of 0 or fewer never ends or fails in its own words)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
         raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
 
